@@ -1,0 +1,1 @@
+"""pymk: streaming People-You-May-Know."""

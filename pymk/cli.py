@@ -1,0 +1,191 @@
+"""The ``pymk`` command line. Each subcommand is a thin wrapper over a function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from pymk.settings import Settings
+
+
+def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.kafka_broker import BrokerError, LocalBroker
+
+    broker = LocalBroker(settings)
+    try:
+        if args.action == "start":
+            import time
+
+            started = time.monotonic()
+            was_running = broker.status().running
+            status = broker.start()
+            if not was_running:
+                from pymk.streams.topics import ensure_topics
+
+                created = ensure_topics(settings)
+                print(f"{status.describe()}; ready in {time.monotonic() - started:.1f} s; "
+                      f"log {broker.log_file}; topics created: {len(created)}")
+            else:
+                print(status.describe() + " (already)")
+        elif args.action == "stop":
+            print("stopped" if broker.stop() else "not running")
+        else:
+            status = broker.status()
+            print(status.describe())
+            return 0 if status.running else 3
+    except BrokerError as exc:
+        print(f"pymk kafka {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.topics import contract_topics, ensure_topics
+
+    if args.action == "create":
+        created = ensure_topics(settings)
+        print(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
+    else:
+        for spec in contract_topics(settings):
+            print(f"{spec.name}\t{spec.partitions}\t{spec.config or ''}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.app import run_worker
+
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.producer import (
+        event_messages,
+        raw_messages,
+        replay_events,
+        send_messages,
+        synthetic_events,
+    )
+    from pymk.streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    if args.raw:
+        if not args.topic:
+            print("--raw needs --topic", file=sys.stderr)
+            return 2
+        topic = args.topic if "." in args.topic else settings.topic(args.topic)
+        with open(args.raw, "rb") as handle:
+            total = sum(1 for _ in handle)
+        report = send_messages(settings, raw_messages(topic, args.raw), total, rate=args.rate,
+                               progress=not args.quiet)
+    else:
+        if args.synthetic:
+            events = synthetic_events(args.synthetic, seed=args.seed)
+        elif args.data:
+            events = replay_events(args.data, behaviour=args.behaviour, seed=args.seed)
+        else:
+            print("give --data PATH, --synthetic N or --raw FILE --topic T", file=sys.stderr)
+            return 2
+        if args.limit:
+            events = events[: args.limit]
+        report = send_messages(settings, event_messages(settings, events), len(events), rate=args.rate,
+                               progress=not args.quiet)
+    print(report.describe())
+    return 0
+
+
+def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.consumer import latest_per_user, print_recommendations, read_recommendations
+
+    records = read_recommendations(settings, user=args.user, follow=args.follow)
+    if not args.follow and not args.all_versions:
+        records = iter(latest_per_user(records).values())
+    count = print_recommendations(records, as_json=args.json)
+    if not args.json:
+        print(f"({count} list(s))", file=sys.stderr)
+    return 0
+
+
+def _cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.lag import consumer_lag
+
+    lag = consumer_lag(settings)
+    if args.json:
+        print(json.dumps({"group": settings.app_id, "lag": lag, "total": sum(lag.values())}))
+    else:
+        for topic, value in lag.items():
+            print(f"{topic:<40} {value:>10}")
+        print(f"{'total':<40} {sum(lag.values()):>10}")
+    return 0
+
+
+def _cmd_wait_idle(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.lag import wait_idle
+
+    if wait_idle(settings, timeout_s=args.timeout):
+        print("idle: every input is processed")
+        return 0
+    print(f"still busy after {args.timeout} s", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pymk", description="Streaming People-You-May-Know.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    kafka = sub.add_parser("kafka", help="the local Apache Kafka broker (no Docker needed)")
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.set_defaults(func=_cmd_kafka)
+
+    topics = sub.add_parser("topics", help="create or list the topics of the contract")
+    topics.add_argument("action", choices=["create", "list"])
+    topics.set_defaults(func=_cmd_topics)
+
+    worker = sub.add_parser("worker", help="run a stream worker (several may run in one consumer group)")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=_cmd_worker)
+
+    produce = sub.add_parser("produce", help="send events to the input topics")
+    source = produce.add_mutually_exclusive_group()
+    source.add_argument("--data", help="an edge-list file (formats of ../shared/data)")
+    source.add_argument("--synthetic", type=int, metavar="N", help="a generated social network of N users")
+    source.add_argument("--raw", metavar="FILE", help="send each line of FILE unchanged (with --topic)")
+    produce.add_argument("--topic", help="topic for --raw (full name, or a short one like connections)")
+    produce.add_argument("--behaviour", action="store_true",
+                         help="mix in seeded synthetic profiles, profile views, dismissals and engagements")
+    produce.add_argument("--rate", type=float, default=None, help="messages per second (default: as fast as possible)")
+    produce.add_argument("--seed", type=int, default=None)
+    produce.add_argument("--limit", type=int, default=None, help="send only the first N events")
+    produce.add_argument("--quiet", action="store_true", help="no progress bar")
+    produce.set_defaults(func=_cmd_produce)
+
+    consume = sub.add_parser("consume", help="read the recommendations topic")
+    consume.add_argument("--user", type=int, default=None)
+    consume.add_argument("--follow", action="store_true", help="keep waiting for new lists")
+    consume.add_argument("--json", action="store_true", help="one JSON object per line")
+    consume.add_argument("--all-versions", action="store_true",
+                         help="every list published, not only the latest per user")
+    consume.set_defaults(func=_cmd_consume)
+
+    lag = sub.add_parser("lag", help="consumer lag of the workers per input topic")
+    lag.add_argument("--json", action="store_true")
+    lag.set_defaults(func=_cmd_lag)
+
+    wait = sub.add_parser("wait-idle", help="return when every input is processed")
+    wait.add_argument("--timeout", type=float, default=120.0)
+    wait.set_defaults(func=_cmd_wait_idle)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    if getattr(args, "seed", None) is None and hasattr(args, "seed"):
+        args.seed = settings.produce_seed
+    return int(args.func(args, settings) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

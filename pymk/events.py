@@ -1,0 +1,234 @@
+"""Typed records for the events of the contract (../shared/CONTRACT.md), with their JSON encodings.
+
+Input events: connections, profile views, dismissals, engagements, users (sign-up or profile update).
+Output events: recommendations, impressions, dead letters. Records are frozen; ``to_json`` gives the
+wire form and each input record's ``key`` is the user id the contract keys its topic by.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+MAX_USER_ID = 2**63 - 1
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def user_key(user: int) -> bytes:
+    """The Kafka key of every user-keyed topic: the decimal user id (so any client can produce it)."""
+    return str(user).encode()
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    KIND: ClassVar[str] = "connections"
+    src: int
+    dst: int
+    action: str  # "add" | "remove"
+    ts: int
+
+    @property
+    def key(self) -> int:
+        return self.src
+
+    def to_json(self) -> bytes:
+        return _dumps({"src": self.src, "dst": self.dst, "action": self.action, "ts": self.ts})
+
+
+@dataclass(frozen=True)
+class ProfileViewEvent:
+    KIND: ClassVar[str] = "profile-views"
+    viewer: int
+    viewed: int
+    ts: int
+
+    @property
+    def key(self) -> int:
+        return self.viewer
+
+    def to_json(self) -> bytes:
+        return _dumps({"viewer": self.viewer, "viewed": self.viewed, "ts": self.ts})
+
+
+@dataclass(frozen=True)
+class DismissalEvent:
+    KIND: ClassVar[str] = "dismissals"
+    user: int
+    candidate: int
+    ts: int
+
+    @property
+    def key(self) -> int:
+        return self.user
+
+    def to_json(self) -> bytes:
+        return _dumps({"user": self.user, "candidate": self.candidate, "ts": self.ts})
+
+
+@dataclass(frozen=True)
+class EngagementEvent:
+    KIND: ClassVar[str] = "engagements"
+    user: int
+    item: int
+    ts: int
+
+    @property
+    def key(self) -> int:
+        return self.user
+
+    def to_json(self) -> bytes:
+        return _dumps({"user": self.user, "item": self.item, "ts": self.ts})
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every field is optional: ``None`` means "not given" (an update leaves such a field unchanged)."""
+
+    company: str | None = None
+    school: str | None = None
+    industry: str | None = None
+    title: str | None = None
+    skills: tuple[str, ...] | None = None
+    geo: tuple[float, float] | None = None
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("company", "school", "industry", "title", "skills", "geo")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class UserEvent:
+    KIND: ClassVar[str] = "users"
+    user: int
+    ts: int
+    profile: Profile = field(default_factory=Profile)
+
+    @property
+    def key(self) -> int:
+        return self.user
+
+    def to_json(self) -> bytes:
+        return _dumps({"user": self.user, "ts": self.ts, "profile": self.profile.to_dict()})
+
+
+InputEvent = ConnectionEvent | ProfileViewEvent | DismissalEvent | EngagementEvent | UserEvent
+INPUT_EVENT_TYPES: dict[str, type] = {
+    cls.KIND: cls for cls in (ConnectionEvent, ProfileViewEvent, DismissalEvent, EngagementEvent, UserEvent)
+}
+
+
+@dataclass(frozen=True)
+class RecommendationItem:
+    candidate: int
+    score: float
+    rank: int
+    sources: tuple[str, ...]
+    reasons: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidate": self.candidate, "score": self.score, "rank": self.rank,
+                "sources": list(self.sources), "reasons": self.reasons}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecommendationItem:
+        return cls(candidate=int(data["candidate"]), score=float(data["score"]), rank=int(data["rank"]),
+                   sources=tuple(data.get("sources", ())), reasons=dict(data.get("reasons", {})))
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    KIND: ClassVar[str] = "recommendations"
+    user: int
+    generated_at: int
+    model_version: str
+    items: tuple[RecommendationItem, ...]
+
+    @property
+    def key(self) -> int:
+        return self.user
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user": self.user, "generated_at": self.generated_at, "model_version": self.model_version,
+                "items": [item.to_dict() for item in self.items]}
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Recommendations:
+        data = json.loads(raw)
+        return cls(user=int(data["user"]), generated_at=int(data["generated_at"]),
+                   model_version=str(data["model_version"]),
+                   items=tuple(RecommendationItem.from_dict(item) for item in data.get("items", [])))
+
+
+@dataclass(frozen=True)
+class Impression:
+    KIND: ClassVar[str] = "impressions"
+    user: int
+    candidate: int
+    rank: int
+    score: float
+    model_version: str
+    features: dict[str, float]
+    ts: int
+
+    @property
+    def key(self) -> int:
+        return self.user
+
+    def to_json(self) -> bytes:
+        return _dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An input message that could not be applied. ``raw`` is the message value as received: text when it
+    is valid UTF-8 (``raw_encoding="utf-8"``), else base64 (``raw_encoding="base64"``). Values larger than
+    the size limit are cut to it (``truncated``; ``size`` is always the original length in bytes)."""
+
+    KIND: ClassVar[str] = "dead-letter"
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    raw: str
+    raw_encoding: str = "utf-8"
+    size: int = 0
+    truncated: bool = False
+    key: str | None = None
+
+    @classmethod
+    def for_message(cls, topic: str, partition: int, offset: int, reason: str, raw: bytes | None,
+                    key: bytes | None = None, limit: int = 64 * 1024) -> DeadLetter:
+        raw = raw or b""
+        kept = raw[:limit]
+        try:
+            text, encoding = kept.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(kept).decode(), "base64"
+        return cls(topic=topic, partition=partition, offset=offset, reason=reason, raw=text,
+                   raw_encoding=encoding, size=len(raw), truncated=len(kept) < len(raw),
+                   key=None if key is None else key.decode("utf-8", errors="replace"))
+
+    def raw_bytes(self) -> bytes:
+        return base64.b64decode(self.raw) if self.raw_encoding == "base64" else self.raw.encode("utf-8")
+
+    def to_json(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> DeadLetter:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

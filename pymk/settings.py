@@ -1,0 +1,147 @@
+"""The one settings object of pymk.
+
+Every field can be overridden by an environment variable named ``PYMK_`` + the field name in upper case
+(``PYMK_PARTITIONS=16``, ``PYMK_KAFKA_PORT=19092``). Settings are frozen: code that needs a variant builds
+a new object with :func:`dataclasses.replace` (tests do this for per-test topic prefixes and ports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PYMK_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Kafka broker (the local one started by `pymk kafka start`) ---
+    kafka_version: str = "4.1.1"
+    kafka_host: str = "127.0.0.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap_mb: int = 1024
+    # Where the broker's jars are cached (shared by every checkout on the machine).
+    kafka_cache_dir: Path = Path.home() / ".cache" / "pymk"
+    # Broker data, logs and pid file; worker state. Relative paths are relative to the working directory.
+    home: Path = Path(".pymk")
+    # A bootstrap list for clients; empty means the local broker (kafka_host:kafka_port).
+    bootstrap_servers: str = ""
+
+    # --- Client security (producers, consumers, workers). PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL. ---
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    # --- Topics ---
+    topic_prefix: str = "pymk"
+    partitions: int = 8
+    replication_factor: int = 1
+
+    # --- Worker ---
+    app_id: str = "pymk-worker"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    # Messages larger than this are dead-lettered unparsed (bytes).
+    max_message_bytes: int = 64 * 1024
+    # Events stamped further than this into the future are rejected (clock skew tolerance).
+    max_future_ms: int = 24 * 3600 * 1000
+
+    # --- Producer ---
+    produce_seed: int = 7
+
+    # Derived names -----------------------------------------------------------------------------
+    @property
+    def bootstrap(self) -> str:
+        return self.bootstrap_servers or f"{self.kafka_host}:{self.kafka_port}"
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a short name such as ``connections`` (``pymk.connections`` by default)."""
+        return f"{self.topic_prefix}.{name}"
+
+    @property
+    def input_topics(self) -> dict[str, str]:
+        """Short event kind → topic name, for the five input topics of the contract."""
+        return {kind: self.topic(kind) for kind in INPUT_KINDS}
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "kafka"
+
+    @property
+    def worker_dir(self) -> Path:
+        return self.home / "worker"
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """Keyword arguments shared by kafka-python and aiokafka clients (same names in both)."""
+        config: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            config.update(
+                sasl_mechanism=self.sasl_mechanism or "PLAIN",
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        if self.security_protocol.endswith("SSL"):
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, key):
+                    config[key] = getattr(self, key)
+        return config
+
+    @classmethod
+    def from_env(cls, environ: typing.Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``PYMK_*`` environment variables, then explicit keyword overrides."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _coerce(hints[f.name], raw, f.name)
+        values.update(overrides)
+        return cls(**values)
+
+    def as_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in a child process."""
+        return {
+            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)
+        }
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings for logs and debug output: secrets are masked."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for secret in ("sasl_password",):
+            if out[secret]:
+                out[secret] = "***"
+        return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
+
+
+INPUT_KINDS = ("connections", "profile-views", "dismissals", "engagements", "users")
+OUTPUT_KINDS = ("recommendations", "impressions", "dead-letter")
+
+
+def _coerce(kind: Any, raw: str, name: str) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind in (int, float, str, Path):
+            return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
+    raise TypeError(f"setting {name} has unsupported type {kind}")
+
+
+def settings_env_names() -> set[str]:
+    """Every environment variable the settings object reads (the docker-compose test checks against it)."""
+    return {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}

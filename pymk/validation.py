@@ -1,0 +1,203 @@
+"""Turning raw Kafka message values into typed input events, or into a reason why not.
+
+Pure code: no Kafka. The worker calls :func:`parse_event` on every message of the five input topics;
+an :class:`Invalid` result goes to the dead-letter topic with ``reason``. Reason codes are stable (they
+name the metrics counters); the text after the colon explains the case for a person.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pymk.events import (
+    MAX_USER_ID,
+    ConnectionEvent,
+    DismissalEvent,
+    EngagementEvent,
+    InputEvent,
+    Profile,
+    ProfileViewEvent,
+    UserEvent,
+)
+
+# Every reason code the validator can give, in the order checks run.
+REASON_CODES = (
+    "oversize",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "invalid_id",
+    "self_connection",
+    "unknown_action",
+    "invalid_timestamp",
+    "future_timestamp",
+    "invalid_value",
+    "unknown_topic",
+)
+
+
+@dataclass(frozen=True)
+class Invalid:
+    code: str
+    detail: str
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+class _Reject(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.invalid = Invalid(code, detail)
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Reject("invalid_json", f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Reject("invalid_json", f"number {text[:40]} overflows a double")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _field(obj: dict[str, Any], name: str) -> Any:
+    if name not in obj:
+        raise _Reject("missing_field", f"'{name}' is required")
+    return obj[name]
+
+
+def _user_id(obj: dict[str, Any], name: str) -> int:
+    value = _field(obj, name)
+    # bool is an int subclass in Python; JSON true is not an id.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Reject("wrong_type", f"'{name}' must be an integer user id, got {_type_name(value)}")
+    if not 0 <= value <= MAX_USER_ID:
+        raise _Reject("invalid_id", f"'{name}'={value} is not a non-negative 64-bit integer")
+    return value
+
+
+def _timestamp(obj: dict[str, Any], now_ms: int, max_future_ms: int) -> int:
+    value = _field(obj, "ts")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Reject("invalid_timestamp", f"'ts' must be an integer (epoch ms), got {_type_name(value)}")
+    if not 0 <= value <= MAX_USER_ID:
+        raise _Reject("invalid_timestamp", f"'ts'={value} is out of range")
+    if value > now_ms + max_future_ms:
+        raise _Reject("future_timestamp", f"'ts'={value} is more than {max_future_ms} ms after now ({now_ms})")
+    return value
+
+
+def _optional_str(profile: dict[str, Any], name: str) -> str | None:
+    value = profile.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Reject("wrong_type", f"'profile.{name}' must be a string, got {_type_name(value)}")
+    if len(value) > 1000:
+        raise _Reject("invalid_value", f"'profile.{name}' is longer than 1000 characters")
+    return value
+
+
+def _profile(obj: dict[str, Any]) -> Profile:
+    raw = obj.get("profile", {})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _Reject("wrong_type", f"'profile' must be an object, got {_type_name(raw)}")
+    skills = raw.get("skills")
+    if skills is not None:
+        if not isinstance(skills, list) or not all(isinstance(s, str) for s in skills):
+            raise _Reject("wrong_type", "'profile.skills' must be a list of strings")
+        if len(skills) > 500:
+            raise _Reject("invalid_value", "'profile.skills' has more than 500 entries")
+        skills = tuple(skills)
+    geo = raw.get("geo")
+    if geo is not None:
+        if (not isinstance(geo, list) or len(geo) != 2
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in geo)):
+            raise _Reject("wrong_type", "'profile.geo' must be [lat, lon] numbers")
+        lat, lon = float(geo[0]), float(geo[1])
+        if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+            raise _Reject("invalid_value", f"'profile.geo'=[{lat}, {lon}] is not a valid latitude/longitude")
+        geo = (lat, lon)
+    return Profile(
+        company=_optional_str(raw, "company"),
+        school=_optional_str(raw, "school"),
+        industry=_optional_str(raw, "industry"),
+        title=_optional_str(raw, "title"),
+        skills=skills,
+        geo=geo,
+    )
+
+
+def _build(kind: str, obj: dict[str, Any], now_ms: int, max_future_ms: int) -> InputEvent:
+    if kind == "connections":
+        src, dst = _user_id(obj, "src"), _user_id(obj, "dst")
+        action = _field(obj, "action")
+        if not isinstance(action, str):
+            raise _Reject("wrong_type", f"'action' must be a string, got {_type_name(action)}")
+        if action not in ("add", "remove"):
+            raise _Reject("unknown_action", f"'action'={action[:40]!r} is neither 'add' nor 'remove'")
+        ts = _timestamp(obj, now_ms, max_future_ms)
+        if src == dst:
+            raise _Reject("self_connection", f"a user cannot connect to itself ({src})")
+        return ConnectionEvent(src=src, dst=dst, action=action, ts=ts)
+    if kind == "profile-views":
+        viewer, viewed = _user_id(obj, "viewer"), _user_id(obj, "viewed")
+        ts = _timestamp(obj, now_ms, max_future_ms)
+        if viewer == viewed:
+            raise _Reject("self_connection", f"a user viewing its own profile ({viewer}) is not a signal")
+        return ProfileViewEvent(viewer=viewer, viewed=viewed, ts=ts)
+    if kind == "dismissals":
+        user, candidate = _user_id(obj, "user"), _user_id(obj, "candidate")
+        ts = _timestamp(obj, now_ms, max_future_ms)
+        if user == candidate:
+            raise _Reject("self_connection", f"a user cannot dismiss itself ({user})")
+        return DismissalEvent(user=user, candidate=candidate, ts=ts)
+    if kind == "engagements":
+        return EngagementEvent(user=_user_id(obj, "user"), item=_user_id(obj, "item"),
+                               ts=_timestamp(obj, now_ms, max_future_ms))
+    if kind == "users":
+        user = _user_id(obj, "user")
+        ts = _timestamp(obj, now_ms, max_future_ms)
+        return UserEvent(user=user, ts=ts, profile=_profile(obj))
+    raise _Reject("unknown_topic", f"no event type for topic kind {kind!r}")
+
+
+def parse_event(kind: str, raw: bytes | None, now_ms: int, *, max_bytes: int = 64 * 1024,
+                max_future_ms: int = 24 * 3600 * 1000) -> InputEvent | Invalid:
+    """Parse one message value of the input topic ``kind`` (``connections``, ``users``, …)."""
+    if raw is None:
+        return Invalid("invalid_json", "the message has no value (null)")
+    if len(raw) > max_bytes:
+        return Invalid("oversize", f"{len(raw)} bytes is more than the {max_bytes}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Invalid("invalid_utf8", f"byte {exc.start} is not valid UTF-8")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _Reject as rejected:
+        return rejected.invalid
+    except RecursionError:
+        return Invalid("invalid_json", "nested too deeply")
+    except ValueError as exc:  # JSONDecodeError, and ints longer than Python's digit limit
+        return Invalid("invalid_json", str(exc)[:200])
+    if not isinstance(obj, dict):
+        return Invalid("not_an_object", f"the value is a JSON {_type_name(obj)}, not an object")
+    try:
+        return _build(kind, obj, now_ms, max_future_ms)
+    except _Reject as rejected:
+        return rejected.invalid

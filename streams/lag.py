@@ -1,0 +1,45 @@
+"""Consumer lag of the worker group per topic, read from the broker (``pymk lag``, ``pymk wait-idle``)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from kafka import KafkaConsumer, TopicPartition
+
+from pymk.settings import INPUT_KINDS, Settings
+
+
+def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[str, int]:
+    """Messages in each topic not yet committed by the worker group (end offset − committed offset)."""
+    topics = topics or [settings.topic(kind) for kind in INPUT_KINDS]
+    # A consumer that names the group but never subscribes only reads its committed offsets.
+    consumer = KafkaConsumer(**settings.kafka_client_config(), group_id=settings.app_id, client_id="pymk-lag",
+                             enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+        end = consumer.end_offsets(partitions)
+        lag: Counter[str] = Counter({t: 0 for t in topics})
+        for tp in partitions:
+            done = consumer.committed(tp) or 0
+            lag[tp.topic] += max(0, end[tp] - done)
+        return dict(lag)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def wait_idle(settings: Settings, timeout_s: float, settle_s: float = 1.0, topics: list[str] | None = None) -> bool:
+    """Block until every input is processed (lag 0, stable for ``settle_s``); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    idle_since: float | None = None
+    while time.monotonic() < deadline:
+        total = sum(consumer_lag(settings, topics).values())
+        now = time.monotonic()
+        if total == 0:
+            idle_since = idle_since or now
+            if now - idle_since >= settle_s:
+                return True
+        else:
+            idle_since = None
+        time.sleep(0.5)
+    return False
