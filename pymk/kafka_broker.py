@@ -29,16 +29,21 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <groupId>pymk</groupId><artifactId>pymk-kafka-broker</artifactId><version>1</version>
   <packaging>pom</packaging>
   <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{kafka}</version></dependency>
+    <dependency>
+      <groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{kafka}</version>
+    </dependency>
     {logging}
   </dependencies>
 </project>
 """
 # Kafka 4 logs through log4j2 (via slf4j 2); Kafka 3 through reload4j.
-_LOGGING_4 = f"""<dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>{LOG4J_VERSION}</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>{LOG4J_VERSION}</version></dependency>
-    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>{SLF4J_VERSION}</version></dependency>"""
-_LOGGING_3 = """<dependency><groupId>org.slf4j</groupId><artifactId>slf4j-reload4j</artifactId><version>1.7.36</version></dependency>"""
+_DEPENDENCY = "<dependency><groupId>{}</groupId><artifactId>{}</artifactId><version>{}</version></dependency>"
+_LOGGING_4 = "\n    ".join([
+    _DEPENDENCY.format("org.apache.logging.log4j", "log4j-core", LOG4J_VERSION),
+    _DEPENDENCY.format("org.apache.logging.log4j", "log4j-slf4j2-impl", LOG4J_VERSION),
+    _DEPENDENCY.format("org.slf4j", "slf4j-api", SLF4J_VERSION),
+])
+_LOGGING_3 = _DEPENDENCY.format("org.slf4j", "slf4j-reload4j", "1.7.36")
 
 _LOG4J2 = """status = warn
 appender.file.type = RollingFile
@@ -104,7 +109,8 @@ class LocalBroker:
     # ---- jars -------------------------------------------------------------------------------
     @property
     def libs_dir(self) -> Path:
-        return Path(self.settings.kafka_cache_dir).expanduser().resolve() / f"kafka-{self.settings.kafka_version}" / "libs"
+        cache = Path(self.settings.kafka_cache_dir).expanduser().resolve()
+        return cache / f"kafka-{self.settings.kafka_version}" / "libs"
 
     def ensure_jars(self, quiet: bool = False) -> Path:
         """Resolve the broker's jars from Maven Central once; later calls return the cached folder."""
@@ -113,7 +119,7 @@ class LocalBroker:
         if marker.exists():
             return libs
         if shutil.which("mvn") is None:
-            raise BrokerError("mvn (Apache Maven) is needed once to fetch Kafka's jars; install it (apt-get install maven)")
+            raise BrokerError("mvn (Apache Maven) is needed once to fetch Kafka's jars: apt-get install maven")
         work = libs.parent
         work.mkdir(parents=True, exist_ok=True)
         version = self.settings.kafka_version
@@ -122,14 +128,16 @@ class LocalBroker:
         staging = work / "libs.partial"
         shutil.rmtree(staging, ignore_errors=True)
         if not quiet:
-            print(f"resolving Apache Kafka {version} (kafka_2.13 + runtime dependencies) from Maven Central …", flush=True)
+            print(f"resolving Apache Kafka {version} (kafka_2.13 + runtime dependencies) from Maven Central …",
+                  flush=True)
         result = subprocess.run(
             ["mvn", "-q", "-B", "-f", str(work / "pom.xml"), "dependency:copy-dependencies",
              "-DincludeScope=runtime", f"-DoutputDirectory={staging}"],
             capture_output=True, text=True, timeout=1200,
         )
         if result.returncode != 0:
-            raise BrokerError(f"mvn could not resolve Kafka {version}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+            raise BrokerError(f"mvn could not resolve Kafka {version}:\n{result.stdout[-4000:]}\n"
+                              f"{result.stderr[-4000:]}")
         shutil.rmtree(libs, ignore_errors=True)
         staging.rename(libs)
         marker.write_text(version + "\n")
@@ -164,7 +172,8 @@ class LocalBroker:
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{s.kafka_host}:{s.kafka_controller_port}",
-            "listeners": f"PLAINTEXT://{s.kafka_host}:{s.kafka_port},CONTROLLER://{s.kafka_host}:{s.kafka_controller_port}",
+            "listeners": (f"PLAINTEXT://{s.kafka_host}:{s.kafka_port},"
+                          f"CONTROLLER://{s.kafka_host}:{s.kafka_controller_port}"),
             "advertised.listeners": f"PLAINTEXT://{s.kafka_host}:{s.kafka_port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -238,7 +247,8 @@ class LocalBroker:
                 return self.status()
             time.sleep(0.2)
         self.stop()
-        raise BrokerError(f"the broker did not become ready within {timeout_s:.0f} s; see {self.log_file}\n{self._tail()}")
+        raise BrokerError(f"the broker did not become ready within {timeout_s:.0f} s; see {self.log_file}\n"
+                          f"{self._tail()}")
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop the broker this folder started (and nothing else). Returns whether one was running."""

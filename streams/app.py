@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 import faust
+from pymk.streams.metrics import WorkerMetrics
 
 from pymk.events import DeadLetter, InputEvent
 from pymk.settings import INPUT_KINDS, Settings
-from pymk.streams.metrics import WorkerMetrics
 from pymk.validation import Invalid, parse_event
 
 

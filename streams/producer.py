@@ -60,7 +60,10 @@ def synthetic_events(n_users: int, seed: int = 7) -> list[InputEvent]:
     return synthetic_network(SyntheticConfig(n_users=n_users, seed=seed))
 
 
-def _paced(items: Iterable[tuple[str, bytes | None, bytes]], rate: float | None) -> Iterator[tuple[str, bytes | None, bytes]]:
+Message = tuple[str, bytes | None, bytes]  # topic, key, value
+
+
+def _paced(items: Iterable[Message], rate: float | None) -> Iterator[Message]:
     if not rate:
         yield from items
         return
@@ -72,7 +75,7 @@ def _paced(items: Iterable[tuple[str, bytes | None, bytes]], rate: float | None)
         yield item
 
 
-def send_messages(settings: Settings, messages: Iterable[tuple[str, bytes | None, bytes]], total: int | None,
+def send_messages(settings: Settings, messages: Iterable[Message], total: int | None,
                   rate: float | None = None, progress: bool = True) -> ProduceReport:
     """Send (topic, key, value) triples in order; returns once every message is acknowledged."""
     producer = make_producer(settings)
@@ -96,7 +99,7 @@ def event_messages(settings: Settings, events: Iterable[InputEvent]) -> Iterator
         yield settings.topic(event.KIND), user_key(event.key), event.to_json()
 
 
-def raw_messages(topic: str, path: str | Path) -> Iterator[tuple[str, bytes | None, bytes]]:
+def raw_messages(topic: str, path: str | Path) -> Iterator[Message]:
     """Each line of the file as one message value, unchanged (the trailing newline removed)."""
     with open(path, "rb") as handle:
         for line in handle:

@@ -1,0 +1,44 @@
+# Everything a fresh machine needs: `make demo` (the main job) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-deps install kafka demo test lint stop clean
+
+setup: install kafka
+
+# Java runs the broker and Maven fetches its jars; both come from Debian when missing.
+system-deps:
+	@command -v java >/dev/null && command -v mvn >/dev/null || { \
+	  echo "installing OpenJDK and Maven (apt-get) …"; \
+	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+kafka: install
+	$(BIN)/pymk kafka start
+
+demo: install
+	$(BIN)/python -m pymk.demo
+
+# The test session starts the broker itself when none is running, and stops what it started.
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check .
+
+stop:
+	-$(BIN)/pymk kafka stop
+
+clean: stop
+	rm -rf .pymk reports

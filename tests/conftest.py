@@ -1,0 +1,53 @@
+"""Test session set-up: the real Kafka broker, and per-test isolated settings.
+
+The session starts the local broker when none is listening and stops only what it started. Tests that
+talk to Kafka take the ``kafka_settings`` fixture: settings with a topic prefix, consumer group and web
+port of their own, so tests never see each other's messages. There is no skip when the broker is missing:
+a broker that cannot start fails the tests that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pymk.kafka_broker import LocalBroker
+from pymk.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+BUNDLED_DATA = REPO / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def broker_settings() -> Iterator[Settings]:
+    """Settings of the session's broker (the default local one, under the repo's .pymk folder)."""
+    settings = Settings.from_env(home=REPO / ".pymk")
+    broker = LocalBroker(settings)
+    started_here = False
+    if not broker.accepting():
+        broker.start()
+        started_here = True
+    yield settings
+    if started_here and not os.environ.get("PYMK_KEEP_BROKER"):
+        broker.stop()
+
+
+@pytest.fixture
+def kafka_settings(broker_settings: Settings, tmp_path: Path) -> Settings:
+    """Settings isolated for one test: own topic prefix, consumer group, web port and state folder."""
+    tag = "t" + uuid.uuid4().hex[:10]
+    return replace(broker_settings, topic_prefix=f"{tag}.pymk", app_id=f"{tag}-worker",
+                   web_port=free_port(), home=tmp_path / "home")

@@ -1,0 +1,66 @@
+"""Running real `pymk worker` processes from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pymk.settings import Settings
+
+
+def http_get(settings: Settings, path: str, timeout: float = 5.0) -> Any:
+    url = f"http://{settings.web_host}:{settings.web_port}{path}"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if response.headers.get_content_type() == "application/json" else body.decode()
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.3, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - polling through start-up errors
+            last_error = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout} s (last error: {last_error!r})")
+
+
+@contextmanager
+def running_worker(settings: Settings, log_path: Path,
+                   ready_timeout: float = 90.0) -> Iterator[subprocess.Popen[bytes]]:
+    """A `pymk worker` subprocess with these settings; yields once /health answers; stops it after."""
+    env = {**os.environ, **settings.as_env()}
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "pymk.cli", "worker"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: proc.poll() is None and http_get(settings, "/health")["status"] == "ok",
+                   ready_timeout, what=f"worker ready (log: {log_path})")
+        yield proc
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
