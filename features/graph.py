@@ -1,0 +1,415 @@
+"""The graph state of one partition: adjacency, mirrored neighbour adjacency, and common-neighbour counts.
+
+Pure code: no Kafka. One :class:`PartitionGraph` owns the users of one partition and talks to the other
+partitions only through messages it puts in its outbox (the stream glue carries them over a topic keyed by
+the destination partition). The design, and why it is exact:
+
+* **Edges are last-writer-wins registers.** Each undirected edge (x, y) has a version
+  ``2·ts + (1 if remove else 0)``; a register keeps the highest version it has seen, and the edge is alive
+  when that version is even. Merging is commutative, associative and idempotent, so duplicates, replays after
+  a crash and events out of time order all converge to the same graph (a remove wins a tie at equal ts).
+* **Each user's adjacency lives in its own partition** (``A`` rows). A connection event updates the source's
+  half and sends the other half to the destination's partition.
+* **Mirrors.** A partition keeps a copy (``M`` rows) of the adjacency registers of every remote user that is
+  adjacent to one of its own users. The owner of x sends each change of x's registers to the partitions of
+  x's neighbours (one message per partition, not per neighbour), and a full snapshot to a partition that has
+  just gained its first neighbour of x. Mirrors are registers too, so they converge to the owner's copy.
+* **Common-neighbour counts are materialised** (``C`` rows), keeping the invariant
+  ``C[u][v] = |{z ∈ N(u) : v ∈ mirror(z)}|`` for each local u after every single register change: when u's
+  own adjacency gains or loses z, C[u] changes by the neighbours of z; when the mirror of z gains or loses y,
+  C[u][y] changes for each local neighbour u of z (``R`` rows, the reverse index). Once the mirrors have
+  converged the counts are exactly |N(u) ∩ N(v)|.
+* **Adamic-Adar and Jaccard are computed exactly at read time** from the local adjacency, the mirrors and
+  the mirrors' degrees (a mirror's alive count is the neighbour's current degree). Materialising Adamic-Adar
+  would cost deg(z)² pair updates every time z's degree changes; reading it costs O(deg(u)) per pair or
+  O(Σ_{z∈N(u)} deg(z)) for all candidates of u at once.
+
+Cost per connection event that changes an edge (x, y): 2·(deg(x) + deg(y)) common-neighbour updates in
+total (every 2-path created or destroyed, in the partitions of its endpoints), at most 2·(P − 1) mirror
+messages plus 2 halves, and one degree update per endpoint; a snapshot of deg(x) registers when a partition
+sees its first neighbour of x.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from pymk.features.storage import RowStore, row_key
+
+ADJACENCY = b"A"  # local user u → registers {neighbour: version}
+MIRROR = b"M"  # remote user z → registers {neighbour: version}, a copy of z's adjacency
+REVERSE = b"R"  # any user z → local users u whose adjacency has z alive
+COMMON = b"C"  # local user u → {v: (count << 0) | (ts << 32)}
+
+_COUNT_BITS = 32
+_COUNT_MASK = (1 << _COUNT_BITS) - 1
+
+
+def edge_version(ts: int, action: str) -> int:
+    """The register version of a connection event; higher wins; odd means removed."""
+    return 2 * ts + (1 if action == "remove" else 0)
+
+
+def is_alive(version: int) -> bool:
+    return version % 2 == 0
+
+
+def version_ts(version: int) -> int:
+    return version >> 1
+
+
+def adamic_adar_weight(degree: int) -> float:
+    """1/ln(deg) of a common neighbour; a neighbour of degree 1 (or 0) contributes 0."""
+    return 1.0 / math.log(degree) if degree > 1 else 0.0
+
+
+# ---- messages between partitions -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EdgeHalf:
+    """Apply the register (owner, other) to owner's adjacency (sent to owner's partition)."""
+
+    owner: int
+    other: int
+    version: int
+
+
+@dataclass(frozen=True)
+class MirrorUpdate:
+    """Registers of ``node``'s adjacency for the mirror at the destination partition (a delta or a snapshot)."""
+
+    node: int
+    registers: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class DegreeUpdate:
+    """A user's new degree, for the table every worker keeps of all degrees. ``version`` (the sum of the
+    user's register versions) grows with every change, so the newest wins whatever the arrival order."""
+
+    user: int
+    degree: int
+    version: int
+    ts: int
+
+
+PartitionMessage = EdgeHalf | MirrorUpdate
+
+
+# ---- rows --------------------------------------------------------------------------------------------------
+class Registers:
+    """Edge registers of one user: neighbour → version, with the alive count and version sum kept current."""
+
+    __slots__ = ("versions", "alive", "version_sum")
+
+    def __init__(self, versions: dict[int, int] | None = None) -> None:
+        self.versions: dict[int, int] = versions or {}
+        self.alive = sum(1 for v in self.versions.values() if v % 2 == 0)
+        # Σ (version + 1): strictly grows with every change, a new register at version 0 included.
+        self.version_sum = sum(self.versions.values()) + len(self.versions)
+
+    def merge(self, neighbour: int, version: int) -> tuple[bool, bool] | None:
+        """Apply a register; None when it changes nothing, else (was_alive, now_alive)."""
+        old = self.versions.get(neighbour)
+        if old is not None and old >= version:
+            return None
+        was_alive = old is not None and old % 2 == 0
+        now_alive = version % 2 == 0
+        self.versions[neighbour] = version
+        self.version_sum += version - old if old is not None else version + 1
+        self.alive += int(now_alive) - int(was_alive)
+        return was_alive, now_alive
+
+    def alive_items(self) -> Iterator[tuple[int, int]]:
+        return ((n, v) for n, v in self.versions.items() if v % 2 == 0)
+
+    def encode(self) -> bytes:
+        data = np.fromiter((x for item in self.versions.items() for x in item), dtype=np.uint64,
+                           count=2 * len(self.versions))
+        return data.tobytes()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Registers:
+        data = np.frombuffer(raw, dtype=np.uint64)
+        return cls(dict(zip(data[0::2].tolist(), data[1::2].tolist(), strict=True)))
+
+
+def _encode_ids(ids: Iterable[int]) -> bytes:
+    return np.fromiter(ids, dtype=np.uint64).tobytes()
+
+
+def _decode_ids(raw: bytes) -> set[int]:
+    return set(np.frombuffer(raw, dtype=np.uint64).tolist())
+
+
+def _encode_counts(row: dict[int, int]) -> bytes:
+    n = len(row)
+    ids = np.fromiter(row.keys(), dtype=np.uint64, count=n)
+    packed = list(row.values())
+    counts = np.fromiter((p & _COUNT_MASK for p in packed), dtype=np.uint32, count=n)
+    stamps = np.fromiter((p >> _COUNT_BITS for p in packed), dtype=np.uint64, count=n)
+    return np.uint32(n).tobytes() + ids.tobytes() + stamps.tobytes() + counts.tobytes()
+
+
+def _decode_counts(raw: bytes) -> dict[int, int]:
+    n = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
+    ids = np.frombuffer(raw, dtype=np.uint64, count=n, offset=4).tolist()
+    stamps = np.frombuffer(raw, dtype=np.uint64, count=n, offset=4 + 8 * n).tolist()
+    counts = np.frombuffer(raw, dtype=np.uint32, count=n, offset=4 + 16 * n).tolist()
+    return {i: (s << _COUNT_BITS) | c for i, s, c in zip(ids, stamps, counts, strict=True)}
+
+
+@dataclass
+class GraphStats:
+    edge_changes: int = 0  # register changes applied to local adjacency
+    mirror_changes: int = 0  # register changes applied to mirrors
+    pair_updates: int = 0  # common-neighbour count increments and decrements
+    messages_out: int = 0
+
+
+@dataclass
+class _Outbox:
+    partitions: dict[int, list[PartitionMessage]] = field(default_factory=dict)
+    degrees: dict[int, DegreeUpdate] = field(default_factory=dict)
+
+
+class PartitionGraph:
+    """Graph state of the users of one partition over a :class:`RowStore` (see the module doc)."""
+
+    def __init__(self, partition: int, partitions: int, store: RowStore,
+                 partition_of: Callable[[int], int], max_cached_rows: int = 2_000_000) -> None:
+        self.partition = partition
+        self.partitions = partitions
+        self.store = store
+        self.partition_of = partition_of
+        self.max_cached_rows = max_cached_rows
+        self.stats = GraphStats()
+        self._adjacency: dict[int, Registers] = {}
+        self._mirror: dict[int, Registers] = {}
+        self._reverse: dict[int, set[int]] = {}
+        self._common: dict[int, dict[int, int]] = {}
+        self._dirty: set[tuple[bytes, int]] = set()
+        self._outbox = _Outbox()
+
+    # ---- row access (write-back cache over the store) -------------------------------------------------
+    def _load_registers(self, cache: dict[int, Registers], kind: bytes, user: int) -> Registers:
+        row = cache.get(user)
+        if row is None:
+            raw = self.store.get(row_key(kind, user))
+            row = Registers.decode(raw) if raw is not None else Registers()
+            cache[user] = row
+        return row
+
+    def adjacency_row(self, user: int) -> Registers:
+        return self._load_registers(self._adjacency, ADJACENCY, user)
+
+    def mirror_row(self, node: int) -> Registers:
+        """The registers of ``node``'s adjacency as this partition knows them (its own, for a local node)."""
+        if self.partition_of(node) == self.partition:
+            return self.adjacency_row(node)
+        return self._load_registers(self._mirror, MIRROR, node)
+
+    def reverse_row(self, node: int) -> set[int]:
+        row = self._reverse.get(node)
+        if row is None:
+            raw = self.store.get(row_key(REVERSE, node))
+            row = _decode_ids(raw) if raw is not None else set()
+            self._reverse[node] = row
+        return row
+
+    def common_row(self, user: int) -> dict[int, int]:
+        row = self._common.get(user)
+        if row is None:
+            raw = self.store.get(row_key(COMMON, user))
+            row = _decode_counts(raw) if raw is not None else {}
+            self._common[user] = row
+        return row
+
+    # ---- applying events and messages ------------------------------------------------------------------
+    def apply_connection(self, src: int, dst: int, action: str, ts: int) -> None:
+        """A connection event (any partition may receive it: halves owned elsewhere are sent on)."""
+        version = edge_version(ts, action)
+        for owner, other in ((src, dst), (dst, src)):
+            if self.partition_of(owner) == self.partition:
+                self.apply_edge_half(owner, other, version)
+            else:
+                self._send(self.partition_of(owner), EdgeHalf(owner, other, version))
+
+    def apply_message(self, message: PartitionMessage) -> None:
+        if isinstance(message, EdgeHalf):
+            self.apply_edge_half(message.owner, message.other, message.version)
+        else:
+            self.apply_mirror(message.node, message.registers)
+
+    def apply_edge_half(self, owner: int, other: int, version: int) -> None:
+        row = self.adjacency_row(owner)
+        before = self._neighbour_partitions(row)
+        change = row.merge(other, version)
+        if change is None:
+            return  # a duplicate or an older event: nothing changes, nothing is sent
+        self.stats.edge_changes += 1
+        self._dirty.add((ADJACENCY, owner))
+        was_alive, now_alive = change
+        ts = version_ts(version)
+        if was_alive != now_alive:
+            sign = 1 if now_alive else -1
+            # owner's own 2-paths through `other`
+            for w, v in self.mirror_row(other).versions.items():
+                if v % 2 == 0 and w != owner:
+                    self._add_common(owner, w, sign, ts)
+            reverse = self.reverse_row(other)
+            (reverse.add if now_alive else reverse.discard)(owner)
+            self._dirty.add((REVERSE, other))
+            # local users adjacent to `owner` see `other` appear or vanish at distance 2
+            self._mirror_changed(owner, other, sign, ts)
+            self._outbox.degrees[owner] = DegreeUpdate(owner, row.alive, row.version_sum, ts)
+        after = self._neighbour_partitions(row)
+        targets = (before | after | {self.partition_of(other)}) - {self.partition}
+        for target in targets:
+            if target in before:
+                self._send(target, MirrorUpdate(owner, ((other, version),)))
+            else:  # that partition may hold no copy, or a stale one: send every register
+                self._send(target, MirrorUpdate(owner, tuple(row.versions.items())))
+
+    def apply_mirror(self, node: int, registers: Iterable[tuple[int, int]]) -> None:
+        if self.partition_of(node) == self.partition:
+            return  # the owner's own adjacency is the authority here
+        row = self._load_registers(self._mirror, MIRROR, node)
+        for neighbour, version in registers:
+            change = row.merge(neighbour, version)
+            if change is None:
+                continue
+            self.stats.mirror_changes += 1
+            self._dirty.add((MIRROR, node))
+            was_alive, now_alive = change
+            if was_alive != now_alive:
+                self._mirror_changed(node, neighbour, 1 if now_alive else -1, version_ts(version))
+
+    def _mirror_changed(self, node: int, neighbour: int, sign: int, ts: int) -> None:
+        for user in self.reverse_row(node):
+            if user != neighbour:
+                self._add_common(user, neighbour, sign, ts)
+
+    def _add_common(self, user: int, candidate: int, sign: int, ts: int) -> None:
+        row = self.common_row(user)
+        count = (row.get(candidate, 0) & _COUNT_MASK) + sign
+        if count < 0:
+            raise AssertionError(f"common-neighbour count of ({user}, {candidate}) went negative")
+        if count == 0:
+            row.pop(candidate, None)
+        else:
+            row[candidate] = (ts << _COUNT_BITS) | count
+        self._dirty.add((COMMON, user))
+        self.stats.pair_updates += 1
+
+    def _neighbour_partitions(self, row: Registers) -> set[int]:
+        partition_of = self.partition_of
+        return {partition_of(n) for n, v in row.versions.items() if v % 2 == 0}
+
+    def _send(self, partition: int, message: PartitionMessage) -> None:
+        self._outbox.partitions.setdefault(partition, []).append(message)
+        self.stats.messages_out += 1
+
+    # ---- commit -----------------------------------------------------------------------------------------
+    def take_outbox(self) -> tuple[dict[int, list[PartitionMessage]], list[DegreeUpdate]]:
+        """Messages for other partitions and degree updates produced since the last call."""
+        outbox, self._outbox = self._outbox, _Outbox()
+        return outbox.partitions, list(outbox.degrees.values())
+
+    def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        """The puts and deletes that persist every change since the last :meth:`mark_clean`."""
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        for kind, user in self._dirty:
+            key = row_key(kind, user)
+            if kind == ADJACENCY:
+                puts[key] = self._adjacency[user].encode()
+            elif kind == MIRROR:
+                puts[key] = self._mirror[user].encode()
+            elif kind == REVERSE:
+                ids = self._reverse[user]
+                if ids:
+                    puts[key] = _encode_ids(ids)
+                else:
+                    deletes.append(key)
+            else:
+                counts = self._common[user]
+                if counts:
+                    puts[key] = _encode_counts(counts)
+                else:
+                    deletes.append(key)
+        return puts, deletes
+
+    def mark_clean(self) -> None:
+        """The dirty rows are durable; forget them, and drop the cache when it has grown past its bound."""
+        self._dirty.clear()
+        cached = len(self._adjacency) + len(self._mirror) + len(self._reverse) + len(self._common)
+        if cached > self.max_cached_rows:
+            self._adjacency.clear()
+            self._mirror.clear()
+            self._reverse.clear()
+            self._common.clear()
+
+    def flush(self) -> int:
+        """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""
+        puts, deletes = self.dirty_rows()
+        self.store.write(puts, deletes)
+        self.mark_clean()
+        return len(puts) + len(deletes)
+
+    # ---- reads --------------------------------------------------------------------------------------------
+    def neighbours(self, user: int) -> dict[int, int]:
+        """Alive neighbours of a local user → the ts of the event that made the edge."""
+        return {n: version_ts(v) for n, v in self.adjacency_row(user).alive_items()}
+
+    def degree(self, user: int) -> int:
+        return self.adjacency_row(user).alive
+
+    def common_neighbor_count(self, user: int, candidate: int) -> tuple[int, int | None]:
+        """(count, ts of the event that last changed it) for a local user."""
+        packed = self.common_row(user).get(candidate)
+        if packed is None:
+            return 0, None
+        return packed & _COUNT_MASK, packed >> _COUNT_BITS
+
+    def common_neighbor_counts(self, user: int) -> dict[int, int]:
+        """Every candidate with at least one common neighbour → the count (direct neighbours included)."""
+        return {v: p & _COUNT_MASK for v, p in self.common_row(user).items()}
+
+    def common_neighbors(self, user: int, candidate: int) -> list[int]:
+        """The common neighbours themselves (for reasons), from the local adjacency and the mirrors."""
+        return sorted(z for z, v in self.adjacency_row(user).alive_items()
+                      if is_alive(self.mirror_row(z).versions.get(candidate, 1)))
+
+    def adamic_adar_score(self, user: int, candidate: int) -> float:
+        """Σ 1/ln deg(z) over common neighbours z, exact, with degrees as of now."""
+        total = 0.0
+        for z in self.common_neighbors(user, candidate):
+            total += adamic_adar_weight(self.mirror_row(z).alive)
+        return total
+
+    def two_hop_scores(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
+        """Common-neighbour counts and Adamic-Adar scores of every candidate of a local user, in one pass."""
+        counts: dict[int, int] = {}
+        scores: dict[int, float] = {}
+        for z, _ in self.adjacency_row(user).alive_items():
+            mirror = self.mirror_row(z)
+            weight = adamic_adar_weight(mirror.alive)
+            for w, v in mirror.versions.items():
+                if v % 2 == 0 and w != user:
+                    counts[w] = counts.get(w, 0) + 1
+                    scores[w] = scores.get(w, 0.0) + weight
+        return counts, scores
+
+    def local_users(self) -> Iterator[int]:
+        """Every local user with adjacency state (from the store and the cache)."""
+        from pymk.features.storage import row_user
+
+        seen = set(self._adjacency)
+        yield from seen
+        for key, _ in self.store.scan(ADJACENCY):
+            user = row_user(key)
+            if user not in seen:
+                yield user
