@@ -66,6 +66,10 @@ def adamic_adar_weight(degree: int) -> float:
     return 1.0 / math.log(degree) if degree > 1 else 0.0
 
 
+class OwnershipError(LookupError):
+    """A read or write of a user that another partition owns."""
+
+
 # ---- messages between partitions -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EdgeHalf:
@@ -202,7 +206,14 @@ class PartitionGraph:
             cache[user] = row
         return row
 
+    def _check_local(self, user: int) -> None:
+        # Reading another partition's user here would silently give an empty row (faust's pitfall with
+        # tables); its state lives elsewhere, so this is always a bug in the caller.
+        if self.partition_of(user) != self.partition:
+            raise OwnershipError(f"user {user} belongs to partition {self.partition_of(user)}, not {self.partition}")
+
     def adjacency_row(self, user: int) -> Registers:
+        self._check_local(user)
         return self._load_registers(self._adjacency, ADJACENCY, user)
 
     def mirror_row(self, node: int) -> Registers:
@@ -220,6 +231,7 @@ class PartitionGraph:
         return row
 
     def common_row(self, user: int) -> dict[int, int]:
+        self._check_local(user)
         row = self._common.get(user)
         if row is None:
             raw = self.store.get(row_key(COMMON, user))

@@ -55,6 +55,12 @@ class Settings:
     # Events stamped further than this into the future are rejected (clock skew tolerance).
     max_future_ms: int = 24 * 3600 * 1000
 
+    # State is made durable (outputs, then RocksDB, then acks) at least this often, and after this many events.
+    flush_interval_ms: int = 200
+    flush_every_events: int = 5000
+    # Items with more engagers than this stop counting towards co-engagement (0: no cap, exact).
+    max_item_fanout: int = 0
+
     # --- Producer ---
     produce_seed: int = 7
 

@@ -1,21 +1,37 @@
-"""The faust-streaming application of a pymk worker: agents on the five input topics.
+"""The faust-streaming application of a pymk worker.
 
-Thin glue: each agent takes raw messages, asks :mod:`pymk.validation` whether they are events, sends the
-ones that are not to the dead-letter topic with the reason, and hands the valid ones to the processor.
+Thin glue: agents take raw messages of the five input topics, validate them (:mod:`pymk.validation`),
+dead-letter what cannot be applied, and hand events to the pure feature code through :class:`WorkerState`,
+which owns one RocksDB database per assigned partition. Cross-partition updates travel over the internal
+``partition-messages`` topic (co-partitioned with the inputs, so its partition p is processed by the owner of
+p); every worker reads the compacted ``user-globals`` topic in full for the degrees of remote users.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 import ssl
 import time
+from functools import lru_cache
 from typing import Any
 
 import faust
+from faust.exceptions import SameNode
+from pymk.features.pair import FeatureValue, graph_pair_features
+from pymk.features.profile import profile_feature_timestamps, profile_features
+from pymk.streams.codec import decode_partition_batch
+from pymk.streams.globals import UserGlobals
 from pymk.streams.metrics import WorkerMetrics
+from pymk.streams.partitioning import partition_for_user
+from pymk.streams.state import PartitionState, WorkerState
 
-from pymk.events import DeadLetter, InputEvent
+from pymk.events import ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
 from pymk.settings import INPUT_KINDS, Settings
 from pymk.validation import Invalid, parse_event
+
+log = logging.getLogger(__name__)
 
 
 def faust_credentials(settings: Settings) -> Any:
@@ -37,20 +53,21 @@ def faust_credentials(settings: Settings) -> Any:
 
 
 class PymkApp:
-    """Builds and holds the faust app, its topics and the worker's metrics."""
+    """Builds and holds the faust app, its topics, the worker's state and its metrics."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
+        worker_home = (settings.worker_dir / settings.app_id).resolve()
         self.app = faust.App(
             settings.app_id,
             broker=f"kafka://{settings.bootstrap.replace(',', ';kafka://')}",
             broker_credentials=faust_credentials(settings),
             store="rocksdb://",
-            datadir=str((settings.worker_dir / settings.app_id).resolve()),
+            # faust's own files are per worker process; pymk's partition state is per machine (see state.py)
+            datadir=str(worker_home / f"faust-{socket.gethostname()}-{settings.web_port}"),
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
-            topic_allow_declare=True,
             consumer_auto_offset_reset="earliest",
             web_enabled=True,
             web_bind=settings.web_host,
@@ -58,61 +75,264 @@ class PymkApp:
             web_port=settings.web_port,
             producer_max_request_size=4 * 1024 * 1024,
             broker_max_poll_records=2000,
-            # Faust's default waits for the consumer group to settle for several seconds per rebalance.
-            broker_rebalance_timeout=60,
+            broker_commit_interval=1.0,
             autodiscover=False,
         )
-        self.input_topics = {
-            kind: self.app.topic(settings.topic(kind), key_serializer="raw", value_serializer="raw",
-                                 partitions=settings.partitions, internal=False)
-            for kind in INPUT_KINDS
-        }
-        self.dead_letter_topic = self.app.topic(settings.topic("dead-letter"), key_serializer="raw",
-                                                value_serializer="raw", partitions=settings.partitions)
+        partitions = settings.partitions
+        self.partition_of = lru_cache(maxsize=1_000_000)(lambda user: partition_for_user(user, partitions))
+        raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": partitions}
+        self.input_topics = {kind: self.app.topic(settings.topic(kind), **raw) for kind in INPUT_KINDS}
+        self.dead_letter_topic = self.app.topic(settings.topic("dead-letter"), **raw)
+        self.messages_topic = self.app.topic(settings.topic("partition-messages"), **raw)
+        self.globals = UserGlobals(settings)
+        self.state = WorkerState(worker_home / "state", partitions, self.partition_of,
+                                 settings.topic("partition-messages"), settings.topic("user-globals"), self._send,
+                                 max_item_fanout=settings.max_item_fanout or None)
+        self.pending_dead_letters: list[tuple[bytes | None, bytes]] = []
+        self._seeking: set[Any] = set()
         for kind, topic in self.input_topics.items():
-            self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_agent(kind))
+            self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_ingest_agent(kind))
+        self.app.agent(self.messages_topic, name="pymk.partition-messages")(self._messages_agent)
+        self.app.timer(settings.flush_interval_ms / 1000.0)(self._flush_timer)
+        self.app.task(self.globals.run)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
         self._register_views()
 
-    def _make_agent(self, kind: str) -> Any:
-        settings, metrics, dead_letters, apply = self.settings, self.metrics, self.dead_letter_topic, self.apply
+    # ---- producing (used by the flush) --------------------------------------------------------------------
+    async def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
+        return await self.app.producer.send(topic, key, value, partition, None, None)
 
-        async def ingest(stream: Any) -> Any:
+    # ---- partition ownership ------------------------------------------------------------------------------
+    def _our_partitions(self, tps: set[Any]) -> set[int]:
+        ours = {t.get_topic_name() for t in (*self.input_topics.values(), self.messages_topic)}
+        return {tp.partition for tp in tps if tp.topic in ours}
+
+    async def _on_assigned(self, sender: Any, assigned: set[Any], **kwargs: Any) -> None:
+        self.state.open_partitions(self._our_partitions(assigned))
+
+    async def _on_revoked(self, sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        await self.state.close_partitions(self._our_partitions(revoked))
+
+    # ---- agents ---------------------------------------------------------------------------------------------
+    async def _admit(self, stream: Any, event: Any) -> PartitionState | None:
+        """The partition state for a message, or None when it must be skipped (already applied, not ours,
+        or ahead of what this worker's state has applied: then re-read from there)."""
+        message = event.message
+        state = self.state.state_for(message.partition)
+        if state is None:
+            await stream.ack(event)
+            return None
+        expected = state.next_offset(message.topic)
+        if message.offset < expected:
+            await stream.ack(event)
+            return None
+        if message.offset > expected:
+            if message.tp not in self._seeking:
+                log.warning("%s: local state has applied up to offset %d, the group is at %d: re-reading",
+                            message.tp, expected - 1, message.offset)
+                self._seeking.add(message.tp)
+                await self.app.consumer.seek(message.tp, expected)
+            await stream.ack(event)
+            return None
+        self._seeking.discard(message.tp)
+        return state
+
+    def _make_ingest_agent(self, kind: str) -> Any:
+        settings, metrics = self.settings, self.metrics
+
+        async def ingest(stream: Any) -> None:
+            stream = stream.noack()
             async for event in stream.events():
+                state = await self._admit(stream, event)
+                if state is None:
+                    continue
                 started = time.perf_counter()
                 message = event.message
-                result = parse_event(kind, message.value, int(time.time() * 1000),
-                                     max_bytes=settings.max_message_bytes, max_future_ms=settings.max_future_ms)
-                if isinstance(result, Invalid):
-                    letter = DeadLetter.for_message(message.topic, message.partition, message.offset,
-                                                    result.reason, message.value, key=message.key,
-                                                    limit=settings.max_message_bytes)
-                    await dead_letters.send(key=message.key, value=letter.to_json())
-                    metrics.observe(kind, False, time.perf_counter() - started, result.code)
-                    continue
-                await apply(result)
-                metrics.observe(kind, True, time.perf_counter() - started)
+                async with self.state.lock:
+                    result = parse_event(kind, message.value, int(time.time() * 1000),
+                                         max_bytes=settings.max_message_bytes, max_future_ms=settings.max_future_ms)
+                    if isinstance(result, Invalid):
+                        letter = DeadLetter.for_message(message.topic, message.partition, message.offset,
+                                                        result.reason, message.value, key=message.key,
+                                                        limit=settings.max_message_bytes)
+                        self.pending_dead_letters.append((message.key, letter.to_json()))
+                    else:
+                        self.apply(state, result, message.value)
+                    self.state.record(state, message.topic, message.offset, stream, event)
+                metrics.observe(kind, not isinstance(result, Invalid), time.perf_counter() - started,
+                                result.code if isinstance(result, Invalid) else None)
+                if len(self.state.unacked) >= settings.flush_every_events:
+                    await self.flush()
 
         ingest.__name__ = f"ingest_{kind.replace('-', '_')}"
         return ingest
 
-    async def apply(self, event: InputEvent) -> None:
-        """Apply a valid event to the worker's state (the feature processor plugs in here)."""
+    async def _messages_agent(self, stream: Any) -> None:
+        stream = stream.noack()
+        async for event in stream.events():
+            state = await self._admit(stream, event)
+            if state is None:
+                continue
+            message = event.message
+            async with self.state.lock:
+                self.state.apply_messages(state, decode_partition_batch(message.value))
+                self.state.record(state, message.topic, message.offset, stream, event)
+            if len(self.state.unacked) >= self.settings.flush_every_events:
+                await self.flush()
+
+    def apply(self, state: PartitionState, event: InputEvent, raw: bytes) -> None:
+        """Apply a valid event to the partition's state."""
+        if isinstance(event, ConnectionEvent):
+            # any partition may apply a connection: the halves owned elsewhere travel as messages
+            state.graph.apply_connection(event.src, event.dst, event.action, event.ts)
+        elif self.partition_of(event.key) != state.partition:
+            # keyed by something else than its user: send it on, keyed right, to the partition that owns it
+            state.forward.append((self.settings.topic(event.KIND), user_key(event.key), raw))
+        elif isinstance(event, UserEvent):
+            if state.profiles.apply(event):
+                state.changed_profiles.add(event.user)
+        else:
+            state.behaviour.apply_event(event)
+
+    # ---- commit ---------------------------------------------------------------------------------------------
+    async def flush(self) -> None:
+        if self.pending_dead_letters:
+            letters, self.pending_dead_letters = self.pending_dead_letters, []
+            topic = self.settings.topic("dead-letter")
+            futures = [await self._send(topic, key, value, None) for key, value in letters]
+            await asyncio.gather(*futures)
+        await self.state.flush()
+
+    async def _flush_timer(self) -> None:
+        await self.flush()
+
+    # ---- reads for the debug API ------------------------------------------------------------------------------
+    def degree_of(self, user: int) -> tuple[int, int | None]:
+        state = self.state.state_for(self.partition_of(user))
+        if state is not None:
+            row = state.graph.adjacency_row(user)
+            stamps = [v >> 1 for v in row.versions.values()]
+            return row.alive, max(stamps) if stamps else None
+        return self.globals.degree(user)
+
+    def user_view(self, user: int) -> dict[str, Any] | None:
+        state = self.state.state_for(self.partition_of(user))
+        if state is None:
+            return None
+        neighbours = state.graph.neighbours(user)
+        degree, degree_ts = self.degree_of(user)
+        sample = sorted(neighbours.items(), key=lambda item: (-item[1], item[0]))[:20]
+        profile = state.profiles.profile(user)
+        views = state.behaviour.profile_view_counts(user)
+        return {
+            "user": user,
+            "partition": state.partition,
+            "degree": {"value": degree, "ts": degree_ts},
+            "neighbours_sample": [{"user": n, "since": ts} for n, ts in sample],
+            "two_hop_candidates": len(state.graph.common_row(user)),
+            "profile": None if profile is None else profile.to_dict(),
+            "profile_field_ts": state.profiles.field_timestamps(user),
+            "signed_up_at": state.profiles.signed_up_at(user),
+            "behaviour": {
+                "profiles_viewed": sum(1 for out, _ in views.values() if out),
+                "viewed_by": sum(1 for _, inbound in views.values() if inbound),
+                "dismissed": len(state.behaviour.dismissed_candidates(user)),
+                "items_engaged": len(state.behaviour.engaged_items(user)),
+            },
+        }
+
+    def pair_view(self, user: int, candidate: int) -> dict[str, Any] | None:
+        state = self.state.state_for(self.partition_of(user))
+        if state is None:
+            return None
+        features = graph_pair_features(state.graph, user, candidate, self.degree_of)
+        as_of = int(time.time() * 1000)
+        for name, (value, ts) in state.behaviour.pair_features(user, candidate, as_of).items():
+            features[name] = FeatureValue(value, ts)
+        own_profile = state.profiles.profile(user)
+        own_ts = state.profiles.field_timestamps(user)
+        other_profile, other_ts = self.profile_of(candidate)
+        stamps = profile_feature_timestamps(own_ts, other_ts)
+        for name, value in profile_features(own_profile, other_profile).items():
+            features[name] = FeatureValue(value, stamps[name])
+        return {"user": user, "candidate": candidate,
+                "features": {name: value.to_dict() for name, value in features.items()},
+                "mutual_examples": state.graph.common_neighbors(user, candidate)[:3]}
+
+    def profile_of(self, user: int) -> tuple[Any, dict[str, int]]:
+        state = self.state.state_for(self.partition_of(user))
+        if state is not None:
+            return state.profiles.profile(user), state.profiles.field_timestamps(user)
+        return self.globals.profile(user)
 
     def _register_views(self) -> None:
-        metrics = self.metrics
+        app, metrics, routing_topic = self.app, self.metrics, self.input_topics["connections"]
 
-        @self.app.page("/health")
+        async def routed(web: Any, request: Any, key: str, local: Any) -> Any:
+            try:
+                return await app.router.route_topic_req(routing_topic, key, web, request)
+            except SameNode:
+                return await local()
+
+        def parse_user(text: str) -> int | None:
+            return int(text) if text.isdigit() else None
+
+        @app.page("/health")
         async def health(web: Any, request: Any) -> Any:
             return web.json({"status": "ok", "app_id": self.settings.app_id,
+                             "partitions": sorted(self.state.owned),
                              "uptime_s": round(time.time() - metrics.started_at, 1)})
 
-        @self.app.page("/metrics")
+        @app.page("/metrics")
         async def metrics_view(web: Any, request: Any) -> Any:
-            return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
+            return web.text(metrics.render(), content_type="text/plain")
 
-        @self.app.page("/stats")
+        @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:
-            return web.json(metrics.snapshot())
+            return web.json({**metrics.snapshot(), "state": self.state.describe()})
+
+        @app.page("/users/{u}")
+        async def user(web: Any, request: Any, u: str) -> Any:
+            uid = parse_user(u)
+            if uid is None:
+                return web.json({"error": f"{u!r} is not a user id"}, status=400)
+
+            async def local() -> Any:
+                view = self.user_view(uid)
+                return web.json(view) if view is not None else web.json({"error": "partition not owned"}, status=503)
+
+            return await routed(web, request, u, local)
+
+        @app.page("/users/{u}/candidates")
+        async def candidates(web: Any, request: Any, u: str) -> Any:
+            uid = parse_user(u)
+            if uid is None:
+                return web.json({"error": f"{u!r} is not a user id"}, status=400)
+
+            async def local() -> Any:
+                state = self.state.state_for(self.partition_of(uid))
+                if state is None:
+                    return web.json({"error": "partition not owned"}, status=503)
+                counts = state.graph.common_neighbor_counts(uid)
+                _, scores = state.graph.two_hop_scores(uid)
+                return web.json({"user": uid, "candidates": {
+                    str(v): {"common_neighbor_count": n, "adamic_adar_score": scores.get(v, 0.0)}
+                    for v, n in counts.items()}})
+
+            return await routed(web, request, u, local)
+
+        @app.page("/features/{u}/{v}")
+        async def features(web: Any, request: Any, u: str, v: str) -> Any:
+            uid, vid = parse_user(u), parse_user(v)
+            if uid is None or vid is None:
+                return web.json({"error": "user ids must be non-negative integers"}, status=400)
+
+            async def local() -> Any:
+                view = self.pair_view(uid, vid)
+                return web.json(view) if view is not None else web.json({"error": "partition not owned"}, status=503)
+
+            return await routed(web, request, u, local)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

@@ -12,7 +12,8 @@ from pymk.settings import INPUT_KINDS, Settings
 
 def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[str, int]:
     """Messages in each topic not yet committed by the worker group (end offset − committed offset)."""
-    topics = topics or [settings.topic(kind) for kind in INPUT_KINDS]
+    # The internal partition-messages topic counts too: features are final only once it is drained.
+    topics = topics or [settings.topic(kind) for kind in (*INPUT_KINDS, "partition-messages")]
     # A consumer that names the group but never subscribes only reads its committed offsets.
     consumer = KafkaConsumer(**settings.kafka_client_config(), group_id=settings.app_id, client_id="pymk-lag",
                              enable_auto_commit=False)
@@ -29,7 +30,8 @@ def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[st
 
 
 def wait_idle(settings: Settings, timeout_s: float, settle_s: float = 1.0, topics: list[str] | None = None) -> bool:
-    """Block until every input is processed (lag 0, stable for ``settle_s``); False on timeout."""
+    """Block until every input and every message between partitions is processed (lag 0, stable for
+    ``settle_s``); False on timeout."""
     deadline = time.monotonic() + timeout_s
     idle_since: float | None = None
     while time.monotonic() < deadline:

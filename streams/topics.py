@@ -32,7 +32,18 @@ def contract_topics(settings: Settings) -> list[TopicSpec]:
                             "segment.ms": "600000"}))
     specs.append(TopicSpec(settings.topic("impressions"), n, {}))
     specs.append(TopicSpec(settings.topic("dead-letter"), n, {"max.message.bytes": str(4 * 1024 * 1024)}))
-    return specs
+    return specs + internal_topics(settings)
+
+
+def internal_topics(settings: Settings) -> list[TopicSpec]:
+    """The workers' own topics: messages between partitions (co-partitioned with the inputs), and the
+    compacted table of every user's degree that each worker reads in full."""
+    n = settings.partitions
+    return [
+        TopicSpec(settings.topic("partition-messages"), n, {"max.message.bytes": str(4 * 1024 * 1024)}),
+        TopicSpec(settings.topic("user-globals"), n, {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
+                                                      "segment.ms": "600000"}),
+    ]
 
 
 def admin_client(settings: Settings) -> KafkaAdminClient:

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import networkx as nx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymk.features.graph import PartitionGraph, adamic_adar_weight, edge_version
@@ -173,3 +174,17 @@ def test_counts_carry_the_timestamp_of_the_last_change() -> None:
     cluster.connection(1, 2, "add", 200)
     cluster.drain()
     assert cluster.graphs[0].common_neighbor_count(0, 2) == (1, 200)
+
+
+def test_reading_a_user_of_another_partition_fails_loudly() -> None:
+    from pymk.features.graph import OwnershipError
+
+    cluster = Cluster(2, random.Random(5))
+    cluster.connection(0, 1, "add", 1)
+    cluster.drain()
+    remote = next(u for u in range(100) if cluster.part(u) == 1)
+    graph = cluster.graphs[0]
+    with pytest.raises(OwnershipError):
+        graph.neighbours(remote)
+    with pytest.raises(OwnershipError):
+        graph.common_neighbor_counts(remote)

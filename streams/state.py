@@ -1,0 +1,217 @@
+"""Per-partition state of a worker and its commit protocol.
+
+Each partition number p that this worker is assigned has one RocksDB database (``state/p{p}``) holding the
+feature rows of p's users and, in the same atomic write, the offset of the last message applied from each
+input topic-partition. The commit order, in one place (:meth:`WorkerState.flush`), under a lock that keeps
+event processing out:
+
+1. take every partition's outbox (messages for other partitions, degree updates);
+2. produce them and wait until the broker has them all;
+3. write each partition's dirty rows + applied offsets in one RocksDB WriteBatch;
+4. ack the events to faust, which commits their offsets to Kafka on its next commit.
+
+Why this gives exactly-once *effect* with at-least-once delivery: every state change is an idempotent merge
+(last-writer-wins registers), so applying a message twice changes nothing; messages an event caused are
+durable in Kafka before the state that records the event as applied (2 before 3), so a crash can lose only
+state whose cause will be re-read; and offsets in RocksDB let a worker skip what it already applied and
+re-read from there when its local state is older than the group's committed offsets (a partition that comes
+back to a worker, or one that moves to a worker without local state: it replays the partition's topics from
+the start — the input topics are the changelog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pymk.features.behaviour import PartitionBehaviour
+from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph
+from pymk.features.profile import ProfileStore
+from pymk.features.storage import RocksRowStore
+from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
+
+log = logging.getLogger(__name__)
+
+OFFSETS_PREFIX = b"O"
+
+
+@dataclass
+class PartitionState:
+    """Everything pymk keeps about the users of one partition, in one RocksDB database."""
+
+    partition: int
+    store: RocksRowStore
+    graph: PartitionGraph
+    behaviour: PartitionBehaviour
+    profiles: ProfileStore
+    applied: dict[str, int] = field(default_factory=dict)  # topic → last applied offset (durable at flush)
+    pending_applied: dict[str, int] = field(default_factory=dict)
+    changed_profiles: set[int] = field(default_factory=set)  # to publish to user-globals at the next flush
+    forward: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # misrouted events, re-keyed
+
+    @classmethod
+    def open(cls, partition: int, partitions: int, path: Path, partition_of: Callable[[int], int],
+             max_item_fanout: int | None = None) -> PartitionState:
+        store = _open_with_retry(path)
+        applied = {key[len(OFFSETS_PREFIX):].decode(): int(value)
+                   for key, value in store.scan(OFFSETS_PREFIX)}
+        return cls(partition, store, PartitionGraph(partition, partitions, store, partition_of),
+                   PartitionBehaviour(partition, partitions, store, partition_of, max_item_fanout=max_item_fanout),
+                   ProfileStore(store), applied)
+
+    def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        for part in (self.graph, self.behaviour, self.profiles):
+            more_puts, more_deletes = part.dirty_rows()
+            puts.update(more_puts)
+            deletes.extend(more_deletes)
+        return puts, deletes
+
+    def mark_clean(self) -> None:
+        for part in (self.graph, self.behaviour, self.profiles):
+            part.mark_clean()
+
+    def next_offset(self, topic: str) -> int:
+        return max(self.applied.get(topic, -1), self.pending_applied.get(topic, -1)) + 1
+
+
+def _open_with_retry(path: Path, attempts: int = 50) -> RocksRowStore:
+    # During a rebalance the previous owner on this machine may still be closing the database.
+    for attempt in range(attempts):
+        try:
+            return RocksRowStore(path)
+        except Exception as exc:  # rocksdict raises a plain Exception for the lock
+            if "lock" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+Sender = Callable[[str, bytes | None, bytes, int | None], Awaitable[Any]]
+
+
+@dataclass
+class FlushStats:
+    flushes: int = 0
+    messages_sent: int = 0
+    rows_written: int = 0
+    seconds: float = 0.0
+
+
+class WorkerState:
+    """The partitions a worker owns, the events applied since the last flush, and the flush itself."""
+
+    def __init__(self, state_dir: Path, partitions: int, partition_of: Callable[[int], int],
+                 messages_topic: str, globals_topic: str, send: Sender, max_item_fanout: int | None = None) -> None:
+        self.state_dir = state_dir
+        self.partitions = partitions
+        self.partition_of = partition_of
+        self.messages_topic = messages_topic
+        self.globals_topic = globals_topic
+        self.send = send
+        self.max_item_fanout = max_item_fanout
+        self.owned: dict[int, PartitionState] = {}
+        self.lock = asyncio.Lock()
+        self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
+        self.stats = FlushStats()
+
+    # ---- partition ownership -------------------------------------------------------------------------
+    def open_partitions(self, numbers: Iterable[int]) -> None:
+        for p in sorted(set(numbers) - set(self.owned)):
+            self.owned[p] = PartitionState.open(p, self.partitions, self.state_dir / f"p{p}", self.partition_of,
+                                                self.max_item_fanout)
+            log.info("opened state of partition %d (applied offsets %s)", p, self.owned[p].applied)
+
+    async def close_partitions(self, numbers: Iterable[int]) -> None:
+        doomed = set(numbers) & set(self.owned)
+        if not doomed:
+            return
+        await self.flush()
+        async with self.lock:
+            for p in doomed:
+                self.owned.pop(p).store.close()
+                log.info("closed state of partition %d", p)
+
+    async def close_all(self) -> None:
+        await self.close_partitions(list(self.owned))
+
+    # ---- applying ----------------------------------------------------------------------------------------
+    def state_for(self, partition: int) -> PartitionState | None:
+        return self.owned.get(partition)
+
+    def record(self, state: PartitionState, topic: str, offset: int, stream: Any, event: Any) -> None:
+        state.pending_applied[topic] = max(offset, state.pending_applied.get(topic, -1))
+        if stream is not None:
+            self.unacked.append((stream, event))
+
+    def apply_messages(self, state: PartitionState, messages: Iterable[Message]) -> None:
+        graph_kinds = (EdgeHalf, MirrorUpdate)
+        for message in messages:
+            if isinstance(message, graph_kinds):
+                state.graph.apply_message(message)
+            else:
+                state.behaviour.apply_message(message)
+
+    # ---- the commit protocol -------------------------------------------------------------------------------
+    async def flush(self) -> None:
+        async with self.lock:
+            started = time.perf_counter()
+            # 1. outboxes
+            outgoing: list[tuple[str, bytes, bytes, int | None]] = []
+            for state in self.owned.values():
+                per_partition, degree_updates = state.graph.take_outbox()
+                for target, behaviour_messages in state.behaviour.take_outbox().items():
+                    per_partition.setdefault(target, []).extend(behaviour_messages)  # type: ignore[arg-type]
+                for target, messages in per_partition.items():
+                    outgoing.extend((self.messages_topic, str(target).encode(), raw, target)
+                                    for raw in encode_partition_batches(state.partition, messages))
+                outgoing.extend((self.globals_topic, *degree_record(update), None) for update in degree_updates)
+                for user in state.changed_profiles:
+                    profile = state.profiles.profile(user)
+                    if profile is not None:
+                        outgoing.append((self.globals_topic, *profile_record(
+                            user, profile.to_dict(), state.profiles.field_timestamps(user)), None))
+                state.changed_profiles.clear()
+                outgoing.extend((topic, key, value, None) for topic, key, value in state.forward)
+                state.forward.clear()
+            # 2. produce and wait for the broker
+            futures = [await self.send(topic, key, value, partition) for topic, key, value, partition in outgoing]
+            if futures:
+                await asyncio.gather(*futures)
+            # 3. state and applied offsets, one atomic batch per partition
+            rows = 0
+            for state in self.owned.values():
+                puts, deletes = state.dirty_rows()
+                if not puts and not deletes and not state.pending_applied:
+                    continue
+                for topic, offset in state.pending_applied.items():
+                    puts[OFFSETS_PREFIX + topic.encode()] = str(offset).encode()
+                state.store.write(puts, deletes)
+                state.mark_clean()
+                state.applied.update(state.pending_applied)
+                state.pending_applied.clear()
+                rows += len(puts) + len(deletes)
+            # 4. ack: faust may now commit these offsets
+            unacked, self.unacked = self.unacked, []
+            for stream, event in unacked:
+                await stream.ack(event)
+            self.stats.flushes += 1
+            self.stats.messages_sent += len(futures)
+            self.stats.rows_written += rows
+            self.stats.seconds += time.perf_counter() - started
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "partitions": sorted(self.owned),
+            "applied_offsets": {p: s.applied for p, s in self.owned.items()},
+            "flush": json.loads(json.dumps(self.stats.__dict__)),
+            "graph": {p: s.graph.stats.__dict__ for p, s in self.owned.items()},
+            "behaviour": {p: s.behaviour.stats.__dict__ for p, s in self.owned.items()},
+        }
