@@ -51,6 +51,12 @@ class Cluster:
             self.graphs[target].apply_message(message)  # type: ignore[arg-type]
             self.collect(self.graphs[target])
 
+    def owner(self, user: int) -> PartitionGraph:
+        return self.graphs[self.part(user)]
+
+    def all_counts(self, users: range) -> list[dict[int, int]]:
+        return [self.owner(u).common_neighbor_counts(u) for u in users]
+
     def drain(self) -> None:
         while self.in_flight:
             self.deliver_some(1.0)
@@ -116,11 +122,11 @@ def test_replaying_everything_again_changes_nothing(events, seed) -> None:
     for event in events:
         cluster.connection(*event)
     cluster.drain()
-    before = [dict(g.common_neighbor_counts(u)) for g in cluster.graphs for u in range(12)]
+    before = cluster.all_counts(range(12))
     for event in reversed(events):  # duplicates, in another order
         cluster.connection(*event)
     cluster.drain()
-    assert [dict(g.common_neighbor_counts(u)) for g in cluster.graphs for u in range(12)] == before
+    assert cluster.all_counts(range(12)) == before
 
 
 def test_remove_then_readd_restores_features() -> None:
@@ -129,14 +135,14 @@ def test_remove_then_readd_restores_features() -> None:
     for i, (a, b) in enumerate(edges):
         cluster.connection(a, b, "add", i)
     cluster.drain()
-    snapshot = [(g.common_neighbor_counts(u), g.two_hop_scores(u)[1]) for g in cluster.graphs for u in range(4)]
+    snapshot = [(cluster.owner(u).common_neighbor_counts(u), cluster.owner(u).two_hop_scores(u)[1]) for u in range(4)]
     cluster.connection(1, 3, "remove", 10)
     cluster.drain()
     assert cluster.graphs[cluster.part(0)].common_neighbor_count(0, 2)[0] == 2 - 0  # via 1 and 3, unchanged
     cluster.connection(3, 1, "add", 11)
     cluster.drain()
-    assert [(g.common_neighbor_counts(u), g.two_hop_scores(u)[1]) for g in cluster.graphs for u in range(4)] == \
-        snapshot
+    assert [(cluster.owner(u).common_neighbor_counts(u), cluster.owner(u).two_hop_scores(u)[1])
+            for u in range(4)] == snapshot
 
 
 def test_older_event_arriving_late_loses() -> None:
