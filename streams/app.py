@@ -290,7 +290,7 @@ class PymkApp:
 
         @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:
-            return web.json({**metrics.snapshot(), "state": self.state.describe()})
+            return web.json({**metrics.snapshot(), "state": self.state.describe(), "globals_users": len(self.globals)})
 
         @app.page("/users/{u}")
         async def user(web: Any, request: Any, u: str) -> Any:

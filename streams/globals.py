@@ -72,8 +72,8 @@ class UserGlobals:
                                     auto_offset_reset="earliest", group_id=None, **config)
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(self.topic) or set()
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            # created by ensure_topics with the app's partition count (aiokafka's metadata lookup may lag)
+            tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             while True:
