@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pymk.settings import Settings
+
+DEFAULT_BENCH_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ego-facebook" / \
+    "facebook_combined.txt"
 
 
 def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
@@ -131,6 +135,48 @@ def _cmd_wait_idle(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
+def _cmd_features(args: argparse.Namespace, settings: Settings) -> int:
+    import urllib.error
+    import urllib.request
+
+    base = args.url or f"http://{settings.web_host}:{settings.web_port}"
+    path = f"/features/{args.user}/{args.candidate}" if args.candidate is not None else f"/users/{args.user}"
+    try:
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            data = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"pymk features: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pymk features: no worker answers at {base} ({exc}); is `pymk worker` running?", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data))
+    elif args.candidate is not None:
+        print(f"user {data['user']} × candidate {data['candidate']}   (mutual examples: {data['mutual_examples']})")
+        print(f"  {'feature':<32} {'value':>14}  last changed (event ts, ms)")
+        for name, feature in data["features"].items():
+            value = feature["value"]
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            print(f"  {name:<32} {shown:>14}  {feature['ts'] if feature['ts'] is not None else '-'}")
+    else:
+        for key, value in data.items():
+            print(f"  {key:<20} {json.dumps(value)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.bench import bench_ingest
+
+    if args.what == "ingest":
+        result = bench_ingest(settings, args.data, timeout_s=args.timeout)
+    else:
+        print(f"pymk bench {args.what}: not available yet", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pymk", description="Streaming People-You-May-Know.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     wait = sub.add_parser("wait-idle", help="return when every input is processed")
     wait.add_argument("--timeout", type=float, default=120.0)
     wait.set_defaults(func=_cmd_wait_idle)
+
+    features = sub.add_parser("features", help="feature state of a user, or of a (user, candidate) pair")
+    features.add_argument("user", type=int)
+    features.add_argument("candidate", type=int, nargs="?")
+    features.add_argument("--json", action="store_true")
+    features.add_argument("--url", help="a worker's debug HTTP address (default: the settings' web host/port)")
+    features.set_defaults(func=_cmd_features)
+
+    bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
+    bench.add_argument("what", choices=["ingest", "index", "rank", "freshness"])
+    bench.add_argument("--data", default=str(DEFAULT_BENCH_DATA))
+    bench.add_argument("--timeout", type=float, default=1800.0)
+    bench.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

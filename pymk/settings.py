@@ -56,8 +56,8 @@ class Settings:
     max_future_ms: int = 24 * 3600 * 1000
 
     # State is made durable (outputs, then RocksDB, then acks) at least this often, and after this many events.
-    flush_interval_ms: int = 200
-    flush_every_events: int = 5000
+    flush_interval_ms: int = 500
+    flush_every_events: int = 20000
     # Items with more engagers than this stop counting towards co-engagement (0: no cap, exact).
     max_item_fanout: int = 0
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import networkx as nx
 from conftest import SHARED_DATA, free_port
+from pymk.streams.lag import wait_idle
+from pymk.streams.producer import event_messages, send_messages
+from pymk.streams.topics import ensure_topics
 from workers import http_get, running_worker
 
 from pymk.datasets import load_edge_history
 from pymk.events import ConnectionEvent
 from pymk.settings import Settings
-from pymk.streams.lag import wait_idle
-from pymk.streams.producer import event_messages, send_messages
-from pymk.streams.topics import ensure_topics
 
 EGO = SHARED_DATA / "ego-facebook" / "facebook_combined.txt"
 
@@ -103,14 +103,13 @@ def test_two_workers_rebalancing_mid_stream_give_the_same_state(kafka_settings: 
     ensure_topics(first)
     half = len(events) // 2
     send_messages(first, event_messages(first, events[:half]), half, progress=False)
-    with running_worker(first, tmp_path / "worker-a.log"):
-        with running_worker(second, tmp_path / "worker-b.log"):
-            send_messages(first, event_messages(first, events[half:]), len(events) - half, progress=False)
-            assert wait_idle(first, timeout_s=900), "the workers did not catch up"
-            owned = [http_get(s, "/health")["partitions"] for s in (first, second)]
-            assert sorted(owned[0] + owned[1]) == list(range(first.partitions)), owned
-            assert owned[0] and owned[1], "both workers should own partitions"
-            rng = random.Random(1)
-            # every query goes alternately through either worker, so half of them are routed
-            assert_pairs_exact([first, second], graph, sample_pairs(graph, 1000, rng))
-            assert_users_exact([first, second], graph, rng.sample(sorted(graph), 20))
+    with running_worker(first, tmp_path / "worker-a.log"), running_worker(second, tmp_path / "worker-b.log"):
+        send_messages(first, event_messages(first, events[half:]), len(events) - half, progress=False)
+        assert wait_idle(first, timeout_s=900), "the workers did not catch up"
+        owned = [http_get(s, "/health")["partitions"] for s in (first, second)]
+        assert sorted(owned[0] + owned[1]) == list(range(first.partitions)), owned
+        assert owned[0] and owned[1], "both workers should own partitions"
+        rng = random.Random(1)
+        # every query goes alternately through either worker, so half of them are routed
+        assert_pairs_exact([first, second], graph, sample_pairs(graph, 1000, rng))
+        assert_users_exact([first, second], graph, rng.sample(sorted(graph), 20))
