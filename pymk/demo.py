@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def main() -> int:
 
     say("2. Fresh demo topics (prefix pymk-demo.)")
     delete_topics_with_prefix(settings, settings.topic_prefix + ".")
+    # the worker's state belongs to the old topics (it records the offsets it applied from them)
+    shutil.rmtree(settings.worker_dir / settings.app_id, ignore_errors=True)
     time.sleep(1.0)
     ensure_topics(settings)
     print(", ".join(settings.topic(k) for k in ("connections", "profile-views", "dismissals", "engagements",
@@ -88,6 +91,12 @@ def main() -> int:
             print("dead letters per reason (each with the raw message, topic, partition and offset):")
             for reason, count in sorted(stats["dead_letters"].items()):
                 print(f"  {reason:<18} {count:>5}")
+
+            say("6. Feature state, read from the worker's RocksDB through the debug API")
+            show_users(settings, events)
+
+            say("7. A live change: a new connection, and the features that follow it")
+            show_live_change(settings, events)
         finally:
             worker.send_signal(signal.SIGTERM)
             try:
@@ -98,6 +107,55 @@ def main() -> int:
     say(f"Done in {time.monotonic() - started:.0f} s. The broker keeps running (`pymk kafka stop` ends it).")
     print("Look around: PYMK_TOPIC_PREFIX=pymk-demo PYMK_APP_ID=pymk-demo-worker .venv/bin/pymk lag")
     return 0
+
+
+def _busiest_users(events: list, n: int) -> list[int]:
+    from collections import Counter
+
+    from pymk.events import ConnectionEvent
+
+    degree: Counter[int] = Counter()
+    for event in events:
+        if isinstance(event, ConnectionEvent):
+            degree[event.src] += 1
+            degree[event.dst] += 1
+    # well-connected but not the very top hubs: their lists are the interesting ones
+    ranked = [u for u, _ in degree.most_common(60)]
+    return ranked[20:20 + n]
+
+
+def show_users(settings: Settings, events: list) -> None:
+    for user in _busiest_users(events, 3):
+        info = get_json(settings, f"/users/{user}")
+        candidates = get_json(settings, f"/users/{user}/candidates")["candidates"]
+        top = sorted(((c["common_neighbor_count"], c["adamic_adar_score"], int(v)) for v, c in candidates.items()
+                      if not c["connected"]), reverse=True)[:5]
+        profile = info["profile"] or {}
+        print(f"user {user}: degree {info['degree']['value']}, {info['two_hop_candidates']} users within two hops, "
+              f"works at {profile.get('company', '?')}, viewed {info['behaviour']['profiles_viewed']} profiles")
+        for count, score, v in top:
+            print(f"    candidate {v:>5}: {count:>3} mutual connections, Adamic-Adar {score:6.3f}")
+
+
+def show_live_change(settings: Settings, events: list) -> None:
+    from pymk.events import ConnectionEvent
+    from pymk.streams.lag import wait_idle
+    from pymk.streams.producer import event_messages, send_messages
+
+    user = _busiest_users(events, 1)[0]
+    candidates = get_json(settings, f"/users/{user}/candidates")["candidates"]
+    v = max((c["common_neighbor_count"], int(k)) for k, c in candidates.items() if not c["connected"])[1]
+    before = get_json(settings, f"/features/{user}/{v}")["features"]
+    ts = max(e.ts for e in events) + 1000
+    send_messages(settings, event_messages(settings, [ConnectionEvent(user, v, "add", ts)]), 1, progress=False)
+    wait_idle(settings, timeout_s=60, settle_s=0.5)
+    after = get_json(settings, f"/features/{user}/{v}")["features"]
+    print(f"{user} connects with {v}:")
+    for name in ("graph_distance_bucket", "common_neighbor_count", "adamic_adar_score", "jaccard_sim",
+                 "query_degree_log", "same_company_current", "co_engaged_with_content"):
+        b, a = before[name]["value"], after[name]["value"]
+        fmt = (lambda x: f"{x:.4f}") if isinstance(a, float) else str
+        print(f"    {name:<26} {fmt(b):>10} -> {fmt(a):<10} (last changed at ts {after[name]['ts']})")
 
 
 def _wait_ready(settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:

@@ -316,8 +316,10 @@ class PymkApp:
                     return web.json({"error": "partition not owned"}, status=503)
                 counts = state.graph.common_neighbor_counts(uid)
                 _, scores = state.graph.two_hop_scores(uid)
+                neighbours = state.graph.neighbours(uid)
                 return web.json({"user": uid, "candidates": {
-                    str(v): {"common_neighbor_count": n, "adamic_adar_score": scores.get(v, 0.0)}
+                    str(v): {"common_neighbor_count": n, "adamic_adar_score": scores.get(v, 0.0),
+                             "connected": v in neighbours}
                     for v, n in counts.items()}})
 
             return await routed(web, request, u, local)
