@@ -97,6 +97,7 @@ class PymkApp:
         self.app.task(self.globals.run)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_before_shutdown.connect(self._on_shutdown)
         self._register_views()
 
     # ---- producing (used by the flush) --------------------------------------------------------------------
@@ -113,6 +114,14 @@ class PymkApp:
 
     async def _on_revoked(self, sender: Any, revoked: set[Any], **kwargs: Any) -> None:
         await self.state.close_partitions(self._our_partitions(revoked))
+
+    async def _on_shutdown(self, sender: Any, **kwargs: Any) -> None:
+        # The consumer has stopped, the producer still runs: make the last events' effects durable.
+        try:
+            await self.flush()
+            await self.state.close_all()
+        except Exception:
+            log.exception("final flush failed; the unflushed events will be re-read at the next start")
 
     # ---- agents ---------------------------------------------------------------------------------------------
     async def _admit(self, stream: Any, event: Any) -> PartitionState | None:

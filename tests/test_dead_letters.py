@@ -91,6 +91,7 @@ def test_bad_input_is_dead_lettered_and_valid_input_arrives(kafka_settings: Sett
         wait_until(processed, 120, what="all messages processed")
         stats = http_get(kafka_settings, "/stats")
         metrics_text = http_get(kafka_settings, "/metrics")
+        letters = read_dead_letters(kafka_settings, len(expected_letters))
 
     # Every valid event arrived, once.
     by_kind: dict[str, int] = {}
@@ -98,7 +99,6 @@ def test_bad_input_is_dead_lettered_and_valid_input_arrives(kafka_settings: Sett
         by_kind[event.KIND] = by_kind.get(event.KIND, 0) + 1
     assert stats["events_valid"] == by_kind
     # Every bad message is in the dead-letter topic with its source coordinates and reason.
-    letters = read_dead_letters(kafka_settings, len(expected_letters))
     got = {(dl.topic, dl.partition, dl.offset): dl.reason.split(":")[0] for dl in letters}
     assert got == expected_letters
     # the raw bytes are kept (base64 where not UTF-8), cut at the size limit for oversize messages
