@@ -8,9 +8,7 @@ malformed messages, waits until every input is processed and prints what happene
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pymk.kafka_broker import LocalBroker
+from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "collegemsg" / "CollegeMsg.txt"
@@ -64,45 +63,38 @@ def main() -> int:
 
     say("3. A stream worker (pymk worker)")
     log_path = settings.home / "demo-worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "pymk.cli", "worker"], stdout=log,
-                                  stderr=subprocess.STDOUT, env={**os.environ, **settings.as_env()},
-                                  start_new_session=True)
-        try:
-            _wait_ready(settings, worker)
-            print(f"worker pid {worker.pid}; debug HTTP on http://{settings.web_host}:{settings.web_port}; "
-                  f"log {log_path}")
+    log_path.unlink(missing_ok=True)
+    worker = start_worker_process(settings, log_path)
+    try:
+        _wait_ready(settings, worker)
+        print(f"worker pid {worker.pid}; debug HTTP on http://{settings.web_host}:{settings.web_port}; "
+              f"log {log_path}")
 
-            say(f"4. Replay {DATA.relative_to(DATA.parents[2])} with behaviour, and {len(BAD_MESSAGES)} bad messages")
-            events = replay_events(DATA, behaviour=True, seed=settings.produce_seed)
-            report = send_messages(settings, event_messages(settings, events), len(events))
-            print(report.describe())
-            bad = [(settings.topic("connections"), None, value) for value in BAD_MESSAGES]
-            send_messages(settings, iter(bad), len(bad), progress=False)
+        say(f"4. Replay {DATA.relative_to(DATA.parents[2])} with behaviour, and {len(BAD_MESSAGES)} bad messages")
+        events = replay_events(DATA, behaviour=True, seed=settings.produce_seed)
+        report = send_messages(settings, event_messages(settings, events), len(events))
+        print(report.describe())
+        bad = [(settings.topic("connections"), None, value) for value in BAD_MESSAGES]
+        send_messages(settings, iter(bad), len(bad), progress=False)
 
-            say("5. Waiting until the worker has processed every input")
-            idle = wait_idle(settings, timeout_s=300)
-            stats = get_json(settings, "/stats")
-            print("idle" if idle else "still busy after 300 s")
-            print("valid events processed per topic:")
-            for kind, count in sorted(stats["events_valid"].items()):
-                print(f"  {kind:<15} {count:>8}")
-            print("dead letters per reason (each with the raw message, topic, partition and offset):")
-            for reason, count in sorted(stats["dead_letters"].items()):
-                print(f"  {reason:<18} {count:>5}")
+        say("5. Waiting until the worker has processed every input")
+        idle = wait_idle(settings, timeout_s=300)
+        stats = get_json(settings, "/stats")
+        print("idle" if idle else "still busy after 300 s")
+        print("valid events processed per topic:")
+        for kind, count in sorted(stats["events_valid"].items()):
+            print(f"  {kind:<15} {count:>8}")
+        print("dead letters per reason (each with the raw message, topic, partition and offset):")
+        for reason, count in sorted(stats["dead_letters"].items()):
+            print(f"  {reason:<18} {count:>5}")
 
-            say("6. Feature state, read from the worker's RocksDB through the debug API")
-            show_users(settings, events)
+        say("6. Feature state, read from the worker's RocksDB through the debug API")
+        show_users(settings, events)
 
-            say("7. A live change: a new connection, and the features that follow it")
-            show_live_change(settings, events)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        say("7. A live change: a new connection, and the features that follow it")
+        show_live_change(settings, events)
+    finally:
+        stop_process(worker)
 
     say(f"Done in {time.monotonic() - started:.0f} s. The broker keeps running (`pymk kafka stop` ends it).")
     print("Look around: PYMK_TOPIC_PREFIX=pymk-demo PYMK_APP_ID=pymk-demo-worker .venv/bin/pymk lag")

@@ -58,6 +58,8 @@ class Settings:
     # State is made durable (outputs, then RocksDB, then acks) at least this often, and after this many events.
     flush_interval_ms: int = 500
     flush_every_events: int = 20000
+    # A worker that dies is replaced in the group after this long (faust's default is 60 s).
+    session_timeout_s: float = 10.0
     # Items with more engagers than this stop counting towards co-engagement (0: no cap, exact).
     max_item_fanout: int = 0
 

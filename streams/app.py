@@ -76,6 +76,8 @@ class PymkApp:
             producer_max_request_size=4 * 1024 * 1024,
             broker_max_poll_records=2000,
             broker_commit_interval=1.0,
+            broker_session_timeout=settings.session_timeout_s,
+            broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
             autodiscover=False,
         )
         partitions = settings.partitions
@@ -295,7 +297,13 @@ class PymkApp:
 
         @app.page("/metrics")
         async def metrics_view(web: Any, request: Any) -> Any:
-            return web.text(metrics.render(), content_type="text/plain")
+            from pymk.streams.lag import consumer_lag
+
+            try:  # the group's lag, read from the broker (a blocking client, so off the event loop)
+                lag = await asyncio.to_thread(consumer_lag, self.settings)
+            except Exception:
+                lag = None
+            return web.text(metrics.render(lag), content_type="text/plain")
 
         @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:

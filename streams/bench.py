@@ -8,10 +8,6 @@ WriteBatch put rate of this machine is measured as the reference the target is s
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -24,6 +20,7 @@ import numpy as np
 
 from pymk.datasets import load_edge_history
 from pymk.events import ConnectionEvent
+from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 
 
@@ -76,9 +73,7 @@ def bench_ingest(base: Settings, data: str | Path, timeout_s: float = 1800.0) ->
     send_messages(settings, event_messages(settings, events), len(events), progress=False)
 
     log_path = home / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "pymk.cli", "worker"], stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **settings.as_env()}, start_new_session=True)
+    worker = start_worker_process(settings, log_path)
     try:
         deadline = time.monotonic() + timeout_s
         first_seen: float | None = None
@@ -102,11 +97,7 @@ def bench_ingest(base: Settings, data: str | Path, timeout_s: float = 1800.0) ->
         stats = _get(settings, "/stats")
         peak_rss = _peak_rss_mb(worker.pid)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_process(worker)
         delete_topics_with_prefix(settings, tag + ".")
     seconds = finished - (first_seen or finished)
     graph = stats["state"]["graph"]

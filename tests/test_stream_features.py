@@ -41,6 +41,8 @@ def sample_pairs(graph: nx.Graph, n: int, rng: random.Random) -> list[tuple[int,
     pairs = []
     while len(pairs) < n:
         u = rng.choice(nodes)
+        if not graph[u]:
+            continue
         if rng.random() < 0.8:  # mostly candidates at distance 2, some arbitrary pairs (distance 1 or 3+)
             z = rng.choice(sorted(graph[u]))
             v = rng.choice(sorted(graph[z]))

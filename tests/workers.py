@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 
 
@@ -42,25 +40,10 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.3, what: str 
 def running_worker(settings: Settings, log_path: Path,
                    ready_timeout: float = 90.0) -> Iterator[subprocess.Popen[bytes]]:
     """A `pymk worker` subprocess with these settings; yields once /health answers; stops it after."""
-    env = {**os.environ, **settings.as_env()}
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "pymk.cli", "worker"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_worker_process(settings, log_path)
     try:
         wait_until(lambda: proc.poll() is None and http_get(settings, "/health")["status"] == "ok",
                    ready_timeout, what=f"worker ready (log: {log_path})")
         yield proc
     finally:
         stop_process(proc)
-        log.close()
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
