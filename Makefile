@@ -17,8 +17,9 @@ system-deps:
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -e '.[test]'
+	@echo "installing pymk and its dependencies into $(VENV) (log: $(VENV)/install.log) ..."
+	@{ $(BIN)/pip install --upgrade pip setuptools wheel && $(BIN)/pip install -e '.[test]'; } \
+	  > $(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 
 install: system-deps $(STAMP)
