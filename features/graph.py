@@ -278,8 +278,9 @@ class PartitionGraph:
             # local users adjacent to `owner` see `other` appear or vanish at distance 2
             self._mirror_changed(owner, other, sign, ts)
             self._outbox.degrees[owner] = DegreeUpdate(owner, row.alive, row.version_sum, ts)
-        after = self._neighbour_partitions(row)
-        targets = (before | after | {self.partition_of(other)}) - {self.partition}
+        # Adding `other` can add only its partition, removing only shrink the set: so these are all the
+        # partitions that had or have a neighbour of `owner`.
+        targets = (before | {self.partition_of(other)}) - {self.partition}
         for target in targets:
             if target in before:
                 self._send(target, MirrorUpdate(owner, ((other, version),)))
@@ -379,6 +380,11 @@ class PartitionGraph:
 
     def degree(self, user: int) -> int:
         return self.adjacency_row(user).alive
+
+    def degree_with_ts(self, user: int) -> tuple[int, int | None]:
+        """(degree, ts of the last change of any of the user's edges)."""
+        row = self.adjacency_row(user)
+        return row.alive, (version_ts(max(row.versions.values())) if row.versions else None)
 
     def common_neighbor_count(self, user: int, candidate: int) -> tuple[int, int | None]:
         """(count, ts of the event that last changed it) for a local user."""

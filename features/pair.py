@@ -34,8 +34,7 @@ def graph_pair_features(graph: PartitionGraph, user: int, candidate: int,
     partition, so its degree comes from the worker's table of all degrees.
     """
     own = graph.adjacency_row(user)
-    degree_u = own.alive
-    degree_u_ts = _max_ts(*(version_ts(v) for v in own.versions.values()))
+    degree_u, degree_u_ts = graph.degree_with_ts(user)
     degree_v, degree_v_ts = degree_of(candidate)
     count, count_ts = graph.common_neighbor_count(user, candidate)
     common = graph.common_neighbors(user, candidate)

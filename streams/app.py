@@ -88,9 +88,9 @@ class PymkApp:
         self.messages_topic = self.app.topic(settings.topic("partition-messages"), **raw)
         self.globals = UserGlobals(settings)
         self.state = WorkerState(worker_home / "state", partitions, self.partition_of,
-                                 settings.topic("partition-messages"), settings.topic("user-globals"), self._send,
+                                 settings.topic("partition-messages"), settings.topic("user-globals"),
+                                 settings.topic("dead-letter"), self._send,
                                  max_item_fanout=settings.max_item_fanout or None)
-        self.pending_dead_letters: list[tuple[bytes | None, bytes]] = []
         self._seeking: set[Any] = set()
         for kind, topic in self.input_topics.items():
             self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_ingest_agent(kind))
@@ -167,7 +167,7 @@ class PymkApp:
                         letter = DeadLetter.for_message(message.topic, message.partition, message.offset,
                                                         result.reason, message.value, key=message.key,
                                                         limit=settings.max_message_bytes)
-                        self.pending_dead_letters.append((message.key, letter.to_json()))
+                        self.state.dead_letters.append((message.key, letter.to_json()))
                     else:
                         self.apply(state, result, message.value)
                     self.state.record(state, message.topic, message.offset, stream, event)
@@ -208,11 +208,6 @@ class PymkApp:
 
     # ---- commit ---------------------------------------------------------------------------------------------
     async def flush(self) -> None:
-        if self.pending_dead_letters:
-            letters, self.pending_dead_letters = self.pending_dead_letters, []
-            topic = self.settings.topic("dead-letter")
-            futures = [await self._send(topic, key, value, None) for key, value in letters]
-            await asyncio.gather(*futures)
         await self.state.flush()
 
     async def _flush_timer(self) -> None:
@@ -222,9 +217,7 @@ class PymkApp:
     def degree_of(self, user: int) -> tuple[int, int | None]:
         state = self.state.state_for(self.partition_of(user))
         if state is not None:
-            row = state.graph.adjacency_row(user)
-            stamps = [v >> 1 for v in row.versions.values()]
-            return row.alive, max(stamps) if stamps else None
+            return state.graph.degree_with_ts(user)
         return self.globals.degree(user)
 
     def user_view(self, user: int) -> dict[str, Any] | None:
@@ -252,6 +245,17 @@ class PymkApp:
                 "items_engaged": len(state.behaviour.engaged_items(user)),
             },
         }
+
+    def candidates_view(self, user: int) -> dict[str, Any] | None:
+        state = self.state.state_for(self.partition_of(user))
+        if state is None:
+            return None
+        counts = state.graph.common_neighbor_counts(user)
+        _, scores = state.graph.two_hop_scores(user)
+        neighbours = state.graph.neighbours(user)
+        return {"user": user, "candidates": {
+            str(v): {"common_neighbor_count": n, "adamic_adar_score": scores.get(v, 0.0), "connected": v in neighbours}
+            for v, n in counts.items()}}
 
     def pair_view(self, user: int, candidate: int) -> dict[str, Any] | None:
         state = self.state.state_for(self.partition_of(user))
@@ -309,49 +313,25 @@ class PymkApp:
         async def stats(web: Any, request: Any) -> Any:
             return web.json({**metrics.snapshot(), "state": self.state.describe(), "globals_users": len(self.globals)})
 
-        @app.page("/users/{u}")
-        async def user(web: Any, request: Any, u: str) -> Any:
-            uid = parse_user(u)
-            if uid is None:
-                return web.json({"error": f"{u!r} is not a user id"}, status=400)
+        def owner_page(path: str, view: Any) -> None:
+            """A GET page about user ``u`` (and maybe ``v``), answered by the worker owning u's partition."""
 
-            async def local() -> Any:
-                view = self.user_view(uid)
-                return web.json(view) if view is not None else web.json({"error": "partition not owned"}, status=503)
+            @app.page(path, name=path)
+            async def page(web: Any, request: Any, u: str, v: str | None = None) -> Any:
+                ids = [parse_user(x) for x in (u, v) if x is not None]
+                if None in ids:
+                    return web.json({"error": "user ids must be non-negative integers"}, status=400)
 
-            return await routed(web, request, u, local)
+                async def local() -> Any:
+                    body = view(*ids)
+                    return web.json(body) if body is not None else web.json({"error": "partition not owned"},
+                                                                            status=503)
 
-        @app.page("/users/{u}/candidates")
-        async def candidates(web: Any, request: Any, u: str) -> Any:
-            uid = parse_user(u)
-            if uid is None:
-                return web.json({"error": f"{u!r} is not a user id"}, status=400)
+                return await routed(web, request, u, local)
 
-            async def local() -> Any:
-                state = self.state.state_for(self.partition_of(uid))
-                if state is None:
-                    return web.json({"error": "partition not owned"}, status=503)
-                counts = state.graph.common_neighbor_counts(uid)
-                _, scores = state.graph.two_hop_scores(uid)
-                neighbours = state.graph.neighbours(uid)
-                return web.json({"user": uid, "candidates": {
-                    str(v): {"common_neighbor_count": n, "adamic_adar_score": scores.get(v, 0.0),
-                             "connected": v in neighbours}
-                    for v, n in counts.items()}})
-
-            return await routed(web, request, u, local)
-
-        @app.page("/features/{u}/{v}")
-        async def features(web: Any, request: Any, u: str, v: str) -> Any:
-            uid, vid = parse_user(u), parse_user(v)
-            if uid is None or vid is None:
-                return web.json({"error": "user ids must be non-negative integers"}, status=400)
-
-            async def local() -> Any:
-                view = self.pair_view(uid, vid)
-                return web.json(view) if view is not None else web.json({"error": "partition not owned"}, status=503)
-
-            return await routed(web, request, u, local)
+        owner_page("/users/{u}", self.user_view)
+        owner_page("/users/{u}/candidates", self.candidates_view)
+        owner_page("/features/{u}/{v}", self.pair_view)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

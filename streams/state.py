@@ -5,7 +5,8 @@ feature rows of p's users and, in the same atomic write, the offset of the last 
 input topic-partition. The commit order, in one place (:meth:`WorkerState.flush`), under a lock that keeps
 event processing out:
 
-1. take every partition's outbox (messages for other partitions, degree updates);
+1. take every partition's outbox (messages for other partitions, degree and profile records) and the
+   dead letters;
 2. produce them and wait until the broker has them all;
 3. write each partition's dirty rows + applied offsets in one RocksDB WriteBatch;
 4. ack the events to faust, which commits their offsets to Kafka on its next commit.
@@ -109,12 +110,15 @@ class WorkerState:
     """The partitions a worker owns, the events applied since the last flush, and the flush itself."""
 
     def __init__(self, state_dir: Path, partitions: int, partition_of: Callable[[int], int],
-                 messages_topic: str, globals_topic: str, send: Sender, max_item_fanout: int | None = None) -> None:
+                 messages_topic: str, globals_topic: str, dead_letter_topic: str, send: Sender,
+                 max_item_fanout: int | None = None) -> None:
         self.state_dir = state_dir
         self.partitions = partitions
         self.partition_of = partition_of
         self.messages_topic = messages_topic
         self.globals_topic = globals_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.dead_letters: list[tuple[bytes | None, bytes]] = []  # (key, record) of invalid events applied
         self.send = send
         self.max_item_fanout = max_item_fanout
         self.owned: dict[int, PartitionState] = {}
@@ -164,7 +168,9 @@ class WorkerState:
         async with self.lock:
             started = time.perf_counter()
             # 1. outboxes
-            outgoing: list[tuple[str, bytes, bytes, int | None]] = []
+            outgoing: list[tuple[str, bytes | None, bytes, int | None]] = [
+                (self.dead_letter_topic, key, value, None) for key, value in self.dead_letters]
+            self.dead_letters = []
             for state in self.owned.values():
                 per_partition, degree_updates = state.graph.take_outbox()
                 for target, behaviour_messages in state.behaviour.take_outbox().items():
