@@ -387,6 +387,10 @@ class PartitionBehaviour:
                 puts[key] = _encode_stamps(self._stamps[kind][key_id])
         return puts, deletes
 
+    def changed_users(self) -> set[int]:
+        """Local users whose views (either way), dismissals or engagements changed since :meth:`mark_clean`."""
+        return {key_id for kind, key_id in self._dirty if kind in (VIEWS_OUT, VIEWS_IN, DISMISSALS, ENGAGEMENTS)}
+
     def mark_clean(self) -> None:
         """The dirty rows are durable; forget them, and drop the cache when it has grown past its bound."""
         self._dirty.clear()

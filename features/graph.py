@@ -356,6 +356,13 @@ class PartitionGraph:
                     deletes.append(key)
         return puts, deletes
 
+    def changed_users(self) -> tuple[set[int], set[int]]:
+        """Since the last :meth:`mark_clean`: local users whose adjacency changed, and local users whose
+        common-neighbour row changed (their 2-hop candidates did)."""
+        own = {user for kind, user in self._dirty if kind == ADJACENCY}
+        two_hop = {user for kind, user in self._dirty if kind == COMMON}
+        return own, two_hop
+
     def mark_clean(self) -> None:
         """The dirty rows are durable; forget them, and drop the cache when it has grown past its bound."""
         self._dirty.clear()

@@ -310,6 +310,10 @@ class ProfileStore:
                 puts[row_key(PROFILE, user)] = row.encode()
         return puts, []
 
+    def changed_users(self) -> set[int]:
+        """Local users whose profile changed (or who signed up) since :meth:`mark_clean`."""
+        return set(self._dirty)
+
     def mark_clean(self) -> None:
         """The dirty rows are durable; forget them, and drop the cache when it has grown past its bound."""
         self._dirty.clear()

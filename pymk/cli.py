@@ -128,11 +128,76 @@ def _cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_wait_idle(args: argparse.Namespace, settings: Settings) -> int:
     from pymk.streams.lag import wait_idle
 
-    if wait_idle(settings, timeout_s=args.timeout):
-        print("idle: every input is processed")
+    workers = args.worker or [f"http://{settings.web_host}:{settings.web_port}"]
+    if wait_idle(settings, timeout_s=args.timeout, worker_urls=workers):
+        print("idle: every input is processed, every refreshed list published")
         return 0
     print(f"still busy after {args.timeout} s", file=sys.stderr)
     return 1
+
+
+def _get_json(url: str) -> tuple[int, object]:
+    """(HTTP status, decoded JSON body) of a worker's debug page; status 0 when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"error": exc.read().decode(errors="replace")}
+    except OSError as exc:
+        return 0, {"error": str(exc)}
+
+
+def _cmd_neighbours(args: argparse.Namespace, settings: Settings) -> int:
+    base = args.url or f"http://{settings.web_host}:{settings.web_port}"
+    status, data = _get_json(f"{base}/neighbours/{args.user}?k={args.k}")
+    if status != 200 or not isinstance(data, dict):
+        print(f"pymk neighbours: {status or 'no worker at ' + base}: {data}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    if data["embedding"] is None:
+        print(f"user {args.user} has no embedding in the index")
+        return 1
+    embedding = data["embedding"]
+    print(f"user {args.user}: embedding v{embedding['version']} ({embedding['model_version']}), "
+          f"computed at {embedding['computed_at']}")
+    print(f"  {'rank':>4}  {'user':>12}  cosine")
+    for rank, item in enumerate(data["neighbours"], start=1):
+        print(f"  {rank:>4}  {item['user']:>12}  {item['cosine']:.4f}")
+    return 0
+
+
+def _cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.streams.producer import send_commands
+
+    count = send_commands(settings, user=args.user, reembed=args.reembed)
+    print(f"sent {count} refresh command(s); lists follow on {settings.topic('recommendations')}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.train import train_embeddings_command, train_ranker_command
+
+    if not args.data and not args.synthetic:
+        print("pymk train: give --data PATH or --synthetic N", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else settings.model_dir / args.kind
+    if args.kind == "embeddings":
+        result = train_embeddings_command(args.data, args.synthetic, args.seed, out, epochs=args.epochs,
+                                          progress=not args.quiet)
+    elif args.kind == "ranker":
+        result = train_ranker_command(args.data, args.synthetic, args.seed, out, settings,
+                                      embeddings=Path(args.embeddings) if args.embeddings else None,
+                                      progress=not args.quiet)
+    else:
+        print(f"pymk train {args.kind}: not available yet", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _cmd_features(args: argparse.Namespace, settings: Settings) -> int:
@@ -170,9 +235,24 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.what == "ingest":
         result = bench_ingest(settings, args.data, timeout_s=args.timeout)
+    elif args.what == "index":
+        from pymk.index.bench_index import bench_index
+        from pymk.streams.global_index import ann_config
+        from pymk.streams.models import resolve_model
+
+        model = resolve_model(settings.embedding_model, settings.model_dir, "embeddings")
+        if model is None:
+            print("pymk bench index: no GraphSAGE model (pymk train embeddings)", file=sys.stderr)
+            return 2
+        result = bench_index(args.data, model, ann_config(settings))
+    elif args.what == "rank":
+        from pymk.ranking.bench_rank import bench_rank
+
+        result = bench_rank(args.data)
     else:
-        print(f"pymk bench {args.what}: not available yet", file=sys.stderr)
-        return 2
+        from pymk.streams.bench_freshness import bench_freshness
+
+        result = bench_freshness(settings, rate=args.rate, seconds=args.seconds, users=args.users)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -221,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wait = sub.add_parser("wait-idle", help="return when every input is processed")
     wait.add_argument("--timeout", type=float, default=120.0)
+    wait.add_argument("--worker", action="append", metavar="URL",
+                      help="a worker's debug address whose pending refreshes must be done too (repeatable; "
+                           "default: the settings' web host/port)")
     wait.set_defaults(func=_cmd_wait_idle)
 
     features = sub.add_parser("features", help="feature state of a user, or of a (user, candidate) pair")
@@ -230,10 +313,42 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--url", help="a worker's debug HTTP address (default: the settings' web host/port)")
     features.set_defaults(func=_cmd_features)
 
+    train = sub.add_parser("train", help="offline training; writes <home>/models/<kind>/<version> and points "
+                                         "<kind>/current at it (workers load current at start)")
+    train.add_argument("kind", choices=["embeddings", "ranker", "two-tower"])
+    train_source = train.add_mutually_exclusive_group()
+    train_source.add_argument("--data", help="an edge-list file (formats of ../shared/data)")
+    train_source.add_argument("--synthetic", type=int, metavar="N", help="a generated network of N users, "
+                                                                         "with profiles and behaviour")
+    train.add_argument("--out", help="parent folder of the model (default <home>/models/<kind>)")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--embeddings", help="GraphSAGE model folder whose cosine the ranker learns from "
+                                            "(default: the one the workers would load)")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    neighbours = sub.add_parser("neighbours", help="a user's ANN neighbours in the embedding index, with cosine")
+    neighbours.add_argument("user", type=int)
+    neighbours.add_argument("--k", type=int, default=20)
+    neighbours.add_argument("--json", action="store_true")
+    neighbours.add_argument("--url", help="a worker's debug HTTP address (default: the settings' web host/port)")
+    neighbours.set_defaults(func=_cmd_neighbours)
+
+    refresh = sub.add_parser("refresh", help="recompute and publish lists now (after a model change, say)")
+    who = refresh.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int)
+    who.add_argument("--all", action="store_true")
+    refresh.add_argument("--reembed", action="store_true", help="re-embed the users first (new GraphSAGE model)")
+    refresh.set_defaults(func=_cmd_refresh)
+
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
     bench.add_argument("what", choices=["ingest", "index", "rank", "freshness"])
     bench.add_argument("--data", default=str(DEFAULT_BENCH_DATA))
     bench.add_argument("--timeout", type=float, default=1800.0)
+    bench.add_argument("--rate", type=float, default=1000.0, help="freshness: events per second")
+    bench.add_argument("--seconds", type=float, default=30.0, help="freshness: how long to produce at that rate")
+    bench.add_argument("--users", type=int, default=3000, help="freshness: users of the synthetic network")
     bench.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -63,6 +63,44 @@ class Settings:
     # Items with more engagers than this stop counting towards co-engagement (0: no cap, exact).
     max_item_fanout: int = 0
 
+    # Embed users and publish refreshed lists (off: a features-only worker, e.g. for the ingest benchmark).
+    recommend: bool = True
+
+    # --- Embeddings and the ANN index (index/) ---
+    # A trained GraphSAGE model directory; empty: <home>/models/embeddings/current, else the shipped default.
+    embedding_model: str = ""
+    # A user whose neighbourhood or profile changed is re-embedded at most this often (wall clock); a new user is
+    # embedded at the next flush whatever this says.
+    reembed_min_interval_ms: int = 5_000
+    ann_m: int = 32
+    ann_ef_construction: int = 200
+    ann_ef_search: int = 128
+    # "flat" (float32 vectors in the graph) or "sq8" (int8 scalar quantisation: a quarter of the memory)
+    ann_quantization: str = "flat"
+    # Rebuild the HNSW graph when this share of its slots hold replaced or deleted vectors.
+    ann_rebuild_tombstone_fraction: float = 0.2
+    # The worker snapshots its index this often (and at shutdown); a restart replays embeddings since then.
+    index_snapshot_interval_s: float = 300.0
+
+    # --- Candidates and ranking (ranking/) ---
+    # A trained ranker directory; empty: <home>/models/ranker/current, else the shipped default.
+    ranker_model: str = ""
+    candidates_graph_k: int = 1000
+    candidates_ann_k: int = 1000
+    candidates_max: int = 2000
+    recommendations_k: int = 20
+    # Which users a change refreshes: "touched" (users whose own rows changed: both endpoints of a connection,
+    # viewer and viewed, dismisser, engager, profile owner) or "two-hop" (also every user whose common-neighbour
+    # row changed, i.e. the neighbours of both endpoints of a new connection).
+    refresh_scope: str = "touched"
+    # Refreshing is done inside the flush; past this much time per flush the rest waits for the next one
+    # (pending refreshes are durable, so a crash loses none).
+    refresh_budget_ms: int = 250
+    # A dismissed candidate comes back after this long (0: never).
+    dismissal_expiry_ms: int = 0
+    # Label horizon of the ranker's training data (event time).
+    label_horizon_ms: int = 14 * 24 * 3600 * 1000
+
     # --- Producer ---
     produce_seed: int = 7
 
@@ -87,6 +125,10 @@ class Settings:
     @property
     def worker_dir(self) -> Path:
         return self.home / "worker"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.home / "models"
 
     def kafka_client_config(self) -> dict[str, Any]:
         """Keyword arguments shared by kafka-python and aiokafka clients (same names in both)."""

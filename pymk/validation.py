@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,17 @@ REASON_CODES = (
 )
 
 
+# Nesting deeper than this is rejected before parsing. Events nest three levels (event, profile, skills); the
+# limit leaves room for extra fields. Without it the outcome of deep input would depend on how much of Python's
+# recursion limit the caller's stack already uses (the json scanner recurses in C and counts against it).
+MAX_JSON_DEPTH = 64
+# Longest applied string (profile fields, each skill): over-long strings are invalid_value.
+MAX_TEXT_CHARS = 1000
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
 @dataclass(frozen=True)
 class Invalid:
     code: str
@@ -65,6 +77,47 @@ def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise _Reject("invalid_json", f"number {text[:40]} overflows a double")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on a repeated key (first or last wins), so a producer-side check and this worker could
+    # read different ids from the same bytes: refuse the ambiguity instead of picking a side.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Reject("invalid_json", f"key {key[:40]!r} appears more than once in an object")
+            seen.add(key)
+    return obj
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether brackets outside JSON strings nest more than MAX_JSON_DEPTH levels (cheap for normal input:
+    fewer opening brackets than the limit cannot nest deeper)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for match in _BRACKET.finditer(_JSON_STRING.sub(b'""', raw)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _text(value: str, name: str) -> str:
+    """A string that will be stored and re-encoded: bounded, and encodable as UTF-8 (JSON's \\ud800 escape gives
+    a lone surrogate, which is valid JSON but no character, and would fail when the state is written)."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise _Reject("invalid_value", f"'{name}' is longer than {MAX_TEXT_CHARS} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _Reject("invalid_value", f"'{name}' contains a lone surrogate at character {exc.start}") from None
     return value
 
 
@@ -105,9 +158,7 @@ def _optional_str(profile: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise _Reject("wrong_type", f"'profile.{name}' must be a string, got {_type_name(value)}")
-    if len(value) > 1000:
-        raise _Reject("invalid_value", f"'profile.{name}' is longer than 1000 characters")
-    return value
+    return _text(value, f"profile.{name}")
 
 
 def _profile(obj: dict[str, Any]) -> Profile:
@@ -122,16 +173,17 @@ def _profile(obj: dict[str, Any]) -> Profile:
             raise _Reject("wrong_type", "'profile.skills' must be a list of strings")
         if len(skills) > 500:
             raise _Reject("invalid_value", "'profile.skills' has more than 500 entries")
-        skills = tuple(skills)
+        skills = tuple(_text(s, "profile.skills[]") for s in skills)
     geo = raw.get("geo")
     if geo is not None:
         if (not isinstance(geo, list) or len(geo) != 2
                 or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in geo)):
             raise _Reject("wrong_type", "'profile.geo' must be [lat, lon] numbers")
-        lat, lon = float(geo[0]), float(geo[1])
-        if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
-            raise _Reject("invalid_value", f"'profile.geo'=[{lat}, {lon}] is not a valid latitude/longitude")
-        geo = (lat, lon)
+        # Compared before float(): a JSON integer can be too large for a double (float() would raise).
+        if not (-90 <= geo[0] <= 90 and -180 <= geo[1] <= 180):
+            shown = ", ".join(str(x)[:30] for x in geo)
+            raise _Reject("invalid_value", f"'profile.geo'=[{shown}] is not a valid latitude/longitude")
+        geo = (float(geo[0]), float(geo[1]))
     return Profile(
         company=_optional_str(raw, "company"),
         school=_optional_str(raw, "school"),
@@ -187,8 +239,11 @@ def parse_event(kind: str, raw: bytes | None, now_ms: int, *, max_bytes: int = 6
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Invalid("invalid_utf8", f"byte {exc.start} is not valid UTF-8")
+    if _too_deep(raw):
+        return Invalid("invalid_json", f"nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
     except _Reject as rejected:
         return rejected.invalid
     except RecursionError:

@@ -10,6 +10,7 @@ p); every worker reads the compacted ``user-globals`` topic in full for the degr
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import ssl
@@ -22,10 +23,13 @@ from faust.exceptions import SameNode
 from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
 from pymk.streams.codec import decode_partition_batch
+from pymk.streams.global_index import GlobalIndex
 from pymk.streams.globals import UserGlobals
 from pymk.streams.metrics import WorkerMetrics
+from pymk.streams.models import Models
 from pymk.streams.partitioning import partition_for_user
-from pymk.streams.state import PartitionState, WorkerState
+from pymk.streams.refresh import Refresher
+from pymk.streams.state import OutputTopics, PartitionState, WorkerState
 
 from pymk.events import ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
 from pymk.settings import INPUT_KINDS, Settings
@@ -86,17 +90,27 @@ class PymkApp:
         self.input_topics = {kind: self.app.topic(settings.topic(kind), **raw) for kind in INPUT_KINDS}
         self.dead_letter_topic = self.app.topic(settings.topic("dead-letter"), **raw)
         self.messages_topic = self.app.topic(settings.topic("partition-messages"), **raw)
+        self.commands_topic = self.app.topic(settings.topic("commands"), **raw)
         self.globals = UserGlobals(settings)
+        self.index = GlobalIndex(settings, worker_home / f"index-{socket.gethostname()}-{settings.web_port}")
+        self.models = Models(settings) if settings.recommend else None
         self.state = WorkerState(worker_home / "state", partitions, self.partition_of,
                                  settings.topic("partition-messages"), settings.topic("user-globals"),
                                  settings.topic("dead-letter"), self._send,
                                  max_item_fanout=settings.max_item_fanout or None)
+        self.refresher = (Refresher(settings, self.index, self.models, self.degree_of, self.profile_of)
+                          if self.models is not None else None)
+        self.state.refresher = self.refresher
+        self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
+                                         recommendations=settings.topic("recommendations"))
         self._seeking: set[Any] = set()
         for kind, topic in self.input_topics.items():
             self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_ingest_agent(kind))
         self.app.agent(self.messages_topic, name="pymk.partition-messages")(self._messages_agent)
+        self.app.agent(self.commands_topic, name="pymk.commands")(self._commands_agent)
         self.app.timer(settings.flush_interval_ms / 1000.0)(self._flush_timer)
         self.app.task(self.globals.run)
+        self.app.task(self.index.run)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.on_before_shutdown.connect(self._on_shutdown)
@@ -108,7 +122,7 @@ class PymkApp:
 
     # ---- partition ownership ------------------------------------------------------------------------------
     def _our_partitions(self, tps: set[Any]) -> set[int]:
-        ours = {t.get_topic_name() for t in (*self.input_topics.values(), self.messages_topic)}
+        ours = {t.get_topic_name() for t in (*self.input_topics.values(), self.messages_topic, self.commands_topic)}
         return {tp.partition for tp in tps if tp.topic in ours}
 
     async def _on_assigned(self, sender: Any, assigned: set[Any], **kwargs: Any) -> None:
@@ -124,6 +138,10 @@ class PymkApp:
             await self.state.close_all()
         except Exception:
             log.exception("final flush failed; the unflushed events will be re-read at the next start")
+        try:
+            self.index.snapshot()
+        except Exception:
+            log.exception("index snapshot at shutdown failed; the next start replays the embeddings topic")
 
     # ---- agents ---------------------------------------------------------------------------------------------
     async def _admit(self, stream: Any, event: Any) -> PartitionState | None:
@@ -192,6 +210,28 @@ class PymkApp:
             if len(self.state.unacked) >= self.settings.flush_every_events:
                 await self.flush()
 
+    async def _commands_agent(self, stream: Any) -> None:
+        """``pymk refresh``: {"command": "refresh", "user": U | "all": true, "reembed": bool}, keyed by user (or
+        sent to each partition for all); the work is done by the next flush, like any other change."""
+        stream = stream.noack()
+        async for event in stream.events():
+            state = await self._admit(stream, event)
+            if state is None:
+                continue
+            message = event.message
+            async with self.state.lock:
+                try:
+                    command = json.loads(message.value)
+                    users = ([int(command["user"])] if "user" in command
+                             else sorted(set(state.graph.local_users()) | set(state.profiles.local_users())))
+                    users = [u for u in users if self.partition_of(u) == state.partition]
+                    state.forced_refresh.update(users)
+                    if command.get("reembed"):
+                        state.forced_reembed.update(users)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("ignoring malformed command at %s:%d: %s", message.topic, message.offset, exc)
+                self.state.record(state, message.topic, message.offset, stream, event)
+
     def apply(self, state: PartitionState, event: InputEvent, raw: bytes) -> None:
         """Apply a valid event to the partition's state."""
         if isinstance(event, ConnectionEvent):
@@ -238,6 +278,9 @@ class PymkApp:
             "profile": None if profile is None else profile.to_dict(),
             "profile_field_ts": state.profiles.field_timestamps(user),
             "signed_up_at": state.profiles.signed_up_at(user),
+            "embedding": self._embedding_view(state, user),
+            "last_recommendation": self._last_list_view(state, user),
+            "pending_work": state.work.rows.get(user),
             "behaviour": {
                 "profiles_viewed": sum(1 for out, _ in views.values() if out),
                 "viewed_by": sum(1 for _, inbound in views.values() if inbound),
@@ -245,6 +288,39 @@ class PymkApp:
                 "items_engaged": len(state.behaviour.engaged_items(user)),
             },
         }
+
+    def _embedding_view(self, state: PartitionState, user: int) -> dict[str, Any] | None:
+        record = state.embeddings.get(user)
+        if record is None:
+            return None
+        return {"version": record.version, "computed_at": record.ts, "model_version": record.model_version,
+                "in_index": self.index.describe(user)}
+
+    def _last_list_view(self, state: PartitionState, user: int) -> dict[str, Any] | None:
+        published = state.published.get(user)
+        if published is None:
+            return None
+        return {"generated_at": published.generated_at, "model_version": published.model_version,
+                "items": len(published.items)}
+
+    def recommendations_view(self, user: int) -> dict[str, Any] | None:
+        state = self.state.state_for(self.partition_of(user))
+        if state is None:
+            return None
+        published = state.published.get(user)
+        if published is None:
+            return {"user": user, "generated_at": None, "model_version": None, "items": []}
+        return published.to_dict()
+
+    def neighbours_view(self, user: int, k: int, with_vector: bool = False) -> dict[str, Any]:
+        """ANN neighbours from this worker's copy of the global index (every worker holds every user)."""
+        found = self.index.neighbours(user, k)
+        body: dict[str, Any] = {"user": user, "k": k, "embedding": self.index.describe(user),
+                                "neighbours": [{"user": v, "cosine": float(score)} for v, score in found]}
+        if with_vector:
+            vector = self.index.vector(user)
+            body["vector"] = None if vector is None else [float(x) for x in vector]
+        return body
 
     def candidates_view(self, user: int) -> dict[str, Any] | None:
         state = self.state.state_for(self.partition_of(user))
@@ -297,6 +373,7 @@ class PymkApp:
         async def health(web: Any, request: Any) -> Any:
             return web.json({"status": "ok", "app_id": self.settings.app_id,
                              "partitions": sorted(self.state.owned),
+                             "pending_work": sum(len(state.work) for state in self.state.owned.values()),
                              "uptime_s": round(time.time() - metrics.started_at, 1)})
 
         @app.page("/metrics")
@@ -311,7 +388,16 @@ class PymkApp:
 
         @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:
-            return web.json({**metrics.snapshot(), "state": self.state.describe(), "globals_users": len(self.globals)})
+            refresh: dict[str, Any] | None = None
+            if self.refresher is not None:
+                refresh = dict(self.refresher.stats.__dict__)
+                delays = sorted(refresh.pop("last_delays_ms"))
+                refresh["recent_delay_ms"] = ({"p50": delays[len(delays) // 2],
+                                               "p99": delays[int(len(delays) * 0.99)]} if delays else None)
+            return web.json({**metrics.snapshot(), "state": self.state.describe(), "globals_users": len(self.globals),
+                             "index": {"users": len(self.index.index), "records_applied": self.index.records_applied,
+                                       "caught_up": self.index.caught_up.is_set()},
+                             "refresh": refresh, "models": self.models.describe() if self.models else None})
 
         def owner_page(path: str, view: Any) -> None:
             """A GET page about user ``u`` (and maybe ``v``), answered by the worker owning u's partition."""
@@ -332,6 +418,15 @@ class PymkApp:
         owner_page("/users/{u}", self.user_view)
         owner_page("/users/{u}/candidates", self.candidates_view)
         owner_page("/features/{u}/{v}", self.pair_view)
+        owner_page("/recommendations/{u}", self.recommendations_view)
+
+        @app.page("/neighbours/{u}", name="/neighbours/{u}")
+        async def neighbours(web: Any, request: Any, u: str) -> Any:
+            user = parse_user(u)
+            k_text = request.query.get("k", "20")
+            if user is None or not k_text.isdigit() or not 0 < int(k_text) <= 10_000:
+                return web.json({"error": "usage: /neighbours/{user id}?k=1..10000"}, status=400)
+            return web.json(self.neighbours_view(user, int(k_text), request.query.get("vector") == "1"))
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

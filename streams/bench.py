@@ -66,7 +66,9 @@ def bench_ingest(base: Settings, data: str | Path, timeout_s: float = 1800.0) ->
     raw_rate = raw_writebatch_put_rate()
     tag = "bench" + uuid.uuid4().hex[:8]
     home = Path(tempfile.mkdtemp(prefix="pymk-bench-"))
-    settings = replace(base, topic_prefix=tag, app_id=f"{tag}-worker", home=home, web_port=base.web_port + 17)
+    # features only: the ingest figure is the exact feature maintenance (lists: `pymk bench freshness`)
+    settings = replace(base, topic_prefix=tag, app_id=f"{tag}-worker", home=home, web_port=base.web_port + 17,
+                       recommend=False)
     history = load_edge_history(data)
     events = [ConnectionEvent(u, v, "add", ts) for u, v, ts in history.connections]
     ensure_topics(settings)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections import Counter
 
 from kafka import KafkaConsumer, TopicPartition
@@ -13,7 +15,7 @@ from pymk.settings import INPUT_KINDS, Settings
 def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[str, int]:
     """Messages in each topic not yet committed by the worker group (end offset − committed offset)."""
     # The internal partition-messages topic counts too: features are final only once it is drained.
-    topics = topics or [settings.topic(kind) for kind in (*INPUT_KINDS, "partition-messages")]
+    topics = topics or [settings.topic(kind) for kind in (*INPUT_KINDS, "partition-messages", "commands")]
     # A consumer that names the group but never subscribes only reads its committed offsets.
     consumer = KafkaConsumer(**settings.kafka_client_config(), group_id=settings.app_id, client_id="pymk-lag",
                              enable_auto_commit=False)
@@ -29,13 +31,28 @@ def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[st
         consumer.close(autocommit=False)
 
 
-def wait_idle(settings: Settings, timeout_s: float, settle_s: float = 1.0, topics: list[str] | None = None) -> bool:
+def pending_work(worker_urls: list[str]) -> int:
+    """Users with an embedding or a list still owed, summed over the workers' ``/health`` (unreachable: 0)."""
+    total = 0
+    for url in worker_urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as response:
+                total += int(json.loads(response.read()).get("pending_work", 0))
+        except OSError:
+            continue
+    return total
+
+
+def wait_idle(settings: Settings, timeout_s: float, settle_s: float = 1.0, topics: list[str] | None = None,
+              worker_urls: list[str] | None = None) -> bool:
     """Block until every input and every message between partitions is processed (lag 0, stable for
-    ``settle_s``); False on timeout."""
+    ``settle_s``) and the given workers owe no embedding or list; False on timeout."""
     deadline = time.monotonic() + timeout_s
     idle_since: float | None = None
     while time.monotonic() < deadline:
         total = sum(consumer_lag(settings, topics).values())
+        if total == 0 and worker_urls:
+            total = pending_work(worker_urls)
         now = time.monotonic()
         if total == 0:
             idle_since = idle_since or now

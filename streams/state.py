@@ -5,6 +5,8 @@ feature rows of p's users and, in the same atomic write, the offset of the last 
 input topic-partition. The commit order, in one place (:meth:`WorkerState.flush`), under a lock that keeps
 event processing out:
 
+0. embed and rank the users whose state changed since the last flush (:mod:`pymk.streams.refresh`): their
+   embeddings and lists join the outputs, their pending-work rows the state;
 1. take every partition's outbox (messages for other partitions, degree and profile records) and the
    dead letters;
 2. produce them and wait until the broker has them all;
@@ -29,13 +31,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph
 from pymk.features.profile import ProfileStore
 from pymk.features.storage import RocksRowStore
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
+from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
+
+if TYPE_CHECKING:
+    from pymk.streams.refresh import Refresher
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +57,15 @@ class PartitionState:
     graph: PartitionGraph
     behaviour: PartitionBehaviour
     profiles: ProfileStore
+    work: PendingWork
+    embeddings: EmbeddingStore
+    published: PublishedLists
     applied: dict[str, int] = field(default_factory=dict)  # topic → last applied offset (durable at flush)
     pending_applied: dict[str, int] = field(default_factory=dict)
     changed_profiles: set[int] = field(default_factory=set)  # to publish to user-globals at the next flush
     forward: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # misrouted events, re-keyed
+    forced_refresh: set[int] = field(default_factory=set)  # `pymk refresh` commands since the last flush
+    forced_reembed: set[int] = field(default_factory=set)
 
     @classmethod
     def open(cls, partition: int, partitions: int, path: Path, partition_of: Callable[[int], int],
@@ -64,19 +75,24 @@ class PartitionState:
                    for key, value in store.scan(OFFSETS_PREFIX)}
         return cls(partition, store, PartitionGraph(partition, partitions, store, partition_of),
                    PartitionBehaviour(partition, partitions, store, partition_of, max_item_fanout=max_item_fanout),
-                   ProfileStore(store), applied)
+                   ProfileStore(store), PendingWork(store), EmbeddingStore(store), PublishedLists(store), applied)
+
+    @property
+    def parts(self) -> tuple[Any, ...]:
+        """Every holder of rows of this partition (each has dirty_rows and mark_clean)."""
+        return (self.graph, self.behaviour, self.profiles, self.work, self.embeddings, self.published)
 
     def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
         puts: dict[bytes, bytes] = {}
         deletes: list[bytes] = []
-        for part in (self.graph, self.behaviour, self.profiles):
+        for part in self.parts:
             more_puts, more_deletes = part.dirty_rows()
             puts.update(more_puts)
             deletes.extend(more_deletes)
         return puts, deletes
 
     def mark_clean(self) -> None:
-        for part in (self.graph, self.behaviour, self.profiles):
+        for part in self.parts:
             part.mark_clean()
 
     def next_offset(self, topic: str) -> int:
@@ -93,6 +109,12 @@ def _open_with_retry(path: Path, attempts: int = 50) -> RocksRowStore:
                 raise
             time.sleep(0.2)
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class OutputTopics:
+    embeddings: str
+    recommendations: str
 
 
 Sender = Callable[[str, bytes | None, bytes, int | None], Awaitable[Any]]
@@ -125,6 +147,9 @@ class WorkerState:
         self.lock = asyncio.Lock()
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
         self.stats = FlushStats()
+        # set by the app once the models are loaded: embeds and ranks the users touched since the last flush
+        self.refresher: Refresher | None = None
+        self.topics: OutputTopics | None = None
 
     # ---- partition ownership -------------------------------------------------------------------------
     def open_partitions(self, numbers: Iterable[int]) -> None:
@@ -167,9 +192,12 @@ class WorkerState:
     async def flush(self) -> None:
         async with self.lock:
             started = time.perf_counter()
+            # 0. embeddings and lists of the users whose state changed (they go out with the other outputs)
+            outgoing: list[tuple[str, bytes | None, bytes, int | None]] = []
+            if self.refresher is not None:
+                outgoing.extend(self._refresh_outputs())
             # 1. outboxes
-            outgoing: list[tuple[str, bytes | None, bytes, int | None]] = [
-                (self.dead_letter_topic, key, value, None) for key, value in self.dead_letters]
+            outgoing.extend((self.dead_letter_topic, key, value, None) for key, value in self.dead_letters)
             self.dead_letters = []
             for state in self.owned.values():
                 per_partition, degree_updates = state.graph.take_outbox()
@@ -212,6 +240,21 @@ class WorkerState:
             self.stats.messages_sent += len(futures)
             self.stats.rows_written += rows
             self.stats.seconds += time.perf_counter() - started
+
+    def _refresh_outputs(self) -> list[tuple[str, bytes | None, bytes, int | None]]:
+        assert self.refresher is not None and self.topics is not None
+        now_ms = int(time.time() * 1000)
+        states = list(self.owned.values())
+        for state in states:
+            self.refresher.collect(state, now_ms)
+        out: list[tuple[str, bytes | None, bytes, int | None]] = []
+        for record in self.refresher.embed_due(states, now_ms):
+            out.append((self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user)))
+        for recommendations in self.refresher.refresh_due(states, now_ms):
+            user = recommendations.user
+            out.append((self.topics.recommendations, str(user).encode(), recommendations.to_json(),
+                        self.partition_of(user)))
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -36,13 +36,16 @@ def contract_topics(settings: Settings) -> list[TopicSpec]:
 
 
 def internal_topics(settings: Settings) -> list[TopicSpec]:
-    """The workers' own topics: messages between partitions (co-partitioned with the inputs), and the
-    compacted table of every user's degree that each worker reads in full."""
+    """The workers' own topics: messages between partitions (co-partitioned with the inputs); the compacted
+    tables every worker reads in full (every user's degree and profile; every user's embedding, for the ANN
+    index each worker keeps); and the commands (``pymk refresh``), co-partitioned with the inputs."""
     n = settings.partitions
+    compacted = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1", "segment.ms": "600000"}
     return [
         TopicSpec(settings.topic("partition-messages"), n, {"max.message.bytes": str(4 * 1024 * 1024)}),
-        TopicSpec(settings.topic("user-globals"), n, {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
-                                                      "segment.ms": "600000"}),
+        TopicSpec(settings.topic("user-globals"), n, dict(compacted)),
+        TopicSpec(settings.topic("embeddings"), n, dict(compacted)),
+        TopicSpec(settings.topic("commands"), n, {}),
     ]
 
 

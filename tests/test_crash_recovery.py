@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
@@ -32,6 +33,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
 
 
 def test_sigkill_during_replay_loses_and_duplicates_nothing(kafka_settings: Settings, tmp_path: Path) -> None:
+    kafka_settings = replace(kafka_settings, recommend=False)  # features; lists and the index: test_stream_index
     history = load_edge_history(SHARED_DATA / "ego-facebook" / "facebook_combined.txt")
     rng = random.Random(11)
     # 25,000 edges, with some removals and duplicate events mixed in

@@ -1,0 +1,113 @@
+"""`pymk train embeddings|ranker`: offline training from an edge list or a synthetic network, and the
+``current`` pointer the workers load from (``<home>/models/<kind>/current``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pymk.datasets import load_edge_history
+from pymk.events import ConnectionEvent, InputEvent, Profile, UserEvent
+from pymk.features.profile import merge_profile
+from pymk.ranking.memory_source import MemorySource
+from pymk.settings import Settings
+
+
+def connections_and_profiles(events: Sequence[InputEvent]) -> tuple[list[tuple[int, int, int]], dict[int, Profile]]:
+    """The connections that are alive at the end (in time order, each pair once) and every user's last profile."""
+    alive: dict[tuple[int, int], tuple[int, str]] = {}
+    profiles: dict[int, Profile] = {}
+    for event in sorted(events, key=lambda e: e.ts):
+        if isinstance(event, ConnectionEvent):
+            pair = (min(event.src, event.dst), max(event.src, event.dst))
+            first_ts = alive[pair][0] if pair in alive and alive[pair][1] == "add" else event.ts
+            alive[pair] = (first_ts, event.action)
+        elif isinstance(event, UserEvent):
+            profiles[event.user] = merge_profile(profiles.get(event.user), event.profile)
+    connections = sorted(((u, v, ts) for (u, v), (ts, action) in alive.items() if action == "add"),
+                         key=lambda c: (c[2], c[0], c[1]))
+    return connections, profiles
+
+
+def training_events(data: str | None, synthetic: int | None, seed: int) -> tuple[list[InputEvent] | None, str]:
+    """The events to learn from, and a description for the model's metadata."""
+    if synthetic:
+        from pymk.streams.producer import synthetic_events
+
+        return synthetic_events(synthetic, seed=seed), f"synthetic:{synthetic}:seed{seed}"
+    assert data is not None
+    return None, str(data)
+
+
+def point_current(model_dir: Path) -> Path:
+    """Make ``<kind>/current`` point at ``model_dir`` (a relative symlink, replaced atomically)."""
+    current = model_dir.parent / "current"
+    temporary = model_dir.parent / f".current-{os.getpid()}"
+    if temporary.is_symlink() or temporary.exists():
+        temporary.unlink()
+    temporary.symlink_to(model_dir.name)
+    os.replace(temporary, current)
+    return current
+
+
+def train_embeddings_command(data: str | None, synthetic: int | None, seed: int, out: Path, epochs: int,
+                             progress: bool = True) -> dict[str, object]:
+    from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
+
+    events, source = training_events(data, synthetic, seed)
+    if events is not None:
+        connections, profiles = connections_and_profiles(events)
+    else:
+        connections, profiles = load_edge_history(source).connections, {}
+    result = train_embeddings(connections, profiles or None, out,
+                              EmbeddingTrainingConfig(epochs=epochs, progress=progress))
+    current = point_current(result.model_dir)
+    return {"version": result.metadata["version"], "model_dir": str(result.model_dir), "current": str(current),
+            "source": source, "connections": len(connections), "profiles": len(profiles),
+            "best_val_auc": result.metadata.get("best_val_auc"), "curve_png": str(result.curve_png)}
+
+
+def embeddings_at_checkpoint(model_dir: Path) -> Callable[[MemorySource, int], dict[int, np.ndarray]]:
+    """For the ranker's temporal replay: every user's GraphSAGE embedding on the past-only graph at a checkpoint
+    (the model itself is fixed; it should have been trained on data before the evaluated period)."""
+    from pymk.index.embedder import Embedder, salt_for_version
+    from pymk.index.sage import load_model
+
+    model, metadata = load_model(model_dir)
+    salt = salt_for_version(str(metadata["version"]))
+
+    def embed(source: MemorySource, as_of_ms: int) -> dict[int, np.ndarray]:
+        users = sorted(source.users())
+        if not users:
+            return {}
+        vectors = Embedder(model, source, source).embed(users, salt)
+        return dict(zip(users, vectors, strict=True))
+
+    return embed
+
+
+def train_ranker_command(data: str | None, synthetic: int | None, seed: int, out: Path, settings: Settings,
+                         embeddings: Path | None = None, progress: bool = True) -> dict[str, object]:
+    import shutil
+
+    from pymk.ranking.training_data import TrainingDataConfig, train_ranker
+    from pymk.streams.models import resolve_model
+
+    events, source = training_events(data, synthetic, seed)
+    model_dir = embeddings or resolve_model("", settings.model_dir, "embeddings")
+    horizon_days = settings.label_horizon_ms / 86_400_000
+    staging = out / f".training-{os.getpid()}"
+    ranker = train_ranker(events if events is not None else source, staging,
+                          TrainingDataConfig(horizon_days=horizon_days, seed=seed), progress=progress,
+                          embeddings_at=embeddings_at_checkpoint(model_dir) if model_dir else None)
+    final = out / ranker.version
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    current = point_current(final)
+    return {"version": ranker.version, "model_dir": str(final), "current": str(current), "source": source,
+            "embeddings_model": str(model_dir) if model_dir else None,
+            "val_auc": ranker.metadata.get("val_auc"), "importances": ranker.feature_importances()}

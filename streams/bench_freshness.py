@@ -1,0 +1,157 @@
+"""`pymk bench freshness`: how soon after an event the affected users' refreshed lists are out.
+
+A synthetic network (profiles, connections, views, dismissals, engagements) is split in time: its first part is
+loaded and fully processed by a fresh worker (so the graph has history), then the rest is produced at a steady
+rate through Kafka while a consumer reads the recommendations topic. For each event, the affected users are those
+whose list the event must refresh (both users of a connection, viewer and viewed, the dismisser, the engager,
+the profile owner); its delay is from the moment the producer sent it to the broker's timestamp of the first
+list of each affected user published after that moment (the worker's producer stamps the record when the flush
+sends it). The figures: p50/p99/max of those delays, and the share of events all of whose users got a list.
+"""
+
+from __future__ import annotations
+
+import bisect
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+
+from pymk.events import ConnectionEvent, DismissalEvent, EngagementEvent, InputEvent, ProfileViewEvent, UserEvent
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
+
+
+def affected_users(event: InputEvent) -> tuple[int, ...]:
+    if isinstance(event, ConnectionEvent):
+        return (event.src, event.dst)
+    if isinstance(event, ProfileViewEvent):
+        return (event.viewer, event.viewed)
+    if isinstance(event, DismissalEvent):
+        return (event.user,)
+    if isinstance(event, EngagementEvent):
+        return (event.user,)
+    assert isinstance(event, UserEvent)
+    return (event.user,)
+
+
+class ListWatcher(threading.Thread):
+    """Reads the recommendations topic from its end: user → sorted broker timestamps of their lists."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.published: dict[int, list[int]] = {}
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        topic = self.settings.topic("recommendations")
+        consumer = KafkaConsumer(**self.settings.kafka_client_config(), group_id=None, enable_auto_commit=False,
+                                 client_id="pymk-bench-freshness")
+        try:
+            tps = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_end(*tps)
+            for tp in tps:
+                consumer.position(tp)
+            self.ready.set()
+            while not self.stop_event.is_set():
+                for records in consumer.poll(timeout_ms=200).values():
+                    with self.lock:
+                        for record in records:
+                            user = int(record.key)
+                            self.published.setdefault(user, []).append(record.timestamp)
+        finally:
+            consumer.close()
+
+    def first_after(self, user: int, t_ms: int) -> int | None:
+        with self.lock:
+            stamps = sorted(self.published.get(user, []))
+        i = bisect.bisect_left(stamps, t_ms)
+        return stamps[i] if i < len(stamps) else None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0, users: int = 3000,
+                    warm_share: float = 0.6, timeout_s: float = 600.0) -> dict[str, Any]:
+    from kafka import KafkaProducer
+    from pymk.streams.lag import wait_idle
+    from pymk.streams.producer import event_messages, send_messages, synthetic_events
+    from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
+
+    from pymk.kafka_broker import LocalBroker
+
+    LocalBroker(base).start(quiet=True)
+    tag = "fresh" + uuid.uuid4().hex[:8]
+    home = Path(tempfile.mkdtemp(prefix="pymk-bench-"))
+    settings = replace(base, topic_prefix=tag, app_id=f"{tag}-worker", home=home, web_port=base.web_port + 19)
+    events = synthetic_events(users, seed=settings.produce_seed)
+    warm = events[: int(len(events) * warm_share)]
+    live = events[len(warm):][: int(rate * seconds)]
+    ensure_topics(settings)
+    send_messages(settings, event_messages(settings, warm), len(warm), progress=False)
+    worker = start_worker_process(settings, home / "worker.log")
+    url = f"http://{settings.web_host}:{settings.web_port}"
+    watcher = ListWatcher(settings)
+    try:
+        warm_started = time.monotonic()
+        if not wait_idle(settings, timeout_s=timeout_s, worker_urls=[url]):
+            raise TimeoutError(f"the warm-up did not finish in {timeout_s} s")
+        warm_seconds = time.monotonic() - warm_started
+        watcher.start()
+        watcher.ready.wait(30)
+        producer = KafkaProducer(**settings.kafka_client_config(), linger_ms=0, acks=1)
+        sent_at: list[int] = []
+        started = time.perf_counter()
+        for i, (topic, key, value) in enumerate(event_messages(settings, live)):
+            due = started + i / rate
+            pause = due - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            sent_at.append(int(time.time() * 1000))
+            producer.send(topic, key=key, value=value)
+        producer.flush()
+        send_seconds = time.perf_counter() - started
+        producer.close()
+        wait_idle(settings, timeout_s=timeout_s, worker_urls=[url])
+        time.sleep(1.0)
+    finally:
+        watcher.stop_event.set()
+        stop_process(worker)
+        delete_topics_with_prefix(settings, tag + ".")
+    watcher.join(10)
+    delays: list[float] = []
+    refreshed = 0
+    for event, t_sent in zip(live, sent_at, strict=True):
+        firsts = [watcher.first_after(u, t_sent) for u in affected_users(event)]
+        if all(f is not None for f in firsts):
+            refreshed += 1
+            delays.append(float(max(f for f in firsts if f is not None) - t_sent))
+    return {
+        "bench": "freshness",
+        "synthetic_users": users,
+        "warm_up_events": len(warm),
+        "warm_up_seconds": round(warm_seconds, 1),
+        "events": len(live),
+        "target_rate_per_s": rate,
+        "achieved_send_rate_per_s": round(len(live) / send_seconds, 1),
+        "flush_interval_ms": settings.flush_interval_ms,
+        "refresh_scope": settings.refresh_scope,
+        "delay_ms": {"p50": _percentile(delays, 0.5), "p99": _percentile(delays, 0.99),
+                     "max": max(delays, default=None)},
+        "share_of_events_refreshed": round(refreshed / len(live), 4) if live else None,
+        "target_p99_ms": 1000,
+    }

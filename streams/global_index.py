@@ -1,0 +1,151 @@
+"""Every worker's ANN index over every user's embedding, fed by the compacted ``embeddings`` topic.
+
+How the index is split when several workers run: it is not. Each worker embeds the users of its own partitions
+(their state is local) and publishes each embedding to the compacted ``embeddings`` topic; every worker reads
+that topic in full (no consumer group, like the degrees of ``user-globals``) into one FAISS HNSW index of all
+users. A query is answered locally with one search, so the neighbours a user gets do not depend on how many
+workers run or which one owns whom — 2 workers give the results of 1. The cost is memory (every worker holds
+the whole index: 128 floats per user, a quarter of that with int8 quantisation) and one topic read per worker;
+past the memory of one machine the next step is sharding by user with a fan-out query, which the topic also
+supports (each shard would keep only its users).
+
+The owner also upserts an embedding into its own index at once, in the flush that computed it, so a new user is
+searchable on its worker before the topic round trip.
+
+Persistence: a snapshot (index + the topic offsets it includes) is written on a schedule and at shutdown; a
+start loads it and reads the topic from those offsets, so every embedding published before a crash is back.
+Records are applied by version (the newest wins), which makes re-reading a record harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pymk.index.ann import AnnConfig, AnnIndex
+from pymk.index.records import EmbeddingRecord
+
+from pymk.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def ann_config(settings: Settings) -> AnnConfig:
+    return AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction, ef_search=settings.ann_ef_search,
+                     quantization=settings.ann_quantization,
+                     rebuild_tombstone_fraction=settings.ann_rebuild_tombstone_fraction)
+
+
+class GlobalIndex:
+    def __init__(self, settings: Settings, snapshot_dir: Path) -> None:
+        self.settings = settings
+        self.topic = settings.topic("embeddings")
+        self.snapshot_dir = snapshot_dir
+        self.index, watermark = AnnIndex.load(snapshot_dir, ann_config(settings))
+        self.versions: dict[int, int] = {int(u): int(v) for u, v in watermark.get("versions", {}).items()}
+        self.model_versions: dict[int, str] = {}
+        self.times: dict[int, int] = {int(u): int(t) for u, t in watermark.get("times", {}).items()}
+        self.offsets: dict[int, int] = {int(p): int(o) for p, o in watermark.get("offsets", {}).items()}
+        self.records_applied = 0
+        self.last_snapshot = time.monotonic()
+        self.caught_up = asyncio.Event()
+        if self.versions:
+            log.info("index snapshot loaded: %d users, offsets %s", len(self.index), self.offsets)
+
+    # ---- applying -------------------------------------------------------------------------------------------
+    def apply(self, record: EmbeddingRecord) -> bool:
+        """Apply one record if it is not older than what the index holds; return whether it changed anything."""
+        current = self.versions.get(record.user)
+        if current is not None and record.version < current:
+            return False
+        if record.vector.size == 0:
+            self.index.delete(np.array([record.user], dtype=np.int64))
+        else:
+            if current == record.version:
+                held = self.index.get(record.user)
+                if held is not None and np.array_equal(held, record.vector):
+                    return False
+            self.index.upsert(np.array([record.user], dtype=np.int64), record.vector.reshape(1, -1))
+        self.versions[record.user] = record.version
+        self.times[record.user] = record.ts
+        self.model_versions[record.user] = record.model_version
+        self.records_applied += 1
+        return True
+
+    def apply_many(self, records: list[EmbeddingRecord]) -> None:
+        """The owner's batch of new embeddings, upserted in one call (faster than one by one)."""
+        fresh = [r for r in records if r.vector.size and r.version >= self.versions.get(r.user, -1)]
+        if fresh:
+            latest = {r.user: r for r in fresh}  # one per user: the last
+            users = np.fromiter(latest, dtype=np.int64, count=len(latest))
+            self.index.upsert(users, np.stack([latest[int(u)].vector for u in users]))
+            for record in latest.values():
+                self.versions[record.user] = record.version
+                self.times[record.user] = record.ts
+                self.model_versions[record.user] = record.model_version
+        for record in records:
+            if not record.vector.size:
+                self.apply(record)
+
+    # ---- reads ----------------------------------------------------------------------------------------------
+    def vector(self, user: int) -> np.ndarray | None:
+        return self.index.get(user)
+
+    def describe(self, user: int) -> dict[str, Any] | None:
+        version = self.versions.get(user)
+        if version is None or user not in self.index:
+            return None
+        return {"version": version, "computed_at": self.times.get(user),
+                "model_version": self.model_versions.get(user)}
+
+    def neighbours(self, user: int, k: int, exclude: set[int] | None = None) -> list[tuple[int, float]]:
+        vector = self.index.get(user)
+        if vector is None:
+            return []
+        return self.index.search(vector, k, exclude={user} | (exclude or set()))
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+    def snapshot(self) -> None:
+        started = time.perf_counter()
+        self.index.snapshot(self.snapshot_dir, {
+            "offsets": {str(p): o for p, o in self.offsets.items()},
+            "versions": {str(u): v for u, v in self.versions.items()},
+            "times": {str(u): t for u, t in self.times.items()},
+        })
+        self.last_snapshot = time.monotonic()
+        log.info("index snapshot: %d users in %.2f s", len(self.index), time.perf_counter() - started)
+
+    async def run(self) -> None:
+        """Read the topic from the snapshot's offsets (the beginning without one), then follow it."""
+        config = self.settings.kafka_client_config()
+        consumer = AIOKafkaConsumer(bootstrap_servers=config.pop("bootstrap_servers"), enable_auto_commit=False,
+                                    auto_offset_reset="earliest", group_id=None, **config)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
+            consumer.assign(tps)
+            for tp in tps:
+                if tp.partition in self.offsets:
+                    consumer.seek(tp, self.offsets[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+            ends = await consumer.end_offsets(tps)
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+                for tp, records in batches.items():
+                    for record in records:
+                        if record.value is not None:
+                            self.apply(EmbeddingRecord.decode(record.value))
+                        self.offsets[tp.partition] = record.offset + 1
+                if not self.caught_up.is_set() and all(self.offsets.get(tp.partition, 0) >= end
+                                                       for tp, end in ends.items()):
+                    self.caught_up.set()
+                if time.monotonic() - self.last_snapshot >= self.settings.index_snapshot_interval_s:
+                    self.snapshot()  # on the loop: the flush upserts into the same index
+        finally:
+            await consumer.stop()

@@ -1,0 +1,112 @@
+"""The worker's state seen through the protocols of the pure code: :class:`RankingSource` (ranking/) for a
+local query user, and the neighbour / node-feature sources of the GraphSAGE embedder (index/).
+
+Everything read here is local to the worker: the user's own rows in its partition's RocksDB, mirrors of its
+neighbours' adjacency (so 2-hop traversal is local), every user's degree and profile from ``user-globals``,
+and every user's embedding from the worker's copy of the global index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pymk.features.graph import is_alive
+from pymk.streams.global_index import GlobalIndex
+from pymk.streams.state import PartitionState
+
+from pymk.events import Profile
+
+DegreeOf = Callable[[int], tuple[int, int | None]]
+ProfileOf = Callable[[int], tuple[Profile | None, dict[str, int]]]
+
+
+class PartitionGraphView:
+    """Neighbours of a partition's local users and of their neighbours (mirrors), for neighbour sampling.
+    A node further away (the second hop's far end) is only ever asked for its features, never its neighbours."""
+
+    def __init__(self, state: PartitionState) -> None:
+        self.graph = state.graph
+
+    def neighbours(self, user: int) -> Sequence[int]:
+        row = self.graph.mirror_row(user)
+        return [n for n, v in row.versions.items() if is_alive(v)]
+
+
+class WorkerNodeFeatures:
+    def __init__(self, degree_of: DegreeOf, profile_of: ProfileOf) -> None:
+        self.degree_of = degree_of
+        self.profile_of = profile_of
+
+    def profile(self, user: int) -> Profile | None:
+        return self.profile_of(user)[0]
+
+    def degree(self, user: int) -> int:
+        return self.degree_of(user)[0]
+
+
+class WorkerRankingSource:
+    """:class:`pymk.ranking.source.RankingSource` for the local users of one partition."""
+
+    def __init__(self, state: PartitionState, index: GlobalIndex, degree_of: DegreeOf, profile_of: ProfileOf,
+                 blocked: Mapping[int, Collection[int]] | None = None) -> None:
+        self.state = state
+        self.graph = state.graph
+        self.behaviour = state.behaviour
+        self.index = index
+        self.degree_of = degree_of
+        self.profile_of = profile_of
+        self._blocked = blocked or {}
+
+    def neighbours(self, user: int) -> Collection[int]:
+        return self.graph.neighbours(user).keys()
+
+    def two_hop(self, user: int) -> tuple[Mapping[int, int], Mapping[int, float]]:
+        return self.graph.two_hop_scores(user)
+
+    def common_neighbors(self, user: int, candidate: int) -> Sequence[int]:
+        return self.graph.common_neighbors(user, candidate)
+
+    def degree(self, user: int) -> int:
+        return self.degree_of(user)[0]
+
+    def profile(self, user: int) -> Profile | None:
+        return self.profile_of(user)[0]
+
+    def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
+        out: dict[int, tuple[int, int, int]] = {}
+        for other, (viewed, viewed_by) in self.behaviour.profile_view_counts(user).items():
+            latest = self.behaviour.last_view_between(user, other)
+            out[other] = (viewed, viewed_by, latest if latest is not None else 0)
+        return out
+
+    def co_engaged_counts(self, user: int) -> Mapping[int, int]:
+        return self.behaviour.co_engaged_counts(user)
+
+    def dismissed(self, user: int) -> Mapping[int, int]:
+        out: dict[int, int] = {}
+        for candidate in self.behaviour.dismissed_candidates(user):
+            _, ts = self.behaviour.dismissed(user, candidate)
+            out[candidate] = ts if ts is not None else 0
+        return out
+
+    def blocked(self, user: int) -> Collection[int]:
+        return self._blocked.get(user, ())
+
+    def embedding(self, user: int) -> np.ndarray | None:
+        return self.index.vector(user)
+
+    def embeddings(self, users: Sequence[int]) -> np.ndarray:
+        out = np.full((len(users), 128), np.nan, dtype=np.float32)
+        for i, user in enumerate(users):
+            vector = self.index.vector(user)
+            if vector is not None:
+                out[i] = vector
+        return out
+
+    def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
+        return self.index.neighbours(user, k, set(exclude))
+
+    def describe(self) -> dict[str, Any]:
+        return {"partition": self.state.partition}

@@ -1,0 +1,153 @@
+"""What a flush does for the users whose state changed: embed them (GraphSAGE, then the index) and publish
+their refreshed top-k list.
+
+Called by :meth:`WorkerState.flush` under its lock, before the outputs are produced, so a list or an embedding
+goes out in the same transaction as the state change that caused it (see the commit order in state.py).
+Bursts coalesce: a user touched 50 times between two flushes is embedded and ranked once. Work that does not
+fit in the flush's time budget stays in the partition's durable pending rows for the next flush, oldest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from pymk.index.embedder import Embedder, salt_for_version
+from pymk.index.records import EmbeddingRecord
+from pymk.ranking.candidates import CandidateConfig
+from pymk.ranking.features import FeatureBuilder
+from pymk.ranking.recommend import recommend
+from pymk.streams.global_index import GlobalIndex
+from pymk.streams.models import Models
+from pymk.streams.ranking_source import DegreeOf, PartitionGraphView, ProfileOf, WorkerNodeFeatures, WorkerRankingSource
+from pymk.streams.state import PartitionState
+
+from pymk.events import Recommendations
+from pymk.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshStats:
+    embedded: int = 0
+    embed_seconds: float = 0.0
+    refreshed: int = 0
+    refresh_seconds: float = 0.0
+    deferred: int = 0  # refreshes left for a later flush by the time budget
+    # event (wall) time → publication delay of the last lists, for /metrics
+    last_delays_ms: list[int] = field(default_factory=list)
+
+
+def candidate_config(settings: Settings) -> CandidateConfig:
+    return CandidateConfig(graph_k=settings.candidates_graph_k, ann_k=settings.candidates_ann_k,
+                           max_candidates=settings.candidates_max,
+                           dismissal_expiry_ms=settings.dismissal_expiry_ms or None)
+
+
+class Refresher:
+    def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
+                 profile_of: ProfileOf) -> None:
+        self.settings = settings
+        self.index = index
+        self.models = models
+        self.degree_of = degree_of
+        self.profile_of = profile_of
+        self.candidates = candidate_config(settings)
+        self.stats = RefreshStats()
+        self.features = FeatureBuilder()  # one per worker: its profile cache lives across lists
+        self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)
+
+    def embedder(self, state: PartitionState) -> Embedder:
+        """One embedder per partition (its graph view), kept for its feature cache; new when the model changes."""
+        held = self._embedders.get(state.partition)
+        if held is None or held[0] != self.models.embedding_model or held[1].graph.graph is not state.graph:
+            embedder = self.models.embedder(PartitionGraphView(state), WorkerNodeFeatures(self.degree_of,
+                                                                                          self.profile_of))
+            held = self._embedders[state.partition] = (self.models.embedding_model, embedder)
+        return held[1]
+
+    # ---- 1. who owes what --------------------------------------------------------------------------------------
+    def collect(self, state: PartitionState, now_ms: int) -> None:
+        """Turn the state changes since the last flush into durable pending work."""
+        own, two_hop = state.graph.changed_users()
+        behaviour = state.behaviour.changed_users()
+        profiles = state.profiles.changed_users()
+        structural = own | profiles  # what a GraphSAGE embedding reads: the neighbourhood and the profile
+        refresh = own | behaviour | profiles
+        if self.settings.refresh_scope == "two-hop":
+            refresh |= two_hop
+        interval = self.settings.reembed_min_interval_ms
+        for user in structural:
+            record = state.embeddings.get(user)
+            # a new user now; a known one once its last embedding is old enough (debounce)
+            due = now_ms if record is None else max(now_ms, record.ts + interval)
+            state.work.touch(user, now_ms, due, user in refresh)
+        for user in refresh - structural:
+            state.work.touch(user, now_ms, None, True)
+        for user in state.forced_refresh:
+            state.work.touch(user, now_ms, now_ms if user in state.forced_reembed else None, True)
+        state.forced_refresh.clear()
+        state.forced_reembed.clear()
+
+    # ---- 2. embeddings ---------------------------------------------------------------------------------------------
+    def embed_due(self, states: Iterable[PartitionState], now_ms: int) -> list[EmbeddingRecord]:
+        started = time.perf_counter()
+        out: list[EmbeddingRecord] = []
+        embedder_model = self.models.embedding_model
+        for state in states:
+            due = state.work.embeddings_due(now_ms)
+            if not due:
+                continue
+            users = [u for u in due if state.graph.degree(u) > 0 or state.profiles.profile(u) is not None]
+            for u in set(due) - set(users):
+                state.work.embedded(u)  # nothing to embed from (a user that only viewed or dismissed)
+            if not users:
+                continue
+            # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
+            # gives the same vector, also when a crash makes the worker redo this flush
+            vectors = self.embedder(state).embed(users, salt_for_version(embedder_model))
+            records = []
+            for user, vector in zip(users, vectors, strict=True):
+                previous = state.embeddings.get(user)
+                records.append(EmbeddingRecord(user, 1 if previous is None else previous.version + 1, now_ms,
+                                               embedder_model, np.asarray(vector, dtype=np.float32)))
+                state.work.embedded(user)
+            state.embeddings.put_many(records)
+            self.index.apply_many(records)
+            out.extend(records)
+        self.stats.embedded += len(out)
+        self.stats.embed_seconds += time.perf_counter() - started
+        return out
+
+    # ---- 3. lists -----------------------------------------------------------------------------------------------
+    def refresh_due(self, states: Iterable[PartitionState], now_ms: int,
+                    budget_s: float | None = None) -> list[Recommendations]:
+        started = time.perf_counter()
+        queue: list[tuple[int, int, PartitionState]] = []
+        for state in states:
+            queue.extend((first, user, state) for first, user in state.work.refreshes())
+        queue.sort(key=lambda item: (item[0], item[1]))
+        budget = self.settings.refresh_budget_ms / 1000.0 if budget_s is None else budget_s
+        out: list[Recommendations] = []
+        for done, (first, user, state) in enumerate(queue):
+            if done and time.perf_counter() - started > budget:
+                self.stats.deferred += len(queue) - done
+                break
+            out.append(self.rank(state, user, now_ms))
+            state.work.refreshed(user)
+            state.published.put(out[-1])
+            self.stats.last_delays_ms.append(now_ms - first)
+        self.stats.last_delays_ms = self.stats.last_delays_ms[-1000:]
+        self.stats.refreshed += len(out)
+        self.stats.refresh_seconds += time.perf_counter() - started
+        return out
+
+    def rank(self, state: PartitionState, user: int, now_ms: int) -> Recommendations:
+        source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of)
+        ranked = recommend(user, source, self.models.scorer, self.candidates, as_of_ms=now_ms,
+                           k=self.settings.recommendations_k, builder=self.features)
+        return ranked.to_recommendations()

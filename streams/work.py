@@ -1,0 +1,160 @@
+"""Work a partition owes its users after their state changed: (re-)embedding and refreshing their list.
+
+Both are durable rows of the partition's RocksDB database, written in the same batch as the state change
+that caused them, so a crash can never lose a refresh whose cause is already committed: the worker that
+opens the partition next finds the row and does the work.
+
+- ``Q`` rows: user → (embed due at [wall ms, -1: none], refresh wanted [0/1], first touched [wall ms]).
+- ``G`` rows: user → the latest :class:`EmbeddingRecord` of a local user (the owner's copy; every worker's
+  index gets it through the ``embeddings`` topic).
+- ``L`` rows: user → the last list published for them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+
+from pymk.features.storage import RowStore, row_key, row_user
+from pymk.index.records import EmbeddingRecord
+
+from pymk.events import Recommendations
+
+PENDING = b"Q"
+EMBEDDING = b"G"
+_PENDING_ROW = struct.Struct("<qbq")
+NO_EMBEDDING_DUE = -1
+
+
+class PendingWork:
+    """The users of one partition with work due, loaded in full at open (the set stays small: work is done
+    within a few flushes unless the worker is overloaded, and then it is exactly the backlog)."""
+
+    def __init__(self, store: RowStore) -> None:
+        self.store = store
+        self.rows: dict[int, tuple[int, int, int]] = {}
+        for key, value in store.scan(PENDING):
+            self.rows[row_user(key)] = _PENDING_ROW.unpack(value)
+        self._dirty: set[int] = set()
+
+    def touch(self, user: int, now_ms: int, embed_due_ms: int | None, refresh: bool) -> None:
+        due, wanted, first = self.rows.get(user, (NO_EMBEDDING_DUE, 0, now_ms))
+        if embed_due_ms is not None:
+            due = embed_due_ms if due == NO_EMBEDDING_DUE else min(due, embed_due_ms)
+        row = (due, max(wanted, int(refresh)), first)
+        if self.rows.get(user) != row:
+            self.rows[user] = row
+            self._dirty.add(user)
+
+    def embeddings_due(self, now_ms: int) -> list[int]:
+        return sorted(u for u, (due, _, _) in self.rows.items() if due != NO_EMBEDDING_DUE and due <= now_ms)
+
+    def refreshes(self) -> list[tuple[int, int]]:
+        """(first touched, user) of every user whose list is owed, oldest first."""
+        return sorted((first, u) for u, (_, wanted, first) in self.rows.items() if wanted)
+
+    def embedded(self, user: int) -> None:
+        self._update(user, lambda due, wanted, first: (NO_EMBEDDING_DUE, wanted, first))
+
+    def refreshed(self, user: int) -> None:
+        self._update(user, lambda due, wanted, first: (due, 0, first))
+
+    def _update(self, user: int, change: Callable[[int, int, int], tuple[int, int, int]]) -> None:
+        row = self.rows.get(user)
+        if row is None:
+            return
+        new = change(*row)
+        self._dirty.add(user)
+        if new[0] == NO_EMBEDDING_DUE and not new[1]:
+            del self.rows[user]
+        else:
+            self.rows[user] = new
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        for user in self._dirty:
+            row = self.rows.get(user)
+            if row is None:
+                deletes.append(row_key(PENDING, user))
+            else:
+                puts[row_key(PENDING, user)] = _PENDING_ROW.pack(*row)
+        return puts, deletes
+
+    def mark_clean(self) -> None:
+        self._dirty.clear()
+
+
+class EmbeddingStore:
+    """The latest embedding of each local user (a bounded write-back cache over the store)."""
+
+    def __init__(self, store: RowStore, max_cached_rows: int = 200_000) -> None:
+        self.store = store
+        self.max_cached_rows = max_cached_rows
+        self._rows: dict[int, EmbeddingRecord | None] = {}
+        self._dirty: set[int] = set()
+
+    def get(self, user: int) -> EmbeddingRecord | None:
+        if user not in self._rows:
+            raw = self.store.get(row_key(EMBEDDING, user))
+            self._rows[user] = EmbeddingRecord.decode(raw) if raw is not None else None
+        return self._rows[user]
+
+    def put(self, record: EmbeddingRecord) -> None:
+        self._rows[record.user] = record
+        self._dirty.add(record.user)
+
+    def put_many(self, records: Iterable[EmbeddingRecord]) -> None:
+        for record in records:
+            self.put(record)
+
+    def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        puts = {row_key(EMBEDDING, u): self._rows[u].encode() for u in self._dirty  # type: ignore[union-attr]
+                if self._rows.get(u) is not None}
+        return puts, []
+
+    def mark_clean(self) -> None:
+        self._dirty.clear()
+        if len(self._rows) > self.max_cached_rows:
+            self._rows.clear()
+
+    def local_users(self) -> Iterable[int]:
+        seen = {u for u, r in self._rows.items() if r is not None}
+        yield from seen
+        for key, _ in self.store.scan(EMBEDDING):
+            if row_user(key) not in seen:
+                yield row_user(key)
+
+
+PUBLISHED = b"L"
+
+
+class PublishedLists:
+    """The last list published for each local user (for ``GET /recommendations/{u}`` and ``/users/{u}``)."""
+
+    def __init__(self, store: RowStore, max_cached_rows: int = 50_000) -> None:
+        self.store = store
+        self.max_cached_rows = max_cached_rows
+        self._rows: dict[int, bytes] = {}
+        self._dirty: set[int] = set()
+
+    def put(self, recommendations: Recommendations) -> None:
+        self._rows[recommendations.user] = recommendations.to_json()
+        self._dirty.add(recommendations.user)
+
+    def get(self, user: int) -> Recommendations | None:
+        raw = self._rows.get(user)
+        if raw is None:
+            raw = self.store.get(row_key(PUBLISHED, user))
+        return Recommendations.from_json(raw) if raw is not None else None
+
+    def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        return {row_key(PUBLISHED, u): self._rows[u] for u in self._dirty}, []
+
+    def mark_clean(self) -> None:
+        self._dirty.clear()
+        if len(self._rows) > self.max_cached_rows:
+            self._rows.clear()

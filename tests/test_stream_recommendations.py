@@ -1,0 +1,93 @@
+"""Tier 3: lists published by a running worker (real broker) — invariants after a replay, dismissals, and the
+refresh of both users of a new connection."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pymk.streams.topics import ensure_topics
+from stream_helpers import dismissals, final_graph, latest_lists, send, settle, small_network
+from workers import http_get, running_worker, wait_until
+
+from pymk.events import ConnectionEvent, DismissalEvent, Recommendations
+from pymk.settings import Settings
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def assert_list_valid(recs: Recommendations, neighbours: set[int], dismissed: set[int], k: int = 20) -> None:
+    candidates = [item.candidate for item in recs.items]
+    assert len(candidates) == len(set(candidates)), f"duplicates in the list of {recs.user}"
+    assert len(candidates) <= k
+    assert [item.rank for item in recs.items] == list(range(1, len(candidates) + 1))
+    assert recs.user not in candidates
+    assert not set(candidates) & neighbours, f"{recs.user}: existing connections {set(candidates) & neighbours}"
+    assert not set(candidates) & dismissed, f"{recs.user}: dismissed candidates {set(candidates) & dismissed}"
+    assert recs.model_version
+    scores = [item.score for item in recs.items]
+    assert scores == sorted(scores, reverse=True)
+    for item in recs.items:
+        assert item.sources and set(item.sources) <= {"graph", "ann"}
+        assert "mutual_connections" in item.reasons and "text" in item.reasons
+
+
+def latest_for(settings: Settings, user: int) -> Recommendations | None:
+    body = http_get(settings, f"/recommendations/{user}")
+    return None if body["generated_at"] is None else Recommendations.from_json(json.dumps(body))
+
+
+def test_published_lists_keep_the_invariants_and_follow_changes(kafka_settings: Settings, tmp_path: Path) -> None:
+    # two-hop scope: a change next to a user refreshes their list too, so every last list is exact at the end
+    settings = replace(kafka_settings, reembed_min_interval_ms=0, refresh_scope="two-hop")
+    ensure_topics(settings)
+    events = small_network(240, seed=3)
+    send(settings, events)
+    with running_worker(settings, tmp_path / "worker.log"):
+        settle(settings, [settings])
+        graph = final_graph(events)
+        dismissed = dismissals(events)
+        lists = latest_lists(settings)
+        assert len(lists) >= 0.9 * graph.number_of_nodes()
+        for user, recs in lists.items():
+            neighbours = set(graph[user]) if user in graph else set()
+            assert_list_valid(recs, neighbours, dismissed.get(user, set()))
+            for item in recs.items:  # mutual counts are exact
+                if item.candidate in graph and user in graph:
+                    assert item.reasons["mutual_connections"] == len(set(graph[user]) & set(graph[item.candidate]))
+        # the debug API shows the same list as the topic
+        some_user = max(lists, key=lambda u: len(lists[u].items))
+        assert latest_for(settings, some_user) == lists[some_user]
+
+        # a dismissal removes the candidate from the next list
+        before = lists[some_user]
+        dismissed_candidate = before.items[0].candidate
+        send(settings, [DismissalEvent(some_user, dismissed_candidate, now_ms())])
+        after = wait_until(lambda: (r := latest_for(settings, some_user)) and r.generated_at > before.generated_at
+                           and r, 30, what="a new list after the dismissal")
+        assert dismissed_candidate not in [item.candidate for item in after.items]
+
+        # a new connection refreshes both users, and each leaves the other's list
+        other = next(item.candidate for item in after.items)
+        other_before = latest_for(settings, other)
+        send(settings, [ConnectionEvent(some_user, other, "add", now_ms())])
+        new_user = wait_until(lambda: (r := latest_for(settings, some_user)) and r.generated_at > after.generated_at
+                              and r, 30, what="a new list for the first user")
+        new_other = wait_until(lambda: (r := latest_for(settings, other)) and (
+            other_before is None or r.generated_at > other_before.generated_at) and r, 30,
+            what="a new list for the second user")
+        assert other not in [item.candidate for item in new_user.items]
+        assert some_user not in [item.candidate for item in new_other.items]
+
+        # removing it refreshes both again (the former neighbour may come back)
+        send(settings, [ConnectionEvent(other, some_user, "remove", now_ms() + 1)])
+        wait_until(lambda: latest_for(settings, some_user).generated_at > new_user.generated_at
+                   and latest_for(settings, other).generated_at > new_other.generated_at, 30,
+                   what="new lists after the removal")
+        settle(settings, [settings])
+        final = latest_lists(settings)
+        assert final[some_user] == latest_for(settings, some_user)
