@@ -1,0 +1,194 @@
+"""``pymk bench rank``: latency of ranking 1,000 candidates into a top 20 with a 500-tree model, one thread.
+
+Setup (all seeded): a real graph (ego-Facebook by default) split 80/20 at random like the contract's random
+split; the 80% is loaded into a :class:`MemorySource` with synthetic profiles, views and engagements from
+:func:`pymk.synthetic.behaviour_for_replay` (so the profile and behaviour columns do real work) and random
+unit embeddings (so ANN fills its 1,000 slots and the cosine column is computed). A model with the real
+shape (500 trees, depth 6, no early stopping) is trained on the features of a sample of users, labelled by
+the held-out 20%.
+
+Measured per ranked list, on query users whose Stage 1 gives at least ``n_candidates`` candidates (cut to
+exactly that many): the feature matrix, ``inplace_predict``, the final order, and the reasons (Saabas
+contributions of the 20 shown rows, mutual examples, text); p50/p99 of their sum and of each part. Stage 1
+(2-hop traversal + brute-force ANN over the in-memory source) is reported apart: in the worker it reads
+RocksDB and FAISS, so its cost here says little about production. Also: the alternatives we did not take
+(predict through a DMatrix, exact TreeSHAP for the reasons).
+
+XGBoost runs with ``nthread=1``; numpy's matrix-vector products in the features use einsum (no BLAS
+threads). The machine's other load shows up in p99: run it on a quiet machine for reference figures.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xgboost as xgb
+from pymk.ranking.candidates import CandidateConfig, CandidateSet, generate_candidates
+from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder
+from pymk.ranking.memory_source import MemorySource
+from pymk.ranking.model import Ranker, RankerConfig, roc_auc
+from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order
+
+from pymk.datasets import load_edge_history
+from pymk.synthetic import behaviour_for_replay
+
+DEFAULT_GRAPH = "/work/shared/data/ego-facebook/facebook_combined.txt"
+TARGET_P99_MS = 10.0
+_DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    values = np.asarray(samples)
+    return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3),
+            "mean": round(float(values.mean()), 3), "max": round(float(values.max()), 3)}
+
+
+def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = function()
+    return result, (time.perf_counter() - started) * 1e3
+
+
+def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs: int = 300, queries: int = 60,
+               train_queries: int = 300, trees: int = 500, depth: int = 6, negatives_per_query: int = 50,
+               seed: int = 0, report: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark (see the module doc); returns a JSON-ready dict. ``report`` gets progress lines."""
+    say = report or (lambda line: None)
+    started = time.perf_counter()
+    history = load_edge_history(path)
+    pairs = [(u, v, ts) for u, v, ts in history.connections]
+    random.Random(seed).shuffle(pairs)
+    cut = int(0.8 * len(pairs))
+    past, future = pairs[:cut], pairs[cut:]
+    future_partners: dict[int, set[int]] = {}
+    for u, v, _ in future:
+        future_partners.setdefault(u, set()).add(v)
+        future_partners.setdefault(v, set()).add(u)
+
+    source = MemorySource()
+    past_sorted = sorted(past, key=lambda c: c[2])
+    for u, v, ts in past_sorted:
+        source.add_connection(u, v, ts)
+    for event in behaviour_for_replay(past_sorted, seed):
+        if event.KIND != "connections":
+            source.apply(event)
+    rng = np.random.default_rng(seed)
+    users = sorted(source.users())
+    vectors = rng.normal(size=(len(users), source.dim)).astype(np.float32)
+    source.set_embeddings(dict(zip(users, vectors, strict=True)))
+    as_of = max(ts for _, _, ts in past) + 1
+    say(f"loaded {path}: {len(users)} users, {len(past)} past edges, {len(future)} held out "
+        f"({time.perf_counter() - started:.1f} s)")
+
+    config = CandidateConfig(graph_k=1000, ann_k=1000, max_candidates=n_candidates)
+    builder = FeatureBuilder()
+    order = rng.permutation(users).tolist()
+    stage1_ms: list[float] = []
+    candidate_sets: list[CandidateSet] = []
+    for user in order:
+        if len(candidate_sets) >= queries + train_queries:
+            break
+        candidates, elapsed = _timed(lambda user=user: generate_candidates(user, source, config, as_of))
+        stage1_ms.append(elapsed)
+        if len(candidates) >= n_candidates:
+            candidate_sets.append(candidates)
+    bench_sets, train_sets = candidate_sets[:queries], candidate_sets[queries:]
+    say(f"stage 1 for {len(stage1_ms)} users: p50 {np.percentile(stage1_ms, 50):.1f} ms")
+
+    # Training rows: every held-out partner among the candidates, plus random negatives.
+    rows, labels = [], []
+    for candidates in train_sets:
+        features = builder.matrix(candidates.user, candidates, source, as_of)
+        partners = future_partners.get(candidates.user, set())
+        positive = np.isin(candidates.ids, np.fromiter(partners, np.int64, len(partners)))
+        negatives = rng.choice(np.flatnonzero(~positive), min(negatives_per_query, int((~positive).sum())),
+                               replace=False)
+        keep = np.concatenate([np.flatnonzero(positive), negatives])
+        rows.append(features[keep])
+        labels.append(positive[keep])
+    train_x, train_y = np.concatenate(rows), np.concatenate(labels).astype(np.int8)
+    split = int(0.8 * len(train_y))
+    ranker_config = RankerConfig(n_estimators=trees, max_depth=depth, early_stopping_rounds=None)
+    ranker, train_seconds = _timed(lambda: Ranker.train(train_x[:split], train_y[:split], config=ranker_config))
+    holdout_auc = roc_auc(train_y[split:], ranker.predict(train_x[split:]))
+    leaves = sum(tree.count("leaf=") for tree in ranker.booster.get_dump())
+    say(f"trained {ranker.metadata['trees']} trees (depth {depth}, {leaves / max(1, ranker.metadata['trees']):.1f} "
+        f"leaves per tree) on {split} rows in {train_seconds / 1e3:.1f} s; held-out row AUC {holdout_auc:.3f}")
+
+    # The loaded state is millions of long-lived objects: without a freeze, a full collection lands in some
+    # ranked list every few hundred (tens of ms). A worker does the same after loading its state.
+    gc.collect()
+    gc.freeze()
+    parts: dict[str, list[float]] = {"features": [], "predict": [], "order": [], "reasons": [], "total": []}
+    explain_ms: list[float] = []
+    for run in range(runs + 10):
+        candidates = bench_sets[run % len(bench_sets)]
+        user = candidates.user
+        features, t_features = _timed(lambda c=candidates, u=user: builder.matrix(u, c, source, as_of))
+        scores, t_predict = _timed(lambda x=features: ranker.predict(x))
+        top, t_order = _timed(lambda s=scores, x=features, c=candidates: ranking_order(
+            s, x[:, _DEGREE_COLUMN], c.ids, 20))
+        scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
+        ranked, t_reasons = _timed(lambda s=scored, u=user: rank_scored(u, s, source, ranker, as_of, builder))
+        _, t_explain = _timed(lambda x=features[top]: ranker.explain(x))
+        if run < 10:
+            continue  # warm-up: caches, first-call allocations
+        assert len(ranked.items) == 20
+        for name, value in (("features", t_features), ("predict", t_predict), ("order", t_order),
+                            ("reasons", t_reasons)):
+            parts[name].append(value)
+        parts["total"].append(t_features + t_predict + t_order + t_reasons)
+        explain_ms.append(t_explain)
+
+    # The alternatives, on the same matrices.
+    sample = builder.matrix(bench_sets[0].user, bench_sets[0], source, as_of)
+    dmatrix_ms = [_timed(lambda: ranker.booster.predict(xgb.DMatrix(sample, feature_names=list(FEATURE_NAMES))))[1]
+                  for _ in range(30)]
+    inplace32_ms = [_timed(lambda: ranker.booster.inplace_predict(sample.astype(np.float32)))[1] for _ in range(30)]
+    exact_shap_ms = [_timed(lambda: ranker.contributions(sample[:20], approximate=False))[1] for _ in range(5)]
+    # Predict cost is linear in the rows: how many candidates fit a budget.
+    stacked = np.concatenate([builder.matrix(c.user, c, source, as_of) for c in bench_sets[:3]])
+    predict_by_rows = {rows: _percentiles([_timed(lambda r=rows: ranker.predict(stacked[:r]))[1] for _ in range(30)])
+                       for rows in (100, 250, 500, 1000, 2000) if rows <= len(stacked)}
+
+    latency = {name: _percentiles(values) for name, values in parts.items()}
+    result: dict[str, Any] = {
+        "graph": str(path),
+        "users": len(users),
+        "past_edges": len(past),
+        "candidates_per_list": n_candidates,
+        "items_per_list": 20,
+        "runs": runs,
+        "query_users": len(bench_sets),
+        "threads": 1,
+        "gc_frozen": True,
+        "model": {"trees": ranker.metadata["trees"], "max_depth": depth,
+                  "leaves_per_tree": round(leaves / max(1, ranker.metadata["trees"]), 1),
+                  "train_rows": int(split), "train_seconds": round(train_seconds / 1e3, 2),
+                  "holdout_row_auc": round(holdout_auc, 4)},
+        "latency_ms": latency,
+        "explain_ms": _percentiles(explain_ms),
+        "stage1_ms": _percentiles(stage1_ms),
+        "alternatives_ms": {"predict_via_dmatrix": _percentiles(dmatrix_ms),
+                            "inplace_predict_float32": _percentiles(inplace32_ms),
+                            "exact_treeshap_20_rows": _percentiles(exact_shap_ms)},
+        "predict_ms_by_rows": predict_by_rows,
+        "target_p99_ms": TARGET_P99_MS,
+        "target_met": latency["total"]["p99"] <= TARGET_P99_MS,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    say(f"total p50 {latency['total']['p50']} ms, p99 {latency['total']['p99']} ms "
+        f"(predict p50 {latency['predict']['p50']} ms, p99 {latency['predict']['p99']} ms)")
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(bench_rank(report=print), indent=2))

@@ -1,0 +1,262 @@
+"""Stage 1: hybrid candidate generation (2-hop graph ∪ ANN), filters, and the rough cut.
+
+For a query user:
+
+1. **Graph**: every distance-2 user from :meth:`RankingSource.two_hop`, minus the users the filters exclude,
+   then the top ``graph_k`` by (common-neighbour count desc, Adamic-Adar desc, degree desc, id asc). Degrees
+   are looked up only for the users tied with the last kept one on (count, AA), so a hub's 10⁵ two-hop
+   users cost two partitions, not 10⁵ degree reads. AA is compared rounded to 1e-9, so two sums of the same
+   terms in a different order (the worker's and ours) tie instead of splitting on the last bit.
+2. **ANN**: :meth:`RankingSource.ann_neighbours` with ``ann_k`` and the excluded users passed as ``exclude``,
+   so the index fills its k slots with users that can be shown.
+3. **Merge**: union by id; a candidate remembers its sources (``graph``, ``ann``). An ANN-only candidate gets
+   its count and AA from the 2-hop maps when it is at distance 2 but below the graph cut, else 0.
+4. **Filters**, applied in sequence on the merged set (:class:`ExcludeSelf`, :class:`ExcludeConnections`,
+   :class:`ExcludeDismissed`, :class:`ExcludeBlocked` by default; any object with ``excluded`` and ``keep``
+   composes). Pruning the pools up front (steps 1–2) is an optimisation so that no excluded user takes a
+   slot; this pass is the guarantee.
+5. **Rough cut** to ``max_candidates`` by ``rough score = AA + ann_weight × max(cosine, 0)`` (cosine 0 for
+   graph-only candidates: their cosine is not known before Stage 2), ties by count desc then id asc. With the
+   defaults (1,000 + 1,000 ≤ 2,000) the cut never drops anything; it bounds Stage 2 when the sizes are raised.
+   ``ann_weight`` = 2 puts a cosine-0.5 stranger level with a pair sharing one mutual of degree ~e.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from pymk.ranking.source import RankingSource
+
+GRAPH = "graph"
+ANN = "ann"
+_AA_DECIMALS = 9  # AA is compared at this precision when ordering (see the module doc)
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    graph_k: int = 1000  # top 2-hop candidates kept
+    ann_k: int = 1000  # ANN neighbours asked for (0 disables ANN)
+    max_candidates: int = 2000  # size of the Stage 2 input after the rough cut
+    ann_weight: float = 2.0  # rough score = AA + ann_weight × max(cosine, 0)
+    dismissal_expiry_ms: int | None = None  # a dismissal older than this no longer hides a candidate; None: never
+
+    def __post_init__(self) -> None:
+        if self.graph_k < 0 or self.ann_k < 0 or self.max_candidates < 0:
+            raise ValueError("candidate sizes must be non-negative")
+        if self.dismissal_expiry_ms is not None and self.dismissal_expiry_ms < 0:
+            raise ValueError("dismissal_expiry_ms must be non-negative or None")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    user: int
+    sources: tuple[str, ...]  # subset of ("graph", "ann"), in that order
+    common_neighbor_count: int
+    adamic_adar_score: float
+    ann_score: float | None  # cosine from the ANN index; None when ANN did not return the user
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """The Stage 1 output for one query user as parallel arrays (Stage 2 works on arrays; :class:`Candidate`
+    objects are made only for the items shown). Ordered by rough score."""
+
+    user: int
+    ids: np.ndarray  # int64
+    common_neighbor_count: np.ndarray  # int64
+    adamic_adar_score: np.ndarray  # float64
+    ann_score: np.ndarray  # float64, NaN for users ANN did not return
+    from_graph: np.ndarray  # bool: in the graph top-k
+    from_ann: np.ndarray  # bool: returned by ANN
+    stats: dict[str, int] = field(default_factory=dict)  # pool sizes, for logs and metrics
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sources(self, index: int) -> tuple[str, ...]:
+        graph, ann = bool(self.from_graph[index]), bool(self.from_ann[index])
+        return (GRAPH, ANN) if graph and ann else (GRAPH,) if graph else (ANN,) if ann else ()
+
+    def candidate(self, index: int) -> Candidate:
+        ann = float(self.ann_score[index])
+        return Candidate(int(self.ids[index]), self.sources(index), int(self.common_neighbor_count[index]),
+                         float(self.adamic_adar_score[index]), None if np.isnan(ann) else ann)
+
+    def candidates(self) -> list[Candidate]:
+        return [self.candidate(i) for i in range(len(self))]
+
+    def subset(self, mask_or_indices: np.ndarray) -> CandidateSet:
+        return CandidateSet(self.user, self.ids[mask_or_indices], self.common_neighbor_count[mask_or_indices],
+                            self.adamic_adar_score[mask_or_indices], self.ann_score[mask_or_indices],
+                            self.from_graph[mask_or_indices], self.from_ann[mask_or_indices], dict(self.stats))
+
+    @classmethod
+    def from_candidates(cls, user: int, candidates: Sequence[Candidate]) -> CandidateSet:
+        n = len(candidates)
+        return cls(
+            user,
+            np.fromiter((c.user for c in candidates), np.int64, n),
+            np.fromiter((c.common_neighbor_count for c in candidates), np.int64, n),
+            np.fromiter((c.adamic_adar_score for c in candidates), np.float64, n),
+            np.fromiter((np.nan if c.ann_score is None else c.ann_score for c in candidates), np.float64, n),
+            np.fromiter((GRAPH in c.sources for c in candidates), np.bool_, n),
+            np.fromiter((ANN in c.sources for c in candidates), np.bool_, n),
+        )
+
+
+# ---- filters ---------------------------------------------------------------------------------------------------
+class CandidateFilter(Protocol):
+    def excluded(self, user: int, source: RankingSource, as_of_ms: int) -> Collection[int]:
+        """Users known up front to be excluded (pruned from the pools so they take no slot)."""
+        ...
+
+    def keep(self, user: int, ids: np.ndarray, source: RankingSource, as_of_ms: int) -> np.ndarray:
+        """Bool mask over ``ids``: True for candidates that pass."""
+        ...
+
+
+class ExclusionFilter:
+    """A filter defined by a set of excluded users; subclasses give :meth:`excluded`."""
+
+    def excluded(self, user: int, source: RankingSource, as_of_ms: int) -> Collection[int]:
+        raise NotImplementedError
+
+    def keep(self, user: int, ids: np.ndarray, source: RankingSource, as_of_ms: int) -> np.ndarray:
+        excluded = self.excluded(user, source, as_of_ms)
+        if not excluded:
+            return np.ones(len(ids), dtype=bool)
+        return ~np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ExcludeSelf(ExclusionFilter):
+    def excluded(self, user: int, source: RankingSource, as_of_ms: int) -> Collection[int]:
+        return (user,)
+
+
+class ExcludeConnections(ExclusionFilter):
+    def excluded(self, user: int, source: RankingSource, as_of_ms: int) -> Collection[int]:
+        return source.neighbours(user)
+
+
+class ExcludeDismissed(ExclusionFilter):
+    """Hides candidates the user dismissed; with ``expiry_ms``, a dismissal older than that (as of the ranking
+    time) no longer hides the candidate."""
+
+    def __init__(self, expiry_ms: int | None = None) -> None:
+        self.expiry_ms = expiry_ms
+
+    def excluded(self, user: int, source: RankingSource, as_of_ms: int) -> Collection[int]:
+        dismissed = source.dismissed(user)
+        if self.expiry_ms is None:
+            return dismissed.keys()
+        since = as_of_ms - self.expiry_ms
+        return {candidate for candidate, ts in dismissed.items() if ts >= since}
+
+    def __repr__(self) -> str:
+        return f"ExcludeDismissed(expiry_ms={self.expiry_ms})"
+
+
+class ExcludeBlocked(ExclusionFilter):
+    def excluded(self, user: int, source: RankingSource, as_of_ms: int) -> Collection[int]:
+        return source.blocked(user)
+
+
+def default_filters(config: CandidateConfig) -> tuple[CandidateFilter, ...]:
+    return (ExcludeSelf(), ExcludeConnections(), ExcludeDismissed(config.dismissal_expiry_ms), ExcludeBlocked())
+
+
+# ---- stage 1 ---------------------------------------------------------------------------------------------------
+def _top_k_graph(ids: np.ndarray, counts: np.ndarray, scores: np.ndarray, k: int,
+                 source: RankingSource) -> np.ndarray:
+    """Indices of the top k by (count desc, AA desc, degree desc, id asc), in no particular order (the merge
+    orders candidates by rough score)."""
+    n = len(ids)
+    if n > k:
+        rounded = np.round(scores, _AA_DECIMALS)
+        # Everything strictly better than the k-th (count, AA) is in; the rest of the k slots go to the users
+        # tied with it, by degree then id. Two O(n) partitions find the boundary.
+        count_at_k = np.partition(counts, n - k)[n - k]
+        above = counts > count_at_k
+        tied = np.flatnonzero(counts == count_at_k)
+        need = k - int(above.sum())
+        tied_scores = rounded[tied]
+        score_at_k = np.partition(tied_scores, len(tied) - need)[len(tied) - need]
+        better = tied[tied_scores > score_at_k]
+        boundary = tied[tied_scores == score_at_k]
+        need -= len(better)
+        if need < len(boundary):
+            degrees = np.fromiter((source.degree(int(u)) for u in ids[boundary]), np.int64, len(boundary))
+            boundary = boundary[np.lexsort((ids[boundary], -degrees))[:need]]
+        return np.concatenate([np.flatnonzero(above), better, boundary])
+    return np.arange(n)
+
+
+def generate_candidates(user: int, source: RankingSource, config: CandidateConfig, as_of_ms: int,
+                        filters: Iterable[CandidateFilter] | None = None) -> CandidateSet:
+    """Stage 1 for ``user`` as of ``as_of_ms`` (see the module doc)."""
+    filters = tuple(default_filters(config) if filters is None else filters)
+    excluded: set[int] = set()
+    for candidate_filter in filters:
+        excluded.update(candidate_filter.excluded(user, source, as_of_ms))
+    excluded_ids = np.fromiter(excluded, np.int64, len(excluded))
+
+    counts_map, scores_map = source.two_hop(user)
+    pool = len(counts_map)
+    two_hop_ids = np.fromiter(counts_map.keys(), np.int64, pool)
+    two_hop_counts = np.fromiter(counts_map.values(), np.int64, pool)
+    two_hop_scores = np.fromiter((scores_map[u] for u in counts_map), np.float64, pool)  # the ids' order
+    graph_ids = np.empty(0, np.int64)
+    graph_counts = np.empty(0, np.int64)
+    graph_scores = np.empty(0, np.float64)
+    if config.graph_k > 0 and pool:
+        allowed = ~np.isin(two_hop_ids, excluded_ids) if len(excluded_ids) else np.ones(pool, bool)
+        ids, counts, scores = two_hop_ids[allowed], two_hop_counts[allowed], two_hop_scores[allowed]
+        top = _top_k_graph(ids, counts, scores, config.graph_k, source)
+        graph_ids, graph_counts, graph_scores = ids[top], counts[top], scores[top]
+
+    ann = list(source.ann_neighbours(user, config.ann_k, excluded)) if config.ann_k > 0 else []
+    ann = ann[: config.ann_k]
+
+    # Merge: graph candidates first (their order), then ANN-only ones.
+    position = {int(u): i for i, u in enumerate(graph_ids.tolist())}
+    ann_score = np.full(len(graph_ids), np.nan)
+    extra_ids: list[int] = []
+    extra_cos: list[float] = []
+    for other, cosine in ann:
+        other = int(other)
+        i = position.get(other)
+        if i is None:
+            position[other] = -1  # an ANN-only candidate; -1 also marks it seen (dedup)
+            extra_ids.append(other)
+            extra_cos.append(float(cosine))
+        elif i >= 0 and np.isnan(ann_score[i]):
+            ann_score[i] = cosine
+    n_graph, n_extra = len(graph_ids), len(extra_ids)
+    ids = np.concatenate([graph_ids, np.asarray(extra_ids, np.int64)])
+    counts = np.concatenate([graph_counts, np.fromiter((counts_map.get(u, 0) for u in extra_ids), np.int64, n_extra)])
+    scores = np.concatenate([graph_scores,
+                             np.fromiter((scores_map.get(u, 0.0) for u in extra_ids), np.float64, n_extra)])
+    ann_scores = np.concatenate([ann_score, np.asarray(extra_cos, np.float64)])
+    from_graph = np.concatenate([np.ones(n_graph, bool), np.zeros(n_extra, bool)])
+    from_ann = ~np.isnan(ann_scores)
+    candidates = CandidateSet(user, ids, counts, scores, ann_scores, from_graph, from_ann,
+                              {"two_hop": pool, "graph": n_graph, "ann": len(ann), "merged": len(ids)})
+
+    for candidate_filter in filters:
+        keep = candidate_filter.keep(user, candidates.ids, source, as_of_ms)
+        if not keep.all():
+            candidates = candidates.subset(keep)
+
+    rough = candidates.adamic_adar_score + config.ann_weight * np.nan_to_num(
+        np.maximum(candidates.ann_score, 0.0), nan=0.0)
+    order = np.lexsort((candidates.ids, -candidates.common_neighbor_count, -np.round(rough, _AA_DECIMALS)))
+    candidates = candidates.subset(order[: config.max_candidates])
+    candidates.stats["filtered"] = len(ids) - len(order)
+    candidates.stats["candidates"] = len(candidates)
+    return candidates

@@ -1,0 +1,357 @@
+"""Stage 2 input: the 17-feature matrix of (query user, candidate) pairs, built with numpy for up to 2,000
+candidates at a time (the hot path of every recommendation).
+
+Columns, in :data:`FEATURE_NAMES` order:
+
+* graph: ``common_neighbor_count`` and ``adamic_adar_score`` from Stage 1 (exact, from
+  :meth:`RankingSource.two_hop`); ``jaccard_sim`` = CN / (deg u + deg v − CN) (0 when the union is empty);
+  ``graph_distance_bucket`` 2 when CN > 0 else 3 (a candidate is never a connection); ``query_degree_log``
+  and ``candidate_degree_log`` = log1p(degree). The same definitions as :mod:`pymk.features.pair`.
+* behavioural: ``query_viewed_candidate_profile`` (distinct views user → candidate),
+  ``profile_view_recency_days`` ((as_of − latest view either way) / 1 day, at least 0; NaN without views),
+  ``mutual_profile_views`` (min of the two directions' counts), ``co_engaged_with_content`` (shared items).
+* profile: the six functions of :mod:`pymk.features.profile`, vectorised. Text goes through the same
+  :func:`normalise_text` / :func:`skill_set` / :func:`title_tokens`, and the arithmetic is done in the same
+  order (Jaccard = |∩| / |∪|, cosine = dot / (√Σa² · √Σb²), haversine step by step), so values are the
+  worker's: the categorical ones, Jaccard and cosine bit for bit, the distance to the last ulp or so (numpy's
+  sin/cos may differ from libm's in the last bit). Missing geo is NaN.
+* ``gnn_embedding_cosine_sim``: cosine of the two embeddings (NaN when either is missing).
+
+Parsing a profile (normalising, tokenising) costs far more than comparing two, and the worker ranks the same
+candidates again and again, so :class:`ProfileCache` keeps every user's parsed profile in flat arrays (a
+slot per user) and re-parses only when the source returns a different profile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TypeVar
+
+import numpy as np
+from pymk.features.profile import EARTH_RADIUS_KM, normalise_text, skill_set, title_tokens
+from pymk.ranking.candidates import CandidateSet
+from pymk.ranking.source import RankingSource
+
+from pymk.events import Profile
+
+FEATURE_NAMES: tuple[str, ...] = (
+    # graph
+    "common_neighbor_count",
+    "adamic_adar_score",
+    "jaccard_sim",
+    "graph_distance_bucket",
+    "query_degree_log",
+    "candidate_degree_log",
+    # behavioural
+    "query_viewed_candidate_profile",
+    "profile_view_recency_days",
+    "mutual_profile_views",
+    "co_engaged_with_content",
+    # profile
+    "same_company_current",
+    "same_school",
+    "same_industry",
+    "skill_jaccard_sim",
+    "title_cosine_sim",
+    "geo_distance_km",
+    # embedding
+    "gnn_embedding_cosine_sim",
+)
+N_FEATURES = len(FEATURE_NAMES)
+FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
+DAY_MS = 86_400_000
+_DEG_TO_RAD = math.pi / 180.0  # the factor math.radians uses, so radians agree bit for bit
+_V = TypeVar("_V")
+
+
+class ProfileCache:
+    """Parsed profiles in flat arrays, a slot per user (slot 0: "no profile"), so that comparing a user with
+    1,000 candidates is a handful of numpy operations on gathered rows.
+
+    Skills and title tokens are rows of padded tables (-1 = no entry) whose width grows with the longest
+    list seen, up to :data:`MAX_PADDED`; a longer list (rare) lives in an overflow dict and is compared on its
+    own. The cache is reset when it holds more than ``max_users`` users, so memory stays bounded.
+    """
+
+    MAX_PADDED = 64
+
+    def __init__(self, max_users: int = 200_000) -> None:
+        self.max_users = max_users
+        self.parses = 0  # profiles parsed (a cache miss or a changed profile)
+        self._reset()
+
+    def _reset(self) -> None:
+        capacity = 1024
+        self._vocabulary: dict[str, int] = {}  # normalised text (company, school, skill, title token) → id
+        self._slot_of: dict[int, int] = {}
+        self._profiles: list[Profile | None] = [None]
+        self.company = np.full(capacity, -1, np.int64)
+        self.school = np.full(capacity, -1, np.int64)
+        self.industry = np.full(capacity, -1, np.int64)
+        self.lat = np.full(capacity, np.nan)
+        self.lon = np.full(capacity, np.nan)
+        self.skill_count = np.zeros(capacity, np.int64)
+        self.title_length = np.zeros(capacity, np.int64)  # distinct title tokens
+        self.title_norm = np.zeros(capacity)  # √Σ count², 0 without tokens
+        self.skill_table = np.full((capacity, 4), -1, np.int32)  # sorted skill ids, padded
+        self.title_table = np.full((capacity, 4), -1, np.int32)  # sorted title token ids, padded
+        self.title_count_table = np.zeros((capacity, 4), np.int32)  # their counts
+        self.skill_overflow: dict[int, np.ndarray] = {}  # slot → ids, for lists longer than MAX_PADDED
+        self.title_overflow: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def _id(self, text: str) -> int:
+        return self._vocabulary.setdefault(text, len(self._vocabulary))
+
+    def _text_id(self, text: str | None) -> int:
+        normal = normalise_text(text)
+        return self._id(normal) if normal else -1
+
+    def _grow_rows(self) -> None:
+        size = len(self.company) * 2
+        fills = {"company": -1, "school": -1, "industry": -1, "lat": np.nan, "lon": np.nan, "skill_count": 0,
+                 "title_length": 0, "title_norm": 0, "skill_table": -1, "title_table": -1, "title_count_table": 0}
+        for name, fill in fills.items():
+            old = getattr(self, name)
+            new = np.full((size, *old.shape[1:]), fill, old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def _widen(self, name: str, width: int, fill: int) -> None:
+        old = getattr(self, name)
+        if old.shape[1] < width:
+            new = np.full((old.shape[0], min(self.MAX_PADDED, max(width, 2 * old.shape[1]))), fill, old.dtype)
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+    def _parse(self, user: int, profile: Profile) -> int:
+        self.parses += 1
+        slot = self._slot_of.get(user)
+        if slot is None:
+            slot = len(self._profiles)
+            self._slot_of[user] = slot
+            self._profiles.append(profile)
+            if slot >= len(self.company):
+                self._grow_rows()
+        self._profiles[slot] = profile
+        self.company[slot] = self._text_id(profile.company)
+        self.school[slot] = self._text_id(profile.school)
+        self.industry[slot] = self._text_id(profile.industry)
+        geo = profile.geo
+        self.lat[slot], self.lon[slot] = (float(geo[0]), float(geo[1])) if geo is not None else (np.nan, np.nan)
+
+        skills = sorted(self._id(s) for s in skill_set(profile.skills))
+        self.skill_count[slot] = len(skills)
+        self.skill_table[slot] = -1
+        self.skill_overflow.pop(slot, None)
+        if len(skills) > self.MAX_PADDED:
+            self.skill_overflow[slot] = np.array(skills, np.int64)
+        elif skills:
+            self._widen("skill_table", len(skills), -1)
+            self.skill_table[slot, : len(skills)] = skills
+
+        tokens = sorted((self._id(t), n) for t, n in Counter(title_tokens(profile.title)).items())
+        self.title_length[slot] = len(tokens)
+        # The same expression as title_cosine_sim's norm (exact integer sum, then sqrt).
+        self.title_norm[slot] = math.sqrt(sum(n * n for _, n in tokens)) if tokens else 0.0
+        self.title_table[slot] = -1
+        self.title_count_table[slot] = 0
+        self.title_overflow.pop(slot, None)
+        ids, counts = [t for t, _ in tokens], [n for _, n in tokens]
+        if len(tokens) > self.MAX_PADDED:
+            self.title_overflow[slot] = (np.array(ids, np.int64), np.array(counts, np.int64))
+        elif tokens:
+            self._widen("title_table", len(tokens), -1)
+            self._widen("title_count_table", len(tokens), 0)
+            self.title_table[slot, : len(tokens)] = ids
+            self.title_count_table[slot, : len(tokens)] = counts
+        return slot
+
+    def skills(self, slot: int) -> np.ndarray:
+        """The slot's sorted skill ids."""
+        overflow = self.skill_overflow.get(slot)
+        if overflow is not None:
+            return overflow
+        return self.skill_table[slot, : self.skill_count[slot]].astype(np.int64)
+
+    def title(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """The slot's sorted title token ids and their counts."""
+        overflow = self.title_overflow.get(slot)
+        if overflow is not None:
+            return overflow
+        length = self.title_length[slot]
+        return self.title_table[slot, :length].astype(np.int64), self.title_count_table[slot, :length].astype(np.int64)
+
+    def slots(self, users: Sequence[int], source: RankingSource) -> np.ndarray:
+        """The users' slots for their current profiles (parsed when new or changed; 0 for no profile). The
+        slots of one call stay valid together: a reset happens only before it starts."""
+        if len(self._slot_of) + len(users) > self.max_users:
+            self._reset()
+        profile_of, slot_of, profiles = source.profile, self._slot_of, self._profiles
+        out = np.zeros(len(users), np.int64)
+        for i, user in enumerate(users):
+            profile = profile_of(user)
+            if profile is None:
+                continue
+            slot = slot_of.get(user)
+            # A cached, unchanged profile: the source usually hands back the very same object.
+            if slot is not None and (profiles[slot] is profile or profiles[slot] == profile):
+                out[i] = slot
+            else:
+                out[i] = self._parse(user, profile)
+        return out
+
+    def profile(self, user: int) -> Profile | None:
+        """The user's profile as last seen by :meth:`slots`."""
+        slot = self._slot_of.get(user)
+        return self._profiles[slot] if slot is not None else None
+
+
+class FeatureBuilder:
+    """Builds feature matrices; keep one per worker (it owns the :class:`ProfileCache`)."""
+
+    def __init__(self, profile_cache: ProfileCache | None = None) -> None:
+        self.profiles = profile_cache if profile_cache is not None else ProfileCache()
+
+    def matrix(self, user: int, candidates: CandidateSet, source: RankingSource, as_of_ms: int) -> np.ndarray:
+        """(len(candidates), 17) float64 features of (user, each candidate) as of ``as_of_ms``."""
+        ids = candidates.ids
+        n = len(ids)
+        out = np.zeros((n, N_FEATURES))
+        if n == 0:
+            return out
+        id_list = ids.tolist()
+        self._graph(user, candidates, id_list, source, out)
+        self._behaviour(user, id_list, source, as_of_ms, out)
+        self._profile(user, id_list, source, out)
+        self._embedding(user, id_list, source, out)
+        return out
+
+    def pair(self, user: int, candidate: int, source: RankingSource, as_of_ms: int) -> dict[str, float | None]:
+        """The features of one pair by name (NaN as None), computed exactly as in :meth:`matrix`."""
+        counts, scores = source.two_hop(user)
+        candidates = CandidateSet(user, np.array([candidate], np.int64), np.array([counts.get(candidate, 0)]),
+                                  np.array([scores.get(candidate, 0.0)]), np.array([np.nan]),
+                                  np.array([candidate in counts]), np.array([False]))
+        return feature_dict(self.matrix(user, candidates, source, as_of_ms)[0])
+
+    # ---- column groups ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _graph(user: int, candidates: CandidateSet, id_list: list[int], source: RankingSource,
+               out: np.ndarray) -> None:
+        n = len(id_list)
+        degree_of = source.degree
+        counts = candidates.common_neighbor_count.astype(np.float64)
+        query_degree = float(degree_of(user))
+        degrees = np.fromiter((degree_of(u) for u in id_list), np.float64, n)
+        union = query_degree + degrees - counts
+        out[:, 0] = counts
+        out[:, 1] = candidates.adamic_adar_score
+        out[:, 2] = np.divide(counts, union, out=np.zeros(n), where=union > 0)
+        out[:, 3] = np.where(counts > 0, 2.0, 3.0)
+        out[:, 4] = math.log1p(query_degree)
+        out[:, 5] = _log1p_table(int(degrees.max()))[degrees.astype(np.int64)]
+
+    @staticmethod
+    def _behaviour(user: int, id_list: list[int], source: RankingSource, as_of_ms: int, out: np.ndarray) -> None:
+        out[:, 7] = np.nan
+        views = source.profile_views(user)
+        engaged = source.co_engaged_counts(user)
+        if not views and not engaged:
+            return
+        row_of = {u: i for i, u in enumerate(id_list)}
+        # Walk the smaller side: a user's view map is usually much smaller than the candidate list.
+        for other, (count_out, count_in, latest) in _matches(views, row_of):
+            i = row_of[other]
+            out[i, 6] = count_out
+            out[i, 7] = max(0, as_of_ms - latest) / DAY_MS
+            out[i, 8] = min(count_out, count_in)
+        for other, count in _matches(engaged, row_of):
+            out[row_of[other], 9] = count
+
+    def _profile(self, user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+        cache = self.profiles
+        all_slots = cache.slots([user, *id_list], source)
+        query, slots = int(all_slots[0]), all_slots[1:]
+        for column, field in ((10, cache.company), (11, cache.school), (12, cache.industry)):
+            value = field[query]
+            if value >= 0:
+                out[:, column] = field[slots] == value
+
+        query_skills = cache.skills(query)
+        if len(query_skills):
+            counts = cache.skill_count[slots]
+            common = np.isin(cache.skill_table[slots], query_skills).sum(axis=1)  # padding (-1) never matches
+            for i in np.flatnonzero(counts > cache.MAX_PADDED).tolist():
+                common[i] = len(np.intersect1d(cache.skills(int(slots[i])), query_skills, assume_unique=True))
+            union = len(query_skills) + counts - common
+            out[:, 13] = np.divide(common, union, out=np.zeros(len(slots)), where=counts > 0)
+
+        query_tokens, query_counts = cache.title(query)
+        if len(query_tokens):
+            tokens = cache.title_table[slots]
+            position = np.minimum(np.searchsorted(query_tokens, tokens), len(query_tokens) - 1)
+            hit = query_tokens[position] == tokens
+            dot = np.where(hit, cache.title_count_table[slots] * query_counts[position], 0).sum(axis=1)
+            for i in np.flatnonzero(cache.title_length[slots] > cache.MAX_PADDED).tolist():
+                ids, counts = cache.title(int(slots[i]))
+                _, mine, theirs = np.intersect1d(query_tokens, ids, assume_unique=True, return_indices=True)
+                dot[i] = int((query_counts[mine] * counts[theirs]).sum())
+            norm = cache.title_norm[query] * cache.title_norm[slots]
+            out[:, 14] = np.minimum(1.0, np.divide(dot, norm, out=np.zeros(len(slots)), where=norm > 0))
+
+        lat1, lon1 = cache.lat[query], cache.lon[query]
+        if np.isnan(lat1):
+            out[:, 15] = np.nan
+        else:
+            lat2, lon2 = cache.lat[slots], cache.lon[slots]
+            # haversine_km, operation by operation.
+            phi1, phi2 = lat1 * _DEG_TO_RAD, lat2 * _DEG_TO_RAD
+            dphi, dlmb = phi2 - phi1, (lon2 - lon1) * _DEG_TO_RAD
+            h = np.sin(dphi / 2) ** 2 + math.cos(phi1) * np.cos(phi2) * np.sin(dlmb / 2) ** 2
+            out[:, 15] = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.minimum(1.0, h)))
+
+    @staticmethod
+    def _embedding(user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+        query = source.embedding(user)
+        if query is None:
+            out[:, 16] = np.nan
+            return
+        query = np.asarray(query, np.float32)
+        vectors = np.asarray(source.embeddings(id_list), np.float32)
+        # Divide by the norms even though the source promises unit vectors: a cosine must stay a cosine.
+        # einsum, not @: a matrix-vector product may go to a multi-threaded BLAS, and ranking runs on one core.
+        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors)) * np.float32(np.sqrt(np.dot(query, query)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cosine = np.einsum("ij,j->i", vectors, query) / norms
+        out[:, 16] = np.clip(cosine, -1.0, 1.0)
+
+
+_LOG1P = np.array([math.log1p(d) for d in range(4096)])
+
+
+def _log1p_table(largest: int) -> np.ndarray:
+    """math.log1p(d) for d = 0..largest: numpy's vectorised log1p can differ from libm's in the last bit, and
+    the worker's debug API uses math.log1p."""
+    global _LOG1P
+    if largest >= len(_LOG1P):
+        size = max(largest + 1, 2 * len(_LOG1P))
+        _LOG1P = np.concatenate([_LOG1P, [math.log1p(d) for d in range(len(_LOG1P), size)]])
+    return _LOG1P
+
+
+def _matches(mapping: Mapping[int, _V], row_of: dict[int, int]) -> Iterator[tuple[int, _V]]:
+    """(key, value) pairs of ``mapping`` whose key is a candidate, walking the smaller of the two."""
+    if len(mapping) <= len(row_of):
+        return ((k, v) for k, v in mapping.items() if k in row_of)
+    return ((k, mapping[k]) for k in row_of if k in mapping)
+
+
+def feature_dict(row: np.ndarray) -> dict[str, float | None]:
+    """A feature row by name, JSON-ready (NaN → None, integers stay integral floats)."""
+    return {name: (None if math.isnan(value) else value) for name, value in zip(FEATURE_NAMES, row.tolist(),
+                                                                                  strict=True)}

@@ -1,0 +1,166 @@
+"""The product's rows of ``pymk evaluate``, offline: the same ranking code the workers run (Stage 1 hybrid
+candidates, the 17 features, the ranker), over a :class:`MemorySource` holding the past graph only.
+
+No leakage: models see only the past of the split.
+- GraphSAGE is trained on the connections before the ranker's first training checkpoint (the first half of the
+  past), so the embeddings the ranker learns from never encode the labels it is trained on; at serving time the
+  same (inductive) model embeds every user on the whole past graph.
+- The ranker's labels come from inside the past: a temporal replay of the past with checkpoints at 50–90 % of
+  it, labels = connections within the horizon after each checkpoint, still in the past.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pymk.datasets import EdgeHistory
+from pymk.index.ann import AnnConfig, AnnIndex
+from pymk.index.embedder import Embedder, salt_for_version
+from pymk.index.sage import GraphSage, load_model
+from pymk.ranking.candidates import CandidateConfig
+from pymk.ranking.evaluation import EvaluationSplit
+from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
+from pymk.ranking.memory_source import MemorySource
+from pymk.ranking.model import Ranker
+from pymk.ranking.recommend import ranking_order, score_candidates
+from pymk.ranking.source import Scorer
+
+FIRST_CHECKPOINT = 0.5
+
+
+@dataclass(frozen=True)
+class ProductModels:
+    sage_dir: Path
+    ranker_dir: Path
+    sage_version: str
+    ranker_version: str
+
+
+def past_history(split: EvaluationSplit, history: EdgeHistory) -> EdgeHistory:
+    """The split's past as an edge history (later interactions of past pairs before the future starts)."""
+    past = list(split.past_connections)
+    end = max((ts for _, _, ts in split.future_connections), default=None)
+    start = min((ts for _, _, ts in split.future_connections), default=None)
+    repeats = [] if split.kind == "random" or start is None or end is None else [
+        r for r in history.repeats if r[2] < start]
+    return EdgeHistory(f"{history.path} (past)", history.timed, past, repeats, 0, len(past))
+
+
+def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: Path, progress: bool = False,
+                         epochs: int = 20) -> ProductModels:
+    from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
+    from pymk.ranking.training_data import TrainingDataConfig, train_ranker
+    from pymk.train import embeddings_at_checkpoint
+
+    past = past_history(split, history)
+    early = past.connections[: int(FIRST_CHECKPOINT * len(past.connections))]
+    sage = train_embeddings(early, None, out_dir / "embeddings", EmbeddingTrainingConfig(epochs=epochs,
+                                                                                          progress=progress))
+    ranker = train_ranker(past, out_dir / "ranker", TrainingDataConfig(), progress=progress, report=None,
+                          embeddings_at=embeddings_at_checkpoint(sage.model_dir))
+    return ProductModels(sage.model_dir, out_dir / "ranker", str(sage.metadata["version"]), ranker.version)
+
+
+def past_source(split: EvaluationSplit, model: GraphSage, version: str, ann: AnnConfig) -> MemorySource:
+    """The past graph as the workers would hold it after replaying it: every user embedded and indexed."""
+    index = AnnIndex(ann)
+    source = MemorySource(ann=lambda user, k, exclude: _search(index, source, user, k, exclude))
+    for u, v, ts in split.past_connections:
+        source.add_connection(u, v, ts)
+    users = sorted(source.users())
+    vectors = Embedder(model, source, source).embed(users, salt_for_version(version))
+    source.set_embeddings(dict(zip(users, vectors, strict=True)))
+    index.upsert(np.asarray(users, dtype=np.int64), vectors)
+    return source
+
+
+def _search(index: AnnIndex, source: MemorySource, user: int, k: int,
+            exclude: Collection[int]) -> Sequence[tuple[int, float]]:
+    vector = source.embedding(user)
+    return [] if vector is None else index.search(vector, k, exclude=set(exclude) | {user})
+
+
+class ProductMethod:
+    """A :class:`pymk.ranking.evaluation.Method`: the full ordering of a user's Stage 1 candidates by the
+    scorer (the top 20 of it is the published list); users beyond the candidates are not ranked."""
+
+    def __init__(self, name: str, source: MemorySource, scorer: Scorer, config: CandidateConfig,
+                 as_of_ms: int) -> None:
+        self.name = name
+        self.source = source
+        self.scorer = scorer
+        self.config = config
+        self.as_of_ms = as_of_ms
+        self.builder = FeatureBuilder()
+        self._cache: dict[int, tuple[list[int], set[int]]] = {}
+
+    def _ordered(self, user: int) -> tuple[list[int], set[int]]:
+        held = self._cache.get(user)
+        if held is None:
+            scored = score_candidates(user, self.source, self.scorer, self.config, self.as_of_ms, k=1,
+                                      builder=self.builder)
+            ids = scored.candidates.ids
+            order = ranking_order(scored.scores, scored.features[:, FEATURE_INDEX["candidate_degree_log"]], ids, len(ids))
+            ranked = [int(x) for x in ids[order]]
+            held = self._cache[user] = (ranked, set(ranked))
+            if len(self._cache) > 4096:
+                self._cache.pop(next(iter(self._cache)))
+        return held
+
+    def rank(self, user: int, k: int) -> list[int]:
+        return self._ordered(user)[0][:k]
+
+    def candidates(self, user: int) -> Collection[int]:
+        return self._ordered(user)[1]
+
+    def best_rank(self, user: int, targets: Collection[int]) -> int | None:
+        for position, candidate in enumerate(self._ordered(user)[0], start=1):
+            if candidate in targets:
+                return position
+        return None
+
+
+class AnnOnlyMethod:
+    """GraphSAGE embeddings alone: the nearest users by cosine, excluding the user and its past neighbours."""
+
+    name = "GraphSAGE-ANN"
+
+    def __init__(self, source: MemorySource, depth: int = 1000) -> None:
+        self.source = source
+        self.depth = depth
+
+    def _found(self, user: int, k: int) -> list[int]:
+        exclude = set(self.source.neighbours(user)) | {user}
+        return [v for v, _ in self.source.ann_neighbours(user, k, exclude)]
+
+    def rank(self, user: int, k: int) -> list[int]:
+        return self._found(user, k)
+
+    def candidates(self, user: int) -> Collection[int]:
+        return set(self._found(user, self.depth))
+
+
+def product_methods(split: EvaluationSplit, models: ProductModels, ann: AnnConfig,
+                    candidate_config: CandidateConfig | None = None) -> list[object]:
+    config = candidate_config or CandidateConfig()
+    model, _ = load_model(models.sage_dir)
+    source = past_source(split, model, models.sage_version, ann)
+    ranker = Ranker.load(models.ranker_dir)
+    as_of = max(ts for _, _, ts in split.past_connections) + 1
+    graph_only = CandidateConfig(graph_k=config.graph_k, ann_k=0, max_candidates=config.max_candidates)
+    return [
+        AnnOnlyMethod(source, depth=config.ann_k),
+        ProductMethod("2-hop+XGBoost", source, ranker, graph_only, as_of),
+        ProductMethod("hybrid+XGBoost", source, ranker, config, as_of),
+    ]
+
+
+def candidate_sets(methods: Sequence[object]) -> dict[str, Callable[[int], Collection[int]]]:
+    """Coverage of the candidate sets: ANN-only and hybrid (the graph-only set is the evaluator's own)."""
+    by_name = {getattr(m, "name"): m for m in methods}  # noqa: B009 - methods of several classes
+    return {"ann": by_name["GraphSAGE-ANN"].candidates,  # type: ignore[attr-defined]
+            "hybrid": by_name["hybrid+XGBoost"].candidates}  # type: ignore[attr-defined]

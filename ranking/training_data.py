@@ -1,0 +1,397 @@
+"""Temporal training data for the ranker (``pymk train ranker --data PATH``), and the training run itself.
+
+The replay mirrors what the worker does online, at several checkpoint times t:
+
+1. **State as of t.** Every event with ts < t is applied, in time order, to a :class:`MemorySource`; nothing
+   at or after t is. :func:`check_no_leakage` (a hard error, not an ``assert`` that ``-O`` strips) verifies
+   before every query that the source has seen no event at or after t.
+2. **Queries.** Users active at t: at least one connection before t and at least one new connection in
+   [t, t + horizon); a sample of them (``queries_per_checkpoint``), plus ``inactive_share`` as many users
+   with a connection before t and none in the window (their rows are all negatives: the model must also
+   learn who not to bother).
+3. **Rows.** Candidates come from the SAME Stage 1 (:func:`pymk.ranking.candidates.generate_candidates`)
+   and features from the same builder, as of t. The candidates the scorer in use at t (default: the
+   cold-start heuristic) would show (its top ``shown_k``) are rows, labelled 1 when the pair connects within
+   the horizon, else 0 (shown, not taken). Candidates that were not shown but connect are rows too (label 1):
+   they are what the model has to lift into the list.
+   **Plus ``unshown_negatives`` (default 50) random candidates per query that were neither shown nor
+   taken** (label 0). Without them every negative is a top-20 pick of the heuristic and every unshown row a
+   positive, so "the heuristic likes it" *predicts a negative* and the model learns to invert the heuristic:
+   on CollegeMsg (last checkpoint, 229 active users, all Stage 1 candidates ranked, recall over all their
+   future partners) that model reached Recall@20 0.009 against the heuristic's 0.052; with 20 / 50 / 200
+   random unshown negatives 0.080 / 0.071 / 0.084. The rows' ``shown`` flag tells them apart.
+4. **Split by time.** Validation = the rows of the last ``val_checkpoints`` checkpoint(s), training = the
+   earlier ones, so the model is judged on a future it did not see. Row AUC on that split is biased by the
+   row selection above (the heuristic's own AUC there is far below 0.5), so the validation queries also keep
+   every Stage 1 candidate (:class:`RankingCase`) and the report gives Recall@20 over the full candidate
+   lists for the model and for the heuristic: the number that says whether the model ranks better.
+
+Checkpoints default to 50%, 60%, 70%, 80%, 90% of the connection sequence (by count, like the contract's
+80/20 split; CollegeMsg's activity is front-loaded, so fractions of wall-clock time would leave the late
+checkpoints almost empty). t is the ts of the connection at that position.
+
+Label horizon: ``horizon_days`` (default 14) for timed data. Untimed files (ego-Facebook, CA-HepPh) are
+replayed one connection per step (:data:`pymk.datasets.UNTIMED_STEP_MS`), so their horizon is measured in
+connection steps: ``horizon_steps`` connections after t (default: 10% of the connections, the gap between
+two checkpoints).
+
+Behaviour in real edge lists: a repeated interaction of an already-connected pair
+(:attr:`EdgeHistory.repeats`) is replayed as a profile view; candidates are never connected, so their
+behavioural features stay 0/NaN on such data. Event streams with behaviour and profiles
+(:func:`pymk.synthetic.synthetic_network`) can be replayed as they are with :func:`build_training_data`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymk.ranking.candidates import CandidateConfig
+from pymk.ranking.features import FEATURE_INDEX, N_FEATURES, FeatureBuilder
+from pymk.ranking.heuristic import HeuristicScorer
+from pymk.ranking.memory_source import MemorySource
+from pymk.ranking.model import Ranker, RankerConfig, roc_auc
+from pymk.ranking.recommend import ranking_order, score_candidates
+from pymk.ranking.source import Scorer
+
+from pymk.datasets import UNTIMED_STEP_MS, EdgeHistory, load_edge_history
+from pymk.events import ConnectionEvent, InputEvent, ProfileViewEvent
+
+DAY_MS = 86_400_000
+_DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]
+
+# (past-only source, as-of ms) → embeddings of users as of then, e.g. GraphSAGE run on the past graph.
+EmbeddingsAt = Callable[[MemorySource, int], Mapping[int, np.ndarray]]
+
+
+class LeakageError(RuntimeError):
+    """A feature would be computed from an event at or after its as-of time."""
+
+
+def check_no_leakage(source: MemorySource, as_of_ms: int) -> None:
+    latest = source.latest_event_ts
+    if latest is not None and latest >= as_of_ms:
+        raise LeakageError(f"the source holds an event at ts {latest}, not before the as-of time {as_of_ms}")
+
+
+@dataclass(frozen=True)
+class TrainingDataConfig:
+    horizon_days: float = 14.0  # label window after t, timed data
+    horizon_steps: int | None = None  # label window in connection steps, untimed data (None: 10% of connections)
+    checkpoint_fractions: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # positions in the connection sequence
+    checkpoint_times_ms: tuple[int, ...] | None = None  # explicit checkpoint times (override the fractions)
+    queries_per_checkpoint: int = 400  # active query users sampled per checkpoint
+    inactive_share: float = 0.25  # plus this share of it in users without a new connection in the window
+    shown_k: int = 20  # what the scorer in use shows (the negatives)
+    unshown_negatives: int = 50  # plus this many random candidates per query that were neither shown nor taken
+    val_checkpoints: int = 1  # the last checkpoints form the validation split
+    candidate_config: CandidateConfig = field(default_factory=CandidateConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.horizon_days <= 0 or (self.horizon_steps is not None and self.horizon_steps < 1):
+            raise ValueError("the label horizon must be positive")
+        if not all(0.0 < f < 1.0 for f in self.checkpoint_fractions):
+            raise ValueError("checkpoint fractions must be in (0, 1)")
+        if self.val_checkpoints < 1 or self.shown_k < 1 or self.queries_per_checkpoint < 1:
+            raise ValueError("val_checkpoints, shown_k and queries_per_checkpoint must be at least 1")
+
+
+@dataclass(frozen=True)
+class RankingCase:
+    """Every Stage 1 candidate of one validation query, to measure Recall@k of a scorer over the full list."""
+
+    user: int
+    ids: np.ndarray
+    features: np.ndarray  # (n, 17) float32
+    positive: np.ndarray  # bool: connects within the horizon
+    partners: int  # future partners already in the graph at t (the recall denominator)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    features: np.ndarray  # (n, 17)
+    labels: np.ndarray  # (n,) 0/1
+    groups: np.ndarray  # (n,) one id per (checkpoint, query user)
+    ts: np.ndarray  # (n,) the checkpoint time (as-of) of each row
+    users: np.ndarray  # (n,) query user
+    candidates: np.ndarray  # (n,) candidate
+    shown: np.ndarray  # (n,) bool: in the scorer's top shown_k
+    is_val: np.ndarray  # (n,) bool: in the validation split
+    checkpoints: tuple[int, ...]
+    horizon_ms: int
+    horizon_label: str  # "14 days" or "N connection steps"
+    stats: dict[str, Any]
+    val_cases: tuple[RankingCase, ...] = ()  # every candidate of each validation query, for Recall@k
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def train_split(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.features[~self.is_val], self.labels[~self.is_val]
+
+    def val_split(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.features[self.is_val], self.labels[self.is_val]
+
+
+def history_events(history: EdgeHistory) -> list[InputEvent]:
+    """An edge history as input events: its connections, and its repeats as profile views, in ts order."""
+    events: list[tuple[int, int, InputEvent]] = [(ts, 0, ConnectionEvent(u, v, "add", ts))
+                                                  for u, v, ts in history.connections]
+    events += [(ts, 1, ProfileViewEvent(src, dst, ts)) for src, dst, ts in history.repeats]
+    events.sort(key=lambda item: (item[0], item[1]))
+    return [event for _, _, event in events]
+
+
+def _new_connections(events: Sequence[InputEvent]) -> list[tuple[int, int, int]]:
+    """(u, v, ts) of every add that connects a pair not connected at that moment, in order."""
+    alive: set[tuple[int, int]] = set()
+    out: list[tuple[int, int, int]] = []
+    for event in events:
+        if not isinstance(event, ConnectionEvent) or event.src == event.dst:
+            continue
+        pair = (min(event.src, event.dst), max(event.src, event.dst))
+        if event.action == "remove":
+            alive.discard(pair)
+        elif pair not in alive:
+            alive.add(pair)
+            out.append((pair[0], pair[1], event.ts))
+    return out
+
+
+@dataclass(frozen=True)
+class QueryExamples:
+    user: int
+    candidates: np.ndarray  # the kept rows' candidate ids
+    features: np.ndarray  # (rows, 17)
+    labels: np.ndarray  # int8
+    shown: np.ndarray  # bool
+    case: RankingCase | None  # every candidate (when asked for)
+
+
+def checkpoint_examples(source: MemorySource, as_of_ms: int, queries: Sequence[int],
+                        future_partners: Mapping[int, set[int]], scorer: Scorer, config: TrainingDataConfig,
+                        builder: FeatureBuilder, rng: np.random.Generator | None = None,
+                        keep_cases: bool = False) -> list[QueryExamples]:
+    """The kept rows of each query user as of ``as_of_ms`` (see the module doc); refuses a leaky source."""
+    rng = rng or np.random.default_rng(config.seed)
+    out: list[QueryExamples] = []
+    for user in queries:
+        check_no_leakage(source, as_of_ms)
+        scored = score_candidates(user, source, scorer, config.candidate_config, as_of_ms, config.shown_k,
+                                  builder=builder)
+        ids = scored.candidates.ids
+        partners = future_partners.get(user, set())
+        positive = np.isin(ids, np.fromiter(partners, np.int64, len(partners)))
+        shown = np.zeros(len(ids), bool)
+        shown[scored.top] = True
+        keep = shown | positive
+        rest = np.flatnonzero(~keep)
+        if config.unshown_negatives and len(rest):
+            keep[rng.choice(rest, min(len(rest), config.unshown_negatives), replace=False)] = True
+        case = None
+        known = sum(1 for p in partners if source.degree(p) > 0) if keep_cases else 0
+        if known:  # a partner who is not in the graph yet is a cold-start case, not a ranking miss
+            case = RankingCase(user, ids, scored.features.astype(np.float32), positive, known)
+        out.append(QueryExamples(user, ids[keep], scored.features[keep], positive[keep].astype(np.int8),
+                                 shown[keep], case))
+    return out
+
+
+def recall_at_k(scorer: Scorer, cases: Sequence[RankingCase], k: int = 20) -> float:
+    """Mean over cases of |top k by ``scorer`` ∩ future partners| / |future partners in the graph at t|, the
+    contract's tie rule (score, degree, id); NaN without cases."""
+    recalls = []
+    for case in cases:
+        if case.partners == 0:
+            continue
+        scores = np.asarray(scorer.predict(case.features), np.float64) if len(case.ids) else np.empty(0)
+        top = ranking_order(scores, case.features[:, _DEGREE_COLUMN], case.ids, k)
+        recalls.append(int(case.positive[top].sum()) / case.partners)
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
+def build_training_data(events: Sequence[InputEvent] | EdgeHistory, config: TrainingDataConfig | None = None,
+                        scorer: Scorer | None = None, embeddings_at: EmbeddingsAt | None = None,
+                        timed: bool | None = None, progress: bool = False) -> TrainingData:
+    """Replay ``events`` (time-ordered input events, or an :class:`EdgeHistory`) into training rows.
+
+    ``scorer``: what decides the shown rows (default :class:`HeuristicScorer`). ``embeddings_at``: sets the
+    users' embeddings at each checkpoint from the past-only source (without it, ANN and the embedding
+    feature are empty). ``timed``: whether ts are real times (default: from the history; True for events).
+    """
+    config = config or TrainingDataConfig()
+    scorer = scorer or HeuristicScorer()
+    if isinstance(events, EdgeHistory):
+        timed = events.timed if timed is None else timed
+        events = history_events(events)
+    timed = True if timed is None else timed
+    if any(later.ts < earlier.ts for earlier, later in zip(events, events[1:], strict=False)):
+        raise ValueError("events must be in ts order")
+    connections = _new_connections(events)
+    if len(connections) < 2:
+        raise ValueError("need at least two connections to replay")
+    if timed:
+        horizon_ms = int(config.horizon_days * DAY_MS)
+        horizon_label = f"{config.horizon_days:g} days"
+    else:
+        steps = config.horizon_steps or max(1, math.ceil(0.1 * len(connections)))
+        horizon_ms = steps * UNTIMED_STEP_MS
+        horizon_label = f"{steps} connection steps"
+    if config.checkpoint_times_ms is not None:
+        checkpoints = sorted(set(config.checkpoint_times_ms))
+    else:
+        checkpoints = sorted({connections[int(f * len(connections))][2] for f in config.checkpoint_fractions})
+    n_val = min(config.val_checkpoints, len(checkpoints) - 1) if len(checkpoints) > 1 else 0
+    val_from = checkpoints[len(checkpoints) - n_val] if n_val else None
+
+    rng = np.random.default_rng(config.seed)
+    source = MemorySource()
+    builder = FeatureBuilder()
+    next_event = 0
+    examples: list[tuple[int, QueryExamples]] = []  # (checkpoint, rows of one query)
+    per_checkpoint: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    bar = _progress(len(checkpoints), progress)
+    for t in checkpoints:
+        while next_event < len(events) and events[next_event].ts < t:
+            source.apply(events[next_event])
+            next_event += 1
+        check_no_leakage(source, t)
+        if embeddings_at is not None:
+            source.set_embeddings(dict(embeddings_at(source, t)))
+        future: dict[int, set[int]] = {}
+        for u, v, ts in connections:
+            if t <= ts < t + horizon_ms and v not in source.neighbours(u):
+                future.setdefault(u, set()).add(v)
+                future.setdefault(v, set()).add(u)
+        past_users = [u for u in source.users() if source.degree(u) > 0]
+        active = sorted(u for u in past_users if u in future)
+        inactive = sorted(u for u in past_users if u not in future)
+        queries = rng.permutation(active)[: config.queries_per_checkpoint].tolist()
+        n_inactive = min(len(inactive), round(config.inactive_share * config.queries_per_checkpoint))
+        queries += rng.permutation(inactive)[:n_inactive].tolist()
+        found = checkpoint_examples(source, t, queries, future, scorer, config, builder, rng,
+                                    keep_cases=val_from is not None and t >= val_from)
+        per_checkpoint.append({"t": t, "queries": len(queries), "active": len(active),
+                               "rows": sum(len(q.labels) for q in found),
+                               "positives": sum(int(q.labels.sum()) for q in found),
+                               "future_pairs_of_queries": sum(len(future.get(u, ())) for u in queries)})
+        examples.extend((t, q) for q in found)
+        bar.update(1)
+    bar.close()
+
+    n = sum(len(q.labels) for _, q in examples)
+    lengths = [len(q.labels) for _, q in examples]
+    features = np.concatenate([q.features for _, q in examples]) if n else np.empty((0, N_FEATURES))
+    labels = np.concatenate([q.labels for _, q in examples]) if n else np.empty(0, np.int8)
+    shown = np.concatenate([q.shown for _, q in examples]) if n else np.empty(0, bool)
+    candidates = np.concatenate([q.candidates for _, q in examples]) if n else np.empty(0, np.int64)
+    groups = np.repeat(np.arange(len(examples)), lengths)
+    ts = np.repeat(np.array([t for t, _ in examples], np.int64), lengths)
+    users = np.repeat(np.array([q.user for _, q in examples], np.int64), lengths)
+    is_val = ts >= val_from if val_from is not None else np.zeros(n, bool)
+    cases = tuple(q.case for _, q in examples if q.case is not None)
+    stats = {"connections": len(connections), "events": len(events), "timed": timed,
+             "seconds": round(time.perf_counter() - started, 2), "checkpoints": per_checkpoint,
+             "rows": int(n), "positives": int(labels.sum()), "shown_positives": int(labels[shown].sum()),
+             "val_rows": int(is_val.sum()), "val_positives": int(labels[is_val].sum()),
+             "val_checkpoints": n_val, "scorer": scorer.version}
+    return TrainingData(features, labels, groups, ts, users, candidates, shown, is_val, tuple(checkpoints),
+                        horizon_ms, horizon_label, stats, cases)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="checkpoints", unit="checkpoint")
+
+
+def training_data_from_path(path: str | Path, config: TrainingDataConfig | None = None,
+                            progress: bool = False) -> TrainingData:
+    return build_training_data(load_edge_history(path), config, progress=progress)
+
+
+def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir: str | Path,
+                 config: TrainingDataConfig | None = None, ranker_config: RankerConfig | None = None,
+                 report: Callable[[str], None] | None = print, progress: bool = False,
+                 embeddings_at: EmbeddingsAt | None = None) -> Ranker:
+    """Build temporal training data, train, save into ``out_dir`` and report (AUC, rows, positives,
+    Recall@20 against the heuristic, importances). ``path``: an edge-list file, a loaded
+    :class:`EdgeHistory`, or time-ordered input events (e.g. :func:`pymk.synthetic.synthetic_network`)."""
+    config = config or TrainingDataConfig()
+    if isinstance(path, str | Path):
+        data = build_training_data(load_edge_history(path), config, embeddings_at=embeddings_at, progress=progress)
+        described = str(path)
+    else:
+        data = build_training_data(path, config, embeddings_at=embeddings_at, progress=progress)
+        described = path.path if isinstance(path, EdgeHistory) else f"{len(path)} input events"
+    train_x, train_y = data.train_split()
+    val_x, val_y = data.val_split()
+    if len(train_y) == 0 or train_y.min() == train_y.max():
+        raise ValueError(f"{described}: the training split needs positives and negatives ({data.stats})")
+    heuristic = HeuristicScorer()
+    heuristic_auc = roc_auc(val_y, heuristic.predict(val_x)) if len(val_y) else math.nan
+    metadata: dict[str, Any] = {
+        "label_horizon": data.horizon_label, "label_horizon_ms": data.horizon_ms, "data": described,
+        "checkpoints_ms": list(data.checkpoints), "shown_k": config.shown_k,
+        "unshown_negatives": config.unshown_negatives,
+        "data_stats": {k: v for k, v in data.stats.items() if k != "checkpoints"},
+        "heuristic_val_auc": _or_none(heuristic_auc),
+    }
+    ranker = Ranker.train(train_x, train_y, val_x, val_y, ranker_config, metadata)
+    ranker.metadata["val_recall_at_20"] = _or_none(recall_at_k(ranker, data.val_cases, 20))
+    ranker.metadata["heuristic_val_recall_at_20"] = _or_none(recall_at_k(heuristic, data.val_cases, 20))
+    ranker.metadata["val_ranking_queries"] = len(data.val_cases)
+    ranker.save(out_dir)
+    if report is not None:
+        report(training_report(data, ranker, heuristic_auc, out_dir))
+    return ranker
+
+
+def _or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def training_report(data: TrainingData, ranker: Ranker, heuristic_auc: float, out_dir: str | Path) -> str:
+    stats = data.stats
+    meta = ranker.metadata
+    lines = [f"training data: {stats['rows']} rows ({stats['positives']} positive, {stats['shown_positives']} of "
+             f"them shown by {stats['scorer']}) from {len(data.checkpoints)} checkpoints, label horizon "
+             f"{data.horizon_label}, built in {stats['seconds']} s",
+             "  checkpoint        queries  active  rows  positives  future pairs of queries"]
+    for row in stats["checkpoints"]:
+        lines.append(f"  {row['t']:>16d}  {row['queries']:7d}  {row['active']:6d}  {row['rows']:5d}  "
+                     f"{row['positives']:9d}  {row['future_pairs_of_queries']:d}")
+    if stats["val_rows"]:
+        lines.append(f"validation (last {stats['val_checkpoints']} checkpoint(s)): {stats['val_rows']} rows, "
+                     f"{stats['val_positives']} positive; row AUC model {_fmt(meta.get('val_auc'))}, heuristic "
+                     f"{_fmt(heuristic_auc)} (biased by the row selection)")
+        lines.append(f"validation Recall@20 over all Stage 1 candidates of {meta.get('val_ranking_queries')} "
+                     f"active users: model {_fmt(meta.get('val_recall_at_20'))}, heuristic "
+                     f"{_fmt(meta.get('heuristic_val_recall_at_20'))}")
+    else:
+        lines.append("validation: no rows")
+    lines.append(ranker.describe())
+    lines.append(f"saved to {out_dir}")
+    return "\n".join(lines)
+

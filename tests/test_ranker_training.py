@@ -1,0 +1,159 @@
+"""Temporal training data and ranker training: no leakage, correct labels, a time split, and a model that
+learns (val AUC ≥ 0.7 on a small synthetic community network)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from pymk.ranking.candidates import CandidateConfig, generate_candidates
+from pymk.ranking.features import FeatureBuilder
+from pymk.ranking.heuristic import HeuristicScorer
+from pymk.ranking.memory_source import MemorySource
+from pymk.ranking.model import Ranker, RankerConfig
+from pymk.ranking.training_data import (
+    LeakageError,
+    TrainingDataConfig,
+    build_training_data,
+    check_no_leakage,
+    checkpoint_examples,
+    recall_at_k,
+    train_ranker,
+)
+
+from pymk.datasets import UNTIMED_STEP_MS, load_edge_history
+from pymk.events import ConnectionEvent
+from pymk.synthetic import SyntheticConfig, synthetic_network
+
+DAY_MS = 86_400_000
+SMALL_RANKER = RankerConfig(n_estimators=60, max_depth=4, train_threads=1, early_stopping_rounds=15)
+
+
+@pytest.fixture(scope="module")
+def network() -> list:
+    return synthetic_network(SyntheticConfig(n_users=500, seed=3, avg_degree=12, duration_days=60))
+
+
+@pytest.fixture(scope="module")
+def data(network: list):
+    config = TrainingDataConfig(horizon_days=7, queries_per_checkpoint=150, unshown_negatives=50)
+    return build_training_data(network, config)
+
+
+def test_the_guard_refuses_a_source_that_saw_the_future() -> None:
+    source = MemorySource()
+    source.add_connection(1, 2, ts=1_000)
+    source.add_connection(2, 3, ts=2_000)
+    check_no_leakage(source, 2_001)
+    with pytest.raises(LeakageError):
+        check_no_leakage(source, 2_000)  # an event at the as-of time is already the future
+    config = TrainingDataConfig()
+    with pytest.raises(LeakageError):
+        checkpoint_examples(source, 1_500, [1], {1: {3}}, HeuristicScorer(), config, FeatureBuilder())
+
+
+def test_rows_are_computed_as_of_their_checkpoint_and_labelled_by_the_window(network: list, data) -> None:
+    assert len(data) > 0 and data.stats["positives"] > 0
+    horizon = 7 * DAY_MS
+    adds = [e for e in network if isinstance(e, ConnectionEvent) and e.action == "add"]
+    for t in data.checkpoints:
+        rows = np.flatnonzero(data.ts == t)
+        past = MemorySource()
+        for event in network:
+            if event.ts < t:
+                past.apply(event)
+        window = defaultdict(set)
+        for e in adds:
+            if t <= e.ts < t + horizon and e.dst not in past.neighbours(e.src):
+                window[e.src].add(e.dst)
+                window[e.dst].add(e.src)
+        builder = FeatureBuilder()
+        by_user = defaultdict(list)
+        for row in rows.tolist():
+            by_user[int(data.users[row])].append(row)
+        for user, user_rows in list(by_user.items())[:8]:
+            candidates = generate_candidates(user, past, CandidateConfig(), t)
+            position = {v: i for i, v in enumerate(candidates.ids.tolist())}
+            matrix = builder.matrix(user, candidates, past, t)
+            for row in user_rows:
+                candidate = int(data.candidates[row])
+                assert candidate not in past.neighbours(user)  # never a connection at t
+                assert data.labels[row] == int(candidate in window[user])
+                assert np.array_equal(data.features[row], matrix[position[candidate]], equal_nan=True)
+            # Every candidate that connects in the window is kept, shown or not.
+            assert {v for v in candidates.ids.tolist() if v in window[user]} == {
+                int(data.candidates[r]) for r in user_rows if data.labels[r]}
+            assert int(data.shown[user_rows].sum()) == min(20, len(candidates))
+
+
+def test_the_split_is_by_time(data) -> None:
+    assert data.is_val.any() and (~data.is_val).any()
+    assert data.ts[~data.is_val].max() < data.ts[data.is_val].min()
+    assert set(np.unique(data.ts[data.is_val]).tolist()) == {data.checkpoints[-1]}
+    train_x, train_y = data.train_split()
+    val_x, val_y = data.val_split()
+    assert len(train_y) + len(val_y) == len(data)
+    assert data.val_cases and all(case.partners > 0 for case in data.val_cases)
+    assert len(data.val_cases) <= 150
+
+
+class RandomScorer:
+    version = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.rng.random(len(features))
+
+    def explain(self, features: np.ndarray) -> np.ndarray:
+        return np.zeros_like(features)
+
+
+def test_a_trained_model_beats_random(data) -> None:
+    """Seeds 0-5 of this network gave val AUC 0.73-0.82 when the test was written; seed 3: 0.76."""
+    train_x, train_y = data.train_split()
+    val_x, val_y = data.val_split()
+    ranker = Ranker.train(train_x, train_y, val_x, val_y, SMALL_RANKER)
+    assert ranker.metadata["val_auc"] >= 0.7
+    # And on the task itself: ranking every Stage 1 candidate of the validation users.
+    model_recall = recall_at_k(ranker, data.val_cases)
+    random_recall = np.mean([recall_at_k(RandomScorer(seed), data.val_cases) for seed in range(5)])
+    assert model_recall > 2 * random_recall
+    assert not math.isnan(recall_at_k(HeuristicScorer(), data.val_cases))
+
+
+def test_train_ranker_on_an_edge_list_file(tmp_path, network: list) -> None:
+    path = tmp_path / "edges.txt"
+    lines = [f"{e.src} {e.dst} {e.ts // 1000}" for e in network if isinstance(e, ConnectionEvent) and e.action == "add"]
+    lines += [lines[5], lines[9]]  # repeated interactions: profile views of connected pairs
+    path.write_text("\n".join(lines) + "\n")
+    reports: list[str] = []
+    config = TrainingDataConfig(horizon_days=7, queries_per_checkpoint=60, unshown_negatives=20)
+    ranker = train_ranker(path, tmp_path / "model", config, SMALL_RANKER, report=reports.append)
+    loaded = Ranker.load(tmp_path / "model")
+    assert loaded.version == ranker.version
+    assert loaded.metadata["label_horizon"] == "7 days"
+    assert "val_recall_at_20" in loaded.metadata and "heuristic_val_recall_at_20" in loaded.metadata
+    assert "AUC" in reports[0] and "Recall@20" in reports[0] and "adamic_adar_score" in reports[0]
+
+
+def test_untimed_graphs_measure_the_horizon_in_connection_steps(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    edges = {tuple(sorted(map(int, rng.choice(80, 2, replace=False)))) for _ in range(500)}
+    path = tmp_path / "untimed.txt"
+    path.write_text("\n".join(f"{u} {v}" for u, v in edges) + "\n")
+    history = load_edge_history(path)
+    data = build_training_data(history, TrainingDataConfig(horizon_steps=40, queries_per_checkpoint=20))
+    assert data.horizon_label == "40 connection steps" and data.horizon_ms == 40 * UNTIMED_STEP_MS
+    default = build_training_data(history, TrainingDataConfig(queries_per_checkpoint=5))
+    assert default.horizon_ms == math.ceil(0.1 * len(history.connections)) * UNTIMED_STEP_MS
+
+
+def test_train_ranker_on_input_events(tmp_path, network: list) -> None:
+    config = TrainingDataConfig(horizon_days=7, queries_per_checkpoint=60, unshown_negatives=20)
+    ranker = train_ranker(network, tmp_path / "model", config, SMALL_RANKER, report=None)
+    assert Ranker.load(tmp_path / "model").version == ranker.version
+    assert ranker.metadata["data"] == f"{len(network)} input events"

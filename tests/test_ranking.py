@@ -1,0 +1,504 @@
+"""The ranking core: Stage 1 candidates, the 17-feature matrix, scorers, reasons and the invariants of a
+ranked list. Pure code on small random graphs; every expected value is computed independently (networkx or
+plain python over the raw events), never read back from the code under test."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import defaultdict
+
+import networkx as nx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymk.features import profile as profile_features
+from pymk.ranking.candidates import (
+    ANN,
+    GRAPH,
+    Candidate,
+    CandidateConfig,
+    CandidateSet,
+    ExcludeBlocked,
+    ExcludeConnections,
+    ExcludeDismissed,
+    ExcludeSelf,
+    generate_candidates,
+)
+from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder, ProfileCache, feature_dict
+from pymk.ranking.heuristic import HeuristicScorer
+from pymk.ranking.memory_source import MemorySource
+from pymk.ranking.model import Ranker, RankerConfig, roc_auc
+from pymk.ranking.recommend import ranking_order, recommend
+from pymk.ranking.source import RankingSource, Scorer
+
+from pymk.events import Profile, Recommendations
+
+DAY_MS = 86_400_000
+NOW = 1_700_000_000_000
+COMPANIES = ["Acme", "ACME ", "Globex", "Initech", None]
+SCHOOLS = ["MIT", "Stanford", None]
+INDUSTRIES = ["software", "finance", None]
+SKILLS = ["python", "Java", "sql", "go", "rust", "kafka", "spark"]
+TITLES = ["software engineer", "senior software engineer", "data scientist", "head of sales", None]
+
+
+class World:
+    """A MemorySource and the raw facts it was built from (for independent expected values)."""
+
+    def __init__(self, seed: int, n: int = 40, p: float = 0.12, embedded_share: float = 0.7) -> None:
+        rnd = random.Random(seed)
+        self.graph = nx.gnp_random_graph(n, p, seed=seed)
+        self.source = MemorySource()
+        for u in self.graph.nodes:
+            self.source.add_user(u)
+        for u, v in self.graph.edges:
+            self.source.add_connection(u, v, NOW - DAY_MS)
+        self.views: list[tuple[int, int, int]] = []
+        for _ in range(3 * n):
+            a, b = rnd.sample(range(n), 2)
+            ts = NOW - rnd.randrange(0, 30) * DAY_MS - rnd.randrange(1000)
+            self.views.append((a, b, ts))
+            self.source.add_view(a, b, ts)
+            if rnd.random() < 0.2:  # an exact duplicate event: no new distinct view
+                self.source.add_view(a, b, ts)
+        self.engaged: dict[int, set[int]] = defaultdict(set)
+        for _ in range(2 * n):
+            user, item = rnd.randrange(n), 10**9 + rnd.randrange(12)
+            self.engaged[user].add(item)
+            self.source.add_engagement(user, item, NOW - rnd.randrange(10**6))
+        self.profiles: dict[int, Profile] = {}
+        for u in range(n):
+            if rnd.random() < 0.15:
+                continue  # no profile at all
+            profile = Profile(
+                company=rnd.choice(COMPANIES), school=rnd.choice(SCHOOLS), industry=rnd.choice(INDUSTRIES),
+                title=rnd.choice(TITLES),
+                skills=tuple(rnd.sample(SKILLS, rnd.randrange(0, 5))) if rnd.random() < 0.9 else None,
+                geo=(rnd.uniform(-60, 60), rnd.uniform(-180, 180)) if rnd.random() < 0.8 else None)
+            self.profiles[u] = profile
+            self.source.set_profile(u, profile)
+        rng = np.random.default_rng(seed)
+        self.vectors = {u: rng.normal(size=128).astype(np.float32) for u in range(n)
+                        if rnd.random() < embedded_share}
+        self.source.set_embeddings(self.vectors)
+
+    def common(self, u: int, v: int) -> list[int]:
+        return sorted(set(self.graph[u]) & set(self.graph[v]))
+
+
+def expected_row(world: World, u: int, v: int) -> dict[str, float]:
+    """The 17 features of (u, v), from networkx, the raw events and pymk.features.profile."""
+    g = world.graph
+    common = world.common(u, v)
+    union = set(g[u]) | set(g[v])
+    out_stamps = {ts for a, b, ts in world.views if (a, b) == (u, v)}
+    in_stamps = {ts for a, b, ts in world.views if (a, b) == (v, u)}
+    latest = max(out_stamps | in_stamps, default=None)
+    a, b = world.profiles.get(u), world.profiles.get(v)
+    geo = profile_features.geo_distance_km(a, b)
+    if u in world.vectors and v in world.vectors:
+        x, y = world.vectors[u], world.vectors[v]
+        cosine = float(np.dot(x / np.linalg.norm(x), y / np.linalg.norm(y)))
+    else:
+        cosine = math.nan
+    try:
+        distance = nx.shortest_path_length(g, u, v)
+    except nx.NetworkXNoPath:
+        distance = math.inf
+    return {
+        "common_neighbor_count": len(common),
+        "adamic_adar_score": sum(1 / math.log(g.degree(z)) for z in common if g.degree(z) > 1),
+        "jaccard_sim": len(common) / len(union) if union else 0.0,
+        "graph_distance_bucket": 2 if distance == 2 else 3,
+        "query_degree_log": math.log1p(g.degree(u)),
+        "candidate_degree_log": math.log1p(g.degree(v)),
+        "query_viewed_candidate_profile": len(out_stamps),
+        "profile_view_recency_days": math.nan if latest is None else max(0, NOW - latest) / DAY_MS,
+        "mutual_profile_views": min(len(out_stamps), len(in_stamps)),
+        "co_engaged_with_content": len(world.engaged[u] & world.engaged[v]),
+        "same_company_current": profile_features.same_company_current(a, b),
+        "same_school": profile_features.same_school(a, b),
+        "same_industry": profile_features.same_industry(a, b),
+        "skill_jaccard_sim": profile_features.skill_jaccard_sim(a, b),
+        "title_cosine_sim": profile_features.title_cosine_sim(a, b),
+        "geo_distance_km": math.nan if geo is None else geo,
+        "gnn_embedding_cosine_sim": cosine,
+    }
+
+
+def assert_row_equal(row: np.ndarray, expected: dict[str, float], context: str) -> None:
+    for name, value in expected.items():
+        got = row[FEATURE_INDEX[name]]
+        if math.isnan(value):
+            assert math.isnan(got), (context, name, got)
+        elif name == "gnn_embedding_cosine_sim":
+            assert got == pytest.approx(value, abs=1e-5), (context, name)
+        elif name in ("geo_distance_km", "adamic_adar_score"):  # libm vs numpy last bit; summation order
+            assert got == pytest.approx(value, rel=1e-12, abs=1e-12), (context, name)
+        else:
+            assert got == value, (context, name, got, value)  # bit for bit
+
+
+# ---- the source ---------------------------------------------------------------------------------------------
+def test_memory_source_is_a_ranking_source_with_exact_two_hop() -> None:
+    world = World(seed=1)
+    source = world.source
+    assert isinstance(source, RankingSource)
+    for u in world.graph.nodes:
+        counts, scores = source.two_hop(u)
+        expected = {v for v in world.graph.nodes if v != u and not world.graph.has_edge(u, v) and world.common(u, v)}
+        assert set(counts) == expected
+        for v in expected:
+            assert counts[v] == len(world.common(u, v))
+            assert scores[v] == pytest.approx(expected_row(world, u, v)["adamic_adar_score"], rel=1e-12)
+            assert source.common_neighbors(u, v) == world.common(u, v)
+        assert source.degree(u) == world.graph.degree(u)
+
+
+def test_profile_views_are_distinct_counts_and_the_latest_either_way() -> None:
+    source = MemorySource()
+    source.add_view(1, 2, 100)
+    source.add_view(1, 2, 100)  # duplicate event
+    source.add_view(1, 2, 300)
+    source.add_view(2, 1, 200)
+    source.add_view(3, 1, 50)
+    assert source.profile_views(1) == {2: (2, 1, 300), 3: (0, 1, 50)}
+    assert source.profile_views(2) == {1: (1, 2, 300)}
+
+
+def test_hub_items_are_not_counted_with_a_fanout_limit() -> None:
+    source = MemorySource(max_item_fanout=2)
+    for user in (1, 2, 3):
+        source.add_engagement(user, 100, 10)  # 3 engagers: a hub
+    source.add_engagement(1, 200, 10)
+    source.add_engagement(2, 200, 10)
+    assert source.co_engaged_counts(1) == {2: 1}
+
+
+# ---- features ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_feature_matrix_equals_independent_per_pair_computation(seed: int) -> None:
+    world = World(seed)
+    builder = FeatureBuilder()
+    config = CandidateConfig(graph_k=50, ann_k=8, max_candidates=100)
+    checked = 0
+    for user in range(0, 40, 3):
+        candidates = generate_candidates(user, world.source, config, NOW)
+        matrix = builder.matrix(user, candidates, world.source, NOW)
+        assert matrix.shape == (len(candidates), len(FEATURE_NAMES))
+        for row, candidate in zip(matrix, candidates.ids.tolist(), strict=True):
+            assert_row_equal(row, expected_row(world, user, candidate), f"seed {seed} pair {user}-{candidate}")
+            checked += 1
+        # The second call hits the profile cache and must give the same matrix.
+        assert np.array_equal(builder.matrix(user, candidates, world.source, NOW), matrix, equal_nan=True)
+    assert checked > 50
+
+
+def test_pair_features_by_name_are_json_ready() -> None:
+    world = World(seed=5)
+    user = 0
+    candidate = next(v for v in world.graph.nodes if v != user and not world.graph.has_edge(user, v))
+    pair = FeatureBuilder().pair(user, candidate, world.source, NOW)
+    assert list(pair) == list(FEATURE_NAMES)
+    json.dumps(pair, allow_nan=False)
+    expected = expected_row(world, user, candidate)
+    for name, value in pair.items():
+        assert (value is None) == math.isnan(expected[name])
+
+
+def test_profile_cache_reparses_changed_profiles_and_handles_long_lists() -> None:
+    source = MemorySource()
+    for u in range(4):
+        source.add_user(u)
+    many_skills = tuple(f"skill {i}" for i in range(100))  # beyond the padded width
+    long_title = " ".join(f"word{i}" for i in range(80))
+    source.set_profile(0, Profile(company="Acme", skills=many_skills, title=long_title, geo=(10.0, 20.0)))
+    source.set_profile(1, Profile(company="acme", skills=many_skills[::2], title=long_title + " word3"))
+    source.set_profile(2, Profile(company="Globex", skills=("skill 3", "python"), title="word3 word3"))
+    cache = ProfileCache()
+    builder = FeatureBuilder(cache)
+    candidates = CandidateSet.from_candidates(0, [Candidate(v, (ANN,), 0, 0.0, 0.5) for v in (1, 2, 3)])
+
+    def check() -> None:
+        matrix = builder.matrix(0, candidates, source, NOW)
+        for row, v in zip(matrix, (1, 2, 3), strict=True):
+            a, b = source.profile(0), source.profile(v)
+            assert row[FEATURE_INDEX["same_company_current"]] == profile_features.same_company_current(a, b)
+            assert row[FEATURE_INDEX["skill_jaccard_sim"]] == profile_features.skill_jaccard_sim(a, b)
+            assert row[FEATURE_INDEX["title_cosine_sim"]] == profile_features.title_cosine_sim(a, b)
+
+    check()
+    parses = cache.parses
+    check()
+    assert cache.parses == parses  # unchanged profiles are not parsed again
+    source.set_profile(2, Profile(company="ACME", skills=many_skills[:70]))  # user 2 changes job
+    check()
+    assert cache.parses == parses + 1
+    assert builder.matrix(0, candidates, source, NOW)[1, FEATURE_INDEX["same_company_current"]] == 1
+
+
+# ---- stage 1 -----------------------------------------------------------------------------------------------------
+def test_candidates_take_the_top_of_each_source_and_remember_sources() -> None:
+    world = World(seed=7, n=60, p=0.1)
+    source, g = world.source, world.graph
+    config = CandidateConfig(graph_k=10, ann_k=6, max_candidates=100)
+    for user in range(0, 60, 5):
+        candidates = generate_candidates(user, source, config, NOW)
+        ids = candidates.ids.tolist()
+        assert len(ids) == len(set(ids))  # deduplicated
+        two_hop = [v for v in g.nodes if v != user and not g.has_edge(user, v) and world.common(user, v)]
+        ranked = sorted(two_hop, key=lambda v: (-len(world.common(user, v)),
+                                                -round(expected_row(world, user, v)["adamic_adar_score"], 9),
+                                                -g.degree(v), v))
+        expected_graph = set(ranked[:10])
+        if user in world.vectors:
+            query = world.vectors[user] / np.linalg.norm(world.vectors[user])
+            cosines = {v: float(np.dot(query, world.vectors[v] / np.linalg.norm(world.vectors[v])))
+                       for v in world.vectors if v != user and not g.has_edge(user, v)}
+            expected_ann = set(sorted(cosines, key=lambda v: (-cosines[v], v))[:6])
+        else:
+            expected_ann = set()
+        assert set(ids) == expected_graph | expected_ann
+        for i, v in enumerate(ids):
+            assert candidates.sources(i) == tuple(s for s, member in ((GRAPH, v in expected_graph),
+                                                                     (ANN, v in expected_ann)) if member)
+            assert candidates.common_neighbor_count[i] == len(world.common(user, v))
+            assert (candidates.ann_score[i] == pytest.approx(cosines[v], abs=1e-5) if v in expected_ann
+                    else math.isnan(candidates.ann_score[i]))
+        assert candidates.stats["two_hop"] == len(two_hop)
+
+
+def test_the_rough_cut_respects_max_candidates() -> None:
+    world = World(seed=8, n=80, p=0.15)
+    config = CandidateConfig(graph_k=30, ann_k=30, max_candidates=25)
+    for user in range(0, 80, 7):
+        candidates = generate_candidates(user, world.source, config, NOW)
+        assert len(candidates) <= 25
+        rough = candidates.adamic_adar_score + 2.0 * np.nan_to_num(np.maximum(candidates.ann_score, 0), nan=0)
+        assert np.all(np.diff(np.round(rough, 9)) <= 0)  # ordered by rough score
+
+
+def test_graph_ties_break_by_degree_then_id() -> None:
+    # 0 - 1 - {2, 3, 4}; 3 and 4 also have degree 2 (one more friend each), 2 has degree 1.
+    source = MemorySource()
+    for v in (2, 3, 4):
+        source.add_connection(1, v)
+    source.add_connection(0, 1)
+    source.add_connection(3, 10)
+    source.add_connection(4, 11)
+    candidates = generate_candidates(0, source, CandidateConfig(graph_k=2, ann_k=0), NOW)
+    assert sorted(candidates.ids.tolist()) == [3, 4]  # same CN and AA: higher degree wins over id 2
+    candidates = generate_candidates(0, source, CandidateConfig(graph_k=1, ann_k=0), NOW)
+    assert candidates.ids.tolist() == [3]  # same degree: lower id
+
+
+def test_filters_compose_and_dismissals_expire() -> None:
+    source = MemorySource()
+    for v in (2, 3, 4, 5):
+        source.add_connection(1, v)
+    source.add_connection(0, 1)
+    source.add_dismissal(0, 2, NOW - 10 * DAY_MS)  # old
+    source.add_dismissal(0, 3, NOW - DAY_MS)  # recent
+    source.block(0, 4)
+    never = generate_candidates(0, source, CandidateConfig(ann_k=0), NOW)
+    assert never.ids.tolist() == [5]
+    week = generate_candidates(0, source, CandidateConfig(ann_k=0, dismissal_expiry_ms=7 * DAY_MS), NOW)
+    assert sorted(week.ids.tolist()) == [2, 5]
+    only_self = generate_candidates(0, source, CandidateConfig(ann_k=0), NOW, filters=[ExcludeSelf()])
+    assert sorted(only_self.ids.tolist()) == [2, 3, 4, 5]
+    chain = [ExcludeSelf(), ExcludeConnections(), ExcludeDismissed(None), ExcludeBlocked()]
+    assert generate_candidates(0, source, CandidateConfig(ann_k=0), NOW, filters=chain).ids.tolist() == [5]
+
+
+# ---- invariants of a ranked list (property test) -------------------------------------------------------------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 30), p=st.floats(0.05, 0.5), k=st.integers(1, 25),
+       expiry_days=st.one_of(st.none(), st.integers(0, 20)), data=st.data())
+def test_ranked_list_invariants(seed: int, n: int, p: float, k: int, expiry_days: int | None,
+                                data: st.DataObject) -> None:
+    world = World(seed, n=n, p=p)
+    source = world.source
+    rnd = random.Random(seed)
+    dismissed_at: dict[tuple[int, int], int] = {}
+    for _ in range(data.draw(st.integers(0, 3 * n))):
+        user, other = rnd.randrange(n), rnd.randrange(n)
+        ts = NOW - rnd.randrange(0, 30) * DAY_MS
+        source.add_dismissal(user, other, ts)
+        dismissed_at[(user, other)] = max(ts, dismissed_at.get((user, other), ts))
+    blocked = {(rnd.randrange(n), rnd.randrange(n)) for _ in range(n)}
+    for user, other in blocked:
+        source.block(user, other)
+    expiry = None if expiry_days is None else expiry_days * DAY_MS
+    config = CandidateConfig(graph_k=data.draw(st.integers(0, 15)), ann_k=data.draw(st.integers(0, 15)),
+                             max_candidates=data.draw(st.integers(1, 30)), dismissal_expiry_ms=expiry)
+    user = data.draw(st.integers(0, n - 1))
+    ranked = recommend(user, source, HeuristicScorer(), config, NOW, k=k)
+    shown = [item.candidate.user for item in ranked.items]
+    assert len(shown) <= k and len(shown) == len(set(shown))
+    assert [item.rank for item in ranked.items] == list(range(1, len(shown) + 1))
+    assert user not in shown
+    assert not set(shown) & set(world.graph[user])
+    for other in shown:
+        assert (user, other) not in blocked
+        ts = dismissed_at.get((user, other))
+        assert ts is None or (expiry is not None and NOW - ts > expiry)
+    scores = [item.score for item in ranked.items]
+    assert scores == sorted(scores, reverse=True)
+    for a, b in zip(ranked.items, ranked.items[1:], strict=False):  # ties: higher degree, then lower id
+        if a.score == b.score:
+            key_a = (-world.graph.degree(a.candidate.user), a.candidate.user)
+            key_b = (-world.graph.degree(b.candidate.user), b.candidate.user)
+            assert key_a < key_b
+    assert ranked.feature_matrix_of_items.shape == (len(shown), len(FEATURE_NAMES))
+    Recommendations.from_json(ranked.to_recommendations().to_json())  # JSON-ready, no NaN
+
+
+def test_an_expired_dismissal_brings_the_candidate_back() -> None:
+    source = MemorySource()
+    source.add_connection(0, 1)
+    source.add_connection(1, 2)
+    source.add_dismissal(0, 2, NOW - 30 * DAY_MS)
+    scorer = HeuristicScorer()
+    assert recommend(0, source, scorer, CandidateConfig(), NOW).items == ()
+    week = CandidateConfig(dismissal_expiry_ms=7 * DAY_MS)
+    assert [item.candidate.user for item in recommend(0, source, scorer, week, NOW).items] == [2]
+
+
+def test_ranking_order_breaks_ties_by_degree_then_id() -> None:
+    scores = np.array([1.0, 2.0, 2.0, 2.0, 0.5])
+    degree_key = np.log1p(np.array([9, 3, 5, 5, 1]))
+    ids = np.array([10, 11, 14, 12, 13])
+    assert ids[ranking_order(scores, degree_key, ids, 3)].tolist() == [12, 14, 11]
+    assert ids[ranking_order(scores, degree_key, ids, 10)].tolist() == [12, 14, 11, 10, 13]
+
+
+# ---- reasons ---------------------------------------------------------------------------------------------------
+def test_every_item_has_reasons_with_correct_mutuals() -> None:
+    world = World(seed=11, n=50, p=0.15)
+    g = world.graph
+    scorer = HeuristicScorer()
+    items = 0
+    for user in range(0, 50, 4):
+        ranked = recommend(user, world.source, scorer, CandidateConfig(ann_k=5), NOW)
+        explanations = scorer.explain(ranked.feature_matrix_of_items)
+        for item, row, explanation in zip(ranked.items, ranked.feature_matrix_of_items, explanations, strict=True):
+            items += 1
+            reasons = item.reasons
+            json.dumps(reasons, allow_nan=False)
+            v = item.candidate.user
+            common = world.common(user, v)
+            assert reasons["mutual_connections"] == len(common)
+            assert reasons["mutual_examples"] == sorted(common, key=lambda z: (-g.degree(z), z))[:3]
+            a, b = world.profiles.get(user), world.profiles.get(v)
+            expected_shared = [name for name, same in (("company", profile_features.same_company_current),
+                                                       ("school", profile_features.same_school),
+                                                       ("industry", profile_features.same_industry)) if same(a, b)]
+            assert reasons["shared"] == expected_shared
+            assert reasons.get("similar_profile", False) == (ANN in item.sources)
+            positive = sorted((c for c in explanation if round(c, 4) > 0), reverse=True)[:3]
+            assert [t["contribution"] for t in reasons["top_features"]] == [round(c, 4) for c in positive]
+            assert reasons["text"]
+            if common:
+                assert reasons["text"].startswith(f"{len(common)} mutual connection")
+            if "company" in expected_shared:
+                assert f"both at {a.company}" in reasons["text"]
+            assert np.array_equal(row, FeatureBuilder().matrix(
+                user, CandidateSet.from_candidates(user, [item.candidate]), world.source, NOW)[0], equal_nan=True)
+    assert items > 50
+
+
+# ---- scorers -------------------------------------------------------------------------------------------------
+def test_heuristic_is_an_additive_blend() -> None:
+    scorer = HeuristicScorer()
+    assert isinstance(scorer, Scorer) and scorer.version == "heuristic-v1"
+    base = np.zeros((1, len(FEATURE_NAMES)))
+    base[0, FEATURE_INDEX["profile_view_recency_days"]] = np.nan
+    base[0, FEATURE_INDEX["geo_distance_km"]] = np.nan
+    base[0, FEATURE_INDEX["gnn_embedding_cosine_sim"]] = np.nan
+    assert scorer.predict(base)[0] == 0.0  # nothing known, nothing added; NaN contributes 0
+    rows = np.repeat(base, 3, axis=0)
+    rows[1, FEATURE_INDEX["adamic_adar_score"]] = 1.0
+    rows[2, FEATURE_INDEX["adamic_adar_score"]] = 1.0
+    rows[2, FEATURE_INDEX["same_company_current"]] = 1.0
+    scores = scorer.predict(rows)
+    assert scores[0] < scores[1] < scores[2]
+    assert np.allclose(scorer.explain(rows).sum(axis=1), scores)
+
+
+def _synthetic_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, len(FEATURE_NAMES)))
+    x[rng.random(n) < 0.3, FEATURE_INDEX["profile_view_recency_days"]] = np.nan
+    logit = 3 * x[:, FEATURE_INDEX["adamic_adar_score"]] + 2 * x[:, FEATURE_INDEX["same_company_current"]] - 2.5
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    return x, y
+
+
+def test_ranker_trains_predicts_explains_and_round_trips(tmp_path) -> None:
+    x, y = _synthetic_rows(3000, seed=0)
+    val_x, val_y = _synthetic_rows(800, seed=1)
+    config = RankerConfig(n_estimators=40, max_depth=4, train_threads=1, early_stopping_rounds=10)
+    ranker = Ranker.train(x, y, val_x, val_y, config, {"label_horizon": "14 days"})
+    assert isinstance(ranker, Scorer)
+    assert re.fullmatch(r"xgb-\d{14}-[0-9a-f]{8}", ranker.version)
+    assert ranker.metadata["val_auc"] > 0.65
+    assert ranker.metadata["feature_names"] == list(FEATURE_NAMES)
+    assert ranker.metadata["training"]["rows"] == 3000 and ranker.metadata["training"]["val_rows"] == 800
+    scores = ranker.predict(val_x)
+    assert scores.shape == (800,) and np.all((scores > 0) & (scores < 1))
+    margin = ranker.margin(val_x)
+    for approximate in (False, True):
+        contributions = ranker.contributions(val_x[:50], approximate=approximate)
+        assert contributions.shape == (50, len(FEATURE_NAMES) + 1)
+        assert np.allclose(contributions.sum(axis=1), margin[:50], atol=1e-4)
+    importances = ranker.feature_importances()
+    assert list(importances) == list(FEATURE_NAMES)
+    assert max(importances, key=importances.get) == "adamic_adar_score"
+    assert "adamic_adar_score" in ranker.describe()
+
+    ranker.save(tmp_path / "model")
+    loaded = Ranker.load(tmp_path / "model")
+    assert loaded.version == ranker.version
+    assert loaded.metadata == json.loads(json.dumps(ranker.metadata))
+    assert np.array_equal(loaded.predict(val_x), scores)
+    assert np.allclose(loaded.contributions(val_x[:5]), ranker.contributions(val_x[:5]))
+
+
+def test_recommend_with_the_ranker_uses_its_contributions_for_reasons() -> None:
+    world = World(seed=3, n=60, p=0.12)
+    x, y = _synthetic_rows(1500, seed=2)
+    ranker = Ranker.train(x, y, config=RankerConfig(n_estimators=20, max_depth=3, train_threads=1))
+    for user in (0, 7, 21):
+        ranked = recommend(user, world.source, ranker, CandidateConfig(ann_k=10), NOW)
+        assert ranked.model_version == ranker.version
+        assert len(ranked.items) == min(20, ranked.candidates_considered)
+        assert np.allclose([item.score for item in ranked.items], ranker.predict(ranked.feature_matrix_of_items))
+        explanations = ranker.explain(ranked.feature_matrix_of_items)
+        for item, explanation in zip(ranked.items, explanations, strict=True):
+            expected = [FEATURE_NAMES[i] for i in np.argsort(-explanation, kind="stable")[:3]
+                        if round(float(explanation[i]), 4) > 0]
+            assert [t["feature"] for t in item.reasons["top_features"]] == expected
+        assert set(ranked.timings) >= {"candidates", "features", "predict", "reasons", "total"}
+
+
+def test_roc_auc_counts_pairs_and_ties() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(200) < 0.3
+    scores = rng.integers(0, 10, 200).astype(float)  # many ties
+    pairs = [(1.0 if s > t else 0.5 if s == t else 0.0) for s in scores[labels] for t in scores[~labels]]
+    assert roc_auc(labels, scores) == pytest.approx(np.mean(pairs))
+    assert math.isnan(roc_auc(np.ones(3, bool), np.arange(3.0)))
+
+
+def test_features_of_items_are_named_and_nan_free() -> None:
+    world = World(seed=4)
+    ranked = recommend(0, world.source, HeuristicScorer(), CandidateConfig(), NOW)
+    assert ranked.items
+    features = ranked.features_of(0)
+    assert list(features) == list(FEATURE_NAMES)
+    assert features == feature_dict(ranked.feature_matrix_of_items[0])
+    json.dumps(features, allow_nan=False)
