@@ -200,6 +200,21 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.evaluate import run_evaluation, summary_rows
+
+    out_dir = Path(args.out_dir)
+    result, paths = run_evaluation(settings, args.data, args.split, out_dir, seed=args.seed_split, live=args.live,
+                                   retrain=args.retrain, progress=not args.quiet)
+    if args.json:
+        Path(args.json).write_text(paths["json"].read_text())
+    print(paths["md"].read_text())
+    print(f"report: {paths['json']}  {paths['md']}  plot: {paths['png']}")
+    if args.quiet:
+        print(json.dumps(summary_rows(result)))
+    return 0
+
+
 def _cmd_features(args: argparse.Namespace, settings: Settings) -> int:
     import urllib.error
     import urllib.request
@@ -327,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="the contract's evaluation protocol: reference heuristics and the "
+                                               "product on one graph; JSON, Markdown and a PNG plot")
+    evaluate.add_argument("--data", required=True, help="an edge-list file (formats of ../shared/data)")
+    evaluate.add_argument("--split", choices=["time", "random"], required=True)
+    evaluate.add_argument("--json", help="also write the JSON report here")
+    evaluate.add_argument("--out-dir", default="reports", help="folder of the reports (default: reports)")
+    evaluate.add_argument("--live", action="store_true",
+                          help="also replay the past through Kafka into a worker and score its published lists")
+    evaluate.add_argument("--retrain", action="store_true", help="train the models again (default: cached)")
+    evaluate.add_argument("--seed-split", type=int, default=0, help="seed of the random split")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     neighbours = sub.add_parser("neighbours", help="a user's ANN neighbours in the embedding index, with cosine")
     neighbours.add_argument("user", type=int)

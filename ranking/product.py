@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from pymk.datasets import EdgeHistory
 from pymk.index.ann import AnnConfig, AnnIndex
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.sage import GraphSage, load_model
@@ -28,6 +26,8 @@ from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker
 from pymk.ranking.recommend import ranking_order, score_candidates
 from pymk.ranking.source import Scorer
+
+from pymk.datasets import EdgeHistory
 
 FIRST_CHECKPOINT = 0.5
 
@@ -54,6 +54,7 @@ def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: 
                          epochs: int = 20) -> ProductModels:
     from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
     from pymk.ranking.training_data import TrainingDataConfig, train_ranker
+
     from pymk.train import embeddings_at_checkpoint
 
     past = past_history(split, history)
@@ -104,7 +105,8 @@ class ProductMethod:
             scored = score_candidates(user, self.source, self.scorer, self.config, self.as_of_ms, k=1,
                                       builder=self.builder)
             ids = scored.candidates.ids
-            order = ranking_order(scored.scores, scored.features[:, FEATURE_INDEX["candidate_degree_log"]], ids, len(ids))
+            degree_key = scored.features[:, FEATURE_INDEX["candidate_degree_log"]]
+            order = ranking_order(scored.scores, degree_key, ids, len(ids))
             ranked = [int(x) for x in ids[order]]
             held = self._cache[user] = (ranked, set(ranked))
             if len(self._cache) > 4096:
