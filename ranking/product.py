@@ -90,7 +90,7 @@ class ProductMethod:
     scorer (the top 20 of it is the published list); users beyond the candidates are not ranked."""
 
     def __init__(self, name: str, source: MemorySource, scorer: Scorer, config: CandidateConfig,
-                 as_of_ms: int) -> None:
+                 as_of_ms: int | Callable[[int], int]) -> None:
         self.name = name
         self.source = source
         self.scorer = scorer
@@ -102,7 +102,8 @@ class ProductMethod:
     def _ordered(self, user: int) -> tuple[list[int], set[int]]:
         held = self._cache.get(user)
         if held is None:
-            scored = score_candidates(user, self.source, self.scorer, self.config, self.as_of_ms, k=1,
+            as_of = self.as_of_ms(user) if callable(self.as_of_ms) else self.as_of_ms
+            scored = score_candidates(user, self.source, self.scorer, self.config, as_of, k=1,
                                       builder=self.builder)
             ids = scored.candidates.ids
             degree_key = scored.features[:, FEATURE_INDEX["candidate_degree_log"]]
@@ -152,7 +153,7 @@ def product_methods(split: EvaluationSplit, models: ProductModels, ann: AnnConfi
     model, _ = load_model(models.sage_dir)
     source = past_source(split, model, models.sage_version, ann)
     ranker = Ranker.load(models.ranker_dir)
-    as_of = max(ts for _, _, ts in split.past_connections) + 1
+    as_of = max(ts for _, _, ts in split.past_connections)  # the event time of the end of the past
     graph_only = CandidateConfig(graph_k=config.graph_k, ann_k=0, max_candidates=config.max_candidates)
     return [
         AnnOnlyMethod(source, depth=config.ann_k),
