@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from pymk.features.activity import activity_values
 from pymk.features.storage import RowStore, row_key
 
 ADJACENCY = b"A"  # local user u → registers {neighbour: version}
@@ -97,6 +98,10 @@ class DegreeUpdate:
     degree: int
     version: int
     ts: int
+    # when the user last connected or disconnected (the largest ts of their registers), and their decayed
+    # connection activity at that anchor (features/activity.py)
+    last_ts: int = 0
+    activity: tuple[float, ...] = ()
 
 
 PartitionMessage = EdgeHalf | MirrorUpdate
@@ -277,7 +282,8 @@ class PartitionGraph:
             self._dirty.add((REVERSE, other))
             # local users adjacent to `owner` see `other` appear or vanish at distance 2
             self._mirror_changed(owner, other, sign, ts)
-            self._outbox.degrees[owner] = DegreeUpdate(owner, row.alive, row.version_sum, ts)
+        # any register change moves the last-connection time or the activity: every worker learns it
+        self._outbox.degrees[owner] = self.degree_update(owner, row, ts)
         # Adding `other` can add only its partition, removing only shrink the set: so these are all the
         # partitions that had or have a neighbour of `owner`.
         targets = (before | {self.partition_of(other)}) - {self.partition}
@@ -387,6 +393,20 @@ class PartitionGraph:
 
     def degree(self, user: int) -> int:
         return self.adjacency_row(user).alive
+
+    @staticmethod
+    def degree_update(owner: int, row: Registers, ts: int) -> DegreeUpdate:
+        last = version_ts(max(row.versions.values())) if row.versions else ts
+        return DegreeUpdate(owner, row.alive, row.version_sum, ts, last,
+                            activity_values((version_ts(v) for _, v in row.alive_items()), last))
+
+    def connection_activity(self, user: int) -> tuple[tuple[float, ...], int] | None:
+        """(decayed activity at the anchor, anchor = last connection ts) of a local user; None if none."""
+        row = self.adjacency_row(user)
+        if not row.versions:
+            return None
+        update = self.degree_update(user, row, 0)
+        return update.activity, update.last_ts
 
     def degree_with_ts(self, user: int) -> tuple[int, int | None]:
         """(degree, ts of the last change of any of the user's edges)."""

@@ -174,7 +174,8 @@ def _cmd_neighbours(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     from pymk.streams.producer import send_commands
 
-    count = send_commands(settings, user=args.user, reembed=args.reembed)
+    count = send_commands(settings, user=args.user, reembed=args.reembed or args.embeddings_only,
+                          rank=not args.embeddings_only)
     print(f"sent {count} refresh command(s); lists follow on {settings.topic('recommendations')}")
     return 0
 
@@ -212,6 +213,26 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     print(f"report: {paths['json']}  {paths['md']}  plot: {paths['png']}")
     if args.quiet:
         print(json.dumps(summary_rows(result)))
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
+    from pymk.train import model_history, rollback
+
+    kind_dir = settings.model_dir / args.kind
+    if args.action == "rollback":
+        try:
+            version = rollback(kind_dir)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"pymk model rollback: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.kind}: current → {version}; running workers load it within "
+              f"{settings.model_reload_interval_s:g} s")
+        return 0
+    current = kind_dir / "current"
+    print(f"{args.kind}: current = {current.resolve().name if current.exists() else '(none: shipped default)'}")
+    for version in model_history(kind_dir):
+        print(f"  {version}")
     return 0
 
 
@@ -356,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)
 
+    model = sub.add_parser("model", help="the serving models' versions: list them, or roll back one step")
+    model.add_argument("action", choices=["list", "rollback"])
+    model.add_argument("kind", choices=["embeddings", "ranker"])
+    model.set_defaults(func=_cmd_model)
+
     neighbours = sub.add_parser("neighbours", help="a user's ANN neighbours in the embedding index, with cosine")
     neighbours.add_argument("user", type=int)
     neighbours.add_argument("--k", type=int, default=20)
@@ -368,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--user", type=int)
     who.add_argument("--all", action="store_true")
     refresh.add_argument("--reembed", action="store_true", help="re-embed the users first (new GraphSAGE model)")
+    refresh.add_argument("--embeddings-only", action="store_true", help="re-embed, publish no list")
     refresh.set_defaults(func=_cmd_refresh)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")

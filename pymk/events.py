@@ -175,21 +175,37 @@ class Recommendations:
 
 @dataclass(frozen=True)
 class Impression:
+    """One item of a published list, with the exact feature vector the model scored (for training on the
+    model's own traffic). ``ts``: when it was published (wall clock); ``as_of``: the event time it was ranked
+    at, which the delayed labels are measured from."""
+
     KIND: ClassVar[str] = "impressions"
     user: int
     candidate: int
     rank: int
     score: float
     model_version: str
-    features: dict[str, float]
+    features: dict[str, float | None]
     ts: int
+    as_of: int = 0
+    sources: tuple[str, ...] = ()
 
     @property
     def key(self) -> int:
         return self.user
 
     def to_json(self) -> bytes:
-        return _dumps(asdict(self))
+        data = asdict(self)
+        data["sources"] = list(self.sources)
+        return _dumps(data)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Impression:
+        data = json.loads(raw)
+        return cls(user=int(data["user"]), candidate=int(data["candidate"]), rank=int(data["rank"]),
+                   score=float(data["score"]), model_version=str(data["model_version"]),
+                   features=dict(data["features"]), ts=int(data["ts"]), as_of=int(data.get("as_of", 0)),
+                   sources=tuple(data.get("sources", ())))
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ class Settings:
     # --- Candidates and ranking (ranking/) ---
     # A trained ranker directory; empty: <home>/models/ranker/current, else the shipped default.
     ranker_model: str = ""
+    # Workers check this often whether a model path now points at another version, and load it (hot reload).
+    model_reload_interval_s: float = 5.0
     candidates_graph_k: int = 1000
     candidates_ann_k: int = 1000
     candidates_max: int = 2000

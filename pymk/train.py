@@ -42,15 +42,37 @@ def training_events(data: str | None, synthetic: int | None, seed: int) -> tuple
     return None, str(data)
 
 
-def point_current(model_dir: Path) -> Path:
-    """Make ``<kind>/current`` point at ``model_dir`` (a relative symlink, replaced atomically)."""
+def point_current(model_dir: Path, record: bool = True) -> Path:
+    """Make ``<kind>/current`` point at ``model_dir`` (a relative symlink, replaced atomically); running workers
+    load it within ``model_reload_interval_s``. ``record``: append it to ``history`` (what rollback undoes)."""
     current = model_dir.parent / "current"
     temporary = model_dir.parent / f".current-{os.getpid()}"
     if temporary.is_symlink() or temporary.exists():
         temporary.unlink()
     temporary.symlink_to(model_dir.name)
     os.replace(temporary, current)
+    if record:
+        with (model_dir.parent / "history").open("a") as history:
+            history.write(model_dir.name + "\n")
     return current
+
+
+def model_history(kind_dir: Path) -> list[str]:
+    path = kind_dir / "history"
+    return [line for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def rollback(kind_dir: Path) -> str:
+    """Point ``current`` back at the version before it (one step per call); returns that version."""
+    history = model_history(kind_dir)
+    if len(history) < 2:
+        raise ValueError(f"{kind_dir}: no earlier version to roll back to (history: {history})")
+    previous = history[-2]
+    if not (kind_dir / previous / "metadata.json").exists():
+        raise FileNotFoundError(f"{kind_dir / previous} is gone")
+    point_current(kind_dir / previous, record=False)
+    (kind_dir / "history").write_text("".join(f"{v}\n" for v in history[:-1]))
+    return previous
 
 
 def train_embeddings_command(data: str | None, synthetic: int | None, seed: int, out: Path, epochs: int,

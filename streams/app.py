@@ -98,17 +98,21 @@ class PymkApp:
                                  settings.topic("partition-messages"), settings.topic("user-globals"),
                                  settings.topic("dead-letter"), self._send,
                                  max_item_fanout=settings.max_item_fanout or None)
-        self.refresher = (Refresher(settings, self.index, self.models, self.degree_of, self.profile_of)
+        self.refresher = (Refresher(settings, self.index, self.models, self.degree_of, self.profile_of,
+                                    self.globals.activity)
                           if self.models is not None else None)
         self.state.refresher = self.refresher
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
-                                         recommendations=settings.topic("recommendations"))
+                                         recommendations=settings.topic("recommendations"),
+                                         impressions=settings.topic("impressions"))
         self._seeking: set[Any] = set()
         for kind, topic in self.input_topics.items():
             self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_ingest_agent(kind))
         self.app.agent(self.messages_topic, name="pymk.partition-messages")(self._messages_agent)
         self.app.agent(self.commands_topic, name="pymk.commands")(self._commands_agent)
         self.app.timer(settings.flush_interval_ms / 1000.0)(self._flush_timer)
+        if self.models is not None:
+            self.app.timer(settings.model_reload_interval_s)(self._reload_timer)
         self.app.task(self.globals.run)
         self.app.task(self.index.run)
         self.app.on_partitions_assigned.connect(self._on_assigned)
@@ -211,7 +215,8 @@ class PymkApp:
                 await self.flush()
 
     async def _commands_agent(self, stream: Any) -> None:
-        """``pymk refresh``: {"command": "refresh", "user": U | "all": true, "reembed": bool}, keyed by user (or
+        """``pymk refresh``: {"command": "refresh", "user": U | "all": true, "reembed": bool, "rank": bool}, keyed by
+        user (or
         sent to each partition for all); the work is done by the next flush, like any other change."""
         stream = stream.noack()
         async for event in stream.events():
@@ -225,7 +230,8 @@ class PymkApp:
                     users = ([int(command["user"])] if "user" in command
                              else sorted(set(state.graph.local_users()) | set(state.profiles.local_users())))
                     users = [u for u in users if self.partition_of(u) == state.partition]
-                    state.forced_refresh.update(users)
+                    if command.get("rank", True):
+                        state.forced_refresh.update(users)
                     if command.get("reembed"):
                         state.forced_reembed.update(users)
                 except (ValueError, KeyError, TypeError) as exc:
@@ -234,6 +240,7 @@ class PymkApp:
 
     def apply(self, state: PartitionState, event: InputEvent, raw: bytes) -> None:
         """Apply a valid event to the partition's state."""
+        state.event_time_ms = max(state.event_time_ms, event.ts)
         if isinstance(event, ConnectionEvent):
             # any partition may apply a connection: the halves owned elsewhere travel as messages
             state.graph.apply_connection(event.src, event.dst, event.action, event.ts)
@@ -252,6 +259,16 @@ class PymkApp:
 
     async def _flush_timer(self) -> None:
         await self.flush()
+
+    async def _reload_timer(self) -> None:
+        """Hot reload: a new model version serves from the next flush on; nothing is lost or re-read. A new
+        GraphSAGE model re-embeds every local user (vectors of two models are not comparable)."""
+        assert self.models is not None
+        async with self.state.lock:
+            changed = self.models.reload_if_changed()
+            if "embeddings" in changed:
+                for state in self.state.owned.values():
+                    state.forced_reembed.update(state.embeddings.local_users())
 
     # ---- reads for the debug API ------------------------------------------------------------------------------
     def degree_of(self, user: int) -> tuple[int, int | None]:

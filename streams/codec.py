@@ -83,7 +83,7 @@ def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
 def degree_record(update: DegreeUpdate) -> tuple[bytes, bytes]:
     """(key, value) of a user's degree in the user-globals topic."""
     value = {"kind": "degree", "user": update.user, "degree": update.degree, "version": update.version,
-             "ts": update.ts}
+             "ts": update.ts, "last_ts": update.last_ts, "activity": list(update.activity)}
     return f"d:{update.user}".encode(), json.dumps(value, separators=(",", ":")).encode()
 
 

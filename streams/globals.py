@@ -34,6 +34,8 @@ class UserGlobals:
         self.settings = settings
         self.topic = settings.topic("user-globals")
         self._degrees: dict[int, tuple[int, int, int]] = {}  # user → (degree, version, ts)
+        # user → (decayed connection activity at the anchor, anchor = ts of the last connection change)
+        self._activity: dict[int, tuple[tuple[float, ...], int]] = {}
         self._profiles: dict[int, tuple[Profile, dict[str, int], int]] = {}  # user → (profile, field ts, version)
 
     # ---- merging ----------------------------------------------------------------------------------------------
@@ -45,6 +47,8 @@ class UserGlobals:
             if current is not None and current[1] >= version:
                 return False
             self._degrees[user] = (int(data["degree"]), version, int(data["ts"]))
+            if "last_ts" in data:
+                self._activity[user] = (tuple(float(x) for x in data["activity"]), int(data["last_ts"]))
             return True
         current_profile = self._profiles.get(user)
         if current_profile is not None and current_profile[2] >= version:
@@ -57,6 +61,10 @@ class UserGlobals:
         """(degree, ts of its last change); (0, None) for a user never seen."""
         entry = self._degrees.get(user)
         return (entry[0], entry[2]) if entry is not None else (0, None)
+
+    def activity(self, user: int) -> tuple[tuple[float, ...], int] | None:
+        """(decayed connection activity at the anchor, anchor = last connection ts); None for a user never seen."""
+        return self._activity.get(user)
 
     def profile(self, user: int) -> tuple[Profile | None, dict[str, int]]:
         entry = self._profiles.get(user)

@@ -9,6 +9,7 @@ for the ranker, the documented heuristic blend.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,19 +38,65 @@ def resolve_model(explicit: str, home_models: Path, kind: str) -> Path | None:
 
 
 class Models:
+    """The serving models, reloaded in place when what their paths point at changes (``pymk train`` and
+    ``pymk model rollback`` swap the ``current`` symlink; the worker's timer calls :meth:`reload_if_changed`)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        path = resolve_model(settings.embedding_model, settings.model_dir, "embeddings")
-        if path is None:
-            raise FileNotFoundError("no GraphSAGE model: run `pymk train embeddings` or restore data/models")
-        self.sage, self.sage_metadata = load_model(path)
-        self.sage_path = path
+        self.sage_path, self.ranker_path = self._paths()
+        self.sage, self.sage_metadata = load_model(self.sage_path)
         self.embedding_model = str(self.sage_metadata["version"])
-        ranker_path = resolve_model(settings.ranker_model, settings.model_dir, "ranker")
-        self.scorer: Any = Ranker.load(ranker_path) if ranker_path is not None else HeuristicScorer()
-        self.ranker_path = ranker_path
-        log.info("models: embeddings %s (%s), ranker %s (%s)", self.embedding_model, path,
-                 self.scorer.version, ranker_path or "built in")
+        self.scorer: Any = Ranker.load(self.ranker_path) if self.ranker_path is not None else HeuristicScorer()
+        self._loaded = (self._identity(self.sage_path), self._identity(self.ranker_path))
+        self.reloads = 0
+        log.info("models: embeddings %s (%s), ranker %s (%s)", self.embedding_model, self.sage_path,
+                 self.scorer.version, self.ranker_path or "built in")
+
+    def _paths(self) -> tuple[Path, Path | None]:
+        sage = resolve_model(self.settings.embedding_model, self.settings.model_dir, "embeddings")
+        if sage is None:
+            raise FileNotFoundError("no GraphSAGE model: run `pymk train embeddings` or restore data/models")
+        return sage, resolve_model(self.settings.ranker_model, self.settings.model_dir, "ranker")
+
+    @staticmethod
+    def _identity(path: Path | None) -> tuple[str, str] | None:
+        """What a path means now: the folder it resolves to and the version in its metadata."""
+        if path is None:
+            return None
+        resolved = path.resolve()
+        try:
+            version = json.loads((resolved / "metadata.json").read_text()).get("version", "")
+        except (OSError, ValueError):
+            version = ""
+        return str(resolved), str(version)
+
+    def reload_if_changed(self) -> dict[str, str]:
+        """Load whichever model changed since the last call; return {kind: new version} of what was reloaded.
+        A half-written model (no metadata yet, or one that fails to load) is left for the next call."""
+        changed: dict[str, str] = {}
+        try:
+            sage_path, ranker_path = self._paths()
+        except FileNotFoundError:
+            return changed
+        sage_id, ranker_id = self._identity(sage_path), self._identity(ranker_path)
+        try:
+            if sage_id != self._loaded[0]:
+                self.sage, self.sage_metadata = load_model(sage_path)
+                self.sage_path, self.embedding_model = sage_path, str(self.sage_metadata["version"])
+                changed["embeddings"] = self.embedding_model
+            if ranker_id != self._loaded[1]:
+                self.scorer = Ranker.load(ranker_path) if ranker_path is not None else HeuristicScorer()
+                self.ranker_path = ranker_path
+                changed["ranker"] = self.scorer.version
+        except Exception:  # noqa: BLE001 - keep serving with the models in hand
+            log.exception("could not load the new model; still serving %s / %s", self.embedding_model,
+                          self.scorer.version)
+            return changed
+        self._loaded = (sage_id, ranker_id)
+        if changed:
+            self.reloads += 1
+            log.info("models reloaded: %s", changed)
+        return changed
 
     def embedder(self, graph: Any, features: Any) -> Embedder:
         return Embedder(self.sage, features, graph)

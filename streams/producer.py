@@ -106,19 +106,20 @@ def raw_messages(topic: str, path: str | Path) -> Iterator[Message]:
             yield topic, None, line.rstrip(b"\n")
 
 
-def send_commands(settings: Settings, user: int | None = None, reembed: bool = False) -> int:
-    """``pymk refresh``: one command for a user (keyed by it), or one per partition for every user."""
+def send_commands(settings: Settings, user: int | None = None, reembed: bool = False, rank: bool = True) -> int:
+    """``pymk refresh``: one command for a user (keyed by it), or one per partition for every user; ``reembed``
+    re-embeds first, ``rank=False`` only re-embeds."""
     import json
 
     topic = settings.topic("commands")
     producer = make_producer(settings)
     try:
         if user is not None:
-            value = json.dumps({"command": "refresh", "user": user, "reembed": reembed}).encode()
+            value = json.dumps({"command": "refresh", "user": user, "reembed": reembed, "rank": rank}).encode()
             producer.send(topic, key=user_key(user), value=value)
             count = 1
         else:
-            value = json.dumps({"command": "refresh", "all": True, "reembed": reembed}).encode()
+            value = json.dumps({"command": "refresh", "all": True, "reembed": reembed, "rank": rank}).encode()
             for partition in range(settings.partitions):
                 producer.send(topic, key=b"all", value=value, partition=partition)
             count = settings.partitions

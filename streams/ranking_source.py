@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
 from pymk.features.graph import is_alive
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
@@ -20,6 +21,7 @@ from pymk.events import Profile
 
 DegreeOf = Callable[[int], tuple[int, int | None]]
 ProfileOf = Callable[[int], tuple[Profile | None, dict[str, int]]]
+ActivityOf = Callable[[int], tuple[tuple[float, ...], int] | None]
 
 
 class PartitionGraphView:
@@ -50,7 +52,8 @@ class WorkerRankingSource:
     """:class:`pymk.ranking.source.RankingSource` for the local users of one partition."""
 
     def __init__(self, state: PartitionState, index: GlobalIndex, degree_of: DegreeOf, profile_of: ProfileOf,
-                 blocked: Mapping[int, Collection[int]] | None = None) -> None:
+                 activity_of: ActivityOf, blocked: Mapping[int, Collection[int]] | None = None) -> None:
+        self.activity_of = activity_of
         self.state = state
         self.graph = state.graph
         self.behaviour = state.behaviour
@@ -90,6 +93,22 @@ class WorkerRankingSource:
             _, ts = self.behaviour.dismissed(user, candidate)
             out[candidate] = ts if ts is not None else 0
         return out
+
+    # ActivitySource: exact for local users (their registers), from user-globals for the others
+    def _activity(self, user: int) -> tuple[tuple[float, ...], int] | None:
+        if self.graph.partition_of(user) == self.graph.partition:
+            return self.graph.connection_activity(user)
+        return self.activity_of(user)
+
+    def connection_activity(self, user: int, as_of_ms: int) -> Sequence[float]:
+        held = self._activity(user)
+        if held is None:
+            return (0.0,) * len(TIME_CONSTANTS_MS)
+        return activity_at(held[0], held[1], as_of_ms)
+
+    def last_connection_ts(self, user: int) -> int | None:
+        held = self._activity(user)
+        return None if held is None else held[1]
 
     def blocked(self, user: int) -> Collection[int]:
         return self._blocked.get(user, ())

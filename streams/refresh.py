@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from pymk.index.embedder import Embedder, salt_for_version
@@ -22,10 +22,17 @@ from pymk.ranking.features import FeatureBuilder
 from pymk.ranking.recommend import recommend
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.models import Models
-from pymk.streams.ranking_source import DegreeOf, PartitionGraphView, ProfileOf, WorkerNodeFeatures, WorkerRankingSource
+from pymk.streams.ranking_source import (
+    ActivityOf,
+    DegreeOf,
+    PartitionGraphView,
+    ProfileOf,
+    WorkerNodeFeatures,
+    WorkerRankingSource,
+)
 from pymk.streams.state import PartitionState
 
-from pymk.events import Recommendations
+from pymk.events import Impression, Recommendations
 from pymk.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,8 @@ def candidate_config(settings: Settings) -> CandidateConfig:
 
 class Refresher:
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
-                 profile_of: ProfileOf) -> None:
+                 profile_of: ProfileOf, activity_of: ActivityOf) -> None:
+        self.activity_of = activity_of
         self.settings = settings
         self.index = index
         self.models = models
@@ -88,8 +96,10 @@ class Refresher:
             state.work.touch(user, now_ms, due, user in refresh)
         for user in refresh - structural:
             state.work.touch(user, now_ms, None, True)
-        for user in state.forced_refresh:
-            state.work.touch(user, now_ms, now_ms if user in state.forced_reembed else None, True)
+        for user in state.forced_reembed:
+            state.work.touch(user, now_ms, now_ms, user in state.forced_refresh)
+        for user in state.forced_refresh - state.forced_reembed:
+            state.work.touch(user, now_ms, None, True)
         state.forced_refresh.clear()
         state.forced_reembed.clear()
 
@@ -125,29 +135,36 @@ class Refresher:
 
     # ---- 3. lists -----------------------------------------------------------------------------------------------
     def refresh_due(self, states: Iterable[PartitionState], now_ms: int,
-                    budget_s: float | None = None) -> list[Recommendations]:
+                    budget_s: float | None = None) -> list[tuple[Recommendations, list[Impression]]]:
+        """The lists owed, as (list, its impressions), oldest first, within the time budget."""
         started = time.perf_counter()
         queue: list[tuple[int, int, PartitionState]] = []
         for state in states:
             queue.extend((first, user, state) for first, user in state.work.refreshes())
         queue.sort(key=lambda item: (item[0], item[1]))
         budget = self.settings.refresh_budget_ms / 1000.0 if budget_s is None else budget_s
-        out: list[Recommendations] = []
+        out: list[tuple[Recommendations, list[Impression]]] = []
         for done, (first, user, state) in enumerate(queue):
             if done and time.perf_counter() - started > budget:
                 self.stats.deferred += len(queue) - done
                 break
             out.append(self.rank(state, user, now_ms))
             state.work.refreshed(user)
-            state.published.put(out[-1])
+            state.published.put(out[-1][0])
             self.stats.last_delays_ms.append(now_ms - first)
         self.stats.last_delays_ms = self.stats.last_delays_ms[-1000:]
         self.stats.refreshed += len(out)
         self.stats.refresh_seconds += time.perf_counter() - started
         return out
 
-    def rank(self, state: PartitionState, user: int, now_ms: int) -> Recommendations:
-        source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of)
-        ranked = recommend(user, source, self.models.scorer, self.candidates, as_of_ms=now_ms,
+    def rank(self, state: PartitionState, user: int, now_ms: int) -> tuple[Recommendations, list[Impression]]:
+        source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of)
+        # ranked as of the partition's event time (a replay ranks as live traffic did); published now
+        as_of = state.event_time_ms or now_ms
+        ranked = recommend(user, source, self.models.scorer, self.candidates, as_of_ms=as_of,
                            k=self.settings.recommendations_k, builder=self.features)
-        return ranked.to_recommendations()
+        impressions = [Impression(user=user, candidate=item.candidate.user, rank=item.rank, score=item.score,
+                                  model_version=ranked.model_version, features=ranked.features_of(i), ts=now_ms,
+                                  as_of=as_of, sources=item.sources)
+                       for i, item in enumerate(ranked.items)]
+        return replace(ranked.to_recommendations(), generated_at=now_ms), impressions

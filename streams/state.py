@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pymk.features.behaviour import PartitionBehaviour
-from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph
+from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph, version_ts
 from pymk.features.profile import ProfileStore
 from pymk.features.storage import RocksRowStore
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OFFSETS_PREFIX = b"O"
+EVENT_TIME_KEY = b"T"  # the partition's event-time watermark: the largest event ts applied to it
 
 
 @dataclass
@@ -64,6 +65,9 @@ class PartitionState:
     pending_applied: dict[str, int] = field(default_factory=dict)
     changed_profiles: set[int] = field(default_factory=set)  # to publish to user-globals at the next flush
     forward: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # misrouted events, re-keyed
+    # Lists are ranked as of this event time, not the wall clock, so a replay of history ranks as live traffic
+    # did then, and a partition re-processed after a crash ranks as it did before.
+    event_time_ms: int = 0
     forced_refresh: set[int] = field(default_factory=set)  # `pymk refresh` commands since the last flush
     forced_reembed: set[int] = field(default_factory=set)
 
@@ -73,9 +77,11 @@ class PartitionState:
         store = _open_with_retry(path)
         applied = {key[len(OFFSETS_PREFIX):].decode(): int(value)
                    for key, value in store.scan(OFFSETS_PREFIX)}
+        watermark = store.get(EVENT_TIME_KEY)
         return cls(partition, store, PartitionGraph(partition, partitions, store, partition_of),
                    PartitionBehaviour(partition, partitions, store, partition_of, max_item_fanout=max_item_fanout),
-                   ProfileStore(store), PendingWork(store), EmbeddingStore(store), PublishedLists(store), applied)
+                   ProfileStore(store), PendingWork(store), EmbeddingStore(store), PublishedLists(store), applied,
+                   event_time_ms=int(watermark) if watermark is not None else 0)
 
     @property
     def parts(self) -> tuple[Any, ...]:
@@ -115,6 +121,7 @@ def _open_with_retry(path: Path, attempts: int = 50) -> RocksRowStore:
 class OutputTopics:
     embeddings: str
     recommendations: str
+    impressions: str
 
 
 Sender = Callable[[str, bytes | None, bytes, int | None], Awaitable[Any]]
@@ -183,6 +190,8 @@ class WorkerState:
     def apply_messages(self, state: PartitionState, messages: Iterable[Message]) -> None:
         graph_kinds = (EdgeHalf, MirrorUpdate)
         for message in messages:
+            if isinstance(message, EdgeHalf):  # the other half of a connection: its time reaches this partition
+                state.event_time_ms = max(state.event_time_ms, version_ts(message.version))
             if isinstance(message, graph_kinds):
                 state.graph.apply_message(message)
             else:
@@ -227,6 +236,7 @@ class WorkerState:
                     continue
                 for topic, offset in state.pending_applied.items():
                     puts[OFFSETS_PREFIX + topic.encode()] = str(offset).encode()
+                puts[EVENT_TIME_KEY] = str(state.event_time_ms).encode()
                 state.store.write(puts, deletes)
                 state.mark_clean()
                 state.applied.update(state.pending_applied)
@@ -250,10 +260,11 @@ class WorkerState:
         out: list[tuple[str, bytes | None, bytes, int | None]] = []
         for record in self.refresher.embed_due(states, now_ms):
             out.append((self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user)))
-        for recommendations in self.refresher.refresh_due(states, now_ms):
+        for recommendations, impressions in self.refresher.refresh_due(states, now_ms):
             user = recommendations.user
-            out.append((self.topics.recommendations, str(user).encode(), recommendations.to_json(),
-                        self.partition_of(user)))
+            key, partition = str(user).encode(), self.partition_of(user)
+            out.append((self.topics.recommendations, key, recommendations.to_json(), partition))
+            out.extend((self.topics.impressions, key, impression.to_json(), partition) for impression in impressions)
         return out
 
     def describe(self) -> dict[str, Any]:
