@@ -183,10 +183,18 @@ def _cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from pymk.train import train_embeddings_command, train_ranker_command
 
-    if not args.data and not args.synthetic:
-        print("pymk train: give --data PATH or --synthetic N", file=sys.stderr)
-        return 2
     out = Path(args.out) if args.out else settings.model_dir / args.kind
+    if args.from_stream:
+        if args.kind != "ranker":
+            print("pymk train: --from-stream trains the ranker", file=sys.stderr)
+            return 2
+        from pymk.streams.stream_training import train_from_stream
+
+        print(json.dumps(train_from_stream(settings, out), indent=2))
+        return 0
+    if not args.data and not args.synthetic:
+        print("pymk train: give --data PATH, --synthetic N or --from-stream", file=sys.stderr)
+        return 2
     if args.kind == "embeddings":
         result = train_embeddings_command(args.data, args.synthetic, args.seed, out, epochs=args.epochs,
                                           progress=not args.quiet)
@@ -356,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_source.add_argument("--data", help="an edge-list file (formats of ../shared/data)")
     train_source.add_argument("--synthetic", type=int, metavar="N", help="a generated network of N users, "
                                                                          "with profiles and behaviour")
+    train_source.add_argument("--from-stream", action="store_true",
+                              help="ranker: learn from the logged impressions and what users did after them")
     train.add_argument("--out", help="parent folder of the model (default <home>/models/<kind>)")
     train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--embeddings", help="GraphSAGE model folder whose cosine the ranker learns from "

@@ -1,0 +1,114 @@
+"""Delayed labels for the model's own traffic: impressions joined with what the users did afterwards.
+
+An impression (user u was shown candidate c, ranked as of event time t) gets its label from the events in the
+horizon (t, t + H], in event time (so a replay of history labels exactly as live traffic would have):
+- ``connected`` (label 1): a connection between u and c was added in the window;
+- ``dismissed`` (label 0, an explicit negative, kept apart in ``outcome``): u dismissed c in the window first;
+- ``expired`` (label 0): the stream's event time passed t + H with neither;
+- otherwise the impression is still pending and is not used.
+A pair shown in many lists is one example, from its first impression (the model's first chance to be right).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pymk.ranking.features import FEATURE_NAMES
+
+from pymk.events import Impression
+
+CONNECTED, DISMISSED, EXPIRED = "connected", "dismissed", "expired"
+
+
+@dataclass(frozen=True)
+class LabelledImpression:
+    impression: Impression
+    label: int
+    outcome: str  # connected | dismissed | expired
+
+
+def _pair(u: int, v: int) -> tuple[int, int]:
+    return (u, v) if u < v else (v, u)
+
+
+def label_impressions(impressions: Iterable[Impression], connections: Iterable[tuple[int, int, str, int]],
+                      dismissals: Iterable[tuple[int, int, int]], horizon_ms: int,
+                      event_time_ms: int) -> list[LabelledImpression]:
+    """``connections``: (src, dst, action, ts); ``dismissals``: (user, candidate, ts); ``event_time_ms``: how
+    far the stream's event time has come (impressions whose window is still open stay unlabelled)."""
+    adds: dict[tuple[int, int], list[int]] = {}
+    for src, dst, action, ts in connections:
+        if action == "add":
+            adds.setdefault(_pair(src, dst), []).append(ts)
+    dismissed: dict[tuple[int, int], list[int]] = {}
+    for user, candidate, ts in dismissals:
+        dismissed.setdefault((user, candidate), []).append(ts)
+    for stamps in (*adds.values(), *dismissed.values()):
+        stamps.sort()
+
+    first: dict[tuple[int, int], Impression] = {}
+    for impression in impressions:
+        key = (impression.user, impression.candidate)
+        held = first.get(key)
+        if held is None or (impression.as_of, impression.ts) < (held.as_of, held.ts):
+            first[key] = impression
+    out: list[LabelledImpression] = []
+    for (user, candidate), impression in sorted(first.items()):
+        start, end = impression.as_of, impression.as_of + horizon_ms
+        connected_at = _first_in(adds.get(_pair(user, candidate), ()), start, end)
+        dismissed_at = _first_in(dismissed.get((user, candidate), ()), start, end)
+        if connected_at is not None and (dismissed_at is None or connected_at <= dismissed_at):
+            out.append(LabelledImpression(impression, 1, CONNECTED))
+        elif dismissed_at is not None:
+            out.append(LabelledImpression(impression, 0, DISMISSED))
+        elif event_time_ms >= end:
+            out.append(LabelledImpression(impression, 0, EXPIRED))
+    return out
+
+
+def _first_in(stamps: Sequence[int], start: int, end: int) -> int | None:
+    """The first ts in (start, end]."""
+    i = bisect.bisect_right(stamps, start)
+    return stamps[i] if i < len(stamps) and stamps[i] <= end else None
+
+
+def feature_matrix(rows: Sequence[LabelledImpression]) -> np.ndarray:
+    """The logged feature vectors in :data:`FEATURE_NAMES` order (a feature the logging model did not have,
+    or a null, is NaN)."""
+    out = np.full((len(rows), len(FEATURE_NAMES)), np.nan, dtype=np.float64)
+    for i, row in enumerate(rows):
+        logged: Mapping[str, float | None] = row.impression.features
+        for j, name in enumerate(FEATURE_NAMES):
+            value = logged.get(name)
+            if value is not None:
+                out[i, j] = value
+    return out
+
+
+def time_split(rows: Sequence[LabelledImpression], val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, validation): validation = the impressions with the latest as-of times."""
+    as_of = np.array([r.impression.as_of for r in rows], dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros(0, bool), np.zeros(0, bool)
+    cut = np.quantile(as_of, 1.0 - val_fraction)
+    val = as_of > cut
+    if not val.any() or val.all():  # everything at one time: fall back to the order of the rows
+        val = np.arange(len(rows)) >= int(len(rows) * (1.0 - val_fraction))
+    return ~val, val
+
+
+def recall_at_k(rows: Sequence[LabelledImpression], scores: np.ndarray, k: int = 20) -> float:
+    """Per user of the rows: |top-k by score ∩ connected| / |connected|, averaged over users with a connection."""
+    by_user: dict[int, list[tuple[float, int, int]]] = {}
+    for row, score in zip(rows, scores, strict=True):
+        by_user.setdefault(row.impression.user, []).append((-float(score), row.impression.candidate, row.label))
+    recalls = []
+    for items in by_user.values():
+        positives = sum(label for _, _, label in items)
+        if positives:
+            top = sorted(items)[:k]
+            recalls.append(sum(label for _, _, label in top) / positives)
+    return float(np.mean(recalls)) if recalls else float("nan")

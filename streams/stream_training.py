@@ -1,0 +1,102 @@
+"""`pymk train ranker --from-stream`: learn from the product's own traffic.
+
+Reads, from the beginning, the impressions the workers logged (what was shown, with the exact features the
+model scored), the connections and the dismissals; labels each shown pair with what happened in the horizon
+after it was shown (:mod:`pymk.ranking.stream_labels`); trains XGBoost with the seed's defaults on a time split
+(validation = the latest impressions); and publishes the model as a new version under
+``<home>/models/ranker/`` — running workers with that home load it within ``model_reload_interval_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+from pymk.ranking.model import Ranker, roc_auc
+from pymk.ranking.stream_labels import feature_matrix, label_impressions, recall_at_k, time_split
+
+from pymk.events import ConnectionEvent, DismissalEvent, Impression
+from pymk.settings import Settings
+from pymk.validation import Invalid, parse_event
+
+
+def read_topic(settings: Settings, topic: str) -> Iterator[bytes]:
+    """Every value of a topic, from the beginning to the end offsets seen at start."""
+    consumer = KafkaConsumer(**settings.kafka_client_config(), group_id=None, enable_auto_commit=False,
+                             client_id="pymk-train-from-stream", max_partition_fetch_bytes=8 * 1024 * 1024)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            for records in consumer.poll(timeout_ms=1000, max_records=50_000).values():
+                for record in records:
+                    if record.value is not None and record.offset < end[TopicPartition(record.topic,
+                                                                                     record.partition)]:
+                        yield record.value
+    finally:
+        consumer.close()
+
+
+def _events(settings: Settings, kind: str, now_ms: int, keep: Callable[[Any], bool]) -> list[Any]:
+    out = []
+    for raw in read_topic(settings, settings.topic(kind)):
+        event = parse_event(kind, raw, now_ms, max_bytes=settings.max_message_bytes,
+                            max_future_ms=settings.max_future_ms)
+        if not isinstance(event, Invalid) and keep(event):
+            out.append(event)
+    return out
+
+
+def train_from_stream(settings: Settings, out: Path | None = None, val_fraction: float = 0.2,
+                      publish: bool = True) -> dict[str, Any]:
+    from pymk.train import point_current
+
+    started = time.perf_counter()
+    now_ms = int(time.time() * 1000)
+    impressions = [Impression.from_json(raw) for raw in read_topic(settings, settings.topic("impressions"))]
+    connections = [(e.src, e.dst, e.action, e.ts) for e in
+                   _events(settings, "connections", now_ms, lambda e: isinstance(e, ConnectionEvent))]
+    dismissals = [(e.user, e.candidate, e.ts) for e in
+                  _events(settings, "dismissals", now_ms, lambda e: isinstance(e, DismissalEvent))]
+    event_time = max([ts for *_, ts in connections] + [ts for *_, ts in dismissals] +
+                     [i.as_of for i in impressions] + [0])
+    rows = label_impressions(impressions, connections, dismissals, settings.label_horizon_ms, event_time)
+    if not rows:
+        raise ValueError(f"no labelled impressions yet ({len(impressions)} impressions; the horizon is "
+                         f"{settings.label_horizon_ms} ms of event time)")
+    features = feature_matrix(rows)
+    labels = np.array([r.label for r in rows], dtype=np.float32)
+    train, val = time_split(rows, val_fraction)
+    if labels[train].min() == labels[train].max():
+        raise ValueError(f"the training split needs positives and negatives ({int(labels.sum())} positives "
+                         f"of {len(rows)})")
+    outcomes = {name: sum(1 for r in rows if r.outcome == name) for name in ("connected", "dismissed", "expired")}
+    served_versions = sorted({r.impression.model_version for r in rows})
+    ranker = Ranker.train(features[train], labels[train], features[val], labels[val], extra_metadata={
+        "data": "stream", "label_horizon_ms": settings.label_horizon_ms, "impressions": len(impressions),
+        "labelled": len(rows), "outcomes": outcomes, "trained_on_traffic_of": served_versions})
+    val_rows = [r for r, v in zip(rows, val, strict=True) if v]
+    logged = np.array([r.impression.score for r in val_rows])
+    new = ranker.predict(features[val])
+    report: dict[str, Any] = {
+        "version": ranker.version, "impressions": len(impressions), "labelled": len(rows), "outcomes": outcomes,
+        "train_rows": int(train.sum()), "val_rows": int(val.sum()),
+        "val_auc": {"new_model": roc_auc(labels[val], new), "serving_model_scores": roc_auc(labels[val], logged)},
+        "val_recall_at_20": {"new_model": recall_at_k(val_rows, new), "serving_model_scores":
+                             recall_at_k(val_rows, logged)},
+        "trained_on_traffic_of": served_versions,
+        "importances": dict(sorted(ranker.feature_importances().items(), key=lambda kv: -kv[1])[:10]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if publish:
+        kind_dir = out or settings.model_dir / "ranker"
+        model_dir = ranker.save(kind_dir / ranker.version)
+        report["model_dir"] = str(model_dir)
+        report["current"] = str(point_current(model_dir))
+    return report

@@ -1,0 +1,74 @@
+"""Tier 1: delayed labels of impressions, in event time."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
+from pymk.ranking.stream_labels import feature_matrix, label_impressions, recall_at_k, time_split
+
+from pymk.events import Impression
+
+DAY = 86_400_000
+H = 14 * DAY
+
+
+def shown(user: int, candidate: int, as_of: int, score: float = 0.5, **features: float | None) -> Impression:
+    return Impression(user, candidate, 1, score, "m1", dict(features), ts=as_of + 5, as_of=as_of)
+
+
+def outcomes(rows: list) -> dict[tuple[int, int], tuple[int, str]]:
+    return {(r.impression.user, r.impression.candidate): (r.label, r.outcome) for r in rows}
+
+
+def test_labels_follow_the_horizon_in_event_time() -> None:
+    t = 1_000 * DAY
+    impressions = [shown(1, 2, t), shown(1, 3, t), shown(1, 4, t), shown(1, 5, t), shown(1, 6, t), shown(7, 8, t)]
+    connections = [(2, 1, "add", t + DAY),  # either direction
+                   (1, 4, "add", t + H + 1),  # too late
+                   (1, 6, "add", t - DAY)]  # before it was shown
+    dismissals = [(1, 3, t + 2 * DAY), (8, 7, t + DAY)]  # (8 dismissed 7: not the shown direction)
+    rows = label_impressions(impressions, connections, dismissals, H, event_time_ms=t + H + 10)
+    assert outcomes(rows) == {(1, 2): (1, "connected"), (1, 3): (0, "dismissed"), (1, 4): (0, "expired"),
+                              (1, 5): (0, "expired"), (1, 6): (0, "expired"), (7, 8): (0, "expired")}
+
+
+def test_open_windows_stay_unlabelled_and_a_pair_counts_once_from_its_first_impression() -> None:
+    t = 1_000 * DAY
+    impressions = [shown(1, 2, t + 3 * DAY), shown(1, 2, t), shown(1, 9, t + 10 * DAY)]
+    rows = label_impressions(impressions, [(1, 2, "add", t + H - DAY)], [], H, event_time_ms=t + H)
+    assert outcomes(rows) == {(1, 2): (1, "connected")}  # (1, 9)'s window is still open
+    assert rows[0].impression.as_of == t
+    # a connection after the first impression's window but inside a later one's does not count
+    late = label_impressions(impressions, [(1, 2, "add", t + H + DAY)], [], H, event_time_ms=t + 3 * H)
+    assert outcomes(late)[(1, 2)] == (0, "expired")
+
+
+def test_connection_before_a_dismissal_wins() -> None:
+    t = 50 * DAY
+    rows = label_impressions([shown(1, 2, t)], [(1, 2, "add", t + DAY)], [(1, 2, t + 2 * DAY)], H, t + H)
+    assert outcomes(rows) == {(1, 2): (1, "connected")}
+
+
+def test_logged_features_become_the_matrix_and_the_split_is_by_time() -> None:
+    t = 10 * DAY
+    rows = label_impressions([shown(1, 2, t, common_neighbor_count=3.0, geo_distance_km=None),
+                              shown(1, 3, t + DAY, common_neighbor_count=1.0)], [], [], H, 100 * DAY)
+    matrix = feature_matrix(rows)
+    assert matrix.shape == (2, len(FEATURE_NAMES))
+    assert matrix[0, FEATURE_INDEX["common_neighbor_count"]] == 3.0
+    assert math.isnan(matrix[0, FEATURE_INDEX["geo_distance_km"]])
+    train, val = time_split(rows, 0.5)
+    assert train.tolist() == [True, False] and val.tolist() == [False, True]
+
+
+def test_recall_at_k_over_the_users_with_a_connection() -> None:
+    t = 10 * DAY
+    impressions = [shown(1, c, t) for c in (2, 3, 4)] + [shown(5, 6, t)]
+    rows = label_impressions(impressions, [(1, 3, "add", t + 1), (1, 4, "add", t + 2)], [], H, t + H)
+    by_pair = {(r.impression.user, r.impression.candidate): i for i, r in enumerate(rows)}
+    scores = np.zeros(len(rows))
+    scores[by_pair[(1, 3)]] = 1.0
+    assert recall_at_k(rows, scores, k=1) == 0.5  # user 5 has no connection: not averaged
+    assert recall_at_k(rows, scores, k=3) == 1.0
