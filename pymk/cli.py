@@ -244,6 +244,17 @@ def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_soak(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from pymk.streams.soak import run_soak
+
+    run_settings = replace(settings, recommend=not args.features_only)
+    result = run_soak(run_settings, rate=args.rate, minutes=args.minutes, out_dir=Path(args.out), users=args.users)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_features(args: argparse.Namespace, settings: Settings) -> int:
     import urllib.error
     import urllib.request
@@ -406,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--reembed", action="store_true", help="re-embed the users first (new GraphSAGE model)")
     refresh.add_argument("--embeddings-only", action="store_true", help="re-embed, publish no list")
     refresh.set_defaults(func=_cmd_refresh)
+
+    soak = sub.add_parser("soak", help="steady synthetic load for minutes; samples worker RSS and lag into "
+                                       "a CSV and a PNG")
+    soak.add_argument("--rate", type=float, required=True, help="events per second")
+    soak.add_argument("--minutes", type=float, required=True)
+    soak.add_argument("--users", type=int, default=10_000, help="users of the synthetic network")
+    soak.add_argument("--out", default="reports/soak", help="folder of the CSV, PNG and worker log")
+    soak.add_argument("--features-only", action="store_true", help="a worker without embeddings and lists")
+    soak.set_defaults(func=_cmd_soak)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
     bench.add_argument("what", choices=["ingest", "index", "rank", "freshness"])

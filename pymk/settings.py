@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "PYMK_"
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,23 @@ class Settings:
     refresh_budget_ms: int = 250
     # A dismissed candidate comes back after this long (0: never).
     dismissal_expiry_ms: int = 0
+    # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a
+    # ranker retrained from the impressions learns about the whole candidate pool, not only the shown top.
+    impressions_unshown_sample: int = 20
     # Label horizon of the ranker's training data (event time).
     label_horizon_ms: int = 14 * 24 * 3600 * 1000
 
     # --- Producer ---
     produce_seed: int = 7
+
+    def __post_init__(self) -> None:
+        # One spelling for every client (faust, aiokafka, kafka-python); an unknown protocol fails here, clearly,
+        # instead of at the first connection with an unrelated message.
+        protocol = self.security_protocol.strip().upper()
+        if protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security protocol {self.security_protocol!r} (PYMK_SECURITY_PROTOCOL) is not one of "
+                             f"{', '.join(SECURITY_PROTOCOLS)}")
+        object.__setattr__(self, "security_protocol", protocol)
 
     # Derived names -----------------------------------------------------------------------------
     @property
@@ -145,6 +159,22 @@ class Settings:
             for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
                 if getattr(self, key):
                     config[key] = getattr(self, key)
+        return config
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for SSL and SASL_SSL (aiokafka and faust take a context, not file names)."""
+        if not self.security_protocol.endswith("SSL"):
+            return None
+        context = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+        return context
+
+    def aiokafka_client_config(self) -> dict[str, Any]:
+        """:meth:`kafka_client_config` for aiokafka: the ``ssl_*`` file names become an ``ssl_context``."""
+        config = {k: v for k, v in self.kafka_client_config().items() if not k.startswith("ssl_")}
+        if self.security_protocol.endswith("SSL"):
+            config["ssl_context"] = self.ssl_context()
         return config
 
     @classmethod

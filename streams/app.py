@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import socket
-import ssl
 import time
 from functools import lru_cache
 from typing import Any
@@ -40,12 +39,8 @@ log = logging.getLogger(__name__)
 
 def faust_credentials(settings: Settings) -> Any:
     """faust's credentials object for the security settings (None for PLAINTEXT)."""
-    protocol = settings.security_protocol.upper()
-    context = None
-    if protocol.endswith("SSL"):
-        context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-        if settings.ssl_certfile:
-            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+    protocol = settings.security_protocol
+    context = settings.ssl_context()
     if protocol.startswith("SASL"):
         return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
                                      mechanism=settings.sasl_mechanism or "PLAIN", ssl_context=context)

@@ -122,7 +122,7 @@ class GlobalIndex:
 
     async def run(self) -> None:
         """Read the topic from the snapshot's offsets (the beginning without one), then follow it."""
-        config = self.settings.kafka_client_config()
+        config = self.settings.aiokafka_client_config()
         consumer = AIOKafkaConsumer(bootstrap_servers=config.pop("bootstrap_servers"), enable_auto_commit=False,
                                     auto_offset_reset="earliest", group_id=None, **config)
         await consumer.start()

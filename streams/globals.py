@@ -75,7 +75,7 @@ class UserGlobals:
 
     async def run(self) -> None:
         """Read the topic from the beginning, then follow it, for the life of the worker."""
-        config = self.settings.kafka_client_config()
+        config = self.settings.aiokafka_client_config()
         consumer = AIOKafkaConsumer(bootstrap_servers=config.pop("bootstrap_servers"), enable_auto_commit=False,
                                     auto_offset_reset="earliest", group_id=None, **config)
         await consumer.start()

@@ -141,3 +141,73 @@ def test_any_bytes_give_an_event_or_a_reason(raw: bytes) -> None:
 def test_any_json_gives_an_event_or_a_reason(value: object) -> None:
     result = parse_event("connections", json.dumps(value).encode(), NOW)
     assert isinstance(result, Invalid | ConnectionEvent)
+
+
+# ---- found by the hostile-input corpus (pymk/hostile.py) --------------------------------------------------------
+
+def test_geo_integer_too_large_for_a_double_is_invalid_value_not_a_crash() -> None:
+    # float(10**400) raises OverflowError: this used to escape parse_event and stop the worker's agent
+    raw = b'{"user": 1, "ts": 1, "profile": {"geo": [1' + b"0" * 400 + b', 0]}}'
+    assert code("users", raw) == "invalid_value"
+    assert code("users", {"user": 1, "ts": 1, "profile": {"geo": [0, -(10**30)]}}) == "invalid_value"
+
+
+@pytest.mark.parametrize("field", ["company", "school", "industry", "title"])
+def test_lone_surrogate_in_a_stored_string_is_invalid_value(field: str) -> None:
+    # valid JSON, but no character: accepted, it failed later when the worker encoded the state to UTF-8
+    raw = b'{"user": 1, "ts": 1, "profile": {"%s": "Acme \\ud800"}}' % field.encode()
+    assert code("users", raw) == "invalid_value"
+    assert code("users", b'{"user": 1, "ts": 1, "profile": {"skills": ["go", "\\udfff"]}}') == "invalid_value"
+
+
+def test_surrogate_pairs_and_escapes_are_text() -> None:
+    raw = b'{"\\u0075ser": 1, "ts": 1, "profile": {"company": "\\ud83d\\ude00 \\u00e9cole", "skills": ["\\u0041"]}}'
+    event = parse("users", raw)
+    assert event == UserEvent(1, 1, Profile(company="\U0001f600 \u00e9cole", skills=("A",)))
+    assert parse("users", event.to_json()) == event  # type: ignore[union-attr]
+
+
+@given(st.text(alphabet=st.characters(categories=["Cs", "Lu", "Ll", "Nd", "So"]), max_size=8))  # Cs: surrogates
+def test_accepted_profile_text_always_encodes(text: str) -> None:
+    raw = json.dumps({"user": 1, "ts": 1, "profile": {"title": text, "skills": [text]}}).encode()  # \\u escapes
+    result = parse_event("users", raw, NOW)
+    if not isinstance(result, Invalid):
+        result.to_json()  # would raise UnicodeEncodeError on a lone surrogate
+
+
+def test_long_skill_is_invalid_value() -> None:
+    assert code("users", {"user": 1, "ts": 1, "profile": {"skills": ["x" * 1001]}}) == "invalid_value"
+    assert parse("users", {"user": 1, "ts": 1, "profile": {"skills": ["x" * 1000]}}) == \
+        UserEvent(1, 1, Profile(skills=("x" * 1000,)))
+
+
+def test_duplicate_keys_are_invalid_json() -> None:
+    # parsers disagree on which copy wins, so the bytes have no single meaning
+    result = parse("connections", b'{"src": 1, "dst": 2, "src": 3, "action": "add", "ts": 1}')
+    assert isinstance(result, Invalid) and result.code == "invalid_json" and "'src'" in result.detail
+    assert code("users", b'{"user": 1, "ts": 1, "profile": {"title": "a", "title": "b"}}') == "invalid_json"
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"src": 1, "dst": 2, "action": "add", "ts": 1, "x": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def _parse_at_stack_depth(frames: int, raw: bytes) -> object:
+    if frames == 0:
+        return parse_event("connections", raw, NOW)
+    return _parse_at_stack_depth(frames - 1, raw)
+
+
+@pytest.mark.parametrize("depth", [3, 64, 65, 500, 990, 10_000])
+def test_nesting_outcome_does_not_depend_on_the_callers_stack(depth: int) -> None:
+    # The json scanner recursion counts against Python's limit, so without a fixed depth limit the same bytes
+    # were accepted from a shallow stack and rejected from a deep one (a worker's agent runs deep in asyncio).
+    shallow = _parse_at_stack_depth(0, _nested(depth))
+    deep = _parse_at_stack_depth(800, _nested(depth))
+    assert shallow == deep
+    assert isinstance(shallow, Invalid) == (depth > 64)
+
+
+def test_brackets_inside_strings_are_not_nesting() -> None:
+    raw = json.dumps({"src": 1, "dst": 2, "action": "add", "ts": 1, "note": "[{" * 500 + '\\"[' * 50}).encode()
+    assert parse("connections", raw) == ConnectionEvent(1, 2, "add", 1)

@@ -1,0 +1,353 @@
+"""`pymk soak`: sustained load on one real worker, to see whether it keeps up and whether its memory levels off.
+
+Synthetic events (every kind: sign-ups, connections and removals, views, dismissals, engagements) are produced
+at a steady rate to a fresh topic prefix for the given minutes; when one generated network runs out the next
+one follows with new user and item ids, so the load never turns into replays that merge into nothing. Every few
+seconds the worker's resident memory (``VmRSS``), its CPU time and the group's consumer lag are sampled into a
+CSV and, at the end, a PNG (RSS and lag over time). After the load the worker is given a short time to drain;
+how long it takes is part of the answer.
+
+Lag is "bounded" when the mean lag of the last third of the load is not above the middle third's by more than
+a quarter plus two seconds of input (flush and commit cadence make lag jitter by about that much): a worker
+that cannot keep up shows lag growing linearly, by (rate − capacity) per second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pymk.events import (
+    ConnectionEvent,
+    DismissalEvent,
+    EngagementEvent,
+    InputEvent,
+    ProfileViewEvent,
+    UserEvent,
+    user_key,
+)
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
+
+CSV_FIELDS = ("t_s", "phase", "produced", "processed", "lag_total", "lag_inputs", "lag_partition_messages",
+              "rss_mb", "worker_cpu_percent")
+
+
+@dataclass(frozen=True)
+class SoakSample:
+    t_s: float  # since the load started
+    phase: str  # "load" or "drain"
+    produced: int  # acknowledged or in flight, cumulative
+    processed: int | None  # input messages the worker has processed (its /stats), cumulative
+    lag_total: int | None  # every topic the group consumes: inputs, messages between partitions, commands
+    lag_inputs: int | None
+    lag_partition_messages: int | None
+    rss_mb: float | None
+    worker_cpu_percent: float | None  # since the previous sample; 100 = one core
+
+
+def shifted(event: InputEvent, offset: int) -> InputEvent:
+    """The event with every user and item id moved by ``offset`` (a new, disjoint network per round)."""
+    if isinstance(event, ConnectionEvent):
+        return replace(event, src=event.src + offset, dst=event.dst + offset)
+    if isinstance(event, ProfileViewEvent):
+        return replace(event, viewer=event.viewer + offset, viewed=event.viewed + offset)
+    if isinstance(event, DismissalEvent):
+        return replace(event, user=event.user + offset, candidate=event.candidate + offset)
+    if isinstance(event, EngagementEvent):
+        return replace(event, user=event.user + offset, item=event.item + offset)
+    if isinstance(event, UserEvent):
+        return replace(event, user=event.user + offset)
+    raise TypeError(f"unknown event {event!r}")
+
+
+def endless_events(users: int, seed: int) -> Iterator[InputEvent]:
+    """Synthetic networks of ``users`` users one after another, ids shifted by ``users`` per round. The next
+    round is generated in the background while the current one is sent (~1 s per 10,000 users)."""
+    from pymk.streams.producer import synthetic_events
+
+    def generate(round_index: int, out: list[list[InputEvent]]) -> None:
+        events = synthetic_events(users, seed=seed + round_index)
+        out.append(events if round_index == 0 else [shifted(e, round_index * users) for e in events])
+
+    round_index = 0
+    current: list[list[InputEvent]] = []
+    generate(0, current)
+    while True:
+        upcoming: list[list[InputEvent]] = []
+        worker = threading.Thread(target=generate, args=(round_index + 1, upcoming), daemon=True)
+        worker.start()
+        yield from current[0]
+        worker.join()
+        current, round_index = upcoming, round_index + 1
+
+
+class _PacedProducer(threading.Thread):
+    """Sends events at ``rate`` per second until stopped; counts what it sent."""
+
+    def __init__(self, settings: Settings, rate: float, users: int, seed: int) -> None:
+        super().__init__(daemon=True, name="soak-producer")
+        self.settings, self.rate, self.users, self.seed = settings, rate, users, seed
+        self.sent = 0
+        self.stop_requested = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from pymk.streams.producer import make_producer
+
+        try:
+            producer = make_producer(self.settings, client_id="pymk-soak")
+            events = endless_events(self.users, self.seed)
+            started = time.monotonic()
+            while not self.stop_requested.is_set():
+                due = int((time.monotonic() - started) * self.rate)
+                while self.sent < due:
+                    event = next(events)
+                    producer.send(self.settings.topic(event.KIND), key=user_key(event.key), value=event.to_json())
+                    self.sent += 1
+                time.sleep(0.005)
+            producer.flush(timeout=60)
+            producer.close(timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - reported by run_soak
+            self.error = exc
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _processed(settings: Settings) -> int | None:
+    import json
+
+    try:
+        url = f"http://{settings.web_host}:{settings.web_port}/stats"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            stats = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return sum(stats["events_valid"].values()) + sum(stats["events_invalid"].values())
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _slope_per_s(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (t, y)."""
+    if len(points) < 2:
+        return None
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (y - mean_y) for t, y in points) / spread if spread else None
+
+
+def _per_minute(per_second: float | None) -> float | None:
+    return per_second * 60 if per_second is not None else None
+
+
+def summarise(samples: list[SoakSample], rate: float, load_s: float) -> dict[str, Any]:
+    """Figures of a run from its samples."""
+    load = [s for s in samples if s.phase == "load"]
+    middle = [s for s in load if load_s / 3 <= s.t_s < 2 * load_s / 3]
+    last = [s for s in load if s.t_s >= 2 * load_s / 3]
+    lags = [(s.t_s, float(s.lag_total)) for s in load if s.lag_total is not None]
+    rss = [(s.t_s, s.rss_mb) for s in load if s.rss_mb is not None]
+    lag_middle = _mean([float(s.lag_total) for s in middle if s.lag_total is not None])
+    lag_last = _mean([float(s.lag_total) for s in last if s.lag_total is not None])
+    rss_middle = _mean([s.rss_mb for s in middle if s.rss_mb is not None])
+    rss_last = _mean([s.rss_mb for s in last if s.rss_mb is not None])
+    bounded = (lag_middle is not None and lag_last is not None
+               and lag_last <= 1.25 * lag_middle + 2.0 * rate)
+    processed = [(s.t_s, s.processed) for s in load if s.processed is not None]
+    cpu = [s.worker_cpu_percent for s in load if s.worker_cpu_percent is not None]
+    tail = [(t, y) for t, y in lags if t >= load_s / 3]
+    return {
+        "lag_max": max((y for _, y in lags), default=None),
+        "lag_last": lags[-1][1] if lags else None,
+        "lag_middle_third_mean": lag_middle,
+        "lag_last_third_mean": lag_last,
+        "lag_slope_per_s_last_two_thirds": _slope_per_s(tail),
+        "lag_bounded": bounded,
+        "rss_mb_max": max((y for _, y in rss), default=None),
+        "rss_mb_last": rss[-1][1] if rss else None,
+        "rss_growth_mb_last_vs_middle_third": (rss_last - rss_middle) if rss_last and rss_middle else None,
+        "rss_slope_mb_per_min_last_two_thirds": _per_minute(_slope_per_s([(t, y) for t, y in rss if t >= load_s / 3])),
+        "processing_rate_per_s": ((processed[-1][1] - processed[0][1]) / (processed[-1][0] - processed[0][0])
+                                  if len(processed) > 1 and processed[-1][0] > processed[0][0] else None),
+        "worker_cpu_percent_mean": _mean(cpu),
+    }
+
+
+def plot(samples: list[SoakSample], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rss, ax_lag) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    rss = [(s.t_s, s.rss_mb) for s in samples if s.rss_mb is not None]
+    ax_rss.plot([t for t, _ in rss], [y for _, y in rss], color="tab:blue")
+    ax_rss.set_ylabel("worker RSS (MB)")
+    for label, attribute in (("total", "lag_total"), ("inputs", "lag_inputs"),
+                             ("partition-messages", "lag_partition_messages")):
+        points = [(s.t_s, getattr(s, attribute)) for s in samples if getattr(s, attribute) is not None]
+        ax_lag.plot([t for t, _ in points], [y for _, y in points], label=label)
+    ax_lag.set_ylabel("consumer lag (messages)")
+    ax_lag.set_xlabel("seconds since the load started")
+    ax_lag.legend(loc="upper left")
+    drain = [s.t_s for s in samples if s.phase == "drain"]
+    for axis in (ax_rss, ax_lag):
+        axis.grid(alpha=0.3)
+        if drain:
+            axis.axvline(drain[0], color="grey", linestyle="--", linewidth=1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, users: int,
+             sample_interval_s: float = 5.0, drain_timeout_s: float = 120.0, seed: int = 7) -> dict[str, Any]:
+    """Produce synthetic events at ``rate`` per second for ``minutes`` into one fresh worker (topics under a new
+    prefix, state in a temporary folder, both removed afterwards); sample RSS and lag every
+    ``sample_interval_s``; write ``soak-<rate>.csv`` and ``.png`` to ``out_dir``; return the summary.
+    ``settings.recommend`` decides whether the worker also embeds and publishes lists."""
+    from pymk.streams.lag import consumer_lag
+    from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
+
+    from pymk.kafka_broker import LocalBroker
+
+    if rate <= 0 or minutes <= 0 or users < 2:
+        raise ValueError("rate and minutes must be positive and users at least 2")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local = LocalBroker(settings)
+    if not settings.bootstrap_servers and not local.accepting():
+        local.start(quiet=True)
+    tag = "soak" + uuid.uuid4().hex[:8]
+    state_home = Path(tempfile.mkdtemp(prefix="pymk-soak-"))
+    run = replace(settings, topic_prefix=tag, app_id=f"{tag}-worker", home=state_home, web_port=_free_port())
+    name = f"soak-{rate:g}"
+    csv_path, png_path, log_path = out_dir / f"{name}.csv", out_dir / f"{name}.png", out_dir / f"{name}-worker.log"
+    ensure_topics(run)
+    load_average_before = os.getloadavg()[0]  # the machine may be shared: context for the figures
+    worker = start_worker_process(run, log_path)
+    samples: list[SoakSample] = []
+    producer = _PacedProducer(run, rate, users, seed)
+    load_s = minutes * 60.0
+    drain_s: float | None = None
+    try:
+        deadline = time.monotonic() + 180
+        while _processed(run) is None:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start; see {log_path}")
+            time.sleep(0.5)
+        input_topics = set(run.input_topics.values())
+        messages_topic = run.topic("partition-messages")
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            producer.start()
+            started = time.monotonic()
+            cpu_before, cpu_at = _cpu_seconds(worker.pid), started
+            phase, load_ended = "load", None
+            while True:
+                now = time.monotonic()
+                if phase == "load" and now - started >= load_s:
+                    producer.stop_requested.set()
+                    producer.join(timeout=90)
+                    phase, load_ended = "drain", time.monotonic()
+                try:
+                    lag = consumer_lag(run)
+                except Exception:  # noqa: BLE001 - a missed sample, not a failed run
+                    lag = None
+                cpu_now, cpu_time = _cpu_seconds(worker.pid), time.monotonic()
+                cpu_percent = (100.0 * (cpu_now - cpu_before) / (cpu_time - cpu_at)
+                               if cpu_now is not None and cpu_before is not None and cpu_time > cpu_at else None)
+                cpu_before, cpu_at = cpu_now, cpu_time
+                sample = SoakSample(
+                    t_s=round(time.monotonic() - started, 2), phase=phase, produced=producer.sent,
+                    processed=_processed(run),
+                    lag_total=sum(lag.values()) if lag is not None else None,
+                    lag_inputs=sum(v for t, v in lag.items() if t in input_topics) if lag is not None else None,
+                    lag_partition_messages=lag.get(messages_topic) if lag is not None else None,
+                    rss_mb=_rss_mb(worker.pid),
+                    worker_cpu_percent=round(cpu_percent, 1) if cpu_percent is not None else None)
+                samples.append(sample)
+                writer.writerow(dataclasses.asdict(sample))
+                handle.flush()
+                if worker.poll() is not None or producer.error is not None:
+                    break
+                if phase == "drain" and load_ended is not None:
+                    if sample.lag_total == 0:
+                        drain_s = round(time.monotonic() - load_ended, 1)
+                        break
+                    if time.monotonic() - load_ended > drain_timeout_s:
+                        break
+                time.sleep(max(0.0, sample_interval_s - (time.monotonic() - now)))
+        worker_alive = worker.poll() is None
+        load_average_after = os.getloadavg()[0]
+    finally:
+        producer.stop_requested.set()
+        stop_process(worker)
+        with contextlib.suppress(Exception):  # cleaning up must not hide the run's outcome
+            delete_topics_with_prefix(run, tag)
+        shutil.rmtree(state_home, ignore_errors=True)
+    if producer.error is not None:
+        raise RuntimeError(f"producing failed: {producer.error!r}") from producer.error
+    plot(samples, png_path, f"pymk soak: {rate:g} events/s for {minutes:g} min, {users} users per network")
+    load_samples = [s for s in samples if s.phase == "load"]
+    return {
+        "bench": "soak",
+        "rate_target_per_s": rate,
+        "minutes": minutes,
+        "users_per_network": users,
+        "recommend": settings.recommend,
+        "partitions": settings.partitions,
+        "produced": producer.sent,
+        "produce_rate_per_s": round(producer.sent / load_s, 1),
+        "processed": next((s.processed for s in reversed(samples) if s.processed is not None), None),
+        **summarise(samples, rate, load_s),
+        "drain_s": drain_s,  # None: not drained within drain_timeout_s
+        "worker_alive_at_end": worker_alive,
+        "machine_load_average_1m": [round(load_average_before, 2), round(load_average_after, 2)],
+        "cpu_count": os.cpu_count(),
+        "samples": len(load_samples),
+        "csv": str(csv_path),
+        "png": str(png_path),
+        "worker_log": str(log_path),
+    }
