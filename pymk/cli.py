@@ -203,8 +203,10 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                                       embeddings=Path(args.embeddings) if args.embeddings else None,
                                       progress=not args.quiet)
     else:
-        print(f"pymk train {args.kind}: not available yet", file=sys.stderr)
-        return 2
+        from pymk.train import train_two_tower_command
+
+        result = train_two_tower_command(args.data, args.synthetic, args.seed, out, settings, loss=args.loss,
+                                         epochs=min(args.epochs, 20), progress=not args.quiet)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -214,7 +216,7 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
     out_dir = Path(args.out_dir)
     result, paths = run_evaluation(settings, args.data, args.split, out_dir, seed=args.seed_split, live=args.live,
-                                   retrain=args.retrain, progress=not args.quiet)
+                                   retrain=args.retrain, progress=not args.quiet, two_tower=not args.no_two_tower)
     if args.json:
         Path(args.json).write_text(paths["json"].read_text())
     print(paths["md"].read_text())
@@ -381,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--embeddings", help="GraphSAGE model folder whose cosine the ranker learns from "
                                             "(default: the one the workers would load)")
+    train.add_argument("--loss", choices=["B1", "B2", "B3"], default="B2",
+                       help="two-tower: B1 binary cross-entropy, B2 in-batch sampled softmax, B3 triplet")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
@@ -394,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--live", action="store_true",
                           help="also replay the past through Kafka into a worker and score its published lists")
     evaluate.add_argument("--retrain", action="store_true", help="train the models again (default: cached)")
+    evaluate.add_argument("--no-two-tower", action="store_true", help="skip the two-tower rows (faster)")
     evaluate.add_argument("--seed-split", type=int, default=0, help="seed of the random split")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)

@@ -1,8 +1,10 @@
 """`make demo`: the bundled real graph through the real broker and a real worker, end to end.
 
-Starts the local Kafka broker, recreates the demo's own topics (prefix ``pymk-demo``, so the demo never
-touches a user's ``pymk.*`` topics), starts a worker, replays CollegeMsg with behaviour plus a handful of
-malformed messages, waits until every input is processed and prints what happened.
+Starts the local Kafka broker; trains (or loads from the cache) the GraphSAGE model and the XGBoost ranker on
+the bundled CollegeMsg graph; recreates the demo's own topics (prefix ``pymk-demo``, so the demo never touches a
+user's ``pymk.*`` topics); starts a worker with those models; replays CollegeMsg with behaviour plus a handful of
+malformed messages; shows feature state and the published lists with their reasons, then lists changing live as
+users connect and dismiss; ends with the evaluation summary (`pymk evaluate` offline) and where its plot is.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ def main() -> int:
     status = LocalBroker(settings).start()
     print(status.describe())
 
-    say("2. Fresh demo topics (prefix pymk-demo.)")
+    say("2. Models: GraphSAGE embeddings and the XGBoost ranker, trained on the bundled graph (cached)")
+    events = replay_events(DATA, behaviour=True, seed=settings.produce_seed)
+    sage_dir, ranker_dir = demo_models(settings, events)
+    settings = replace(settings, embedding_model=str(sage_dir), ranker_model=str(ranker_dir),
+                       reembed_min_interval_ms=0)
+
+    say("3. Fresh demo topics (prefix pymk-demo.)")
     delete_topics_with_prefix(settings, settings.topic_prefix + ".")
     # the worker's state belongs to the old topics (it records the offsets it applied from them)
     shutil.rmtree(settings.worker_dir / settings.app_id, ignore_errors=True)
@@ -61,7 +69,7 @@ def main() -> int:
     print(", ".join(settings.topic(k) for k in ("connections", "profile-views", "dismissals", "engagements",
                                                  "users", "recommendations", "dead-letter")))
 
-    say("3. A stream worker (pymk worker)")
+    say("4. A stream worker (pymk worker)")
     log_path = settings.home / "demo-worker.log"
     log_path.unlink(missing_ok=True)
     worker = start_worker_process(settings, log_path)
@@ -70,17 +78,20 @@ def main() -> int:
         print(f"worker pid {worker.pid}; debug HTTP on http://{settings.web_host}:{settings.web_port}; "
               f"log {log_path}")
 
-        say(f"4. Replay {DATA.relative_to(DATA.parents[2])} with behaviour, and {len(BAD_MESSAGES)} bad messages")
-        events = replay_events(DATA, behaviour=True, seed=settings.produce_seed)
+        say(f"5. Replay {DATA.relative_to(DATA.parents[2])} with behaviour, and {len(BAD_MESSAGES)} bad messages")
         report = send_messages(settings, event_messages(settings, events), len(events))
         print(report.describe())
         bad = [(settings.topic("connections"), None, value) for value in BAD_MESSAGES]
         send_messages(settings, iter(bad), len(bad), progress=False)
 
-        say("5. Waiting until the worker has processed every input")
-        idle = wait_idle(settings, timeout_s=300)
+        say("6. Waiting until the worker has processed every input and published every owed list")
+        url = f"http://{settings.web_host}:{settings.web_port}"
+        idle = wait_idle(settings, timeout_s=400, worker_urls=[url])
         stats = get_json(settings, "/stats")
-        print("idle" if idle else "still busy after 300 s")
+        print("idle" if idle else "still busy after 400 s")
+        refresh = stats["refresh"]
+        print(f"{refresh['embedded']} embeddings computed, {refresh['refreshed']} lists published "
+              f"({stats['index']['users']} users in the ANN index)")
         print("valid events processed per topic:")
         for kind, count in sorted(stats["events_valid"].items()):
             print(f"  {kind:<15} {count:>8}")
@@ -88,17 +99,72 @@ def main() -> int:
         for reason, count in sorted(stats["dead_letters"].items()):
             print(f"  {reason:<18} {count:>5}")
 
-        say("6. Feature state, read from the worker's RocksDB through the debug API")
+        say("7. Feature state, read from the worker's RocksDB through the debug API")
         show_users(settings, events)
 
-        say("7. A live change: a new connection, and the features that follow it")
+        say("8. Published recommendations with their reasons (GET /recommendations/{u}, pymk consume --user U)")
+        for user in _busiest_users(events, 3):
+            show_list(settings, user)
+
+        say("9. Live: a user connects with their first suggestion, then dismisses the next one")
         show_live_change(settings, events)
     finally:
         stop_process(worker)
 
+    say("10. Evaluation on the bundled graph (pymk evaluate --split time, offline mode, models trained on the past)")
+    from pymk.evaluate import run_evaluation
+
+    result, paths = run_evaluation(base, DATA, "time", Path("reports"), progress=False, two_tower=False)
+    print(f"{'method':<18} {'Recall@20':>9} {'Recall@50':>9} {'MRR':>7}")
+    for scores in result.methods:
+        print(f"{scores.name:<18} {scores.recall[20]:>9.4f} {scores.recall[50]:>9.4f} {scores.mrr:>7.4f}")
+    print("candidate coverage of the future pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in result.coverage.items()))
+    print(f"report {paths['md']} (and .json); Recall@K plot {paths['png']}")
+
     say(f"Done in {time.monotonic() - started:.0f} s. The broker keeps running (`pymk kafka stop` ends it).")
     print("Look around: PYMK_TOPIC_PREFIX=pymk-demo PYMK_APP_ID=pymk-demo-worker .venv/bin/pymk lag")
     return 0
+
+
+def demo_models(settings: Settings, events: list) -> tuple[Path, Path]:
+    """GraphSAGE and XGBoost trained on the demo's replay (connections, synthetic profiles and behaviour), cached
+    under <home>/models/demo so a second `make demo` starts at once."""
+    from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
+    from pymk.ranking.training_data import TrainingDataConfig, train_ranker
+    from pymk.train import connections_and_profiles, embeddings_at_checkpoint
+
+    cache = settings.model_dir / "demo"
+    marker = cache / "models.json"
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        if Path(saved["embeddings"], "metadata.json").exists() and Path(saved["ranker"], "metadata.json").exists():
+            print(f"cached: {saved['embeddings']}, {saved['ranker']}")
+            return Path(saved["embeddings"]), Path(saved["ranker"])
+    started = time.monotonic()
+    connections, profiles = connections_and_profiles(events)
+    sage = train_embeddings(connections, profiles, cache / "embeddings", EmbeddingTrainingConfig(progress=False))
+    print(f"GraphSAGE {sage.metadata['version']}: validation AUC {sage.metadata.get('best_val_auc', 0):.3f} "
+          f"({time.monotonic() - started:.0f} s); training curve {sage.curve_png}")
+    ranker_dir = cache / "ranker"
+    ranker = train_ranker(events, ranker_dir, TrainingDataConfig(), report=None,
+                          embeddings_at=embeddings_at_checkpoint(sage.model_dir))
+    top = sorted(ranker.feature_importances().items(), key=lambda kv: -kv[1])[:4]
+    print(f"XGBoost {ranker.version}: validation AUC {ranker.metadata.get('val_auc', float('nan')):.3f}; "
+          f"top features {', '.join(name for name, _ in top)} ({time.monotonic() - started:.0f} s in all)")
+    marker.write_text(json.dumps({"embeddings": str(sage.model_dir), "ranker": str(ranker_dir)}))
+    return sage.model_dir, ranker_dir
+
+
+def show_list(settings: Settings, user: int, limit: int = 5, mark: int | None = None) -> list[int]:
+    published = get_json(settings, f"/recommendations/{user}")
+    items = published["items"]
+    print(f"user {user} — {len(items)} suggestions, model {published['model_version']}")
+    for item in items[:limit]:
+        reasons = item["reasons"]
+        flag = "  <-- new" if mark is not None and item["candidate"] == mark else ""
+        print(f"   {item['rank']:>2}. {item['candidate']:>5}  score {item['score']:.3f}  "
+              f"[{'+'.join(item['sources'])}]  {reasons.get('text', '')}{flag}")
+    return [item["candidate"] for item in items]
 
 
 def _busiest_users(events: list, n: int) -> list[int]:
@@ -130,24 +196,43 @@ def show_users(settings: Settings, events: list) -> None:
 
 
 def show_live_change(settings: Settings, events: list) -> None:
-    from pymk.events import ConnectionEvent
+    from pymk.events import ConnectionEvent, DismissalEvent
     from pymk.streams.lag import wait_idle
     from pymk.streams.producer import event_messages, send_messages
 
+    url = f"http://{settings.web_host}:{settings.web_port}"
     user = _busiest_users(events, 1)[0]
-    candidates = get_json(settings, f"/users/{user}/candidates")["candidates"]
-    v = max((c["common_neighbor_count"], int(k)) for k, c in candidates.items() if not c["connected"])[1]
-    before = get_json(settings, f"/features/{user}/{v}")["features"]
+    before = get_json(settings, f"/recommendations/{user}")
+    first, second = before["items"][0]["candidate"], before["items"][1]["candidate"]
+    features_before = get_json(settings, f"/features/{user}/{first}")["features"]
     ts = max(e.ts for e in events) + 1000
-    send_messages(settings, event_messages(settings, [ConnectionEvent(user, v, "add", ts)]), 1, progress=False)
-    wait_idle(settings, timeout_s=60, settle_s=0.5)
-    after = get_json(settings, f"/features/{user}/{v}")["features"]
-    print(f"{user} connects with {v}:")
-    for name in ("graph_distance_bucket", "common_neighbor_count", "adamic_adar_score", "jaccard_sim",
-                 "query_degree_log", "same_company_current", "co_engaged_with_content"):
-        b, a = before[name]["value"], after[name]["value"]
+    print(f"{user} connects with {first} (their suggestion #1):")
+    send_messages(settings, event_messages(settings, [ConnectionEvent(user, first, "add", ts)]), 1, progress=False)
+    _wait_new_list(settings, user, before["generated_at"])
+    wait_idle(settings, timeout_s=60, settle_s=0.5, worker_urls=[url])
+    after = get_json(settings, f"/features/{user}/{first}")["features"]
+    for name in ("graph_distance_bucket", "common_neighbor_count", "adamic_adar_score", "query_degree_log"):
+        b, a = features_before[name]["value"], after[name]["value"]
         fmt = (lambda x: f"{x:.4f}") if isinstance(a, float) else str
         print(f"    {name:<26} {fmt(b):>10} -> {fmt(a):<10} (last changed at ts {after[name]['ts']})")
+    refreshed = show_list(settings, user)
+    print(f"   ({first} is now a connection: gone from the list; the list was re-ranked at once)"
+          if first not in refreshed else "   (unexpected: still listed)")
+    current = get_json(settings, f"/recommendations/{user}")
+    print(f"{user} dismisses {second}:")
+    send_messages(settings, event_messages(settings, [DismissalEvent(user, second, ts + 1000)]), 1, progress=False)
+    _wait_new_list(settings, user, current["generated_at"])
+    after_dismissal = show_list(settings, user)
+    print(f"   ({second} will not be suggested again)" if second not in after_dismissal
+          else "   (unexpected: still listed)")
+
+
+def _wait_new_list(settings: Settings, user: int, after_ms: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if get_json(settings, f"/recommendations/{user}")["generated_at"] > after_ms:
+            return
+        time.sleep(0.2)
 
 
 def _wait_ready(settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:

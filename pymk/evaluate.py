@@ -51,8 +51,8 @@ def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrai
 
 
 def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_dir: Path, seed: int = 0,
-                   live: bool = False, retrain: bool = False, progress: bool = True) -> tuple[EvaluationResult,
-                                                                                               dict[str, Path]]:
+                   live: bool = False, retrain: bool = False, progress: bool = True,
+                   two_tower: bool = True) -> tuple[EvaluationResult, dict[str, Path]]:
     started = time.perf_counter()
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
@@ -64,6 +64,14 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
                     ef_search=settings.ann_ef_search, quantization=settings.ann_quantization)  # type: ignore[arg-type]
     methods: list[Any] = [*reference_methods(split), *product_methods(split, models, ann)]
     sets = candidate_sets(methods[len(methods) - 3:])
+    tower_seconds = 0.0
+    if two_tower:
+        from pymk.ranking.two_tower_eval import cached_two_tower_models, two_tower_methods
+
+        source = getattr(methods[-1], "source", None)  # the product's past graph, embedded and indexed once
+        tower_models, tower_seconds = cached_two_tower_models(split, models, cache_dir / "two-tower", retrain,
+                                                              progress)
+        methods += two_tower_methods(split, models, tower_models, ann, source=source)
     live_info: dict[str, Any] | None = None
     if live:
         from pymk.streams.evaluate_live import live_method
@@ -72,7 +80,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
         methods.append(live_result.method)
         live_info = live_result.info
     result = evaluate_methods(split, methods, candidate_sets=sets,
-                              timings={"train_models": train_seconds})
+                              timings={"train_models": train_seconds, "train_two_tower": tower_seconds})
     result.timings["total"] = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}

@@ -177,7 +177,8 @@ class Recommendations:
 class Impression:
     """One item of a published list, with the exact feature vector the model scored (for training on the
     model's own traffic). ``ts``: when it was published (wall clock); ``as_of``: the event time it was ranked
-    at, which the delayed labels are measured from."""
+    at, which the delayed labels are measured from. ``rank`` 0: a candidate scored but not shown, logged as a
+    sample of the rest of the pool (an extension of the contract's record)."""
 
     KIND: ClassVar[str] = "impressions"
     user: int

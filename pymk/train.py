@@ -133,3 +133,24 @@ def train_ranker_command(data: str | None, synthetic: int | None, seed: int, out
     return {"version": ranker.version, "model_dir": str(final), "current": str(current), "source": source,
             "embeddings_model": str(model_dir) if model_dir else None,
             "val_auc": ranker.metadata.get("val_auc"), "importances": ranker.feature_importances()}
+
+
+def train_two_tower_command(data: str | None, synthetic: int | None, seed: int, out: Path, settings: Settings,
+                            loss: str = "B2", epochs: int = 15, progress: bool = True) -> dict[str, object]:
+    from pymk.ranking.two_tower import TwoTowerConfig, train_two_tower
+    from pymk.streams.models import resolve_model
+
+    events, source = training_events(data, synthetic, seed)
+    if events is not None:
+        connections, profiles = connections_and_profiles(events)
+    else:
+        connections, profiles = load_edge_history(source).connections, {}
+    sage = resolve_model(settings.embedding_model, settings.model_dir, "embeddings")
+    if sage is None:
+        raise FileNotFoundError("the two-tower model needs a GraphSAGE model (pymk train embeddings)")
+    result = train_two_tower(connections, profiles or None, sage, out,
+                             TwoTowerConfig(loss=loss, epochs=epochs, progress=progress))  # type: ignore[arg-type]
+    current = point_current(result.model_dir)
+    return {"version": result.metadata.get("version"), "model_dir": str(result.model_dir), "current": str(current),
+            "source": source, "loss": loss, "val_auc": result.metadata.get("best_val_auc"),
+            "curve_png": str(result.curve_png)}

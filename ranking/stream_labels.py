@@ -6,7 +6,9 @@ horizon (t, t + H], in event time (so a replay of history labels exactly as live
 - ``dismissed`` (label 0, an explicit negative, kept apart in ``outcome``): u dismissed c in the window first;
 - ``expired`` (label 0): the stream's event time passed t + H with neither;
 - otherwise the impression is still pending and is not used.
-A pair shown in many lists is one example, from its first impression (the model's first chance to be right).
+A pair shown in many lists is one example: the latest impression whose window decides it (the one before the
+connection or dismissal, or the latest one whose window has passed) — the freshest state the model ranked it
+from. (Taking the first would label a pair shown a month before it connected as a miss.)
 """
 
 from __future__ import annotations
@@ -49,23 +51,24 @@ def label_impressions(impressions: Iterable[Impression], connections: Iterable[t
     for stamps in (*adds.values(), *dismissed.values()):
         stamps.sort()
 
-    first: dict[tuple[int, int], Impression] = {}
+    by_pair: dict[tuple[int, int], list[Impression]] = {}
     for impression in impressions:
-        key = (impression.user, impression.candidate)
-        held = first.get(key)
-        if held is None or (impression.as_of, impression.ts) < (held.as_of, held.ts):
-            first[key] = impression
+        by_pair.setdefault((impression.user, impression.candidate), []).append(impression)
     out: list[LabelledImpression] = []
-    for (user, candidate), impression in sorted(first.items()):
-        start, end = impression.as_of, impression.as_of + horizon_ms
-        connected_at = _first_in(adds.get(_pair(user, candidate), ()), start, end)
-        dismissed_at = _first_in(dismissed.get((user, candidate), ()), start, end)
-        if connected_at is not None and (dismissed_at is None or connected_at <= dismissed_at):
-            out.append(LabelledImpression(impression, 1, CONNECTED))
-        elif dismissed_at is not None:
-            out.append(LabelledImpression(impression, 0, DISMISSED))
-        elif event_time_ms >= end:
-            out.append(LabelledImpression(impression, 0, EXPIRED))
+    for (user, candidate), shown in sorted(by_pair.items()):
+        decided: LabelledImpression | None = None
+        for impression in sorted(shown, key=lambda i: (i.as_of, i.ts)):
+            start, end = impression.as_of, impression.as_of + horizon_ms
+            connected_at = _first_in(adds.get(_pair(user, candidate), ()), start, end)
+            dismissed_at = _first_in(dismissed.get((user, candidate), ()), start, end)
+            if connected_at is not None and (dismissed_at is None or connected_at <= dismissed_at):
+                decided = LabelledImpression(impression, 1, CONNECTED)
+            elif dismissed_at is not None:
+                decided = LabelledImpression(impression, 0, DISMISSED)
+            elif event_time_ms >= end and (decided is None or decided.outcome == EXPIRED):
+                decided = LabelledImpression(impression, 0, EXPIRED)
+        if decided is not None:
+            out.append(decided)
     return out
 
 

@@ -260,7 +260,11 @@ class PymkApp:
         GraphSAGE model re-embeds every local user (vectors of two models are not comparable)."""
         assert self.models is not None
         async with self.state.lock:
-            changed = self.models.reload_if_changed()
+            try:
+                changed = self.models.reload_if_changed()
+            except Exception:  # noqa: BLE001 - a bad model must not stop the worker: keep serving the old one
+                log.exception("model reload failed")
+                return
             if "embeddings" in changed:
                 for state in self.state.owned.values():
                     state.forced_reembed.update(state.embeddings.local_users())

@@ -48,9 +48,29 @@ class Models:
         self.embedding_model = str(self.sage_metadata["version"])
         self.scorer: Any = Ranker.load(self.ranker_path) if self.ranker_path is not None else HeuristicScorer()
         self._loaded = (self._identity(self.sage_path), self._identity(self.ranker_path))
+        self.two_tower: Any = None
+        if settings.ranker_kind in ("two-tower", "blend"):
+            from pymk.ranking.two_tower import TwoTowerRanker, load_two_tower
+
+            tower_path = resolve_model(settings.two_tower_model, settings.model_dir, "two-tower")
+            if tower_path is None:
+                raise FileNotFoundError(f"PYMK_RANKER_KIND={settings.ranker_kind} needs a two-tower model "
+                                        "(pymk train two-tower, or PYMK_TWO_TOWER_MODEL)")
+            self.two_tower = TwoTowerRanker(load_two_tower(tower_path)[0])
+        elif settings.ranker_kind != "xgboost":
+            raise ValueError(f"PYMK_RANKER_KIND={settings.ranker_kind!r}: xgboost, two-tower or blend")
         self.reloads = 0
         log.info("models: embeddings %s (%s), ranker %s (%s)", self.embedding_model, self.sage_path,
                  self.scorer.version, self.ranker_path or "built in")
+
+    @property
+    def ranker_version(self) -> str:
+        """The model_version published on lists: the ranker, the two-tower model, or both for a blend."""
+        if self.two_tower is None:
+            return str(self.scorer.version)
+        if self.settings.ranker_kind == "two-tower":
+            return str(self.two_tower.version)
+        return f"blend({self.scorer.version},{self.two_tower.version},w={self.settings.blend_weight:g})"
 
     def _paths(self) -> tuple[Path, Path | None]:
         sage = resolve_model(self.settings.embedding_model, self.settings.model_dir, "embeddings")

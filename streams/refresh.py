@@ -18,8 +18,9 @@ import numpy as np
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.records import EmbeddingRecord
 from pymk.ranking.candidates import CandidateConfig
-from pymk.ranking.features import FeatureBuilder
-from pymk.ranking.recommend import recommend
+from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder, feature_dict
+from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order, score_candidates
+from pymk.ranking.two_tower import blend_scores
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
@@ -161,10 +162,48 @@ class Refresher:
         source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of)
         # ranked as of the partition's event time (a replay ranks as live traffic did); published now
         as_of = state.event_time_ms or now_ms
-        ranked = recommend(user, source, self.models.scorer, self.candidates, as_of_ms=as_of,
-                           k=self.settings.recommendations_k, builder=self.features)
+        scorer = self.models.scorer
+        k = self.settings.recommendations_k
+        scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
+        if self.models.two_tower is not None and len(scored.candidates):
+            scored = self._two_tower_scores(user, scored, source, k)
+        ranked = rank_scored(user, scored, source, scorer, as_of, builder=self.features)
+        if self.models.two_tower is not None:
+            ranked = replace(ranked, model_version=self.models.ranker_version)
         impressions = [Impression(user=user, candidate=item.candidate.user, rank=item.rank, score=item.score,
                                   model_version=ranked.model_version, features=ranked.features_of(i), ts=now_ms,
                                   as_of=as_of, sources=item.sources)
                        for i, item in enumerate(ranked.items)]
+        impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms))
         return replace(ranked.to_recommendations(), generated_at=now_ms), impressions
+
+    def _two_tower_scores(self, user: int, scored: ScoredCandidates, source: WorkerRankingSource,
+                          k: int) -> ScoredCandidates:
+        """Stage 2 by the two-tower model (or the blend); reasons keep the XGBoost explanation of each item."""
+        tower = self.models.two_tower.score(user, scored.candidates.ids, source)
+        scores = (tower if self.settings.ranker_kind == "two-tower"
+                  else blend_scores(scored.scores, tower, self.settings.blend_weight))
+        top = ranking_order(scores, scored.features[:, FEATURE_INDEX["candidate_degree_log"]], scored.candidates.ids,
+                            k)
+        return replace(scored, scores=np.asarray(scores, dtype=np.float64), top=top)
+
+    def _unshown_sample(self, user: int, scored: ScoredCandidates, model_version: str, as_of: int,
+                        now_ms: int) -> list[Impression]:
+        """A few candidates the model scored but did not show (``rank`` 0), logged like the shown ones: a model
+        retrained only on what its predecessor showed learns to re-order that top 20 and nothing about the
+        other candidates it will have to rank. Uniform, seeded by (user, as-of), so a redone flush logs the same."""
+        k = self.settings.impressions_unshown_sample
+        shown = set(scored.top.tolist())
+        rest = [i for i in range(len(scored.candidates)) if i not in shown]
+        if k <= 0 or not rest:
+            return []
+        rng = np.random.default_rng([user & 0x7FFFFFFFFFFFFFFF, as_of])
+        picked = rng.choice(len(rest), size=min(k, len(rest)), replace=False)
+        out = []
+        for j in sorted(picked.tolist()):
+            index = rest[j]
+            candidate = scored.candidates.candidate(index)
+            out.append(Impression(user=user, candidate=candidate.user, rank=0, score=float(scored.scores[index]),
+                                  model_version=model_version, features=feature_dict(scored.features[index]),
+                                  ts=now_ms, as_of=as_of, sources=candidate.sources))
+        return out

@@ -20,8 +20,8 @@ def small_network(n_users: int = 240, seed: int = 3) -> list[InputEvent]:
     return synthetic_events(n_users, seed=seed)
 
 
-def send(settings: Settings, events: Sequence[InputEvent]) -> None:
-    send_messages(settings, event_messages(settings, events), len(events), progress=False)
+def send(settings: Settings, events: Sequence[InputEvent], rate: float | None = None) -> None:
+    send_messages(settings, event_messages(settings, events), len(events), rate=rate, progress=False)
 
 
 def worker_url(settings: Settings) -> str:

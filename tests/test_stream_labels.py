@@ -34,15 +34,18 @@ def test_labels_follow_the_horizon_in_event_time() -> None:
                               (1, 5): (0, "expired"), (1, 6): (0, "expired"), (7, 8): (0, "expired")}
 
 
-def test_open_windows_stay_unlabelled_and_a_pair_counts_once_from_its_first_impression() -> None:
+def test_open_windows_stay_unlabelled_and_a_pair_counts_once_from_its_deciding_impression() -> None:
     t = 1_000 * DAY
     impressions = [shown(1, 2, t + 3 * DAY), shown(1, 2, t), shown(1, 9, t + 10 * DAY)]
     rows = label_impressions(impressions, [(1, 2, "add", t + H - DAY)], [], H, event_time_ms=t + H)
     assert outcomes(rows) == {(1, 2): (1, "connected")}  # (1, 9)'s window is still open
-    assert rows[0].impression.as_of == t
-    # a connection after the first impression's window but inside a later one's does not count
+    assert rows[0].impression.as_of == t + 3 * DAY  # the latest impression before the connection
+    # a connection after the first impression's window but inside a later one's counts, from the later one
     late = label_impressions(impressions, [(1, 2, "add", t + H + DAY)], [], H, event_time_ms=t + 3 * H)
-    assert outcomes(late)[(1, 2)] == (0, "expired")
+    assert outcomes(late)[(1, 2)] == (1, "connected")
+    # no connection at all: one negative, from the latest impression whose window has passed
+    none = label_impressions(impressions, [], [], H, event_time_ms=t + H + 2 * DAY)
+    assert outcomes(none)[(1, 2)] == (0, "expired") and none[0].impression.as_of == t
 
 
 def test_connection_before_a_dismissal_wins() -> None:
