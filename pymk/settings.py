@@ -87,6 +87,11 @@ class Settings:
     # --- Candidates and ranking (ranking/) ---
     # A trained ranker directory; empty: <home>/models/ranker/current, else the shipped default.
     ranker_model: str = ""
+    # What ranks Stage 2: "xgboost", "two-tower" (a trained two-tower model: PYMK_TWO_TOWER_MODEL or
+    # <home>/models/two-tower/current) or "blend" ((1 - w)·XGBoost + w·two-tower, by rank within the list).
+    ranker_kind: str = "xgboost"
+    two_tower_model: str = ""
+    blend_weight: float = 0.5
     # Workers check this often whether a model path now points at another version, and load it (hot reload).
     model_reload_interval_s: float = 5.0
     candidates_graph_k: int = 1000
