@@ -202,6 +202,9 @@ class PartitionGraph:
         self._common: dict[int, dict[int, int]] = {}
         self._dirty: set[tuple[bytes, int]] = set()
         self._outbox = _Outbox()
+        # local user → (activity at the anchor, anchor): recomputed at every change of the user's registers,
+        # read for every candidate of every list
+        self._activity: dict[int, tuple[tuple[float, ...], int]] = {}
 
     # ---- row access (write-back cache over the store) -------------------------------------------------
     def _load_registers(self, cache: dict[int, Registers], kind: bytes, user: int) -> Registers:
@@ -283,7 +286,8 @@ class PartitionGraph:
             # local users adjacent to `owner` see `other` appear or vanish at distance 2
             self._mirror_changed(owner, other, sign, ts)
         # any register change moves the last-connection time or the activity: every worker learns it
-        self._outbox.degrees[owner] = self.degree_update(owner, row, ts)
+        update = self._outbox.degrees[owner] = self.degree_update(owner, row, ts)
+        self._activity[owner] = (update.activity, update.last_ts)
         # Adding `other` can add only its partition, removing only shrink the set: so these are all the
         # partitions that had or have a neighbour of `owner`.
         targets = (before | {self.partition_of(other)}) - {self.partition}
@@ -378,6 +382,7 @@ class PartitionGraph:
             self._mirror.clear()
             self._reverse.clear()
             self._common.clear()
+            self._activity.clear()
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""
@@ -402,11 +407,14 @@ class PartitionGraph:
 
     def connection_activity(self, user: int) -> tuple[tuple[float, ...], int] | None:
         """(decayed activity at the anchor, anchor = last connection ts) of a local user; None if none."""
-        row = self.adjacency_row(user)
-        if not row.versions:
-            return None
-        update = self.degree_update(user, row, 0)
-        return update.activity, update.last_ts
+        held = self._activity.get(user)
+        if held is None:
+            row = self.adjacency_row(user)
+            if not row.versions:
+                return None
+            update = self.degree_update(user, row, 0)
+            held = self._activity[user] = (update.activity, update.last_ts)
+        return held
 
     def degree_with_ts(self, user: int) -> tuple[int, int | None]:
         """(degree, ts of the last change of any of the user's edges)."""

@@ -228,6 +228,7 @@ class ProfileStore:
         self.max_cached_rows = max_cached_rows
         self.stats = ProfileStats()
         self._rows: dict[int, _ProfileRow | None] = {}  # None: known to have no row (saves a store read)
+        self._built: dict[int, Profile] = {}  # user → Profile of its row (ranking reads thousands per list)
         self._dirty: set[int] = set()
 
     def _row(self, user: int) -> _ProfileRow | None:
@@ -266,13 +267,20 @@ class ProfileStore:
                 self.stats.stale_fields += int(new[0] != old[0] or _canonical(new[1]) != _canonical(old[1]))
         if changed:
             self._dirty.add(event.user)
+            self._built.pop(event.user, None)
         return changed
 
     # ---- reads -------------------------------------------------------------------------------------------------
     def profile(self, user: int) -> Profile | None:
         """The user's current profile (fields never given are None); None when no users event was seen."""
+        built = self._built.get(user)
+        if built is not None:
+            return built
         row = self._row(user)
-        return None if row is None else row.profile()
+        if row is None:
+            return None
+        built = self._built[user] = row.profile()
+        return built
 
     def field_timestamps(self, user: int) -> dict[str, int]:
         """Field → ts of the users event whose value the field holds (only fields that were given)."""
@@ -319,6 +327,7 @@ class ProfileStore:
         self._dirty.clear()
         if len(self._rows) > self.max_cached_rows:
             self._rows.clear()
+            self._built.clear()
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""

@@ -93,7 +93,7 @@ class PymkApp:
                                  settings.topic("partition-messages"), settings.topic("user-globals"),
                                  settings.topic("dead-letter"), self._send,
                                  max_item_fanout=settings.max_item_fanout or None)
-        self.refresher = (Refresher(settings, self.index, self.models, self.degree_of, self.profile_of,
+        self.refresher = (Refresher(settings, self.index, self.models, self.degree_value, self.profile_value,
                                     self.globals.activity)
                           if self.models is not None else None)
         self.state.refresher = self.refresher
@@ -275,6 +275,15 @@ class PymkApp:
         if state is not None:
             return state.graph.degree_with_ts(user)
         return self.globals.degree(user)
+
+    def degree_value(self, user: int) -> int:
+        """Any user's degree, the cheap way (ranking reads it for thousands of candidates per list)."""
+        state = self.state.state_for(self.partition_of(user))
+        return state.graph.degree(user) if state is not None else self.globals.degree(user)[0]
+
+    def profile_value(self, user: int) -> Any:
+        state = self.state.state_for(self.partition_of(user))
+        return state.profiles.profile(user) if state is not None else self.globals.profile(user)[0]
 
     def user_view(self, user: int) -> dict[str, Any] | None:
         state = self.state.state_for(self.partition_of(user))

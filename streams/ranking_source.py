@@ -19,8 +19,8 @@ from pymk.streams.state import PartitionState
 
 from pymk.events import Profile
 
-DegreeOf = Callable[[int], tuple[int, int | None]]
-ProfileOf = Callable[[int], tuple[Profile | None, dict[str, int]]]
+DegreeOf = Callable[[int], int]  # any user's current degree
+ProfileOf = Callable[[int], Profile | None]  # any user's current profile
 ActivityOf = Callable[[int], tuple[tuple[float, ...], int] | None]
 
 
@@ -42,10 +42,10 @@ class WorkerNodeFeatures:
         self.profile_of = profile_of
 
     def profile(self, user: int) -> Profile | None:
-        return self.profile_of(user)[0]
+        return self.profile_of(user)
 
     def degree(self, user: int) -> int:
-        return self.degree_of(user)[0]
+        return self.degree_of(user)
 
 
 class WorkerRankingSource:
@@ -72,10 +72,10 @@ class WorkerRankingSource:
         return self.graph.common_neighbors(user, candidate)
 
     def degree(self, user: int) -> int:
-        return self.degree_of(user)[0]
+        return self.degree_of(user)
 
     def profile(self, user: int) -> Profile | None:
-        return self.profile_of(user)[0]
+        return self.profile_of(user)
 
     def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
         out: dict[int, tuple[int, int, int]] = {}
