@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from pymk.index.ann import AnnConfig, AnnIndex
 from pymk.index.records import EmbeddingRecord
+from pymk.streams.globals import table_consumer
 
 from pymk.settings import Settings
 
@@ -122,13 +122,8 @@ class GlobalIndex:
 
     async def run(self) -> None:
         """Read the topic from the snapshot's offsets (the beginning without one), then follow it."""
-        config = self.settings.aiokafka_client_config()
-        consumer = AIOKafkaConsumer(bootstrap_servers=config.pop("bootstrap_servers"), enable_auto_commit=False,
-                                    auto_offset_reset="earliest", group_id=None, **config)
-        await consumer.start()
+        consumer, tps = await table_consumer(self.settings, self.topic)
         try:
-            tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
-            consumer.assign(tps)
             for tp in tps:
                 if tp.partition in self.offsets:
                     consumer.seek(tp, self.offsets[tp.partition])

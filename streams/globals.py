@@ -29,6 +29,19 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
                    geo=(float(geo[0]), float(geo[1])) if geo is not None else None)
 
 
+async def table_consumer(settings: Settings, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
+    """A started consumer outside any group, assigned every partition of a table topic read in full by every
+    worker (``user-globals``, ``embeddings``). Partitions come from the settings: the topic was created by
+    ensure_topics with the app's partition count, and aiokafka's metadata lookup may lag."""
+    config = settings.aiokafka_client_config()
+    consumer = AIOKafkaConsumer(bootstrap_servers=config.pop("bootstrap_servers"), enable_auto_commit=False,
+                                auto_offset_reset="earliest", group_id=None, **config)
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+    consumer.assign(tps)
+    return consumer, tps
+
+
 class UserGlobals:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -75,14 +88,8 @@ class UserGlobals:
 
     async def run(self) -> None:
         """Read the topic from the beginning, then follow it, for the life of the worker."""
-        config = self.settings.aiokafka_client_config()
-        consumer = AIOKafkaConsumer(bootstrap_servers=config.pop("bootstrap_servers"), enable_auto_commit=False,
-                                    auto_offset_reset="earliest", group_id=None, **config)
-        await consumer.start()
+        consumer, tps = await table_consumer(self.settings, self.topic)
         try:
-            # created by ensure_topics with the app's partition count (aiokafka's metadata lookup may lag)
-            tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
-            consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
