@@ -12,12 +12,13 @@ training-data replay checks against the as-of time of every feature it computes 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 from pymk.features.graph import adamic_adar_weight
 from pymk.features.profile import merge_profile
-from pymk.ranking.source import EMBEDDING_DIM
+from pymk.ranking.source import ACTIVITY_TIME_CONSTANTS_MS, EMBEDDING_DIM
 
 from pymk.events import (
     ConnectionEvent,
@@ -57,6 +58,12 @@ class MemorySource:
         self.vectors: dict[int, np.ndarray] = {}  # user → unit float32 embedding
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # (ids, rows) for brute-force ANN
         self.latest_event_ts: int | None = None
+        # user → (decayed activity per time constant at activity_ts, activity_ts): see ActivitySource
+        self.activity: dict[int, tuple[list[float], int]] = {}
+        self.last_change: dict[int, int] = {}  # user → ts of its latest connection add or remove
+        self._graph_version = 0  # bumped by every connection change: keys the resource-allocation cache
+        self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
+        self._active_order: tuple[int, int, list[int]] | None = None  # (as_of, version, users best first)
 
     # ---- mutations -----------------------------------------------------------------------------------------------
     def _seen(self, ts: int | None) -> None:
@@ -70,13 +77,41 @@ class MemorySource:
         if u == v:
             raise ValueError("a user cannot connect to itself")
         self._seen(ts)
-        self.adjacency.setdefault(u, set()).add(v)
-        self.adjacency.setdefault(v, set()).add(u)
+        self._graph_version += 1
+        row_u, row_v = self.adjacency.setdefault(u, set()), self.adjacency.setdefault(v, set())
+        if ts is not None and v not in row_u:  # a new connection (a repeated add changes nothing)
+            for user in (u, v):
+                self._count_activity(user, ts)
+                self._changed(user, ts)
+        row_u.add(v)
+        row_v.add(u)
 
     def remove_connection(self, u: int, v: int, ts: int | None = None) -> None:
         self._seen(ts)
+        self._graph_version += 1
+        if ts is not None and v in self.adjacency.get(u, ()):
+            self._changed(u, ts)
+            self._changed(v, ts)
         self.adjacency.get(u, set()).discard(v)
         self.adjacency.get(v, set()).discard(u)
+
+    def _changed(self, user: int, ts: int) -> None:
+        if ts > self.last_change.get(user, ts - 1):
+            self.last_change[user] = ts
+
+    def _count_activity(self, user: int, ts: int) -> None:
+        """One more connection add at ``ts`` in the decayed counters (the O(1) update of ActivitySource)."""
+        held = self.activity.get(user)
+        if held is None:
+            self.activity[user] = ([1.0] * len(ACTIVITY_TIME_CONSTANTS_MS), ts)
+            return
+        values, last = held
+        if ts >= last:
+            self.activity[user] = ([value * math.exp(-(ts - last) / tau) + 1.0
+                                    for value, tau in zip(values, ACTIVITY_TIME_CONSTANTS_MS, strict=True)], ts)
+        else:  # out of order: add its contribution as seen from last
+            self.activity[user] = ([value + math.exp(-(last - ts) / tau)
+                                    for value, tau in zip(values, ACTIVITY_TIME_CONSTANTS_MS, strict=True)], last)
 
     def add_view(self, viewer: int, viewed: int, ts: int) -> None:
         if viewer == viewed:
@@ -156,17 +191,43 @@ class MemorySource:
         own = adjacency.get(user, _NO_NEIGHBOURS)
         counts: dict[int, int] = {}
         scores: dict[int, float] = {}
+        allocation: dict[int, float] = {}
         for middle in own:
             others = adjacency[middle]
             weight = adamic_adar_weight(len(others))
+            share = 1.0 / len(others)
             for other in others:
                 if other in counts:
                     counts[other] += 1
                     scores[other] += weight
+                    allocation[other] += share
                 elif other != user and other not in own:
                     counts[other] = 1
                     scores[other] = weight
+                    allocation[other] = share
+        # Computed in the same pass: the feature builder asks for it right after Stage 1 asked for two_hop.
+        self._resource_allocation = (user, self._graph_version, allocation)
         return counts, scores
+
+    def paths_of_length_three(self, user: int, candidates: Sequence[int]) -> list[int]:
+        adjacency = self.adjacency
+        own = adjacency.get(user, _NO_NEIGHBOURS)
+        # |N(u) ∩ N(w)| for every w reachable in two steps (neighbours of u included, u itself excluded).
+        common: dict[int, int] = {}
+        for middle in own:
+            for other in adjacency[middle]:
+                common[other] = common.get(other, 0) + 1
+        common.pop(user, None)
+        get = common.get
+        return [sum(get(w, 0) for w in adjacency.get(candidate, _NO_NEIGHBOURS)) for candidate in candidates]
+
+    def two_hop_resource_allocation(self, user: int) -> dict[int, float]:
+        held = self._resource_allocation
+        if held is None or held[0] != user or held[1] != self._graph_version:
+            self.two_hop(user)
+            held = self._resource_allocation
+        assert held is not None
+        return held[2]
 
     def common_neighbors(self, user: int, candidate: int) -> list[int]:
         return sorted(self.neighbours(user) & self.neighbours(candidate))  # type: ignore[operator]
@@ -176,6 +237,30 @@ class MemorySource:
 
     def profile(self, user: int) -> Profile | None:
         return self.profiles.get(user)
+
+    # ---- ActivitySource ------------------------------------------------------------------------------------------
+    def connection_activity(self, user: int, as_of_ms: int) -> tuple[float, ...]:
+        held = self.activity.get(user)
+        if held is None:
+            return (0.0,) * len(ACTIVITY_TIME_CONSTANTS_MS)
+        values, last = held
+        elapsed = max(0, as_of_ms - last)
+        return tuple(value * math.exp(-elapsed / tau) for value, tau in zip(values, ACTIVITY_TIME_CONSTANTS_MS,
+                                                                             strict=True))
+
+    def last_connection_ts(self, user: int) -> int | None:
+        return self.last_change.get(user)
+
+    # ---- PopularSource -------------------------------------------------------------------------------------------
+    def most_active(self, k: int, as_of_ms: int) -> list[int]:
+        held = self._active_order
+        if held is None or held[0] != as_of_ms or held[1] != self._graph_version:
+            weekly = 1  # index of the 7-day time constant
+            keyed = [(-self.connection_activity(user, as_of_ms)[weekly], -len(self.adjacency[user]), user)
+                     for user in self.activity if self.adjacency.get(user)]
+            keyed.sort()
+            held = self._active_order = (as_of_ms, self._graph_version, [user for _, _, user in keyed])
+        return held[2][:k]
 
     def profile_views(self, user: int) -> dict[int, tuple[int, int, int]]:
         out = self.views_out.get(user, {})

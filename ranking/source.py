@@ -16,6 +16,10 @@ import numpy as np
 from pymk.events import Profile
 
 EMBEDDING_DIM = 128
+DAY_MS = 86_400_000
+# Time constants of the decayed connection activity (:class:`ActivitySource`): a day, a week, a month, the
+# scales of "daily / weekly / monthly active"; the model picks the one that predicts on each graph.
+ACTIVITY_TIME_CONSTANTS_MS: tuple[int, ...] = (DAY_MS, 7 * DAY_MS, 30 * DAY_MS)
 
 
 @runtime_checkable
@@ -64,6 +68,69 @@ class RankingSource(Protocol):
 
     def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
         """Up to k (user, cosine) pairs, best first, none in ``exclude``; [] when the user has no embedding."""
+        ...
+
+
+@runtime_checkable
+class ActivitySource(Protocol):
+    """Optional extension of :class:`RankingSource`: how recently and how much users connect.
+
+    On message-like graphs the people who connect next are the ones connecting now (on CollegeMsg "new
+    connections in the last days" ranks future partners far better than all-time degree). Both values can be
+    kept per user in O(1) state updated on every connection event, so a worker can serve them for any user:
+
+    * decayed activity, per time constant τ in :data:`ACTIVITY_TIME_CONSTANTS_MS`: a = Σ exp(−(as_of − tsᵢ)/τ)
+      over the user's connection adds i (removals do not count: activity, not degree). Kept as (value,
+      last_ts): on an add at ts ≥ last_ts, value = value·exp(−(ts − last_ts)/τ) + 1, last_ts = ts; on an add
+      at ts < last_ts (out of order), value += exp(−(last_ts − ts)/τ). Read as value·exp(−(as_of − last_ts)/τ)
+      (value itself when as_of < last_ts).
+    * the ts of the user's latest connection change (add or remove).
+    """
+
+    def connection_activity(self, user: int, as_of_ms: int) -> Sequence[float]:
+        """Decayed counts of the user's connection adds as of ``as_of_ms``, one per time constant of
+        :data:`ACTIVITY_TIME_CONSTANTS_MS` (zeros for a user who never connected)."""
+        ...
+
+    def last_connection_ts(self, user: int) -> int | None:
+        """ts of the user's latest connection add or remove; None when there was none."""
+        ...
+
+
+@runtime_checkable
+class ResourceAllocationSource(Protocol):
+    """Optional extension of :class:`RankingSource`: resource allocation over the 2-hop set, the best single
+    heuristic on the reference graphs of random splits (ego-Facebook, CA-HepPh)."""
+
+    def two_hop_resource_allocation(self, user: int) -> Mapping[int, float]:
+        """Every user at distance exactly 2 → Σ 1/deg(z) over the common neighbours z (current degrees): the
+        same traversal as :meth:`RankingSource.two_hop` with weight 1/deg instead of 1/ln deg."""
+        ...
+
+
+@runtime_checkable
+class PathCountSource(Protocol):
+    """Optional extension of :class:`RankingSource`: paths of length 3 between the user and candidates, a
+    Katz-like term that sees past the common neighbours (the local path index A² + εA³ beats RA on several
+    graphs). A worker can compute it from what it holds: paths₃(u, c) = Σ_{w ∈ N(c)} |N(u) ∩ N(w)|, with
+    N(c) from the candidate's mirror and |N(u) ∩ N(w)| from the user's 2-hop counts (w at distance 2) or its
+    neighbours' rows (w a neighbour)."""
+
+    def paths_of_length_three(self, user: int, candidates: Sequence[int]) -> Sequence[int]:
+        """The (u, c) entry of A³ (walks u – x – w – c of length 3) for each candidate c, in order."""
+        ...
+
+
+@runtime_checkable
+class PopularSource(Protocol):
+    """Optional extension of :class:`RankingSource`: the most active users, a third Stage 1 source
+    (``popular``). On sparse message graphs (Digg replies) most future partners are neither 2-hop nor
+    embedding neighbours but busy users; ranking by recent activity is the strongest single signal there."""
+
+    def most_active(self, k: int, as_of_ms: int) -> Sequence[int]:
+        """The k users with the highest 7-day activity (:class:`ActivitySource`, the time constant
+        ``ACTIVITY_TIME_CONSTANTS_MS[1]``) as of ``as_of_ms``, best first (ties: higher degree, lower id);
+        only users with a connection."""
         ...
 
 
