@@ -457,6 +457,27 @@ class PartitionGraph:
                     scores[w] = scores.get(w, 0.0) + weight
         return counts, scores
 
+    def two_hop_with_allocation(self, user: int) -> tuple[dict[int, int], dict[int, float], dict[int, float]]:
+        """:meth:`two_hop_scores` and resource allocation (Σ 1/deg z over common neighbours z) in one pass."""
+        counts: dict[int, int] = {}
+        scores: dict[int, float] = {}
+        allocation: dict[int, float] = {}
+        for z, _ in self.adjacency_row(user).alive_items():
+            mirror = self.mirror_row(z)
+            weight = adamic_adar_weight(mirror.alive)
+            share = 1.0 / mirror.alive if mirror.alive else 0.0
+            for w, v in mirror.versions.items():
+                if v % 2 == 0 and w != user:
+                    if w in counts:
+                        counts[w] += 1
+                        scores[w] += weight
+                        allocation[w] += share
+                    else:
+                        counts[w] = 1
+                        scores[w] = weight
+                        allocation[w] = share
+        return counts, scores, allocation
+
     def local_users(self) -> Iterator[int]:
         """Every local user with adjacency state (from the store and the cache)."""
         from pymk.features.storage import row_user

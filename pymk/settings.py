@@ -96,7 +96,9 @@ class Settings:
     model_reload_interval_s: float = 5.0
     candidates_graph_k: int = 1000
     candidates_ann_k: int = 1000
-    candidates_max: int = 2000
+    # the most active users by weekly connection activity, a third Stage 1 source ("popular"; 0 disables)
+    candidates_popular_k: int = 100
+    candidates_max: int = 2100
     recommendations_k: int = 20
     # Which users a change refreshes: "touched" (users whose own rows changed: both endpoints of a connection,
     # viewer and viewed, dismisser, engager, profile owner) or "two-hop" (also every user whose common-neighbour

@@ -15,23 +15,28 @@ For a query user:
    :class:`ExcludeDismissed`, :class:`ExcludeBlocked` by default; any object with ``excluded`` and ``keep``
    composes). Pruning the pools up front (steps 1–2) is an optimisation so that no excluded user takes a
    slot; this pass is the guarantee.
+   **Popular** (:class:`~pymk.ranking.source.PopularSource`, when the source has it): the ``popular_k``
+   most active users not excluded, source ``popular`` (a contract extension of ``sources``); an entry the
+   other sources did not bring gets its count and AA from the 2-hop maps, no cosine.
 5. **Rough cut** to ``max_candidates`` by ``rough score = AA + ann_weight × max(cosine, 0)`` (cosine 0 for
    graph-only candidates: their cosine is not known before Stage 2), ties by count desc then id asc. With the
-   defaults (1,000 + 1,000 ≤ 2,000) the cut never drops anything; it bounds Stage 2 when the sizes are raised.
+   defaults (1,000 + 1,000 + 100 ≤ 2,100) the cut never drops anything; it bounds Stage 2 when the sizes are raised.
    ``ann_weight`` = 2 puts a cosine-0.5 stranger level with a pair sharing one mutual of degree ~e.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from pymk.ranking.source import RankingSource
+from pymk.ranking.source import PopularSource, RankingSource
 
 GRAPH = "graph"
 ANN = "ann"
+POPULAR = "popular"
 _AA_DECIMALS = 9  # AA is compared at this precision when ordering (see the module doc)
 
 
@@ -39,12 +44,13 @@ _AA_DECIMALS = 9  # AA is compared at this precision when ordering (see the modu
 class CandidateConfig:
     graph_k: int = 1000  # top 2-hop candidates kept
     ann_k: int = 1000  # ANN neighbours asked for (0 disables ANN)
-    max_candidates: int = 2000  # size of the Stage 2 input after the rough cut
+    popular_k: int = 100  # most active users (PopularSource; 0 disables), for users whose 2-hop/ANN sets miss them
+    max_candidates: int = 2100  # size of the Stage 2 input after the rough cut
     ann_weight: float = 2.0  # rough score = AA + ann_weight × max(cosine, 0)
     dismissal_expiry_ms: int | None = None  # a dismissal older than this no longer hides a candidate; None: never
 
     def __post_init__(self) -> None:
-        if self.graph_k < 0 or self.ann_k < 0 or self.max_candidates < 0:
+        if self.graph_k < 0 or self.ann_k < 0 or self.popular_k < 0 or self.max_candidates < 0:
             raise ValueError("candidate sizes must be non-negative")
         if self.dismissal_expiry_ms is not None and self.dismissal_expiry_ms < 0:
             raise ValueError("dismissal_expiry_ms must be non-negative or None")
@@ -53,7 +59,7 @@ class CandidateConfig:
 @dataclass(frozen=True, slots=True)
 class Candidate:
     user: int
-    sources: tuple[str, ...]  # subset of ("graph", "ann"), in that order
+    sources: tuple[str, ...]  # subset of ("graph", "ann", "popular"), in that order
     common_neighbor_count: int
     adamic_adar_score: float
     ann_score: float | None  # cosine from the ANN index; None when ANN did not return the user
@@ -72,13 +78,15 @@ class CandidateSet:
     from_graph: np.ndarray  # bool: in the graph top-k
     from_ann: np.ndarray  # bool: returned by ANN
     stats: dict[str, int] = field(default_factory=dict)  # pool sizes, for logs and metrics
+    from_popular: np.ndarray | None = None  # bool: among the most active users (None: nobody)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def sources(self, index: int) -> tuple[str, ...]:
-        graph, ann = bool(self.from_graph[index]), bool(self.from_ann[index])
-        return (GRAPH, ANN) if graph and ann else (GRAPH,) if graph else (ANN,) if ann else ()
+        flags = (bool(self.from_graph[index]), bool(self.from_ann[index]),
+                 self.from_popular is not None and bool(self.from_popular[index]))
+        return tuple(name for name, flag in zip((GRAPH, ANN, POPULAR), flags, strict=True) if flag)
 
     def candidate(self, index: int) -> Candidate:
         ann = float(self.ann_score[index])
@@ -91,7 +99,8 @@ class CandidateSet:
     def subset(self, mask_or_indices: np.ndarray) -> CandidateSet:
         return CandidateSet(self.user, self.ids[mask_or_indices], self.common_neighbor_count[mask_or_indices],
                             self.adamic_adar_score[mask_or_indices], self.ann_score[mask_or_indices],
-                            self.from_graph[mask_or_indices], self.from_ann[mask_or_indices], dict(self.stats))
+                            self.from_graph[mask_or_indices], self.from_ann[mask_or_indices], dict(self.stats),
+                            None if self.from_popular is None else self.from_popular[mask_or_indices])
 
     @classmethod
     def from_candidates(cls, user: int, candidates: Sequence[Candidate]) -> CandidateSet:
@@ -104,6 +113,7 @@ class CandidateSet:
             np.fromiter((np.nan if c.ann_score is None else c.ann_score for c in candidates), np.float64, n),
             np.fromiter((GRAPH in c.sources for c in candidates), np.bool_, n),
             np.fromiter((ANN in c.sources for c in candidates), np.bool_, n),
+            from_popular=np.fromiter((POPULAR in c.sources for c in candidates), np.bool_, n),
         )
 
 
@@ -222,6 +232,10 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
 
     ann = list(source.ann_neighbours(user, config.ann_k, excluded)) if config.ann_k > 0 else []
     ann = ann[: config.ann_k]
+    popular: list[int] = []
+    if config.popular_k > 0 and isinstance(source, PopularSource):
+        asked = source.most_active(config.popular_k + len(excluded), as_of_ms)
+        popular = [int(u) for u in asked if u not in excluded][: config.popular_k]
 
     # Merge: graph candidates first (their order), then ANN-only ones.
     position = {int(u): i for i, u in enumerate(graph_ids.tolist())}
@@ -237,6 +251,14 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
             extra_cos.append(float(cosine))
         elif i >= 0 and np.isnan(ann_score[i]):
             ann_score[i] = cosine
+    n_ann_only = len(extra_ids)
+    popular_seen: set[int] = set()
+    for other in popular:
+        if other not in position:
+            position[other] = -1
+            extra_ids.append(other)
+            extra_cos.append(math.nan)
+        popular_seen.add(other)
     n_graph, n_extra = len(graph_ids), len(extra_ids)
     ids = np.concatenate([graph_ids, np.asarray(extra_ids, np.int64)])
     counts = np.concatenate([graph_counts, np.fromiter((counts_map.get(u, 0) for u in extra_ids), np.int64, n_extra)])
@@ -245,8 +267,10 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     ann_scores = np.concatenate([ann_score, np.asarray(extra_cos, np.float64)])
     from_graph = np.concatenate([np.ones(n_graph, bool), np.zeros(n_extra, bool)])
     from_ann = ~np.isnan(ann_scores)
+    from_popular = np.fromiter((u in popular_seen for u in ids.tolist()), np.bool_, len(ids))
     candidates = CandidateSet(user, ids, counts, scores, ann_scores, from_graph, from_ann,
-                              {"two_hop": pool, "graph": n_graph, "ann": len(ann), "merged": len(ids)})
+                              {"two_hop": pool, "graph": n_graph, "ann": len(ann), "popular": len(popular),
+                               "merged": len(ids), "ann_only": n_ann_only}, from_popular)
 
     for candidate_filter in filters:
         keep = candidate_filter.keep(user, candidates.ids, source, as_of_ms)

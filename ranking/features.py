@@ -1,5 +1,5 @@
-"""Stage 2 input: the 17-feature matrix of (query user, candidate) pairs, built with numpy for up to 2,000
-candidates at a time (the hot path of every recommendation).
+"""Stage 2 input: the feature matrix (the 17 seed features, then activity and RA) of (query user,
+candidate) pairs, built with numpy for up to 2,000 candidates at a time (the hot path of every recommendation).
 
 Columns, in :data:`FEATURE_NAMES` order:
 
@@ -16,6 +16,15 @@ Columns, in :data:`FEATURE_NAMES` order:
   worker's: the categorical ones, Jaccard and cosine bit for bit, the distance to the last ulp or so (numpy's
   sin/cos may differ from libm's in the last bit). Missing geo is NaN.
 * ``gnn_embedding_cosine_sim``: cosine of the two embeddings (NaN when either is missing).
+* activity (:class:`~pymk.ranking.source.ActivitySource`): the candidate's decayed count of connection adds
+  with time constants of 1, 7 and 30 days, days since its latest connection change, and the query user's
+  7-day activity and days since its latest change, all as of ``as_of_ms``. Who connects next is, on
+  message-like graphs, who is connecting now: all-time degree (popularity) misses that. NaN when the source
+  does not implement :class:`ActivitySource` (or for "days since" when the user never connected), so a
+  source without it still ranks (XGBoost routes missing values).
+* ``resource_allocation_score``: Σ 1/deg z over the common neighbours
+  (:class:`~pymk.ranking.source.ResourceAllocationSource`; NaN for a source without it), the best single
+  heuristic on the random-split reference graphs.
 
 Parsing a profile (normalising, tokenising) costs far more than comparing two, and the worker ranks the same
 candidates again and again, so :class:`ProfileCache` keeps every user's parsed profile in flat arrays (a
@@ -32,7 +41,12 @@ from typing import TypeVar
 import numpy as np
 from pymk.features.profile import EARTH_RADIUS_KM, normalise_text, skill_set, title_tokens
 from pymk.ranking.candidates import CandidateSet
-from pymk.ranking.source import RankingSource
+from pymk.ranking.source import (
+    ACTIVITY_TIME_CONSTANTS_MS,
+    ActivitySource,
+    RankingSource,
+    ResourceAllocationSource,
+)
 
 from pymk.events import Profile
 
@@ -58,7 +72,18 @@ FEATURE_NAMES: tuple[str, ...] = (
     "geo_distance_km",
     # embedding
     "gnn_embedding_cosine_sim",
+    # activity (appended after the 17 seed features; see ActivitySource)
+    "candidate_activity_1d",
+    "candidate_activity_7d",
+    "candidate_activity_30d",
+    "candidate_days_since_last_connection",
+    "query_activity_7d",
+    "query_days_since_last_connection",
+    # graph (ResourceAllocationSource)
+    "resource_allocation_score",
 )
+SEED_FEATURES = 17  # the first 17 columns are the seed spec's, in its order
+ACTIVITY_FEATURES: tuple[str, ...] = FEATURE_NAMES[SEED_FEATURES : SEED_FEATURES + 6]
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
 DAY_MS = 86_400_000
@@ -229,6 +254,8 @@ class FeatureBuilder:
         self._behaviour(user, id_list, source, as_of_ms, out)
         self._profile(user, id_list, source, out)
         self._embedding(user, id_list, source, out)
+        self._activity(user, id_list, source, as_of_ms, out)
+        self._resource_allocation(user, id_list, source, out)
         return out
 
     def pair(self, user: int, candidate: int, source: RankingSource, as_of_ms: int) -> dict[str, float | None]:
@@ -314,6 +341,34 @@ class FeatureBuilder:
             dphi, dlmb = phi2 - phi1, (lon2 - lon1) * _DEG_TO_RAD
             h = np.sin(dphi / 2) ** 2 + math.cos(phi1) * np.cos(phi2) * np.sin(dlmb / 2) ** 2
             out[:, 15] = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.minimum(1.0, h)))
+
+    @staticmethod
+    def _resource_allocation(user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+        column = FEATURE_INDEX["resource_allocation_score"]
+        if not isinstance(source, ResourceAllocationSource):
+            out[:, column] = np.nan
+            return
+        allocation = source.two_hop_resource_allocation(user)
+        get = allocation.get
+        # 0 for candidates without a common neighbour (not in the 2-hop set), as for AA.
+        out[:, column] = np.fromiter((get(u, 0.0) for u in id_list), np.float64, len(id_list))
+
+    @staticmethod
+    def _activity(user: int, id_list: list[int], source: RankingSource, as_of_ms: int, out: np.ndarray) -> None:
+        first = SEED_FEATURES
+        if not isinstance(source, ActivitySource):
+            out[:, first : first + len(ACTIVITY_FEATURES)] = np.nan
+            return
+        activity_of, last_of = source.connection_activity, source.last_connection_ts
+        n = len(id_list)
+        scales = len(ACTIVITY_TIME_CONSTANTS_MS)
+        out[:, first : first + scales] = np.array([activity_of(u, as_of_ms) for u in id_list],
+                                                  np.float64).reshape(n, scales)
+        last = np.array([np.nan if (ts := last_of(u)) is None else ts for u in id_list], np.float64)
+        out[:, first + 3] = np.maximum(0.0, as_of_ms - last) / DAY_MS  # NaN stays NaN
+        out[:, first + 4] = activity_of(user, as_of_ms)[1]
+        query_last = last_of(user)
+        out[:, first + 5] = np.nan if query_last is None else max(0, as_of_ms - query_last) / DAY_MS
 
     @staticmethod
     def _embedding(user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:

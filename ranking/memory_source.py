@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
-from pymk.features.graph import adamic_adar_weight
+from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
+from pymk.features.graph import adamic_adar_weight, edge_version, is_alive, version_ts
 from pymk.features.profile import merge_profile
 from pymk.ranking.source import EMBEDDING_DIM
 
@@ -57,6 +58,14 @@ class MemorySource:
         self.vectors: dict[int, np.ndarray] = {}  # user → unit float32 embedding
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # (ids, rows) for brute-force ANN
         self.latest_event_ts: int | None = None
+        # Timed connection events go through the worker's edge registers (user → neighbour → version, last
+        # writer wins, a removal wins a tie), so out-of-order and repeated events end where the worker's do;
+        # activity is then the same function of the registers (pymk.features.activity).
+        self.registers: dict[int, dict[int, int]] = {}
+        self.activity: dict[int, tuple[tuple[float, ...], int]] = {}  # user → (activity at anchor, anchor)
+        self.leaderboard = ActivityLeaderboard()  # the PopularSource order
+        self._graph_version = 0  # bumped by every connection change: keys the resource-allocation cache
+        self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
 
     # ---- mutations -----------------------------------------------------------------------------------------------
     def _seen(self, ts: int | None) -> None:
@@ -70,13 +79,43 @@ class MemorySource:
         if u == v:
             raise ValueError("a user cannot connect to itself")
         self._seen(ts)
+        if ts is not None and not self._merge_register(u, v, edge_version(ts, "add")):
+            return  # a duplicate or an older event: nothing changes
+        self._graph_version += 1
         self.adjacency.setdefault(u, set()).add(v)
         self.adjacency.setdefault(v, set()).add(u)
+        if ts is not None:
+            self._update_activity(u)
+            self._update_activity(v)
 
     def remove_connection(self, u: int, v: int, ts: int | None = None) -> None:
         self._seen(ts)
+        if ts is not None and not self._merge_register(u, v, edge_version(ts, "remove")):
+            return
+        self._graph_version += 1
         self.adjacency.get(u, set()).discard(v)
         self.adjacency.get(v, set()).discard(u)
+        if ts is not None:
+            self._update_activity(u)
+            self._update_activity(v)
+
+    def _merge_register(self, u: int, v: int, version: int) -> bool:
+        """Apply the register (u, v) to both users (the pair's registers are always equal); False if older."""
+        old = self.registers.get(u, {}).get(v)
+        if old is not None and old >= version:
+            return False
+        self.registers.setdefault(u, {})[v] = version
+        self.registers.setdefault(v, {})[u] = version
+        return True
+
+    def _update_activity(self, user: int) -> None:
+        """The worker's ``degree_update``: activity over the alive registers, anchored at the latest one."""
+        row = self.registers[user]
+        anchor = version_ts(max(row.values()))
+        values = activity_values((version_ts(v) for v in row.values() if is_alive(v)), anchor)
+        self.activity[user] = (values, anchor)
+        self.adjacency.setdefault(user, set())
+        self.leaderboard.update(user, values, anchor, len(self.adjacency[user]))
 
     def add_view(self, viewer: int, viewed: int, ts: int) -> None:
         if viewer == viewed:
@@ -156,17 +195,31 @@ class MemorySource:
         own = adjacency.get(user, _NO_NEIGHBOURS)
         counts: dict[int, int] = {}
         scores: dict[int, float] = {}
+        allocation: dict[int, float] = {}
         for middle in own:
             others = adjacency[middle]
             weight = adamic_adar_weight(len(others))
+            share = 1.0 / len(others)
             for other in others:
                 if other in counts:
                     counts[other] += 1
                     scores[other] += weight
+                    allocation[other] += share
                 elif other != user and other not in own:
                     counts[other] = 1
                     scores[other] = weight
+                    allocation[other] = share
+        # Computed in the same pass: the feature builder asks for it right after Stage 1 asked for two_hop.
+        self._resource_allocation = (user, self._graph_version, allocation)
         return counts, scores
+
+    def two_hop_resource_allocation(self, user: int) -> dict[int, float]:
+        held = self._resource_allocation
+        if held is None or held[0] != user or held[1] != self._graph_version:
+            self.two_hop(user)
+            held = self._resource_allocation
+        assert held is not None
+        return held[2]
 
     def common_neighbors(self, user: int, candidate: int) -> list[int]:
         return sorted(self.neighbours(user) & self.neighbours(candidate))  # type: ignore[operator]
@@ -176,6 +229,21 @@ class MemorySource:
 
     def profile(self, user: int) -> Profile | None:
         return self.profiles.get(user)
+
+    # ---- ActivitySource ------------------------------------------------------------------------------------------
+    def connection_activity(self, user: int, as_of_ms: int) -> tuple[float, ...]:
+        held = self.activity.get(user)
+        if held is None:
+            return (0.0,) * len(TIME_CONSTANTS_MS)
+        return activity_at(held[0], held[1], as_of_ms)
+
+    def last_connection_ts(self, user: int) -> int | None:
+        held = self.activity.get(user)
+        return None if held is None else held[1]
+
+    # ---- PopularSource -------------------------------------------------------------------------------------------
+    def most_active(self, k: int, as_of_ms: int) -> list[int]:
+        return self.leaderboard.top(k)
 
     def profile_views(self, user: int) -> dict[int, tuple[int, int, int]]:
         out = self.views_out.get(user, {})

@@ -113,18 +113,21 @@ class Ranker:
     @classmethod
     def train(cls, features: np.ndarray, labels: np.ndarray, val_features: np.ndarray | None = None,
               val_labels: np.ndarray | None = None, config: RankerConfig | None = None,
-              extra_metadata: Mapping[str, Any] | None = None) -> Ranker:
+              extra_metadata: Mapping[str, Any] | None = None, weights: np.ndarray | None = None,
+              val_weights: np.ndarray | None = None) -> Ranker:
         """Fit on (features, labels); with a validation split, stop early on it and keep the best trees.
-        ``extra_metadata`` (label horizon, data path, ...) is stored in the metadata as is."""
+        ``extra_metadata`` (label horizon, data path, ...) is stored in the metadata as is. ``weights`` /
+        ``val_weights``: per-row weights (e.g. of sampled negatives, see :mod:`pymk.ranking.training_data`)."""
         config = config or RankerConfig()
         features = _check_matrix(features)
         labels = np.asarray(labels, np.float32)
-        train_matrix = xgb.DMatrix(features, label=labels, feature_names=list(FEATURE_NAMES), missing=np.nan)
+        train_matrix = xgb.DMatrix(features, label=labels, weight=weights, feature_names=list(FEATURE_NAMES),
+                                   missing=np.nan)
         evals: list[tuple[xgb.DMatrix, str]] = []
         has_val = val_features is not None and val_labels is not None and len(val_labels) > 0
         if has_val:
             val_matrix = xgb.DMatrix(_check_matrix(val_features), label=np.asarray(val_labels, np.float32),
-                                     feature_names=list(FEATURE_NAMES), missing=np.nan)
+                                     weight=val_weights, feature_names=list(FEATURE_NAMES), missing=np.nan)
             evals = [(val_matrix, "val")]
         # Early stopping needs both classes in the validation split (AUC is undefined otherwise).
         can_stop = has_val and config.early_stopping_rounds and len(np.unique(np.asarray(val_labels))) == 2

@@ -7,6 +7,9 @@ No leakage: models see only the past of the split.
   same (inductive) model embeds every user on the whole past graph.
 - The ranker's labels come from inside the past: a temporal replay of the past with checkpoints at 50–90 % of
   it, labels = connections within the horizon after each checkpoint, still in the past.
+- Random splits: the ranker's task mirrors the split's (which edges are missing?): a holdout replay hides a
+  seeded 20 % of the past connections and labels them; GraphSAGE is then trained on the visible past only
+  (:func:`embedding_training_connections`), so it never saw a hidden (label) edge either.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker
 from pymk.ranking.recommend import ranking_order, score_candidates
 from pymk.ranking.source import Scorer
+from pymk.ranking.training_data import TrainingDataConfig, holdout_pairs
 
 from pymk.datasets import EdgeHistory
 
@@ -50,18 +54,34 @@ def past_history(split: EvaluationSplit, history: EdgeHistory) -> EdgeHistory:
     return EdgeHistory(f"{history.path} (past)", history.timed, past, repeats, 0, len(past))
 
 
+def ranker_training_config(split: EvaluationSplit) -> TrainingDataConfig:
+    """The ranker's training task mirrors the split's: a temporal replay for a time split (who connects
+    next?), a holdout replay for a random split (which edges are missing?)."""
+    return TrainingDataConfig(replay="temporal" if split.kind == "time" else "holdout")
+
+
+def embedding_training_connections(past: EdgeHistory, config: TrainingDataConfig) -> list[tuple[int, int, int]]:
+    """What GraphSAGE may be trained on so that it never saw a label of the ranker's training data: the
+    connections before the first checkpoint (temporal), or the visible ones (holdout)."""
+    if config.replay_for(past.timed) == "holdout":
+        hidden = holdout_pairs(past.connections, config.holdout_fraction, config.seed)
+        return [c for c in past.connections if (min(c[0], c[1]), max(c[0], c[1])) not in hidden]
+    return past.connections[: int(FIRST_CHECKPOINT * len(past.connections))]
+
+
 def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: Path, progress: bool = False,
                          epochs: int = 20) -> ProductModels:
     from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
-    from pymk.ranking.training_data import TrainingDataConfig, train_ranker
+    from pymk.ranking.training_data import train_ranker
 
     from pymk.train import embeddings_at_checkpoint
 
     past = past_history(split, history)
-    early = past.connections[: int(FIRST_CHECKPOINT * len(past.connections))]
+    config = ranker_training_config(split)
+    early = embedding_training_connections(past, config)
     sage = train_embeddings(early, None, out_dir / "embeddings", EmbeddingTrainingConfig(epochs=epochs,
                                                                                           progress=progress))
-    ranker = train_ranker(past, out_dir / "ranker", TrainingDataConfig(), progress=progress, report=None,
+    ranker = train_ranker(past, out_dir / "ranker", config, progress=progress, report=None,
                           embeddings_at=embeddings_at_checkpoint(sage.model_dir))
     return ProductModels(sage.model_dir, out_dir / "ranker", str(sage.metadata["version"]), ranker.version)
 
@@ -154,7 +174,7 @@ def product_methods(split: EvaluationSplit, models: ProductModels, ann: AnnConfi
     source = past_source(split, model, models.sage_version, ann)
     ranker = Ranker.load(models.ranker_dir)
     as_of = max(ts for _, _, ts in split.past_connections)  # the event time of the end of the past
-    graph_only = CandidateConfig(graph_k=config.graph_k, ann_k=0, max_candidates=config.max_candidates)
+    graph_only = CandidateConfig(graph_k=config.graph_k, ann_k=0, popular_k=0, max_candidates=config.max_candidates)
     return [
         AnnOnlyMethod(source, depth=config.ann_k),
         ProductMethod("2-hop+XGBoost", source, ranker, graph_only, as_of),

@@ -3,6 +3,7 @@
     {"mutual_connections": 12, "mutual_examples": [7, 3, 41],
      "shared": ["company"], "company": "Acme",
      "similar_profile": true, "cosine": 0.83,                       (only for ANN-sourced items)
+     "active_recently": true,                                       (only for items of the "popular" source)
      "top_features": [{"feature": "adamic_adar_score", "contribution": 1.92, "value": 3.4}, ...],
      "text": "12 mutual connections · both at Acme"}
 
@@ -19,7 +20,7 @@ import math
 from typing import Any
 
 import numpy as np
-from pymk.ranking.candidates import ANN
+from pymk.ranking.candidates import ANN, POPULAR
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, ProfileCache
 from pymk.ranking.source import RankingSource
 
@@ -71,6 +72,8 @@ def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score
         value = getattr(query_profile, name, None) if query_profile is not None else None
         if value:
             reasons[name] = value
+    if POPULAR in sources:
+        reasons["active_recently"] = True  # among the most active users (the "popular" source)
     if ANN in sources:
         reasons["similar_profile"] = True
         if ann_score is not None and math.isfinite(ann_score):
@@ -107,4 +110,6 @@ def reason_text(reasons: dict[str, Any], features: np.ndarray) -> str:
         parts.append("engaged with the same posts")
     if reasons.get("similar_profile") and not reasons["mutual_connections"]:
         parts.append("similar profile")
+    if reasons.get("active_recently") and not reasons["mutual_connections"]:
+        parts.append("active lately")
     return " · ".join(parts[:3]) if parts else "suggested for you"

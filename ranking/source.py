@@ -12,10 +12,14 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from pymk.features.activity import TIME_CONSTANTS_MS
 
 from pymk.events import Profile
 
 EMBEDDING_DIM = 128
+# Time constants of the decayed connection activity (:class:`ActivitySource`): a day, a week, a month, the
+# scales of "daily / weekly / monthly active"; the model picks the one that predicts on each graph.
+ACTIVITY_TIME_CONSTANTS_MS: tuple[int, ...] = TIME_CONSTANTS_MS
 
 
 @runtime_checkable
@@ -64,6 +68,57 @@ class RankingSource(Protocol):
 
     def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
         """Up to k (user, cosine) pairs, best first, none in ``exclude``; [] when the user has no embedding."""
+        ...
+
+
+@runtime_checkable
+class ActivitySource(Protocol):
+    """Optional extension of :class:`RankingSource`: how recently and how much users connect.
+
+    On message-like graphs the people who connect next are the ones connecting now (on CollegeMsg "new
+    connections in the last days" ranks future partners far better than all-time degree). Both are functions
+    of the user's edge registers (:mod:`pymk.features.activity`), so the worker keeps them exactly and
+    idempotently and publishes them with the degree for every other worker:
+
+    * decayed activity, per time constant τ in :data:`ACTIVITY_TIME_CONSTANTS_MS`: Σ exp(−(as_of − tsₑ)/τ)
+      over the user's alive connections e, tsₑ the time of the event that (last) made the edge. Kept as the
+      values at an anchor (the latest register ts) and read with
+      :func:`~pymk.features.activity.activity_at`.
+    * the ts of the user's latest connection change (add or remove): the anchor.
+    """
+
+    def connection_activity(self, user: int, as_of_ms: int) -> Sequence[float]:
+        """Decayed counts of the user's connection adds as of ``as_of_ms``, one per time constant of
+        :data:`ACTIVITY_TIME_CONSTANTS_MS` (zeros for a user who never connected)."""
+        ...
+
+    def last_connection_ts(self, user: int) -> int | None:
+        """ts of the user's latest connection add or remove; None when there was none."""
+        ...
+
+
+@runtime_checkable
+class ResourceAllocationSource(Protocol):
+    """Optional extension of :class:`RankingSource`: resource allocation over the 2-hop set, the best single
+    heuristic on the reference graphs of random splits (ego-Facebook, CA-HepPh)."""
+
+    def two_hop_resource_allocation(self, user: int) -> Mapping[int, float]:
+        """Every user at distance exactly 2 → Σ 1/deg(z) over the common neighbours z (current degrees): the
+        same traversal as :meth:`RankingSource.two_hop` with weight 1/deg instead of 1/ln deg."""
+        ...
+
+
+@runtime_checkable
+class PopularSource(Protocol):
+    """Optional extension of :class:`RankingSource`: the most active users, a third Stage 1 source
+    (``popular``). On sparse message graphs (Digg replies) most future partners are neither 2-hop nor
+    embedding neighbours but busy users; ranking by recent activity is the strongest single signal there."""
+
+    def most_active(self, k: int, as_of_ms: int) -> Sequence[int]:
+        """The k users with the highest 7-day activity (:class:`ActivitySource`, the time constant
+        ``ACTIVITY_TIME_CONSTANTS_MS[1]``), best first (ties: higher degree, lower id); only users with an
+        alive connection. The order is that of :func:`~pymk.features.activity.activity_rank_key`, the same at
+        every ``as_of_ms`` after the users' last changes (decay multiplies everyone by the same factor)."""
         ...
 
 

@@ -94,7 +94,7 @@ class PymkApp:
                                  settings.topic("dead-letter"), self._send,
                                  max_item_fanout=settings.max_item_fanout or None)
         self.refresher = (Refresher(settings, self.index, self.models, self.degree_value, self.profile_value,
-                                    self.globals.activity)
+                                    self.globals.activity, self.globals.most_active)
                           if self.models is not None else None)
         self.state.refresher = self.refresher
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from pymk.features.activity import ActivityLeaderboard
 
 from pymk.events import Profile
 from pymk.settings import Settings
@@ -50,6 +51,7 @@ class UserGlobals:
         # user → (decayed connection activity at the anchor, anchor = ts of the last connection change)
         self._activity: dict[int, tuple[tuple[float, ...], int]] = {}
         self._profiles: dict[int, tuple[Profile, dict[str, int], int]] = {}  # user → (profile, field ts, version)
+        self.leaderboard = ActivityLeaderboard()  # the most active users (Stage 1's "popular" source)
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def merge_record(self, raw: bytes) -> bool:
@@ -61,7 +63,9 @@ class UserGlobals:
                 return False
             self._degrees[user] = (int(data["degree"]), version, int(data["ts"]))
             if "last_ts" in data:
-                self._activity[user] = (tuple(float(x) for x in data["activity"]), int(data["last_ts"]))
+                values, anchor = tuple(float(x) for x in data["activity"]), int(data["last_ts"])
+                self._activity[user] = (values, anchor)
+                self.leaderboard.update(user, values, anchor, int(data["degree"]))
             return True
         current_profile = self._profiles.get(user)
         if current_profile is not None and current_profile[2] >= version:
@@ -78,6 +82,10 @@ class UserGlobals:
     def activity(self, user: int) -> tuple[tuple[float, ...], int] | None:
         """(decayed connection activity at the anchor, anchor = last connection ts); None for a user never seen."""
         return self._activity.get(user)
+
+    def most_active(self, k: int) -> list[int]:
+        """The k users with the highest weekly connection activity, best first (ActivityLeaderboard order)."""
+        return self.leaderboard.top(k)
 
     def profile(self, user: int) -> tuple[Profile | None, dict[str, int]]:
         entry = self._profiles.get(user)

@@ -22,6 +22,7 @@ from pymk.events import Profile
 DegreeOf = Callable[[int], int]  # any user's current degree
 ProfileOf = Callable[[int], Profile | None]  # any user's current profile
 ActivityOf = Callable[[int], tuple[tuple[float, ...], int] | None]
+MostActiveOf = Callable[[int], list[int]]  # the k most active users of the whole graph, best first
 
 
 class PartitionGraphView:
@@ -52,7 +53,8 @@ class WorkerRankingSource:
     """:class:`pymk.ranking.source.RankingSource` for the local users of one partition."""
 
     def __init__(self, state: PartitionState, index: GlobalIndex, degree_of: DegreeOf, profile_of: ProfileOf,
-                 activity_of: ActivityOf, blocked: Mapping[int, Collection[int]] | None = None) -> None:
+                 activity_of: ActivityOf, most_active_of: MostActiveOf,
+                 blocked: Mapping[int, Collection[int]] | None = None) -> None:
         self.activity_of = activity_of
         self.state = state
         self.graph = state.graph
@@ -60,13 +62,30 @@ class WorkerRankingSource:
         self.index = index
         self.degree_of = degree_of
         self.profile_of = profile_of
+        self.most_active_of = most_active_of
         self._blocked = blocked or {}
+        # RA of the last two_hop traversal: the feature builder asks for it right after Stage 1 did. A source
+        # lives for one ranking pass, in which the state does not change.
+        self._allocation: tuple[int, dict[int, float]] | None = None
 
     def neighbours(self, user: int) -> Collection[int]:
         return self.graph.neighbours(user).keys()
 
     def two_hop(self, user: int) -> tuple[Mapping[int, int], Mapping[int, float]]:
-        return self.graph.two_hop_scores(user)
+        counts, scores, allocation = self.graph.two_hop_with_allocation(user)
+        self._allocation = (user, allocation)
+        return counts, scores
+
+    # ResourceAllocationSource
+    def two_hop_resource_allocation(self, user: int) -> Mapping[int, float]:
+        if self._allocation is None or self._allocation[0] != user:
+            self.two_hop(user)
+        assert self._allocation is not None
+        return self._allocation[1]
+
+    # PopularSource: from user-globals, every user's activity (the order does not depend on as_of)
+    def most_active(self, k: int, as_of_ms: int) -> Sequence[int]:
+        return self.most_active_of(k)
 
     def common_neighbors(self, user: int, candidate: int) -> Sequence[int]:
         return self.graph.common_neighbors(user, candidate)

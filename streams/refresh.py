@@ -26,6 +26,7 @@ from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
     ActivityOf,
     DegreeOf,
+    MostActiveOf,
     PartitionGraphView,
     ProfileOf,
     WorkerNodeFeatures,
@@ -52,14 +53,15 @@ class RefreshStats:
 
 def candidate_config(settings: Settings) -> CandidateConfig:
     return CandidateConfig(graph_k=settings.candidates_graph_k, ann_k=settings.candidates_ann_k,
-                           max_candidates=settings.candidates_max,
+                           popular_k=settings.candidates_popular_k, max_candidates=settings.candidates_max,
                            dismissal_expiry_ms=settings.dismissal_expiry_ms or None)
 
 
 class Refresher:
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
-                 profile_of: ProfileOf, activity_of: ActivityOf) -> None:
+                 profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf) -> None:
         self.activity_of = activity_of
+        self.most_active_of = most_active_of
         self.settings = settings
         self.index = index
         self.models = models
@@ -159,7 +161,8 @@ class Refresher:
         return out
 
     def rank(self, state: PartitionState, user: int, now_ms: int) -> tuple[Recommendations, list[Impression]]:
-        source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of)
+        source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of,
+                                     self.most_active_of)
         # ranked as of the partition's event time (a replay ranks as live traffic did); published now
         as_of = state.event_time_ms or now_ms
         scorer = self.models.scorer

@@ -9,22 +9,25 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from pymk.ranking.candidates import CandidateConfig, generate_candidates
-from pymk.ranking.features import FeatureBuilder
+from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
 from pymk.ranking.heuristic import HeuristicScorer
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker, RankerConfig
+from pymk.ranking.product import embedding_training_connections
 from pymk.ranking.training_data import (
     LeakageError,
     TrainingDataConfig,
     build_training_data,
     check_no_leakage,
     checkpoint_examples,
+    holdout_pairs,
     recall_at_k,
     train_ranker,
+    visible_events,
 )
 
 from pymk.datasets import UNTIMED_STEP_MS, load_edge_history
-from pymk.events import ConnectionEvent
+from pymk.events import ConnectionEvent, ProfileViewEvent
 from pymk.synthetic import SyntheticConfig, synthetic_network
 
 DAY_MS = 86_400_000
@@ -146,9 +149,10 @@ def test_untimed_graphs_measure_the_horizon_in_connection_steps(tmp_path) -> Non
     path = tmp_path / "untimed.txt"
     path.write_text("\n".join(f"{u} {v}" for u, v in edges) + "\n")
     history = load_edge_history(path)
-    data = build_training_data(history, TrainingDataConfig(horizon_steps=40, queries_per_checkpoint=20))
+    data = build_training_data(history, TrainingDataConfig(horizon_steps=40, queries_per_checkpoint=20,
+                                                           replay="temporal"))
     assert data.horizon_label == "40 connection steps" and data.horizon_ms == 40 * UNTIMED_STEP_MS
-    default = build_training_data(history, TrainingDataConfig(queries_per_checkpoint=5))
+    default = build_training_data(history, TrainingDataConfig(queries_per_checkpoint=5, replay="temporal"))
     assert default.horizon_ms == math.ceil(0.1 * len(history.connections)) * UNTIMED_STEP_MS
 
 
@@ -157,3 +161,82 @@ def test_train_ranker_on_input_events(tmp_path, network: list) -> None:
     ranker = train_ranker(network, tmp_path / "model", config, SMALL_RANKER, report=None)
     assert Ranker.load(tmp_path / "model").version == ranker.version
     assert ranker.metadata["data"] == f"{len(network)} input events"
+
+
+def untimed_history(tmp_path, n_users: int = 120, n_edges: int = 900):
+    rng = np.random.default_rng(1)
+    # Two communities, so that graph features predict the hidden edges.
+    edges: set[tuple[int, int]] = set()
+    while len(edges) < n_edges:
+        community = int(rng.integers(2))
+        u, v = (int(x) for x in rng.choice(n_users // 2, 2, replace=False) + community * (n_users // 2))
+        edges.add((min(u, v), max(u, v)))
+    path = tmp_path / "untimed.txt"
+    path.write_text("\n".join(f"{u} {v}" for u, v in sorted(edges)) + "\n")
+    return load_edge_history(path)
+
+
+def test_untimed_graphs_default_to_a_holdout_replay_labelled_by_the_hidden_edges(tmp_path) -> None:
+    history = untimed_history(tmp_path)
+    config = TrainingDataConfig(holdout_queries=60, unshown_negatives=20)
+    assert config.replay_for(timed=False) == "holdout" and config.replay_for(timed=True) == "temporal"
+    data = build_training_data(history, config)
+    hidden = holdout_pairs(history.connections, config.holdout_fraction, config.seed)
+    assert len(hidden) == int(0.2 * len(history.connections))
+    assert data.stats["replay"] == "holdout" and data.stats["positives"] > 0
+    # The visible graph, rebuilt independently: every event but the hidden pairs.
+    visible: dict[int, set[int]] = defaultdict(set)
+    for u, v, _ in history.connections:
+        if (min(u, v), max(u, v)) not in hidden:
+            visible[u].add(v)
+            visible[v].add(u)
+    for row in range(len(data)):
+        user, candidate = int(data.users[row]), int(data.candidates[row])
+        assert candidate not in visible[user] and candidate != user  # a candidate is never a visible connection
+        assert data.labels[row] == ((min(user, candidate), max(user, candidate)) in hidden)
+        # Features come from the visible graph only: the hidden edge itself is not counted anywhere.
+        assert data.features[row, FEATURE_INDEX["common_neighbor_count"]] == len(visible[user] & visible[candidate])
+        assert data.features[row, FEATURE_INDEX["query_degree_log"]] == pytest.approx(math.log1p(len(visible[user])))
+    # Validation = the rows of a set of query users that has no rows in training.
+    assert data.is_val.any() and (~data.is_val).any()
+    assert not set(data.users[data.is_val].tolist()) & set(data.users[~data.is_val].tolist())
+    assert {case.user for case in data.val_cases} <= set(data.users[data.is_val].tolist())
+
+
+def test_visible_events_drop_every_event_of_a_hidden_pair() -> None:
+    events = [ConnectionEvent(1, 2, "add", 10), ProfileViewEvent(2, 1, 20), ConnectionEvent(2, 3, "add", 30),
+              ProfileViewEvent(3, 2, 40)]
+    assert visible_events(events, {(1, 2)}) == events[2:]
+
+
+def test_the_product_trains_embeddings_only_on_what_the_ranker_may_not_use_as_labels(tmp_path) -> None:
+    history = untimed_history(tmp_path)
+    config = TrainingDataConfig(replay="holdout")
+    hidden = holdout_pairs(history.connections, config.holdout_fraction, config.seed)
+    seen = embedding_training_connections(history, config)
+    assert len(seen) == len(history.connections) - len(hidden)
+    assert not {(min(u, v), max(u, v)) for u, v, _ in seen} & hidden
+    temporal = embedding_training_connections(history, TrainingDataConfig(replay="temporal"))
+    assert temporal == history.connections[: len(history.connections) // 2]
+
+
+def test_sampled_negatives_are_weighted_by_how_many_they_stand_for(data) -> None:
+    weights = data.row_weights()
+    assert len(weights) == len(data) and (weights > 0).all()
+    assert (weights[data.labels == 1] == 1).all()
+    checked = 0
+    for group in np.unique(data.groups).tolist():
+        rows = data.groups == group
+        negatives = rows & (data.labels == 0)
+        if not negatives.any():
+            continue
+        # The query's negative weights sum to its negative row count (the class balance of the rows) ...
+        assert weights[negatives].sum() == pytest.approx(negatives.sum())
+        shown, unshown = negatives & data.shown, negatives & ~data.shown
+        if shown.any() and unshown.any():
+            # ... and an unshown sampled negative stands for more candidates than a shown one (every shown row is
+            # kept, only a sample of the unshown ones).
+            assert np.ptp(weights[shown]) == 0 and np.ptp(weights[unshown]) == 0
+            assert weights[unshown][0] >= weights[shown][0]
+            checked += 1
+    assert checked > 0

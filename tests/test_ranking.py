@@ -1,6 +1,6 @@
-"""The ranking core: Stage 1 candidates, the 17-feature matrix, scorers, reasons and the invariants of a
-ranked list. Pure code on small random graphs; every expected value is computed independently (networkx or
-plain python over the raw events), never read back from the code under test."""
+"""The ranking core: Stage 1 candidates, the feature matrix (17 seed + activity features), scorers, reasons
+and the invariants of a ranked list. Pure code on small random graphs; every expected value is computed
+independently (networkx or plain python over the raw events), never read back from the code under test."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pymk.features import profile as profile_features
 from pymk.ranking.candidates import (
     ANN,
     GRAPH,
+    POPULAR,
     Candidate,
     CandidateConfig,
     CandidateSet,
@@ -28,12 +29,26 @@ from pymk.ranking.candidates import (
     ExcludeSelf,
     generate_candidates,
 )
-from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder, ProfileCache, feature_dict
+from pymk.ranking.features import (
+    ACTIVITY_FEATURES,
+    FEATURE_INDEX,
+    FEATURE_NAMES,
+    FeatureBuilder,
+    ProfileCache,
+    feature_dict,
+)
 from pymk.ranking.heuristic import HeuristicScorer
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker, RankerConfig, roc_auc
 from pymk.ranking.recommend import ranking_order, recommend
-from pymk.ranking.source import RankingSource, Scorer
+from pymk.ranking.source import (
+    ACTIVITY_TIME_CONSTANTS_MS,
+    ActivitySource,
+    PopularSource,
+    RankingSource,
+    ResourceAllocationSource,
+    Scorer,
+)
 
 from pymk.events import Profile, Recommendations
 
@@ -44,6 +59,11 @@ SCHOOLS = ["MIT", "Stanford", None]
 INDUSTRIES = ["software", "finance", None]
 SKILLS = ["python", "Java", "sql", "go", "rust", "kafka", "spark"]
 TITLES = ["software engineer", "senior software engineer", "data scientist", "head of sales", None]
+SEED_FEATURE_NAMES = (  # the seed spec's 17 features, in its order: new features only ever come after them
+    "common_neighbor_count", "adamic_adar_score", "jaccard_sim", "graph_distance_bucket", "query_degree_log",
+    "candidate_degree_log", "query_viewed_candidate_profile", "profile_view_recency_days", "mutual_profile_views",
+    "co_engaged_with_content", "same_company_current", "same_school", "same_industry", "skill_jaccard_sim",
+    "title_cosine_sim", "geo_distance_km", "gnn_embedding_cosine_sim")
 
 
 class World:
@@ -55,8 +75,15 @@ class World:
         self.source = MemorySource()
         for u in self.graph.nodes:
             self.source.add_user(u)
+        # Connections at random times over 60 days, added out of time order (the activity counters must not
+        # care); a separate generator so the rest of the world is what it was.
+        stamps = random.Random(seed + 1000)
+        self.connection_ts: dict[int, list[int]] = defaultdict(list)
         for u, v in self.graph.edges:
-            self.source.add_connection(u, v, NOW - DAY_MS)
+            ts = NOW - DAY_MS - stamps.randrange(60 * DAY_MS)
+            self.source.add_connection(u, v, ts)
+            self.connection_ts[u].append(ts)
+            self.connection_ts[v].append(ts)
         self.views: list[tuple[int, int, int]] = []
         for _ in range(3 * n):
             a, b = rnd.sample(range(n), 2)
@@ -90,8 +117,17 @@ class World:
         return sorted(set(self.graph[u]) & set(self.graph[v]))
 
 
+def expected_activity(world: World, user: int, time_constant_days: float) -> float:
+    return sum(math.exp(-(NOW - ts) / (time_constant_days * DAY_MS)) for ts in world.connection_ts[user])
+
+
+def expected_days_since(world: World, user: int) -> float:
+    stamps = world.connection_ts[user]
+    return (NOW - max(stamps)) / DAY_MS if stamps else math.nan
+
+
 def expected_row(world: World, u: int, v: int) -> dict[str, float]:
-    """The 17 features of (u, v), from networkx, the raw events and pymk.features.profile."""
+    """Every feature of (u, v), from networkx, the raw events and pymk.features.profile."""
     g = world.graph
     common = world.common(u, v)
     union = set(g[u]) | set(g[v])
@@ -127,7 +163,19 @@ def expected_row(world: World, u: int, v: int) -> dict[str, float]:
         "title_cosine_sim": profile_features.title_cosine_sim(a, b),
         "geo_distance_km": math.nan if geo is None else geo,
         "gnn_embedding_cosine_sim": cosine,
+        "candidate_activity_1d": expected_activity(world, v, 1),
+        "candidate_activity_7d": expected_activity(world, v, 7),
+        "candidate_activity_30d": expected_activity(world, v, 30),
+        "candidate_days_since_last_connection": expected_days_since(world, v),
+        "query_activity_7d": expected_activity(world, u, 7),
+        "query_days_since_last_connection": expected_days_since(world, u),
+        "resource_allocation_score": sum(1 / g.degree(z) for z in common),
     }
+
+
+# libm vs numpy in the last bit; sums of the same terms in another order
+APPROXIMATE = ("geo_distance_km", "adamic_adar_score", "resource_allocation_score", "candidate_activity_1d",
+               "candidate_activity_7d", "candidate_activity_30d", "query_activity_7d")
 
 
 def assert_row_equal(row: np.ndarray, expected: dict[str, float], context: str) -> None:
@@ -137,7 +185,7 @@ def assert_row_equal(row: np.ndarray, expected: dict[str, float], context: str) 
             assert math.isnan(got), (context, name, got)
         elif name == "gnn_embedding_cosine_sim":
             assert got == pytest.approx(value, abs=1e-5), (context, name)
-        elif name in ("geo_distance_km", "adamic_adar_score"):  # libm vs numpy last bit; summation order
+        elif name in APPROXIMATE:
             assert got == pytest.approx(value, rel=1e-12, abs=1e-12), (context, name)
         else:
             assert got == value, (context, name, got, value)  # bit for bit
@@ -168,6 +216,67 @@ def test_profile_views_are_distinct_counts_and_the_latest_either_way() -> None:
     source.add_view(3, 1, 50)
     assert source.profile_views(1) == {2: (2, 1, 300), 3: (0, 1, 50)}
     assert source.profile_views(2) == {1: (1, 2, 300)}
+
+
+def test_activity_is_a_decayed_count_of_alive_connections_with_the_workers_register_rules() -> None:
+    source = MemorySource()
+    assert isinstance(source, ActivitySource)
+    assert source.connection_activity(1, NOW) == (0.0, 0.0, 0.0) and source.last_connection_ts(1) is None
+    source.add_connection(1, 2, NOW - 3 * DAY_MS)
+    source.add_connection(1, 3, NOW - 10 * DAY_MS)
+    source.add_connection(1, 3, NOW - 2 * DAY_MS)  # a later add of the same edge: the edge's ts moves (LWW)
+    source.add_connection(1, 3, NOW - 5 * DAY_MS)  # an older one: nothing changes
+    source.add_connection(1, 4, NOW - DAY_MS)
+    source.remove_connection(1, 4, NOW - DAY_MS // 2)  # a change of the anchor; the edge no longer counts
+    source.add_connection(1, 4, NOW - 3 * DAY_MS // 4)  # older than the removal: ignored, as by the worker
+    assert source.neighbours(1) == {2, 3}
+    for got, time_constant in zip(source.connection_activity(1, NOW), ACTIVITY_TIME_CONSTANTS_MS, strict=True):
+        assert got == pytest.approx(sum(math.exp(-days * DAY_MS / time_constant) for days in (3, 2)), rel=1e-12)
+    assert source.last_connection_ts(1) == NOW - DAY_MS // 2
+    assert source.last_connection_ts(3) == NOW - 2 * DAY_MS
+    assert source.connection_activity(3, NOW)[0] == pytest.approx(math.exp(-2), rel=1e-12)
+    assert source.connection_activity(4, NOW) == (0.0, 0.0, 0.0) and source.last_connection_ts(4) == NOW - DAY_MS // 2
+
+
+def test_activity_equals_the_workers_degree_update() -> None:
+    """The offline source and the worker compute activity with the same function of the same registers."""
+    from pymk.features.graph import DegreeUpdate, PartitionGraph, Registers, edge_version
+
+    world = World(seed=3)
+    for u in list(world.graph.nodes)[:10]:
+        row = Registers({v: edge_version(ts, "add") for v, ts in
+                         ((v, world.source.registers[u][v] >> 1) for v in world.graph[u])})
+        update: DegreeUpdate = PartitionGraph.degree_update(u, row, 0)
+        assert world.source.activity.get(u, ((0.0, 0.0, 0.0), 0)) == ((update.activity, update.last_ts)
+                                                                      if row.versions else ((0.0, 0.0, 0.0), 0))
+
+
+class GraphOnlySource:
+    """A RankingSource without the optional extensions (as a worker that does not serve them yet)."""
+
+    def __init__(self, source: MemorySource) -> None:
+        self._source = source
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("connection_activity", "last_connection_ts", "two_hop_resource_allocation", "most_active"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+
+def test_activity_features_are_missing_for_a_source_without_activity() -> None:
+    world = World(seed=6)
+    plain = GraphOnlySource(world.source)
+    assert isinstance(plain, RankingSource)
+    assert not isinstance(plain, ActivitySource | ResourceAllocationSource | PopularSource)
+    candidates = generate_candidates(0, world.source, CandidateConfig(), NOW)
+    full = FeatureBuilder().matrix(0, candidates, world.source, NOW)
+    reduced = FeatureBuilder().matrix(0, candidates, plain, NOW)  # type: ignore[arg-type]
+    extensions = [FEATURE_INDEX[name] for name in (*ACTIVITY_FEATURES, "resource_allocation_score")]
+    seed_columns = [column for column in range(len(FEATURE_NAMES)) if column not in extensions]
+    assert np.array_equal(full[:, seed_columns], reduced[:, seed_columns], equal_nan=True)
+    assert np.isnan(reduced[:, extensions]).all()
+    assert not np.isnan(full[:, extensions]).any()
+    assert FEATURE_NAMES[:17] == SEED_FEATURE_NAMES
 
 
 def test_hub_items_are_not_counted_with_a_fanout_limit() -> None:
@@ -245,7 +354,7 @@ def test_profile_cache_reparses_changed_profiles_and_handles_long_lists() -> Non
 def test_candidates_take_the_top_of_each_source_and_remember_sources() -> None:
     world = World(seed=7, n=60, p=0.1)
     source, g = world.source, world.graph
-    config = CandidateConfig(graph_k=10, ann_k=6, max_candidates=100)
+    config = CandidateConfig(graph_k=10, ann_k=6, popular_k=5, max_candidates=100)
     for user in range(0, 60, 5):
         candidates = generate_candidates(user, source, config, NOW)
         ids = candidates.ids.tolist()
@@ -262,10 +371,15 @@ def test_candidates_take_the_top_of_each_source_and_remember_sources() -> None:
             expected_ann = set(sorted(cosines, key=lambda v: (-cosines[v], v))[:6])
         else:
             expected_ann = set()
-        assert set(ids) == expected_graph | expected_ann
+        # The most active users by 7-day decayed activity, ties by degree then id, minus the user and friends.
+        active = sorted((v for v in g.nodes if g.degree(v) and v != user and not g.has_edge(user, v)),
+                        key=lambda v: (-round(expected_activity(world, v, 7), 12), -g.degree(v), v))
+        expected_popular = set(active[:5])
+        assert set(ids) == expected_graph | expected_ann | expected_popular
         for i, v in enumerate(ids):
             assert candidates.sources(i) == tuple(s for s, member in ((GRAPH, v in expected_graph),
-                                                                     (ANN, v in expected_ann)) if member)
+                                                                     (ANN, v in expected_ann),
+                                                                     (POPULAR, v in expected_popular)) if member)
             assert candidates.common_neighbor_count[i] == len(world.common(user, v))
             assert (candidates.ann_score[i] == pytest.approx(cosines[v], abs=1e-5) if v in expected_ann
                     else math.isnan(candidates.ann_score[i]))

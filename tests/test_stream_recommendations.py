@@ -32,7 +32,7 @@ def assert_list_valid(recs: Recommendations, neighbours: set[int], dismissed: se
     scores = [item.score for item in recs.items]
     assert scores == sorted(scores, reverse=True)
     for item in recs.items:
-        assert item.sources and set(item.sources) <= {"graph", "ann"}
+        assert item.sources and set(item.sources) <= {"graph", "ann", "popular"}
         assert "mutual_connections" in item.reasons and "text" in item.reasons
 
 
