@@ -444,11 +444,17 @@ class PartitionGraph:
             total += adamic_adar_weight(self.mirror_row(z).alive)
         return total
 
+    def _sorted_neighbours(self, user: int) -> list[int]:
+        """The user's neighbours by id. Float sums over them (Adamic-Adar, resource allocation) are then
+        added in one order whatever order the registers arrived in, so a replay after a crash, another
+        worker, or :meth:`adamic_adar_score` get the same bits (the arrival order depends on timing)."""
+        return sorted(z for z, _ in self.adjacency_row(user).alive_items())
+
     def two_hop_scores(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
         """Common-neighbour counts and Adamic-Adar scores of every candidate of a local user, in one pass."""
         counts: dict[int, int] = {}
         scores: dict[int, float] = {}
-        for z, _ in self.adjacency_row(user).alive_items():
+        for z in self._sorted_neighbours(user):
             mirror = self.mirror_row(z)
             weight = adamic_adar_weight(mirror.alive)
             for w, v in mirror.versions.items():
@@ -462,7 +468,7 @@ class PartitionGraph:
         counts: dict[int, int] = {}
         scores: dict[int, float] = {}
         allocation: dict[int, float] = {}
-        for z, _ in self.adjacency_row(user).alive_items():
+        for z in self._sorted_neighbours(user):
             mirror = self.mirror_row(z)
             weight = adamic_adar_weight(mirror.alive)
             share = 1.0 / mirror.alive if mirror.alive else 0.0
