@@ -316,7 +316,7 @@ class PymkApp:
 
     def _embedding_view(self, state: PartitionState, user: int) -> dict[str, Any] | None:
         record = state.embeddings.get(user)
-        if record is None:
+        if record is None or not record.vector.size:  # never embedded, or deleted (nothing to embed from)
             return None
         return {"version": record.version, "computed_at": record.ts, "model_version": record.model_version,
                 "in_index": self.index.describe(user)}

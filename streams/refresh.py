@@ -94,8 +94,8 @@ class Refresher:
         interval = self.settings.reembed_min_interval_ms
         for user in structural:
             record = state.embeddings.get(user)
-            # a new user now; a known one once its last embedding is old enough (debounce)
-            due = now_ms if record is None else max(now_ms, record.ts + interval)
+            # a new (or deleted) user now; a known one once its last embedding is old enough (debounce)
+            due = now_ms if record is None or not record.vector.size else max(now_ms, record.ts + interval)
             state.work.touch(user, now_ms, due, user in refresh)
         for user in refresh - structural:
             state.work.touch(user, now_ms, None, True)
@@ -116,8 +116,18 @@ class Refresher:
             if not due:
                 continue
             users = [u for u in due if state.graph.degree(u) > 0 or state.profiles.profile(u) is not None]
-            for u in set(due) - set(users):
-                state.work.embedded(u)  # nothing to embed from (a user that only viewed or dismissed)
+            # Nothing to embed from (a user that only viewed or dismissed, or lost every connection and has no
+            # profile). One that had a vector is deleted from every index: otherwise whether it stays searchable,
+            # and under which stale vector, would depend on whether a flush happened to embed it in between.
+            for u in sorted(set(due) - set(users)):
+                state.work.embedded(u)
+                previous = state.embeddings.get(u)
+                if previous is not None and previous.vector.size:
+                    deletion = EmbeddingRecord(u, previous.version + 1, now_ms, embedder_model,
+                                               np.empty(0, dtype=np.float32))
+                    state.embeddings.put(deletion)
+                    self.index.apply(deletion)
+                    out.append(deletion)
             if not users:
                 continue
             # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
