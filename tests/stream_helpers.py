@@ -3,6 +3,7 @@ waiting for the workers, reading their answers."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -72,3 +73,54 @@ def latest_lists(settings: Settings) -> dict[int, Recommendations]:
 
 def neighbours(settings: Settings, user: int, k: int = 10, vector: bool = False) -> dict[str, Any]:
     return http_get(settings, f"/neighbours/{user}?k={k}" + ("&vector=1" if vector else ""))
+
+
+def final_refresh(settings: Settings, workers: Sequence[Settings]) -> None:
+    """Re-embed every user from the final state, then rank every list against that final index.
+
+    Two commands, each settled, because a command reaches the partitions one by one: ranking in the same pass
+    as the re-embedding would rank some users against other users' older vectors, which depend on timing."""
+    from pymk.streams.producer import send_commands
+
+    settle(settings, workers)
+    send_commands(settings, reembed=True, rank=False)
+    settle(settings, workers)
+    send_commands(settings)
+    settle(settings, workers)
+
+
+def list_content(recs: Recommendations) -> dict[str, Any]:
+    """A published list without its wall-clock publication time: what was ranked, as of the event time."""
+    body = recs.to_dict()
+    del body["generated_at"]
+    return body
+
+
+def state_view(via: Sequence[Settings], users: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """Per user, what the workers hold, read through the debug API (queries alternate between ``via``, so
+    some are routed to the owner): features, the index entry and vector, the last published list. Wall-clock
+    fields (embedding computation times, publication times) and version counters are left out: they count
+    how often the work was done, not what it produced."""
+    out: dict[int, dict[str, Any]] = {}
+    for index, user in enumerate(sorted(users)):
+        worker = via[index % len(via)]
+        body = http_get(worker, f"/users/{user}")
+        embedding = body.pop("embedding")
+        body.pop("last_recommendation")
+        body.pop("pending_work")
+        body.pop("partition")
+        # k as large as Stage 1's: on these small graphs the search returns every indexed user with its exact
+        # cosine, which is what lists are built from; a small k would compare HNSW's approximation, whose
+        # misses depend on the order vectors were inserted in (a restart re-inserts them in another)
+        found = neighbours(worker, user, k=1000, vector=True)
+        recs = http_get(worker, f"/recommendations/{user}")
+        body.update(
+            candidates=http_get(worker, f"/users/{user}/candidates")["candidates"],
+            has_embedding_row=embedding is not None,
+            in_index=found["embedding"] is not None,
+            vector=found.get("vector"),
+            ann=[(x["user"], x["cosine"]) for x in found["neighbours"]],
+            list=None if recs["generated_at"] is None else list_content(Recommendations.from_json(json.dumps(recs))),
+        )
+        out[user] = body
+    return out
