@@ -419,9 +419,11 @@ class PymkApp:
                 delays = sorted(refresh.pop("last_delays_ms"))
                 refresh["recent_delay_ms"] = ({"p50": delays[len(delays) // 2],
                                                "p99": delays[int(len(delays) * 0.99)]} if delays else None)
+            # the offsets show how far each full-table reader has read its topic (tests wait for the end)
             return web.json({**metrics.snapshot(), "state": self.state.describe(), "globals_users": len(self.globals),
+                             "globals_offsets": self.globals.offsets,
                              "index": {"users": len(self.index.index), "records_applied": self.index.records_applied,
-                                       "caught_up": self.index.caught_up.is_set()},
+                                       "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets},
                              "refresh": refresh, "models": self.models.describe() if self.models else None})
 
         def owner_page(path: str, view: Any) -> None:

@@ -52,6 +52,7 @@ class UserGlobals:
         self._activity: dict[int, tuple[tuple[float, ...], int]] = {}
         self._profiles: dict[int, tuple[Profile, dict[str, int], int]] = {}  # user → (profile, field ts, version)
         self.leaderboard = ActivityLeaderboard()  # the most active users (Stage 1's "popular" source)
+        self.offsets: dict[int, int] = {}  # partition → next offset to read (shown by /stats: how far it has read)
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def merge_record(self, raw: bytes) -> bool:
@@ -101,9 +102,10 @@ class UserGlobals:
             await consumer.seek_to_beginning(*tps)
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
-                for records in batches.values():
+                for tp, records in batches.items():
                     for record in records:
                         if record.value is not None:
                             self.merge_record(record.value)
+                        self.offsets[tp.partition] = record.offset + 1
         finally:
             await consumer.stop()
