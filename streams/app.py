@@ -17,8 +17,8 @@ import time
 from functools import lru_cache
 from typing import Any
 
+import aiohttp
 import faust
-from faust.exceptions import SameNode
 from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
 from pymk.streams.codec import decode_partition_batch
@@ -29,12 +29,18 @@ from pymk.streams.models import Models
 from pymk.streams.partitioning import partition_for_user
 from pymk.streams.refresh import Refresher
 from pymk.streams.state import OutputTopics, PartitionState, WorkerState
+from yarl import URL
 
 from pymk.events import ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
 from pymk.settings import INPUT_KINDS, Settings
 from pymk.validation import Invalid, parse_event
 
 log = logging.getLogger(__name__)
+
+# Debug queries about a user are forwarded to the worker owning the user's partition, marked with this header.
+FORWARDED_HEADER = "X-Pymk-Forwarded"
+ROUTE_TIMEOUT_S = 10.0
+ROUTE_RETRY_AFTER_S = 1
 
 
 def faust_credentials(settings: Settings) -> Any:
@@ -383,13 +389,48 @@ class PymkApp:
         return self.globals.profile(user)
 
     def _register_views(self) -> None:
-        app, metrics, routing_topic = self.app, self.metrics, self.input_topics["connections"]
+        app, metrics, routing_topic = self.app, self.metrics, self.input_topics["connections"].get_topic_name()
+
+        def moving(web: Any, partition: int, why: str) -> Any:
+            """The documented retryable answer: the partition has no reachable owner right now (a rebalance is
+            moving it, or the group has not yet noticed that its owner died). Lasts at most the session timeout
+            plus a rebalance; then the same request is answered by the new owner."""
+            return web.json({"error": f"partition {partition} has no reachable owner right now: {why}",
+                             "retryable": True, "partition": partition}, status=503,
+                            headers={"Retry-After": str(ROUTE_RETRY_AFTER_S)})
+
+        def owner_of(partition: int) -> URL | None:
+            """The owner's URL in the group's last assignment (faust's own lookup re-partitions the key with the
+            producer, which fails while the producer has no metadata for the topic yet: just after a start)."""
+            for url, topics in app.router.external_topics_metadata().items():
+                if partition in topics.get(routing_topic, ()):
+                    return URL(url)
+            return None
 
         async def routed(web: Any, request: Any, key: str, local: Any) -> Any:
-            try:
-                return await app.router.route_topic_req(routing_topic, key, web, request)
-            except SameNode:
+            partition = self.partition_of(int(key))
+            # The partition's state is open here only on its owner (faust rebalances eagerly: every partition
+            # is closed before any is assigned again), so this answers even when the group's routing map is
+            # stale — faust's map is only refreshed by the next assignment.
+            if self.state.state_for(partition) is not None:
                 return await local()
+            # Forwarded once at most: two workers with stale maps pointing at each other would bounce it.
+            if request.headers.get(FORWARDED_HEADER):
+                return moving(web, partition, "forwarded here, not (or no longer) assigned here")
+            owner = owner_of(partition)
+            if owner is None:
+                return moving(web, partition, "no owner assigned yet")
+            if (owner.host, owner.port) == (app.conf.canonical_url.host, app.conf.canonical_url.port):
+                return moving(web, partition, "assigned here, not yet opened")
+            url = request.url.with_host(owner.host).with_port(owner.port)
+            try:
+                async with app.http_client.get(url, headers={FORWARDED_HEADER: "1"},
+                                               timeout=aiohttp.ClientTimeout(total=ROUTE_TIMEOUT_S)) as response:
+                    retry = response.headers.get("Retry-After")
+                    return web.bytes(await response.read(), content_type=response.content_type,
+                                     status=response.status, headers={"Retry-After": retry} if retry else None)
+            except (TimeoutError, aiohttp.ClientError) as exc:  # a killed owner, until the group notices
+                return moving(web, partition, f"its owner {owner} does not answer ({type(exc).__name__})")
 
         def parse_user(text: str) -> int | None:
             return int(text) if text.isdigit() else None
@@ -437,8 +478,8 @@ class PymkApp:
 
                 async def local() -> Any:
                     body = view(*ids)
-                    return web.json(body) if body is not None else web.json({"error": "partition not owned"},
-                                                                            status=503)
+                    return web.json(body) if body is not None else moving(web, self.partition_of(ids[0]),
+                                                                          "not open here")
 
                 return await routed(web, request, u, local)
 
