@@ -11,7 +11,7 @@ import networkx as nx
 from pymk.streams.consumer import latest_per_user, read_recommendations
 from pymk.streams.lag import wait_idle
 from pymk.streams.producer import event_messages, send_messages, synthetic_events
-from workers import http_get
+from workers import http_get, wait_until
 
 from pymk.events import ConnectionEvent, DismissalEvent, InputEvent, Recommendations, UserEvent
 from pymk.settings import Settings
@@ -75,16 +75,47 @@ def neighbours(settings: Settings, user: int, k: int = 10, vector: bool = False)
     return http_get(settings, f"/neighbours/{user}?k={k}" + ("&vector=1" if vector else ""))
 
 
+def end_offsets(settings: Settings, kind: str) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**settings.kafka_client_config(), group_id=None, enable_auto_commit=False)
+    try:
+        topic = settings.topic(kind)
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(settings.partitions)])
+        return {tp.partition: end for tp, end in ends.items()}
+    finally:
+        consumer.close()
+
+
+def wait_tables_read(settings: Settings, workers: Sequence[Settings], timeout_s: float = 60) -> None:
+    """Every worker has read the embeddings and user-globals topics up to their current end (what other
+    workers published: vectors, degrees, profiles, activity), so what it ranks next does not depend on
+    how fast it reads them."""
+    ends = {"embeddings": end_offsets(settings, "embeddings"), "user-globals": end_offsets(settings, "user-globals")}
+
+    def read_all(worker: Settings) -> bool:
+        stats = http_get(worker, "/stats")
+        read = {"embeddings": stats["index"]["offsets"], "user-globals": stats["globals_offsets"]}
+        return all(read[kind].get(str(p), 0) >= end for kind in ends for p, end in ends[kind].items())
+
+    wait_until(lambda: all(read_all(worker) for worker in workers), timeout_s,
+               what="every worker read the table topics to their end")
+
+
 def final_refresh(settings: Settings, workers: Sequence[Settings]) -> None:
     """Re-embed every user from the final state, then rank every list against that final index.
 
     Two commands, each settled, because a command reaches the partitions one by one: ranking in the same pass
-    as the re-embedding would rank some users against other users' older vectors, which depend on timing."""
+    as the re-embedding would rank some users against other users' older vectors, which depend on timing.
+    Before each, every worker has read what the others published (degrees and profiles for the embedder,
+    vectors and activity for ranking)."""
     from pymk.streams.producer import send_commands
 
     settle(settings, workers)
+    wait_tables_read(settings, workers)
     send_commands(settings, reembed=True, rank=False)
     settle(settings, workers)
+    wait_tables_read(settings, workers)
     send_commands(settings)
     settle(settings, workers)
 
