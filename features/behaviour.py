@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
-from pymk.features.storage import RowStore, row_key
+from pymk.features.storage import RowStore, row_cache_bytes, row_key
 
 from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
@@ -397,11 +397,25 @@ class PartitionBehaviour:
         cached = (sum(len(c) for c in self._stamps.values()) + len(self._engaged)
                   + sum(len(c) for c in self._items.values()))
         if cached > self.max_cached_rows:
-            for stamp_cache in self._stamps.values():
-                stamp_cache.clear()
-            self._engaged.clear()
-            for item_cache in self._items.values():
-                item_cache.clear()
+            self.drop_cache()
+
+    def cached_bytes(self) -> int:
+        """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
+        rows = (sum(len(c) for c in self._stamps.values()) + len(self._engaged)
+                + sum(len(c) for c in self._items.values()))
+        entries = (sum(len(row) + sum(map(len, row.values())) for c in self._stamps.values() for row in c.values())
+                   + sum(map(len, self._engaged.values()))
+                   + sum(len(row.engagers) for c in self._items.values() for row in c.values()))
+        return row_cache_bytes(rows, entries)
+
+    def drop_cache(self) -> None:
+        """Forget every cached row (only when none is dirty: they are all in the store)."""
+        assert not self._dirty, "dropping dirty rows would lose them"
+        for stamp_cache in self._stamps.values():
+            stamp_cache.clear()
+        self._engaged.clear()
+        for item_cache in self._items.values():
+            item_cache.clear()
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""

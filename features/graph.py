@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pymk.features.activity import activity_values
-from pymk.features.storage import RowStore, row_key
+from pymk.features.storage import RowStore, row_cache_bytes, row_key
 
 ADJACENCY = b"A"  # local user u → registers {neighbour: version}
 MIRROR = b"M"  # remote user z → registers {neighbour: version}, a copy of z's adjacency
@@ -378,11 +378,24 @@ class PartitionGraph:
         self._dirty.clear()
         cached = len(self._adjacency) + len(self._mirror) + len(self._reverse) + len(self._common)
         if cached > self.max_cached_rows:
-            self._adjacency.clear()
-            self._mirror.clear()
-            self._reverse.clear()
-            self._common.clear()
-            self._activity.clear()
+            self.drop_cache()
+
+    def cached_bytes(self) -> int:
+        """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
+        rows = len(self._adjacency) + len(self._mirror) + len(self._reverse) + len(self._common) + len(self._activity)
+        entries = (sum(len(row.versions) for row in self._adjacency.values())
+                   + sum(len(row.versions) for row in self._mirror.values())
+                   + sum(map(len, self._reverse.values())) + sum(map(len, self._common.values())))
+        return row_cache_bytes(rows, entries)
+
+    def drop_cache(self) -> None:
+        """Forget every cached row (only when none is dirty: they are all in the store)."""
+        assert not self._dirty, "dropping dirty rows would lose them"
+        self._adjacency.clear()
+        self._mirror.clear()
+        self._reverse.clear()
+        self._common.clear()
+        self._activity.clear()
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""

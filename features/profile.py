@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pymk.features.storage import RowStore, row_key, row_user
+from pymk.features.storage import RowStore, row_cache_bytes, row_key, row_user
 
 from pymk.events import Profile, UserEvent
 
@@ -326,8 +326,19 @@ class ProfileStore:
         """The dirty rows are durable; forget them, and drop the cache when it has grown past its bound."""
         self._dirty.clear()
         if len(self._rows) > self.max_cached_rows:
-            self._rows.clear()
-            self._built.clear()
+            self.drop_cache()
+
+    def cached_bytes(self) -> int:
+        """Approximate memory of the cached rows: a field (with its ts) and a built profile's field counted as
+        two entries each (:func:`pymk.features.storage.row_cache_bytes`)."""
+        fields = sum(len(row.fields) for row in self._rows.values() if row is not None)
+        return row_cache_bytes(len(self._rows) + len(self._built), 2 * fields + 2 * 6 * len(self._built))
+
+    def drop_cache(self) -> None:
+        """Forget every cached row (only when none is dirty: they are all in the store)."""
+        assert not self._dirty, "dropping dirty rows would lose them"
+        self._rows.clear()
+        self._built.clear()
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""

@@ -64,6 +64,11 @@ class Settings:
     session_timeout_s: float = 10.0
     # Items with more engagers than this stop counting towards co-engagement (0: no cap, exact).
     max_item_fanout: int = 0
+    # Memory bounds of a worker that owns every partition (one owning fewer gets its share): feature rows cached
+    # in Python (a partition's cache is dropped when it outgrows 1/PYMK_PARTITIONS of this; rows are re-read
+    # from RocksDB), and RocksDB's block cache with the memtables charged to it, shared by all its databases.
+    state_cache_mb: int = 1024
+    rocksdb_memory_mb: int = 256
 
     # Embed users and publish refreshed lists (off: a features-only worker, e.g. for the ingest benchmark).
     recommend: bool = True

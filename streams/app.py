@@ -21,6 +21,7 @@ import aiohttp
 import faust
 from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
+from pymk.features.storage import RocksMemory
 from pymk.streams.codec import decode_partition_batch
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.globals import UserGlobals
@@ -98,7 +99,9 @@ class PymkApp:
         self.state = WorkerState(worker_home / "state", partitions, self.partition_of,
                                  settings.topic("partition-messages"), settings.topic("user-globals"),
                                  settings.topic("dead-letter"), self._send,
-                                 max_item_fanout=settings.max_item_fanout or None)
+                                 max_item_fanout=settings.max_item_fanout or None,
+                                 cache_bytes_per_partition=settings.state_cache_mb * 2**20 // partitions,
+                                 rocks_memory=RocksMemory(settings.rocksdb_memory_mb * 2**20))
         self.refresher = (Refresher(settings, self.index, self.models, self.degree_value, self.profile_value,
                                     self.globals.activity, self.globals.most_active)
                           if self.models is not None else None)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph, version_ts
 from pymk.features.profile import ProfileStore
-from pymk.features.storage import RocksRowStore
+from pymk.features.storage import CacheBudget, RocksMemory, RocksRowStore
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
 from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
 
@@ -70,18 +70,21 @@ class PartitionState:
     event_time_ms: int = 0
     forced_refresh: set[int] = field(default_factory=set)  # `pymk refresh` commands since the last flush
     forced_reembed: set[int] = field(default_factory=set)
+    cache_budget: CacheBudget = field(default_factory=lambda: CacheBudget(max_bytes=1 << 62))
 
     @classmethod
     def open(cls, partition: int, partitions: int, path: Path, partition_of: Callable[[int], int],
-             max_item_fanout: int | None = None) -> PartitionState:
-        store = _open_with_retry(path)
+             max_item_fanout: int | None = None, cache_bytes: int | None = None,
+             rocks_memory: RocksMemory | None = None) -> PartitionState:
+        store = _open_with_retry(path, rocks_memory)
         applied = {key[len(OFFSETS_PREFIX):].decode(): int(value)
                    for key, value in store.scan(OFFSETS_PREFIX)}
         watermark = store.get(EVENT_TIME_KEY)
         return cls(partition, store, PartitionGraph(partition, partitions, store, partition_of),
                    PartitionBehaviour(partition, partitions, store, partition_of, max_item_fanout=max_item_fanout),
                    ProfileStore(store), PendingWork(store), EmbeddingStore(store), PublishedLists(store), applied,
-                   event_time_ms=int(watermark) if watermark is not None else 0)
+                   event_time_ms=int(watermark) if watermark is not None else 0,
+                   cache_budget=CacheBudget(max_bytes=cache_bytes if cache_bytes is not None else 1 << 62))
 
     @property
     def parts(self) -> tuple[Any, ...]:
@@ -101,15 +104,31 @@ class PartitionState:
         for part in self.parts:
             part.mark_clean()
 
+    @property
+    def cached_parts(self) -> tuple[Any, ...]:
+        """The row caches that may be dropped (pending work is the backlog itself: always held)."""
+        return (self.graph, self.behaviour, self.profiles, self.embeddings, self.published)
+
+    def cached_bytes(self) -> int:
+        return sum(part.cached_bytes() for part in self.cached_parts)
+
+    def drop_caches(self) -> None:
+        for part in self.cached_parts:
+            part.drop_cache()
+
+    def bound_memory(self) -> None:
+        """After a flush (nothing dirty): drop the row caches if they outgrew this partition's budget."""
+        self.cache_budget.check(self.cached_bytes, self.drop_caches)
+
     def next_offset(self, topic: str) -> int:
         return max(self.applied.get(topic, -1), self.pending_applied.get(topic, -1)) + 1
 
 
-def _open_with_retry(path: Path, attempts: int = 50) -> RocksRowStore:
+def _open_with_retry(path: Path, memory: RocksMemory | None = None, attempts: int = 50) -> RocksRowStore:
     # During a rebalance the previous owner on this machine may still be closing the database.
     for attempt in range(attempts):
         try:
-            return RocksRowStore(path)
+            return RocksRowStore(path, memory=memory)
         except Exception as exc:  # rocksdict raises a plain Exception for the lock
             if "lock" not in str(exc).lower() or attempt == attempts - 1:
                 raise
@@ -140,7 +159,8 @@ class WorkerState:
 
     def __init__(self, state_dir: Path, partitions: int, partition_of: Callable[[int], int],
                  messages_topic: str, globals_topic: str, dead_letter_topic: str, send: Sender,
-                 max_item_fanout: int | None = None) -> None:
+                 max_item_fanout: int | None = None, cache_bytes_per_partition: int | None = None,
+                 rocks_memory: RocksMemory | None = None) -> None:
         self.state_dir = state_dir
         self.partitions = partitions
         self.partition_of = partition_of
@@ -150,6 +170,8 @@ class WorkerState:
         self.dead_letters: list[tuple[bytes | None, bytes]] = []  # (key, record) of invalid events applied
         self.send = send
         self.max_item_fanout = max_item_fanout
+        self.cache_bytes_per_partition = cache_bytes_per_partition
+        self.rocks_memory = rocks_memory
         self.owned: dict[int, PartitionState] = {}
         self.lock = asyncio.Lock()
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
@@ -162,7 +184,8 @@ class WorkerState:
     def open_partitions(self, numbers: Iterable[int]) -> None:
         for p in sorted(set(numbers) - set(self.owned)):
             self.owned[p] = PartitionState.open(p, self.partitions, self.state_dir / f"p{p}", self.partition_of,
-                                                self.max_item_fanout)
+                                                self.max_item_fanout, self.cache_bytes_per_partition,
+                                                self.rocks_memory)
             log.info("opened state of partition %d (applied offsets %s)", p, self.owned[p].applied)
 
     async def close_partitions(self, numbers: Iterable[int]) -> None:
@@ -242,6 +265,8 @@ class WorkerState:
                 state.applied.update(state.pending_applied)
                 state.pending_applied.clear()
                 rows += len(puts) + len(deletes)
+            for state in self.owned.values():  # also partitions only read from (ranking loads rows too)
+                state.bound_memory()
             # 4. ack: faust may now commit these offsets
             unacked, self.unacked = self.unacked, []
             for stream, event in unacked:
@@ -274,4 +299,8 @@ class WorkerState:
             "flush": json.loads(json.dumps(self.stats.__dict__)),
             "graph": {p: s.graph.stats.__dict__ for p, s in self.owned.items()},
             "behaviour": {p: s.behaviour.stats.__dict__ for p, s in self.owned.items()},
+            "row_cache": {p: {"bytes_at_last_check": s.cache_budget.last_bytes,
+                              "budget_bytes": s.cache_budget.max_bytes, "drops": s.cache_budget.drops}
+                          for p, s in self.owned.items()},
+            "rocksdb_memory_bytes": self.rocks_memory.usage_bytes() if self.rocks_memory is not None else None,
         }
