@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
-from pymk.features.storage import RowStore, row_cache_bytes, row_key
+from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key
 
 from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
@@ -410,12 +410,13 @@ class PartitionBehaviour:
 
     def drop_cache(self) -> None:
         """Forget every cached row (only when none is dirty: they are all in the store)."""
-        assert not self._dirty, "dropping dirty rows would lose them"
-        for stamp_cache in self._stamps.values():
-            stamp_cache.clear()
-        self._engaged.clear()
-        for item_cache in self._items.values():
-            item_cache.clear()
+        self.evict_oldest(1.0)
+
+    def evict_oldest(self, fraction: float) -> None:
+        """Forget the oldest-loaded ``fraction`` of each cache (only when no row is dirty)."""
+        assert not self._dirty, "evicting dirty rows would lose them"
+        for cache in (*self._stamps.values(), self._engaged, *self._items.values()):
+            evict_oldest_rows(cache, fraction)
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pymk.features.activity import activity_values
-from pymk.features.storage import RowStore, row_cache_bytes, row_key
+from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key
 
 ADJACENCY = b"A"  # local user u → registers {neighbour: version}
 MIRROR = b"M"  # remote user z → registers {neighbour: version}, a copy of z's adjacency
@@ -390,12 +390,13 @@ class PartitionGraph:
 
     def drop_cache(self) -> None:
         """Forget every cached row (only when none is dirty: they are all in the store)."""
-        assert not self._dirty, "dropping dirty rows would lose them"
-        self._adjacency.clear()
-        self._mirror.clear()
-        self._reverse.clear()
-        self._common.clear()
-        self._activity.clear()
+        self.evict_oldest(1.0)
+
+    def evict_oldest(self, fraction: float) -> None:
+        """Forget the oldest-loaded ``fraction`` of each cache (only when no row is dirty)."""
+        assert not self._dirty, "evicting dirty rows would lose them"
+        for cache in (self._adjacency, self._mirror, self._reverse, self._common, self._activity):
+            evict_oldest_rows(cache, fraction)
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""

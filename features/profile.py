@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pymk.features.storage import RowStore, row_cache_bytes, row_key, row_user
+from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key, row_user
 
 from pymk.events import Profile, UserEvent
 
@@ -336,9 +336,13 @@ class ProfileStore:
 
     def drop_cache(self) -> None:
         """Forget every cached row (only when none is dirty: they are all in the store)."""
-        assert not self._dirty, "dropping dirty rows would lose them"
-        self._rows.clear()
-        self._built.clear()
+        self.evict_oldest(1.0)
+
+    def evict_oldest(self, fraction: float) -> None:
+        """Forget the oldest-loaded ``fraction`` of the cache (only when no row is dirty)."""
+        assert not self._dirty, "evicting dirty rows would lose them"
+        evict_oldest_rows(self._rows, fraction)
+        evict_oldest_rows(self._built, fraction)
 
     def flush(self) -> int:
         """Write every dirty row in one atomic batch (for callers with nothing else to commit)."""

@@ -7,6 +7,8 @@ the previous commit, never half-way through one.
 
 from __future__ import annotations
 
+import itertools
+import math
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -147,27 +149,38 @@ def row_cache_bytes(rows: int, entries: int) -> int:
     return ROW_BYTES * rows + ENTRY_BYTES * entries
 
 
+def evict_oldest_rows(cache: dict[Any, Any], fraction: float) -> None:
+    """Forget the oldest-loaded ``fraction`` of a row cache: dicts keep insertion order and a row read back from
+    the store is inserted again, so this is first-in-first-out; a hot row evicted costs one read and is young
+    again. Only for clean rows (after a flush)."""
+    for key in list(itertools.islice(cache, math.ceil(len(cache) * fraction))):
+        del cache[key]
+
+
 @dataclass
 class CacheBudget:
     """Keeps the write-back row caches of one partition under ``max_bytes`` (approximately: see
     :func:`row_cache_bytes`). Measuring walks every cached row, so it runs at most once per ``min_interval_s`` and
-    takes at most ~2% of the time (the next measurement waits 50× as long as this one took); over the budget,
-    the caches are dropped — their rows are durable, later reads come from the store."""
+    takes at most ~2% of the time (the next measurement waits 50× as long as this one took). Over the budget, the
+    oldest rows are evicted down to ``keep`` of it — not everything: a worker whose working set is larger than
+    the budget then still hits its cache for most of what it reads. Evicted rows are durable: later reads come
+    from the store."""
 
     max_bytes: int
     min_interval_s: float = 1.0
+    keep: float = 0.7
     next_check: float = 0.0
     last_bytes: int = 0
-    drops: int = 0
+    evictions: int = 0
 
-    def check(self, measure: Callable[[], int], drop: Callable[[], None]) -> None:
+    def check(self, measure: Callable[[], int], evict: Callable[[float], None]) -> None:
+        """``evict(fraction)`` forgets that fraction of every cache, oldest rows first."""
         now = time.monotonic()
         if now < self.next_check:
             return
         self.last_bytes = measure()
         took = time.monotonic() - now
         if self.last_bytes > self.max_bytes:
-            drop()
-            self.drops += 1
-            self.last_bytes = 0
+            evict(1.0 - self.keep * self.max_bytes / self.last_bytes)
+            self.evictions += 1
         self.next_check = now + max(self.min_interval_s, 50 * took)

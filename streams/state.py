@@ -112,13 +112,14 @@ class PartitionState:
     def cached_bytes(self) -> int:
         return sum(part.cached_bytes() for part in self.cached_parts)
 
-    def drop_caches(self) -> None:
+    def evict_oldest(self, fraction: float) -> None:
         for part in self.cached_parts:
-            part.drop_cache()
+            part.evict_oldest(fraction)
 
     def bound_memory(self) -> None:
-        """After a flush (nothing dirty): drop the row caches if they outgrew this partition's budget."""
-        self.cache_budget.check(self.cached_bytes, self.drop_caches)
+        """After a flush (nothing dirty): evict the oldest cached rows if the caches outgrew this partition's
+        budget."""
+        self.cache_budget.check(self.cached_bytes, self.evict_oldest)
 
     def next_offset(self, topic: str) -> int:
         return max(self.applied.get(topic, -1), self.pending_applied.get(topic, -1)) + 1
@@ -300,7 +301,8 @@ class WorkerState:
             "graph": {p: s.graph.stats.__dict__ for p, s in self.owned.items()},
             "behaviour": {p: s.behaviour.stats.__dict__ for p, s in self.owned.items()},
             "row_cache": {p: {"bytes_at_last_check": s.cache_budget.last_bytes,
-                              "budget_bytes": s.cache_budget.max_bytes, "drops": s.cache_budget.drops}
+                              "budget_bytes": s.cache_budget.max_bytes,
+                              "evictions": s.cache_budget.evictions}
                           for p, s in self.owned.items()},
             "rocksdb_memory_bytes": self.rocks_memory.usage_bytes() if self.rocks_memory is not None else None,
         }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 
-from pymk.features.storage import ROW_BYTES, RowStore, row_key, row_user
+from pymk.features.storage import ROW_BYTES, RowStore, evict_oldest_rows, row_key, row_user
 from pymk.index.records import EmbeddingRecord
 
 from pymk.events import Recommendations
@@ -124,9 +124,9 @@ class EmbeddingStore:
     def cached_bytes(self) -> int:
         return sum(ROW_BYTES + (r.vector.nbytes if r is not None else 0) for r in self._rows.values())
 
-    def drop_cache(self) -> None:
-        assert not self._dirty, "dropping dirty rows would lose them"
-        self._rows.clear()
+    def evict_oldest(self, fraction: float) -> None:
+        assert not self._dirty, "evicting dirty rows would lose them"
+        evict_oldest_rows(self._rows, fraction)
 
     def local_users(self) -> Iterable[int]:
         seen = {u for u, r in self._rows.items() if r is not None}
@@ -169,6 +169,6 @@ class PublishedLists:
     def cached_bytes(self) -> int:
         return sum(ROW_BYTES + len(raw) for raw in self._rows.values())
 
-    def drop_cache(self) -> None:
-        assert not self._dirty, "dropping dirty rows would lose them"
-        self._rows.clear()
+    def evict_oldest(self, fraction: float) -> None:
+        assert not self._dirty, "evicting dirty rows would lose them"
+        evict_oldest_rows(self._rows, fraction)

@@ -1,5 +1,6 @@
-"""Tier 1: the memory bound of the row caches — dropping them (when over budget) loses nothing, the estimate
-is close to what the rows really take, and measuring is throttled."""
+"""Tier 1: the memory bound of the row caches — evicting rows (when over budget) loses nothing, eviction is
+oldest-loaded first and stops at the budget's ``keep`` share, the estimate is close to what the rows really
+take, and measuring is throttled."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from test_graph_state import Cluster, assert_exact, lww_graph
 from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
 
-def test_features_stay_exact_when_the_caches_are_dropped_after_every_flush() -> None:
+def test_features_stay_exact_when_rows_are_evicted_after_every_flush() -> None:
     rng = random.Random(8)
     cluster = Cluster(3, rng)
-    budgets = [CacheBudget(max_bytes=1, min_interval_s=0.0) for _ in cluster.graphs]  # always over budget
+    # tiny budgets: every check evicts, nearly everything (one at 0: everything)
+    budgets = [CacheBudget(max_bytes=max_bytes, min_interval_s=0.0) for max_bytes in (0, 20_000, 60_000)]
     events = [(rng.randrange(40), rng.randrange(40), rng.choice(["add", "add", "remove"]), t) for t in range(400)]
     events = [e for e in events if e[0] != e[1]]
     for index, event in enumerate(events):
@@ -26,9 +28,9 @@ def test_features_stay_exact_when_the_caches_are_dropped_after_every_flush() -> 
         if index % 7 == 0:
             for graph, budget in zip(cluster.graphs, budgets, strict=True):
                 graph.flush()
-                budget.check(graph.cached_bytes, graph.drop_cache)
+                budget.check(graph.cached_bytes, graph.evict_oldest)
     cluster.drain()
-    assert all(budget.drops > 10 for budget in budgets)
+    assert all(budget.evictions > 10 for budget in budgets)
     assert_exact(cluster, lww_graph(events), range(40))
 
 
@@ -72,15 +74,32 @@ def test_the_estimate_is_close_to_the_memory_the_rows_take() -> None:
     assert 0.5 * used < graph.cached_bytes() < 2.0 * used, (graph.cached_bytes(), used)
 
 
-def test_measuring_is_throttled() -> None:
-    budget = CacheBudget(max_bytes=100, min_interval_s=3600.0)
+def test_measuring_is_throttled_and_evicts_down_to_the_kept_share() -> None:
+    budget = CacheBudget(max_bytes=100, min_interval_s=3600.0, keep=0.7)
     calls: list[int] = []
-    dropped: list[int] = []
+    fractions: list[float] = []
 
     def measure() -> int:
         calls.append(1)
         return 1000
 
-    budget.check(measure, lambda: dropped.append(1))
-    budget.check(measure, lambda: dropped.append(1))
-    assert len(calls) == 1 and len(dropped) == 1 and budget.drops == 1
+    budget.check(measure, fractions.append)
+    budget.check(measure, fractions.append)
+    assert len(calls) == 1 and budget.evictions == 1
+    assert fractions == [1.0 - 0.07]  # 1000 bytes down to 70 % of 100
+
+
+def test_eviction_forgets_the_oldest_loaded_rows_first() -> None:
+    graph = PartitionGraph(0, 1, DictRowStore(), lambda user: 0)
+    for user in range(1, 11):
+        graph.apply_connection(0, user, "add", user)
+    graph.take_outbox()
+    graph.flush()
+    graph.drop_cache()
+    for user in range(1, 11):  # loaded in this order
+        graph.adjacency_row(user)
+    graph.adjacency_row(1)  # read again: no reload, still the oldest
+    graph.evict_oldest(0.5)
+    assert sorted(graph._adjacency) == [6, 7, 8, 9, 10]
+    assert graph.neighbours(3) == {0: 3}  # read back from the store, now the youngest
+    assert list(graph._adjacency)[-1] == 3
