@@ -65,8 +65,9 @@ class Settings:
     # Items with more engagers than this stop counting towards co-engagement (0: no cap, exact).
     max_item_fanout: int = 0
     # Memory bounds of a worker that owns every partition (one owning fewer gets its share): feature rows cached
-    # in Python (a partition's cache is dropped when it outgrows 1/PYMK_PARTITIONS of this; rows are re-read
-    # from RocksDB), and RocksDB's block cache with the memtables charged to it, shared by all its databases.
+    # in Python (a partition whose cache outgrows 1/PYMK_PARTITIONS of this evicts its oldest rows down to 70 %
+    # of it; they are read back from RocksDB), and RocksDB's block cache with the memtables charged to it, shared
+    # by all of the worker's databases.
     state_cache_mb: int = 1024
     rocksdb_memory_mb: int = 256
 
