@@ -44,6 +44,9 @@ from pymk.ranking.candidates import CandidateSet
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
     ActivitySource,
+    ActivityTable,
+    ActivityTableSource,
+    BatchReadSource,
     RankingSource,
     ResourceAllocationSource,
 )
@@ -216,10 +219,10 @@ class ProfileCache:
         slots of one call stay valid together: a reset happens only before it starts."""
         if len(self._slot_of) + len(users) > self.max_users:
             self._reset()
-        profile_of, slot_of, profiles = source.profile, self._slot_of, self._profiles
+        slot_of, profiles = self._slot_of, self._profiles
+        current = source.many_profiles(users) if isinstance(source, BatchReadSource) else map(source.profile, users)
         out = np.zeros(len(users), np.int64)
-        for i, user in enumerate(users):
-            profile = profile_of(user)
+        for i, (user, profile) in enumerate(zip(users, current)):  # noqa: B905 - map has no strict
             if profile is None:
                 continue
             slot = slot_of.get(user)
@@ -274,7 +277,10 @@ class FeatureBuilder:
         degree_of = source.degree
         counts = candidates.common_neighbor_count.astype(np.float64)
         query_degree = float(degree_of(user))
-        degrees = np.fromiter((degree_of(u) for u in id_list), np.float64, n)
+        if isinstance(source, BatchReadSource):
+            degrees = np.asarray(source.many_degrees(id_list), np.float64)
+        else:
+            degrees = np.fromiter(map(degree_of, id_list), np.float64, n)
         union = query_degree + degrees - counts
         out[:, 0] = counts
         out[:, 1] = candidates.adamic_adar_score
@@ -362,9 +368,14 @@ class FeatureBuilder:
         activity_of, last_of = source.connection_activity, source.last_connection_ts
         n = len(id_list)
         scales = len(ACTIVITY_TIME_CONSTANTS_MS)
-        out[:, first : first + scales] = np.array([activity_of(u, as_of_ms) for u in id_list],
-                                                  np.float64).reshape(n, scales)
-        last = np.array([np.nan if (ts := last_of(u)) is None else ts for u in id_list], np.float64)
+        if isinstance(source, ActivityTableSource):
+            table = source.activity_table(id_list)
+            out[:, first : first + scales] = decayed_activity(table, as_of_ms)
+            last = np.where(table.known, table.anchors.astype(np.float64), np.nan)
+        else:
+            out[:, first : first + scales] = np.array([activity_of(u, as_of_ms) for u in id_list],
+                                                      np.float64).reshape(n, scales)
+            last = np.array([np.nan if (ts := last_of(u)) is None else ts for u in id_list], np.float64)
         out[:, first + 3] = np.maximum(0.0, as_of_ms - last) / DAY_MS  # NaN stays NaN
         out[:, first + 4] = activity_of(user, as_of_ms)[1]
         query_last = last_of(user)
@@ -384,6 +395,23 @@ class FeatureBuilder:
         with np.errstate(invalid="ignore", divide="ignore"):
             cosine = np.einsum("ij,j->i", vectors, query) / norms
         out[:, 16] = np.clip(cosine, -1.0, 1.0)
+
+
+def decayed_activity(table: ActivityTable, as_of_ms: int) -> np.ndarray:
+    """(n, scales) activity of ``table``'s users as of ``as_of_ms``: bit for bit
+    :func:`~pymk.features.activity.activity_at` (value × math.exp(−(as_of − anchor)/τ), 0 for unknown users).
+    The factors go through math.exp, once per distinct age: numpy's vectorised exp may differ from libm's in
+    the last bit, and the per-pair debug API and the offline sources use math.exp."""
+    values, known = table.values, table.known
+    out = np.zeros((len(known), len(ACTIVITY_TIME_CONSTANTS_MS)))
+    if not known.any():
+        return out
+    ages, inverse = np.unique(as_of_ms - table.anchors[known], return_inverse=True)
+    age_list = ages.tolist()  # Python ints: −age / τ is then the same true division as activity_at's
+    for column, tau in enumerate(ACTIVITY_TIME_CONSTANTS_MS):
+        factors = np.array([math.exp(-age / tau) for age in age_list])
+        out[known, column] = values[known, column] * factors[inverse]
+    return out
 
 
 _LOG1P = np.array([math.log1p(d) for d in range(4096)])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
 from pymk.features.graph import is_alive
+from pymk.ranking.source import ActivityTable
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
 
@@ -96,6 +97,13 @@ class WorkerRankingSource:
     def profile(self, user: int) -> Profile | None:
         return self.profile_of(user)
 
+    # BatchReadSource: the same reads without a generator step per candidate
+    def many_degrees(self, users: Sequence[int]) -> np.ndarray:
+        return np.fromiter(map(self.degree_of, users), np.int64, len(users))
+
+    def many_profiles(self, users: Sequence[int]) -> list[Profile | None]:
+        return list(map(self.profile_of, users))
+
     def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
         out: dict[int, tuple[int, int, int]] = {}
         for other, (viewed, viewed_by) in self.behaviour.profile_view_counts(user).items():
@@ -119,6 +127,17 @@ class WorkerRankingSource:
             return self.graph.connection_activity(user)
         return self.activity_of(user)
 
+    def activity_table(self, users: Sequence[int]) -> ActivityTable:
+        held = list(map(self._activity, users))
+        known = np.fromiter((h is not None for h in held), bool, len(held))
+        values = np.zeros((len(held), len(TIME_CONSTANTS_MS)))
+        anchors = np.zeros(len(held), np.int64)
+        if known.any():
+            present = [h for h in held if h is not None]
+            values[known] = [v for v, _ in present]
+            anchors[known] = [a for _, a in present]
+        return ActivityTable(values, anchors, known)
+
     def connection_activity(self, user: int, as_of_ms: int) -> Sequence[float]:
         held = self._activity(user)
         if held is None:
@@ -136,12 +155,7 @@ class WorkerRankingSource:
         return self.index.vector(user)
 
     def embeddings(self, users: Sequence[int]) -> np.ndarray:
-        out = np.full((len(users), 128), np.nan, dtype=np.float32)
-        for i, user in enumerate(users):
-            vector = self.index.vector(user)
-            if vector is not None:
-                out[i] = vector
-        return out
+        return self.index.vectors(users)
 
     def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
         return self.index.neighbours(user, k, set(exclude))

@@ -44,6 +44,8 @@ from pymk.ranking.recommend import ranking_order, recommend
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
     ActivitySource,
+    ActivityTableSource,
+    BatchReadSource,
     PopularSource,
     RankingSource,
     ResourceAllocationSource,
@@ -277,6 +279,37 @@ def test_activity_features_are_missing_for_a_source_without_activity() -> None:
     assert np.isnan(reduced[:, extensions]).all()
     assert not np.isnan(full[:, extensions]).any()
     assert FEATURE_NAMES[:17] == SEED_FEATURE_NAMES
+
+
+class PerUserSource:
+    """The same source read one user at a time (without the batch reads of ActivityTableSource and
+    BatchReadSource): the matrix must not depend on which path it took."""
+
+    def __init__(self, source: MemorySource) -> None:
+        self._source = source
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("activity_table", "many_degrees", "many_profiles"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_reads_give_the_per_user_matrix_bit_for_bit(seed: int) -> None:
+    world = World(seed)
+    world.source.add_user(999)  # a candidate that never connected: no activity, no profile, no embedding
+    plain = PerUserSource(world.source)
+    assert isinstance(world.source, ActivityTableSource | BatchReadSource)
+    assert not isinstance(plain, ActivityTableSource | BatchReadSource) and isinstance(plain, ActivitySource)
+    for user in range(0, 40, 4):
+        candidates = generate_candidates(user, world.source, CandidateConfig(), NOW)
+        extra = CandidateSet(user, np.array([999], np.int64), np.array([0]), np.array([0.0]), np.array([np.nan]),
+                             np.array([False]), np.array([False]))
+        for as_of in (NOW, NOW + 3 * DAY_MS + 12_345, NOW - 40 * DAY_MS):  # also before some anchors
+            for chosen in (candidates, extra):
+                batch = FeatureBuilder().matrix(user, chosen, world.source, as_of)
+                single = FeatureBuilder().matrix(user, chosen, plain, as_of)  # type: ignore[arg-type]
+                assert batch.tobytes() == single.tobytes(), (user, as_of)
 
 
 def test_hub_items_are_not_counted_with_a_fanout_limit() -> None:
