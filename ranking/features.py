@@ -399,14 +399,14 @@ class FeatureBuilder:
 
 def decayed_activity(table: ActivityTable, as_of_ms: int) -> np.ndarray:
     """(n, scales) activity of ``table``'s users as of ``as_of_ms``: bit for bit
-    :func:`~pymk.features.activity.activity_at` (value × math.exp(−(as_of − anchor)/τ), 0 for unknown users).
+    :func:`~pymk.features.activity.activity_at` (value × math.exp(−max(0, as_of − anchor)/τ), 0 for unknown users).
     The factors go through math.exp, once per distinct age: numpy's vectorised exp may differ from libm's in
     the last bit, and the per-pair debug API and the offline sources use math.exp."""
     values, known = table.values, table.known
     out = np.zeros((len(known), len(ACTIVITY_TIME_CONSTANTS_MS)))
     if not known.any():
         return out
-    ages, inverse = np.unique(as_of_ms - table.anchors[known], return_inverse=True)
+    ages, inverse = np.unique(np.maximum(as_of_ms - table.anchors[known], 0), return_inverse=True)
     age_list = ages.tolist()  # Python ints: −age / τ is then the same true division as activity_at's
     for column, tau in enumerate(ACTIVITY_TIME_CONSTANTS_MS):
         factors = np.array([math.exp(-age / tau) for age in age_list])
