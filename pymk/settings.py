@@ -105,8 +105,15 @@ class Settings:
     # row changed, i.e. the neighbours of both endpoints of a new connection).
     refresh_scope: str = "touched"
     # Refreshing is done inside the flush; past this much time per flush the rest waits for the next one
-    # (pending refreshes are durable, so a crash loses none).
+    # (pending refreshes are durable, so a crash loses none). Lists owed are served in two lanes: the users
+    # touched most recently first (newest last change first), and, with up to refresh_stale_share of the budget
+    # and before them, the users whose oldest unanswered change is refresh_max_staleness_ms old or more (oldest
+    # first), so under overload nobody waits forever: load beyond the budget is shed to that lane, not dropped.
     refresh_budget_ms: int = 250
+    refresh_max_staleness_ms: int = 60_000
+    refresh_stale_share: float = 0.5
+    # The budget of a flush that follows an interval without any input (the load dropped): the backlog drains.
+    refresh_idle_budget_ms: int = 400
     # A dismissed candidate comes back after this long (0: never).
     dismissal_expiry_ms: int = 0
     # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a

@@ -399,6 +399,10 @@ class PymkApp:
             return web.json({"status": "ok", "app_id": self.settings.app_id,
                              "partitions": sorted(self.state.owned),
                              "pending_work": sum(len(state.work) for state in self.state.owned.values()),
+                             # lists owed now (the deferred ones included) and the oldest owed change's age
+                             "lists_owed": sum(1 for state in self.state.owned.values()
+                                               for row in state.work.rows.values() if row[1]),
+                             "oldest_owed_ms": self.refresher.stats.oldest_owed_ms if self.refresher else 0,
                              "uptime_s": round(time.time() - metrics.started_at, 1)})
 
         @app.page("/metrics")

@@ -3,8 +3,19 @@ their refreshed top-k list.
 
 Called by :meth:`WorkerState.flush` under its lock, before the outputs are produced, so a list or an embedding
 goes out in the same transaction as the state change that caused it (see the commit order in state.py).
-Bursts coalesce: a user touched 50 times between two flushes is embedded and ranked once. Work that does not
-fit in the flush's time budget stays in the partition's durable pending rows for the next flush, oldest first.
+Bursts coalesce: a user touched 50 times between two flushes is embedded and ranked once.
+
+Lists owed are served within a time budget per flush, in two lanes (:func:`refresh_order`):
+
+* **fresh**: the most recently touched users first. Under overload this keeps the delay of what is refreshed
+  short instead of making everyone wait behind the whole backlog (oldest-first serves every user late once the
+  backlog grows).
+* **bounded staleness**: users whose oldest unanswered change is ``refresh_max_staleness_ms`` old or more go
+  first, oldest first, with at most ``refresh_stale_share`` of the budget (and whatever the fresh lane leaves).
+  Load beyond the budget is shed to this lane, never dropped: the rows are durable, one per user, so the backlog
+  is at most the partition's users and the oldest is always next.
+
+A flush after an interval without input uses ``refresh_idle_budget_ms``: when the load drops, the backlog drains.
 """
 
 from __future__ import annotations
@@ -45,8 +56,11 @@ class RefreshStats:
     embedded: int = 0
     embed_seconds: float = 0.0
     refreshed: int = 0
+    refreshed_stale: int = 0  # of which by the bounded-staleness lane
     refresh_seconds: float = 0.0
-    deferred: int = 0  # refreshes left for a later flush by the time budget
+    deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
+    backlog: int = 0  # lists owed after the last flush
+    oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
     # event (wall) time → publication delay of the last lists, for /metrics
     last_delays_ms: list[int] = field(default_factory=list)
 
@@ -55,6 +69,21 @@ def candidate_config(settings: Settings) -> CandidateConfig:
     return CandidateConfig(graph_k=settings.candidates_graph_k, ann_k=settings.candidates_ann_k,
                            popular_k=settings.candidates_popular_k, max_candidates=settings.candidates_max,
                            dismissal_expiry_ms=settings.dismissal_expiry_ms or None)
+
+
+_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: a tie order that changes from flush to flush
+
+
+def refresh_order(owed: Iterable[tuple[int, int, int]], now_ms: int,
+                  max_staleness_ms: int) -> tuple[list[int], list[int]]:
+    """The two lanes of (first touched, last touched, user) entries: (stale users, oldest first touch first;
+    the others, newest last touch first). Ties among the fresh (users touched in the same flush) go to the one
+    waiting longer, then to an order that rotates with ``now_ms``, so no user id always loses them."""
+    cut = now_ms - max_staleness_ms
+    stale = sorted((first, user) for first, _, user in owed if first <= cut)
+    fresh = sorted((-last, first, ((user ^ now_ms) * _MIX) & 0xFFFFFFFFFFFFFFFF, user)
+                   for first, last, user in owed if first > cut)
+    return [user for _, user in stale], [entry[3] for entry in fresh]
 
 
 class Refresher:
@@ -137,26 +166,48 @@ class Refresher:
         return out
 
     # ---- 3. lists -----------------------------------------------------------------------------------------------
-    def refresh_due(self, states: Iterable[PartitionState], now_ms: int,
-                    budget_s: float | None = None) -> list[tuple[Recommendations, list[Impression]]]:
-        """The lists owed, as (list, its impressions), oldest first, within the time budget."""
+    def refresh_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
+                    idle: bool = False) -> list[tuple[Recommendations, list[Impression]]]:
+        """The lists owed, as (list, its impressions), by lane (see the module doc) within the time budget.
+        ``idle``: no input since the last flush, so the larger idle budget applies."""
         started = time.perf_counter()
-        queue: list[tuple[int, int, PartitionState]] = []
+        settings = self.settings
+        state_of: dict[int, PartitionState] = {}
+        first_of: dict[int, int] = {}
+        owed: list[tuple[int, int, int]] = []
         for state in states:
-            queue.extend((first, user, state) for first, user in state.work.refreshes())
-        queue.sort(key=lambda item: (item[0], item[1]))
-        budget = self.settings.refresh_budget_ms / 1000.0 if budget_s is None else budget_s
+            for first, last, user in state.work.refreshes():
+                state_of[user], first_of[user] = state, first
+                owed.append((first, last, user))
+        stale, fresh = refresh_order(owed, now_ms, settings.refresh_max_staleness_ms)
+        if budget_s is None:
+            budget_s = (settings.refresh_idle_budget_ms if idle else settings.refresh_budget_ms) / 1000.0
         out: list[tuple[Recommendations, list[Impression]]] = []
-        for done, (first, user, state) in enumerate(queue):
-            if done and time.perf_counter() - started > budget:
-                self.stats.deferred += len(queue) - done
-                break
-            out.append(self.rank(state, user, now_ms))
-            state.work.refreshed(user)
-            state.published.put(out[-1][0])
-            self.stats.last_delays_ms.append(now_ms - first)
+        done: set[int] = set()
+
+        def serve(users: list[int], until_s: float) -> None:
+            for user in users:
+                if user in done:
+                    continue
+                if out and time.perf_counter() - started > until_s:  # at least one list per flush
+                    return
+                state = state_of[user]
+                out.append(self.rank(state, user, now_ms))
+                state.work.refreshed(user)
+                state.published.put(out[-1][0])
+                self.stats.last_delays_ms.append(now_ms - first_of[user])
+                done.add(user)
+
+        serve(stale, budget_s * settings.refresh_stale_share)
+        serve(fresh, budget_s)
+        serve(stale, budget_s)  # what the fresh lane left
+        left = [first_of[u] for u in first_of if u not in done]
         self.stats.last_delays_ms = self.stats.last_delays_ms[-1000:]
         self.stats.refreshed += len(out)
+        self.stats.refreshed_stale += sum(1 for user in stale if user in done)
+        self.stats.deferred += len(left)
+        self.stats.backlog = len(left)
+        self.stats.oldest_owed_ms = now_ms - min(left) if left else 0
         self.stats.refresh_seconds += time.perf_counter() - started
         return out
 
