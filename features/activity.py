@@ -26,9 +26,11 @@ def activity_values(edge_ts: Iterable[int], anchor_ms: int) -> tuple[float, ...]
 
 
 def activity_at(values: Sequence[float], anchor_ms: int, as_of_ms: int) -> tuple[float, ...]:
-    """The decayed counts at ``as_of_ms`` from their values at ``anchor_ms``."""
-    return tuple(value * math.exp(-(as_of_ms - anchor_ms) / tau)
-                 for value, tau in zip(values, TIME_CONSTANTS_MS, strict=True))
+    """The decayed counts at ``as_of_ms`` from their values at ``anchor_ms``. An as-of time before the anchor
+    (another partition's user whose events run ahead of this partition's event time) reads the values at the
+    anchor: growing them back in time would be meaningless, and overflows for large gaps."""
+    elapsed = max(0, as_of_ms - anchor_ms)
+    return tuple(value * math.exp(-elapsed / tau) for value, tau in zip(values, TIME_CONSTANTS_MS, strict=True))
 
 
 WEEKLY = 1  # index of the 7-day time constant: the "most active users" order

@@ -129,6 +129,7 @@ def main() -> int:
 def demo_models(settings: Settings, events: list) -> tuple[Path, Path]:
     """GraphSAGE and XGBoost trained on the demo's replay (connections, synthetic profiles and behaviour), cached
     under <home>/models/demo so a second `make demo` starts at once."""
+    from pymk.evaluate import model_schema
     from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
     from pymk.ranking.training_data import TrainingDataConfig, train_ranker
     from pymk.train import connections_and_profiles, embeddings_at_checkpoint
@@ -137,7 +138,8 @@ def demo_models(settings: Settings, events: list) -> tuple[Path, Path]:
     marker = cache / "models.json"
     if marker.exists():
         saved = json.loads(marker.read_text())
-        if Path(saved["embeddings"], "metadata.json").exists() and Path(saved["ranker"], "metadata.json").exists():
+        if (saved.get("schema") == model_schema() and Path(saved["embeddings"], "metadata.json").exists()
+                and Path(saved["ranker"], "metadata.json").exists()):
             print(f"cached: {saved['embeddings']}, {saved['ranker']}")
             return Path(saved["embeddings"]), Path(saved["ranker"])
     started = time.monotonic()
@@ -151,7 +153,8 @@ def demo_models(settings: Settings, events: list) -> tuple[Path, Path]:
     top = sorted(ranker.feature_importances().items(), key=lambda kv: -kv[1])[:4]
     print(f"XGBoost {ranker.version}: validation AUC {ranker.metadata.get('val_auc', float('nan')):.3f}; "
           f"top features {', '.join(name for name, _ in top)} ({time.monotonic() - started:.0f} s in all)")
-    marker.write_text(json.dumps({"embeddings": str(sage.model_dir), "ranker": str(ranker_dir)}))
+    marker.write_text(json.dumps({"embeddings": str(sage.model_dir), "ranker": str(ranker_dir),
+                                  "schema": model_schema()}))
     return sage.model_dir, ranker_dir
 
 

@@ -28,11 +28,21 @@ from pymk.ranking.product import ProductModels, candidate_sets, product_methods,
 from pymk.settings import Settings
 
 LEAKAGE_NOTE = (
-    "Models see only the past of the split. GraphSAGE is trained on the first half of the past connections; "
-    "the XGBoost ranker on a temporal replay of the past (checkpoints at 50-90% of it, labels = connections "
-    "within the horizon after each checkpoint, all inside the past), with embeddings from that GraphSAGE model. "
+    "Models see only the past of the split. Time split: GraphSAGE is trained on the first half of the past "
+    "connections; the XGBoost ranker on a temporal replay of the past (checkpoints at 50-90% of it, labels = "
+    "connections within the horizon after each checkpoint, all inside the past). Random split: a seeded 20% of "
+    "the past connections is hidden and labelled (hold-out replay, the split's own task), and GraphSAGE is "
+    "trained on the visible 80% only, so it never saw a label. Embeddings come from that GraphSAGE model. "
     "The future is used only to score."
 )
+
+
+def model_schema() -> dict[str, Any]:
+    """What a cached model must match to be reused: the ranker's columns and the training task's settings."""
+    from pymk.ranking.features import FEATURE_NAMES
+    from pymk.ranking.training_data import TrainingDataConfig
+
+    return {"features": list(FEATURE_NAMES), "training": repr(TrainingDataConfig())}
 
 
 def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrain: bool,
@@ -41,12 +51,14 @@ def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrai
     marker = cache_dir / "models.json"
     if marker.exists() and not retrain:
         data = json.loads(marker.read_text())
-        return ProductModels(Path(data["sage_dir"]), Path(data["ranker_dir"]), data["sage_version"],
-                             data["ranker_version"]), 0.0
+        if data.get("schema") == model_schema():
+            return ProductModels(Path(data["sage_dir"]), Path(data["ranker_dir"]), data["sage_version"],
+                                 data["ranker_version"]), 0.0
     started = time.perf_counter()
     models = train_product_models(split, history, cache_dir, progress=progress)
     marker.write_text(json.dumps({"sage_dir": str(models.sage_dir), "ranker_dir": str(models.ranker_dir),
-                                  "sage_version": models.sage_version, "ranker_version": models.ranker_version}))
+                                  "sage_version": models.sage_version, "ranker_version": models.ranker_version,
+                                  "schema": model_schema()}))
     return models, time.perf_counter() - started
 
 

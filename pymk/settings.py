@@ -74,6 +74,9 @@ class Settings:
     # A user whose neighbourhood or profile changed is re-embedded at most this often (wall clock); a new user is
     # embedded at the next flush whatever this says.
     reembed_min_interval_ms: int = 5_000
+    # The space Stage 1's ANN searches: "sage" (GraphSAGE neighbours of the user's embedding) or "two-tower"
+    # (candidate-tower vectors searched with the user's query-tower vector; needs a two-tower model).
+    ann_space: str = "sage"
     ann_m: int = 32
     ann_ef_construction: int = 200
     ann_ef_search: int = 128
@@ -133,6 +136,8 @@ class Settings:
             raise ValueError(f"security protocol {self.security_protocol!r} (PYMK_SECURITY_PROTOCOL) is not one of "
                              f"{', '.join(SECURITY_PROTOCOLS)}")
         object.__setattr__(self, "security_protocol", protocol)
+        if self.ann_space not in ("sage", "two-tower"):
+            raise ValueError(f"PYMK_ANN_SPACE={self.ann_space!r}: sage or two-tower")
 
     # Derived names -----------------------------------------------------------------------------
     @property

@@ -114,10 +114,13 @@ class Ranker:
     def train(cls, features: np.ndarray, labels: np.ndarray, val_features: np.ndarray | None = None,
               val_labels: np.ndarray | None = None, config: RankerConfig | None = None,
               extra_metadata: Mapping[str, Any] | None = None, weights: np.ndarray | None = None,
-              val_weights: np.ndarray | None = None) -> Ranker:
+              val_weights: np.ndarray | None = None, base: Ranker | None = None) -> Ranker:
         """Fit on (features, labels); with a validation split, stop early on it and keep the best trees.
         ``extra_metadata`` (label horizon, data path, ...) is stored in the metadata as is. ``weights`` /
-        ``val_weights``: per-row weights (e.g. of sampled negatives, see :mod:`pymk.ranking.training_data`)."""
+        ``val_weights``: per-row weights (e.g. of sampled negatives, see :mod:`pymk.ranking.training_data`).
+        ``base``: continue boosting from this model (its trees kept, up to ``n_estimators`` new ones fitted to
+        what it gets wrong on these rows) — how a model learns from a little fresh traffic without forgetting
+        what it learned from much more data before."""
         config = config or RankerConfig()
         features = _check_matrix(features)
         labels = np.asarray(labels, np.float32)
@@ -132,9 +135,11 @@ class Ranker:
         # Early stopping needs both classes in the validation split (AUC is undefined otherwise).
         can_stop = has_val and config.early_stopping_rounds and len(np.unique(np.asarray(val_labels))) == 2
         started = time.perf_counter()
+        if base is not None and list(base.metadata.get("feature_names", [])) != list(FEATURE_NAMES):
+            raise ValueError(f"cannot continue {base.version}: it was trained on other features")
         booster = xgb.train(config.params(), train_matrix, num_boost_round=config.n_estimators, evals=evals,
                             early_stopping_rounds=config.early_stopping_rounds if can_stop else None,
-                            verbose_eval=False)
+                            verbose_eval=False, xgb_model=base.booster.copy() if base is not None else None)
         train_seconds = time.perf_counter() - started
         best_iteration = booster.best_iteration if can_stop else booster.num_boosted_rounds() - 1
         if best_iteration + 1 < booster.num_boosted_rounds():
@@ -164,6 +169,9 @@ class Ranker:
             "val_logloss": None if math.isnan(val_logloss) else val_logloss,
             "xgboost": xgb.__version__,
         }
+        if base is not None:
+            metadata["continued_from"] = base.version
+            metadata["base_trees"] = int(base.booster.num_boosted_rounds())
         metadata.update(extra_metadata or {})
         return cls(booster, metadata)
 

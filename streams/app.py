@@ -417,6 +417,10 @@ class PymkApp:
 
         @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:
+            tower_index = self.refresher.tower_index if self.refresher is not None else None
+            tower = ({} if tower_index is None else
+                     {"tower_space": {"users": len(tower_index), "model_version": tower_index.model_version,
+                                      "recomputed": tower_index.recomputed}})
             refresh: dict[str, Any] | None = None
             if self.refresher is not None:
                 refresh = dict(self.refresher.stats.__dict__)
@@ -425,7 +429,8 @@ class PymkApp:
                                                "p99": delays[int(len(delays) * 0.99)]} if delays else None)
             return web.json({**metrics.snapshot(), "state": self.state.describe(), "globals_users": len(self.globals),
                              "index": {"users": len(self.index.index), "records_applied": self.index.records_applied,
-                                       "caught_up": self.index.caught_up.is_set()},
+                                       "caught_up": self.index.caught_up.is_set(),
+                                       "ann_space": self.settings.ann_space, **tower},
                              "refresh": refresh, "models": self.models.describe() if self.models else None})
 
         def owner_page(path: str, view: Any) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class GlobalIndex:
         self.times: dict[int, int] = {int(u): int(t) for u, t in watermark.get("times", {}).items()}
         self.offsets: dict[int, int] = {int(p): int(o) for p, o in watermark.get("offsets", {}).items()}
         self.records_applied = 0
+        # called with (users, deleted) after their vectors changed: derived indexes (the two-tower space) follow
+        self.listeners: list[Callable[[list[int], bool], None]] = []
         self.last_snapshot = time.monotonic()
         self.caught_up = asyncio.Event()
         if self.versions:
@@ -76,6 +78,8 @@ class GlobalIndex:
         self.times[record.user] = record.ts
         self.model_versions[record.user] = record.model_version
         self.records_applied += 1
+        for listener in self.listeners:
+            listener([record.user], record.vector.size == 0)
         return True
 
     def apply_many(self, records: list[EmbeddingRecord]) -> None:
@@ -89,11 +93,17 @@ class GlobalIndex:
                 self.versions[record.user] = record.version
                 self.times[record.user] = record.ts
                 self.model_versions[record.user] = record.model_version
+            for listener in self.listeners:
+                listener(list(latest), False)
         for record in records:
             if not record.vector.size:
                 self.apply(record)
 
     # ---- reads ----------------------------------------------------------------------------------------------
+    def users(self) -> list[int]:
+        """Every user with a vector in the index."""
+        return [user for user in self.versions if user in self.index]
+
     def vector(self, user: int) -> np.ndarray | None:
         return self.index.get(user)
 

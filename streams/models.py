@@ -49,16 +49,17 @@ class Models:
         self.scorer: Any = Ranker.load(self.ranker_path) if self.ranker_path is not None else HeuristicScorer()
         self._loaded = (self._identity(self.sage_path), self._identity(self.ranker_path))
         self.two_tower: Any = None
-        if settings.ranker_kind in ("two-tower", "blend"):
+        if settings.ranker_kind not in ("xgboost", "two-tower", "blend"):
+            raise ValueError(f"PYMK_RANKER_KIND={settings.ranker_kind!r}: xgboost, two-tower or blend")
+        if settings.ranker_kind != "xgboost" or settings.ann_space == "two-tower":
             from pymk.ranking.two_tower import TwoTowerRanker, load_two_tower
 
             tower_path = resolve_model(settings.two_tower_model, settings.model_dir, "two-tower")
             if tower_path is None:
-                raise FileNotFoundError(f"PYMK_RANKER_KIND={settings.ranker_kind} needs a two-tower model "
-                                        "(pymk train two-tower, or PYMK_TWO_TOWER_MODEL)")
+                raise FileNotFoundError(f"PYMK_RANKER_KIND={settings.ranker_kind} / PYMK_ANN_SPACE="
+                                        f"{settings.ann_space} needs a two-tower model (pymk train two-tower, or "
+                                        "PYMK_TWO_TOWER_MODEL)")
             self.two_tower = TwoTowerRanker(load_two_tower(tower_path)[0])
-        elif settings.ranker_kind != "xgboost":
-            raise ValueError(f"PYMK_RANKER_KIND={settings.ranker_kind!r}: xgboost, two-tower or blend")
         self.reloads = 0
         log.info("models: embeddings %s (%s), ranker %s (%s)", self.embedding_model, self.sage_path,
                  self.scorer.version, self.ranker_path or "built in")
@@ -66,7 +67,7 @@ class Models:
     @property
     def ranker_version(self) -> str:
         """The model_version published on lists: the ranker, the two-tower model, or both for a blend."""
-        if self.two_tower is None:
+        if self.two_tower is None or self.settings.ranker_kind == "xgboost":
             return str(self.scorer.version)
         if self.settings.ranker_kind == "two-tower":
             return str(self.two_tower.version)

@@ -24,6 +24,7 @@ DegreeOf = Callable[[int], int]  # any user's current degree
 ProfileOf = Callable[[int], Profile | None]  # any user's current profile
 ActivityOf = Callable[[int], tuple[tuple[float, ...], int] | None]
 MostActiveOf = Callable[[int], list[int]]  # the k most active users of the whole graph, best first
+AnnSearch = Callable[[int, int, Collection[int]], Sequence[tuple[int, float]]]  # (user, k, exclude) → pairs
 
 
 class PartitionGraphView:
@@ -55,7 +56,7 @@ class WorkerRankingSource:
 
     def __init__(self, state: PartitionState, index: GlobalIndex, degree_of: DegreeOf, profile_of: ProfileOf,
                  activity_of: ActivityOf, most_active_of: MostActiveOf,
-                 blocked: Mapping[int, Collection[int]] | None = None) -> None:
+                 blocked: Mapping[int, Collection[int]] | None = None, ann: AnnSearch | None = None) -> None:
         self.activity_of = activity_of
         self.state = state
         self.graph = state.graph
@@ -64,6 +65,7 @@ class WorkerRankingSource:
         self.degree_of = degree_of
         self.profile_of = profile_of
         self.most_active_of = most_active_of
+        self.ann = ann  # Stage 1's ANN when not the GraphSAGE index (the two-tower space)
         self._blocked = blocked or {}
         # RA of the last two_hop traversal: the feature builder asks for it right after Stage 1 did. A source
         # lives for one ranking pass, in which the state does not change.
@@ -158,6 +160,8 @@ class WorkerRankingSource:
         return self.index.vectors(users)
 
     def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
+        if self.ann is not None:
+            return self.ann(user, k, exclude)
         return self.index.neighbours(user, k, set(exclude))
 
     def describe(self) -> dict[str, Any]:

@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.records import EmbeddingRecord
+from pymk.index.tower_index import TowerSpaceIndex
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder, feature_dict
 from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order, score_candidates
 from pymk.ranking.two_tower import blend_scores
-from pymk.streams.global_index import GlobalIndex
+from pymk.streams.global_index import GlobalIndex, ann_config
 from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
     ActivityOf,
+    AnnSearch,
     DegreeOf,
     MostActiveOf,
     PartitionGraphView,
@@ -91,6 +93,11 @@ class Refresher:
                  profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf) -> None:
         self.activity_of = activity_of
         self.most_active_of = most_active_of
+        # Stage 1's ANN in the two-tower space (PYMK_ANN_SPACE=two-tower): candidate-tower vectors follow the index
+        self.tower_index: TowerSpaceIndex | None = None
+        if settings.ann_space == "two-tower":
+            self.tower_index = TowerSpaceIndex(ann_config(settings))
+            index.listeners.append(self.tower_index.mark)
         self.settings = settings
         self.index = index
         self.models = models
@@ -214,15 +221,17 @@ class Refresher:
     def rank(self, state: PartitionState, user: int, now_ms: int) -> tuple[Recommendations, list[Impression]]:
         source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of,
                                      self.most_active_of)
+        if self.tower_index is not None:
+            source.ann = self._tower_space_search(source)
         # ranked as of the partition's event time (a replay ranks as live traffic did); published now
         as_of = state.event_time_ms or now_ms
         scorer = self.models.scorer
         k = self.settings.recommendations_k
         scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
-        if self.models.two_tower is not None and len(scored.candidates):
+        if self.settings.ranker_kind != "xgboost" and len(scored.candidates):
             scored = self._two_tower_scores(user, scored, source, k)
         ranked = rank_scored(user, scored, source, scorer, as_of, builder=self.features)
-        if self.models.two_tower is not None:
+        if self.settings.ranker_kind != "xgboost":
             ranked = replace(ranked, model_version=self.models.ranker_version)
         impressions = [Impression(user=user, candidate=item.candidate.user, rank=item.rank, score=item.score,
                                   model_version=ranked.model_version, features=ranked.features_of(i), ts=now_ms,
@@ -230,6 +239,17 @@ class Refresher:
                        for i, item in enumerate(ranked.items)]
         impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms))
         return replace(ranked.to_recommendations(), generated_at=now_ms), impressions
+
+    def _tower_space_search(self, source: WorkerRankingSource) -> AnnSearch:
+        """Stage 1's ANN over the candidate-tower index, brought up to date first (a no-op when nothing changed)."""
+        tower, tower_index = self.models.two_tower, self.tower_index
+        assert tower is not None and tower_index is not None
+        tower_index.sync(tower, source, self.index.users)
+
+        def search(user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
+            return tower_index.neighbours(tower, user, source, k, exclude)
+
+        return search
 
     def _two_tower_scores(self, user: int, scored: ScoredCandidates, source: WorkerRankingSource,
                           k: int) -> ScoredCandidates:

@@ -128,6 +128,21 @@ def test_a_trained_model_beats_random(data) -> None:
     assert not math.isnan(recall_at_k(HeuristicScorer(), data.val_cases))
 
 
+def test_continued_training_keeps_the_base_trees_and_adds_its_corrections(data) -> None:
+    train_x, train_y = data.train_split()
+    val_x, val_y = data.val_split()
+    half = len(train_y) // 2
+    base = Ranker.train(train_x[:half], train_y[:half], val_x, val_y, SMALL_RANKER)
+    continued = Ranker.train(train_x[half:], train_y[half:], val_x, val_y, SMALL_RANKER, base=base)
+    assert continued.metadata["continued_from"] == base.version
+    base_trees = base.booster.num_boosted_rounds()
+    assert continued.metadata["base_trees"] == base_trees < continued.booster.num_boosted_rounds()
+    # the base's trees are kept as they were: its margins are the continued model's over those trees
+    assert np.allclose(continued.booster[:base_trees].inplace_predict(val_x, predict_type="margin"),
+                       base.margin(val_x), atol=1e-5)
+    assert base.booster.num_boosted_rounds() == base_trees  # the base model itself is not modified
+
+
 def test_train_ranker_on_an_edge_list_file(tmp_path, network: list) -> None:
     path = tmp_path / "edges.txt"
     lines = [f"{e.src} {e.dst} {e.ts // 1000}" for e in network if isinstance(e, ConnectionEvent) and e.action == "add"]

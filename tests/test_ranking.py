@@ -240,6 +240,16 @@ def test_activity_is_a_decayed_count_of_alive_connections_with_the_workers_regis
     assert source.connection_activity(4, NOW) == (0.0, 0.0, 0.0) and source.last_connection_ts(4) == NOW - DAY_MS // 2
 
 
+def test_activity_read_before_its_anchor_is_the_anchor_value() -> None:
+    """A user of another partition may have events far ahead of this partition's event time (a live event
+    next to a replayed history): reading before the anchor must not grow the values (nor overflow)."""
+    from pymk.features.activity import activity_at
+
+    values = (1.5, 2.0, 3.0)
+    assert activity_at(values, anchor_ms=NOW, as_of_ms=NOW - 10**12) == values
+    assert activity_at(values, anchor_ms=NOW, as_of_ms=NOW + DAY_MS)[0] == pytest.approx(1.5 * math.exp(-1))
+
+
 def test_activity_equals_the_workers_degree_update() -> None:
     """The offline source and the worker compute activity with the same function of the same registers."""
     from pymk.features.graph import DegreeUpdate, PartitionGraph, Registers, edge_version
