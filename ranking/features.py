@@ -407,9 +407,10 @@ def decayed_activity(table: ActivityTable, as_of_ms: int) -> np.ndarray:
     if not known.any():
         return out
     ages, inverse = np.unique(np.maximum(as_of_ms - table.anchors[known], 0), return_inverse=True)
-    age_list = ages.tolist()  # Python ints: −age / τ is then the same true division as activity_at's
     for column, tau in enumerate(ACTIVITY_TIME_CONSTANTS_MS):
-        factors = np.array([math.exp(-age / tau) for age in age_list])
+        # −age / τ in float64 is activity_at's int true division: both operands are exact doubles (< 2⁵³), and
+        # IEEE division rounds the exact quotient as Python's int division does. Only exp must be libm's.
+        factors = np.fromiter(map(math.exp, (-ages / tau).tolist()), np.float64, len(ages))
         out[known, column] = values[known, column] * factors[inverse]
     return out
 
