@@ -29,6 +29,7 @@ from pymk.streams.models import Models
 from pymk.streams.partitioning import partition_for_user
 from pymk.streams.refresh import Refresher
 from pymk.streams.state import OutputTopics, PartitionState, WorkerState
+from pymk.streams.user_facts import UserFacts
 
 from pymk.events import ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
 from pymk.settings import INPUT_KINDS, Settings
@@ -94,8 +95,12 @@ class PymkApp:
                                  settings.topic("dead-letter"), self._send,
                                  max_item_fanout=settings.max_item_fanout or None)
         self.refresher = (Refresher(settings, self.index, self.models, self.degree_value, self.profile_value,
-                                    self.globals.activity, self.globals.most_active)
+                                    self.globals.activity, self.globals.most_active,
+                                    facts=UserFacts(self.facts_value))
                           if self.models is not None else None)
+        if self.refresher is not None and self.refresher.facts is not None:
+            facts = self.refresher.facts
+            self.globals.listeners.append(lambda user: facts.invalidate((user,)))
         self.state.refresher = self.refresher
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
                                          recommendations=settings.topic("recommendations"),
@@ -284,6 +289,14 @@ class PymkApp:
     def profile_value(self, user: int) -> Any:
         state = self.state.state_for(self.partition_of(user))
         return state.profiles.profile(user) if state is not None else self.globals.profile(user)[0]
+
+    def facts_value(self, user: int) -> tuple[int, Any, Any]:
+        """(degree, connection activity, profile) of any user, for Stage 2's table (streams/user_facts.py): from
+        the user's partition when this worker owns it, else from user-globals."""
+        state = self.state.state_for(self.partition_of(user))
+        if state is None:
+            return self.globals.degree(user)[0], self.globals.activity(user), self.globals.profile(user)[0]
+        return state.graph.degree(user), state.graph.connection_activity(user), state.profiles.profile(user)
 
     def user_view(self, user: int) -> dict[str, Any] | None:
         state = self.state.state_for(self.partition_of(user))

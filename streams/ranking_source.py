@@ -17,6 +17,7 @@ from pymk.features.graph import is_alive
 from pymk.ranking.source import ActivityTable
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
+from pymk.streams.user_facts import UserFacts
 
 from pymk.events import Profile
 
@@ -56,8 +57,10 @@ class WorkerRankingSource:
 
     def __init__(self, state: PartitionState, index: GlobalIndex, degree_of: DegreeOf, profile_of: ProfileOf,
                  activity_of: ActivityOf, most_active_of: MostActiveOf,
-                 blocked: Mapping[int, Collection[int]] | None = None, ann: AnnSearch | None = None) -> None:
+                 blocked: Mapping[int, Collection[int]] | None = None, ann: AnnSearch | None = None,
+                 facts: UserFacts | None = None) -> None:
         self.activity_of = activity_of
+        self.facts = facts  # the candidates' degree, activity and profile in one gather (streams/user_facts.py)
         self.state = state
         self.graph = state.graph
         self.behaviour = state.behaviour
@@ -101,9 +104,13 @@ class WorkerRankingSource:
 
     # BatchReadSource: the same reads without a generator step per candidate
     def many_degrees(self, users: Sequence[int]) -> np.ndarray:
+        if self.facts is not None:
+            return self.facts.degrees(users)
         return np.fromiter(map(self.degree_of, users), np.int64, len(users))
 
     def many_profiles(self, users: Sequence[int]) -> list[Profile | None]:
+        if self.facts is not None:
+            return self.facts.profiles(users)
         return list(map(self.profile_of, users))
 
     def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
@@ -130,6 +137,8 @@ class WorkerRankingSource:
         return self.activity_of(user)
 
     def activity_table(self, users: Sequence[int]) -> ActivityTable:
+        if self.facts is not None:
+            return self.facts.activity(users)
         held = list(map(self._activity, users))
         known = np.fromiter((h is not None for h in held), bool, len(held))
         values = np.zeros((len(held), len(TIME_CONSTANTS_MS)))

@@ -46,6 +46,7 @@ from pymk.streams.ranking_source import (
     WorkerRankingSource,
 )
 from pymk.streams.state import PartitionState
+from pymk.streams.user_facts import UserFacts
 
 from pymk.events import Impression, Recommendations
 from pymk.settings import Settings
@@ -90,8 +91,13 @@ def refresh_order(owed: Iterable[tuple[int, int, int]], now_ms: int,
 
 class Refresher:
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
-                 profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf) -> None:
+                 profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf,
+                 facts: UserFacts | None = None) -> None:
         self.activity_of = activity_of
+        # Stage 2's per-candidate reads (streams/user_facts.py); its owner invalidates remote users, collect()
+        # the local ones
+        self.facts = facts
+        self._partitions: frozenset[int] = frozenset()
         self.most_active_of = most_active_of
         # Stage 1's ANN in the two-tower space (PYMK_ANN_SPACE=two-tower): candidate-tower vectors follow the index
         self.tower_index: TowerSpaceIndex | None = None
@@ -123,6 +129,8 @@ class Refresher:
         own, two_hop = state.graph.changed_users()
         behaviour = state.behaviour.changed_users()
         profiles = state.profiles.changed_users()
+        if self.facts is not None:
+            self.facts.invalidate(own | profiles)  # a local user's degree, activity, profile: its own rows
         structural = own | profiles  # what a GraphSAGE embedding reads: the neighbourhood and the profile
         refresh = own | behaviour | profiles
         if self.settings.refresh_scope == "two-hop":
@@ -179,6 +187,11 @@ class Refresher:
         ``idle``: no input since the last flush, so the larger idle budget applies."""
         started = time.perf_counter()
         settings = self.settings
+        states = list(states)
+        partitions = frozenset(state.partition for state in states)
+        if self.facts is not None and partitions != self._partitions:
+            self.facts.clear()  # a user now local was read from user-globals, or the other way round
+        self._partitions = partitions
         state_of: dict[int, PartitionState] = {}
         first_of: dict[int, int] = {}
         owed: list[tuple[int, int, int]] = []
@@ -220,7 +233,7 @@ class Refresher:
 
     def rank(self, state: PartitionState, user: int, now_ms: int) -> tuple[Recommendations, list[Impression]]:
         source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of,
-                                     self.most_active_of)
+                                     self.most_active_of, facts=self.facts)
         if self.tower_index is not None:
             source.ann = self._tower_space_search(source)
         # ranked as of the partition's event time (a replay ranks as live traffic did); published now
