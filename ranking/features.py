@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import repeat
 from typing import TypeVar
 
 import numpy as np
@@ -115,6 +116,7 @@ class ProfileCache:
         self._vocabulary: dict[str, int] = {}  # normalised text (company, school, skill, title token) → id
         self._slot_of: dict[int, int] = {}
         self._profiles: list[Profile | None] = [None]
+        self._object_id = np.full(capacity, id(None), np.uint64)  # id() of each slot's profile (see slots())
         self.company = np.full(capacity, -1, np.int64)
         self.school = np.full(capacity, -1, np.int64)
         self.industry = np.full(capacity, -1, np.int64)
@@ -142,7 +144,8 @@ class ProfileCache:
     def _grow_rows(self) -> None:
         size = len(self.company) * 2
         fills = {"company": -1, "school": -1, "industry": -1, "lat": np.nan, "lon": np.nan, "skill_count": 0,
-                 "title_length": 0, "title_norm": 0, "skill_table": -1, "title_table": -1, "title_count_table": 0}
+                 "title_length": 0, "title_norm": 0, "skill_table": -1, "title_table": -1, "title_count_table": 0,
+                 "_object_id": id(None)}
         for name, fill in fills.items():
             old = getattr(self, name)
             new = np.full((size, *old.shape[1:]), fill, old.dtype)
@@ -166,6 +169,7 @@ class ProfileCache:
             if slot >= len(self.company):
                 self._grow_rows()
         self._profiles[slot] = profile
+        self._object_id[slot] = id(profile)
         self.company[slot] = self._text_id(profile.company)
         self.school[slot] = self._text_id(profile.school)
         self.industry[slot] = self._text_id(profile.industry)
@@ -220,14 +224,21 @@ class ProfileCache:
         if len(self._slot_of) + len(users) > self.max_users:
             self._reset()
         slot_of, profiles = self._slot_of, self._profiles
-        current = source.many_profiles(users) if isinstance(source, BatchReadSource) else map(source.profile, users)
-        out = np.zeros(len(users), np.int64)
-        for i, (user, profile) in enumerate(zip(users, current)):  # noqa: B905 - map has no strict
+        current = (source.many_profiles(users) if isinstance(source, BatchReadSource)
+                   else list(map(source.profile, users)))
+        n = len(users)
+        held = np.fromiter(map(slot_of.get, users, repeat(0)), np.int64, n)
+        # The source usually hands back the very object parsed last time: compare identities in one pass. The
+        # cache keeps a reference to every slot's profile, so an equal id() is that same, live object (and a
+        # user without a slot whose profile is None matches slot 0, "no profile").
+        same = np.fromiter(map(id, current), np.uint64, n) == self._object_id[held]
+        out = np.where(same, held, 0)
+        for i in np.flatnonzero(~same).tolist():
+            user, profile = users[i], current[i]
             if profile is None:
                 continue
             slot = slot_of.get(user)
-            # A cached, unchanged profile: the source usually hands back the very same object.
-            if slot is not None and (profiles[slot] is profile or profiles[slot] == profile):
+            if slot is not None and profiles[slot] == profile:  # an equal copy
                 out[i] = slot
             else:
                 out[i] = self._parse(user, profile)

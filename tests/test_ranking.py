@@ -391,6 +391,12 @@ def test_profile_cache_reparses_changed_profiles_and_handles_long_lists() -> Non
     check()
     assert cache.parses == parses + 1
     assert builder.matrix(0, candidates, source, NOW)[1, FEATURE_INDEX["same_company_current"]] == 1
+    source.profiles[1] = Profile(**source.profiles[1].to_dict() | {"skills": many_skills[::2]})  # an equal copy
+    check()
+    assert cache.parses == parses + 1  # equal, not identical: compared, not parsed
+    del source.profiles[1]  # no profile any more
+    check()
+    assert builder.matrix(0, candidates, source, NOW)[0, FEATURE_INDEX["same_company_current"]] == 0
 
 
 # ---- stage 1 -----------------------------------------------------------------------------------------------------
