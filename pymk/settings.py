@@ -74,6 +74,9 @@ class Settings:
     # A user whose neighbourhood or profile changed is re-embedded at most this often (wall clock); a new user is
     # embedded at the next flush whatever this says.
     reembed_min_interval_ms: int = 5_000
+    # Re-embeddings per flush stop after this long (new users are embedded at once whatever it says); the rest
+    # stay due, the longest due first at the next flush (at least one batch per flush, so none waits forever).
+    embed_budget_ms: int = 100
     # The space Stage 1's ANN searches: "sage" (GraphSAGE neighbours of the user's embedding) or "two-tower"
     # (candidate-tower vectors searched with the user's query-tower vector; needs a two-tower model).
     ann_space: str = "sage"

@@ -64,6 +64,8 @@ class RefreshStats:
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
     backlog: int = 0  # lists owed after the last flush
     oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
+    embed_deferred: int = 0  # re-embeddings due but left for a later flush by the budget, after the last flush
+    oldest_embed_due_ms: int = 0  # how long the longest-due of them has been due
     # event (wall) time → publication delay of the last lists, for /metrics
     last_delays_ms: list[int] = field(default_factory=list)
 
@@ -74,6 +76,7 @@ def candidate_config(settings: Settings) -> CandidateConfig:
                            dismissal_expiry_ms=settings.dismissal_expiry_ms or None)
 
 
+EMBED_CHUNK = 32  # re-embeddings per embedder call between two looks at the clock
 _MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: a tie order that changes from flush to flush
 
 
@@ -98,6 +101,7 @@ class Refresher:
         # the local ones
         self.facts = facts
         self._partitions: frozenset[int] = frozenset()
+        self._embed_spent_s = 0.0  # the last embed_due's time (an idle flush's budget is shared)
         self.most_active_of = most_active_of
         # Stage 1's ANN in the two-tower space (PYMK_ANN_SPACE=two-tower): candidate-tower vectors follow the index
         self.tower_index: TowerSpaceIndex | None = None
@@ -151,10 +155,19 @@ class Refresher:
         state.forced_reembed.clear()
 
     # ---- 2. embeddings ---------------------------------------------------------------------------------------------
-    def embed_due(self, states: Iterable[PartitionState], now_ms: int) -> list[EmbeddingRecord]:
+    def embed_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
+                  idle: bool = False) -> list[EmbeddingRecord]:
+        """Embed the users due: every new user (searchable at once, whatever the budget), then re-embeddings,
+        the longest due first, in chunks while ``budget_s`` (``PYMK_EMBED_BUDGET_MS``; after an interval without
+        input, half the idle budget) lasts, at least one chunk per flush; the rest stay due (durable rows)."""
         started = time.perf_counter()
+        if budget_s is None:
+            budget_s = (max(self.settings.embed_budget_ms, self.settings.refresh_idle_budget_ms // 2) if idle
+                        else self.settings.embed_budget_ms) / 1000.0
+        budget = budget_s
+        salt = salt_for_version(self.models.embedding_model)
         out: list[EmbeddingRecord] = []
-        embedder_model = self.models.embedding_model
+        again: list[tuple[int, int, PartitionState]] = []  # (due since, user, state) of known users
         for state in states:
             due = state.work.embeddings_due(now_ms)
             if not due:
@@ -162,23 +175,37 @@ class Refresher:
             users = [u for u in due if state.graph.degree(u) > 0 or state.profiles.profile(u) is not None]
             for u in set(due) - set(users):
                 state.work.embedded(u)  # nothing to embed from (a user that only viewed or dismissed)
-            if not users:
-                continue
-            # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
-            # gives the same vector, also when a crash makes the worker redo this flush
-            vectors = self.embedder(state).embed(users, salt_for_version(embedder_model))
-            records = []
-            for user, vector in zip(users, vectors, strict=True):
-                previous = state.embeddings.get(user)
-                records.append(EmbeddingRecord(user, 1 if previous is None else previous.version + 1, now_ms,
-                                               embedder_model, np.asarray(vector, dtype=np.float32)))
-                state.work.embedded(user)
-            state.embeddings.put_many(records)
-            self.index.apply_many(records)
-            out.extend(records)
+            new = [u for u in users if state.embeddings.get(u) is None]
+            again.extend((state.work.rows[u][0], u, state) for u in users if state.embeddings.get(u) is not None)
+            if new:
+                out.extend(self._embed(state, new, now_ms, salt))
+        again.sort(key=lambda item: (item[0], item[1]))
+        done = 0
+        while done < len(again) and (done == 0 or time.perf_counter() - started <= budget):
+            chunk = again[done : done + EMBED_CHUNK]
+            for state in {id(state): state for _, _, state in chunk}.values():
+                out.extend(self._embed(state, [u for _, u, s in chunk if s is state], now_ms, salt))
+            done += len(chunk)
+        self.stats.embed_deferred = len(again) - done
+        self.stats.oldest_embed_due_ms = now_ms - again[done][0] if done < len(again) else 0
         self.stats.embedded += len(out)
-        self.stats.embed_seconds += time.perf_counter() - started
+        self._embed_spent_s = time.perf_counter() - started
+        self.stats.embed_seconds += self._embed_spent_s
         return out
+
+    def _embed(self, state: PartitionState, users: list[int], now_ms: int, salt: int) -> list[EmbeddingRecord]:
+        # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
+        # gives the same vector, also when a crash makes the worker redo this flush
+        vectors = self.embedder(state).embed(users, salt)
+        records = []
+        for user, vector in zip(users, vectors, strict=True):
+            previous = state.embeddings.get(user)
+            records.append(EmbeddingRecord(user, 1 if previous is None else previous.version + 1, now_ms,
+                                           self.models.embedding_model, np.asarray(vector, dtype=np.float32)))
+            state.work.embedded(user)
+        state.embeddings.put_many(records)
+        self.index.apply_many(records)
+        return records
 
     # ---- 3. lists -----------------------------------------------------------------------------------------------
     def refresh_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
@@ -201,7 +228,9 @@ class Refresher:
                 owed.append((first, last, user))
         stale, fresh = refresh_order(owed, now_ms, settings.refresh_max_staleness_ms)
         if budget_s is None:
-            budget_s = (settings.refresh_idle_budget_ms if idle else settings.refresh_budget_ms) / 1000.0
+            budget_s = settings.refresh_budget_ms / 1000.0
+            if idle:  # the idle budget is for the whole flush: what this flush's embeddings left of it
+                budget_s = max(budget_s, settings.refresh_idle_budget_ms / 1000.0 - self._embed_spent_s)
         out: list[tuple[Recommendations, list[Impression]]] = []
         done: set[int] = set()
 

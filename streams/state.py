@@ -259,7 +259,7 @@ class WorkerState:
         for state in states:
             self.refresher.collect(state, now_ms)
         out: list[tuple[str, bytes | None, bytes, int | None]] = []
-        for record in self.refresher.embed_due(states, now_ms):
+        for record in self.refresher.embed_due(states, now_ms, idle=idle):
             out.append((self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user)))
         for recommendations, impressions in self.refresher.refresh_due(states, now_ms, idle=idle):
             user = recommendations.user

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymk.features.storage import row_key
-from pymk.streams.refresh import Refresher, RefreshStats, refresh_order
+from pymk.streams.refresh import EMBED_CHUNK, Refresher, RefreshStats, refresh_order
 from pymk.streams.work import NO_EMBEDDING_DUE, PENDING, PendingWork
 
 from pymk.settings import Settings
@@ -120,7 +120,8 @@ class FakePublished:
 class FakeState:
     """What refresh_due touches of a PartitionState."""
 
-    def __init__(self) -> None:
+    def __init__(self, partition: int = 0) -> None:
+        self.partition = partition
         self.work = PendingWork(DictStore())
         self.published = FakePublished()
 
@@ -131,6 +132,9 @@ class CountingRefresher(Refresher):
     def __init__(self, settings_: Settings, cost_s: float) -> None:
         self.settings = settings_
         self.stats = RefreshStats()
+        self.facts = None
+        self._partitions = frozenset()
+        self._embed_spent_s = 0.0
         self.cost_s = cost_s
         self.ranked: list[int] = []
 
@@ -181,3 +185,54 @@ def test_an_idle_flush_uses_the_idle_budget() -> None:
     refresher = CountingRefresher(Settings(refresh_budget_ms=1, refresh_idle_budget_ms=10_000), cost_s=0.002)
     refresher.refresh_due([state], now, idle=True)  # type: ignore[list-item]
     assert len(refresher.ranked) == 11
+
+
+class EmbeddingState(FakeState):
+    """Users 0-99 known (embedded before), 100-104 new; every one has a degree."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__(partition)
+        self.embeddings = {u: object() for u in range(100)}
+        self.graph = self
+        self.profiles = self
+
+    def degree(self, user: int) -> int:
+        return 1
+
+    def profile(self, user: int) -> None:
+        return None
+
+
+class EmbedCounting(CountingRefresher):
+    def __init__(self, settings_: Settings, cost_s: float) -> None:
+        super().__init__(settings_, cost_s)
+        self.embedded: list[list[int]] = []
+
+    def _embed(self, state: Any, users: list[int], now_ms: int, salt: int) -> list[Any]:
+        self.embedded.append(list(users))
+        time.sleep(self.cost_s)
+        for user in users:
+            state.work.embedded(user)
+            state.embeddings[user] = object()
+        return [object()] * len(users)
+
+
+def test_new_users_are_embedded_at_once_reembeddings_within_the_budget_longest_due_first() -> None:
+    now = 50_000_000
+    state = EmbeddingState(0)
+    for user in range(100):
+        state.work.touch(user, now, now - 10 * user, False)  # due since 10·user ms: 99 waits longest
+    for user in range(100, 105):
+        state.work.touch(user, now, now, False)
+    refresher = EmbedCounting(Settings(), cost_s=0.0)
+    refresher.models = type("M", (), {"embedding_model": "sage-test"})()
+    refresher.embed_due([state], now, budget_s=0.0)  # type: ignore[list-item]
+    assert refresher.embedded[0] == [100, 101, 102, 103, 104]  # new: whatever the budget
+    assert refresher.embedded[1] == list(range(99, 99 - EMBED_CHUNK, -1))  # one chunk, longest due first
+    assert refresher.stats.embed_deferred == 100 - EMBED_CHUNK
+    flushes = 1
+    while state.work.embeddings_due(now):
+        refresher.embed_due([state], now, budget_s=0.0)  # type: ignore[list-item]
+        flushes += 1
+    assert flushes == -(-100 // EMBED_CHUNK) and refresher.stats.embed_deferred == 0
+    assert sorted(u for batch in refresher.embedded for u in batch) == list(range(105))
