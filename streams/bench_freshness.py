@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -134,6 +135,7 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
 
     from pymk.kafka_broker import LocalBroker
 
+    load_at_start = os.getloadavg()
     LocalBroker(base).start(quiet=True)
     tag = "fresh" + uuid.uuid4().hex[:8]
     home = Path(tempfile.mkdtemp(prefix="pymk-bench-"))
@@ -169,6 +171,7 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         window_end = sent_at[-1] + int(window_grace_s * 1000) if sent_at else int(time.time() * 1000)
         time.sleep(max(0.0, window_end / 1000.0 - time.time()))
         health = _health(url)
+        load_at_window_end = os.getloadavg()
         lag_at_window_end = sum(consumer_lag(settings).values())
         drain_started = time.monotonic()
         drained = wait_idle(settings, timeout_s=timeout_s, worker_urls=[url])
@@ -203,4 +206,7 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         "after_drain": {"drained": drained, "drain_seconds": round(drain_seconds, 1),
                         **_delays(live, sent_at, published)},
         "target_p99_ms": 1000,
+        "load_average_1_5_15m": {"start": [round(x, 2) for x in load_at_start],
+                                 "window_end": [round(x, 2) for x in load_at_window_end],
+                                 "end": [round(x, 2) for x in os.getloadavg()]},
     }
