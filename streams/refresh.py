@@ -164,7 +164,6 @@ class Refresher:
         if budget_s is None:
             budget_s = (max(self.settings.embed_budget_ms, self.settings.refresh_idle_budget_ms // 2) if idle
                         else self.settings.embed_budget_ms) / 1000.0
-        budget = budget_s
         salt = salt_for_version(self.models.embedding_model)
         out: list[EmbeddingRecord] = []
         again: list[tuple[int, int, PartitionState]] = []  # (due since, user, state) of known users
@@ -181,7 +180,7 @@ class Refresher:
                 out.extend(self._embed(state, new, now_ms, salt))
         again.sort(key=lambda item: (item[0], item[1]))
         done = 0
-        while done < len(again) and (done == 0 or time.perf_counter() - started <= budget):
+        while done < len(again) and (done == 0 or time.perf_counter() - started <= budget_s):
             chunk = again[done : done + EMBED_CHUNK]
             for state in {id(state): state for _, _, state in chunk}.values():
                 out.extend(self._embed(state, [u for _, u, s in chunk if s is state], now_ms, salt))
