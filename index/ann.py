@@ -49,8 +49,9 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,6 +177,17 @@ class AnnIndex:
         if slot is None:
             return None
         return self._vectors_of(np.array([slot], dtype=np.int64))[0].copy()
+
+    def get_many(self, users: Sequence[int]) -> np.ndarray:
+        """(len(users), dim) float32: each user's current vector as :meth:`get` gives it, a row of NaN for a user
+        without one. One gather, for Stage 2's thousand candidates."""
+        slot_of = self._slot_of
+        slots = np.fromiter(map(slot_of.get, users, repeat(-1)), np.int64, len(users))
+        found = slots >= 0
+        out = np.full((len(users), self._config.dim), np.nan, dtype=np.float32)
+        if found.any():
+            out[found] = self._vectors_of(slots[found])
+        return out
 
     @property
     def faiss_index(self) -> faiss.IndexHNSW:

@@ -309,7 +309,8 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from pymk.streams.bench_freshness import bench_freshness
 
-        result = bench_freshness(settings, rate=args.rate, seconds=args.seconds, users=args.users)
+        result = bench_freshness(settings, rate=args.rate, seconds=args.seconds, users=args.users,
+                                 timeout_s=args.timeout)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

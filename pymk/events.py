@@ -196,9 +196,10 @@ class Impression:
         return self.user
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        data["sources"] = list(self.sources)
-        return _dumps(data)
+        # The fields in order, as asdict() gives them, without its deep copy (40 of these per published list).
+        return _dumps({"user": self.user, "candidate": self.candidate, "rank": self.rank, "score": self.score,
+                       "model_version": self.model_version, "features": self.features, "ts": self.ts,
+                       "as_of": self.as_of, "sources": list(self.sources)})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Impression:

@@ -80,6 +80,9 @@ class Settings:
     # A user whose neighbourhood or profile changed is re-embedded at most this often (wall clock); a new user is
     # embedded at the next flush whatever this says.
     reembed_min_interval_ms: int = 5_000
+    # Re-embeddings per flush stop after this long (new users are embedded at once whatever it says); the rest
+    # stay due, the longest due first at the next flush (at least one batch per flush, so none waits forever).
+    embed_budget_ms: int = 100
     # The space Stage 1's ANN searches: "sage" (GraphSAGE neighbours of the user's embedding) or "two-tower"
     # (candidate-tower vectors searched with the user's query-tower vector; needs a two-tower model).
     ann_space: str = "sage"
@@ -114,8 +117,15 @@ class Settings:
     # row changed, i.e. the neighbours of both endpoints of a new connection).
     refresh_scope: str = "touched"
     # Refreshing is done inside the flush; past this much time per flush the rest waits for the next one
-    # (pending refreshes are durable, so a crash loses none).
+    # (pending refreshes are durable, so a crash loses none). Lists owed are served in two lanes: the users
+    # touched most recently first (newest last change first), and, with up to refresh_stale_share of the budget
+    # and before them, the users whose oldest unanswered change is refresh_max_staleness_ms old or more (oldest
+    # first), so under overload nobody waits forever: load beyond the budget is shed to that lane, not dropped.
     refresh_budget_ms: int = 250
+    refresh_max_staleness_ms: int = 60_000
+    refresh_stale_share: float = 0.5
+    # The budget of a flush that follows an interval without any input (the load dropped): the backlog drains.
+    refresh_idle_budget_ms: int = 400
     # A dismissed candidate comes back after this long (0: never).
     dismissal_expiry_ms: int = 0
     # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a

@@ -10,9 +10,10 @@ the held-out 20%.
 Measured per ranked list, on query users whose Stage 1 gives at least ``n_candidates`` candidates (cut to
 exactly that many): the feature matrix, ``inplace_predict``, the final order, and the reasons (Saabas
 contributions of the 20 shown rows, mutual examples, text); p50/p99 of their sum and of each part. Stage 1
-(2-hop traversal + brute-force ANN over the in-memory source) is reported apart: in the worker it reads
-RocksDB and FAISS, so its cost here says little about production. Also: the alternatives we did not take
-(predict through a DMatrix, exact TreeSHAP for the reasons).
+(2-hop traversal + brute-force ANN over the in-memory source) runs right before each list's Stage 2, as in the
+worker (its 2-hop pass also yields the resource allocation column), and is reported apart: in the worker it
+reads RocksDB and FAISS, so its cost here says little about production. Also: the alternatives we did not take
+(predict through a DMatrix, exact TreeSHAP for the reasons, two threads).
 
 XGBoost runs with ``nthread=1``; numpy's matrix-vector products in the features use einsum (no BLAS
 threads). The machine's other load shows up in p99: run it on a quiet machine for reference figures.
@@ -21,6 +22,7 @@ threads). The machine's other load shows up in p99: run it on a quiet machine fo
 from __future__ import annotations
 
 import gc
+import os
 import random
 import time
 from collections.abc import Callable
@@ -61,6 +63,7 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
     """Run the benchmark (see the module doc); returns a JSON-ready dict. ``report`` gets progress lines."""
     say = report or (lambda line: None)
     started = time.perf_counter()
+    load_at_start = os.getloadavg()  # the machine's other work shows in every figure: said with them
     history = load_edge_history(path)
     pairs = [(u, v, ts) for u, v, ts in history.connections]
     random.Random(seed).shuffle(pairs)
@@ -127,15 +130,21 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
     gc.freeze()
     parts: dict[str, list[float]] = {"features": [], "predict": [], "order": [], "reasons": [], "total": []}
     explain_ms: list[float] = []
+    cpu_ms: list[float] = []  # the same span in this thread's CPU time: what other processes' load adds less to
+    stage1_ms.clear()  # from here: the lists measured below
     for run in range(runs + 10):
-        candidates = bench_sets[run % len(bench_sets)]
-        user = candidates.user
+        user = bench_sets[run % len(bench_sets)].user
+        # Stage 1 right before Stage 2, as in the worker: the source's 2-hop pass also yields the resource
+        # allocation column, which Stage 2 then reads instead of traversing again. Timed apart, as Stage 1.
+        candidates, t_stage1 = _timed(lambda u=user: generate_candidates(u, source, config, as_of))
+        cpu_started = time.thread_time()
         features, t_features = _timed(lambda c=candidates, u=user: builder.matrix(u, c, source, as_of))
         scores, t_predict = _timed(lambda x=features: ranker.predict(x))
         top, t_order = _timed(lambda s=scores, x=features, c=candidates: ranking_order(
             s, x[:, _DEGREE_COLUMN], c.ids, 20))
         scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
         ranked, t_reasons = _timed(lambda s=scored, u=user: rank_scored(u, s, source, ranker, as_of, builder))
+        t_cpu = (time.thread_time() - cpu_started) * 1e3
         _, t_explain = _timed(lambda x=features[top]: ranker.explain(x))
         if run < 10:
             continue  # warm-up: caches, first-call allocations
@@ -144,7 +153,9 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
                             ("reasons", t_reasons)):
             parts[name].append(value)
         parts["total"].append(t_features + t_predict + t_order + t_reasons)
+        cpu_ms.append(t_cpu)
         explain_ms.append(t_explain)
+        stage1_ms.append(t_stage1)
 
     # The alternatives, on the same matrices.
     sample = builder.matrix(bench_sets[0].user, bench_sets[0], source, as_of)
@@ -152,6 +163,11 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
                   for _ in range(30)]
     inplace32_ms = [_timed(lambda: ranker.booster.inplace_predict(sample.astype(np.float32)))[1] for _ in range(30)]
     exact_shap_ms = [_timed(lambda: ranker.contributions(sample[:20], approximate=False))[1] for _ in range(5)]
+    # Both cores for one list: faster only when the other core is idle, which a worker sharing the machine
+    # with the broker (and its other partitions) cannot count on.
+    ranker.booster.set_param({"nthread": 2})
+    two_threads_ms = [_timed(lambda: ranker.predict(sample))[1] for _ in range(30)]
+    ranker.booster.set_param({"nthread": 1})
     # Predict cost is linear in the rows: how many candidates fit a budget.
     stacked = np.concatenate([builder.matrix(c.user, c, source, as_of) for c in bench_sets[:3]])
     predict_by_rows = {rows: _percentiles([_timed(lambda r=rows: ranker.predict(stacked[:r]))[1] for _ in range(30)])
@@ -173,15 +189,19 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
                   "train_rows": int(split), "train_seconds": round(train_seconds / 1e3, 2),
                   "holdout_row_auc": round(holdout_auc, 4)},
         "latency_ms": latency,
+        "total_cpu_ms": _percentiles(cpu_ms),
         "explain_ms": _percentiles(explain_ms),
         "stage1_ms": _percentiles(stage1_ms),
         "alternatives_ms": {"predict_via_dmatrix": _percentiles(dmatrix_ms),
                             "inplace_predict_float32": _percentiles(inplace32_ms),
+                            "predict_2_threads": _percentiles(two_threads_ms),
                             "exact_treeshap_20_rows": _percentiles(exact_shap_ms)},
         "predict_ms_by_rows": predict_by_rows,
         "target_p99_ms": TARGET_P99_MS,
         "target_met": latency["total"]["p99"] <= TARGET_P99_MS,
         "seconds": round(time.perf_counter() - started, 1),
+        "load_average_1_5_15m": {"start": [round(x, 2) for x in load_at_start],
+                                 "end": [round(x, 2) for x in os.getloadavg()]},
     }
     say(f"total p50 {latency['total']['p50']} ms, p99 {latency['total']['p99']} ms "
         f"(predict p50 {latency['predict']['p50']} ms, p99 {latency['predict']['p99']} ms)")

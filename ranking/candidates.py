@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Protocol
 
 import numpy as np
@@ -220,7 +221,7 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     pool = len(counts_map)
     two_hop_ids = np.fromiter(counts_map.keys(), np.int64, pool)
     two_hop_counts = np.fromiter(counts_map.values(), np.int64, pool)
-    two_hop_scores = np.fromiter((scores_map[u] for u in counts_map), np.float64, pool)  # the ids' order
+    two_hop_scores = np.fromiter(map(scores_map.__getitem__, counts_map), np.float64, pool)  # the ids' order
     graph_ids = np.empty(0, np.int64)
     graph_counts = np.empty(0, np.int64)
     graph_scores = np.empty(0, np.float64)
@@ -237,9 +238,10 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
         asked = source.most_active(config.popular_k + len(excluded), as_of_ms)
         popular = [int(u) for u in asked if u not in excluded][: config.popular_k]
 
-    # Merge: graph candidates first (their order), then ANN-only ones.
-    position = {int(u): i for i, u in enumerate(graph_ids.tolist())}
-    ann_score = np.full(len(graph_ids), np.nan)
+    # Merge: graph candidates first (their order), then ANN-only ones. Plain Python values in the loop (a numpy
+    # scalar per ANN hit cost more than the rest of the merge).
+    position = {u: i for i, u in enumerate(graph_ids.tolist())}
+    graph_cos = [math.nan] * len(graph_ids)
     extra_ids: list[int] = []
     extra_cos: list[float] = []
     for other, cosine in ann:
@@ -249,8 +251,9 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
             position[other] = -1  # an ANN-only candidate; -1 also marks it seen (dedup)
             extra_ids.append(other)
             extra_cos.append(float(cosine))
-        elif i >= 0 and np.isnan(ann_score[i]):
-            ann_score[i] = cosine
+        elif i >= 0 and math.isnan(graph_cos[i]):
+            graph_cos[i] = float(cosine)
+    ann_score = np.asarray(graph_cos, np.float64)
     n_ann_only = len(extra_ids)
     popular_seen: set[int] = set()
     for other in popular:
@@ -261,13 +264,13 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
         popular_seen.add(other)
     n_graph, n_extra = len(graph_ids), len(extra_ids)
     ids = np.concatenate([graph_ids, np.asarray(extra_ids, np.int64)])
-    counts = np.concatenate([graph_counts, np.fromiter((counts_map.get(u, 0) for u in extra_ids), np.int64, n_extra)])
+    counts = np.concatenate([graph_counts, np.fromiter(map(counts_map.get, extra_ids, repeat(0)), np.int64, n_extra)])
     scores = np.concatenate([graph_scores,
-                             np.fromiter((scores_map.get(u, 0.0) for u in extra_ids), np.float64, n_extra)])
+                             np.fromiter(map(scores_map.get, extra_ids, repeat(0.0)), np.float64, n_extra)])
     ann_scores = np.concatenate([ann_score, np.asarray(extra_cos, np.float64)])
     from_graph = np.concatenate([np.ones(n_graph, bool), np.zeros(n_extra, bool)])
     from_ann = ~np.isnan(ann_scores)
-    from_popular = np.fromiter((u in popular_seen for u in ids.tolist()), np.bool_, len(ids))
+    from_popular = np.fromiter(map(popular_seen.__contains__, ids.tolist()), np.bool_, len(ids))
     candidates = CandidateSet(user, ids, counts, scores, ann_scores, from_graph, from_ann,
                               {"two_hop": pool, "graph": n_graph, "ann": len(ann), "popular": len(popular),
                                "merged": len(ids), "ann_only": n_ann_only}, from_popular)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import repeat
 from typing import TypeVar
 
 import numpy as np
@@ -44,6 +45,9 @@ from pymk.ranking.candidates import CandidateSet
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
     ActivitySource,
+    ActivityTable,
+    ActivityTableSource,
+    BatchReadSource,
     RankingSource,
     ResourceAllocationSource,
 )
@@ -112,6 +116,7 @@ class ProfileCache:
         self._vocabulary: dict[str, int] = {}  # normalised text (company, school, skill, title token) → id
         self._slot_of: dict[int, int] = {}
         self._profiles: list[Profile | None] = [None]
+        self._object_id = np.full(capacity, id(None), np.uint64)  # id() of each slot's profile (see slots())
         self.company = np.full(capacity, -1, np.int64)
         self.school = np.full(capacity, -1, np.int64)
         self.industry = np.full(capacity, -1, np.int64)
@@ -139,7 +144,8 @@ class ProfileCache:
     def _grow_rows(self) -> None:
         size = len(self.company) * 2
         fills = {"company": -1, "school": -1, "industry": -1, "lat": np.nan, "lon": np.nan, "skill_count": 0,
-                 "title_length": 0, "title_norm": 0, "skill_table": -1, "title_table": -1, "title_count_table": 0}
+                 "title_length": 0, "title_norm": 0, "skill_table": -1, "title_table": -1, "title_count_table": 0,
+                 "_object_id": id(None)}
         for name, fill in fills.items():
             old = getattr(self, name)
             new = np.full((size, *old.shape[1:]), fill, old.dtype)
@@ -163,6 +169,7 @@ class ProfileCache:
             if slot >= len(self.company):
                 self._grow_rows()
         self._profiles[slot] = profile
+        self._object_id[slot] = id(profile)
         self.company[slot] = self._text_id(profile.company)
         self.school[slot] = self._text_id(profile.school)
         self.industry[slot] = self._text_id(profile.industry)
@@ -216,15 +223,22 @@ class ProfileCache:
         slots of one call stay valid together: a reset happens only before it starts."""
         if len(self._slot_of) + len(users) > self.max_users:
             self._reset()
-        profile_of, slot_of, profiles = source.profile, self._slot_of, self._profiles
-        out = np.zeros(len(users), np.int64)
-        for i, user in enumerate(users):
-            profile = profile_of(user)
+        slot_of, profiles = self._slot_of, self._profiles
+        current = (source.many_profiles(users) if isinstance(source, BatchReadSource)
+                   else list(map(source.profile, users)))
+        n = len(users)
+        held = np.fromiter(map(slot_of.get, users, repeat(0)), np.int64, n)
+        # The source usually hands back the very object parsed last time: compare identities in one pass. The
+        # cache keeps a reference to every slot's profile, so an equal id() is that same, live object (and a
+        # user without a slot whose profile is None matches slot 0, "no profile").
+        same = np.fromiter(map(id, current), np.uint64, n) == self._object_id[held]
+        out = np.where(same, held, 0)
+        for i in np.flatnonzero(~same).tolist():
+            user, profile = users[i], current[i]
             if profile is None:
                 continue
             slot = slot_of.get(user)
-            # A cached, unchanged profile: the source usually hands back the very same object.
-            if slot is not None and (profiles[slot] is profile or profiles[slot] == profile):
+            if slot is not None and profiles[slot] == profile:  # an equal copy
                 out[i] = slot
             else:
                 out[i] = self._parse(user, profile)
@@ -274,7 +288,10 @@ class FeatureBuilder:
         degree_of = source.degree
         counts = candidates.common_neighbor_count.astype(np.float64)
         query_degree = float(degree_of(user))
-        degrees = np.fromiter((degree_of(u) for u in id_list), np.float64, n)
+        if isinstance(source, BatchReadSource):
+            degrees = np.asarray(source.many_degrees(id_list), np.float64)
+        else:
+            degrees = np.fromiter(map(degree_of, id_list), np.float64, n)
         union = query_degree + degrees - counts
         out[:, 0] = counts
         out[:, 1] = candidates.adamic_adar_score
@@ -362,9 +379,14 @@ class FeatureBuilder:
         activity_of, last_of = source.connection_activity, source.last_connection_ts
         n = len(id_list)
         scales = len(ACTIVITY_TIME_CONSTANTS_MS)
-        out[:, first : first + scales] = np.array([activity_of(u, as_of_ms) for u in id_list],
-                                                  np.float64).reshape(n, scales)
-        last = np.array([np.nan if (ts := last_of(u)) is None else ts for u in id_list], np.float64)
+        if isinstance(source, ActivityTableSource):
+            table = source.activity_table(id_list)
+            out[:, first : first + scales] = decayed_activity(table, as_of_ms)
+            last = np.where(table.known, table.anchors.astype(np.float64), np.nan)
+        else:
+            out[:, first : first + scales] = np.array([activity_of(u, as_of_ms) for u in id_list],
+                                                      np.float64).reshape(n, scales)
+            last = np.array([np.nan if (ts := last_of(u)) is None else ts for u in id_list], np.float64)
         out[:, first + 3] = np.maximum(0.0, as_of_ms - last) / DAY_MS  # NaN stays NaN
         out[:, first + 4] = activity_of(user, as_of_ms)[1]
         query_last = last_of(user)
@@ -384,6 +406,24 @@ class FeatureBuilder:
         with np.errstate(invalid="ignore", divide="ignore"):
             cosine = np.einsum("ij,j->i", vectors, query) / norms
         out[:, 16] = np.clip(cosine, -1.0, 1.0)
+
+
+def decayed_activity(table: ActivityTable, as_of_ms: int) -> np.ndarray:
+    """(n, scales) activity of ``table``'s users as of ``as_of_ms``: bit for bit
+    :func:`~pymk.features.activity.activity_at` (value × math.exp(−max(0, as_of − anchor)/τ), 0 for unknown users).
+    The factors go through math.exp, once per distinct age: numpy's vectorised exp may differ from libm's in
+    the last bit, and the per-pair debug API and the offline sources use math.exp."""
+    values, known = table.values, table.known
+    out = np.zeros((len(known), len(ACTIVITY_TIME_CONSTANTS_MS)))
+    if not known.any():
+        return out
+    ages, inverse = np.unique(np.maximum(as_of_ms - table.anchors[known], 0), return_inverse=True)
+    for column, tau in enumerate(ACTIVITY_TIME_CONSTANTS_MS):
+        # −age / τ in float64 is activity_at's int true division: both operands are exact doubles (< 2⁵³), and
+        # IEEE division rounds the exact quotient as Python's int division does. Only exp must be libm's.
+        factors = np.fromiter(map(math.exp, (-ages / tau).tolist()), np.float64, len(ages))
+        out[known, column] = values[known, column] * factors[inverse]
+    return out
 
 
 _LOG1P = np.array([math.log1p(d) for d in range(4096)])

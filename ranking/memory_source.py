@@ -13,12 +13,13 @@ training-data replay checks against the as-of time of every feature it computes 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
+from itertools import repeat
 
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
 from pymk.features.graph import adamic_adar_weight, edge_version, is_alive, version_ts
 from pymk.features.profile import merge_profile
-from pymk.ranking.source import EMBEDDING_DIM
+from pymk.ranking.source import EMBEDDING_DIM, ActivityTable
 
 from pymk.events import (
     ConnectionEvent,
@@ -56,13 +57,17 @@ class MemorySource:
         self.engaged: dict[int, dict[int, int]] = {}  # user → item → first ts
         self.engagers: dict[int, set[int]] = {}  # item → users
         self.vectors: dict[int, np.ndarray] = {}  # user → unit float32 embedding
-        self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # (ids, rows) for brute-force ANN
+        self._matrix: tuple[np.ndarray, np.ndarray, dict[int, int]] | None = None  # see _embedding_matrix
         self.latest_event_ts: int | None = None
         # Timed connection events go through the worker's edge registers (user → neighbour → version, last
         # writer wins, a removal wins a tie), so out-of-order and repeated events end where the worker's do;
         # activity is then the same function of the registers (pymk.features.activity).
         self.registers: dict[int, dict[int, int]] = {}
         self.activity: dict[int, tuple[tuple[float, ...], int]] = {}  # user → (activity at anchor, anchor)
+        # The same, as rows of flat arrays (slot 0: never connected), for activity_table's one gather.
+        self._activity_slot: dict[int, int] = {}
+        self._activity_values = np.zeros((1024, len(TIME_CONSTANTS_MS)))
+        self._activity_anchors = np.zeros(1024, np.int64)
         self.leaderboard = ActivityLeaderboard()  # the PopularSource order
         self._graph_version = 0  # bumped by every connection change: keys the resource-allocation cache
         self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
@@ -114,6 +119,12 @@ class MemorySource:
         anchor = version_ts(max(row.values()))
         values = activity_values((version_ts(v) for v in row.values() if is_alive(v)), anchor)
         self.activity[user] = (values, anchor)
+        slot = self._activity_slot.setdefault(user, len(self._activity_slot) + 1)
+        if slot >= len(self._activity_anchors):
+            self._activity_values = np.concatenate([self._activity_values, np.zeros_like(self._activity_values)])
+            self._activity_anchors = np.concatenate([self._activity_anchors, np.zeros_like(self._activity_anchors)])
+        self._activity_values[slot] = values
+        self._activity_anchors[slot] = anchor
         self.adjacency.setdefault(user, set())
         self.leaderboard.update(user, values, anchor, len(self.adjacency[user]))
 
@@ -241,6 +252,18 @@ class MemorySource:
         held = self.activity.get(user)
         return None if held is None else held[1]
 
+    # ActivityTableSource
+    def activity_table(self, users: Sequence[int]) -> ActivityTable:
+        slots = np.fromiter(map(self._activity_slot.get, users, repeat(0)), np.int64, len(users))
+        return ActivityTable(self._activity_values[slots], self._activity_anchors[slots], slots > 0)
+
+    # ---- BatchReadSource -----------------------------------------------------------------------------------------
+    def many_degrees(self, users: Sequence[int]) -> np.ndarray:
+        return np.fromiter(map(len, map(self.adjacency.get, users, repeat(_NO_NEIGHBOURS))), np.int64, len(users))
+
+    def many_profiles(self, users: Sequence[int]) -> list[Profile | None]:
+        return list(map(self.profiles.get, users))
+
     # ---- PopularSource -------------------------------------------------------------------------------------------
     def most_active(self, k: int, as_of_ms: int) -> list[int]:
         return self.leaderboard.top(k)
@@ -274,13 +297,20 @@ class MemorySource:
     def embedding(self, user: int) -> np.ndarray | None:
         return self.vectors.get(user)
 
+    def _embedding_matrix(self) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+        """(ids, rows, user → row) of every stored embedding, rebuilt after a change (one gather per candidate
+        list instead of a Python step per candidate)."""
+        if self._matrix is None:
+            ids = np.fromiter(self.vectors.keys(), np.int64, len(self.vectors))
+            rows = np.stack(list(self.vectors.values())) if len(ids) else np.empty((0, self.dim), np.float32)
+            self._matrix = (ids, rows, {user: i for i, user in enumerate(ids.tolist())})
+        return self._matrix
+
     def embeddings(self, users: Sequence[int]) -> np.ndarray:
-        out = np.full((len(users), self.dim), np.nan, np.float32)
-        vectors = self.vectors
-        for i, user in enumerate(users):
-            vector = vectors.get(user)
-            if vector is not None:
-                out[i] = vector
+        _, rows, row_of = self._embedding_matrix()
+        index = np.fromiter(map(row_of.get, users, repeat(-1)), np.int64, len(users))
+        out = rows[index] if len(rows) else np.empty((len(users), self.dim), np.float32)
+        out[index < 0] = np.nan
         return out
 
     def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> list[tuple[int, float]]:
@@ -289,11 +319,7 @@ class MemorySource:
         query = self.vectors.get(user)
         if query is None or k <= 0:
             return []
-        if self._matrix is None:
-            ids = np.fromiter(self.vectors.keys(), np.int64, len(self.vectors))
-            rows = np.stack(list(self.vectors.values())) if len(ids) else np.empty((0, self.dim), np.float32)
-            self._matrix = (ids, rows)
-        ids, rows = self._matrix
+        ids, rows, _ = self._embedding_matrix()
         scores = rows @ query
         allowed = ids != user
         if exclude:

@@ -9,7 +9,7 @@ so the same code ranks online and offline.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS
@@ -94,6 +94,38 @@ class ActivitySource(Protocol):
 
     def last_connection_ts(self, user: int) -> int | None:
         """ts of the user's latest connection add or remove; None when there was none."""
+        ...
+
+
+class ActivityTable(NamedTuple):
+    """What :class:`ActivityTableSource` returns for a list of users: the held activity, not yet decayed."""
+
+    values: np.ndarray  # (n, len(ACTIVITY_TIME_CONSTANTS_MS)) float64, the decayed counts at each user's anchor
+    anchors: np.ndarray  # (n,) int64, the anchor = ts of the user's latest connection change (0 when unknown)
+    known: np.ndarray  # (n,) bool, False for a user who never connected (values 0, no anchor)
+
+
+@runtime_checkable
+class ActivityTableSource(Protocol):
+    """Optional, with :class:`ActivitySource`: the held activity of many users in one call (Stage 2 reads it for
+    every candidate; one Python call per candidate was the largest part of the feature matrix). The matrix then
+    decays the values exactly as :func:`~pymk.features.activity.activity_at` does, so both paths give the same
+    bits."""
+
+    def activity_table(self, users: Sequence[int]) -> ActivityTable:
+        ...
+
+
+@runtime_checkable
+class BatchReadSource(Protocol):
+    """Optional: degrees and profiles of many users in one call, the same values as :meth:`RankingSource.degree`
+    and :meth:`RankingSource.profile` (the feature matrix reads them for every candidate)."""
+
+    def many_degrees(self, users: Sequence[int]) -> np.ndarray:
+        """(len(users),) int64."""
+        ...
+
+    def many_profiles(self, users: Sequence[int]) -> list[Profile | None]:
         ...
 
 

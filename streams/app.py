@@ -30,6 +30,7 @@ from pymk.streams.models import Models
 from pymk.streams.partitioning import partition_for_user
 from pymk.streams.refresh import Refresher
 from pymk.streams.state import OutputTopics, PartitionState, WorkerState
+from pymk.streams.user_facts import UserFacts
 from yarl import URL
 
 from pymk.events import ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
@@ -103,8 +104,12 @@ class PymkApp:
                                  cache_bytes_per_partition=settings.state_cache_mb * 2**20 // partitions,
                                  rocks_memory=RocksMemory(settings.rocksdb_memory_mb * 2**20))
         self.refresher = (Refresher(settings, self.index, self.models, self.degree_value, self.profile_value,
-                                    self.globals.activity, self.globals.most_active)
+                                    self.globals.activity, self.globals.most_active,
+                                    facts=UserFacts(self.facts_value))
                           if self.models is not None else None)
+        if self.refresher is not None and self.refresher.facts is not None:
+            facts = self.refresher.facts
+            self.globals.listeners.append(lambda user: facts.invalidate((user,)))
         self.state.refresher = self.refresher
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
                                          recommendations=settings.topic("recommendations"),
@@ -294,6 +299,14 @@ class PymkApp:
         state = self.state.state_for(self.partition_of(user))
         return state.profiles.profile(user) if state is not None else self.globals.profile(user)[0]
 
+    def facts_value(self, user: int) -> tuple[int, Any, Any]:
+        """(degree, connection activity, profile) of any user, for Stage 2's table (streams/user_facts.py): from
+        the user's partition when this worker owns it, else from user-globals."""
+        state = self.state.state_for(self.partition_of(user))
+        if state is None:
+            return self.globals.degree(user)[0], self.globals.activity(user), self.globals.profile(user)[0]
+        return state.graph.degree(user), state.graph.connection_activity(user), state.profiles.profile(user)
+
     def user_view(self, user: int) -> dict[str, Any] | None:
         state = self.state.state_for(self.partition_of(user))
         if state is None:
@@ -443,6 +456,10 @@ class PymkApp:
             return web.json({"status": "ok", "app_id": self.settings.app_id,
                              "partitions": sorted(self.state.owned),
                              "pending_work": sum(len(state.work) for state in self.state.owned.values()),
+                             # lists owed now (the deferred ones included) and the oldest owed change's age
+                             "lists_owed": sum(1 for state in self.state.owned.values()
+                                               for row in state.work.rows.values() if row[1]),
+                             "oldest_owed_ms": self.refresher.stats.oldest_owed_ms if self.refresher else 0,
                              "uptime_s": round(time.time() - metrics.started_at, 1)})
 
         @app.page("/metrics")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,10 @@ class GlobalIndex:
 
     def vector(self, user: int) -> np.ndarray | None:
         return self.index.get(user)
+
+    def vectors(self, users: Sequence[int]) -> np.ndarray:
+        """(len(users), dim); a row of NaN for a user without an embedding."""
+        return self.index.get_many(users)
 
     def describe(self, user: int) -> dict[str, Any] | None:
         version = self.versions.get(user)

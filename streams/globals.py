@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -53,6 +54,7 @@ class UserGlobals:
         self._profiles: dict[int, tuple[Profile, dict[str, int], int]] = {}  # user → (profile, field ts, version)
         self.leaderboard = ActivityLeaderboard()  # the most active users (Stage 1's "popular" source)
         self.offsets: dict[int, int] = {}  # partition → next offset to read (shown by /stats: how far it has read)
+        self.listeners: list[Callable[[int], None]] = []  # called with the user of every record that changed
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def merge_record(self, raw: bytes) -> bool:
@@ -67,11 +69,13 @@ class UserGlobals:
                 values, anchor = tuple(float(x) for x in data["activity"]), int(data["last_ts"])
                 self._activity[user] = (values, anchor)
                 self.leaderboard.update(user, values, anchor, int(data["degree"]))
-            return True
-        current_profile = self._profiles.get(user)
-        if current_profile is not None and current_profile[2] >= version:
-            return False
-        self._profiles[user] = (profile_from_dict(data["profile"]), dict(data["field_ts"]), version)
+        else:
+            current_profile = self._profiles.get(user)
+            if current_profile is not None and current_profile[2] >= version:
+                return False
+            self._profiles[user] = (profile_from_dict(data["profile"]), dict(data["field_ts"]), version)
+        for listener in self.listeners:
+            listener(user)
         return True
 
     # ---- reads ------------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
 from pymk.features.graph import is_alive
+from pymk.ranking.source import ActivityTable
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
+from pymk.streams.user_facts import UserFacts
 
 from pymk.events import Profile
 
@@ -55,8 +57,10 @@ class WorkerRankingSource:
 
     def __init__(self, state: PartitionState, index: GlobalIndex, degree_of: DegreeOf, profile_of: ProfileOf,
                  activity_of: ActivityOf, most_active_of: MostActiveOf,
-                 blocked: Mapping[int, Collection[int]] | None = None, ann: AnnSearch | None = None) -> None:
+                 blocked: Mapping[int, Collection[int]] | None = None, ann: AnnSearch | None = None,
+                 facts: UserFacts | None = None) -> None:
         self.activity_of = activity_of
+        self.facts = facts  # the candidates' degree, activity and profile in one gather (streams/user_facts.py)
         self.state = state
         self.graph = state.graph
         self.behaviour = state.behaviour
@@ -98,6 +102,17 @@ class WorkerRankingSource:
     def profile(self, user: int) -> Profile | None:
         return self.profile_of(user)
 
+    # BatchReadSource: the same reads without a generator step per candidate
+    def many_degrees(self, users: Sequence[int]) -> np.ndarray:
+        if self.facts is not None:
+            return self.facts.degrees(users)
+        return np.fromiter(map(self.degree_of, users), np.int64, len(users))
+
+    def many_profiles(self, users: Sequence[int]) -> list[Profile | None]:
+        if self.facts is not None:
+            return self.facts.profiles(users)
+        return list(map(self.profile_of, users))
+
     def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
         out: dict[int, tuple[int, int, int]] = {}
         for other, (viewed, viewed_by) in self.behaviour.profile_view_counts(user).items():
@@ -121,6 +136,19 @@ class WorkerRankingSource:
             return self.graph.connection_activity(user)
         return self.activity_of(user)
 
+    def activity_table(self, users: Sequence[int]) -> ActivityTable:
+        if self.facts is not None:
+            return self.facts.activity(users)
+        held = list(map(self._activity, users))
+        known = np.fromiter((h is not None for h in held), bool, len(held))
+        values = np.zeros((len(held), len(TIME_CONSTANTS_MS)))
+        anchors = np.zeros(len(held), np.int64)
+        if known.any():
+            present = [h for h in held if h is not None]
+            values[known] = [v for v, _ in present]
+            anchors[known] = [a for _, a in present]
+        return ActivityTable(values, anchors, known)
+
     def connection_activity(self, user: int, as_of_ms: int) -> Sequence[float]:
         held = self._activity(user)
         if held is None:
@@ -138,12 +166,7 @@ class WorkerRankingSource:
         return self.index.vector(user)
 
     def embeddings(self, users: Sequence[int]) -> np.ndarray:
-        out = np.full((len(users), 128), np.nan, dtype=np.float32)
-        for i, user in enumerate(users):
-            vector = self.index.vector(user)
-            if vector is not None:
-                out[i] = vector
-        return out
+        return self.index.vectors(users)
 
     def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
         if self.ann is not None:

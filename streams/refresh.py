@@ -3,8 +3,19 @@ their refreshed top-k list.
 
 Called by :meth:`WorkerState.flush` under its lock, before the outputs are produced, so a list or an embedding
 goes out in the same transaction as the state change that caused it (see the commit order in state.py).
-Bursts coalesce: a user touched 50 times between two flushes is embedded and ranked once. Work that does not
-fit in the flush's time budget stays in the partition's durable pending rows for the next flush, oldest first.
+Bursts coalesce: a user touched 50 times between two flushes is embedded and ranked once.
+
+Lists owed are served within a time budget per flush, in two lanes (:func:`refresh_order`):
+
+* **fresh**: the most recently touched users first. Under overload this keeps the delay of what is refreshed
+  short instead of making everyone wait behind the whole backlog (oldest-first serves every user late once the
+  backlog grows).
+* **bounded staleness**: users whose oldest unanswered change is ``refresh_max_staleness_ms`` old or more go
+  first, oldest first, with at most ``refresh_stale_share`` of the budget (and whatever the fresh lane leaves).
+  Load beyond the budget is shed to this lane, never dropped: the rows are durable, one per user, so the backlog
+  is at most the partition's users and the oldest is always next.
+
+A flush after an interval without input uses ``refresh_idle_budget_ms``: when the load drops, the backlog drains.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from pymk.streams.ranking_source import (
     WorkerRankingSource,
 )
 from pymk.streams.state import PartitionState
+from pymk.streams.user_facts import UserFacts
 
 from pymk.events import Impression, Recommendations
 from pymk.settings import Settings
@@ -47,8 +59,13 @@ class RefreshStats:
     embedded: int = 0
     embed_seconds: float = 0.0
     refreshed: int = 0
+    refreshed_stale: int = 0  # of which by the bounded-staleness lane
     refresh_seconds: float = 0.0
-    deferred: int = 0  # refreshes left for a later flush by the time budget
+    deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
+    backlog: int = 0  # lists owed after the last flush
+    oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
+    embed_deferred: int = 0  # re-embeddings due but left for a later flush by the budget, after the last flush
+    oldest_embed_due_ms: int = 0  # how long the longest-due of them has been due
     # event (wall) time → publication delay of the last lists, for /metrics
     last_delays_ms: list[int] = field(default_factory=list)
 
@@ -59,10 +76,32 @@ def candidate_config(settings: Settings) -> CandidateConfig:
                            dismissal_expiry_ms=settings.dismissal_expiry_ms or None)
 
 
+EMBED_CHUNK = 32  # re-embeddings per embedder call between two looks at the clock
+_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: a tie order that changes from flush to flush
+
+
+def refresh_order(owed: Iterable[tuple[int, int, int]], now_ms: int,
+                  max_staleness_ms: int) -> tuple[list[int], list[int]]:
+    """The two lanes of (first touched, last touched, user) entries: (stale users, oldest first touch first;
+    the others, newest last touch first). Ties among the fresh (users touched in the same flush) go to the one
+    waiting longer, then to an order that rotates with ``now_ms``, so no user id always loses them."""
+    cut = now_ms - max_staleness_ms
+    stale = sorted((first, user) for first, _, user in owed if first <= cut)
+    fresh = sorted((-last, first, ((user ^ now_ms) * _MIX) & 0xFFFFFFFFFFFFFFFF, user)
+                   for first, last, user in owed if first > cut)
+    return [user for _, user in stale], [entry[3] for entry in fresh]
+
+
 class Refresher:
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
-                 profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf) -> None:
+                 profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf,
+                 facts: UserFacts | None = None) -> None:
         self.activity_of = activity_of
+        # Stage 2's per-candidate reads (streams/user_facts.py); its owner invalidates remote users, collect()
+        # the local ones
+        self.facts = facts
+        self._partitions: frozenset[int] = frozenset()
+        self._embed_spent_s = 0.0  # the last embed_due's time (an idle flush's budget is shared)
         self.most_active_of = most_active_of
         # Stage 1's ANN in the two-tower space (PYMK_ANN_SPACE=two-tower): candidate-tower vectors follow the index
         self.tower_index: TowerSpaceIndex | None = None
@@ -94,6 +133,8 @@ class Refresher:
         own, two_hop = state.graph.changed_users()
         behaviour = state.behaviour.changed_users()
         profiles = state.profiles.changed_users()
+        if self.facts is not None:
+            self.facts.invalidate(own | profiles)  # a local user's degree, activity, profile: its own rows
         structural = own | profiles  # what a GraphSAGE embedding reads: the neighbourhood and the profile
         refresh = own | behaviour | profiles
         if self.settings.refresh_scope == "two-hop":
@@ -114,10 +155,18 @@ class Refresher:
         state.forced_reembed.clear()
 
     # ---- 2. embeddings ---------------------------------------------------------------------------------------------
-    def embed_due(self, states: Iterable[PartitionState], now_ms: int) -> list[EmbeddingRecord]:
+    def embed_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
+                  idle: bool = False) -> list[EmbeddingRecord]:
+        """Embed the users due: every new user (searchable at once, whatever the budget), then re-embeddings,
+        the longest due first, in chunks while ``budget_s`` (``PYMK_EMBED_BUDGET_MS``; after an interval without
+        input, half the idle budget) lasts, at least one chunk per flush; the rest stay due (durable rows)."""
         started = time.perf_counter()
+        if budget_s is None:
+            budget_s = (max(self.settings.embed_budget_ms, self.settings.refresh_idle_budget_ms // 2) if idle
+                        else self.settings.embed_budget_ms) / 1000.0
+        salt = salt_for_version(self.models.embedding_model)
         out: list[EmbeddingRecord] = []
-        embedder_model = self.models.embedding_model
+        again: list[tuple[int, int, PartitionState]] = []  # (due since, user, state) of known users
         for state in states:
             due = state.work.embeddings_due(now_ms)
             if not due:
@@ -130,56 +179,90 @@ class Refresher:
                 state.work.embedded(u)
                 previous = state.embeddings.get(u)
                 if previous is not None and previous.vector.size:
-                    deletion = EmbeddingRecord(u, previous.version + 1, now_ms, embedder_model,
+                    deletion = EmbeddingRecord(u, previous.version + 1, now_ms, self.models.embedding_model,
                                                np.empty(0, dtype=np.float32))
                     state.embeddings.put(deletion)
                     self.index.apply(deletion)
                     out.append(deletion)
-            if not users:
-                continue
-            # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
-            # gives the same vector, also when a crash makes the worker redo this flush
-            vectors = self.embedder(state).embed(users, salt_for_version(embedder_model))
-            records = []
-            for user, vector in zip(users, vectors, strict=True):
-                previous = state.embeddings.get(user)
-                records.append(EmbeddingRecord(user, 1 if previous is None else previous.version + 1, now_ms,
-                                               embedder_model, np.asarray(vector, dtype=np.float32)))
-                state.work.embedded(user)
-            state.embeddings.put_many(records)
-            self.index.apply_many(records)
-            out.extend(records)
+            new = [u for u in users if state.embeddings.get(u) is None]
+            again.extend((state.work.rows[u][0], u, state) for u in users if state.embeddings.get(u) is not None)
+            if new:
+                out.extend(self._embed(state, new, now_ms, salt))
         self.stats.embedded += len(out)
-        self.stats.embed_seconds += time.perf_counter() - started
+        self._embed_spent_s = time.perf_counter() - started
+        self.stats.embed_seconds += self._embed_spent_s
         return out
 
+    def _embed(self, state: PartitionState, users: list[int], now_ms: int, salt: int) -> list[EmbeddingRecord]:
+        # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
+        # gives the same vector, also when a crash makes the worker redo this flush
+        vectors = self.embedder(state).embed(users, salt)
+        records = []
+        for user, vector in zip(users, vectors, strict=True):
+            previous = state.embeddings.get(user)
+            records.append(EmbeddingRecord(user, 1 if previous is None else previous.version + 1, now_ms,
+                                           self.models.embedding_model, np.asarray(vector, dtype=np.float32)))
+            state.work.embedded(user)
+        state.embeddings.put_many(records)
+        self.index.apply_many(records)
+        return records
+
     # ---- 3. lists -----------------------------------------------------------------------------------------------
-    def refresh_due(self, states: Iterable[PartitionState], now_ms: int,
-                    budget_s: float | None = None) -> list[tuple[Recommendations, list[Impression]]]:
-        """The lists owed, as (list, its impressions), oldest first, within the time budget."""
+    def refresh_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
+                    idle: bool = False) -> list[tuple[Recommendations, list[Impression]]]:
+        """The lists owed, as (list, its impressions), by lane (see the module doc) within the time budget.
+        ``idle``: no input since the last flush, so the larger idle budget applies."""
         started = time.perf_counter()
-        queue: list[tuple[int, int, PartitionState]] = []
+        settings = self.settings
+        states = list(states)
+        partitions = frozenset(state.partition for state in states)
+        if self.facts is not None and partitions != self._partitions:
+            self.facts.clear()  # a user now local was read from user-globals, or the other way round
+        self._partitions = partitions
+        state_of: dict[int, PartitionState] = {}
+        first_of: dict[int, int] = {}
+        owed: list[tuple[int, int, int]] = []
         for state in states:
-            queue.extend((first, user, state) for first, user in state.work.refreshes())
-        queue.sort(key=lambda item: (item[0], item[1]))
-        budget = self.settings.refresh_budget_ms / 1000.0 if budget_s is None else budget_s
+            for first, last, user in state.work.refreshes():
+                state_of[user], first_of[user] = state, first
+                owed.append((first, last, user))
+        stale, fresh = refresh_order(owed, now_ms, settings.refresh_max_staleness_ms)
+        if budget_s is None:
+            budget_s = settings.refresh_budget_ms / 1000.0
+            if idle:  # the idle budget is for the whole flush: what this flush's embeddings left of it
+                budget_s = max(budget_s, settings.refresh_idle_budget_ms / 1000.0 - self._embed_spent_s)
         out: list[tuple[Recommendations, list[Impression]]] = []
-        for done, (first, user, state) in enumerate(queue):
-            if done and time.perf_counter() - started > budget:
-                self.stats.deferred += len(queue) - done
-                break
-            out.append(self.rank(state, user, now_ms))
-            state.work.refreshed(user)
-            state.published.put(out[-1][0])
-            self.stats.last_delays_ms.append(now_ms - first)
+        done: set[int] = set()
+
+        def serve(users: list[int], until_s: float) -> None:
+            for user in users:
+                if user in done:
+                    continue
+                if out and time.perf_counter() - started > until_s:  # at least one list per flush
+                    return
+                state = state_of[user]
+                out.append(self.rank(state, user, now_ms))
+                state.work.refreshed(user)
+                state.published.put(out[-1][0])
+                self.stats.last_delays_ms.append(now_ms - first_of[user])
+                done.add(user)
+
+        serve(stale, budget_s * settings.refresh_stale_share)
+        serve(fresh, budget_s)
+        serve(stale, budget_s)  # what the fresh lane left
+        left = [first_of[u] for u in first_of if u not in done]
         self.stats.last_delays_ms = self.stats.last_delays_ms[-1000:]
         self.stats.refreshed += len(out)
+        self.stats.refreshed_stale += sum(1 for user in stale if user in done)
+        self.stats.deferred += len(left)
+        self.stats.backlog = len(left)
+        self.stats.oldest_owed_ms = now_ms - min(left) if left else 0
         self.stats.refresh_seconds += time.perf_counter() - started
         return out
 
     def rank(self, state: PartitionState, user: int, now_ms: int) -> tuple[Recommendations, list[Impression]]:
         source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of,
-                                     self.most_active_of)
+                                     self.most_active_of, facts=self.facts)
         if self.tower_index is not None:
             source.ann = self._tower_space_search(source)
         # ranked as of the partition's event time (a replay ranks as live traffic did); published now

@@ -228,7 +228,7 @@ class WorkerState:
             # 0. embeddings and lists of the users whose state changed (they go out with the other outputs)
             outgoing: list[tuple[str, bytes | None, bytes, int | None]] = []
             if self.refresher is not None:
-                outgoing.extend(self._refresh_outputs())
+                outgoing.extend(self._refresh_outputs(idle=not self.unacked))
             # 1. outboxes
             outgoing.extend((self.dead_letter_topic, key, value, None) for key, value in self.dead_letters)
             self.dead_letters = []
@@ -277,16 +277,17 @@ class WorkerState:
             self.stats.rows_written += rows
             self.stats.seconds += time.perf_counter() - started
 
-    def _refresh_outputs(self) -> list[tuple[str, bytes | None, bytes, int | None]]:
+    def _refresh_outputs(self, idle: bool) -> list[tuple[str, bytes | None, bytes, int | None]]:
+        """``idle``: nothing was applied since the last flush (the refresh budget may grow)."""
         assert self.refresher is not None and self.topics is not None
         now_ms = int(time.time() * 1000)
         states = list(self.owned.values())
         for state in states:
             self.refresher.collect(state, now_ms)
         out: list[tuple[str, bytes | None, bytes, int | None]] = []
-        for record in self.refresher.embed_due(states, now_ms):
+        for record in self.refresher.embed_due(states, now_ms, idle=idle):
             out.append((self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user)))
-        for recommendations, impressions in self.refresher.refresh_due(states, now_ms):
+        for recommendations, impressions in self.refresher.refresh_due(states, now_ms, idle=idle):
             user = recommendations.user
             key, partition = str(user).encode(), self.partition_of(user)
             out.append((self.topics.recommendations, key, recommendations.to_json(), partition))

@@ -4,7 +4,9 @@ Both are durable rows of the partition's RocksDB database, written in the same b
 that caused them, so a crash can never lose a refresh whose cause is already committed: the worker that
 opens the partition next finds the row and does the work.
 
-- ``Q`` rows: user → (embed due at [wall ms, -1: none], refresh wanted [0/1], first touched [wall ms]).
+- ``Q`` rows: user → (embed due at [wall ms, -1: none], refresh wanted [0/1], first touched since the last
+  refresh [wall ms], last touched [wall ms]). The two times order the refresh lanes (streams/refresh.py):
+  newest last touch first, and the oldest first touch for the bounded-staleness lane.
 - ``G`` rows: user → the latest :class:`EmbeddingRecord` of a local user (the owner's copy; every worker's
   index gets it through the ``embeddings`` topic).
 - ``L`` rows: user → the last list published for them.
@@ -22,44 +24,57 @@ from pymk.events import Recommendations
 
 PENDING = b"Q"
 EMBEDDING = b"G"
-_PENDING_ROW = struct.Struct("<qbq")
+_PENDING_ROW = struct.Struct("<qbqq")
+_PENDING_ROW_V1 = struct.Struct("<qbq")  # rows written before "last touched" existed: last = first
 NO_EMBEDDING_DUE = -1
+Row = tuple[int, int, int, int]  # (embed due, refresh wanted, first touched, last touched)
+
+
+def _unpack_row(value: bytes) -> Row:
+    if len(value) == _PENDING_ROW_V1.size:
+        due, wanted, first = _PENDING_ROW_V1.unpack(value)
+        return due, wanted, first, first
+    return _PENDING_ROW.unpack(value)
 
 
 class PendingWork:
-    """The users of one partition with work due, loaded in full at open (the set stays small: work is done
-    within a few flushes unless the worker is overloaded, and then it is exactly the backlog)."""
+    """The users of one partition with work due, loaded in full at open (one row per user whatever the number of
+    changes: the set is at most the partition's users, and under overload it is exactly the backlog)."""
 
     def __init__(self, store: RowStore) -> None:
         self.store = store
-        self.rows: dict[int, tuple[int, int, int]] = {}
+        self.rows: dict[int, Row] = {}
         for key, value in store.scan(PENDING):
-            self.rows[row_user(key)] = _PENDING_ROW.unpack(value)
+            self.rows[row_user(key)] = _unpack_row(value)
         self._dirty: set[int] = set()
 
     def touch(self, user: int, now_ms: int, embed_due_ms: int | None, refresh: bool) -> None:
-        due, wanted, first = self.rows.get(user, (NO_EMBEDDING_DUE, 0, now_ms))
+        due, wanted, first, last = self.rows.get(user, (NO_EMBEDDING_DUE, 0, now_ms, now_ms))
         if embed_due_ms is not None:
             due = embed_due_ms if due == NO_EMBEDDING_DUE else min(due, embed_due_ms)
-        row = (due, max(wanted, int(refresh)), first)
+        if refresh:
+            if not wanted:
+                first = now_ms  # the oldest change the next list will answer
+            wanted, last = 1, now_ms
+        row = (due, wanted, first, last)
         if self.rows.get(user) != row:
             self.rows[user] = row
             self._dirty.add(user)
 
     def embeddings_due(self, now_ms: int) -> list[int]:
-        return sorted(u for u, (due, _, _) in self.rows.items() if due != NO_EMBEDDING_DUE and due <= now_ms)
+        return sorted(u for u, (due, _, _, _) in self.rows.items() if due != NO_EMBEDDING_DUE and due <= now_ms)
 
-    def refreshes(self) -> list[tuple[int, int]]:
-        """(first touched, user) of every user whose list is owed, oldest first."""
-        return sorted((first, u) for u, (_, wanted, first) in self.rows.items() if wanted)
+    def refreshes(self) -> list[tuple[int, int, int]]:
+        """(first touched, last touched, user) of every user whose list is owed, oldest first touch first."""
+        return sorted((first, last, u) for u, (_, wanted, first, last) in self.rows.items() if wanted)
 
     def embedded(self, user: int) -> None:
-        self._update(user, lambda due, wanted, first: (NO_EMBEDDING_DUE, wanted, first))
+        self._update(user, lambda due, wanted, first, last: (NO_EMBEDDING_DUE, wanted, first, last))
 
     def refreshed(self, user: int) -> None:
-        self._update(user, lambda due, wanted, first: (due, 0, first))
+        self._update(user, lambda due, wanted, first, last: (due, 0, first, last))
 
-    def _update(self, user: int, change: Callable[[int, int, int], tuple[int, int, int]]) -> None:
+    def _update(self, user: int, change: Callable[[int, int, int, int], Row]) -> None:
         row = self.rows.get(user)
         if row is None:
             return

@@ -215,6 +215,20 @@ def test_sq8_without_float_copy_scores_the_quantised_vector() -> None:
     np.testing.assert_array_equal(index.get(int(users[200])), filled_index(300, index.config)[0].get(int(users[200])))
 
 
+@pytest.mark.parametrize("config", [AnnConfig(), AnnConfig(quantization="sq8", keep_vectors=False)])
+def test_get_many_is_get_for_each_user(config: AnnConfig) -> None:
+    index, users, _ = filled_index(300, config)
+    index.upsert(users[:50], unit_vectors(50, seed=11))  # replaced vectors: the current one is returned
+    index.delete(users[50:60])
+    asked = [*users[:70].tolist(), 10**12, int(users[5])]
+    many = index.get_many(asked)
+    assert many.shape == (len(asked), index.config.dim) and many.dtype == np.float32
+    for row, user in zip(many, asked, strict=True):
+        single = index.get(user)
+        assert np.isnan(row).all() if single is None else np.array_equal(row, single)
+    assert index.get_many([]).shape == (0, index.config.dim)
+
+
 def test_flat_without_float_copy_is_still_exact() -> None:
     index, users, vectors = filled_index(200, AnnConfig(keep_vectors=False, rebuild_tombstone_fraction=0.3))
     index.upsert(users[:100], unit_vectors(100, seed=9))

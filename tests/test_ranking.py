@@ -44,6 +44,8 @@ from pymk.ranking.recommend import ranking_order, recommend
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
     ActivitySource,
+    ActivityTableSource,
+    BatchReadSource,
     PopularSource,
     RankingSource,
     ResourceAllocationSource,
@@ -289,6 +291,37 @@ def test_activity_features_are_missing_for_a_source_without_activity() -> None:
     assert FEATURE_NAMES[:17] == SEED_FEATURE_NAMES
 
 
+class PerUserSource:
+    """The same source read one user at a time (without the batch reads of ActivityTableSource and
+    BatchReadSource): the matrix must not depend on which path it took."""
+
+    def __init__(self, source: MemorySource) -> None:
+        self._source = source
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("activity_table", "many_degrees", "many_profiles"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_reads_give_the_per_user_matrix_bit_for_bit(seed: int) -> None:
+    world = World(seed)
+    world.source.add_user(999)  # a candidate that never connected: no activity, no profile, no embedding
+    plain = PerUserSource(world.source)
+    assert isinstance(world.source, ActivityTableSource | BatchReadSource)
+    assert not isinstance(plain, ActivityTableSource | BatchReadSource) and isinstance(plain, ActivitySource)
+    for user in range(0, 40, 4):
+        candidates = generate_candidates(user, world.source, CandidateConfig(), NOW)
+        extra = CandidateSet(user, np.array([999], np.int64), np.array([0]), np.array([0.0]), np.array([np.nan]),
+                             np.array([False]), np.array([False]))
+        for as_of in (NOW, NOW + 3 * DAY_MS + 12_345, NOW - 40 * DAY_MS):  # also before some anchors
+            for chosen in (candidates, extra):
+                batch = FeatureBuilder().matrix(user, chosen, world.source, as_of)
+                single = FeatureBuilder().matrix(user, chosen, plain, as_of)  # type: ignore[arg-type]
+                assert batch.tobytes() == single.tobytes(), (user, as_of)
+
+
 def test_hub_items_are_not_counted_with_a_fanout_limit() -> None:
     source = MemorySource(max_item_fanout=2)
     for user in (1, 2, 3):
@@ -358,6 +391,12 @@ def test_profile_cache_reparses_changed_profiles_and_handles_long_lists() -> Non
     check()
     assert cache.parses == parses + 1
     assert builder.matrix(0, candidates, source, NOW)[1, FEATURE_INDEX["same_company_current"]] == 1
+    source.profiles[1] = Profile(**source.profiles[1].to_dict() | {"skills": many_skills[::2]})  # an equal copy
+    check()
+    assert cache.parses == parses + 1  # equal, not identical: compared, not parsed
+    del source.profiles[1]  # no profile any more
+    check()
+    assert builder.matrix(0, candidates, source, NOW)[0, FEATURE_INDEX["same_company_current"]] == 0
 
 
 # ---- stage 1 -----------------------------------------------------------------------------------------------------

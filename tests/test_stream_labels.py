@@ -75,3 +75,14 @@ def test_recall_at_k_over_the_users_with_a_connection() -> None:
     scores[by_pair[(1, 3)]] = 1.0
     assert recall_at_k(rows, scores, k=1) == 0.5  # user 5 has no connection: not averaged
     assert recall_at_k(rows, scores, k=3) == 1.0
+
+
+def test_impression_json_is_the_dataclass_as_a_dict() -> None:
+    import json
+    from dataclasses import asdict
+
+    impression = Impression(3, 9, 0, 0.25, "xgb-x", {"adamic_adar_score": 1.5, "geo_distance_km": None}, ts=7,
+                            as_of=5, sources=("graph", "ann"))
+    expected = {**asdict(impression), "sources": ["graph", "ann"]}
+    assert impression.to_json() == json.dumps(expected, separators=(",", ":"), allow_nan=False).encode()
+    assert Impression.from_json(impression.to_json()) == impression

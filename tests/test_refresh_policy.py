@@ -1,0 +1,238 @@
+"""The refresh scheduling policy (streams/refresh.py) and the durable pending rows it reads (streams/work.py):
+pure, no broker. Who is refreshed first under overload, and that nobody owed a list is dropped."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pymk.features.storage import row_key
+from pymk.streams.refresh import EMBED_CHUNK, Refresher, RefreshStats, refresh_order
+from pymk.streams.work import NO_EMBEDDING_DUE, PENDING, PendingWork
+
+from pymk.settings import Settings
+
+STALE_MS = 60_000
+
+
+class DictStore:
+    """A RowStore over a dict (what RocksRowStore does, minus the disk)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[bytes, bytes] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.rows.get(key)
+
+    def write(self, puts: Mapping[bytes, bytes], deletes: Iterable[bytes] = ()) -> None:
+        self.rows.update(puts)
+        for key in deletes:
+            self.rows.pop(key, None)
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return iter(sorted((k, v) for k, v in self.rows.items() if k.startswith(prefix)))
+
+    def close(self) -> None:
+        pass
+
+
+def commit(work: PendingWork, store: DictStore) -> None:
+    puts, deletes = work.dirty_rows()
+    store.write(puts, deletes)
+    work.mark_clean()
+
+
+def test_newest_first_then_stale_lane_oldest_first() -> None:
+    now = 1_000_000
+    owed = [
+        (now - 5_000, now - 5_000, 1),  # deferred for 5 s
+        (now - 500, now - 500, 2),  # touched in the previous flush
+        (now - 9_000, now, 3),  # waiting 9 s, touched again now
+        (now, now, 4),  # new now
+        (now - STALE_MS - 1, now - STALE_MS - 1, 5),  # stale
+        (now - STALE_MS, now - 100, 6),  # stale (exactly at the bound), although touched recently
+    ]
+    stale, fresh = refresh_order(owed, now, STALE_MS)
+    assert stale == [5, 6]
+    assert fresh == [3, 4, 2, 1]  # newest last touch first; a tie goes to the one waiting longer (3)
+
+
+def test_ties_of_the_same_flush_do_not_always_favour_the_same_users() -> None:
+    now = 5_000_000
+    owed = [(now, now, user) for user in range(50)]
+    firsts = {refresh_order(owed, now + shift, STALE_MS)[1][0] for shift in range(40)}
+    assert len(firsts) > 10
+    assert sorted(refresh_order(owed, now, STALE_MS)[1]) == list(range(50))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200_000), st.integers(0, 200_000)), max_size=60),
+       st.integers(0, 300_000))
+def test_every_owed_user_is_in_exactly_one_lane(stamps: list[tuple[int, int]], now: int) -> None:
+    owed = [(min(a, b), max(a, b), user) for user, (a, b) in enumerate(stamps)]
+    stale, fresh = refresh_order(owed, now, STALE_MS)
+    assert sorted(stale + fresh) == list(range(len(owed)))
+    firsts = {user: first for first, _, user in owed}
+    lasts = {user: last for _, last, user in owed}
+    assert all(firsts[u] <= now - STALE_MS for u in stale) and all(firsts[u] > now - STALE_MS for u in fresh)
+    assert [firsts[u] for u in stale] == sorted(firsts[u] for u in stale)
+    assert [lasts[u] for u in fresh] == sorted((lasts[u] for u in fresh), reverse=True)
+
+
+def test_pending_rows_remember_first_and_last_touch_durably() -> None:
+    store = DictStore()
+    work = PendingWork(store)
+    work.touch(7, 100, None, True)
+    work.touch(7, 200, None, True)
+    work.touch(8, 150, 150, False)  # an embedding only: no list owed
+    assert work.refreshes() == [(100, 200, 7)]
+    commit(work, store)
+    reopened = PendingWork(store)
+    assert reopened.rows == work.rows
+    reopened.refreshed(7)
+    assert 7 not in reopened.rows
+    reopened.touch(7, 900, None, True)  # a change after the list: the next list answers from 900 on
+    assert reopened.refreshes() == [(900, 900, 7)]
+    reopened.embedded(8)
+    commit(reopened, store)
+    assert set(PendingWork(store).rows) == {7}
+
+
+def test_rows_of_the_previous_format_are_read() -> None:
+    store = DictStore()
+    store.rows[row_key(PENDING, 3)] = struct.pack("<qbq", NO_EMBEDDING_DUE, 1, 1234)
+    work = PendingWork(store)
+    assert work.refreshes() == [(1234, 1234, 3)]
+
+
+class FakePublished:
+    def __init__(self) -> None:
+        self.lists: list[object] = []
+
+    def put(self, recommendations: object) -> None:
+        self.lists.append(recommendations)
+
+
+class FakeState:
+    """What refresh_due touches of a PartitionState."""
+
+    def __init__(self, partition: int = 0) -> None:
+        self.partition = partition
+        self.work = PendingWork(DictStore())
+        self.published = FakePublished()
+
+
+class CountingRefresher(Refresher):
+    """The real scheduling with a stand-in for ranking (each list "costs" ``cost_s`` of the budget)."""
+
+    def __init__(self, settings_: Settings, cost_s: float) -> None:
+        self.settings = settings_
+        self.stats = RefreshStats()
+        self.facts = None
+        self._partitions = frozenset()
+        self._embed_spent_s = 0.0
+        self.cost_s = cost_s
+        self.ranked: list[int] = []
+
+    def rank(self, state: Any, user: int, now_ms: int) -> Any:
+        self.ranked.append(user)
+        time.sleep(self.cost_s)
+        return (user, now_ms), []
+
+
+def owed_state(now: int) -> FakeState:
+    state = FakeState()
+    for user in range(10):
+        state.work.touch(user, now - 1_000 * user, None, True)  # user 0 newest, 9 oldest
+    state.work.touch(99, now - 2 * STALE_MS, None, True)  # stale
+    return state
+
+
+def test_one_list_at_least_per_flush_and_the_stale_lane_goes_first() -> None:
+    now = 10_000_000
+    state = owed_state(now)
+    refresher = CountingRefresher(Settings(refresh_max_staleness_ms=STALE_MS), cost_s=0.0)
+    refresher.refresh_due([state], now, budget_s=0.0)  # type: ignore[list-item]
+    assert refresher.ranked == [99]
+    refresher.refresh_due([state], now, budget_s=0.0)  # type: ignore[list-item]
+    assert refresher.ranked == [99, 0]  # then the newest
+    assert refresher.stats.backlog == 9 and refresher.stats.oldest_owed_ms == 9_000
+    assert refresher.stats.refreshed_stale == 1
+
+
+def test_deferred_lists_are_served_later_none_dropped() -> None:
+    now = 10_000_000
+    state = owed_state(now)
+    refresher = CountingRefresher(Settings(refresh_max_staleness_ms=STALE_MS, refresh_stale_share=0.5),
+                                  cost_s=0.02)
+    flushes = 0
+    while state.work.refreshes():
+        refresher.refresh_due([state], now + flushes * 500, budget_s=0.05)  # type: ignore[list-item]
+        flushes += 1
+        assert flushes < 20
+    assert sorted(refresher.ranked) == [*range(10), 99] and len(refresher.ranked) == 11
+    assert refresher.ranked[0] == 99 and refresher.ranked[1:4] == [0, 1, 2]  # stale first, then newest first
+    assert refresher.stats.backlog == 0 and refresher.stats.deferred > 0
+
+
+def test_an_idle_flush_uses_the_idle_budget() -> None:
+    now = 10_000_000
+    state = owed_state(now)
+    refresher = CountingRefresher(Settings(refresh_budget_ms=1, refresh_idle_budget_ms=10_000), cost_s=0.002)
+    refresher.refresh_due([state], now, idle=True)  # type: ignore[list-item]
+    assert len(refresher.ranked) == 11
+
+
+class EmbeddingState(FakeState):
+    """Users 0-99 known (embedded before), 100-104 new; every one has a degree."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__(partition)
+        self.embeddings = {u: object() for u in range(100)}
+        self.graph = self
+        self.profiles = self
+
+    def degree(self, user: int) -> int:
+        return 1
+
+    def profile(self, user: int) -> None:
+        return None
+
+
+class EmbedCounting(CountingRefresher):
+    def __init__(self, settings_: Settings, cost_s: float) -> None:
+        super().__init__(settings_, cost_s)
+        self.embedded: list[list[int]] = []
+
+    def _embed(self, state: Any, users: list[int], now_ms: int, salt: int) -> list[Any]:
+        self.embedded.append(list(users))
+        time.sleep(self.cost_s)
+        for user in users:
+            state.work.embedded(user)
+            state.embeddings[user] = object()
+        return [object()] * len(users)
+
+
+def test_new_users_are_embedded_at_once_reembeddings_within_the_budget_longest_due_first() -> None:
+    now = 50_000_000
+    state = EmbeddingState(0)
+    for user in range(100):
+        state.work.touch(user, now, now - 10 * user, False)  # due since 10·user ms: 99 waits longest
+    for user in range(100, 105):
+        state.work.touch(user, now, now, False)
+    refresher = EmbedCounting(Settings(), cost_s=0.0)
+    refresher.models = type("M", (), {"embedding_model": "sage-test"})()
+    refresher.embed_due([state], now, budget_s=0.0)  # type: ignore[list-item]
+    assert refresher.embedded[0] == [100, 101, 102, 103, 104]  # new: whatever the budget
+    assert refresher.embedded[1] == list(range(99, 99 - EMBED_CHUNK, -1))  # one chunk, longest due first
+    assert refresher.stats.embed_deferred == 100 - EMBED_CHUNK
+    flushes = 1
+    while state.work.embeddings_due(now):
+        refresher.embed_due([state], now, budget_s=0.0)  # type: ignore[list-item]
+        flushes += 1
+    assert flushes == -(-100 // EMBED_CHUNK) and refresher.stats.embed_deferred == 0
+    assert sorted(u for batch in refresher.embedded for u in batch) == list(range(105))
