@@ -188,6 +188,15 @@ class Refresher:
             again.extend((state.work.rows[u][0], u, state) for u in users if state.embeddings.get(u) is not None)
             if new:
                 out.extend(self._embed(state, new, now_ms, salt))
+        again.sort(key=lambda item: (item[0], item[1]))
+        done = 0
+        while done < len(again) and (done == 0 or time.perf_counter() - started <= budget_s):
+            chunk = again[done : done + EMBED_CHUNK]
+            for state in {id(state): state for _, _, state in chunk}.values():
+                out.extend(self._embed(state, [u for _, u, s in chunk if s is state], now_ms, salt))
+            done += len(chunk)
+        self.stats.embed_deferred = len(again) - done
+        self.stats.oldest_embed_due_ms = now_ms - again[done][0] if done < len(again) else 0
         self.stats.embedded += len(out)
         self._embed_spent_s = time.perf_counter() - started
         self.stats.embed_seconds += self._embed_spent_s
