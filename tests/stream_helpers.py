@@ -9,7 +9,7 @@ from typing import Any
 
 import networkx as nx
 from pymk.streams.consumer import latest_per_user, read_recommendations
-from pymk.streams.lag import wait_idle
+from pymk.streams.lag import consumer_lag, wait_idle
 from pymk.streams.producer import event_messages, send_messages, synthetic_events
 from workers import http_get, wait_until
 
@@ -31,8 +31,20 @@ def worker_url(settings: Settings) -> str:
 
 def settle(settings: Settings, workers: Iterable[Settings], timeout_s: float = 300) -> None:
     """Every input processed and every owed embedding and list published by these workers."""
-    assert wait_idle(settings, timeout_s=timeout_s, worker_urls=[worker_url(w) for w in workers]), \
-        "the workers did not finish in time"
+    workers = list(workers)
+    if not wait_idle(settings, timeout_s=timeout_s, worker_urls=[worker_url(w) for w in workers]):
+        raise AssertionError(f"the workers did not finish in {timeout_s:.0f} s: {still_busy(settings, workers)}")
+
+
+def still_busy(settings: Settings, workers: Iterable[Settings]) -> dict[str, Any]:
+    """What a settle was still waiting for: lag per topic and each worker's /health (a readable failure)."""
+    out: dict[str, Any] = {"lag": {t: n for t, n in consumer_lag(settings).items() if n}}
+    for worker in workers:
+        try:
+            out[worker_url(worker)] = http_get(worker, "/health")
+        except Exception as error:  # noqa: BLE001 - a dead worker is part of the answer
+            out[worker_url(worker)] = repr(error)
+    return out
 
 
 def final_graph(events: Iterable[InputEvent]) -> nx.Graph:
@@ -154,4 +166,16 @@ def state_view(via: Sequence[Settings], users: Iterable[int]) -> dict[int, dict[
             list=None if recs["generated_at"] is None else list_content(Recommendations.from_json(json.dumps(recs))),
         )
         out[user] = body
+    return out
+
+
+def differences(expected: dict[int, dict[str, Any]], got: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per field, how many users differ, and the first such user (a readable failure instead of a dump)."""
+    out: dict[str, Any] = {}
+    for user in sorted(expected.keys() | got.keys()):
+        want, have = expected.get(user, {}), got.get(user, {})
+        for field in sorted(want.keys() | have.keys()):
+            if want.get(field) != have.get(field):
+                entry = out.setdefault(field, {"users": 0, "first": user})
+                entry["users"] += 1
     return out

@@ -26,8 +26,7 @@ from typing import Any
 from conftest import free_port
 from pymk.streams.partitioning import partition_for_user
 from pymk.streams.topics import ensure_topics
-from stream_helpers import final_refresh, send, settle, small_network, state_view, users_of
-from test_crash_recovery_lists import differences
+from stream_helpers import differences, final_refresh, send, settle, small_network, state_view, users_of
 from workers import http_get, running_worker, wait_until
 
 from pymk.events import InputEvent
