@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from kafka.errors import KafkaError
+from pymk.streams.topics import delete_topics_tagged
 
 from pymk.kafka_broker import LocalBroker
 from pymk.settings import Settings
@@ -46,8 +49,13 @@ def broker_settings() -> Iterator[Settings]:
 
 
 @pytest.fixture
-def kafka_settings(broker_settings: Settings, tmp_path: Path) -> Settings:
-    """Settings isolated for one test: own topic prefix, consumer group, web port and state folder."""
+def kafka_settings(broker_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """Settings isolated for one test: own topic prefix, consumer group, web port and state folder. The test's
+    topics (every name containing its tag) are deleted afterwards."""
     tag = "t" + uuid.uuid4().hex[:10]
-    return replace(broker_settings, topic_prefix=f"{tag}.pymk", app_id=f"{tag}-worker",
-                   web_port=free_port(), home=tmp_path / "home")
+    yield replace(broker_settings, topic_prefix=f"{tag}.pymk", app_id=f"{tag}-worker",
+                  web_port=free_port(), home=tmp_path / "home")
+    try:
+        delete_topics_tagged(broker_settings, tag)
+    except KafkaError as error:  # clean-up only: the test's verdict is already in
+        warnings.warn(f"could not delete the topics of {tag}: {error!r}", stacklevel=1)
