@@ -207,7 +207,9 @@ class MemorySource:
         counts: dict[int, int] = {}
         scores: dict[int, float] = {}
         allocation: dict[int, float] = {}
-        for middle in own:
+        # in neighbour-id order, like the worker (PartitionGraph.two_hop_with_allocation): float sums then have
+        # the same bits, so offline and live lists do not swap near-ties
+        for middle in sorted(own):
             others = adjacency[middle]
             weight = adamic_adar_weight(len(others))
             share = 1.0 / len(others)
