@@ -44,14 +44,17 @@ class Embedder:
     """Embeds users of a live graph with a trained :class:`GraphSage` (switched to eval mode)."""
 
     def __init__(self, model: GraphSage, features: NodeFeatureSource, graph: NeighbourSource, *,
-                 batch_size: int = 1024, cache_size: int = 200_000) -> None:
+                 batch_size: int = 1024, cache_size: int = 200_000,
+                 cache: OrderedDict[Hashable, np.ndarray] | None = None) -> None:
         self.model = model.eval()
         self.features = features
         self.graph = graph
         self.batch_size = batch_size
         self.cache_size = cache_size
         self._fetch = fetch_from_source(graph)
-        self._cache: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        # profile encodings (a function of the profile alone): ``cache`` lets the embedders of one worker's
+        # partitions share one LRU instead of each holding up to ``cache_size`` copies of the same users
+        self._cache: OrderedDict[Hashable, np.ndarray] = OrderedDict() if cache is None else cache
         self._profile_version = getattr(features, "profile_version", None)
         self.cache_hits = 0
         self.cache_misses = 0

@@ -119,8 +119,8 @@ class Models:
             log.info("models reloaded: %s", changed)
         return changed
 
-    def embedder(self, graph: Any, features: Any) -> Embedder:
-        return Embedder(self.sage, features, graph)
+    def embedder(self, graph: Any, features: Any, cache: Any = None) -> Embedder:
+        return Embedder(self.sage, features, graph, cache=cache)
 
     def describe(self) -> dict[str, Any]:
         return {"embeddings": {"version": self.embedding_model, "path": str(self.sage_path)},

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -117,13 +118,16 @@ class Refresher:
         self.stats = RefreshStats()
         self.features = FeatureBuilder()  # one per worker: its profile cache lives across lists
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)
+        # one LRU of profile encodings for all of them (the profiles are the worker's, whatever the partition)
+        self._node_feature_cache: OrderedDict[Hashable, np.ndarray] = OrderedDict()
 
     def embedder(self, state: PartitionState) -> Embedder:
         """One embedder per partition (its graph view), kept for its feature cache; new when the model changes."""
         held = self._embedders.get(state.partition)
         if held is None or held[0] != self.models.embedding_model or held[1].graph.graph is not state.graph:
             embedder = self.models.embedder(PartitionGraphView(state), WorkerNodeFeatures(self.degree_of,
-                                                                                          self.profile_of))
+                                                                                          self.profile_of),
+                                            cache=self._node_feature_cache)
             held = self._embedders[state.partition] = (self.models.embedding_model, embedder)
         return held[1]
 

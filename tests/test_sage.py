@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Collection, Hashable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -156,6 +157,20 @@ def test_embedder_features_match_encode_node(model: GraphSage, graph: AdjacencyG
     features = Embedder(model, graph, graph).node_features(nodes)
     expected = np.stack([encode_node(graph.profile(u), graph.degree(u)) for u in nodes.tolist()])
     assert np.array_equal(features, expected)
+
+
+def test_embedders_sharing_a_cache_encode_each_profile_once(model: GraphSage, graph: AdjacencyGraph) -> None:
+    """A worker's partitions share one profile-encoding LRU: the second embedder hits what the first encoded,
+    with the same vectors as an embedder with a cache of its own."""
+    shared: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+    nodes = np.arange(0, 60, dtype=np.int64)
+    first, second = Embedder(model, graph, graph, cache=shared), Embedder(model, graph, graph, cache=shared)
+    first.node_features(nodes)
+    entries = len(shared)
+    assert entries > 0 and first.cache_misses == entries
+    assert np.array_equal(second.node_features(nodes), Embedder(model, graph, graph).node_features(nodes))
+    assert second.cache_misses == 0 and len(shared) == entries
+    assert second.embed([3, 17], salt=5).tobytes() == Embedder(model, graph, graph).embed([3, 17], salt=5).tobytes()
 
 
 class ShuffledNeighbours:
