@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import time
 from functools import lru_cache
@@ -491,6 +492,36 @@ class PymkApp:
                                        "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets,
                                        "ann_space": self.settings.ann_space, **tower},
                              "refresh": refresh, "models": self.models.describe() if self.models else None})
+
+        memory_baseline: list[Any] = []  # the previous /memory snapshot, for ?diff=1
+
+        @app.page("/memory")
+        async def memory(web: Any, request: Any) -> Any:
+            """Where this process's Python memory is, by allocation site (top 25 lines), when tracemalloc traces
+            (start the worker with PYTHONTRACEMALLOC=1; it slows allocation, so never by default). ``?diff=1``:
+            the growth since the previous call. RSS and the row-cache and RocksDB figures come with it."""
+            import tracemalloc
+
+            with open("/proc/self/statm") as statm:  # resident pages, second field
+                rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            answer: dict[str, Any] = {"rss_bytes": rss,
+                                      "row_cache_bytes": sum(s.cache_budget.last_bytes
+                                                             for s in self.state.owned.values()),
+                                      "rocksdb_memory_bytes": (self.state.rocks_memory.usage_bytes()
+                                                               if self.state.rocks_memory is not None else None),
+                                      "tracing": tracemalloc.is_tracing()}
+            if tracemalloc.is_tracing():
+                snapshot = tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(False, tracemalloc.__file__)])
+                diff = request.query.get("diff") == "1" and memory_baseline
+                stats = (snapshot.compare_to(memory_baseline[0], "lineno") if diff
+                         else snapshot.statistics("lineno"))
+                answer["traced_bytes"] = tracemalloc.get_traced_memory()[0]
+                answer["top"] = [{"where": str(stat.traceback[0]), "bytes": stat.size, "count": stat.count,
+                                  **({"growth_bytes": stat.size_diff} if diff else {})}
+                                 for stat in stats[:25]]
+                memory_baseline[:] = [snapshot]
+            return web.json(answer)
 
         def owner_page(path: str, view: Any) -> None:
             """A GET page about user ``u`` (and maybe ``v``), answered by the worker owning u's partition."""

@@ -179,8 +179,9 @@ def test_password_is_never_shown(tls_files: dict[str, Path]) -> None:
     assert secret_fields == ["sasl_password"]
 
 
-PAGES = ["/health", "/metrics", "/stats", "/users/1", "/users/1/candidates", "/features/1/2", "/recommendations/1",
-         "/neighbours/1", "/", "/router/", "/table/", "/stats/", "/assignment/", "/graph/", "/no-such-page"]
+PAGES = ["/health", "/metrics", "/stats", "/memory", "/users/1", "/users/1/candidates", "/features/1/2",
+         "/recommendations/1", "/neighbours/1", "/", "/router/", "/table/", "/stats/", "/assignment/", "/graph/",
+         "/no-such-page"]
 
 
 def request(settings: Settings, method: str, path: str) -> tuple[int, bytes]:
@@ -253,6 +254,8 @@ def check_read_only_loopback_server(settings: Settings, log: Path) -> None:
 
         served = {path: request(settings, "GET", path) for path in PAGES}
         assert served["/health"][0] == 200 and served["/features/1/2"][0] == 200
+        memory = json.loads(served["/memory"][1])  # allocation sites only when the worker was started tracing
+        assert memory["rss_bytes"] > 0 and memory["tracing"] is False and "top" not in memory
         for path, (status, body) in served.items():
             assert status < 500, (path, status)
             assert SECRET.encode() not in body, f"GET {path} shows the password"
