@@ -43,7 +43,7 @@ from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 
 CSV_FIELDS = ("t_s", "phase", "produced", "processed", "lag_total", "lag_inputs", "lag_partition_messages",
-              "rss_mb", "worker_cpu_percent")
+              "rss_mb", "worker_cpu_percent", "users", "row_cache_mb", "rocksdb_mb")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ class SoakSample:
     lag_partition_messages: int | None
     rss_mb: float | None
     worker_cpu_percent: float | None  # since the previous sample; 100 = one core
+    # memory that grows with users, not with events: the users the worker knows (user-globals), and the two
+    # caches with a byte budget (PYMK_STATE_CACHE_MB, PYMK_ROCKSDB_MEMORY_MB)
+    users: int | None = None
+    row_cache_mb: float | None = None
+    rocksdb_mb: float | None = None
 
 
 def shifted(event: InputEvent, offset: int) -> InputEvent:
@@ -149,16 +154,29 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _processed(settings: Settings) -> int | None:
+def _worker_page(settings: Settings, path: str) -> dict[str, Any] | None:
     import json
 
     try:
-        url = f"http://{settings.web_host}:{settings.web_port}/stats"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            stats = json.loads(response.read())
+        with urllib.request.urlopen(f"http://{settings.web_host}:{settings.web_port}{path}", timeout=10) as response:
+            return dict(json.loads(response.read()))
     except (OSError, ValueError):
         return None
-    return sum(stats["events_valid"].values()) + sum(stats["events_invalid"].values())
+
+
+def _processed(settings: Settings) -> int | None:
+    stats = _worker_page(settings, "/stats")
+    return None if stats is None else sum(stats["events_valid"].values()) + sum(stats["events_invalid"].values())
+
+
+def _memory_parts(settings: Settings) -> tuple[int | None, float | None, float | None]:
+    """(users known, row caches MB, RocksDB cache MB) from the worker's /stats and /memory."""
+    stats, memory = _worker_page(settings, "/stats"), _worker_page(settings, "/memory")
+    users = None if stats is None else int(stats["globals_users"])
+    if memory is None:
+        return users, None, None
+    rocks = memory.get("rocksdb_memory_bytes")
+    return users, round(memory["row_cache_bytes"] / 2**20, 1), None if rocks is None else round(rocks / 2**20, 1)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -209,7 +227,34 @@ def summarise(samples: list[SoakSample], rate: float, load_s: float) -> dict[str
         "processing_rate_per_s": ((processed[-1][1] - processed[0][1]) / (processed[-1][0] - processed[0][0])
                                   if len(processed) > 1 and processed[-1][0] > processed[0][0] else None),
         "worker_cpu_percent_mean": _mean(cpu),
+        **_memory_per_user(load, load_s),
     }
+
+
+def _memory_per_user(load: list[SoakSample], load_s: float) -> dict[str, Any]:
+    """Whether RSS grows with events or with users: the soak's networks bring new users all the time, and each
+    worker holds some state per user (its replica of the global ANN index, user-globals, caches of profiles), so
+    RSS keeps rising with users even when the byte-bounded caches have levelled off. Over the last two thirds:
+    RSS growth per 1,000 new users, and the same without the two bounded caches."""
+    tail = [s for s in load if s.t_s >= load_s / 3 and s.users is not None and s.rss_mb is not None]
+    users = [s.users for s in load if s.users is not None]
+    out: dict[str, Any] = {"users_last": users[-1] if users else None,
+                           "row_cache_mb_max": max((s.row_cache_mb for s in load if s.row_cache_mb is not None),
+                                                   default=None),
+                           "rocksdb_mb_max": max((s.rocksdb_mb for s in load if s.rocksdb_mb is not None),
+                                                 default=None)}
+    if len(tail) < 2 or tail[-1].users == tail[0].users:
+        return out
+    new_users = (tail[-1].users or 0) - (tail[0].users or 0)
+
+    def unbounded(sample: SoakSample) -> float:
+        return (sample.rss_mb or 0.0) - (sample.row_cache_mb or 0.0) - (sample.rocksdb_mb or 0.0)
+
+    out["rss_mb_per_1000_new_users_last_two_thirds"] = round(
+        1000 * ((tail[-1].rss_mb or 0.0) - (tail[0].rss_mb or 0.0)) / new_users, 2)
+    out["rss_outside_bounded_caches_mb_per_1000_new_users"] = round(
+        1000 * (unbounded(tail[-1]) - unbounded(tail[0])) / new_users, 2)
+    return out
 
 
 def plot(samples: list[SoakSample], path: Path, title: str) -> None:
@@ -299,6 +344,7 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
                 cpu_percent = (100.0 * (cpu_now - cpu_before) / (cpu_time - cpu_at)
                                if cpu_now is not None and cpu_before is not None and cpu_time > cpu_at else None)
                 cpu_before, cpu_at = cpu_now, cpu_time
+                users_known, row_cache_mb, rocksdb_mb = _memory_parts(run)
                 sample = SoakSample(
                     t_s=round(time.monotonic() - started, 2), phase=phase, produced=producer.sent,
                     processed=_processed(run),
@@ -306,7 +352,8 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
                     lag_inputs=sum(v for t, v in lag.items() if t in input_topics) if lag is not None else None,
                     lag_partition_messages=lag.get(messages_topic) if lag is not None else None,
                     rss_mb=_rss_mb(worker.pid),
-                    worker_cpu_percent=round(cpu_percent, 1) if cpu_percent is not None else None)
+                    worker_cpu_percent=round(cpu_percent, 1) if cpu_percent is not None else None,
+                    users=users_known, row_cache_mb=row_cache_mb, rocksdb_mb=rocksdb_mb)
                 samples.append(sample)
                 writer.writerow(dataclasses.asdict(sample))
                 handle.flush()

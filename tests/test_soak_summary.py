@@ -1,0 +1,35 @@
+"""Tier 1: the soak's verdicts from its samples (``pymk soak`` itself runs for minutes: not in the suite)."""
+
+from __future__ import annotations
+
+from pymk.streams.soak import SoakSample, summarise
+
+
+def samples(lag_of: dict[str, float], load_s: float = 300.0) -> list[SoakSample]:
+    """One sample every 5 s: lag by ``lag_of['base'] + lag_of['growth'] * t``; 20 users join per second, each
+    adding 0.002 MB outside the caches; the row cache fills to 50 MB by t = 100 s and stays there."""
+    out = []
+    for step in range(int(load_s / 5) + 1):
+        t = 5.0 * step
+        users = 1000 + 20 * int(t)
+        row_cache = min(50.0, 0.5 * t)
+        out.append(SoakSample(t_s=t, phase="load", produced=int(200 * t), processed=int(200 * t),
+                              lag_total=int(lag_of["base"] + lag_of["growth"] * t), lag_inputs=None,
+                              lag_partition_messages=None, rss_mb=600.0 + row_cache + 0.002 * users,
+                              worker_cpu_percent=80.0, users=users, row_cache_mb=row_cache, rocksdb_mb=0.0))
+    return out
+
+
+def test_steady_lag_is_bounded_and_growing_lag_is_not() -> None:
+    assert summarise(samples({"base": 400, "growth": 0}), rate=200, load_s=300)["lag_bounded"] is True
+    # a worker 30 events/s short of the rate: lag grows by 30 per second, 3,000 more in the last third
+    assert summarise(samples({"base": 400, "growth": 30}), rate=200, load_s=300)["lag_bounded"] is False
+
+
+def test_memory_growth_is_measured_per_new_user_apart_from_the_bounded_caches() -> None:
+    summary = summarise(samples({"base": 400, "growth": 0}), rate=200, load_s=300)
+    assert summary["users_last"] == 1000 + 20 * 300
+    assert summary["row_cache_mb_max"] == 50.0
+    # after t = 100 s only the per-user part grows: 0.002 MB per user = 2 MB per 1,000 users
+    assert abs(summary["rss_outside_bounded_caches_mb_per_1000_new_users"] - 2.0) < 1e-6
+    assert abs(summary["rss_mb_per_1000_new_users_last_two_thirds"] - 2.0) < 1e-6
