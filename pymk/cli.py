@@ -305,7 +305,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     elif args.what == "rank":
         from pymk.ranking.bench_rank import bench_rank
 
-        result = bench_rank(args.data)
+        result = bench_rank(args.data, ranker_path=args.ranker)
     else:
         from pymk.streams.bench_freshness import bench_freshness
 
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=float, default=1000.0, help="freshness: events per second")
     bench.add_argument("--seconds", type=float, default=30.0, help="freshness: how long to produce at that rate")
     bench.add_argument("--users", type=int, default=3000, help="freshness: users of the synthetic network")
+    bench.add_argument("--ranker", default=None,
+                       help="rank: time this saved model (e.g. data/models/ranker) instead of a fresh 500-tree one")
     bench.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
     bench.set_defaults(func=_cmd_bench)
     return parser

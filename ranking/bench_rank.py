@@ -59,8 +59,11 @@ def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
 
 def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs: int = 300, queries: int = 60,
                train_queries: int = 300, trees: int = 500, depth: int = 6, negatives_per_query: int = 50,
-               seed: int = 0, report: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark (see the module doc); returns a JSON-ready dict. ``report`` gets progress lines."""
+               seed: int = 0, report: Callable[[str], None] | None = None,
+               ranker_path: str | Path | None = None) -> dict[str, Any]:
+    """Run the benchmark (see the module doc); returns a JSON-ready dict. ``report`` gets progress lines.
+    ``ranker_path``: time a saved model (e.g. the shipped ``data/models/ranker``) instead of the 500-tree one
+    trained here; its held-out AUC on this graph's rows is reported too."""
     say = report or (lambda line: None)
     started = time.perf_counter()
     load_at_start = os.getloadavg()  # the machine's other work shows in every figure: said with them
@@ -118,7 +121,12 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
     train_x, train_y = np.concatenate(rows), np.concatenate(labels).astype(np.int8)
     split = int(0.8 * len(train_y))
     ranker_config = RankerConfig(n_estimators=trees, max_depth=depth, early_stopping_rounds=None)
-    ranker, train_seconds = _timed(lambda: Ranker.train(train_x[:split], train_y[:split], config=ranker_config))
+    if ranker_path is None:
+        ranker, train_seconds = _timed(lambda: Ranker.train(train_x[:split], train_y[:split], config=ranker_config))
+    else:
+        ranker, train_seconds = Ranker.load(ranker_path), 0.0
+        ranker.booster.set_param({"nthread": 1})
+        depth = int(ranker.metadata.get("config", {}).get("max_depth", depth))
     holdout_auc = roc_auc(train_y[split:], ranker.predict(train_x[split:]))
     leaves = sum(tree.count("leaf=") for tree in ranker.booster.get_dump())
     say(f"trained {ranker.metadata['trees']} trees (depth {depth}, {leaves / max(1, ranker.metadata['trees']):.1f} "
@@ -184,7 +192,8 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
         "query_users": len(bench_sets),
         "threads": 1,
         "gc_frozen": True,
-        "model": {"trees": ranker.metadata["trees"], "max_depth": depth,
+        "model": {"version": ranker.version, "path": None if ranker_path is None else str(ranker_path),
+                  "trees": ranker.metadata["trees"], "max_depth": depth,
                   "leaves_per_tree": round(leaves / max(1, ranker.metadata["trees"]), 1),
                   "train_rows": int(split), "train_seconds": round(train_seconds / 1e3, 2),
                   "holdout_row_auc": round(holdout_auc, 4)},
