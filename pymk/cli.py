@@ -252,7 +252,8 @@ def _cmd_soak(args: argparse.Namespace, settings: Settings) -> int:
     from pymk.streams.soak import run_soak
 
     run_settings = replace(settings, recommend=not args.features_only)
-    result = run_soak(run_settings, rate=args.rate, minutes=args.minutes, out_dir=Path(args.out), users=args.users)
+    result = run_soak(run_settings, rate=args.rate, minutes=args.minutes, out_dir=Path(args.out), users=args.users,
+                      same_users=args.same_users)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -431,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--users", type=int, default=10_000, help="users of the synthetic network")
     soak.add_argument("--out", default="reports/soak", help="folder of the CSV, PNG and worker log")
     soak.add_argument("--features-only", action="store_true", help="a worker without embeddings and lists")
+    soak.add_argument("--same-users", action="store_true",
+                      help="every round a new network over the same user ids (a fixed population), not new users")
     soak.set_defaults(func=_cmd_soak)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")

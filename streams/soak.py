@@ -79,14 +79,26 @@ def shifted(event: InputEvent, offset: int) -> InputEvent:
     raise TypeError(f"unknown event {event!r}")
 
 
-def endless_events(users: int, seed: int) -> Iterator[InputEvent]:
+def endless_events(users: int, seed: int, same_users: bool = False) -> Iterator[InputEvent]:
     """Synthetic networks of ``users`` users one after another, ids shifted by ``users`` per round. The next
-    round is generated in the background while the current one is sent (~1 s per 10,000 users)."""
+    round is generated in the background while the current one is sent (~1 s per 10,000 users).
+    ``same_users``: every round is a new network over the *same* ids, its times moved past the previous round's
+    (new connections, removals, views and profile edits of a fixed population): the load of a network whose
+    users are all known, where memory must level off."""
     from pymk.streams.producer import synthetic_events
+
+    last_ts = [0]
 
     def generate(round_index: int, out: list[list[InputEvent]]) -> None:
         events = synthetic_events(users, seed=seed + round_index)
-        out.append(events if round_index == 0 else [shifted(e, round_index * users) for e in events])
+        if round_index == 0:
+            out.append(events)
+        elif same_users:
+            offset = last_ts[0] + 1 - min(e.ts for e in events)
+            out.append([replace(e, ts=e.ts + offset) for e in events])
+        else:
+            out.append([shifted(e, round_index * users) for e in events])
+        last_ts[0] = max(e.ts for e in out[-1])
 
     round_index = 0
     current: list[list[InputEvent]] = []
@@ -103,9 +115,10 @@ def endless_events(users: int, seed: int) -> Iterator[InputEvent]:
 class _PacedProducer(threading.Thread):
     """Sends events at ``rate`` per second until stopped; counts what it sent."""
 
-    def __init__(self, settings: Settings, rate: float, users: int, seed: int) -> None:
+    def __init__(self, settings: Settings, rate: float, users: int, seed: int, same_users: bool = False) -> None:
         super().__init__(daemon=True, name="soak-producer")
         self.settings, self.rate, self.users, self.seed = settings, rate, users, seed
+        self.same_users = same_users
         self.sent = 0
         self.stop_requested = threading.Event()
         self.error: BaseException | None = None
@@ -115,7 +128,7 @@ class _PacedProducer(threading.Thread):
 
         try:
             producer = make_producer(self.settings, client_id="pymk-soak")
-            events = endless_events(self.users, self.seed)
+            events = endless_events(self.users, self.seed, self.same_users)
             started = time.monotonic()
             while not self.stop_requested.is_set():
                 due = int((time.monotonic() - started) * self.rate)
@@ -286,7 +299,8 @@ def plot(samples: list[SoakSample], path: Path, title: str) -> None:
 
 
 def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, users: int,
-             sample_interval_s: float = 5.0, drain_timeout_s: float = 120.0, seed: int = 7) -> dict[str, Any]:
+             sample_interval_s: float = 5.0, drain_timeout_s: float = 120.0, seed: int = 7,
+             same_users: bool = False) -> dict[str, Any]:
     """Produce synthetic events at ``rate`` per second for ``minutes`` into one fresh worker (topics under a new
     prefix, state in a temporary folder, both removed afterwards); sample RSS and lag every
     ``sample_interval_s``; write ``soak-<rate>.csv`` and ``.png`` to ``out_dir``; return the summary.
@@ -312,7 +326,7 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
     load_average_before = os.getloadavg()[0]  # the machine may be shared: context for the figures
     worker = start_worker_process(run, log_path)
     samples: list[SoakSample] = []
-    producer = _PacedProducer(run, rate, users, seed)
+    producer = _PacedProducer(run, rate, users, seed, same_users)
     load_s = minutes * 60.0
     drain_s: float | None = None
     try:
@@ -376,13 +390,15 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
         shutil.rmtree(state_home, ignore_errors=True)
     if producer.error is not None:
         raise RuntimeError(f"producing failed: {producer.error!r}") from producer.error
-    plot(samples, png_path, f"pymk soak: {rate:g} events/s for {minutes:g} min, {users} users per network")
+    plot(samples, png_path, f"pymk soak: {rate:g} events/s for {minutes:g} min, {users} users per network"
+                            + (" (the same users every round)" if same_users else ""))
     load_samples = [s for s in samples if s.phase == "load"]
     return {
         "bench": "soak",
         "rate_target_per_s": rate,
         "minutes": minutes,
         "users_per_network": users,
+        "same_users_every_round": same_users,
         "recommend": settings.recommend,
         "partitions": settings.partitions,
         "produced": producer.sent,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pymk.streams.soak import SoakSample, summarise
+from itertools import islice
+
+from pymk.streams.producer import synthetic_events
+from pymk.streams.soak import SoakSample, endless_events, summarise
+
+from pymk.events import InputEvent
 
 
 def samples(lag_of: dict[str, float], load_s: float = 300.0) -> list[SoakSample]:
@@ -33,3 +38,23 @@ def test_memory_growth_is_measured_per_new_user_apart_from_the_bounded_caches() 
     # after t = 100 s only the per-user part grows: 0.002 MB per user = 2 MB per 1,000 users
     assert abs(summary["rss_outside_bounded_caches_mb_per_1000_new_users"] - 2.0) < 1e-6
     assert abs(summary["rss_mb_per_1000_new_users_last_two_thirds"] - 2.0) < 1e-6
+
+
+def ids_and_times(events: list[InputEvent]) -> tuple[set[int], list[int]]:
+    ids = {getattr(e, name) for e in events for name in ("src", "dst", "user", "viewer", "viewed", "candidate")
+           if hasattr(e, name)}
+    return ids, [e.ts for e in events]
+
+
+def test_rounds_bring_new_users_or_move_the_same_users_forward_in_time() -> None:
+    first = synthetic_events(50, seed=1)
+    n = len(first)
+    fresh = list(islice(endless_events(50, 1), 2 * n + 10))
+    same = list(islice(endless_events(50, 1, same_users=True), 2 * n + 10))
+    assert fresh[:n] == same[:n] == first
+    fresh_ids, _ = ids_and_times(fresh[n:])
+    same_ids, same_times = ids_and_times(same[n:])
+    first_ids, first_times = ids_and_times(first)
+    assert not fresh_ids & first_ids  # a new population
+    assert same_ids <= set(range(50)) and same_ids & first_ids  # the same population ...
+    assert min(same_times) > max(first_times)  # ... later: new events, not replays that merge into nothing
