@@ -256,8 +256,8 @@ def _memory_per_user(load: list[SoakSample], load_s: float) -> dict[str, Any]:
                                                    default=None),
                            "rocksdb_mb_max": max((s.rocksdb_mb for s in load if s.rocksdb_mb is not None),
                                                  default=None)}
-    if len(tail) < 2 or tail[-1].users == tail[0].users:
-        return out
+    if len(tail) < 2 or (tail[-1].users or 0) < 1.1 * (tail[0].users or 0):
+        return out  # (almost) no new users: a per-user figure would divide by noise (e.g. --same-users)
     new_users = (tail[-1].users or 0) - (tail[0].users or 0)
 
     def unbounded(sample: SoakSample) -> float:
