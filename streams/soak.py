@@ -177,14 +177,14 @@ def _worker_page(settings: Settings, path: str) -> dict[str, Any] | None:
         return None
 
 
-def _processed(settings: Settings) -> int | None:
-    stats = _worker_page(settings, "/stats")
+def _processed(stats: dict[str, Any] | None) -> int | None:
+    """Input messages the worker has processed, from its /stats."""
     return None if stats is None else sum(stats["events_valid"].values()) + sum(stats["events_invalid"].values())
 
 
-def _memory_parts(settings: Settings) -> tuple[int | None, float | None, float | None]:
+def _memory_parts(settings: Settings, stats: dict[str, Any] | None) -> tuple[int | None, float | None, float | None]:
     """(users known, row caches MB, RocksDB cache MB) from the worker's /stats and /memory."""
-    stats, memory = _worker_page(settings, "/stats"), _worker_page(settings, "/memory")
+    memory = _worker_page(settings, "/memory")
     users = None if stats is None else int(stats["globals_users"])
     if memory is None:
         return users, None, None
@@ -331,7 +331,7 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
     drain_s: float | None = None
     try:
         deadline = time.monotonic() + 180
-        while _processed(run) is None:
+        while _worker_page(run, "/stats") is None:
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start; see {log_path}")
             time.sleep(0.5)
@@ -358,10 +358,11 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
                 cpu_percent = (100.0 * (cpu_now - cpu_before) / (cpu_time - cpu_at)
                                if cpu_now is not None and cpu_before is not None and cpu_time > cpu_at else None)
                 cpu_before, cpu_at = cpu_now, cpu_time
-                users_known, row_cache_mb, rocksdb_mb = _memory_parts(run)
+                stats = _worker_page(run, "/stats")
+                users_known, row_cache_mb, rocksdb_mb = _memory_parts(run, stats)
                 sample = SoakSample(
                     t_s=round(time.monotonic() - started, 2), phase=phase, produced=producer.sent,
-                    processed=_processed(run),
+                    processed=_processed(stats),
                     lag_total=sum(lag.values()) if lag is not None else None,
                     lag_inputs=sum(v for t, v in lag.items() if t in input_topics) if lag is not None else None,
                     lag_partition_messages=lag.get(messages_topic) if lag is not None else None,

@@ -8,6 +8,7 @@ compacted: it holds the latest list per user.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient
@@ -97,23 +98,20 @@ def _wait_for_metadata(admin: KafkaAdminClient, names: list[str], timeout_s: flo
 
 def delete_topics_with_prefix(settings: Settings, prefix: str) -> list[str]:
     """Delete every topic whose name starts with ``prefix`` (tests clean up after themselves)."""
-    admin = admin_client(settings)
-    try:
-        doomed = [t for t in admin.list_topics() if t.startswith(prefix)]
-        if doomed:
-            admin.delete_topics(doomed, timeout_ms=30_000)
-        return doomed
-    finally:
-        admin.close()
+    return _delete_topics(settings, lambda name: name.startswith(prefix))
 
 
 def delete_topics_tagged(settings: Settings, tag: str) -> list[str]:
     """Delete every topic whose name contains ``tag`` (a test's own topics, whatever prefix it derived from
     its tag, faust's internal topics included): a broker serving a long test session keeps a few open files
     per partition, and thousands of leftover partitions exhaust them."""
+    return _delete_topics(settings, lambda name: tag in name)
+
+
+def _delete_topics(settings: Settings, doomed_if: Callable[[str], bool]) -> list[str]:
     admin = admin_client(settings)
     try:
-        doomed = [t for t in admin.list_topics() if tag in t]
+        doomed = [t for t in admin.list_topics() if doomed_if(t)]
         if doomed:
             admin.delete_topics(doomed, timeout_ms=30_000)
         return doomed
