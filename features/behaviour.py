@@ -399,6 +399,11 @@ class PartitionBehaviour:
         if cached > self.max_cached_rows:
             self.drop_cache()
 
+    def cached_rows(self) -> int:
+        """How many rows are cached (a few ``len()``: cheap enough for every flush)."""
+        return (sum(len(c) for c in self._stamps.values()) + len(self._engaged)
+                + sum(len(c) for c in self._items.values()))
+
     def cached_bytes(self) -> int:
         """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
         rows = (sum(len(c) for c in self._stamps.values()) + len(self._engaged)

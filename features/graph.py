@@ -380,6 +380,10 @@ class PartitionGraph:
         if cached > self.max_cached_rows:
             self.drop_cache()
 
+    def cached_rows(self) -> int:
+        """How many rows are cached (a few ``len()``: cheap enough for every flush)."""
+        return len(self._adjacency) + len(self._mirror) + len(self._reverse) + len(self._common) + len(self._activity)
+
     def cached_bytes(self) -> int:
         """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
         rows = len(self._adjacency) + len(self._mirror) + len(self._reverse) + len(self._common) + len(self._activity)

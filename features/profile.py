@@ -328,6 +328,10 @@ class ProfileStore:
         if len(self._rows) > self.max_cached_rows:
             self.drop_cache()
 
+    def cached_rows(self) -> int:
+        """How many rows are cached (cheap enough for every flush)."""
+        return len(self._rows) + len(self._built)
+
     def cached_bytes(self) -> int:
         """Approximate memory of the cached rows: a field (with its ts) and a built profile's field counted as
         two entries each (:func:`pymk.features.storage.row_cache_bytes`)."""

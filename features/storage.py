@@ -161,26 +161,45 @@ def evict_oldest_rows(cache: dict[Any, Any], fraction: float) -> None:
 class CacheBudget:
     """Keeps the write-back row caches of one partition under ``max_bytes`` (approximately: see
     :func:`row_cache_bytes`). Measuring walks every cached row, so it runs at most once per ``min_interval_s`` and
-    takes at most ~2% of the time (the next measurement waits 50× as long as this one took). Over the budget, the
-    oldest rows are evicted down to ``keep`` of it — not everything: a worker whose working set is larger than
-    the budget then still hits its cache for most of what it reads. Evicted rows are durable: later reads come
-    from the store."""
+    takes at most ~2% of the time (the next measurement waits 50× as long as this one took). Between two
+    measurements a cheap count of the cached rows (a few ``len()``) times the bytes per row of the last measurement
+    estimates the size at every check; an estimate over the budget measures at once. Without that, a partition
+    loading many rows per second of a dense graph overshot the budget about 2× before its next timed measurement.
+    Over the budget, the oldest rows are evicted down to ``keep`` of it — not everything: a worker whose working
+    set is larger than the budget then still hits its cache for most of what it reads. Evicted rows are durable:
+    later reads come from the store."""
 
     max_bytes: int
     min_interval_s: float = 1.0
     keep: float = 0.7
     next_check: float = 0.0
-    last_bytes: int = 0
+    last_bytes: int = 0  # the last measurement, before any eviction it caused
+    estimated_bytes: int = 0  # the current size as of the last check: after eviction, or rows × bytes per row
+    bytes_per_row: float = 0.0
     evictions: int = 0
+    early_measurements: int = 0  # measurements the row count brought forward
 
-    def check(self, measure: Callable[[], int], evict: Callable[[float], None]) -> None:
-        """``evict(fraction)`` forgets that fraction of every cache, oldest rows first."""
+    def check(self, measure: Callable[[], int], evict: Callable[[float], None],
+              count_rows: Callable[[], int] | None = None) -> None:
+        """``evict(fraction)`` forgets that fraction of every cache, oldest rows first; ``count_rows`` (cheap)
+        lets a fast-growing cache be measured before its interval is over."""
         now = time.monotonic()
+        rows = count_rows() if count_rows is not None else None
         if now < self.next_check:
-            return
+            if rows is None or self.bytes_per_row <= 0.0:
+                return
+            self.estimated_bytes = int(rows * self.bytes_per_row)
+            if self.estimated_bytes <= self.max_bytes:
+                return
+            self.early_measurements += 1
         self.last_bytes = measure()
         took = time.monotonic() - now
+        if rows:
+            self.bytes_per_row = self.last_bytes / rows
+        self.estimated_bytes = self.last_bytes
         if self.last_bytes > self.max_bytes:
-            evict(1.0 - self.keep * self.max_bytes / self.last_bytes)
+            fraction = 1.0 - self.keep * self.max_bytes / self.last_bytes
+            evict(fraction)
             self.evictions += 1
+            self.estimated_bytes = int(self.last_bytes * (1.0 - fraction))
         self.next_check = now + max(self.min_interval_s, 50 * took)

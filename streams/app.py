@@ -505,7 +505,7 @@ class PymkApp:
             with open("/proc/self/statm") as statm:  # resident pages, second field
                 rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             answer: dict[str, Any] = {"rss_bytes": rss,
-                                      "row_cache_bytes": sum(s.cache_budget.last_bytes
+                                      "row_cache_bytes": sum(s.cache_budget.estimated_bytes
                                                              for s in self.state.owned.values()),
                                       "rocksdb_memory_bytes": (self.state.rocks_memory.usage_bytes()
                                                                if self.state.rocks_memory is not None else None),

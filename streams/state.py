@@ -112,6 +112,9 @@ class PartitionState:
     def cached_bytes(self) -> int:
         return sum(part.cached_bytes() for part in self.cached_parts)
 
+    def cached_rows(self) -> int:
+        return sum(part.cached_rows() for part in self.cached_parts)
+
     def evict_oldest(self, fraction: float) -> None:
         for part in self.cached_parts:
             part.evict_oldest(fraction)
@@ -119,7 +122,7 @@ class PartitionState:
     def bound_memory(self) -> None:
         """After a flush (nothing dirty): evict the oldest cached rows if the caches outgrew this partition's
         budget."""
-        self.cache_budget.check(self.cached_bytes, self.evict_oldest)
+        self.cache_budget.check(self.cached_bytes, self.evict_oldest, self.cached_rows)
 
     def next_offset(self, topic: str) -> int:
         return max(self.applied.get(topic, -1), self.pending_applied.get(topic, -1)) + 1
@@ -302,6 +305,8 @@ class WorkerState:
             "graph": {p: s.graph.stats.__dict__ for p, s in self.owned.items()},
             "behaviour": {p: s.behaviour.stats.__dict__ for p, s in self.owned.items()},
             "row_cache": {p: {"bytes_at_last_check": s.cache_budget.last_bytes,
+                              "bytes_estimated": s.cache_budget.estimated_bytes,
+                              "early_measurements": s.cache_budget.early_measurements,
                               "budget_bytes": s.cache_budget.max_bytes,
                               "evictions": s.cache_budget.evictions}
                           for p, s in self.owned.items()},

@@ -136,6 +136,9 @@ class EmbeddingStore:
         if len(self._rows) > self.max_cached_rows:
             self._rows.clear()
 
+    def cached_rows(self) -> int:
+        return len(self._rows)
+
     def cached_bytes(self) -> int:
         return sum(ROW_BYTES + (r.vector.nbytes if r is not None else 0) for r in self._rows.values())
 
@@ -180,6 +183,9 @@ class PublishedLists:
         self._dirty.clear()
         if len(self._rows) > self.max_cached_rows:
             self._rows.clear()
+
+    def cached_rows(self) -> int:
+        return len(self._rows)
 
     def cached_bytes(self) -> int:
         return sum(ROW_BYTES + len(raw) for raw in self._rows.values())
