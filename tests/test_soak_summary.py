@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import islice
 
 from pymk.streams.producer import synthetic_events
@@ -38,6 +39,13 @@ def test_memory_growth_is_measured_per_new_user_apart_from_the_bounded_caches() 
     # after t = 100 s only the per-user part grows: 0.002 MB per user = 2 MB per 1,000 users
     assert abs(summary["rss_outside_bounded_caches_mb_per_1000_new_users"] - 2.0) < 1e-6
     assert abs(summary["rss_mb_per_1000_new_users_last_two_thirds"] - 2.0) < 1e-6
+
+
+def test_rss_that_levels_off_is_bounded_and_rss_that_keeps_climbing_is_not() -> None:
+    flat = samples({"base": 400, "growth": 0})
+    assert summarise(flat, rate=200, load_s=300)["rss_bounded"] is True  # +12 MB on ~680 between the thirds
+    climbing = [replace(s, rss_mb=(s.rss_mb or 0.0) + 1.0 * s.t_s) for s in flat]  # +1 MB a second
+    assert summarise(climbing, rate=200, load_s=300)["rss_bounded"] is False
 
 
 def ids_and_times(events: list[InputEvent]) -> tuple[set[int], list[int]]:
