@@ -29,6 +29,10 @@ CandidateSet = Callable[[int], Collection[int]]
 
 PAST_FRACTION = 0.8
 DEFAULT_KS: tuple[int, ...] = (20, 50)
+# Issue #6's quality goal: the product's relative Recall@20 lift over the best single heuristic of the graph.
+QUALITY_GOAL: dict[str, float] = {"time": 0.15, "random": 0.05}
+HEURISTIC_METHODS = ("CN", "AA", "RA", "popularity")
+PRODUCT_METHODS = ("hybrid+XGBoost", "hybrid+XGBoost (live)")
 CURVE_MAX_K = 100
 
 # Scores are rounded before ordering so that sums of the same terms added in a different order (Adamic-Adar,
@@ -453,6 +457,24 @@ class EvaluationResult:
                                      "within_tolerance": abs(measured - expected) <= REFERENCE_TOLERANCE}
         return rows
 
+    def quality_goal(self) -> dict[str, object] | None:
+        """Issue #6's goal: the product's Recall@20 over the best single heuristic of this graph, relative, at
+        least ``QUALITY_GOAL[split]``; with the share of future pairs outside every candidate set, which bounds
+        what any Stage 2 can reach. None when the product or the heuristics are not among the methods."""
+        heuristics = [m for m in self.methods if m.name in HEURISTIC_METHODS and 20 in m.recall]
+        products = [m for m in self.methods if m.name in PRODUCT_METHODS and 20 in m.recall]
+        if not heuristics or not products:
+            return None
+        best = max(heuristics, key=lambda m: m.recall[20])
+        goal = QUALITY_GOAL[self.split_kind]
+        rows = {}
+        for product in products:
+            lift = product.recall[20] / best.recall[20] - 1.0 if best.recall[20] > 0 else math.inf
+            rows[product.name] = {"recall_at_20": product.recall[20], "relative_lift": lift, "met": lift >= goal}
+        return {"goal_relative_lift": goal, "best_heuristic": best.name, "best_heuristic_recall_at_20":
+                best.recall[20], "products": rows, "future_pairs_outside_hybrid_candidates":
+                1.0 - self.coverage["hybrid"] if "hybrid" in self.coverage else None}
+
     def as_dict(self) -> dict[str, object]:
         return {
             "data_path": self.data_path,
@@ -465,6 +487,7 @@ class EvaluationResult:
             "timings_seconds": self.timings,
             "reference_recall_at_20": self.reference(),
             "reference_tolerance": REFERENCE_TOLERANCE,
+            "quality_goal": self.quality_goal(),
             "protocol": self.protocol,
         }
 
@@ -607,6 +630,17 @@ def markdown_summary(result: EvaluationResult) -> str:
         delta = "" if row is None else f"{row['delta']:+.4f}"
         lines.append(f"| {scores.name} | {recalls} | {scores.mrr:.4f} | {own_coverage} | {scores.query_users} "
                      f"| {expected} | {delta} | {scores.seconds:.2f} |")
+    goal = result.quality_goal()
+    if goal is not None:
+        lines += [""]
+        for name, row in goal["products"].items():  # type: ignore[attr-defined]
+            verdict = "met" if row["met"] else "**missed**"
+            lines.append(f"Quality goal ({goal['goal_relative_lift']:.0%} over the best heuristic, "
+                         f"{goal['best_heuristic']} {goal['best_heuristic_recall_at_20']:.4f}): {name} "
+                         f"{row['recall_at_20']:.4f}, {row['relative_lift']:+.1%}: {verdict}.")
+        if goal["future_pairs_outside_hybrid_candidates"] is not None:
+            lines.append(f"{goal['future_pairs_outside_hybrid_candidates']:.1%} of the future pairs are outside "
+                         "every candidate set (no ranker can reach them).")
     lines += ["", "Coverage of (query user, future neighbour) pairs by candidate set:", "",
               "| candidate set | coverage |", "|---|---|"]
     lines += [f"| {name} | {fraction:.4f} |" for name, fraction in result.coverage.items()]

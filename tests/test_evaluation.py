@@ -19,6 +19,7 @@ from pymk.ranking.evaluation import (
     EvaluationSplit,
     LeakageError,
     Method,
+    MethodScores,
     Popularity,
     ResourceAllocation,
     assert_no_leakage,
@@ -232,3 +233,26 @@ def test_write_report_json_markdown_and_png(collegemsg_result: EvaluationResult,
     markdown = out_md.read_text()
     assert "| RA |" in markdown and "Recall@20" in markdown and "| graph |" in markdown
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_says_whether_the_product_meets_the_quality_goal(
+        collegemsg_result: EvaluationResult, tmp_path: Path) -> None:
+    def scores(name: str, recall_at_20: float) -> MethodScores:
+        return MethodScores(name, {20: recall_at_20, 50: recall_at_20}, 0.1, 10, [recall_at_20], 0.0)
+
+    result = dataclasses.replace(collegemsg_result, methods=[  # time split: the goal is +15 %
+        *collegemsg_result.methods, scores("hybrid+XGBoost", 0.0800), scores("hybrid+XGBoost (live)", 0.0900)],
+        coverage={**collegemsg_result.coverage, "hybrid": 0.75})
+    goal = result.quality_goal()
+    assert goal is not None and goal["best_heuristic"] == "popularity" and goal["goal_relative_lift"] == 0.15
+    offline, live = goal["products"]["hybrid+XGBoost"], goal["products"]["hybrid+XGBoost (live)"]
+    popularity = result.method("popularity").recall[20]  # 0.0710
+    assert math.isclose(offline["relative_lift"], 0.0800 / popularity - 1) and not offline["met"]  # +12.7 %
+    assert math.isclose(live["relative_lift"], 0.0900 / popularity - 1) and live["met"]  # +26.8 %
+    assert math.isclose(goal["future_pairs_outside_hybrid_candidates"], 0.25)
+    write_report(result, tmp_path / "r.json", tmp_path / "r.md")
+    assert json.loads((tmp_path / "r.json").read_text())["quality_goal"]["products"]["hybrid+XGBoost"]["met"] is False
+    markdown = (tmp_path / "r.md").read_text()
+    assert f"hybrid+XGBoost 0.0800, {0.0800 / popularity - 1:+.1%}: **missed**" in markdown
+    assert f"(live) 0.0900, {0.0900 / popularity - 1:+.1%}: met" in markdown
+    assert collegemsg_result.quality_goal() is None  # heuristics alone: nothing to judge
