@@ -163,8 +163,10 @@ class CacheBudget:
     :func:`row_cache_bytes`). Measuring walks every cached row, so it runs at most once per ``min_interval_s`` and
     takes at most ~2% of the time (the next measurement waits 50× as long as this one took). Between two
     measurements a cheap count of the cached rows (a few ``len()``) times the bytes per row of the last measurement
-    estimates the size at every check; an estimate over the budget measures at once. Without that, a partition
-    loading many rows per second of a dense graph overshot the budget about 2× before its next timed measurement.
+    estimates the size at every check, and an estimate over the budget evicts at once, by the estimate: without
+    that, a partition loading many rows per second of a dense graph overshot the budget about 2× before its next
+    timed measurement (and measuring instead of estimating would walk every row at every flush of a partition
+    whose working set is larger than its budget).
     Over the budget, the oldest rows are evicted down to ``keep`` of it — not everything: a worker whose working
     set is larger than the budget then still hits its cache for most of what it reads. Evicted rows are durable:
     later reads come from the store."""
@@ -177,29 +179,33 @@ class CacheBudget:
     estimated_bytes: int = 0  # the current size as of the last check: after eviction, or rows × bytes per row
     bytes_per_row: float = 0.0
     evictions: int = 0
-    early_measurements: int = 0  # measurements the row count brought forward
+    evictions_by_estimate: int = 0  # of which between two measurements, from the row count
 
     def check(self, measure: Callable[[], int], evict: Callable[[float], None],
               count_rows: Callable[[], int] | None = None) -> None:
         """``evict(fraction)`` forgets that fraction of every cache, oldest rows first; ``count_rows`` (cheap)
-        lets a fast-growing cache be measured before its interval is over."""
+        lets a fast-growing cache be evicted before its interval is over."""
         now = time.monotonic()
         rows = count_rows() if count_rows is not None else None
         if now < self.next_check:
             if rows is None or self.bytes_per_row <= 0.0:
                 return
             self.estimated_bytes = int(rows * self.bytes_per_row)
-            if self.estimated_bytes <= self.max_bytes:
-                return
-            self.early_measurements += 1
+            if self.estimated_bytes > self.max_bytes:
+                self._evict(self.estimated_bytes, evict)
+                self.evictions_by_estimate += 1
+            return
         self.last_bytes = measure()
         took = time.monotonic() - now
         if rows:
             self.bytes_per_row = self.last_bytes / rows
         self.estimated_bytes = self.last_bytes
         if self.last_bytes > self.max_bytes:
-            fraction = 1.0 - self.keep * self.max_bytes / self.last_bytes
-            evict(fraction)
-            self.evictions += 1
-            self.estimated_bytes = int(self.last_bytes * (1.0 - fraction))
+            self._evict(self.last_bytes, evict)
         self.next_check = now + max(self.min_interval_s, 50 * took)
+
+    def _evict(self, size: int, evict: Callable[[float], None]) -> None:
+        fraction = 1.0 - self.keep * self.max_bytes / size
+        evict(fraction)
+        self.evictions += 1
+        self.estimated_bytes = int(size * (1.0 - fraction))

@@ -306,7 +306,7 @@ class WorkerState:
             "behaviour": {p: s.behaviour.stats.__dict__ for p, s in self.owned.items()},
             "row_cache": {p: {"bytes_at_last_check": s.cache_budget.last_bytes,
                               "bytes_estimated": s.cache_budget.estimated_bytes,
-                              "early_measurements": s.cache_budget.early_measurements,
+                              "evictions_by_estimate": s.cache_budget.evictions_by_estimate,
                               "budget_bytes": s.cache_budget.max_bytes,
                               "evictions": s.cache_budget.evictions}
                           for p, s in self.owned.items()},

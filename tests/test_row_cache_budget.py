@@ -105,27 +105,24 @@ def test_eviction_forgets_the_oldest_loaded_rows_first() -> None:
     assert list(graph._adjacency)[-1] == 3
 
 
-def test_a_fast_growing_cache_is_measured_before_its_interval_is_over() -> None:
+def test_a_fast_growing_cache_is_evicted_before_its_interval_is_over() -> None:
     budget = CacheBudget(max_bytes=1000, min_interval_s=3600.0, keep=0.7)
     rows = [5]  # 100 bytes a row
     measured: list[int] = []
-    fractions: list[float] = []
 
     def measure() -> int:
         measured.append(rows[0] * 100)
         return rows[0] * 100
 
     def evict(fraction: float) -> None:
-        fractions.append(fraction)
         rows[0] = round(rows[0] * (1.0 - fraction))
 
     budget.check(measure, evict, lambda: rows[0])
     assert measured == [500] and budget.bytes_per_row == 100.0
-    rows[0] = 9  # under the budget by the row count: the interval holds
+    rows[0] = 9  # under the budget by the row count: nothing to do until the interval is over
     budget.check(measure, evict, lambda: rows[0])
-    assert measured == [500] and budget.estimated_bytes == 900
-    rows[0] = 30  # 3,000 bytes by the row count: measured now, evicted down to 70 % of the budget
+    assert measured == [500] and budget.estimated_bytes == 900 and budget.evictions == 0
+    rows[0] = 30  # 3,000 bytes by the row count: evicted now, down to 70 % of the budget, without a walk
     budget.check(measure, evict, lambda: rows[0])
-    assert measured == [500, 3000] and budget.early_measurements == 1 and budget.evictions == 1
+    assert measured == [500] and budget.evictions == budget.evictions_by_estimate == 1
     assert rows[0] == 7 and budget.estimated_bytes == 700
-    assert budget.last_bytes == 3000  # the measurement itself, before its eviction
