@@ -406,8 +406,7 @@ class PartitionBehaviour:
 
     def cached_bytes(self) -> int:
         """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
-        rows = (sum(len(c) for c in self._stamps.values()) + len(self._engaged)
-                + sum(len(c) for c in self._items.values()))
+        rows = self.cached_rows()
         entries = (sum(len(row) + sum(map(len, row.values())) for c in self._stamps.values() for row in c.values())
                    + sum(map(len, self._engaged.values()))
                    + sum(len(row.engagers) for c in self._items.values() for row in c.values()))

@@ -386,7 +386,7 @@ class PartitionGraph:
 
     def cached_bytes(self) -> int:
         """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
-        rows = len(self._adjacency) + len(self._mirror) + len(self._reverse) + len(self._common) + len(self._activity)
+        rows = self.cached_rows()
         entries = (sum(len(row.versions) for row in self._adjacency.values())
                    + sum(len(row.versions) for row in self._mirror.values())
                    + sum(map(len, self._reverse.values())) + sum(map(len, self._common.values())))
