@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,15 @@ def endless_events(users: int, seed: int, same_users: bool = False) -> Iterator[
     """Synthetic networks of ``users`` users one after another, ids shifted by ``users`` per round. The next
     round is generated in the background while the current one is sent (~1 s per 10,000 users).
     ``same_users``: every round is a new network over the *same* ids, its times moved past the previous round's
-    (new connections, removals, views and profile edits of a fixed population): the load of a network whose
-    users are all known, where memory must level off."""
+    (new connections, removals, views and profile edits of a fixed population), and it removes, spread evenly
+    through it, the connections the previous round left that it does not make again: the graph stays the size
+    of one network, as in a mature network whose churn balances its growth. That is the load under which
+    memory and lag must level off; without the removals every round would densify the same users' graph, and
+    per-event work (2-hop pairs touched) would grow without end."""
     from pymk.streams.producer import synthetic_events
 
     last_ts = [0]
+    previous_edges: list[set[tuple[int, int]]] = [set()]
 
     def generate(round_index: int, out: list[list[InputEvent]]) -> None:
         events = synthetic_events(users, seed=seed + round_index)
@@ -95,10 +99,12 @@ def endless_events(users: int, seed: int, same_users: bool = False) -> Iterator[
             out.append(events)
         elif same_users:
             offset = last_ts[0] + 1 - min(e.ts for e in events)
-            out.append([replace(e, ts=e.ts + offset) for e in events])
+            moved = [replace(e, ts=e.ts + offset) for e in events]
+            out.append(_replacing(moved, previous_edges[0] - _final_edges(moved)))
         else:
             out.append([shifted(e, round_index * users) for e in events])
         last_ts[0] = max(e.ts for e in out[-1])
+        previous_edges[0] = _final_edges(out[-1])
 
     round_index = 0
     current: list[list[InputEvent]] = []
@@ -110,6 +116,37 @@ def endless_events(users: int, seed: int, same_users: bool = False) -> Iterator[
         yield from current[0]
         worker.join()
         current, round_index = upcoming, round_index + 1
+
+
+def _final_edges(events: Sequence[InputEvent]) -> set[tuple[int, int]]:
+    """The connections a stream of events leaves (adds and removes in order), as (low, high) pairs."""
+    edges: set[tuple[int, int]] = set()
+    for event in events:
+        if isinstance(event, ConnectionEvent):
+            pair = (min(event.src, event.dst), max(event.src, event.dst))
+            if event.action == "add":
+                edges.add(pair)
+            else:
+                edges.discard(pair)
+    return edges
+
+
+def _replacing(events: list[InputEvent], stale: set[tuple[int, int]]) -> list[InputEvent]:
+    """``events`` with a removal of every ``stale`` connection, spread evenly through them (each at the time of
+    the event it follows, so times stay in order)."""
+    if not stale or not events:
+        return events
+    removals = sorted(stale)
+    every = len(events) / len(removals)
+    out: list[InputEvent] = []
+    next_removal = 0
+    for index, event in enumerate(events):
+        out.append(event)
+        while next_removal < len(removals) and next_removal * every <= index:
+            low, high = removals[next_removal]
+            out.append(ConnectionEvent(low, high, "remove", event.ts))
+            next_removal += 1
+    return out
 
 
 class _PacedProducer(threading.Thread):

@@ -6,9 +6,9 @@ from dataclasses import replace
 from itertools import islice
 
 from pymk.streams.producer import synthetic_events
-from pymk.streams.soak import SoakSample, endless_events, summarise
+from pymk.streams.soak import SoakSample, _final_edges, endless_events, summarise
 
-from pymk.events import InputEvent
+from pymk.events import ConnectionEvent, InputEvent
 
 
 def samples(lag_of: dict[str, float], load_s: float = 300.0) -> list[SoakSample]:
@@ -66,3 +66,25 @@ def test_rounds_bring_new_users_or_move_the_same_users_forward_in_time() -> None
     assert not fresh_ids & first_ids  # a new population
     assert same_ids <= set(range(50)) and same_ids & first_ids  # the same population ...
     assert min(same_times) > max(first_times)  # ... later: new events, not replays that merge into nothing
+
+
+def test_same_users_rounds_replace_the_previous_rounds_connections() -> None:
+    """A fixed population at a steady state: each round removes what the previous one left and does not make
+    again, so the graph stays one network's size instead of densifying round after round."""
+    first = synthetic_events(60, seed=1)
+    n = len(first)
+    stream = list(islice(endless_events(60, 1, same_users=True), 4 * n))
+    edges: set[tuple[int, int]] = set()
+    sizes = []
+    for index, event in enumerate(stream):
+        if isinstance(event, ConnectionEvent):
+            pair = (min(event.src, event.dst), max(event.src, event.dst))
+            if event.action == "add":
+                edges.add(pair)
+            else:
+                edges.discard(pair)
+        if index in (n - 1, 2 * n - 1, 3 * n - 1):
+            sizes.append(len(edges))
+    one_network = len(_final_edges(first))
+    assert all(0.7 * one_network <= size <= 1.3 * one_network for size in sizes), (sizes, one_network)
+    assert [e.ts for e in stream] == sorted(e.ts for e in stream)
