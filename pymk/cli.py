@@ -227,7 +227,7 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
-    from pymk.train import model_history, rollback
+    from pymk.train import SHIPPED_DEFAULT, model_history, rollback
 
     kind_dir = settings.model_dir / args.kind
     if args.action == "rollback":
@@ -240,7 +240,7 @@ def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
               f"{settings.model_reload_interval_s:g} s")
         return 0
     current = kind_dir / "current"
-    print(f"{args.kind}: current = {current.resolve().name if current.exists() else '(none: shipped default)'}")
+    print(f"{args.kind}: current = {current.resolve().name if current.exists() else SHIPPED_DEFAULT}")
     for version in model_history(kind_dir):
         print(f"  {version}")
     return 0

@@ -62,11 +62,21 @@ def model_history(kind_dir: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
+SHIPPED_DEFAULT = "(none: shipped default)"
+
+
 def rollback(kind_dir: Path) -> str:
-    """Point ``current`` back at the version before it (one step per call); returns that version."""
+    """Point ``current`` back at the version before it (one step per call); returns that version. From the first
+    trained version, back to the shipped default: ``current`` is removed, and workers fall back to it."""
     history = model_history(kind_dir)
-    if len(history) < 2:
-        raise ValueError(f"{kind_dir}: no earlier version to roll back to (history: {history})")
+    if not history:
+        raise ValueError(f"{kind_dir}: no trained version to roll back from (serving the shipped default)")
+    if len(history) == 1:
+        current = kind_dir / "current"
+        if current.is_symlink() or current.exists():
+            current.unlink()
+        (kind_dir / "history").write_text("")
+        return SHIPPED_DEFAULT
     previous = history[-2]
     if not (kind_dir / previous / "metadata.json").exists():
         raise FileNotFoundError(f"{kind_dir / previous} is gone")

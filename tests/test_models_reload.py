@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pymk.ranking.features import N_FEATURES
 from pymk.ranking.model import Ranker, RankerConfig
 from pymk.streams.models import Models
 
 from pymk.settings import Settings
-from pymk.train import model_history, point_current, rollback
+from pymk.train import SHIPPED_DEFAULT, model_history, point_current, rollback
 
 
 def tiny_ranker(seed: int) -> Ranker:
@@ -47,3 +48,13 @@ def test_workers_models_follow_current_and_roll_back(tmp_path: Path) -> None:
     point_current(broken)
     assert models.reload_if_changed() == {}
     assert models.scorer.version == first.version
+
+    # from the first trained version, one more rollback returns to the shipped default
+    assert rollback(kind_dir) == first.version  # undoes the broken one
+    models.reload_if_changed()
+    assert models.scorer.version == first.version
+    assert rollback(kind_dir) == SHIPPED_DEFAULT
+    assert models.reload_if_changed() == {"ranker": cold_version}
+    assert model_history(kind_dir) == [] and not (kind_dir / "current").exists()
+    with pytest.raises(ValueError, match="no trained version"):
+        rollback(kind_dir)
