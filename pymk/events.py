@@ -178,7 +178,8 @@ class Impression:
     """One item of a published list, with the exact feature vector the model scored (for training on the
     model's own traffic). ``ts``: when it was published (wall clock); ``as_of``: the event time it was ranked
     at, which the delayed labels are measured from. ``rank`` 0: a candidate scored but not shown, logged as a
-    sample of the rest of the pool (an extension of the contract's record)."""
+    sample of the rest of the pool (an extension of the contract's record); ``weight``: how many candidates of
+    the pool that sampled row stands for (1 for a shown item), so training can weigh the sample back to the pool."""
 
     KIND: ClassVar[str] = "impressions"
     user: int
@@ -190,16 +191,17 @@ class Impression:
     ts: int
     as_of: int = 0
     sources: tuple[str, ...] = ()
+    weight: float = 1.0
 
     @property
     def key(self) -> int:
         return self.user
 
     def to_json(self) -> bytes:
-        # The fields in order, as asdict() gives them, without its deep copy (40 of these per published list).
+        # The fields in order, as asdict() gives them, without its deep copy (80 of these per published list).
         return _dumps({"user": self.user, "candidate": self.candidate, "rank": self.rank, "score": self.score,
                        "model_version": self.model_version, "features": self.features, "ts": self.ts,
-                       "as_of": self.as_of, "sources": list(self.sources)})
+                       "as_of": self.as_of, "sources": list(self.sources), "weight": self.weight})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Impression:
@@ -207,7 +209,7 @@ class Impression:
         return cls(user=int(data["user"]), candidate=int(data["candidate"]), rank=int(data["rank"]),
                    score=float(data["score"]), model_version=str(data["model_version"]),
                    features=dict(data["features"]), ts=int(data["ts"]), as_of=int(data.get("as_of", 0)),
-                   sources=tuple(data.get("sources", ())))
+                   sources=tuple(data.get("sources", ())), weight=float(data.get("weight", 1.0)))
 
 
 @dataclass(frozen=True)

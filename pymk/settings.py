@@ -130,7 +130,11 @@ class Settings:
     dismissal_expiry_ms: int = 0
     # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a
     # ranker retrained from the impressions learns about the whole candidate pool, not only the shown top.
-    impressions_unshown_sample: int = 20
+    impressions_unshown_sample: int = 60
+    # Half of that sample comes from the unshown candidates ranked just below the list (ranks k+1 .. this), the
+    # candidates a retrained model would promote; the other half from the rest of the pool. Each row carries
+    # the weight of its stratum (how many candidates it stands for).
+    impressions_unshown_near_ranks: int = 100
     # Label horizon of the ranker's training data (event time).
     label_horizon_ms: int = 14 * 24 * 3600 * 1000
 

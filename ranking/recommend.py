@@ -98,6 +98,30 @@ def ranking_order(scores: np.ndarray, degree_key: np.ndarray, ids: np.ndarray, k
     return pool[order[:k]]
 
 
+def sample_unshown(top: np.ndarray, scores: np.ndarray, k: int, near_ranks: int,
+                   rng: np.random.Generator) -> list[tuple[int, float]]:
+    """(candidate index, weight) of up to ``k`` candidates that were scored but not in ``top``, to log with a
+    list: half from just below it (the unshown ones ranked above ``near_ranks`` by ``scores``), where a better
+    model's promotions come from, half from the rest of the pool; each weighted by how many candidates of its
+    stratum it stands for (stratum size / sample size, Horvitz-Thompson), so the weighted sample has the pool's
+    mix. A stratum with fewer candidates than its half gives the rest to the other. In index order."""
+    shown = set(top.tolist())
+    by_score = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    rest = [int(i) for i in by_score if int(i) not in shown]
+    if k <= 0 or not rest:
+        return []
+    near = rest[: max(0, near_ranks - len(shown))]
+    far = rest[len(near):]
+    near_quota = min(len(near), max((k + 1) // 2, k - len(far)))
+    far_quota = min(len(far), k - near_quota)
+    out = []
+    for stratum, quota in ((near, near_quota), (far, far_quota)):
+        if quota > 0:
+            weight = len(stratum) / quota
+            out.extend((stratum[j], weight) for j in rng.choice(len(stratum), size=quota, replace=False).tolist())
+    return sorted(out)
+
+
 def score_candidates(user: int, source: RankingSource, scorer: Scorer, candidate_config: CandidateConfig,
                      as_of_ms: int, k: int = DEFAULT_K, filters: Iterable[CandidateFilter] | None = None,
                      builder: FeatureBuilder | None = None) -> ScoredCandidates:

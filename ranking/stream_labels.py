@@ -91,6 +91,22 @@ def feature_matrix(rows: Sequence[LabelledImpression]) -> np.ndarray:
     return out
 
 
+def pool_weights(rows: Sequence[LabelledImpression]) -> np.ndarray:
+    """Row weights that make the labelled impressions stand for the candidate pools they were drawn from: each
+    row's logged ``weight`` (1 for a shown item, the size of its stratum over its sample size for an unshown
+    one), then scaled per class to sum to that class's row count — the class balance stays that of the rows,
+    only the mix within a class (shown, just below the list, the rest of the pool) is corrected. Unweighted,
+    the shown top 20 would be half of every list's rows while it is 1-2 % of the pool, and a retrained model
+    would learn to re-order the top it was shown instead of what to lift into it."""
+    weights = np.array([r.impression.weight for r in rows], dtype=np.float64)
+    labels = np.array([r.label for r in rows])
+    for value in (0, 1):
+        mask = labels == value
+        if mask.any():
+            weights[mask] *= mask.sum() / weights[mask].sum()
+    return weights
+
+
 def time_split(rows: Sequence[LabelledImpression], val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks (train, validation): validation = the impressions with the latest as-of times."""
     as_of = np.array([r.impression.as_of for r in rows], dtype=np.int64)

@@ -32,7 +32,13 @@ from pymk.index.records import EmbeddingRecord
 from pymk.index.tower_index import TowerSpaceIndex
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder, feature_dict
-from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order, score_candidates
+from pymk.ranking.recommend import (
+    ScoredCandidates,
+    rank_scored,
+    ranking_order,
+    sample_unshown,
+    score_candidates,
+)
 from pymk.ranking.two_tower import blend_scores
 from pymk.streams.global_index import GlobalIndex, ann_config
 from pymk.streams.models import Models
@@ -318,21 +324,16 @@ class Refresher:
 
     def _unshown_sample(self, user: int, scored: ScoredCandidates, model_version: str, as_of: int,
                         now_ms: int) -> list[Impression]:
-        """A few candidates the model scored but did not show (``rank`` 0), logged like the shown ones: a model
-        retrained only on what its predecessor showed learns to re-order that top 20 and nothing about the
-        other candidates it will have to rank. Uniform, seeded by (user, as-of), so a redone flush logs the same."""
-        k = self.settings.impressions_unshown_sample
-        shown = set(scored.top.tolist())
-        rest = [i for i in range(len(scored.candidates)) if i not in shown]
-        if k <= 0 or not rest:
-            return []
+        """A sample of the candidates the model scored but did not show (``rank`` 0, weighted by how many they
+        stand for; :func:`sample_unshown`), logged like the shown ones: a model retrained only on what its
+        predecessor showed learns to re-order that top 20 and nothing about the other candidates it will have
+        to rank. Seeded by (user, as-of), so a redone flush logs the same."""
         rng = np.random.default_rng([user & 0x7FFFFFFFFFFFFFFF, as_of])
-        picked = rng.choice(len(rest), size=min(k, len(rest)), replace=False)
         out = []
-        for j in sorted(picked.tolist()):
-            index = rest[j]
+        for index, weight in sample_unshown(scored.top, scored.scores, self.settings.impressions_unshown_sample,
+                                            self.settings.impressions_unshown_near_ranks, rng):
             candidate = scored.candidates.candidate(index)
             out.append(Impression(user=user, candidate=candidate.user, rank=0, score=float(scored.scores[index]),
                                   model_version=model_version, features=feature_dict(scored.features[index]),
-                                  ts=now_ms, as_of=as_of, sources=candidate.sources))
+                                  ts=now_ms, as_of=as_of, sources=candidate.sources, weight=weight))
         return out

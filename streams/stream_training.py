@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from pymk.ranking.model import Ranker, roc_auc
-from pymk.ranking.stream_labels import feature_matrix, label_impressions, recall_at_k, time_split
+from pymk.ranking.stream_labels import feature_matrix, label_impressions, pool_weights, recall_at_k, time_split
 
 from pymk.events import ConnectionEvent, DismissalEvent, Impression
 from pymk.settings import Settings
@@ -94,8 +94,10 @@ def train_from_stream(settings: Settings, out: Path | None = None, val_fraction:
                          f"of {len(rows)})")
     outcomes = {name: sum(1 for r in rows if r.outcome == name) for name in ("connected", "dismissed", "expired")}
     served_versions = sorted({r.impression.model_version for r in rows})
+    weights = pool_weights(rows)
     base = serving_ranker(settings) if warm_start else None
-    ranker = Ranker.train(features[train], labels[train], features[val], labels[val], extra_metadata={
+    ranker = Ranker.train(features[train], labels[train], features[val], labels[val], weights=weights[train],
+                          val_weights=weights[val], extra_metadata={
         "data": "stream", "label_horizon_ms": settings.label_horizon_ms, "impressions": len(impressions),
         "labelled": len(rows), "outcomes": outcomes, "trained_on_traffic_of": served_versions}, base=base)
     val_rows = [r for r, v in zip(rows, val, strict=True) if v]

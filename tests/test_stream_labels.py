@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
-from pymk.ranking.stream_labels import feature_matrix, label_impressions, recall_at_k, time_split
+from pymk.ranking.recommend import sample_unshown
+from pymk.ranking.stream_labels import (
+    LabelledImpression,
+    feature_matrix,
+    label_impressions,
+    pool_weights,
+    recall_at_k,
+    time_split,
+)
 
 from pymk.events import Impression
 
@@ -82,7 +91,37 @@ def test_impression_json_is_the_dataclass_as_a_dict() -> None:
     from dataclasses import asdict
 
     impression = Impression(3, 9, 0, 0.25, "xgb-x", {"adamic_adar_score": 1.5, "geo_distance_km": None}, ts=7,
-                            as_of=5, sources=("graph", "ann"))
+                            as_of=5, sources=("graph", "ann"), weight=12.5)
     expected = {**asdict(impression), "sources": ["graph", "ann"]}
     assert impression.to_json() == json.dumps(expected, separators=(",", ":"), allow_nan=False).encode()
     assert Impression.from_json(impression.to_json()) == impression
+
+
+def test_unshown_sample_is_stratified_below_the_list_and_weighted_by_what_it_stands_for() -> None:
+    scores = np.linspace(1.0, 0.0, 1000)[np.random.default_rng(0).permutation(1000)]
+    order = np.argsort(-scores)
+    top = order[:20]
+    picked = sample_unshown(top, scores, k=20, near_ranks=100, rng=np.random.default_rng(1))
+    ranks = {int(index): rank for rank, index in enumerate(order.tolist(), start=1)}
+    assert len(picked) == 20 and len({i for i, _ in picked}) == 20 and not {i for i, _ in picked} & set(top.tolist())
+    near = [(i, w) for i, w in picked if ranks[i] <= 100]
+    far = [(i, w) for i, w in picked if ranks[i] > 100]
+    assert len(near) == len(far) == 10
+    assert all(w == 80 / 10 for _, w in near) and all(w == 900 / 10 for _, w in far)
+    assert sum(w for _, w in picked) == 1000 - 20  # the weighted sample stands for the whole unshown pool
+    # a small pool: every unshown candidate once, weight 1; the same seed picks the same rows (a redone flush)
+    small = sample_unshown(top[:5], scores, k=2000, near_ranks=100,
+                           rng=np.random.default_rng(1))
+    assert len(small) == 995 and {w for _, w in small} == {1.0}
+    assert picked == sample_unshown(top, scores, k=20, near_ranks=100, rng=np.random.default_rng(1))
+    assert sample_unshown(top, scores, k=0, near_ranks=100, rng=np.random.default_rng(1)) == []
+
+
+def test_pool_weights_correct_the_mix_within_a_class_and_keep_the_class_balance() -> None:
+    rows = [LabelledImpression(shown(1, 2, 0), 0, "expired"),
+            LabelledImpression(replace(shown(1, 3, 0), rank=0, weight=9.0), 0, "expired"),
+            LabelledImpression(shown(1, 4, 0), 1, "connected"),
+            LabelledImpression(replace(shown(1, 5, 0), rank=0, weight=3.0), 1, "connected")]
+    weights = pool_weights(rows)
+    assert weights[1] == 9 * weights[0] and weights[3] == 3 * weights[2]
+    assert math.isclose(weights[:2].sum(), 2) and math.isclose(weights[2:].sum(), 2)
