@@ -1,11 +1,13 @@
 """Tier 3: the loop closes — a worker serves with the cold-start model, logs impressions, a ranker is trained
 from the stream (impressions + what users did next), the running worker reloads it without a restart and
-publishes every list after it with the new version; Recall@20 on the next period of the lists published
-afterwards is measured against a worker that kept the cold-start model.
+publishes every list after it with the new version; Recall@20 on the next period of the lists it publishes
+then is higher than that of the lists the cold-start model publishes from the same state after a rollback.
 
-Not asserted (yet): that the retrained model is better. With a few hundred labelled connections from one period
-of a 700-user network it is not — it scores below the heuristic blend (see the closing note of issue #9); the
-figure is printed so the run records it."""
+The network is not the one the shipped cold-start model was trained on (the generator's defaults): here most
+connections go through a shared company, school or city and few close a triangle (``WORLD``). That is the case
+the loop exists for: traffic that behaves unlike the data the default was trained on. In the generator's own
+world the default is already that world's model, and one period of a 700-user network moves it within noise
+(-3.7 % and +1.5 % in two runs, see the README)."""
 
 from __future__ import annotations
 
@@ -13,16 +15,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from conftest import free_port
 from pymk.streams.consumer import latest_per_user, read_recommendations
 from pymk.streams.producer import send_commands
 from pymk.streams.stream_training import train_from_stream
 from pymk.streams.topics import ensure_topics
-from stream_helpers import final_graph, send, settle, small_network
+from stream_helpers import final_graph, send, settle
 from workers import http_get, running_worker, wait_until
 
-from pymk.events import ConnectionEvent
+from pymk.events import ConnectionEvent, Recommendations
 from pymk.settings import Settings
+from pymk.synthetic import SyntheticConfig, synthetic_network
+from pymk.train import SHIPPED_DEFAULT, rollback
+
+# Homophily-driven: 10 % of connection attempts try to close a triangle (default 50 %), accepted with p 0.1 per
+# mutual (0.35); 95 % of the others go through a shared community (85 %).
+WORLD = SyntheticConfig(n_users=700, seed=21, triadic_share=0.1, homophily=0.95, closure_prob=0.1)
 
 
 def recall_at_20(lists: dict, future: dict[int, set[int]]) -> float:
@@ -33,7 +40,7 @@ def recall_at_20(lists: dict, future: dict[int, set[int]]) -> float:
 
 def test_ranker_retrained_from_the_stream_is_reloaded_live(kafka_settings: Settings,
                                                                           tmp_path: Path) -> None:
-    events = small_network(700, seed=21)
+    events = synthetic_network(WORLD)
     first, second = int(len(events) * 0.6), int(len(events) * 0.8)
     period1, period2, period3 = events[:first], events[first:second], events[second:]
     known = final_graph(period1 + period2)
@@ -44,39 +51,42 @@ def test_ranker_retrained_from_the_stream_is_reloaded_live(kafka_settings: Setti
             future.setdefault(e.dst, set()).add(e.src)
 
     learning = replace(kafka_settings, model_reload_interval_s=1.0, home=tmp_path / "learning")
-    tag = "cold" + kafka_settings.topic_prefix
-    cold = replace(kafka_settings, topic_prefix=tag, app_id=tag + "-worker", web_port=free_port(),
-                   home=tmp_path / "cold")
     ensure_topics(learning)
-    ensure_topics(cold)
-    send(cold, period1)
-    with running_worker(learning, tmp_path / "learning.log"), running_worker(cold, tmp_path / "cold.log"):
+
+    def serving() -> str:
+        return http_get(learning, "/stats")["models"]["ranker"]["version"]
+
+    def publish_every_list() -> dict[int, Recommendations]:
+        """Every user's list ranked again from the same state (no event in between), the latest per user."""
+        send_commands(learning)
+        time.sleep(2)
+        settle(learning, [learning])
+        return latest_per_user(read_recommendations(learning))
+
+    with running_worker(learning, tmp_path / "learning.log"):
         # live traffic, not a backlog: lists are ranked as of the event time they were shown at, so the days
         # after each impression can label it (a backlog would be ranked as of its end, with nothing after it)
         send(learning, period1, rate=400)
         settle(learning, [learning])
-        default_version = http_get(learning, "/stats")["models"]["ranker"]["version"]
+        default_version = serving()
 
         report = train_from_stream(learning)
         assert report["labelled"] > 1000 and report["outcomes"]["connected"] > 50, report
-        wait_until(lambda: http_get(learning, "/stats")["models"]["ranker"]["version"] == report["version"], 30,
-                   what="the worker serving the retrained model")
+        wait_until(lambda: serving() == report["version"], 30, what="the worker serving the retrained model")
 
-        for settings in (learning, cold):
-            send(settings, period2)
+        send(learning, period2)
         settle(learning, [learning])
-        settle(cold, [cold])
-        for settings in (learning, cold):  # both publish every list as of the end of period 2
-            send_commands(settings)
-        time.sleep(2)
-        settle(learning, [learning])
-        settle(cold, [cold])
-        learned = latest_per_user(read_recommendations(learning))
-        cold_lists = latest_per_user(read_recommendations(cold))
+        learned = publish_every_list()  # as of the end of period 2, by the retrained model
+        # the default on the very same state: one rollback command, reloaded live (two workers, one per model,
+        # would differ by more than their models: which users were embedded when, HNSW insertion order)
+        assert rollback(learning.model_dir / "ranker") == SHIPPED_DEFAULT
+        wait_until(lambda: serving() == default_version, 30, what="the worker serving the default again")
+        defaults = publish_every_list()
 
-    assert {recs.model_version for recs in learned.values() if recs.generated_at > 0} >= {report["version"]}
-    assert all(recs.model_version == default_version for recs in cold_lists.values())
-    learned_recall, cold_recall = recall_at_20(learned, future), recall_at_20(cold_lists, future)
+    assert {recs.model_version for recs in learned.values()} == {report["version"]}
+    assert {recs.model_version for recs in defaults.values()} == {default_version}
+    assert learned.keys() == defaults.keys()
+    learned_recall, default_recall = recall_at_20(learned, future), recall_at_20(defaults, future)
     print(f"Recall@20 on period 3: retrained {learned_recall:.4f} vs cold start ({default_version}) "
-          f"{cold_recall:.4f}; training report {report}")
-    assert learned_recall > 0 and cold_recall > 0
+          f"{default_recall:.4f}; training report {report}")
+    assert learned_recall > default_recall > 0
