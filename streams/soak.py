@@ -297,12 +297,21 @@ def _memory_per_user(load: list[SoakSample], load_s: float) -> dict[str, Any]:
                                                    default=None),
                            "rocksdb_mb_max": max((s.rocksdb_mb for s in load if s.rocksdb_mb is not None),
                                                  default=None)}
-    if len(tail) < 2 or (tail[-1].users or 0) < 1.1 * (tail[0].users or 0):
-        return out  # (almost) no new users: a per-user figure would divide by noise (e.g. --same-users)
-    new_users = (tail[-1].users or 0) - (tail[0].users or 0)
 
     def unbounded(sample: SoakSample) -> float:
         return (sample.rss_mb or 0.0) - (sample.row_cache_mb or 0.0) - (sample.rocksdb_mb or 0.0)
+
+    # RSS without the two byte-bounded caches (which fill up to their budgets): with a fixed population
+    # (--same-users) this is what has to level off
+    thirds = [[unbounded(s) for s in load if lo * load_s / 3 <= s.t_s < hi * load_s / 3 and s.rss_mb is not None]
+              for lo, hi in ((1, 2), (2, 3.01))]
+    out["rss_outside_bounded_caches_mb_middle_third_mean"] = _mean(thirds[0])
+    out["rss_outside_bounded_caches_mb_last_third_mean"] = _mean(thirds[1])
+    out["rss_outside_bounded_caches_slope_mb_per_min_last_two_thirds"] = _per_minute(
+        _slope_per_s([(s.t_s, unbounded(s)) for s in tail]))
+    if len(tail) < 2 or (tail[-1].users or 0) < 1.1 * (tail[0].users or 0):
+        return out  # (almost) no new users: a per-user figure would divide by noise (e.g. --same-users)
+    new_users = (tail[-1].users or 0) - (tail[0].users or 0)
 
     out["rss_mb_per_1000_new_users_last_two_thirds"] = round(
         1000 * ((tail[-1].rss_mb or 0.0) - (tail[0].rss_mb or 0.0)) / new_users, 2)

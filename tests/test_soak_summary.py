@@ -39,6 +39,10 @@ def test_memory_growth_is_measured_per_new_user_apart_from_the_bounded_caches() 
     # after t = 100 s only the per-user part grows: 0.002 MB per user = 2 MB per 1,000 users
     assert abs(summary["rss_outside_bounded_caches_mb_per_1000_new_users"] - 2.0) < 1e-6
     assert abs(summary["rss_mb_per_1000_new_users_last_two_thirds"] - 2.0) < 1e-6
+    # and per minute: 20 users a second * 0.002 MB = 2.4 MB a minute outside the caches, whatever they hold
+    assert abs(summary["rss_outside_bounded_caches_slope_mb_per_min_last_two_thirds"] - 2.4) < 1e-6
+    assert summary["rss_outside_bounded_caches_mb_last_third_mean"] > summary[
+        "rss_outside_bounded_caches_mb_middle_third_mean"]
 
 
 def test_rss_that_levels_off_is_bounded_and_rss_that_keeps_climbing_is_not() -> None:
