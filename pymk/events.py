@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -178,7 +179,8 @@ class Impression:
     """One item of a published list, with the exact feature vector the model scored (for training on the
     model's own traffic). ``ts``: when it was published (wall clock); ``as_of``: the event time it was ranked
     at, which the delayed labels are measured from. ``rank`` 0: a candidate scored but not shown, logged as a
-    sample of the rest of the pool (an extension of the contract's record); ``weight``: how many candidates of
+    sample of the rest of the pool (an extension of the contract's record; a list's sample is one record of the
+    ``impressions-unshown`` topic, :func:`unshown_sample_to_json`); ``weight``: how many candidates of
     the pool that sampled row stands for (1 for a shown item), so training can weigh the sample back to the pool."""
 
     KIND: ClassVar[str] = "impressions"
@@ -198,7 +200,7 @@ class Impression:
         return self.user
 
     def to_json(self) -> bytes:
-        # The fields in order, as asdict() gives them, without its deep copy (80 of these per published list).
+        # The fields in order, as asdict() gives them, without its deep copy (20 of these per published list).
         return _dumps({"user": self.user, "candidate": self.candidate, "rank": self.rank, "score": self.score,
                        "model_version": self.model_version, "features": self.features, "ts": self.ts,
                        "as_of": self.as_of, "sources": list(self.sources), "weight": self.weight})
@@ -210,6 +212,27 @@ class Impression:
                    score=float(data["score"]), model_version=str(data["model_version"]),
                    features=dict(data["features"]), ts=int(data["ts"]), as_of=int(data.get("as_of", 0)),
                    sources=tuple(data.get("sources", ())), weight=float(data.get("weight", 1.0)))
+
+
+UNSHOWN_KIND = "impressions-unshown"
+
+
+def unshown_sample_to_json(sample: Sequence[Impression]) -> bytes:
+    """One list's unshown sample (``rank`` 0 impressions of one user, one ranking) as one record of the
+    ``impressions-unshown`` topic: a record per row cost ~80 µs to produce, as much as ranking the list."""
+    first = sample[0]
+    return _dumps({"user": first.user, "model_version": first.model_version, "ts": first.ts, "as_of": first.as_of,
+                   "items": [{"candidate": i.candidate, "score": i.score, "weight": i.weight,
+                              "features": i.features, "sources": list(i.sources)} for i in sample]})
+
+
+def unshown_sample_from_json(raw: bytes | str) -> list[Impression]:
+    data = json.loads(raw)
+    user, version, ts, as_of = int(data["user"]), str(data["model_version"]), int(data["ts"]), int(data["as_of"])
+    return [Impression(user=user, candidate=int(item["candidate"]), rank=0, score=float(item["score"]),
+                       model_version=version, features=dict(item["features"]), ts=ts, as_of=as_of,
+                       sources=tuple(item.get("sources", ())), weight=float(item.get("weight", 1.0)))
+            for item in data["items"]]
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pymk.streams.state import OutputTopics, PartitionState, WorkerState
 from pymk.streams.user_facts import UserFacts
 from yarl import URL
 
-from pymk.events import ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
+from pymk.events import UNSHOWN_KIND, ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
 from pymk.settings import INPUT_KINDS, Settings
 from pymk.validation import Invalid, parse_event
 
@@ -114,7 +114,8 @@ class PymkApp:
         self.state.refresher = self.refresher
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
                                          recommendations=settings.topic("recommendations"),
-                                         impressions=settings.topic("impressions"))
+                                         impressions=settings.topic("impressions"),
+                                         impressions_unshown=settings.topic(UNSHOWN_KIND))
         self._seeking: set[Any] = set()
         for kind, topic in self.input_topics.items():
             self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_ingest_agent(kind))

@@ -40,6 +40,8 @@ from pymk.features.storage import CacheBudget, RocksMemory, RocksRowStore
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
 from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
 
+from pymk.events import unshown_sample_to_json
+
 if TYPE_CHECKING:
     from pymk.streams.refresh import Refresher
 
@@ -145,6 +147,7 @@ class OutputTopics:
     embeddings: str
     recommendations: str
     impressions: str
+    impressions_unshown: str
 
 
 Sender = Callable[[str, bytes | None, bytes, int | None], Awaitable[Any]]
@@ -294,7 +297,11 @@ class WorkerState:
             user = recommendations.user
             key, partition = str(user).encode(), self.partition_of(user)
             out.append((self.topics.recommendations, key, recommendations.to_json(), partition))
-            out.extend((self.topics.impressions, key, impression.to_json(), partition) for impression in impressions)
+            shown = [impression for impression in impressions if impression.rank > 0]
+            unshown = [impression for impression in impressions if impression.rank == 0]
+            out.extend((self.topics.impressions, key, impression.to_json(), partition) for impression in shown)
+            if unshown:
+                out.append((self.topics.impressions_unshown, key, unshown_sample_to_json(unshown), partition))
         return out
 
     def describe(self) -> dict[str, Any]:

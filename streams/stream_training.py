@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, TopicPartition
 from pymk.ranking.model import Ranker, roc_auc
 from pymk.ranking.stream_labels import feature_matrix, label_impressions, pool_weights, recall_at_k, time_split
 
-from pymk.events import ConnectionEvent, DismissalEvent, Impression
+from pymk.events import UNSHOWN_KIND, ConnectionEvent, DismissalEvent, Impression, unshown_sample_from_json
 from pymk.settings import Settings
 from pymk.validation import Invalid, parse_event
 
@@ -76,6 +76,8 @@ def train_from_stream(settings: Settings, out: Path | None = None, val_fraction:
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)
     impressions = [Impression.from_json(raw) for raw in read_topic(settings, settings.topic("impressions"))]
+    for raw in read_topic(settings, settings.topic(UNSHOWN_KIND)):
+        impressions.extend(unshown_sample_from_json(raw))
     connections = [(e.src, e.dst, e.action, e.ts) for e in
                    _events(settings, "connections", now_ms, lambda e: isinstance(e, ConnectionEvent))]
     dismissals = [(e.user, e.candidate, e.ts) for e in

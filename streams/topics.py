@@ -15,6 +15,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from pymk.events import UNSHOWN_KIND
 from pymk.settings import INPUT_KINDS, Settings
 
 
@@ -32,6 +33,8 @@ def contract_topics(settings: Settings) -> list[TopicSpec]:
                            {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
                             "segment.ms": "600000"}))
     specs.append(TopicSpec(settings.topic("impressions"), n, {}))
+    # our extension: each published list's sample of unshown candidates, one record per list (keyed by user)
+    specs.append(TopicSpec(settings.topic(UNSHOWN_KIND), n, {"max.message.bytes": str(4 * 1024 * 1024)}))
     specs.append(TopicSpec(settings.topic("dead-letter"), n, {"max.message.bytes": str(4 * 1024 * 1024)}))
     return specs + internal_topics(settings)
 

@@ -125,3 +125,12 @@ def test_pool_weights_correct_the_mix_within_a_class_and_keep_the_class_balance(
     weights = pool_weights(rows)
     assert weights[1] == 9 * weights[0] and weights[3] == 3 * weights[2]
     assert math.isclose(weights[:2].sum(), 2) and math.isclose(weights[2:].sum(), 2)
+
+
+def test_a_lists_unshown_sample_is_one_record_and_reads_back_as_its_impressions() -> None:
+    from pymk.events import unshown_sample_from_json, unshown_sample_to_json
+
+    sample = [Impression(3, c, 0, 0.1 * c, "xgb-x", {"adamic_adar_score": float(c), "geo_distance_km": None},
+                         ts=70, as_of=50, sources=("ann",) if c % 2 else ("graph",), weight=8.0 + c)
+              for c in (4, 9, 11)]
+    assert unshown_sample_from_json(unshown_sample_to_json(sample)) == sample
