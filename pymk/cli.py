@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--out", default="reports/soak", help="folder of the CSV, PNG and worker log")
     soak.add_argument("--features-only", action="store_true", help="a worker without embeddings and lists")
     soak.add_argument("--same-users", action="store_true",
-                      help="every round a new network over the same user ids (a fixed population), not new users")
+                      help="every round a new network over the same user ids, replacing the previous round's "
+                           "connections (a fixed population at a steady state), not new users")
     soak.set_defaults(func=_cmd_soak)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
