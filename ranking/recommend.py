@@ -105,20 +105,21 @@ def sample_unshown(top: np.ndarray, scores: np.ndarray, k: int, near_ranks: int,
     model's promotions come from, half from the rest of the pool; each weighted by how many candidates of its
     stratum it stands for (stratum size / sample size, Horvitz-Thompson), so the weighted sample has the pool's
     mix. A stratum with fewer candidates than its half gives the rest to the other. In index order."""
-    shown = set(top.tolist())
+    unshown = np.ones(len(scores), dtype=bool)
+    unshown[np.asarray(top, dtype=np.int64)] = False
     by_score = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    rest = [int(i) for i in by_score if int(i) not in shown]
-    if k <= 0 or not rest:
+    rest = by_score[unshown[by_score]]
+    if k <= 0 or not len(rest):
         return []
-    near = rest[: max(0, near_ranks - len(shown))]
+    near = rest[: max(0, near_ranks - (len(scores) - len(rest)))]
     far = rest[len(near):]
     near_quota = min(len(near), max((k + 1) // 2, k - len(far)))
     far_quota = min(len(far), k - near_quota)
-    out = []
+    out: list[tuple[int, float]] = []
     for stratum, quota in ((near, near_quota), (far, far_quota)):
         if quota > 0:
             weight = len(stratum) / quota
-            out.extend((stratum[j], weight) for j in rng.choice(len(stratum), size=quota, replace=False).tolist())
+            out.extend((int(stratum[j]), weight) for j in rng.choice(len(stratum), size=quota, replace=False))
     return sorted(out)
 
 
