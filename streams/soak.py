@@ -97,14 +97,16 @@ def endless_events(users: int, seed: int, same_users: bool = False) -> Iterator[
         events = synthetic_events(users, seed=seed + round_index)
         if round_index == 0:
             out.append(events)
+            previous_edges[0] = _final_edges(events) if same_users else set()
         elif same_users:
             offset = last_ts[0] + 1 - min(e.ts for e in events)
             moved = [replace(e, ts=e.ts + offset) for e in events]
-            out.append(_replacing(moved, previous_edges[0] - _final_edges(moved)))
+            edges = _final_edges(moved)  # also what the round leaves: the removals only take what it does not make
+            out.append(_replacing(moved, previous_edges[0] - edges))
+            previous_edges[0] = edges
         else:
             out.append([shifted(e, round_index * users) for e in events])
         last_ts[0] = max(e.ts for e in out[-1])
-        previous_edges[0] = _final_edges(out[-1])
 
     round_index = 0
     current: list[list[InputEvent]] = []
