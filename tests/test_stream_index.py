@@ -14,7 +14,7 @@ import numpy as np
 from conftest import free_port
 from pymk.streams.producer import send_commands
 from pymk.streams.topics import ensure_topics
-from stream_helpers import neighbours, send, settle, small_network, users_of
+from stream_helpers import neighbours, send, settle, small_network, users_of, wait_tables_read
 from workers import http_get, running_worker, wait_until
 
 from pymk.events import ConnectionEvent, Profile, UserEvent
@@ -119,9 +119,10 @@ def test_two_workers_give_the_neighbours_of_one(kafka_settings: Settings, tmp_pa
     send(one, events)
     with running_worker(one, tmp_path / "one.log"):
         settle(one, [one])
+        wait_tables_read(one, [one])
         send_commands(one, reembed=True)  # every embedding from the final state, as the 2-worker run will do
-        time.sleep(2)
         settle(one, [one])
+        wait_tables_read(one, [one])
         expected = _neighbour_table(one, users)
 
     tag = "t2" + kafka_settings.topic_prefix
@@ -134,9 +135,12 @@ def test_two_workers_give_the_neighbours_of_one(kafka_settings: Settings, tmp_pa
         wait_until(lambda: all(http_get(s, "/health")["partitions"] for s in (first, second)), 60,
                    what="both workers own partitions")
         settle(first, [first, second])
+        # each worker embeds its users from the degrees and profiles the other one published: read them first
+        wait_tables_read(first, [first, second])
         send_commands(first, reembed=True)
-        time.sleep(2)
         settle(first, [first, second])
-        time.sleep(2)  # both workers read every embedding from the topic
+        # both workers answer from their own replica of the index: each read every new vector (a fixed sleep
+        # here was a race on a loaded machine: a stale vector of one neighbour changed a top 10)
+        wait_tables_read(first, [first, second])
         _same(expected, _neighbour_table(first, users))
         _same(expected, _neighbour_table(second, users))
