@@ -112,6 +112,16 @@ class RocksRowStore:
             yield key, it.value()
             it.next()
 
+    # RocksDB memory outside the block cache, per database (memtables are charged to the cache as well when a
+    # RocksMemory is shared; table readers are not when index and filter blocks are cached, so near 0 then)
+    MEMORY_PROPERTIES = {"table_readers": "rocksdb.estimate-table-readers-mem",
+                         "memtables": "rocksdb.cur-size-all-mem-tables",
+                         "block_cache_pinned": "rocksdb.block-cache-pinned-usage"}
+
+    def memory_properties(self) -> dict[str, int]:
+        """This database's memory figures in bytes (RocksDB's own estimates), by MEMORY_PROPERTIES name."""
+        return {name: int(self._db.property_int_value(prop) or 0) for name, prop in self.MEMORY_PROPERTIES.items()}
+
     def close(self) -> None:
         self._db.close()
 

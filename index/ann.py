@@ -206,6 +206,17 @@ class AnnIndex:
             "quantization": self._config.quantization,
         }
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held by the index, by part: FAISS's vector codes and HNSW links (C++ buffers, read from their
+        sizes, not copied) and the numpy-owned copies and maps kept beside them."""
+        hnsw = self._index.hnsw
+        codes = faiss.downcast_index(self._index.storage).codes.size()
+        # neighbours and levels are int32, offsets size_t (faiss/impl/HNSW.h)
+        links = 4 * hnsw.neighbors.size() + 4 * hnsw.levels.size() + 8 * hnsw.offsets.size()
+        numpy_owned = (self._vectors.nbytes + self._slot_users.nbytes + self._live.nbytes + self._bitmap.nbytes)
+        return {"faiss_codes": int(codes), "faiss_links": int(links), "numpy_copies": int(numpy_owned),
+                "slots": self._n_slots}
+
     # -------------------------------------------------------------------------------------- mutation
 
     def upsert(self, users: np.ndarray | Iterable[int] | int, vectors: np.ndarray) -> None:

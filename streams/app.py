@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import time
 from functools import lru_cache
@@ -35,6 +34,7 @@ from pymk.streams.user_facts import UserFacts
 from yarl import URL
 
 from pymk.events import UNSHOWN_KIND, ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
+from pymk.process_memory import malloc_bytes, rss_bytes
 from pymk.settings import INPUT_KINDS, Settings
 from pymk.validation import Invalid, parse_event
 
@@ -503,13 +503,19 @@ class PymkApp:
             the growth since the previous call. RSS and the row-cache and RocksDB figures come with it."""
             import tracemalloc
 
-            with open("/proc/self/statm") as statm:  # resident pages, second field
-                rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            answer: dict[str, Any] = {"rss_bytes": rss,
+            rocksdb_outside_cache: dict[str, int] = {}
+            for partition_state in self.state.owned.values():
+                for name, value in partition_state.store.memory_properties().items():
+                    rocksdb_outside_cache[name] = rocksdb_outside_cache.get(name, 0) + value
+            answer: dict[str, Any] = {"rss_bytes": rss_bytes(),
                                       "row_cache_bytes": sum(s.cache_budget.estimated_bytes
                                                              for s in self.state.owned.values()),
                                       "rocksdb_memory_bytes": (self.state.rocks_memory.usage_bytes()
                                                                if self.state.rocks_memory is not None else None),
+                                      # summed over the databases; memtables are inside rocksdb_memory_bytes too
+                                      "rocksdb_properties_bytes": rocksdb_outside_cache,
+                                      "ann_index_bytes": self.index.index.memory_bytes(),
+                                      "malloc_bytes": malloc_bytes(),
                                       "tracing": tracemalloc.is_tracing()}
             if tracemalloc.is_tracing():
                 snapshot = tracemalloc.take_snapshot().filter_traces(

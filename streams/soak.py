@@ -43,7 +43,9 @@ from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 
 CSV_FIELDS = ("t_s", "phase", "produced", "processed", "lag_total", "lag_inputs", "lag_partition_messages",
-              "rss_mb", "worker_cpu_percent", "users", "row_cache_mb", "rocksdb_mb")
+              "rss_mb", "worker_cpu_percent", "users", "row_cache_mb", "rocksdb_mb", "rss_anon_mb",
+              "rss_file_mb", "ann_index_mb",
+              "rocksdb_table_readers_mb", "malloc_in_use_mb", "malloc_free_mb")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,15 @@ class SoakSample:
     users: int | None = None
     row_cache_mb: float | None = None
     rocksdb_mb: float | None = None
+    # where the rest is, to tell live data from allocator slack: RSS split into anonymous and file-backed
+    # pages, the ANN index replica (FAISS codes and links, numpy copies), RocksDB table readers (outside its
+    # cache), and glibc malloc's bytes in use and held free
+    rss_anon_mb: float | None = None
+    rss_file_mb: float | None = None
+    ann_index_mb: float | None = None
+    rocksdb_table_readers_mb: float | None = None
+    malloc_in_use_mb: float | None = None
+    malloc_free_mb: float | None = None
 
 
 def shifted(event: InputEvent, offset: int) -> InputEvent:
@@ -188,10 +199,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _rss_mb(pid: int) -> float | None:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """A resident-memory line of /proc/<pid>/status in MB: VmRSS, or its parts RssAnon (heap, stacks,
+    anonymous mmaps) and RssFile (mapped files: mostly the code of torch, FAISS, XGBoost, RocksDB)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -221,14 +234,23 @@ def _processed(stats: dict[str, Any] | None) -> int | None:
     return None if stats is None else sum(stats["events_valid"].values()) + sum(stats["events_invalid"].values())
 
 
-def _memory_parts(settings: Settings, stats: dict[str, Any] | None) -> tuple[int | None, float | None, float | None]:
-    """(users known, row caches MB, RocksDB cache MB) from the worker's /stats and /memory."""
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
+
+
+def _memory_parts(settings: Settings, stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The memory fields of a SoakSample, from the worker's /stats and /memory."""
     memory = _worker_page(settings, "/memory")
-    users = None if stats is None else int(stats["globals_users"])
+    parts: dict[str, Any] = {"users": None if stats is None else int(stats["globals_users"])}
     if memory is None:
-        return users, None, None
-    rocks = memory.get("rocksdb_memory_bytes")
-    return users, round(memory["row_cache_bytes"] / 2**20, 1), None if rocks is None else round(rocks / 2**20, 1)
+        return parts
+    ann = memory.get("ann_index_bytes") or {}
+    malloc = memory.get("malloc_bytes") or {}
+    parts.update(row_cache_mb=_mb(memory["row_cache_bytes"]), rocksdb_mb=_mb(memory.get("rocksdb_memory_bytes")),
+                 ann_index_mb=_mb(sum(v for k, v in ann.items() if k != "slots") if ann else None),
+                 rocksdb_table_readers_mb=_mb((memory.get("rocksdb_properties_bytes") or {}).get("table_readers")),
+                 malloc_in_use_mb=_mb(malloc.get("in_use")), malloc_free_mb=_mb(malloc.get("free_in_arenas")))
+    return parts
 
 
 def _mean(values: list[float]) -> float | None:
@@ -311,6 +333,12 @@ def _memory_per_user(load: list[SoakSample], load_s: float) -> dict[str, Any]:
     out["rss_outside_bounded_caches_mb_last_third_mean"] = _mean(thirds[1])
     out["rss_outside_bounded_caches_slope_mb_per_min_last_two_thirds"] = _per_minute(
         _slope_per_s([(s.t_s, unbounded(s)) for s in tail]))
+    # the parts beside it, middle → last third, so a growth outside the caches can be attributed
+    out["memory_parts_mb_middle_and_last_third_mean"] = {
+        name: [_mean([getattr(s, name) for s in load if lo * load_s / 3 <= s.t_s < hi * load_s / 3
+                      and getattr(s, name) is not None]) for lo, hi in ((1, 2), (2, 3.01))]
+        for name in ("rss_anon_mb", "rss_file_mb", "ann_index_mb", "rocksdb_table_readers_mb", "malloc_in_use_mb",
+                     "malloc_free_mb")}
     if len(tail) < 2 or (tail[-1].users or 0) < 1.1 * (tail[0].users or 0):
         return out  # (almost) no new users: a per-user figure would divide by noise (e.g. --same-users)
     new_users = (tail[-1].users or 0) - (tail[0].users or 0)
@@ -411,16 +439,17 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
                                if cpu_now is not None and cpu_before is not None and cpu_time > cpu_at else None)
                 cpu_before, cpu_at = cpu_now, cpu_time
                 stats = _worker_page(run, "/stats")
-                users_known, row_cache_mb, rocksdb_mb = _memory_parts(run, stats)
+                memory_parts = _memory_parts(run, stats)
                 sample = SoakSample(
                     t_s=round(time.monotonic() - started, 2), phase=phase, produced=producer.sent,
                     processed=_processed(stats),
                     lag_total=sum(lag.values()) if lag is not None else None,
                     lag_inputs=sum(v for t, v in lag.items() if t in input_topics) if lag is not None else None,
                     lag_partition_messages=lag.get(messages_topic) if lag is not None else None,
-                    rss_mb=_rss_mb(worker.pid),
+                    rss_mb=_rss_mb(worker.pid), rss_anon_mb=_rss_mb(worker.pid, "RssAnon"),
+                    rss_file_mb=_rss_mb(worker.pid, "RssFile"),
                     worker_cpu_percent=round(cpu_percent, 1) if cpu_percent is not None else None,
-                    users=users_known, row_cache_mb=row_cache_mb, rocksdb_mb=rocksdb_mb)
+                    **memory_parts)
                 samples.append(sample)
                 writer.writerow(dataclasses.asdict(sample))
                 handle.flush()

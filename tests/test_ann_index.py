@@ -429,3 +429,13 @@ def test_random_streams_match_brute_force(
         assert index.tombstones < max(1, fraction * index.n_slots) or fraction == 1.0
         for user, vector in current.items():
             np.testing.assert_array_equal(index.get(user), vector)
+
+
+def test_memory_bytes_counts_the_codes_and_links_faiss_holds() -> None:
+    index, _, _ = filled_index(300)
+    parts = index.memory_bytes()
+    assert parts["slots"] == 300
+    assert parts["faiss_codes"] == 300 * DIM * 4  # flat float32 codes, one per slot
+    # every slot has at least the 2·m level-0 link entries (int32)
+    assert parts["faiss_links"] >= 300 * 2 * index.config.m * 4
+    assert parts["numpy_copies"] >= 300 * DIM * 4  # the float copy kept for exact re-scoring

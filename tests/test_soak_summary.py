@@ -22,7 +22,8 @@ def samples(lag_of: dict[str, float], load_s: float = 300.0) -> list[SoakSample]
         out.append(SoakSample(t_s=t, phase="load", produced=int(200 * t), processed=int(200 * t),
                               lag_total=int(lag_of["base"] + lag_of["growth"] * t), lag_inputs=None,
                               lag_partition_messages=None, rss_mb=600.0 + row_cache + 0.002 * users,
-                              worker_cpu_percent=80.0, users=users, row_cache_mb=row_cache, rocksdb_mb=0.0))
+                              worker_cpu_percent=80.0, users=users, row_cache_mb=row_cache, rocksdb_mb=0.0,
+                              malloc_in_use_mb=500.0 + 0.01 * t, malloc_free_mb=30.0))
     return out
 
 
@@ -43,6 +44,11 @@ def test_memory_growth_is_measured_per_new_user_apart_from_the_bounded_caches() 
     assert abs(summary["rss_outside_bounded_caches_slope_mb_per_min_last_two_thirds"] - 2.4) < 1e-6
     assert summary["rss_outside_bounded_caches_mb_last_third_mean"] > summary[
         "rss_outside_bounded_caches_mb_middle_third_mean"]
+    # the parts sampled beside it, by thirds: malloc's bytes in use at t = 150 and 250 s on average
+    parts = summary["memory_parts_mb_middle_and_last_third_mean"]
+    assert [round(x, 6) for x in parts["malloc_in_use_mb"]] == [501.475, 502.5]
+    assert parts["malloc_free_mb"] == [30.0, 30.0]
+    assert parts["ann_index_mb"] == [None, None]  # not sampled: no figure rather than a zero
 
 
 def test_rss_that_levels_off_is_bounded_and_rss_that_keeps_climbing_is_not() -> None:
