@@ -126,6 +126,14 @@ class Settings:
     refresh_stale_share: float = 0.5
     # The budget of a flush that follows an interval without any input (the load dropped): the backlog drains.
     refresh_idle_budget_ms: int = 400
+    # With more input messages than this not applied yet, a flush ranks one list and re-embeds one batch: the
+    # input catches up first (a list ranked on state that is behind is stale when it is published).
+    refresh_catch_up_backlog: int = 1000
+    # While the input keeps up (at most refresh_keeping_up_backlog messages not applied at a flush) the lists'
+    # budget grows by half per flush up to refresh_budget_max_ms: the time the input does not need goes to lists.
+    # Past it the budget halves back toward refresh_budget_ms (additive-free AIMD on the input backlog).
+    refresh_keeping_up_backlog: int = 300
+    refresh_budget_max_ms: int = 1500
     # A dismissed candidate comes back after this long (0: never).
     dismissal_expiry_ms: int = 0
     # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a

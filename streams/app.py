@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import faust
+from faust.types import TP
 from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
 from pymk.features.storage import RocksMemory
@@ -112,6 +113,7 @@ class PymkApp:
             facts = self.refresher.facts
             self.globals.listeners.append(lambda user: facts.invalidate((user,)))
         self.state.refresher = self.refresher
+        self.state.backlog_of = self.input_backlog
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
                                          recommendations=settings.topic("recommendations"),
                                          impressions=settings.topic("impressions"),
@@ -300,6 +302,22 @@ class PymkApp:
     def profile_value(self, user: int) -> Any:
         state = self.state.state_for(self.partition_of(user))
         return state.profiles.profile(user) if state is not None else self.globals.profile(user)[0]
+
+    def input_backlog(self) -> int:
+        """Messages of this worker's partitions (inputs and partition messages) not applied yet: the consumer's
+        last known end offsets minus the state's next offsets. No broker round trip: read at every flush."""
+        consumer = self.app.consumer
+        topics = [topic.get_topic_name() for topic in (*self.input_topics.values(), self.messages_topic)]
+        backlog = 0
+        for partition, state in self.state.owned.items():
+            for topic in topics:
+                try:
+                    end = consumer.highwater(TP(topic, partition))
+                except Exception:  # noqa: BLE001 - not assigned (yet) or no fetch so far: nothing known
+                    continue
+                if end is not None:
+                    backlog += max(0, end - state.next_offset(topic))
+        return backlog
 
     def facts_value(self, user: int) -> tuple[int, Any, Any]:
         """(degree, connection activity, profile) of any user, for Stage 2's table (streams/user_facts.py): from

@@ -16,6 +16,15 @@ Lists owed are served within a time budget per flush, in two lanes (:func:`refre
   is at most the partition's users and the oldest is always next.
 
 A flush after an interval without input uses ``refresh_idle_budget_ms``: when the load drops, the backlog drains.
+
+The lists' budget follows the input (:class:`ListBudget`): while the input keeps up (at most
+``refresh_keeping_up_backlog`` messages not applied at a flush), it grows by half per flush up to
+``refresh_budget_max_ms``, so the time the input does not need goes to lists; above that it halves back toward
+``refresh_budget_ms``.
+A flush that finds more than ``refresh_catch_up_backlog`` input messages not applied yet ranks one list and
+re-embeds one batch only: a list ranked on state seconds behind its input is stale when published, every
+event waiting in Kafka is late whatever the refresh order, and the lists owed stay owed (the lanes serve them
+once the input has caught up).
 """
 
 from __future__ import annotations
@@ -71,6 +80,9 @@ class RefreshStats:
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
     backlog: int = 0  # lists owed after the last flush
     oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
+    input_backlog: int = 0  # input messages not applied yet, at the last flush
+    catch_up_flushes: int = 0  # flushes that left their time to the input (backlog past the limit)
+    list_budget_ms: int = 0  # the last flush's budget for lists (ListBudget)
     embed_deferred: int = 0  # re-embeddings due but left for a later flush by the budget, after the last flush
     oldest_embed_due_ms: int = 0  # how long the longest-due of them has been due
     # event (wall) time → publication delay of the last lists, for /metrics
@@ -83,7 +95,7 @@ def candidate_config(settings: Settings) -> CandidateConfig:
                            dismissal_expiry_ms=settings.dismissal_expiry_ms or None)
 
 
-EMBED_CHUNK = 32  # re-embeddings per embedder call between two looks at the clock
+EMBED_CHUNK = 16  # re-embeddings per embedder call between two looks at the clock (and at least per flush)
 _MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: a tie order that changes from flush to flush
 
 
@@ -97,6 +109,26 @@ def refresh_order(owed: Iterable[tuple[int, int, int]], now_ms: int,
     fresh = sorted((-last, first, ((user ^ now_ms) * _MIX) & 0xFFFFFFFFFFFFFFFF, user)
                    for first, last, user in owed if first > cut)
     return [user for _, user in stale], [entry[3] for entry in fresh]
+
+
+class ListBudget:
+    """The seconds a flush may spend on lists, adapted to the input backlog seen at each flush (module doc).
+    Multiplicative both ways: a step up is +50 %, a step down halves, so a load change is followed in a few
+    flushes; never below ``refresh_budget_ms`` nor above ``refresh_budget_max_ms``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.low_s = settings.refresh_budget_ms / 1000.0
+        self.high_s = max(self.low_s, settings.refresh_budget_max_ms / 1000.0)
+        self.keeping_up = settings.refresh_keeping_up_backlog
+        self.seconds = self.low_s
+
+    def observe(self, backlog: int) -> float:
+        """The budget for a flush that found ``backlog`` input messages not applied yet."""
+        if backlog <= self.keeping_up:
+            self.seconds = min(self.high_s, self.seconds * 1.5)
+        else:
+            self.seconds = max(self.low_s, self.seconds / 2)
+        return self.seconds
 
 
 class Refresher:
@@ -122,6 +154,8 @@ class Refresher:
         self.profile_of = profile_of
         self.candidates = candidate_config(settings)
         self.stats = RefreshStats()
+        self.list_budget = ListBudget(settings)
+        self._list_budget_s = self.list_budget.low_s  # this flush's (set by catching_up from the backlog)
         self.features = FeatureBuilder()  # one per worker: its profile cache lives across lists
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)
         # one LRU of profile encodings for all of them (the profiles are the worker's, whatever the partition)
@@ -165,14 +199,25 @@ class Refresher:
         state.forced_reembed.clear()
 
     # ---- 2. embeddings ---------------------------------------------------------------------------------------------
+    def catching_up(self, backlog: int) -> bool:
+        """Whether the input is so far behind that this flush should leave the time to it (see the module doc)."""
+        behind = backlog > self.settings.refresh_catch_up_backlog
+        self._list_budget_s = self.list_budget.observe(backlog)
+        self.stats.list_budget_ms = round(self._list_budget_s * 1000)
+        self.stats.input_backlog = backlog
+        self.stats.catch_up_flushes += behind
+        return behind
+
     def embed_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
-                  idle: bool = False) -> list[EmbeddingRecord]:
+                  idle: bool = False, catching_up: bool = False) -> list[EmbeddingRecord]:
         """Embed the users due: every new user (searchable at once, whatever the budget), then re-embeddings,
         the longest due first, in chunks while ``budget_s`` (``PYMK_EMBED_BUDGET_MS``; after an interval without
-        input, half the idle budget) lasts, at least one chunk per flush; the rest stay due (durable rows)."""
+        input, half the idle budget; none while catching up) lasts, at least one chunk per flush; the rest stay
+        due (durable rows)."""
         started = time.perf_counter()
         if budget_s is None:
-            budget_s = (max(self.settings.embed_budget_ms, self.settings.refresh_idle_budget_ms // 2) if idle
+            budget_s = (0 if catching_up else
+                        max(self.settings.embed_budget_ms, self.settings.refresh_idle_budget_ms // 2) if idle
                         else self.settings.embed_budget_ms) / 1000.0
         salt = salt_for_version(self.models.embedding_model)
         out: list[EmbeddingRecord] = []
@@ -228,9 +273,10 @@ class Refresher:
 
     # ---- 3. lists -----------------------------------------------------------------------------------------------
     def refresh_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
-                    idle: bool = False) -> list[tuple[Recommendations, list[Impression]]]:
+                    idle: bool = False, catching_up: bool = False) -> list[tuple[Recommendations, list[Impression]]]:
         """The lists owed, as (list, its impressions), by lane (see the module doc) within the time budget.
-        ``idle``: no input since the last flush, so the larger idle budget applies."""
+        ``idle``: no input since the last flush, so the larger idle budget applies; ``catching_up``: the input
+        is behind, one list only."""
         started = time.perf_counter()
         settings = self.settings
         states = list(states)
@@ -247,7 +293,7 @@ class Refresher:
                 owed.append((first, last, user))
         stale, fresh = refresh_order(owed, now_ms, settings.refresh_max_staleness_ms)
         if budget_s is None:
-            budget_s = settings.refresh_budget_ms / 1000.0
+            budget_s = 0.0 if catching_up else self._list_budget_s
             if idle:  # the idle budget is for the whole flush: what this flush's embeddings left of it
                 budget_s = max(budget_s, settings.refresh_idle_budget_ms / 1000.0 - self._embed_spent_s)
         out: list[tuple[Recommendations, list[Impression]]] = []

@@ -186,6 +186,8 @@ class WorkerState:
         # set by the app once the models are loaded: embeds and ranks the users touched since the last flush
         self.refresher: Refresher | None = None
         self.topics: OutputTopics | None = None
+        # set by the app: messages of the owned partitions not applied yet (the refresh budget yields to them)
+        self.backlog_of: Callable[[], int] | None = None
 
     # ---- partition ownership -------------------------------------------------------------------------
     def open_partitions(self, numbers: Iterable[int]) -> None:
@@ -234,7 +236,8 @@ class WorkerState:
             # 0. embeddings and lists of the users whose state changed (they go out with the other outputs)
             outgoing: list[tuple[str, bytes | None, bytes, int | None]] = []
             if self.refresher is not None:
-                outgoing.extend(self._refresh_outputs(idle=not self.unacked))
+                backlog = self.backlog_of() if self.backlog_of is not None else 0
+                outgoing.extend(self._refresh_outputs(idle=not self.unacked, backlog=backlog))
             # 1. outboxes
             outgoing.extend((self.dead_letter_topic, key, value, None) for key, value in self.dead_letters)
             self.dead_letters = []
@@ -283,17 +286,20 @@ class WorkerState:
             self.stats.rows_written += rows
             self.stats.seconds += time.perf_counter() - started
 
-    def _refresh_outputs(self, idle: bool) -> list[tuple[str, bytes | None, bytes, int | None]]:
-        """``idle``: nothing was applied since the last flush (the refresh budget may grow)."""
+    def _refresh_outputs(self, idle: bool, backlog: int) -> list[tuple[str, bytes | None, bytes, int | None]]:
+        """``idle``: nothing was applied since the last flush (the budgets may grow); ``backlog``: input not
+        applied yet (past a limit the budgets shrink, see streams/refresh.py)."""
         assert self.refresher is not None and self.topics is not None
         now_ms = int(time.time() * 1000)
         states = list(self.owned.values())
         for state in states:
             self.refresher.collect(state, now_ms)
         out: list[tuple[str, bytes | None, bytes, int | None]] = []
-        for record in self.refresher.embed_due(states, now_ms, idle=idle):
+        catching_up = self.refresher.catching_up(backlog)
+        for record in self.refresher.embed_due(states, now_ms, idle=idle, catching_up=catching_up):
             out.append((self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user)))
-        for recommendations, impressions in self.refresher.refresh_due(states, now_ms, idle=idle):
+        for recommendations, impressions in self.refresher.refresh_due(states, now_ms, idle=idle,
+                                                                       catching_up=catching_up):
             user = recommendations.user
             key, partition = str(user).encode(), self.partition_of(user)
             out.append((self.topics.recommendations, key, recommendations.to_json(), partition))

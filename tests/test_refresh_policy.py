@@ -8,10 +8,11 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymk.features.storage import row_key
-from pymk.streams.refresh import EMBED_CHUNK, Refresher, RefreshStats, refresh_order
+from pymk.streams.refresh import EMBED_CHUNK, ListBudget, Refresher, RefreshStats, refresh_order
 from pymk.streams.work import NO_EMBEDDING_DUE, PENDING, PendingWork
 
 from pymk.settings import Settings
@@ -135,6 +136,8 @@ class CountingRefresher(Refresher):
         self.facts = None
         self._partitions = frozenset()
         self._embed_spent_s = 0.0
+        self.list_budget = ListBudget(settings_)
+        self._list_budget_s = self.list_budget.low_s
         self.cost_s = cost_s
         self.ranked: list[int] = []
 
@@ -236,3 +239,26 @@ def test_new_users_are_embedded_at_once_reembeddings_within_the_budget_longest_d
         flushes += 1
     assert flushes == -(-100 // EMBED_CHUNK) and refresher.stats.embed_deferred == 0
     assert sorted(u for batch in refresher.embedded for u in batch) == list(range(105))
+
+
+def test_a_flush_behind_its_input_ranks_one_list_and_keeps_the_rest_owed() -> None:
+    now = 10_000_000
+    state = owed_state(now)
+    refresher = CountingRefresher(Settings(refresh_catch_up_backlog=1000, refresh_budget_ms=10_000), cost_s=0.0)
+    assert not refresher.catching_up(1000) and refresher.catching_up(1001)
+    assert refresher.stats.catch_up_flushes == 1 and refresher.stats.input_backlog == 1001
+    refresher.refresh_due([state], now, catching_up=True)  # type: ignore[list-item]
+    assert refresher.ranked == [99] and refresher.stats.backlog == 10
+    refresher.refresh_due([state], now)  # type: ignore[list-item]
+    assert len(refresher.ranked) == 11  # caught up: the whole budget again
+
+
+def test_list_budget_takes_the_time_the_input_leaves_and_gives_it_back_when_the_input_falls_behind() -> None:
+    budget = ListBudget(Settings(refresh_budget_ms=200, refresh_budget_max_ms=1000, refresh_keeping_up_backlog=300))
+    assert budget.seconds == 0.2
+    grown = [budget.observe(100) for _ in range(6)]
+    assert grown[:4] == pytest.approx([0.3, 0.45, 0.675, 1.0])  # +50 % per flush, capped at the maximum
+    assert grown[-1] == 1.0
+    assert budget.observe(301) == 0.5 and budget.observe(5000) == 0.25  # halves while behind ...
+    assert budget.observe(5000) == 0.2 and budget.observe(5000) == 0.2  # ... down to the base budget
+    assert budget.observe(300) == pytest.approx(0.3)  # at the threshold the input still keeps up
