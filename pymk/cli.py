@@ -311,7 +311,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         from pymk.streams.bench_freshness import bench_freshness
 
         result = bench_freshness(settings, rate=args.rate, seconds=args.seconds, users=args.users,
-                                 timeout_s=args.timeout)
+                                 timeout_s=args.timeout, workers=args.workers)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -444,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=float, default=1000.0, help="freshness: events per second")
     bench.add_argument("--seconds", type=float, default=30.0, help="freshness: how long to produce at that rate")
     bench.add_argument("--users", type=int, default=3000, help="freshness: users of the synthetic network")
+    bench.add_argument("--workers", type=int, default=1,
+                       help="freshness: worker processes in the consumer group (they share the partitions)")
     bench.add_argument("--ranker", default=None,
                        help="rank: time this saved model (e.g. data/models/ranker) instead of a fresh 500-tree one")
     bench.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")

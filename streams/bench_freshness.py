@@ -96,12 +96,26 @@ def first_after(published: dict[int, list[int]], user: int, t_ms: int) -> int | 
     return stamps[i] if i < len(stamps) else None
 
 
-def _health(url: str) -> dict[str, Any]:
+def _page(url: str, path: str) -> dict[str, Any]:
     try:
-        with urlopen(url + "/health", timeout=5) as response:
+        with urlopen(url + path, timeout=5) as response:
             return dict(json.loads(response.read()))
     except OSError:
         return {}
+
+
+def _health(url: str) -> dict[str, Any]:
+    return _page(url, "/health")
+
+
+def _list_costs(refresh: dict[str, Any]) -> dict[str, Any]:
+    """A worker's lists so far (warm-up included): how many, and the mean milliseconds per list by step."""
+    lists = int(refresh.get("refreshed") or 0)
+    steps = refresh.get("rank_seconds_by_step") or {}
+    return {"lists": lists, "refresh_seconds": round(float(refresh.get("refresh_seconds") or 0.0), 1),
+            "mean_ms_per_list": ({step: round(1000 * seconds / lists, 3) for step, seconds in steps.items()}
+                                 if lists else {}),
+            "catch_up_flushes": refresh.get("catch_up_flushes"), "list_budget_ms_last": refresh.get("list_budget_ms")}
 
 
 def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, list[int]],
@@ -119,6 +133,12 @@ def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, lis
             "share_of_events_refreshed": round(len(delays) / len(live), 4) if live else None}
 
 
+def _total(values: Any) -> int | None:
+    """The sum over workers, None if a worker did not answer."""
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -127,7 +147,12 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0, users: int = 3000,
-                    warm_share: float = 0.6, timeout_s: float = 1800.0, window_grace_s: float = 2.0) -> dict[str, Any]:
+                    warm_share: float = 0.6, timeout_s: float = 1800.0, window_grace_s: float = 2.0,
+                    workers: int = 1) -> dict[str, Any]:
+    """``workers``: processes in one consumer group, sharing the partitions (Kafka's unit of scale); each has
+    its own state folder and debug port, as on separate machines."""
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     from kafka import KafkaProducer
     from pymk.streams.lag import consumer_lag, wait_idle
     from pymk.streams.producer import event_messages, send_messages, synthetic_events
@@ -145,12 +170,13 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
     live = events[len(warm):][: int(rate * seconds)]
     ensure_topics(settings)
     send_messages(settings, event_messages(settings, warm), len(warm), progress=False)
-    worker = start_worker_process(settings, home / "worker.log")
-    url = f"http://{settings.web_host}:{settings.web_port}"
+    members = [replace(settings, web_port=settings.web_port + i, home=home / f"worker-{i}") for i in range(workers)]
+    processes = [start_worker_process(member, home / f"worker-{i}.log") for i, member in enumerate(members)]
+    urls = [f"http://{member.web_host}:{member.web_port}" for member in members]
     watcher = ListWatcher(settings)
     try:
         warm_started = time.monotonic()
-        if not wait_idle(settings, timeout_s=timeout_s, worker_urls=[url]):
+        if not wait_idle(settings, timeout_s=timeout_s, worker_urls=urls):
             raise TimeoutError(f"the warm-up did not finish in {timeout_s} s")
         warm_seconds = time.monotonic() - warm_started
         watcher.start()
@@ -170,16 +196,18 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         producer.close()
         window_end = sent_at[-1] + int(window_grace_s * 1000) if sent_at else int(time.time() * 1000)
         time.sleep(max(0.0, window_end / 1000.0 - time.time()))
-        health = _health(url)
+        healths = [_health(url) for url in urls]
+        refresh_stats = [_page(url, "/stats").get("refresh") or {} for url in urls]
         load_at_window_end = os.getloadavg()
         lag_at_window_end = sum(consumer_lag(settings).values())
         drain_started = time.monotonic()
-        drained = wait_idle(settings, timeout_s=timeout_s, worker_urls=[url])
+        drained = wait_idle(settings, timeout_s=timeout_s, worker_urls=urls)
         drain_seconds = time.monotonic() - drain_started
         time.sleep(1.0)
     finally:
         watcher.stop_event.set()
-        stop_process(worker)
+        for process in processes:
+            stop_process(process)
         delete_topics_with_prefix(settings, tag + ".")
         shutil.rmtree(home, ignore_errors=True)
     watcher.join(10)
@@ -193,15 +221,22 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         "events": len(live),
         "target_rate_per_s": rate,
         "achieved_send_rate_per_s": round(len(live) / send_seconds, 1),
+        "workers": workers,
+        "partitions": settings.partitions,
         "flush_interval_ms": settings.flush_interval_ms,
         "refresh_scope": settings.refresh_scope,
-        "refresh_policy": {"budget_ms": settings.refresh_budget_ms, "idle_budget_ms": settings.refresh_idle_budget_ms,
+        "refresh_policy": {"budget_ms": settings.refresh_budget_ms, "budget_max_ms": settings.refresh_budget_max_ms,
+                           "keeping_up_backlog": settings.refresh_keeping_up_backlog,
+                           "catch_up_backlog": settings.refresh_catch_up_backlog,
+                           "idle_budget_ms": settings.refresh_idle_budget_ms,
                            "max_staleness_ms": settings.refresh_max_staleness_ms,
                            "stale_share": settings.refresh_stale_share},
         "window_grace_s": window_grace_s,
         **in_window,
-        "deferred_at_window_end": health.get("lists_owed"),
-        "oldest_deferred_ms_at_window_end": health.get("oldest_owed_ms"),
+        "per_worker_at_window_end": [_list_costs(refresh) for refresh in refresh_stats],
+        "deferred_at_window_end": _total(h.get("lists_owed") for h in healths),
+        "oldest_deferred_ms_at_window_end": max((h["oldest_owed_ms"] for h in healths
+                                                 if h.get("oldest_owed_ms") is not None), default=None),
         "input_lag_at_window_end": lag_at_window_end,
         "after_drain": {"drained": drained, "drain_seconds": round(drain_seconds, 1),
                         **_delays(live, sent_at, published)},

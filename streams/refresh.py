@@ -87,6 +87,9 @@ class RefreshStats:
     oldest_embed_due_ms: int = 0  # how long the longest-due of them has been due
     # event (wall) time → publication delay of the last lists, for /metrics
     last_delays_ms: list[int] = field(default_factory=list)
+    # where ranking time goes, summed over lists, in seconds: Stage 1, features, predict, order, reasons (with
+    # the explanation), and the impressions (shown and the unshown sample)
+    rank_seconds_by_step: dict[str, float] = field(default_factory=dict)
 
 
 def candidate_config(settings: Settings) -> CandidateConfig:
@@ -340,11 +343,17 @@ class Refresher:
         ranked = rank_scored(user, scored, source, scorer, as_of, builder=self.features)
         if self.settings.ranker_kind != "xgboost":
             ranked = replace(ranked, model_version=self.models.ranker_version)
+        logged = time.perf_counter()
         impressions = [Impression(user=user, candidate=item.candidate.user, rank=item.rank, score=item.score,
                                   model_version=ranked.model_version, features=ranked.features_of(i), ts=now_ms,
                                   as_of=as_of, sources=item.sources)
                        for i, item in enumerate(ranked.items)]
         impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms))
+        by_step = self.stats.rank_seconds_by_step
+        for step, ms in ranked.timings.items():
+            if step != "total":
+                by_step[step] = by_step.get(step, 0.0) + ms / 1000.0
+        by_step["impressions"] = by_step.get("impressions", 0.0) + time.perf_counter() - logged
         return replace(ranked.to_recommendations(), generated_at=now_ms), impressions
 
     def _tower_space_search(self, source: WorkerRankingSource) -> AnnSearch:
