@@ -89,6 +89,13 @@ class CandidateSet:
                  self.from_popular is not None and bool(self.from_popular[index]))
         return tuple(name for name, flag in zip((GRAPH, ANN, POPULAR), flags, strict=True) if flag)
 
+    def sources_of(self, indices: Sequence[int]) -> list[tuple[str, ...]]:
+        """:meth:`sources` of many candidates at once (one array read per flag, not one per item)."""
+        graph, ann = self.from_graph[indices].tolist(), self.from_ann[indices].tolist()
+        popular = self.from_popular[indices].tolist() if self.from_popular is not None else [False] * len(graph)
+        return [tuple(name for name, flag in ((GRAPH, g), (ANN, a), (POPULAR, p)) if flag)
+                for g, a, p in zip(graph, ann, popular, strict=True)]
+
     def candidate(self, index: int) -> Candidate:
         ann = float(self.ann_score[index])
         return Candidate(int(self.ids[index]), self.sources(index), int(self.common_neighbor_count[index]),

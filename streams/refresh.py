@@ -384,11 +384,12 @@ class Refresher:
         predecessor showed learns to re-order that top 20 and nothing about the other candidates it will have
         to rank. Seeded by (user, as-of), so a redone flush logs the same."""
         rng = np.random.default_rng([user & 0x7FFFFFFFFFFFFFFF, as_of])
-        out = []
-        for index, weight in sample_unshown(scored.top, scored.scores, self.settings.impressions_unshown_sample,
-                                            self.settings.impressions_unshown_near_ranks, rng):
-            candidate = scored.candidates.candidate(index)
-            out.append(Impression(user=user, candidate=candidate.user, rank=0, score=float(scored.scores[index]),
-                                  model_version=model_version, features=feature_dict(scored.features[index]),
-                                  ts=now_ms, as_of=as_of, sources=candidate.sources, weight=weight))
-        return out
+        sample = sample_unshown(scored.top, scored.scores, self.settings.impressions_unshown_sample,
+                                self.settings.impressions_unshown_near_ranks, rng)
+        indices = [index for index, _ in sample]
+        candidates = scored.candidates
+        return [Impression(user=user, candidate=candidate, rank=0, score=score, model_version=model_version,
+                           features=feature_dict(row), ts=now_ms, as_of=as_of, sources=sources, weight=weight)
+                for (_, weight), candidate, score, row, sources in zip(
+                    sample, candidates.ids[indices].tolist(), scored.scores[indices].tolist(),
+                    scored.features[indices], candidates.sources_of(indices), strict=True)]

@@ -433,6 +433,8 @@ def test_candidates_take_the_top_of_each_source_and_remember_sources() -> None:
             assert (candidates.ann_score[i] == pytest.approx(cosines[v], abs=1e-5) if v in expected_ann
                     else math.isnan(candidates.ann_score[i]))
         assert candidates.stats["two_hop"] == len(two_hop)
+        every = list(range(len(ids)))
+        assert candidates.sources_of(every[::-1]) == [candidates.sources(i) for i in every[::-1]]
 
 
 def test_the_rough_cut_respects_max_candidates() -> None:
