@@ -202,8 +202,9 @@ class Refresher:
         state.forced_reembed.clear()
 
     # ---- 2. embeddings ---------------------------------------------------------------------------------------------
-    def catching_up(self, backlog: int) -> bool:
-        """Whether the input is so far behind that this flush should leave the time to it (see the module doc)."""
+    def observe_input_backlog(self, backlog: int) -> bool:
+        """Set this flush's lists budget from the input backlog (ListBudget); whether the input is so far behind
+        that this flush should leave the time to it (see the module doc)."""
         behind = backlog > self.settings.refresh_catch_up_backlog
         self._list_budget_s = self.list_budget.observe(backlog)
         self.stats.list_budget_ms = round(self._list_budget_s * 1000)

@@ -295,7 +295,7 @@ class WorkerState:
         for state in states:
             self.refresher.collect(state, now_ms)
         out: list[tuple[str, bytes | None, bytes, int | None]] = []
-        catching_up = self.refresher.catching_up(backlog)
+        catching_up = self.refresher.observe_input_backlog(backlog)
         for record in self.refresher.embed_due(states, now_ms, idle=idle, catching_up=catching_up):
             out.append((self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user)))
         for recommendations, impressions in self.refresher.refresh_due(states, now_ms, idle=idle,

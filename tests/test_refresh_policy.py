@@ -245,7 +245,7 @@ def test_a_flush_behind_its_input_ranks_one_list_and_keeps_the_rest_owed() -> No
     now = 10_000_000
     state = owed_state(now)
     refresher = CountingRefresher(Settings(refresh_catch_up_backlog=1000, refresh_budget_ms=10_000), cost_s=0.0)
-    assert not refresher.catching_up(1000) and refresher.catching_up(1001)
+    assert not refresher.observe_input_backlog(1000) and refresher.observe_input_backlog(1001)
     assert refresher.stats.catch_up_flushes == 1 and refresher.stats.input_backlog == 1001
     refresher.refresh_due([state], now, catching_up=True)  # type: ignore[list-item]
     assert refresher.ranked == [99] and refresher.stats.backlog == 10
