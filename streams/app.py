@@ -64,6 +64,8 @@ def faust_credentials(settings: Settings) -> Any:
 class PymkApp:
     """Builds and holds the faust app, its topics, the worker's state and its metrics."""
 
+    STALL_S = 3.0  # a partition behind that long without progress, all it knows of read, is re-read
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
@@ -119,11 +121,13 @@ class PymkApp:
                                          impressions=settings.topic("impressions"),
                                          impressions_unshown=settings.topic(UNSHOWN_KIND))
         self._seeking: set[Any] = set()
+        self._stalled: dict[Any, tuple[int, float]] = {}  # tp → (state's next offset, since when) (_reseek_timer)
         for kind, topic in self.input_topics.items():
             self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_ingest_agent(kind))
         self.app.agent(self.messages_topic, name="pymk.partition-messages")(self._messages_agent)
         self.app.agent(self.commands_topic, name="pymk.commands")(self._commands_agent)
         self.app.timer(settings.flush_interval_ms / 1000.0)(self._flush_timer)
+        self.app.timer(1.0)(self._reseek_timer)
         if self.models is not None:
             self.app.timer(settings.model_reload_interval_s)(self._reload_timer)
         self.app.task(self.globals.run)
@@ -273,6 +277,40 @@ class PymkApp:
     async def _flush_timer(self) -> None:
         await self.flush()
 
+    async def _reseek_timer(self) -> None:
+        """Start (or restart) the re-read of a partition whose state is behind while its consumer will not deliver
+        what is missing: faust delivers only messages past its read offset of a partition. After a partition
+        moved here without its state, that offset is the group's committed one, so a topic-partition that gets
+        no new message (dismissals, say) never triggered the re-read in :meth:`_admit`; and the rest of a batch
+        fetched before a seek moves the read offset past the seek's target, so the re-read messages are
+        dropped. Both were seen with two workers starting on a filled topic: moved partitions never caught up.
+        A partition is stalled when its consumer has read everything it knows of (read offset at the end)
+        while the state has applied none of the rest for ``STALL_S``; a busy worker makes progress or has not
+        read to the end, so it is left alone."""
+        consumer, now = self.app.consumer, time.monotonic()
+        behind = self._backlog_by_tp()
+        for tp in list(self._stalled):
+            if not behind.get(tp, (0, 0))[0]:
+                del self._stalled[tp]
+        for tp, (missing, end) in behind.items():
+            state = self.state.state_for(tp.partition)
+            if not missing or state is None:
+                continue
+            target = state.next_offset(tp.topic)
+            read = consumer._read_offset.get(tp)  # faust's own, no public reader
+            if read is None or read < end - 1:
+                self._stalled.pop(tp, None)  # messages still to be delivered: not stalled
+                continue
+            seen_target, since = self._stalled.setdefault(tp, (target, now))
+            if seen_target != target:
+                self._stalled[tp] = (target, now)  # progress
+            elif now - since >= self.STALL_S:
+                log.warning("%s: the state has applied up to offset %d, the consumer has read up to %d: "
+                            "re-reading", tp, target - 1, read)
+                self._seeking.add(tp)
+                self._stalled[tp] = (target, now)
+                await consumer.seek(tp, target)
+
     async def _reload_timer(self) -> None:
         """Hot reload: a new model version serves from the next flush on; nothing is lost or re-read. A new
         GraphSAGE model re-embeds every local user (vectors of two models are not comparable)."""
@@ -306,18 +344,40 @@ class PymkApp:
     def input_backlog(self) -> int:
         """Messages of this worker's partitions (inputs and partition messages) not applied yet: the consumer's
         last known end offsets minus the state's next offsets. No broker round trip: read at every flush."""
+        return sum(behind for behind, _ in self._backlog_by_tp().values())
+
+    def _backlog_by_tp(self) -> dict[Any, tuple[int, int]]:
+        """(messages not applied, last known end offset) per topic-partition of this worker's state."""
         consumer = self.app.consumer
         topics = [topic.get_topic_name() for topic in (*self.input_topics.values(), self.messages_topic)]
-        backlog = 0
+        out: dict[Any, tuple[int, int]] = {}
         for partition, state in self.state.owned.items():
             for topic in topics:
+                tp = TP(topic, partition)
                 try:
-                    end = consumer.highwater(TP(topic, partition))
+                    end = consumer.highwater(tp)
                 except Exception:  # noqa: BLE001 - not assigned (yet) or no fetch so far: nothing known
                     continue
                 if end is not None:
-                    backlog += max(0, end - state.next_offset(topic))
-        return backlog
+                    out[tp] = (max(0, end - state.next_offset(topic)), end)
+        return out
+
+    def consumer_view(self) -> list[dict[str, Any]]:
+        """For /stats: every topic-partition this worker is behind on, with what its consumer knows of it (a
+        partition that does not catch up shows why: paused, buffer full, read offset past the state)."""
+        consumer = self.app.consumer
+        out = []
+        for tp, (behind, end) in sorted(self._backlog_by_tp().items()):
+            if not behind:
+                continue
+            state = self.state.state_for(tp.partition)
+            out.append({"topic": tp.topic, "partition": tp.partition, "behind": behind, "end": end,
+                        "next_to_apply": state.next_offset(tp.topic) if state is not None else None,
+                        "read_offset": consumer._read_offset.get(tp),  # faust's internals: no public reader
+                        "paused": tp in consumer._paused_partitions,
+                        "buffer_full": tp in consumer._buffered_partitions,
+                        "re_reading": tp in self._seeking})
+        return out
 
     def facts_value(self, user: int) -> tuple[int, Any, Any]:
         """(degree, connection activity, profile) of any user, for Stage 2's table (streams/user_facts.py): from
@@ -476,6 +536,9 @@ class PymkApp:
             return web.json({"status": "ok", "app_id": self.settings.app_id,
                              "partitions": sorted(self.state.owned),
                              "pending_work": sum(len(state.work) for state in self.state.owned.values()),
+                             # messages of its partitions not applied yet, as this worker sees them: after a
+                             # partition moved here without its state, the group's lag is 0 while it re-reads
+                             "input_backlog": self.input_backlog(),
                              # lists owed now (the deferred ones included) and the oldest owed change's age
                              "lists_owed": sum(1 for state in self.state.owned.values()
                                                for row in state.work.rows.values() if row[1]),
@@ -510,7 +573,8 @@ class PymkApp:
                              "index": {"users": len(self.index.index), "records_applied": self.index.records_applied,
                                        "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets,
                                        "ann_space": self.settings.ann_space, **tower},
-                             "refresh": refresh, "models": self.models.describe() if self.models else None})
+                             "refresh": refresh, "models": self.models.describe() if self.models else None,
+                             "behind": self.consumer_view()})
 
         memory_baseline: list[Any] = []  # the previous /memory snapshot, for ?diff=1
 

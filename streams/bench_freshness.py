@@ -123,13 +123,17 @@ def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, lis
     """Delays and share of the events whose users all got a list after the event (and, with ``until_ms``, by
     then)."""
     delays: list[float] = []
+    missed: dict[str, int] = {}
     for event, t_sent in zip(live, sent_at, strict=True):
         firsts = [first_after(published, u, t_sent) for u in affected_users(event)]
         if all(f is not None and (until_ms is None or f <= until_ms) for f in firsts):
             delays.append(float(max(f for f in firsts if f is not None) - t_sent))
+        else:
+            missed[event.KIND] = missed.get(event.KIND, 0) + 1
     return {"delay_ms": {"p50": _percentile(delays, 0.5), "p90": _percentile(delays, 0.9),
                          "p99": _percentile(delays, 0.99), "max": max(delays, default=None)},
             "events_refreshed": len(delays),
+            "events_not_refreshed_by_kind": missed,
             "share_of_events_refreshed": round(len(delays) / len(live), 4) if live else None}
 
 

@@ -32,14 +32,17 @@ def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[st
 
 
 def pending_work(worker_urls: list[str]) -> int:
-    """Users with an embedding or a list still owed, summed over the workers' ``/health`` (unreachable: 0)."""
+    """Users with an embedding or a list still owed, plus input messages not applied yet, summed over the
+    workers' ``/health`` (unreachable: 0). The second part matters after a rebalance: a worker re-reading a
+    partition that moved to it without its state is behind while the group's committed offsets are not."""
     total = 0
     for url in worker_urls:
         try:
             with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as response:
-                total += int(json.loads(response.read()).get("pending_work", 0))
+                health = json.loads(response.read())
         except OSError:
             continue
+        total += int(health.get("pending_work", 0)) + int(health.get("input_backlog", 0))
     return total
 
 

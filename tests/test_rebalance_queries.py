@@ -198,3 +198,30 @@ def test_workers_join_and_die_mid_stream_queries_answered_state_equal(kafka_sett
           f"slowest {slowest:.1f} s")
     assert expected.keys() == got.keys() == users
     assert not differences(expected, got), differences(expected, got)
+
+
+def test_a_partition_moved_without_its_state_catches_up_on_topics_that_get_no_new_message(
+        kafka_settings: Settings, tmp_path: Path) -> None:
+    """A second worker joins after the input stopped: the partitions moved to it have no state there, and the
+    group's offsets are at the end of every topic. It must re-read all of them, including topics where no new
+    message will ever come to trigger it (faust only delivers messages past its read offset), and say it is
+    behind until then (``/health`` input_backlog, which ``settle`` waits for): the group's lag is 0 all along."""
+    events = small_network(160, seed=13)
+    users = users_of(events)
+    first = replace(kafka_settings, session_timeout_s=SESSION_TIMEOUT_S)
+    # its own home, as on another machine: a worker on the same home would open the moved partitions' RocksDB
+    second = replace(first, web_port=free_port(), home=tmp_path / "second-machine")
+    ensure_topics(first)
+    with running_worker(first, tmp_path / "first.log"):
+        send(first, events)
+        final_refresh(first, [first])
+        expected = state_view([first], users)
+        with running_worker(second, tmp_path / "second.log"):
+            wait_until(lambda: owns(first) and owns(second), 90, what="both workers own partitions")
+            settle(first, [first, second])
+            for worker in (first, second):
+                assert http_get(worker, "/stats")["behind"] == []
+            final_refresh(first, [first, second])
+            got = state_view([first, second], users)
+    assert expected.keys() == got.keys() == users
+    assert not differences(expected, got), differences(expected, got)
