@@ -585,17 +585,17 @@ class PymkApp:
             the growth since the previous call. RSS and the row-cache and RocksDB figures come with it."""
             import tracemalloc
 
-            rocksdb_outside_cache: dict[str, int] = {}
+            rocksdb_properties: dict[str, int] = {}
             for partition_state in self.state.owned.values():
                 for name, value in partition_state.store.memory_properties().items():
-                    rocksdb_outside_cache[name] = rocksdb_outside_cache.get(name, 0) + value
+                    rocksdb_properties[name] = rocksdb_properties.get(name, 0) + value
             answer: dict[str, Any] = {"rss_bytes": rss_bytes(),
                                       "row_cache_bytes": sum(s.cache_budget.estimated_bytes
                                                              for s in self.state.owned.values()),
                                       "rocksdb_memory_bytes": (self.state.rocks_memory.usage_bytes()
                                                                if self.state.rocks_memory is not None else None),
                                       # summed over the databases; memtables are inside rocksdb_memory_bytes too
-                                      "rocksdb_properties_bytes": rocksdb_outside_cache,
+                                      "rocksdb_properties_bytes": rocksdb_properties,
                                       "ann_index_bytes": self.index.index.memory_bytes(),
                                       "malloc_bytes": malloc_bytes(),
                                       "tracing": tracemalloc.is_tracing()}
