@@ -42,7 +42,7 @@ from pymk.events import (
 from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 
-CSV_FIELDS = ("t_s", "phase", "produced", "processed", "lag_total", "lag_inputs", "lag_partition_messages",
+CSV_FIELDS = ("t_s", "phase", "produced", "processed", "invalid", "lag_total", "lag_inputs", "lag_partition_messages",
               "rss_mb", "worker_cpu_percent", "users", "row_cache_mb", "rocksdb_mb", "rss_anon_mb",
               "rss_file_mb", "ann_index_mb",
               "rocksdb_table_readers_mb", "malloc_in_use_mb", "malloc_free_mb")
@@ -54,6 +54,7 @@ class SoakSample:
     phase: str  # "load" or "drain"
     produced: int  # acknowledged or in flight, cumulative
     processed: int | None  # input messages the worker has processed (its /stats), cumulative
+    invalid: int | None  # of which dead-lettered (a soak of valid events must keep this at 0)
     lag_total: int | None  # every topic the group consumes: inputs, messages between partitions, commands
     lag_inputs: int | None
     lag_partition_messages: int | None
@@ -163,7 +164,12 @@ def _replacing(events: list[InputEvent], stale: set[tuple[int, int]]) -> list[In
 
 
 class _PacedProducer(threading.Thread):
-    """Sends events at ``rate`` per second until stopped; counts what it sent."""
+    """Sends events at ``rate`` per second until stopped; counts what it sent.
+
+    Each event is stamped with the wall clock when it is sent (never earlier than the one before, so the
+    stream's order and its last-writer-wins outcome are the generator's). The generator's own times run ~90 days
+    per round: replayed at soak speed they passed the workers' future limit after ~12 rounds (50 minutes at
+    150 events/s), and every later event was a dead letter."""
 
     def __init__(self, settings: Settings, rate: float, users: int, seed: int, same_users: bool = False) -> None:
         super().__init__(daemon=True, name="soak-producer")
@@ -180,10 +186,12 @@ class _PacedProducer(threading.Thread):
             producer = make_producer(self.settings, client_id="pymk-soak")
             events = endless_events(self.users, self.seed, self.same_users)
             started = time.monotonic()
+            last_ts = 0
             while not self.stop_requested.is_set():
                 due = int((time.monotonic() - started) * self.rate)
                 while self.sent < due:
-                    event = next(events)
+                    last_ts = max(last_ts, int(time.time() * 1000))
+                    event = replace(next(events), ts=last_ts)
                     producer.send(self.settings.topic(event.KIND), key=user_key(event.key), value=event.to_json())
                     self.sent += 1
                 time.sleep(0.005)
@@ -443,6 +451,7 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
                 sample = SoakSample(
                     t_s=round(time.monotonic() - started, 2), phase=phase, produced=producer.sent,
                     processed=_processed(stats),
+                    invalid=None if stats is None else sum(stats["events_invalid"].values()),
                     lag_total=sum(lag.values()) if lag is not None else None,
                     lag_inputs=sum(v for t, v in lag.items() if t in input_topics) if lag is not None else None,
                     lag_partition_messages=lag.get(messages_topic) if lag is not None else None,
@@ -486,6 +495,7 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
         "produced": producer.sent,
         "produce_rate_per_s": round(producer.sent / load_s, 1),
         "processed": next((s.processed for s in reversed(samples) if s.processed is not None), None),
+        "invalid": next((s.invalid for s in reversed(samples) if s.invalid is not None), None),
         **summarise(samples, rate, load_s),
         "drain_s": drain_s,  # None: not drained within drain_timeout_s
         "worker_alive_at_end": worker_alive,

@@ -19,7 +19,7 @@ def samples(lag_of: dict[str, float], load_s: float = 300.0) -> list[SoakSample]
         t = 5.0 * step
         users = 1000 + 20 * int(t)
         row_cache = min(50.0, 0.5 * t)
-        out.append(SoakSample(t_s=t, phase="load", produced=int(200 * t), processed=int(200 * t),
+        out.append(SoakSample(t_s=t, phase="load", produced=int(200 * t), processed=int(200 * t), invalid=0,
                               lag_total=int(lag_of["base"] + lag_of["growth"] * t), lag_inputs=None,
                               lag_partition_messages=None, rss_mb=600.0 + row_cache + 0.002 * users,
                               worker_cpu_percent=80.0, users=users, row_cache_mb=row_cache, rocksdb_mb=0.0,
