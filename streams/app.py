@@ -35,7 +35,7 @@ from pymk.streams.user_facts import UserFacts
 from yarl import URL
 
 from pymk.events import UNSHOWN_KIND, ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
-from pymk.process_memory import malloc_bytes, rss_bytes
+from pymk.process_memory import malloc_bytes, pymalloc_bytes, rss_bytes
 from pymk.settings import INPUT_KINDS, Settings
 from pymk.validation import Invalid, parse_event
 
@@ -582,7 +582,8 @@ class PymkApp:
         async def memory(web: Any, request: Any) -> Any:
             """Where this process's Python memory is, by allocation site (top 25 lines), when tracemalloc traces
             (start the worker with PYTHONTRACEMALLOC=1; it slows allocation, so never by default). ``?diff=1``:
-            the growth since the previous call. RSS and the row-cache and RocksDB figures come with it."""
+            the growth since the previous call. RSS and the row-cache and RocksDB figures come with it;
+            ``?pymalloc=1`` adds Python's small-object allocator (pymk/process_memory.py: pymalloc_bytes)."""
             import tracemalloc
 
             rocksdb_properties: dict[str, int] = {}
@@ -598,6 +599,8 @@ class PymkApp:
                                       "rocksdb_properties_bytes": rocksdb_properties,
                                       "ann_index_bytes": self.index.index.memory_bytes(),
                                       "malloc_bytes": malloc_bytes(),
+                                      "pymalloc_bytes": (pymalloc_bytes() if request.query.get("pymalloc") == "1"
+                                                         else None),
                                       "tracing": tracemalloc.is_tracing()}
             if tracemalloc.is_tracing():
                 snapshot = tracemalloc.take_snapshot().filter_traces(

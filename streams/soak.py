@@ -45,7 +45,8 @@ from pymk.settings import Settings
 CSV_FIELDS = ("t_s", "phase", "produced", "processed", "invalid", "lag_total", "lag_inputs", "lag_partition_messages",
               "rss_mb", "worker_cpu_percent", "users", "row_cache_mb", "rocksdb_mb", "rss_anon_mb",
               "rss_file_mb", "ann_index_mb",
-              "rocksdb_table_readers_mb", "malloc_in_use_mb", "malloc_free_mb")
+              "rocksdb_table_readers_mb", "malloc_in_use_mb", "malloc_free_mb", "pymalloc_arenas_mb",
+              "pymalloc_allocated_mb")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class SoakSample:
     rocksdb_table_readers_mb: float | None = None
     malloc_in_use_mb: float | None = None
     malloc_free_mb: float | None = None
+    pymalloc_arenas_mb: float | None = None  # Python's small objects: arenas mapped ...
+    pymalloc_allocated_mb: float | None = None  # ... and the live objects in them
 
 
 def shifted(event: InputEvent, offset: int) -> InputEvent:
@@ -248,16 +251,19 @@ def _mb(value: float | None) -> float | None:
 
 def _memory_parts(settings: Settings, stats: dict[str, Any] | None) -> dict[str, Any]:
     """The memory fields of a SoakSample, from the worker's /stats and /memory."""
-    memory = _worker_page(settings, "/memory")
+    memory = _worker_page(settings, "/memory?pymalloc=1")
     parts: dict[str, Any] = {"users": None if stats is None else int(stats["globals_users"])}
     if memory is None:
         return parts
     ann = memory.get("ann_index_bytes") or {}
     malloc = memory.get("malloc_bytes") or {}
+    pymalloc = memory.get("pymalloc_bytes") or {}
     parts.update(row_cache_mb=_mb(memory["row_cache_bytes"]), rocksdb_mb=_mb(memory.get("rocksdb_memory_bytes")),
                  ann_index_mb=_mb(sum(v for k, v in ann.items() if k != "slots") if ann else None),
                  rocksdb_table_readers_mb=_mb((memory.get("rocksdb_properties_bytes") or {}).get("table_readers")),
-                 malloc_in_use_mb=_mb(malloc.get("in_use")), malloc_free_mb=_mb(malloc.get("free_in_arenas")))
+                 malloc_in_use_mb=_mb(malloc.get("in_use")), malloc_free_mb=_mb(malloc.get("free_in_arenas")),
+                 pymalloc_arenas_mb=_mb(pymalloc.get("arenas")),
+                 pymalloc_allocated_mb=_mb(pymalloc.get("allocated_blocks")))
     return parts
 
 
@@ -346,7 +352,7 @@ def _memory_per_user(load: list[SoakSample], load_s: float) -> dict[str, Any]:
         name: [_mean([getattr(s, name) for s in load if lo * load_s / 3 <= s.t_s < hi * load_s / 3
                       and getattr(s, name) is not None]) for lo, hi in ((1, 2), (2, 3.01))]
         for name in ("rss_anon_mb", "rss_file_mb", "ann_index_mb", "rocksdb_table_readers_mb", "malloc_in_use_mb",
-                     "malloc_free_mb")}
+                     "malloc_free_mb", "pymalloc_arenas_mb", "pymalloc_allocated_mb")}
     if len(tail) < 2 or (tail[-1].users or 0) < 1.1 * (tail[0].users or 0):
         return out  # (almost) no new users: a per-user figure would divide by noise (e.g. --same-users)
     new_users = (tail[-1].users or 0) - (tail[0].users or 0)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pymk.features.storage import RocksMemory, RocksRowStore
 
-from pymk.process_memory import malloc_bytes, rss_bytes
+from pymk.process_memory import malloc_bytes, pymalloc_bytes, rss_bytes
 
 
 def test_malloc_in_use_follows_a_large_allocation_and_its_free() -> None:
@@ -30,3 +31,16 @@ def test_rocksdb_memory_properties_see_the_memtable(tmp_path: Path) -> None:
         assert store.memory_properties()["memtables"] >= empty["memtables"] + 5000 * 200
     finally:
         store.close()
+
+
+def test_pymalloc_counts_small_objects_and_gives_stderr_back(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    before = pymalloc_bytes()
+    assert before is not None and before["arenas"] >= before["allocated_blocks"] > 0
+    small = [str(i) * 3 for i in range(200_000)]  # ~50 bytes each: pymalloc's, not malloc's
+    during = pymalloc_bytes()
+    assert during is not None and during["allocated_blocks"] - before["allocated_blocks"] > 5 * 2**20
+    del small
+    os.write(2, b"stderr is ours again\n")
+    assert capfd.readouterr().err == "stderr is ours again\n"  # and the statistics did not leak into it
