@@ -157,8 +157,7 @@ class Refresher:
         self.profile_of = profile_of
         self.candidates = candidate_config(settings)
         self.stats = RefreshStats()
-        self.list_budget = ListBudget(settings)
-        self._list_budget_s = self.list_budget.low_s  # this flush's (set by catching_up from the backlog)
+        self.list_budget = ListBudget(settings)  # its seconds: this flush's (set by observe_input_backlog)
         self.features = FeatureBuilder()  # one per worker: its profile cache lives across lists
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)
         # one LRU of profile encodings for all of them (the profiles are the worker's, whatever the partition)
@@ -206,8 +205,7 @@ class Refresher:
         """Set this flush's lists budget from the input backlog (ListBudget); whether the input is so far behind
         that this flush should leave the time to it (see the module doc)."""
         behind = backlog > self.settings.refresh_catch_up_backlog
-        self._list_budget_s = self.list_budget.observe(backlog)
-        self.stats.list_budget_ms = round(self._list_budget_s * 1000)
+        self.stats.list_budget_ms = round(self.list_budget.observe(backlog) * 1000)
         self.stats.input_backlog = backlog
         self.stats.catch_up_flushes += behind
         return behind
@@ -297,7 +295,7 @@ class Refresher:
                 owed.append((first, last, user))
         stale, fresh = refresh_order(owed, now_ms, settings.refresh_max_staleness_ms)
         if budget_s is None:
-            budget_s = 0.0 if catching_up else self._list_budget_s
+            budget_s = 0.0 if catching_up else self.list_budget.seconds
             if idle:  # the idle budget is for the whole flush: what this flush's embeddings left of it
                 budget_s = max(budget_s, settings.refresh_idle_budget_ms / 1000.0 - self._embed_spent_s)
         out: list[tuple[Recommendations, list[Impression]]] = []

@@ -137,7 +137,6 @@ class CountingRefresher(Refresher):
         self._partitions = frozenset()
         self._embed_spent_s = 0.0
         self.list_budget = ListBudget(settings_)
-        self._list_budget_s = self.list_budget.low_s
         self.cost_s = cost_s
         self.ranked: list[int] = []
 
