@@ -294,7 +294,7 @@ class PymkApp:
                 del self._stalled[tp]
         for tp, (missing, end) in behind.items():
             state = self.state.state_for(tp.partition)
-            if not missing or state is None:
+            if not missing or state is None or end is None:  # end unknown: not fetched yet, nothing to re-read
                 continue
             target = state.next_offset(tp.topic)
             read = consumer._read_offset.get(tp)  # faust's own, no public reader
@@ -346,20 +346,27 @@ class PymkApp:
         last known end offsets minus the state's next offsets. No broker round trip: read at every flush."""
         return sum(behind for behind, _ in self._backlog_by_tp().values())
 
-    def _backlog_by_tp(self) -> dict[Any, tuple[int, int]]:
-        """(messages not applied, last known end offset) per topic-partition of this worker's state."""
+    def _backlog_by_tp(self) -> dict[Any, tuple[int, int | None]]:
+        """(messages not applied, last known end offset) per topic-partition of this worker's state; (1, None)
+        for one not fetched yet."""
         consumer = self.app.consumer
-        topics = [topic.get_topic_name() for topic in (*self.input_topics.values(), self.messages_topic)]
-        out: dict[Any, tuple[int, int]] = {}
+        # commands too: a partition that moved here re-reads them like the rest, and that re-read can stall the same
+        # way (the rank command of `pymk refresh` was then never applied by the worker the partition moved to)
+        topics = [topic.get_topic_name()
+                  for topic in (*self.input_topics.values(), self.messages_topic, self.commands_topic)]
+        out: dict[Any, tuple[int, int | None]] = {}
         for partition, state in self.state.owned.items():
             for topic in topics:
                 tp = TP(topic, partition)
                 try:
                     end = consumer.highwater(tp)
-                except Exception:  # noqa: BLE001 - not assigned (yet) or no fetch so far: nothing known
-                    continue
-                if end is not None:
-                    out[tp] = (max(0, end - state.next_offset(topic)), end)
+                except Exception:  # noqa: BLE001 - not assigned to the consumer (yet): nothing known
+                    end = None
+                # Not fetched yet (just assigned): whether the state is behind is not known, so it counts as
+                # behind by one. Counted as caught up, a worker that had just been given a partition without its
+                # state said it owed nothing for the seconds before its first fetch: wait-idle returned, and the
+                # re-read of thousands of messages started after it (seen in the rebalance test).
+                out[tp] = (max(0, end - state.next_offset(topic)), end) if end is not None else (1, None)
         return out
 
     def consumer_view(self) -> list[dict[str, Any]]:
