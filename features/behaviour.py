@@ -199,6 +199,7 @@ class PartitionBehaviour:
         self._engaged: dict[int, dict[int, int]] = {}
         self._items: dict[bytes, dict[int, ItemEngagers]] = {ITEM: {}, ITEM_MIRROR: {}}
         self._dirty: set[tuple[bytes, int]] = set()
+        self._changed: set[int] = set()  # local users changed since the refresher's last take (see graph.py)
         self._outbox = _Outbox()
 
     # ---- row access (write-back cache over the store) -------------------------------------------------
@@ -242,6 +243,7 @@ class PartitionBehaviour:
             return False
         stamps.add(ts)
         self._dirty.add((kind, user))
+        self._changed.add(user)
         return True
 
     def _require_local(self, user: int, what: str) -> None:
@@ -290,6 +292,7 @@ class PartitionBehaviour:
             return False  # add-only: a later engagement with the same item changes nothing
         row[item] = ts
         self._dirty.add((ENGAGEMENTS, user))
+        self._changed.add(user)
         self.stats.engagements += 1
         if not self.item_row(item).hub:  # a known hub drops engagers: don't send them
             self._route(item, ItemEngagement(item, user, ts))
@@ -387,9 +390,10 @@ class PartitionBehaviour:
                 puts[key] = _encode_stamps(self._stamps[kind][key_id])
         return puts, deletes
 
-    def changed_users(self) -> set[int]:
-        """Local users whose views (either way), dismissals or engagements changed since :meth:`mark_clean`."""
-        return {key_id for kind, key_id in self._dirty if kind in (VIEWS_OUT, VIEWS_IN, DISMISSALS, ENGAGEMENTS)}
+    def take_changed_users(self) -> set[int]:
+        """Local users whose views (either way), dismissals or engagements changed since the last take."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def mark_clean(self) -> None:
         """The dirty rows are durable; forget them, and drop the cache when it has grown past its bound."""

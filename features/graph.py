@@ -202,6 +202,10 @@ class PartitionGraph:
         self._reverse: dict[int, set[int]] = {}
         self._common: dict[int, dict[int, int]] = {}
         self._dirty: set[tuple[bytes, int]] = set()
+        # changes not yet taken by the refresher (take_changed_users), apart from the dirty rows: the refresher
+        # may take them between two flushes, and a user changed again after that must be seen again
+        self._changed_own: set[int] = set()
+        self._changed_two_hop: set[int] = set()
         self._outbox = _Outbox()
         # local user → (activity at the anchor, anchor): recomputed at every change of the user's registers,
         # read for every candidate of every list
@@ -273,6 +277,7 @@ class PartitionGraph:
             return  # a duplicate or an older event: nothing changes, nothing is sent
         self.stats.edge_changes += 1
         self._dirty.add((ADJACENCY, owner))
+        self._changed_own.add(owner)
         was_alive, now_alive = change
         ts = version_ts(version)
         if was_alive != now_alive:
@@ -327,6 +332,7 @@ class PartitionGraph:
         else:
             row[candidate] = (ts << _COUNT_BITS) | count
         self._dirty.add((COMMON, user))
+        self._changed_two_hop.add(user)
         self.stats.pair_updates += 1
 
     def _neighbour_partitions(self, row: Registers) -> set[int]:
@@ -367,11 +373,11 @@ class PartitionGraph:
                     deletes.append(key)
         return puts, deletes
 
-    def changed_users(self) -> tuple[set[int], set[int]]:
-        """Since the last :meth:`mark_clean`: local users whose adjacency changed, and local users whose
-        common-neighbour row changed (their 2-hop candidates did)."""
-        own = {user for kind, user in self._dirty if kind == ADJACENCY}
-        two_hop = {user for kind, user in self._dirty if kind == COMMON}
+    def take_changed_users(self) -> tuple[set[int], set[int]]:
+        """Since the last take: local users whose adjacency changed, and local users whose common-neighbour row
+        changed (their 2-hop candidates did)."""
+        own, self._changed_own = self._changed_own, set()
+        two_hop, self._changed_two_hop = self._changed_two_hop, set()
         return own, two_hop
 
     def mark_clean(self) -> None:

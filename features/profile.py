@@ -230,6 +230,7 @@ class ProfileStore:
         self._rows: dict[int, _ProfileRow | None] = {}  # None: known to have no row (saves a store read)
         self._built: dict[int, Profile] = {}  # user → Profile of its row (ranking reads thousands per list)
         self._dirty: set[int] = set()
+        self._changed: set[int] = set()  # users changed since the refresher's last take (see graph.py)
 
     def _row(self, user: int) -> _ProfileRow | None:
         if user in self._rows:
@@ -267,6 +268,7 @@ class ProfileStore:
                 self.stats.stale_fields += int(new[0] != old[0] or _canonical(new[1]) != _canonical(old[1]))
         if changed:
             self._dirty.add(event.user)
+            self._changed.add(event.user)
             self._built.pop(event.user, None)
         return changed
 
@@ -318,9 +320,10 @@ class ProfileStore:
                 puts[row_key(PROFILE, user)] = row.encode()
         return puts, []
 
-    def changed_users(self) -> set[int]:
-        """Local users whose profile changed (or who signed up) since :meth:`mark_clean`."""
-        return set(self._dirty)
+    def take_changed_users(self) -> set[int]:
+        """Local users whose profile changed (or who signed up) since the last take."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def mark_clean(self) -> None:
         """The dirty rows are durable; forget them, and drop the cache when it has grown past its bound."""

@@ -175,10 +175,10 @@ class Refresher:
 
     # ---- 1. who owes what --------------------------------------------------------------------------------------
     def collect(self, state: PartitionState, now_ms: int) -> None:
-        """Turn the state changes since the last flush into durable pending work."""
-        own, two_hop = state.graph.changed_users()
-        behaviour = state.behaviour.changed_users()
-        profiles = state.profiles.changed_users()
+        """Turn the state changes since the last collect into pending work (durable at the next flush)."""
+        own, two_hop = state.graph.take_changed_users()
+        behaviour = state.behaviour.take_changed_users()
+        profiles = state.profiles.take_changed_users()
         if self.facts is not None:
             self.facts.invalidate(own | profiles)  # a local user's degree, activity, profile: its own rows
         structural = own | profiles  # what a GraphSAGE embedding reads: the neighbourhood and the profile

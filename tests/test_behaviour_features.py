@@ -300,3 +300,15 @@ def test_state_survives_flush_and_reopen_from_rocksdb(tmp_path: Path) -> None:
         assert not cluster.event(*event)
     for node in cluster.nodes:
         node.store.close()
+
+
+def test_changed_users_are_taken_once_and_seen_again_after_a_new_change() -> None:
+    node = PartitionBehaviour(0, 1, DictRowStore(), lambda user: 0)
+    node.apply_event(ProfileViewEvent(1, 2, 10))
+    assert node.take_changed_users() == {1, 2}  # the viewer and (its inbound view, local here) the viewed
+    assert node.take_changed_users() == set()
+    node.apply_event(ProfileViewEvent(1, 2, 10))  # a duplicate changes nothing
+    assert node.take_changed_users() == set()
+    node.apply_event(DismissalEvent(1, 3, 20))
+    node.apply_event(EngagementEvent(4, 99, 30))
+    assert node.take_changed_users() == {1, 4}

@@ -217,3 +217,21 @@ def test_float_features_are_bit_identical_whatever_the_arrival_order() -> None:
             _, scores = cluster.owner(u).two_hop_scores(u)
             assert all(cluster.owner(u).adamic_adar_score(u, v) == score for v, score in scores.items())
     assert answers[0] == answers[1] == answers[2]
+
+
+def test_changed_users_are_taken_once_and_seen_again_after_a_new_change() -> None:
+    """The refresher takes the changed users (Refresher.collect) possibly several times between two flushes: a
+    take returns what changed since the previous take, whatever was made durable, and a user changed again
+    after a take is returned again (its list must answer that change too)."""
+    graph = PartitionGraph(0, 1, DictRowStore(), lambda user: 0)
+    graph.apply_connection(1, 2, "add", 10)
+    assert graph.take_changed_users()[0] == {1, 2}
+    assert graph.take_changed_users() == (set(), set())  # nothing new, though nothing was flushed either
+    graph.apply_connection(2, 3, "add", 20)
+    own, two_hop = graph.take_changed_users()
+    assert own == {2, 3} and two_hop == {1, 3}  # 1 and 3 are now 2 hops apart
+    graph.apply_connection(2, 3, "add", 20)  # a duplicate changes nothing
+    assert graph.take_changed_users() == (set(), set())
+    graph.flush()
+    graph.apply_connection(1, 2, "remove", 30)
+    assert graph.take_changed_users()[0] == {1, 2}

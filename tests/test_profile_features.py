@@ -248,3 +248,14 @@ def test_any_order_and_duplicates_give_the_oracle(events: list[UserEvent], seed:
         assert store.profile(user) == Profile(**values)
         assert store.field_timestamps(user) == stamps
         assert store.signed_up_at(user) == signup
+
+
+def test_changed_users_are_taken_once_and_seen_again_after_a_new_change() -> None:
+    store = ProfileStore(DictRowStore())
+    store.apply(UserEvent(7, 10, Profile(company="Acme")))
+    assert store.take_changed_users() == {7}
+    assert store.take_changed_users() == set()  # taken, though not flushed
+    assert not store.apply(UserEvent(7, 10, Profile(company="Acme")))
+    assert store.take_changed_users() == set()  # nothing changed
+    store.apply(UserEvent(7, 20, Profile(title="Engineer")))
+    assert store.take_changed_users() == {7}
