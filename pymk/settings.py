@@ -134,6 +134,10 @@ class Settings:
     # Past it the budget halves back toward refresh_budget_ms (additive-free AIMD on the input backlog).
     refresh_keeping_up_backlog: int = 300
     refresh_budget_max_ms: int = 1500
+    # Between flushes, owed lists are ranked in slices of about this long and each is sent at once, so a list
+    # does not wait for the next flush nor for the end of one; only while the worker has applied all the input it
+    # knows of (0: lists are ranked by flushes only).
+    refresh_between_flushes_ms: int = 25
     # A dismissed candidate comes back after this long (0: never).
     dismissal_expiry_ms: int = 0
     # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a

@@ -65,6 +65,7 @@ class PymkApp:
     """Builds and holds the faust app, its topics, the worker's state and its metrics."""
 
     STALL_S = 3.0  # a partition behind that long without progress, all it knows of read, is re-read
+    BETWEEN_FLUSHES_IDLE_S = 0.02  # ranking between flushes looks again this often when it found nothing to do
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -128,6 +129,8 @@ class PymkApp:
         self.app.agent(self.commands_topic, name="pymk.commands")(self._commands_agent)
         self.app.timer(settings.flush_interval_ms / 1000.0)(self._flush_timer)
         self.app.timer(1.0)(self._reseek_timer)
+        if self.refresher is not None and settings.refresh_between_flushes_ms > 0:
+            self.app.task(self._rank_between_flushes)
         if self.models is not None:
             self.app.timer(settings.model_reload_interval_s)(self._reload_timer)
         self.app.task(self.globals.run)
@@ -277,6 +280,21 @@ class PymkApp:
     async def _flush_timer(self) -> None:
         await self.flush()
 
+    async def _rank_between_flushes(self) -> None:
+        """Rank owed lists between flushes (WorkerState.refresh_now), in slices, while this worker has applied
+        every input message it knows of; the agents waiting for the state lock get it between two slices. With
+        input waiting it waits (the flush still ranks, with its own budget and catch-up rule): a list ranked on
+        state behind its input is stale when published, and the input's delay is every list's delay. With
+        nothing owed it looks again every ``BETWEEN_FLUSHES_IDLE_S``. A failure is not caught, as in the flush:
+        users it marked refreshed may have no list sent, so the worker must stop before a flush makes that
+        durable (a restart re-reads the events and owes the lists again)."""
+        slice_s = self.settings.refresh_between_flushes_ms / 1000.0
+        while True:
+            if self.input_backlog() > 0 or not await self.state.refresh_now(slice_s):
+                await asyncio.sleep(self.BETWEEN_FLUSHES_IDLE_S)
+            else:
+                await asyncio.sleep(0)  # let the agents (and the producer's sender) run between slices
+
     async def _reseek_timer(self) -> None:
         """Start (or restart) the re-read of a partition whose state is behind while its consumer will not deliver
         what is missing: faust delivers only messages past its read offset of a partition. After a partition
@@ -342,7 +360,7 @@ class PymkApp:
         return state.profiles.profile(user) if state is not None else self.globals.profile(user)[0]
 
     def input_backlog(self) -> int:
-        """Messages of this worker's partitions (inputs and partition messages) not applied yet: the consumer's
+        """Messages of this worker's partitions (inputs, partition messages, commands) not applied yet: the consumer's
         last known end offsets minus the state's next offsets. No broker round trip: read at every flush."""
         return sum(behind for behind, _ in self._backlog_by_tp().values())
 

@@ -115,7 +115,8 @@ def _list_costs(refresh: dict[str, Any]) -> dict[str, Any]:
     return {"lists": lists, "refresh_seconds": round(float(refresh.get("refresh_seconds") or 0.0), 1),
             "mean_ms_per_list": ({step: round(1000 * seconds / lists, 3) for step, seconds in steps.items()}
                                  if lists else {}),
-            "catch_up_flushes": refresh.get("catch_up_flushes"), "list_budget_ms_last": refresh.get("list_budget_ms")}
+            "catch_up_flushes": refresh.get("catch_up_flushes"), "list_budget_ms_last": refresh.get("list_budget_ms"),
+            "lists_between_flushes": refresh.get("lists_between_flushes")}
 
 
 def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, list[int]],
@@ -234,7 +235,8 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
                            "catch_up_backlog": settings.refresh_catch_up_backlog,
                            "idle_budget_ms": settings.refresh_idle_budget_ms,
                            "max_staleness_ms": settings.refresh_max_staleness_ms,
-                           "stale_share": settings.refresh_stale_share},
+                           "stale_share": settings.refresh_stale_share,
+                           "between_flushes_ms": settings.refresh_between_flushes_ms},
         "window_grace_s": window_grace_s,
         **in_window,
         "per_worker_at_window_end": [_list_costs(refresh) for refresh in refresh_stats],

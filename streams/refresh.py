@@ -76,6 +76,7 @@ class RefreshStats:
     embed_seconds: float = 0.0
     refreshed: int = 0
     refreshed_stale: int = 0  # of which by the bounded-staleness lane
+    lists_between_flushes: int = 0  # of which ranked between flushes (WorkerState.refresh_now)
     refresh_seconds: float = 0.0
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
     backlog: int = 0  # lists owed after the last flush
@@ -211,11 +212,12 @@ class Refresher:
         return behind
 
     def embed_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
-                  idle: bool = False, catching_up: bool = False) -> list[EmbeddingRecord]:
+                  idle: bool = False, catching_up: bool = False, new_only: bool = False) -> list[EmbeddingRecord]:
         """Embed the users due: every new user (searchable at once, whatever the budget), then re-embeddings,
         the longest due first, in chunks while ``budget_s`` (``PYMK_EMBED_BUDGET_MS``; after an interval without
         input, half the idle budget; none while catching up) lasts, at least one chunk per flush; the rest stay
-        due (durable rows)."""
+        due (durable rows). ``new_only``: the new users only (before ranking between flushes: a new user's first
+        list has its ANN candidates); re-embeddings are left to the flush."""
         started = time.perf_counter()
         if budget_s is None:
             budget_s = (0 if catching_up else
@@ -245,6 +247,10 @@ class Refresher:
             again.extend((state.work.rows[u][0], u, state) for u in users if state.embeddings.get(u) is not None)
             if new:
                 out.extend(self._embed(state, new, now_ms, salt))
+        if new_only:
+            self.stats.embedded += len(out)
+            self.stats.embed_seconds += time.perf_counter() - started
+            return out
         again.sort(key=lambda item: (item[0], item[1]))
         done = 0
         while done < len(again) and (done == 0 or time.perf_counter() - started <= budget_s):

@@ -5,13 +5,20 @@ feature rows of p's users and, in the same atomic write, the offset of the last 
 input topic-partition. The commit order, in one place (:meth:`WorkerState.flush`), under a lock that keeps
 event processing out:
 
-0. embed and rank the users whose state changed since the last flush (:mod:`pymk.streams.refresh`): their
-   embeddings and lists join the outputs, their pending-work rows the state;
+0. embed and rank the users whose state changed and who are still owed a list (:mod:`pymk.streams.refresh`):
+   their embeddings and lists join the outputs, their pending-work rows the state;
 1. take every partition's outbox (messages for other partitions, degree and profile records) and the
    dead letters;
 2. produce them and wait until the broker has them all;
 3. write each partition's dirty rows + applied offsets in one RocksDB WriteBatch;
 4. ack the events to faust, which commits their offsets to Kafka on its next commit.
+
+Between two flushes, :meth:`WorkerState.refresh_now` ranks owed lists in short slices under the
+same lock and sends them at once: a list is out a few milliseconds after it is ranked instead of at the end of
+a flush that ranks dozens. Its sends are awaited by the next flush's step 2, so a pending-work row that says
+"refreshed" is written (step 3) only once the broker has the list; a crash before that re-ranks the user (the
+list is keyed by user on a compacted topic: publishing it twice is harmless). A list may reflect events not
+yet durable in RocksDB: a crash re-reads them from Kafka and gives the same state.
 
 Why this gives exactly-once *effect* with at-least-once delivery: every state change is an idempotent merge
 (last-writer-wins registers), so applying a message twice changes nothing; messages an event caused are
@@ -40,9 +47,10 @@ from pymk.features.storage import CacheBudget, RocksMemory, RocksRowStore
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
 from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
 
-from pymk.events import unshown_sample_to_json
+from pymk.events import Impression, Recommendations, unshown_sample_to_json
 
 if TYPE_CHECKING:
+    from pymk.index.records import EmbeddingRecord
     from pymk.streams.refresh import Refresher
 
 log = logging.getLogger(__name__)
@@ -182,6 +190,8 @@ class WorkerState:
         self.owned: dict[int, PartitionState] = {}
         self.lock = asyncio.Lock()
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
+        self.in_flight: list[Awaitable[Any]] = []  # sends of lists ranked between flushes; next flush's step 2
+        self.closing: set[int] = set()  # partitions being closed (revoked): flushed one last time, then closed
         self.stats = FlushStats()
         # set by the app once the models are loaded: embeds and ranks the users touched since the last flush
         self.refresher: Refresher | None = None
@@ -201,11 +211,15 @@ class WorkerState:
         doomed = set(numbers) & set(self.owned)
         if not doomed:
             return
-        await self.flush()
-        async with self.lock:
-            for p in doomed:
-                self.owned.pop(p).store.close()
-                log.info("closed state of partition %d", p)
+        self.closing |= doomed  # ranking between flushes leaves them alone between the last flush and the close
+        try:
+            await self.flush()
+            async with self.lock:
+                for p in doomed:
+                    self.owned.pop(p).store.close()
+                    log.info("closed state of partition %d", p)
+        finally:
+            self.closing -= doomed
 
     async def close_all(self) -> None:
         await self.close_partitions(list(self.owned))
@@ -259,6 +273,8 @@ class WorkerState:
                 state.forward.clear()
             # 2. produce and wait for the broker
             futures = [await self.send(topic, key, value, partition) for topic, key, value, partition in outgoing]
+            futures.extend(self.in_flight)
+            self.in_flight = []
             if futures:
                 await asyncio.gather(*futures)
             # 3. state and applied offsets, one atomic batch per partition
@@ -286,6 +302,28 @@ class WorkerState:
             self.stats.rows_written += rows
             self.stats.seconds += time.perf_counter() - started
 
+    async def refresh_now(self, budget_s: float) -> int:
+        """Ranking between flushes (module doc): new users embedded, then owed lists ranked for about ``budget_s`` (at
+        least one) and sent now; how many lists."""
+        if self.refresher is None or self.topics is None:
+            return 0
+        async with self.lock:
+            now_ms = int(time.time() * 1000)
+            states = [state for p, state in self.owned.items() if p not in self.closing]
+            if not states:
+                return 0
+            for state in states:
+                self.refresher.collect(state, now_ms)
+            if not any(state.work.has_refreshes() for state in states):
+                return 0
+            out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, new_only=True))
+            lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
+            out.extend(self._list_outputs(lists))
+            for topic, key, value, partition in out:
+                self.in_flight.append(await self.send(topic, key, value, partition))
+            self.refresher.stats.lists_between_flushes += len(lists)
+            return len(lists)
+
     def _refresh_outputs(self, idle: bool, backlog: int) -> list[tuple[str, bytes | None, bytes, int | None]]:
         """``idle``: nothing was applied since the last flush (the budgets may grow); ``backlog``: input not
         applied yet (past a limit the budgets shrink, see streams/refresh.py)."""
@@ -294,12 +332,23 @@ class WorkerState:
         states = list(self.owned.values())
         for state in states:
             self.refresher.collect(state, now_ms)
-        out: list[tuple[str, bytes | None, bytes, int | None]] = []
         catching_up = self.refresher.observe_input_backlog(backlog)
-        for record in self.refresher.embed_due(states, now_ms, idle=idle, catching_up=catching_up):
-            out.append((self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user)))
-        for recommendations, impressions in self.refresher.refresh_due(states, now_ms, idle=idle,
-                                                                       catching_up=catching_up):
+        out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, idle=idle, catching_up=catching_up))
+        out.extend(self._list_outputs(self.refresher.refresh_due(states, now_ms, idle=idle, catching_up=catching_up)))
+        return out
+
+    def _embedding_outputs(self, records: Iterable[EmbeddingRecord]) -> list[tuple[str, bytes | None, bytes,
+                                                                                    int | None]]:
+        assert self.topics is not None
+        return [(self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user))
+                for record in records]
+
+    def _list_outputs(self, lists: Iterable[tuple[Recommendations, list[Impression]]]
+                      ) -> list[tuple[str, bytes | None, bytes, int | None]]:
+        """A list, its shown impressions (one record each) and its unshown sample (one record)."""
+        assert self.topics is not None
+        out: list[tuple[str, bytes | None, bytes, int | None]] = []
+        for recommendations, impressions in lists:
             user = recommendations.user
             key, partition = str(user).encode(), self.partition_of(user)
             out.append((self.topics.recommendations, key, recommendations.to_json(), partition))
@@ -314,6 +363,7 @@ class WorkerState:
         return {
             "partitions": sorted(self.owned),
             "applied_offsets": {p: s.applied for p, s in self.owned.items()},
+            "event_time_ms": {p: s.event_time_ms for p, s in self.owned.items()},
             "flush": json.loads(json.dumps(self.stats.__dict__)),
             "graph": {p: s.graph.stats.__dict__ for p, s in self.owned.items()},
             "behaviour": {p: s.behaviour.stats.__dict__ for p, s in self.owned.items()},

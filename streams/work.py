@@ -68,6 +68,9 @@ class PendingWork:
         """(first touched, last touched, user) of every user whose list is owed, oldest first touch first."""
         return sorted((first, last, u) for u, (_, wanted, first, last) in self.rows.items() if wanted)
 
+    def has_refreshes(self) -> bool:
+        return any(wanted for _, wanted, _, _ in self.rows.values())
+
     def embedded(self, user: int) -> None:
         self._update(user, lambda due, wanted, first, last: (NO_EMBEDDING_DUE, wanted, first, last))
 

@@ -261,3 +261,31 @@ def test_list_budget_takes_the_time_the_input_leaves_and_gives_it_back_when_the_
     assert budget.observe(301) == 0.5 and budget.observe(5000) == 0.25  # halves while behind ...
     assert budget.observe(5000) == 0.2 and budget.observe(5000) == 0.2  # ... down to the base budget
     assert budget.observe(300) == pytest.approx(0.3)  # at the threshold the input still keeps up
+
+
+def test_the_embedding_pass_before_ranking_between_flushes_embeds_new_users_only() -> None:
+    """Ranking between flushes embeds new users first (their first list has ANN candidates) and leaves the
+    re-embeddings due to the flush's budget."""
+    now = 50_000_000
+    state = EmbeddingState(0)
+    for user in range(3):
+        state.work.touch(user, now, now - 10, False)  # known users, re-embedding due
+    state.work.touch(100, now, now, True)  # a new user
+    refresher = EmbedCounting(Settings(), cost_s=0.0)
+    refresher.models = type("M", (), {"embedding_model": "sage-test"})()
+    refresher.embed_due([state], now, budget_s=10.0, new_only=True)  # type: ignore[list-item]
+    assert refresher.embedded == [[100]]
+    assert state.work.embeddings_due(now) == [0, 1, 2]
+    refresher.embed_due([state], now, budget_s=10.0)  # type: ignore[list-item]
+    assert refresher.embedded[1:] == [[0, 1, 2]] and not state.work.embeddings_due(now)
+
+
+def test_pending_work_says_whether_a_list_is_owed() -> None:
+    work = PendingWork(DictStore())
+    assert not work.has_refreshes()
+    work.touch(1, 1_000, 1_000, False)  # an embedding only
+    assert not work.has_refreshes()
+    work.touch(2, 1_000, None, True)
+    assert work.has_refreshes()
+    work.refreshed(2)
+    assert not work.has_refreshes()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from pymk.streams.topics import ensure_topics
@@ -91,3 +92,44 @@ def test_published_lists_keep_the_invariants_and_follow_changes(kafka_settings: 
         settle(settings, [settings])
         final = latest_lists(settings)
         assert final[some_user] == latest_for(settings, some_user)
+
+
+def refreshed_since(settings: Settings, before: dict[int, Recommendations | None]) -> bool:
+    """Whether every user in ``before`` has a list newer than the one given (None: none before)."""
+    for user, old in before.items():
+        new = latest_for(settings, user)
+        if new is None or (old is not None and new.generated_at <= old.generated_at):
+            return False
+    return True
+
+
+def test_lists_are_ranked_and_sent_between_flushes(kafka_settings: Settings, tmp_path: Path) -> None:
+    """With ranking between flushes on, a dismissal's new list is ranked and sent as soon as the worker has
+    applied the event, instead of waiting for the next flush (which ranks the lists when it is off). A flush may
+    still fall in between by chance (they run every 3 s here), so three dismissals are tried and at least one
+    list must be published with no flush in between; every one is ranked between flushes. (A dismissal changes
+    its user's partition only; the second user of a connection in another partition learns of it from a
+    message the flush sends.)"""
+    settings = replace(kafka_settings, refresh_between_flushes_ms=25, flush_interval_ms=3000)
+    ensure_topics(settings)
+    send(settings, small_network(120, seed=5))
+    with running_worker(settings, tmp_path / "worker.log"):
+        settle(settings, [settings])
+        lists = latest_lists(settings)
+        users = sorted(u for u in lists if len(lists[u].items) >= 2)
+        without_a_flush = 0
+        for user in users[:3]:
+            before = latest_for(settings, user)
+            assert before is not None
+            dismissed = before.items[0].candidate
+            stats = http_get(settings, "/stats")
+            flushes, between = stats["state"]["flush"]["flushes"], stats["refresh"]["lists_between_flushes"]
+            send(settings, [DismissalEvent(user, dismissed, now_ms())])
+            wait_until(partial(refreshed_since, settings, {user: before}), 30, interval=0.05,
+                       what="a new list after the dismissal")
+            stats = http_get(settings, "/stats")
+            without_a_flush += stats["state"]["flush"]["flushes"] == flushes
+            assert stats["refresh"]["lists_between_flushes"] >= between + 1
+            after = latest_for(settings, user)
+            assert after is not None and dismissed not in [item.candidate for item in after.items]
+        assert without_a_flush >= 1, "every new list waited for a flush"
