@@ -9,6 +9,7 @@ a broker that cannot start fails the tests that need it.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import uuid
 import warnings
@@ -28,10 +29,30 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 BUNDLED_DATA = REPO / "data"
 
 
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORT_PICKER = random.Random()  # seeded from the OS: concurrent sessions do not walk the same sequence
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, below the kernel's ephemeral range. A port from the ephemeral range (binding to
+    port 0) can be handed to an outgoing connection (a Kafka client's, say) between this check and the worker's
+    bind: CI saw a worker die with "address already in use" and the test wait 600 s for it."""
+    high = _ephemeral_ports_start()
+    for _ in range(500):
+        port = _PORT_PICKER.randrange(20000, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000-{high - 1}")
 
 
 @pytest.fixture(scope="session")
