@@ -319,8 +319,18 @@ class WorkerState:
             out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, new_only=True))
             lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
             out.extend(self._list_outputs(lists))
-            for topic, key, value, partition in out:
-                self.in_flight.append(await self.send(topic, key, value, partition))
+            try:
+                for topic, key, value, partition in out:
+                    self.in_flight.append(await self.send(topic, key, value, partition))
+            except BaseException:
+                # Cancelled (the worker is stopping) or failed between two sends: the slice's users are owed their
+                # lists again, so that the last flush does not write them down as refreshed (a list sent twice
+                # is harmless).
+                for recommendations, _ in lists:
+                    state = self.owned.get(self.partition_of(recommendations.user))
+                    if state is not None:
+                        state.work.touch(recommendations.user, now_ms, None, True)
+                raise
             self.refresher.stats.lists_between_flushes += len(lists)
             return len(lists)
 

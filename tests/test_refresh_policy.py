@@ -3,6 +3,7 @@ pure, no broker. Who is refreshed first under overload, and that nobody owed a l
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -13,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymk.features.storage import row_key
 from pymk.streams.refresh import EMBED_CHUNK, ListBudget, Refresher, RefreshStats, refresh_order
+from pymk.streams.state import OutputTopics, WorkerState
 from pymk.streams.work import NO_EMBEDDING_DUE, PENDING, PendingWork
 
+from pymk.events import Recommendations
 from pymk.settings import Settings
 
 STALE_MS = 60_000
@@ -289,3 +292,51 @@ def test_pending_work_says_whether_a_list_is_owed() -> None:
     assert work.has_refreshes()
     work.refreshed(2)
     assert not work.has_refreshes()
+
+
+class SliceRefresher:
+    """What refresh_now calls of a Refresher: two users' lists ranked (and marked refreshed, as serve() does)."""
+
+    def __init__(self) -> None:
+        self.stats = RefreshStats()
+
+    def collect(self, state: Any, now_ms: int) -> None:
+        pass
+
+    def embed_due(self, states: Any, now_ms: int, **kwargs: Any) -> list[Any]:
+        return []
+
+    def refresh_due(self, states: Any, now_ms: int, budget_s: float | None = None) -> list[Any]:
+        out = []
+        for state in states:
+            for _, _, user in state.work.refreshes():
+                state.work.refreshed(user)
+                out.append((Recommendations(user, now_ms, "test", ()), []))
+        return out
+
+
+def test_lists_ranked_between_flushes_but_not_sent_are_owed_again(tmp_path: Any) -> None:
+    """A slice interrupted between two sends (the worker stopping, or the producer failing) must not leave its users
+    marked refreshed: the last flush would write that down and their lists would never be sent."""
+    sends: list[bytes] = []
+
+    async def send(topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
+        if sends:
+            raise asyncio.CancelledError
+        sends.append(value)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    worker = WorkerState(tmp_path, 1, lambda user: 0, "m", "g", "d", send)
+    worker.open_partitions([0])
+    state = worker.owned[0]
+    for user in (5, 6):
+        state.work.touch(user, 1_000, None, True)
+    worker.refresher = SliceRefresher()  # type: ignore[assignment]
+    worker.topics = OutputTopics("e", "r", "i", "u")
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(worker.refresh_now(0.01))
+    assert len(sends) == 1
+    assert sorted(user for _, _, user in state.work.refreshes()) == [5, 6]
+    state.store.close()
