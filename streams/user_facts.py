@@ -7,10 +7,10 @@ gathers, and only the users whose facts changed since they were last read are re
 
 Validity: a slot is read from the worker's state (:data:`FactsOf`: a local user from its partition, any other
 from ``user-globals``) and stays valid until :meth:`UserFacts.invalidate` — called for the local users whose
-adjacency or profile changed (at the start of each flush, before any list is ranked, see
+adjacency or profile changed (before any list is ranked, by a flush or between flushes, see
 :meth:`pymk.streams.refresh.Refresher.collect`) and for every user whose ``user-globals`` record changed — and
-everything is dropped when the worker's partitions change. Lists are ranked inside the flush, under the lock
-that keeps events out, so nothing changes between the invalidation and the reads.
+everything is dropped when the worker's partitions change. Lists are ranked under the lock that keeps events
+out, right after that collect, so nothing changes between the invalidation and the reads.
 """
 
 from __future__ import annotations
