@@ -561,8 +561,7 @@ class AnnIndex:
             raise RuntimeError("HNSW returned a tombstoned or excluded slot despite the selector")
 
     def _ranked(self, slots: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        scores = self._vectors_of(slots) @ query
-        return self._top(slots, scores, k)
+        return self._top(slots, _inner_products(self._vectors_of(slots), query), k)
 
     def _exact(self, query: np.ndarray, k: int, excluded_slots: np.ndarray) -> list[tuple[int, float]]:
         if k <= 0 or not self._slot_of:
@@ -570,10 +569,10 @@ class AnnIndex:
         eligible = self._live[: self._n_slots].copy()
         eligible[excluded_slots] = False
         slots = np.flatnonzero(eligible)
-        if self._config.keep_vectors:
-            scores = (self._vectors[: self._n_slots] @ query)[slots]  # one pass over the matrix, no gather copy
+        if self._config.keep_vectors:  # one pass over the matrix, no gather copy
+            scores = _inner_products(self._vectors[: self._n_slots], query)[slots]
         else:
-            scores = self._vectors_of(slots) @ query
+            scores = _inner_products(self._vectors_of(slots), query)
         if len(slots) > k:
             best = np.argpartition(-scores, k - 1)[:k]
             slots, scores = slots[best], scores[best]
@@ -687,3 +686,11 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Each row's inner product with the query. einsum, not ``@``: BLAS's matrix-vector product rounds a row's sum
+    differently by where the row sits in the matrix (its kernels work in blocks of rows), so the same two vectors
+    got scores a few ulps apart from a search that gathered them in another order, or from an index whose slots
+    were numbered otherwise (a worker that took over a partition, a rebuild). einsum sums each row alike."""
+    return np.einsum("ij,j->i", vectors, query)
