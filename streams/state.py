@@ -13,12 +13,15 @@ event processing out:
 3. write each partition's dirty rows + applied offsets in one RocksDB WriteBatch;
 4. ack the events to faust, which commits their offsets to Kafka on its next commit.
 
-Between two flushes, :meth:`WorkerState.refresh_now` ranks owed lists in short slices under the
-same lock and sends them at once: a list is out a few milliseconds after it is ranked instead of at the end of
-a flush that ranks dozens. Its sends are awaited by the next flush's step 2, so a pending-work row that says
-"refreshed" is written (step 3) only once the broker has the list; a crash before that re-ranks the user (the
-list is keyed by user on a compacted topic: publishing it twice is harmless). A list may reflect events not
-yet durable in RocksDB: a crash re-reads them from Kafka and gives the same state.
+Between two flushes, :meth:`WorkerState.refresh_now` takes the outboxes (step 1) and ranks owed lists in
+short slices under the same lock, and sends them at once: a list is out a few milliseconds after it is ranked
+instead of at the end of a flush that ranks dozens, and the other user of a connection, in another partition,
+hears of it without waiting for the flush. These sends are awaited by the next flush's step 2, so the order
+above holds for them too: the state that caused an outbox message, or a pending-work row that says
+"refreshed", is written (step 3) only once the broker has the message or the list. A crash before that
+re-reads the events, which sends the messages again (applying one twice changes nothing) and re-ranks the user
+(the list is keyed by user on a compacted topic: publishing it twice is harmless). A list may reflect events
+not yet durable in RocksDB: a crash re-reads them from Kafka and gives the same state.
 
 Why this gives exactly-once *effect* with at-least-once delivery: every state change is an idempotent merge
 (last-writer-wins registers), so applying a message twice changes nothing; messages an event caused are
@@ -159,6 +162,7 @@ class OutputTopics:
 
 
 Sender = Callable[[str, bytes | None, bytes, int | None], Awaitable[Any]]
+Outgoing = tuple[str, bytes | None, bytes, int | None]  # topic, key, value, partition (None: by key)
 
 
 @dataclass
@@ -167,6 +171,7 @@ class FlushStats:
     messages_sent: int = 0
     rows_written: int = 0
     seconds: float = 0.0
+    messages_between_flushes: int = 0  # outbox messages sent between flushes (WorkerState.refresh_now)
 
 
 class WorkerState:
@@ -190,7 +195,8 @@ class WorkerState:
         self.owned: dict[int, PartitionState] = {}
         self.lock = asyncio.Lock()
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
-        self.in_flight: list[Awaitable[Any]] = []  # sends of lists ranked between flushes; next flush's step 2
+        self.in_flight: list[Awaitable[Any]] = []  # sends made between flushes; awaited by the next flush's step 2
+        self.unsent: list[Outgoing] = []  # outbox messages taken between flushes but not sent (next flush sends)
         self.closing: set[int] = set()  # partitions being closed (revoked): flushed one last time, then closed
         self.stats = FlushStats()
         # set by the app once the models are loaded: embeds and ranks the users touched since the last flush
@@ -248,29 +254,14 @@ class WorkerState:
         async with self.lock:
             started = time.perf_counter()
             # 0. embeddings and lists of the users whose state changed (they go out with the other outputs)
-            outgoing: list[tuple[str, bytes | None, bytes, int | None]] = []
+            outgoing: list[Outgoing] = []
             if self.refresher is not None:
                 backlog = self.backlog_of() if self.backlog_of is not None else 0
                 outgoing.extend(self._refresh_outputs(idle=not self.unacked, backlog=backlog))
-            # 1. outboxes
-            outgoing.extend((self.dead_letter_topic, key, value, None) for key, value in self.dead_letters)
-            self.dead_letters = []
-            for state in self.owned.values():
-                per_partition, degree_updates = state.graph.take_outbox()
-                for target, behaviour_messages in state.behaviour.take_outbox().items():
-                    per_partition.setdefault(target, []).extend(behaviour_messages)  # type: ignore[arg-type]
-                for target, messages in per_partition.items():
-                    outgoing.extend((self.messages_topic, str(target).encode(), raw, target)
-                                    for raw in encode_partition_batches(state.partition, messages))
-                outgoing.extend((self.globals_topic, *degree_record(update), None) for update in degree_updates)
-                for user in state.changed_profiles:
-                    profile = state.profiles.profile(user)
-                    if profile is not None:
-                        outgoing.append((self.globals_topic, *profile_record(
-                            user, profile.to_dict(), state.profiles.field_timestamps(user)), None))
-                state.changed_profiles.clear()
-                outgoing.extend((topic, key, value, None) for topic, key, value in state.forward)
-                state.forward.clear()
+            # 1. outboxes (and what a slice between flushes took but could not send)
+            outgoing.extend(self.unsent)
+            self.unsent = []
+            outgoing.extend(self._take_outboxes(self.owned.values()))
             # 2. produce and wait for the broker
             futures = [await self.send(topic, key, value, partition) for topic, key, value, partition in outgoing]
             futures.extend(self.in_flight)
@@ -303,8 +294,8 @@ class WorkerState:
             self.stats.seconds += time.perf_counter() - started
 
     async def refresh_now(self, budget_s: float) -> int:
-        """Ranking between flushes (module doc): new users embedded, then owed lists ranked for about ``budget_s`` (at
-        least one) and sent now; how many lists."""
+        """Work between flushes (module doc): the outboxes sent, new users embedded, then owed lists ranked for
+        about ``budget_s`` (at least one), everything sent now; how many messages and lists."""
         if self.refresher is None or self.topics is None:
             return 0
         async with self.lock:
@@ -312,29 +303,63 @@ class WorkerState:
             states = [state for p, state in self.owned.items() if p not in self.closing]
             if not states:
                 return 0
+            # first, so that the other user of a connection (another partition) hears of it as soon as possible
+            messages = self._take_outboxes(states)
+            lists: list[tuple[Recommendations, list[Impression]]] = []
+            out: list[Outgoing] = []
             for state in states:
                 self.refresher.collect(state, now_ms)
-            if not any(state.work.has_refreshes() for state in states):
-                return 0
-            out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, new_only=True))
-            lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
-            out.extend(self._list_outputs(lists))
+            if any(state.work.has_refreshes() for state in states):
+                out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, new_only=True))
+                lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
+                out.extend(self._list_outputs(lists))
+            sent = 0
             try:
+                for topic, key, value, partition in messages:
+                    self.in_flight.append(await self.send(topic, key, value, partition))
+                    sent += 1
                 for topic, key, value, partition in out:
                     self.in_flight.append(await self.send(topic, key, value, partition))
             except BaseException:
-                # Cancelled (the worker is stopping) or failed between two sends: the slice's users are owed their
-                # lists again, so that the last flush does not write them down as refreshed (a list sent twice
-                # is harmless).
+                # Cancelled (the worker is stopping) or failed between two sends. The outbox messages not sent
+                # go with the next flush: they were taken out of the outboxes, and the flush writes the state
+                # that caused them. The slice's users are owed their lists again, so that the last flush does
+                # not write them down as refreshed (a message or list sent twice is harmless: idempotent merges,
+                # lists keyed by user).
+                self.unsent.extend(messages[sent:])
                 for recommendations, _ in lists:
                     state = self.owned.get(self.partition_of(recommendations.user))
                     if state is not None:
                         state.work.touch(recommendations.user, now_ms, None, True)
                 raise
             self.refresher.stats.lists_between_flushes += len(lists)
-            return len(lists)
+            self.stats.messages_between_flushes += len(messages)
+            return len(messages) + len(lists)
 
-    def _refresh_outputs(self, idle: bool, backlog: int) -> list[tuple[str, bytes | None, bytes, int | None]]:
+    def _take_outboxes(self, states: Iterable[PartitionState]) -> list[Outgoing]:
+        """Step 1: the dead letters, and what the applied events owe other partitions and the table topics, taken
+        out of the outboxes."""
+        outgoing: list[Outgoing] = [(self.dead_letter_topic, key, value, None) for key, value in self.dead_letters]
+        self.dead_letters = []
+        for state in states:
+            per_partition, degree_updates = state.graph.take_outbox()
+            for target, behaviour_messages in state.behaviour.take_outbox().items():
+                per_partition.setdefault(target, []).extend(behaviour_messages)  # type: ignore[arg-type]
+            for target, messages in per_partition.items():
+                outgoing.extend((self.messages_topic, str(target).encode(), raw, target)
+                                for raw in encode_partition_batches(state.partition, messages))
+            outgoing.extend((self.globals_topic, *degree_record(update), None) for update in degree_updates)
+            for user in state.changed_profiles:
+                profile = state.profiles.profile(user)
+                if profile is not None:
+                    outgoing.append((self.globals_topic, *profile_record(
+                        user, profile.to_dict(), state.profiles.field_timestamps(user)), None))
+            state.changed_profiles.clear()
+            outgoing.extend((topic, key, value, None) for topic, key, value in state.forward)
+            state.forward.clear()
+        return outgoing
+
+    def _refresh_outputs(self, idle: bool, backlog: int) -> list[Outgoing]:
         """``idle``: nothing was applied since the last flush (the budgets may grow); ``backlog``: input not
         applied yet (past a limit the budgets shrink, see streams/refresh.py)."""
         assert self.refresher is not None and self.topics is not None
@@ -347,17 +372,16 @@ class WorkerState:
         out.extend(self._list_outputs(self.refresher.refresh_due(states, now_ms, idle=idle, catching_up=catching_up)))
         return out
 
-    def _embedding_outputs(self, records: Iterable[EmbeddingRecord]) -> list[tuple[str, bytes | None, bytes,
-                                                                                    int | None]]:
+    def _embedding_outputs(self, records: Iterable[EmbeddingRecord]) -> list[Outgoing]:
         assert self.topics is not None
         return [(self.topics.embeddings, record.key, record.encode(), self.partition_of(record.user))
                 for record in records]
 
     def _list_outputs(self, lists: Iterable[tuple[Recommendations, list[Impression]]]
-                      ) -> list[tuple[str, bytes | None, bytes, int | None]]:
+                      ) -> list[Outgoing]:
         """A list, its shown impressions (one record each) and its unshown sample (one record)."""
         assert self.topics is not None
-        out: list[tuple[str, bytes | None, bytes, int | None]] = []
+        out: list[Outgoing] = []
         for recommendations, impressions in lists:
             user = recommendations.user
             key, partition = str(user).encode(), self.partition_of(user)

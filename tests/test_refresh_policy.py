@@ -340,3 +340,42 @@ def test_lists_ranked_between_flushes_but_not_sent_are_owed_again(tmp_path: Any)
     assert len(sends) == 1
     assert sorted(user for _, _, user in state.work.refreshes()) == [5, 6]
     state.store.close()
+
+
+def test_outboxes_are_sent_between_flushes_and_what_was_not_sent_goes_with_the_flush(tmp_path: Any) -> None:
+    """A connection's other half (another partition) leaves between flushes; a slice interrupted before sending it
+    hands it to the next flush, which would otherwise write the connection down with its other half lost."""
+    sent: list[tuple[str, int | None]] = []
+    fail_after: list[int] = [0]
+
+    async def send(topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
+        if len(sent) >= fail_after[0]:
+            raise asyncio.CancelledError
+        sent.append((topic, partition))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    worker = WorkerState(tmp_path, 2, lambda user: user % 2, "m", "g", "d", send)
+    worker.open_partitions([0, 1])
+    worker.refresher = SliceRefresher()  # type: ignore[assignment]
+    worker.topics = OutputTopics("e", "r", "i", "u")
+    worker.owned[0].graph.apply_connection(2, 3, "add", 1_000)  # 3 lives in partition 1
+
+    with pytest.raises(asyncio.CancelledError):  # the slice is interrupted before its first send
+        asyncio.run(worker.refresh_now(0.01))
+    assert sent == [] and worker.unsent
+    fail_after[0] = 1_000
+    asyncio.run(worker.flush())
+    assert ("m", 1) in sent  # the edge half for partition 1 went with the flush
+    assert worker.unsent == []
+
+    sent.clear()
+    worker.owned[0].graph.apply_connection(2, 5, "add", 2_000)
+    assert asyncio.run(worker.refresh_now(0.01)) >= 1
+    assert ("m", 1) in sent and len(worker.in_flight) == len(sent)
+    assert worker.stats.messages_between_flushes >= 1
+    asyncio.run(worker.flush())
+    assert worker.in_flight == []
+    for state in worker.owned.values():
+        state.store.close()
