@@ -295,7 +295,7 @@ def test_pending_work_says_whether_a_list_is_owed() -> None:
 
 
 class SliceRefresher:
-    """What refresh_now calls of a Refresher: two users' lists ranked (and marked refreshed, as serve() does)."""
+    """What refresh_now and flush call of a Refresher: two users' lists ranked (and marked refreshed, as serve() does)."""
 
     def __init__(self) -> None:
         self.stats = RefreshStats()
@@ -303,10 +303,13 @@ class SliceRefresher:
     def collect(self, state: Any, now_ms: int) -> None:
         pass
 
+    def observe_input_backlog(self, backlog: int) -> bool:
+        return False
+
     def embed_due(self, states: Any, now_ms: int, **kwargs: Any) -> list[Any]:
         return []
 
-    def refresh_due(self, states: Any, now_ms: int, budget_s: float | None = None) -> list[Any]:
+    def refresh_due(self, states: Any, now_ms: int, budget_s: float | None = None, **kwargs: Any) -> list[Any]:
         out = []
         for state in states:
             for _, _, user in state.work.refreshes():
@@ -362,20 +365,23 @@ def test_outboxes_are_sent_between_flushes_and_what_was_not_sent_goes_with_the_f
     worker.topics = OutputTopics("e", "r", "i", "u")
     worker.owned[0].graph.apply_connection(2, 3, "add", 1_000)  # 3 lives in partition 1
 
-    with pytest.raises(asyncio.CancelledError):  # the slice is interrupted before its first send
-        asyncio.run(worker.refresh_now(0.01))
-    assert sent == [] and worker.unsent
-    fail_after[0] = 1_000
-    asyncio.run(worker.flush())
-    assert ("m", 1) in sent  # the edge half for partition 1 went with the flush
-    assert worker.unsent == []
+    async def scenario() -> None:
+        with pytest.raises(asyncio.CancelledError):  # the slice is interrupted before its first send
+            await worker.refresh_now(0.01)
+        assert sent == [] and worker.unsent
+        fail_after[0] = 1_000
+        await worker.flush()
+        assert ("m", 1) in sent  # the edge half for partition 1 went with the flush
+        assert worker.unsent == []
 
-    sent.clear()
-    worker.owned[0].graph.apply_connection(2, 5, "add", 2_000)
-    assert asyncio.run(worker.refresh_now(0.01)) >= 1
-    assert ("m", 1) in sent and len(worker.in_flight) == len(sent)
-    assert worker.stats.messages_between_flushes >= 1
-    asyncio.run(worker.flush())
-    assert worker.in_flight == []
+        sent.clear()
+        worker.owned[0].graph.apply_connection(2, 5, "add", 2_000)
+        assert await worker.refresh_now(0.01) >= 1
+        assert ("m", 1) in sent and len(worker.in_flight) == len(sent)  # sent now, awaited by the flush
+        assert worker.stats.messages_between_flushes >= 1
+        await worker.flush()
+        assert worker.in_flight == []
+
+    asyncio.run(scenario())
     for state in worker.owned.values():
         state.store.close()
