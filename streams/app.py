@@ -285,9 +285,9 @@ class PymkApp:
         worker has applied every input message it knows of; the agents waiting for the state lock get it between
         two slices. With input waiting it waits (the flush still sends and ranks, with its own budget and catch-up
         rule): a list ranked on state behind its input is stale when published, and the input's delay is every
-        list's delay. With nothing owed it looks again every ``BETWEEN_FLUSHES_IDLE_S``. A failure is not caught, as in the flush:
-        users it marked refreshed may have no list sent, so the worker must stop before a flush makes that
-        durable (a restart re-reads the events and owes the lists again)."""
+        list's delay. With nothing owed it looks again every ``BETWEEN_FLUSHES_IDLE_S``. A failure is not caught,
+        as in the flush: users it marked refreshed may have no list sent, so the worker must stop before a flush
+        makes that durable (a restart re-reads the events and owes the lists again)."""
         slice_s = self.settings.refresh_between_flushes_ms / 1000.0
         while True:
             if self.input_backlog() > 0 or not await self.state.refresh_now(slice_s):

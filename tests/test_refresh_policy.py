@@ -295,7 +295,8 @@ def test_pending_work_says_whether_a_list_is_owed() -> None:
 
 
 class SliceRefresher:
-    """What refresh_now and flush call of a Refresher: two users' lists ranked (and marked refreshed, as serve() does)."""
+    """What refresh_now and flush call of a Refresher: two users' lists ranked (and marked refreshed, as serve()
+    does)."""
 
     def __init__(self) -> None:
         self.stats = RefreshStats()
