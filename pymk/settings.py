@@ -134,12 +134,10 @@ class Settings:
     # Past it the budget halves back toward refresh_budget_ms (additive-free AIMD on the input backlog).
     refresh_keeping_up_backlog: int = 300
     refresh_budget_max_ms: int = 1500
-    # Between flushes, owed lists are ranked in slices of about this long and each is sent at once, so a list
-    # does not wait for the next flush nor for the end of one; only while the worker has applied all the input it
-    # knows of. 0 (the default for now): lists are ranked by flushes only. 25 gave p99 1.2 s instead of 6.1 s at
-    # 20 events/s, but with it on one CI pre-check saw the index differ after a worker was killed mid-stream
-    # (test_rebalance_queries); off until that is explained.
-    refresh_between_flushes_ms: int = 0
+    # Between flushes, the outboxes are sent and owed lists are ranked in slices of about this long, each sent at
+    # once, so a list does not wait for the next flush nor for the end of one; only while the worker has applied
+    # all the input it knows of. 0: both wait for the flushes (at 20 events/s, p99 6.1 s instead of 1.2 s).
+    refresh_between_flushes_ms: int = 25
     # A dismissed candidate comes back after this long (0: never).
     dismissal_expiry_ms: int = 0
     # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a
