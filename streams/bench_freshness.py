@@ -108,15 +108,18 @@ def _health(url: str) -> dict[str, Any]:
     return _page(url, "/health")
 
 
-def _list_costs(refresh: dict[str, Any]) -> dict[str, Any]:
-    """A worker's lists so far (warm-up included): how many, and the mean milliseconds per list by step."""
+def _list_costs(refresh: dict[str, Any], flush: dict[str, Any]) -> dict[str, Any]:
+    """A worker's lists so far (warm-up included): how many, and the mean milliseconds per list by step; its
+    flushes, and the outbox messages sent between them."""
     lists = int(refresh.get("refreshed") or 0)
     steps = refresh.get("rank_seconds_by_step") or {}
     return {"lists": lists, "refresh_seconds": round(float(refresh.get("refresh_seconds") or 0.0), 1),
             "mean_ms_per_list": ({step: round(1000 * seconds / lists, 3) for step, seconds in steps.items()}
                                  if lists else {}),
             "catch_up_flushes": refresh.get("catch_up_flushes"), "list_budget_ms_last": refresh.get("list_budget_ms"),
-            "lists_between_flushes": refresh.get("lists_between_flushes")}
+            "lists_between_flushes": refresh.get("lists_between_flushes"),
+            "flushes": flush.get("flushes"), "flush_seconds": round(float(flush.get("seconds") or 0.0), 1),
+            "messages_between_flushes": flush.get("messages_between_flushes")}
 
 
 def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, list[int]],
@@ -125,14 +128,20 @@ def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, lis
     then)."""
     delays: list[float] = []
     missed: dict[str, int] = {}
+    slowest: list[tuple[float, str, float]] = []  # (delay, kind, seconds into the window)
     for event, t_sent in zip(live, sent_at, strict=True):
         firsts = [first_after(published, u, t_sent) for u in affected_users(event)]
         if all(f is not None and (until_ms is None or f <= until_ms) for f in firsts):
             delays.append(float(max(f for f in firsts if f is not None) - t_sent))
+            slowest.append((delays[-1], event.KIND, (t_sent - sent_at[0]) / 1000.0))
         else:
             missed[event.KIND] = missed.get(event.KIND, 0) + 1
+    slowest.sort(reverse=True)
     return {"delay_ms": {"p50": _percentile(delays, 0.5), "p90": _percentile(delays, 0.9),
                          "p99": _percentile(delays, 0.99), "max": max(delays, default=None)},
+            # where the tail is: which events, how far into the window they were sent
+            "slowest": [{"delay_ms": delay, "kind": kind, "sent_at_s": round(at, 2)}
+                        for delay, kind, at in slowest[:8]],
             "events_refreshed": len(delays),
             "events_not_refreshed_by_kind": missed,
             "share_of_events_refreshed": round(len(delays) / len(live), 4) if live else None}
@@ -202,7 +211,8 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         window_end = sent_at[-1] + int(window_grace_s * 1000) if sent_at else int(time.time() * 1000)
         time.sleep(max(0.0, window_end / 1000.0 - time.time()))
         healths = [_health(url) for url in urls]
-        refresh_stats = [_page(url, "/stats").get("refresh") or {} for url in urls]
+        stats = [_page(url, "/stats") for url in urls]
+        refresh_stats = [(page.get("refresh") or {}, (page.get("state") or {}).get("flush") or {}) for page in stats]
         load_at_window_end = os.getloadavg()
         lag_at_window_end = sum(consumer_lag(settings).values())
         drain_started = time.monotonic()
@@ -214,7 +224,8 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         for process in processes:
             stop_process(process)
         delete_topics_with_prefix(settings, tag + ".")
-        shutil.rmtree(home, ignore_errors=True)
+        if not os.environ.get("PYMK_BENCH_KEEP_HOME"):  # its worker logs, for a look at what was slow
+            shutil.rmtree(home, ignore_errors=True)
     watcher.join(10)
     published = watcher.snapshot()
     in_window = _delays(live, sent_at, published, until_ms=window_end)
@@ -239,7 +250,7 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
                            "between_flushes_ms": settings.refresh_between_flushes_ms},
         "window_grace_s": window_grace_s,
         **in_window,
-        "per_worker_at_window_end": [_list_costs(refresh) for refresh in refresh_stats],
+        "per_worker_at_window_end": [_list_costs(refresh, flush) for refresh, flush in refresh_stats],
         "deferred_at_window_end": _total(h.get("lists_owed") for h in healths),
         "oldest_deferred_ms_at_window_end": max((h["oldest_owed_ms"] for h in healths
                                                  if h.get("oldest_owed_ms") is not None), default=None),
