@@ -131,6 +131,7 @@ class PymkApp:
         self.app.timer(1.0)(self._reseek_timer)
         if self.refresher is not None and settings.refresh_between_flushes_ms > 0:
             self.app.task(self._rank_between_flushes)
+            self.state.between_flushes_max_backlog = settings.refresh_keeping_up_backlog
         if self.models is not None:
             self.app.timer(settings.model_reload_interval_s)(self._reload_timer)
         self.app.task(self.globals.run)
@@ -281,16 +282,18 @@ class PymkApp:
         await self.flush()
 
     async def _rank_between_flushes(self) -> None:
-        """Send the outboxes and rank owed lists between flushes (WorkerState.refresh_now), in slices, while this
-        worker has applied every input message it knows of; the agents waiting for the state lock get it between
-        two slices. With input waiting it waits (the flush still sends and ranks, with its own budget and catch-up
-        rule): a list ranked on state behind its input is stale when published, and the input's delay is every
-        list's delay. With nothing owed it looks again every ``BETWEEN_FLUSHES_IDLE_S``. A failure is not caught,
-        as in the flush: users it marked refreshed may have no list sent, so the worker must stop before a flush
-        makes that durable (a restart re-reads the events and owes the lists again)."""
+        """Send the outboxes, embed and rank owed lists between flushes (WorkerState.refresh_now), in slices, while
+        the input keeps up (at most ``refresh_keeping_up_backlog`` messages not applied); the agents waiting for
+        the state lock get it between two slices (the lock is first come, first served), so an event waits for
+        one slice at most. Past that backlog it waits: the flushes rank then, with their own budget and catch-up
+        rule (a list ranked on state far behind its input is stale when published, and the input's delay is
+        every list's delay). With nothing to do it looks again every ``BETWEEN_FLUSHES_IDLE_S``. A failure is not
+        caught, as in the flush: users it marked refreshed may have no list sent, so the worker must stop before
+        a flush makes that durable (a restart re-reads the events and owes the lists again)."""
         slice_s = self.settings.refresh_between_flushes_ms / 1000.0
         while True:
-            if self.input_backlog() > 0 or not await self.state.refresh_now(slice_s):
+            limit = self.state.between_flushes_max_backlog or 0
+            if self.input_backlog() > limit or not await self.state.refresh_now(slice_s):
                 await asyncio.sleep(self.BETWEEN_FLUSHES_IDLE_S)
             else:
                 await asyncio.sleep(0)  # let the agents (and the producer's sender) run between slices

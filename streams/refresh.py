@@ -212,12 +212,14 @@ class Refresher:
         return behind
 
     def embed_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
-                  idle: bool = False, catching_up: bool = False, new_only: bool = False) -> list[EmbeddingRecord]:
+                  idle: bool = False, catching_up: bool = False, new_only: bool = False,
+                  chunk: int = EMBED_CHUNK) -> list[EmbeddingRecord]:
         """Embed the users due: every new user (searchable at once, whatever the budget), then re-embeddings,
         the longest due first, in chunks while ``budget_s`` (``PYMK_EMBED_BUDGET_MS``; after an interval without
         input, half the idle budget; none while catching up) lasts, at least one chunk per flush; the rest stay
         due (durable rows). ``new_only``: the new users only (before ranking between flushes: a new user's first
-        list has its ANN candidates); re-embeddings are left to the flush."""
+        list has its ANN candidates). ``chunk``: re-embeddings per embedder call (a slice between flushes takes
+        a smaller one: at least one chunk is embedded, and the event loop waits for it)."""
         started = time.perf_counter()
         if budget_s is None:
             budget_s = (0 if catching_up else
@@ -254,10 +256,10 @@ class Refresher:
         again.sort(key=lambda item: (item[0], item[1]))
         done = 0
         while done < len(again) and (done == 0 or time.perf_counter() - started <= budget_s):
-            chunk = again[done : done + EMBED_CHUNK]
-            for state in {id(state): state for _, _, state in chunk}.values():
-                out.extend(self._embed(state, [u for _, u, s in chunk if s is state], now_ms, salt))
-            done += len(chunk)
+            users_now = again[done : done + chunk]
+            for state in {id(state): state for _, _, state in users_now}.values():
+                out.extend(self._embed(state, [u for _, u, s in users_now if s is state], now_ms, salt))
+            done += len(users_now)
         self.stats.embed_deferred = len(again) - done
         self.stats.oldest_embed_due_ms = now_ms - again[done][0] if done < len(again) else 0
         self.stats.embedded += len(out)

@@ -64,6 +64,9 @@ class PendingWork:
     def embeddings_due(self, now_ms: int) -> list[int]:
         return sorted(u for u, (due, _, _, _) in self.rows.items() if due != NO_EMBEDDING_DUE and due <= now_ms)
 
+    def has_embeddings_due(self, now_ms: int) -> bool:
+        return any(due != NO_EMBEDDING_DUE and due <= now_ms for due, _, _, _ in self.rows.values())
+
     def refreshes(self) -> list[tuple[int, int, int]]:
         """(first touched, last touched, user) of every user whose list is owed, oldest first touch first."""
         return sorted((first, last, u) for u, (_, wanted, first, last) in self.rows.items() if wanted)
