@@ -199,7 +199,7 @@ class WorkerState:
         self.lock = asyncio.Lock()
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
         self.in_flight: list[Awaitable[Any]] = []  # sends made between flushes; awaited by the next flush's step 2
-        self.unsent: list[Outgoing] = []  # outbox messages taken between flushes but not sent (next flush sends)
+        self.unsent: list[Outgoing] = []  # outputs of a slice between flushes it could not send (the flush sends)
         self.closing: set[int] = set()  # partitions being closed (revoked): flushed one last time, then closed
         self.stats = FlushStats()
         # set by the app once the models are loaded: embeds and ranks the users touched since the last flush
@@ -260,8 +260,11 @@ class WorkerState:
     async def flush(self) -> None:
         async with self.lock:
             started = time.perf_counter()
+            # what a slice between flushes took but could not send goes first: before a newer list or embedding
+            # of the same user, which the compacted topics must keep
+            outgoing: list[Outgoing] = self.unsent
+            self.unsent = []
             # 0. embeddings and lists of the users whose state changed (they go out with the other outputs)
-            outgoing: list[Outgoing] = []
             if self.refresher is not None:
                 backlog = self.backlog_of() if self.backlog_of is not None else 0
                 # While the input keeps up, the slices between flushes embed and rank (refresh_now): the flush only
@@ -269,9 +272,7 @@ class WorkerState:
                 if self.between_flushes_max_backlog is None or backlog > self.between_flushes_max_backlog:
                     outgoing.extend(self._refresh_outputs(idle=not self.unacked, backlog=backlog))
             refreshed_at, refresh_records = time.perf_counter(), len(outgoing)
-            # 1. outboxes (and what a slice between flushes took but could not send)
-            outgoing.extend(self.unsent)
-            self.unsent = []
+            # 1. outboxes
             outgoing.extend(self._take_outboxes(self.owned.values()))
             # 2. produce and wait for the broker
             futures = [await self.send(topic, key, value, partition) for topic, key, value, partition in outgoing]
@@ -335,24 +336,17 @@ class WorkerState:
                 # no list owed: re-embeddings, at least one chunk (lists first: they are what users wait for)
                 out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, budget_s=budget_s,
                                                                        chunk=EMBED_CHUNK_BETWEEN_FLUSHES))
+            outputs = messages + out
             sent = 0
             try:
-                for topic, key, value, partition in messages:
+                for topic, key, value, partition in outputs:
                     self.in_flight.append(await self.send(topic, key, value, partition))
                     sent += 1
-                for topic, key, value, partition in out:
-                    self.in_flight.append(await self.send(topic, key, value, partition))
             except BaseException:
-                # Cancelled (the worker is stopping) or failed between two sends. The outbox messages not sent
-                # go with the next flush: they were taken out of the outboxes, and the flush writes the state
-                # that caused them. The slice's users are owed their lists again, so that the last flush does
-                # not write them down as refreshed (a message or list sent twice is harmless: idempotent merges,
-                # lists keyed by user).
-                self.unsent.extend(messages[sent:])
-                for recommendations, _ in lists:
-                    state = self.owned.get(self.partition_of(recommendations.user))
-                    if state is not None:
-                        state.work.touch(recommendations.user, now_ms, None, True)
+                # Cancelled (the worker is stopping) or failed between two sends: what was not sent goes with the
+                # next flush, first. It was taken out of the outboxes, and its users are marked embedded and
+                # refreshed: the flush would otherwise write that down with nothing sent.
+                self.unsent.extend(outputs[sent:])
                 raise
             self.refresher.stats.lists_between_flushes += len(lists)
             self.stats.messages_between_flushes += len(messages)

@@ -319,15 +319,17 @@ class SliceRefresher:
         return out
 
 
-def test_lists_ranked_between_flushes_but_not_sent_are_owed_again(tmp_path: Any) -> None:
-    """A slice interrupted between two sends (the worker stopping, or the producer failing) must not leave its users
-    marked refreshed: the last flush would write that down and their lists would never be sent."""
+def test_lists_ranked_between_flushes_but_not_sent_go_with_the_next_flush(tmp_path: Any) -> None:
+    """A slice interrupted between two sends (the worker stopping, or the producer failing) leaves its users marked
+    refreshed: the last flush must send what the slice could not before it writes that down, or their lists
+    would never be sent; and before any newer list of theirs (the compacted topic keeps the last)."""
     sends: list[bytes] = []
+    stopping = [True]
 
     async def send(topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
-        if sends:
+        if sends and stopping[0]:
             raise asyncio.CancelledError
-        sends.append(value)
+        sends.append(key or b"")
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -339,10 +341,19 @@ def test_lists_ranked_between_flushes_but_not_sent_are_owed_again(tmp_path: Any)
         state.work.touch(user, 1_000, None, True)
     worker.refresher = SliceRefresher()  # type: ignore[assignment]
     worker.topics = OutputTopics("e", "r", "i", "u")
-    with pytest.raises(asyncio.CancelledError):
-        asyncio.run(worker.refresh_now(0.01))
-    assert len(sends) == 1
-    assert sorted(user for _, _, user in state.work.refreshes()) == [5, 6]
+
+    async def scenario() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await worker.refresh_now(0.01)
+        assert sends == [b"5"] and [key for _, key, _, _ in worker.unsent] == [b"6"]
+        stopping[0] = False
+        state.work.touch(6, 2_000, None, True)  # a newer change: the flush ranks 6 again (while catching up)
+        worker.between_flushes_max_backlog = None
+        await worker.flush()
+        assert sends == [b"5", b"6", b"6"]  # the slice's list of 6, then the flush's newer one
+        assert worker.unsent == [] and state.work.refreshes() == []
+
+    asyncio.run(scenario())
     state.store.close()
 
 
