@@ -24,6 +24,7 @@ from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
 from pymk.features.storage import RocksMemory
 from pymk.streams.codec import decode_partition_batch
+from pymk.streams.gc_pauses import GcPauses
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.globals import UserGlobals
 from pymk.streams.metrics import WorkerMetrics
@@ -70,6 +71,8 @@ class PymkApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
+        self.gc_pauses = GcPauses()
+        self.gc_pauses.install()
         worker_home = (settings.worker_dir / settings.app_id).resolve()
         self.app = faust.App(
             settings.app_id,
@@ -602,6 +605,7 @@ class PymkApp:
                                        "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets,
                                        "ann_space": self.settings.ann_space, **tower},
                              "refresh": refresh, "models": self.models.describe() if self.models else None,
+                             "gc": self.gc_pauses.snapshot(),
                              "behind": self.consumer_view()})
 
         memory_baseline: list[Any] = []  # the previous /memory snapshot, for ?diff=1

@@ -212,7 +212,8 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         time.sleep(max(0.0, window_end / 1000.0 - time.time()))
         healths = [_health(url) for url in urls]
         stats = [_page(url, "/stats") for url in urls]
-        refresh_stats = [(page.get("refresh") or {}, (page.get("state") or {}).get("flush") or {}) for page in stats]
+        refresh_stats = [(page.get("refresh") or {}, (page.get("state") or {}).get("flush") or {}, page.get("gc"))
+                         for page in stats]
         load_at_window_end = os.getloadavg()
         lag_at_window_end = sum(consumer_lag(settings).values())
         drain_started = time.monotonic()
@@ -250,7 +251,8 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
                            "between_flushes_ms": settings.refresh_between_flushes_ms},
         "window_grace_s": window_grace_s,
         **in_window,
-        "per_worker_at_window_end": [_list_costs(refresh, flush) for refresh, flush in refresh_stats],
+        "per_worker_at_window_end": [{**_list_costs(refresh, flush), "gc_pauses": gc}
+                                     for refresh, flush, gc in refresh_stats],
         "deferred_at_window_end": _total(h.get("lists_owed") for h in healths),
         "oldest_deferred_ms_at_window_end": max((h["oldest_owed_ms"] for h in healths
                                                  if h.get("oldest_owed_ms") is not None), default=None),
