@@ -138,6 +138,10 @@ class Settings:
     # once, so a list does not wait for the next flush nor for the end of one; only while the worker has applied
     # all the input it knows of. 0: both wait for the flushes (at 20 events/s, p99 6.1 s instead of 1.2 s).
     refresh_between_flushes_ms: int = 25
+    # What survives a full garbage collection is frozen (streams/gc_pauses.py), so later collections do not walk
+    # the row caches again and again (each full one stopped the worker for ~260 ms); every this many seconds the
+    # frozen objects are collected once more (cyclic garbage among them). 0: the collector as Python sets it.
+    gc_unfreeze_interval_s: float = 600.0
     # A dismissed candidate comes back after this long (0: never).
     dismissal_expiry_ms: int = 0
     # Per published list, this many candidates that were scored but not shown are logged too (rank 0), so a

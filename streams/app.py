@@ -71,7 +71,7 @@ class PymkApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
-        self.gc_pauses = GcPauses()
+        self.gc_pauses = GcPauses(unfreeze_interval_s=settings.gc_unfreeze_interval_s or None)
         self.gc_pauses.install()
         worker_home = (settings.worker_dir / settings.app_id).resolve()
         self.app = faust.App(
@@ -132,6 +132,7 @@ class PymkApp:
         self.app.agent(self.commands_topic, name="pymk.commands")(self._commands_agent)
         self.app.timer(settings.flush_interval_ms / 1000.0)(self._flush_timer)
         self.app.timer(1.0)(self._reseek_timer)
+        self.app.timer(1.0)(self._gc_timer)
         if self.refresher is not None and settings.refresh_between_flushes_ms > 0:
             self.app.task(self._rank_between_flushes)
             self.state.between_flushes_max_backlog = settings.refresh_keeping_up_backlog
@@ -283,6 +284,9 @@ class PymkApp:
 
     async def _flush_timer(self) -> None:
         await self.flush()
+
+    async def _gc_timer(self) -> None:
+        self.gc_pauses.tend()
 
     async def _rank_between_flushes(self) -> None:
         """Send the outboxes, embed and rank owed lists between flushes (WorkerState.refresh_now), in slices, while
