@@ -102,6 +102,15 @@ class AnnConfig:
             raise ValueError(f"sq8_rerank_factor must be ≥ 1, got {self.sq8_rerank_factor}")
 
 
+@dataclass(frozen=True)
+class PendingRebuild:
+    """A rebuild under way: the config and the copy of the live users and vectors its graph is built from."""
+
+    config: AnnConfig
+    users: np.ndarray
+    vectors: np.ndarray
+
+
 def set_threads(n: int) -> None:
     """Number of OpenMP threads FAISS uses (batch adds, rebuilds, batch searches); process-wide."""
     if n < 1:
@@ -145,6 +154,10 @@ class AnnIndex:
         self._vectors = np.empty((0, self._config.dim), dtype=np.float32)
         self.rebuilds = 0
         self.exact_fallbacks = 0  # searches the HNSW beam could not fill (see search)
+        # True: a rebuild is not done inline when tombstones reach the fraction; the owner sees rebuild_due() and
+        # builds the new graph off its thread (begin_rebuild / build_graph / finish_rebuild)
+        self.rebuild_in_background = False
+        self._changed_during_rebuild: set[int] | None = None  # users upserted or deleted since begin_rebuild
 
     # ----------------------------------------------------------------------------------------- basics
 
@@ -264,6 +277,8 @@ class AnnIndex:
         self._set_live(new_slots, True)
         for user, slot in zip(user_list, range(first, self._n_slots), strict=True):
             self._slot_of[user] = slot
+        if self._changed_during_rebuild is not None:
+            self._changed_during_rebuild.update(user_list)
         self._maybe_rebuild()
 
     def delete(self, users: np.ndarray | Iterable[int] | int) -> int:
@@ -273,6 +288,8 @@ class AnnIndex:
             slot = self._slot_of.pop(user, None)
             if slot is not None:
                 slots.append(slot)
+                if self._changed_during_rebuild is not None:
+                    self._changed_during_rebuild.add(user)
         if slots:
             self._set_live(np.array(slots, dtype=np.int64), False)
             self._tombstones += len(slots)
@@ -294,6 +311,51 @@ class AnnIndex:
     def rebuild(self) -> None:
         """A new HNSW graph over the live vectors only (slots renumbered in their current order)."""
         self._rebuild_as(self._config)
+
+    # A rebuild of a large index takes long (0.37 s for 3,000 users, minutes for millions) and its owner's event
+    # loop must not wait for it. In three steps: the live vectors are copied; a thread builds the new graph from
+    # the copy (FAISS releases the GIL while it adds); the new graph replaces the old and the users changed in
+    # the meantime are applied to it.
+
+    def rebuild_due(self) -> bool:
+        """Tombstones reached the rebuild fraction and no rebuild is under way."""
+        return (self._changed_during_rebuild is None and self._tombstones > 0
+                and self._tombstones >= self._config.rebuild_tombstone_fraction * self._n_slots)
+
+    def begin_rebuild(self) -> PendingRebuild:
+        """Copy the live users and vectors; from now on changed users are remembered for finish_rebuild."""
+        live_slots = np.flatnonzero(self._live[: self._n_slots])
+        vectors = np.ascontiguousarray(self._vectors_of(live_slots), dtype=np.float32)
+        self._changed_during_rebuild = set()
+        return PendingRebuild(self._config, self._slot_users[live_slots].copy(), vectors)
+
+    @staticmethod
+    def build_graph(pending: PendingRebuild) -> faiss.IndexHNSW:
+        """The new graph of a pending rebuild; touches only the copy, so it may run on another thread."""
+        faiss_index = new_faiss_index(pending.config)
+        if len(pending.users):
+            faiss_index.add(pending.vectors)
+        return faiss_index
+
+    def finish_rebuild(self, pending: PendingRebuild, faiss_index: faiss.IndexHNSW) -> None:
+        """Swap the new graph in, then apply to it what changed since begin_rebuild (the current vector of each
+        user changed, or its deletion)."""
+        changed = self._changed_during_rebuild or set()
+        self._changed_during_rebuild = None
+        if pending.config != self._config:  # reconfigured meanwhile: that rebuilt the index already
+            return
+        current = {user: self.get(user) for user in changed}
+        self._install(pending.config, faiss_index, pending.users, pending.vectors)
+        upserts = [(user, vector) for user, vector in current.items() if vector is not None]
+        if upserts:
+            self.upsert(np.array([u for u, _ in upserts], dtype=np.int64), np.stack([v for _, v in upserts]))
+        gone = [user for user, vector in current.items() if vector is None and user in self._slot_of]
+        if gone:
+            self.delete(np.array(gone, dtype=np.int64))
+
+    def abandon_rebuild(self) -> None:
+        """The build failed: forget the pending rebuild (the current graph stays; a later one may retry)."""
+        self._changed_during_rebuild = None
 
     # ---------------------------------------------------------------------------------------- search
 
@@ -478,9 +540,12 @@ class AnnIndex:
         live_slots = np.flatnonzero(self._live[: self._n_slots])
         vectors = np.ascontiguousarray(self._vectors_of(live_slots), dtype=np.float32)
         users = self._slot_users[live_slots].copy()
-        faiss_index = new_faiss_index(config)
-        if len(users):
-            faiss_index.add(vectors)
+        pending = PendingRebuild(config, users, vectors)
+        self._install(config, self.build_graph(pending), users, vectors)
+
+    def _install(self, config: AnnConfig, faiss_index: faiss.IndexHNSW, users: np.ndarray,
+                 vectors: np.ndarray) -> None:
+        """Make a graph built over these users' vectors (slot i is users[i]) the index."""
         self._config = config
         self._index = faiss_index
         self._capacity = 0
@@ -500,6 +565,8 @@ class AnnIndex:
         self.rebuilds += 1
 
     def _maybe_rebuild(self) -> None:
+        if self.rebuild_in_background:
+            return
         if self._tombstones and self._tombstones >= self._config.rebuild_tombstone_fraction * self._n_slots:
             self.rebuild()
 

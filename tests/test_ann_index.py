@@ -458,3 +458,60 @@ def test_scores_do_not_depend_on_the_order_vectors_were_inserted_in() -> None:
         query = first.get(int(user))
         assert first.search(query, 500, exclude=[int(user)]) == second.search(query, 500, exclude=[int(user)])
         assert first.exact_search(query, 50) == second.exact_search(query, 50)
+
+
+def test_a_rebuild_built_off_the_owner_thread_keeps_what_changed_meanwhile() -> None:
+    """begin_rebuild copies the live vectors, build_graph builds from the copy (on a thread in the worker), and
+    finish_rebuild swaps the graph in and applies the upserts and deletions made in between: the index then
+    answers as one built from the final vectors."""
+    n = 400
+    users = np.arange(n, dtype=np.int64) * 5 + 1
+    vectors = unit_vectors(n, seed=3)
+    index = AnnIndex(AnnConfig(ef_search=64, rebuild_tombstone_fraction=0.2))
+    index.rebuild_in_background = True
+    index.upsert(users, vectors)
+    replaced = unit_vectors(120, seed=4)
+    index.upsert(users[:120], replaced)  # 120 tombstones of 520 slots: due, but not rebuilt inline
+    assert index.rebuild_due() and index.tombstones == 120 and index.rebuilds == 0
+    final = {int(u): v for u, v in zip(users, vectors, strict=True)}
+    final.update({int(u): v for u, v in zip(users[:120], replaced, strict=True)})
+
+    pending = index.begin_rebuild()
+    assert not index.rebuild_due()  # one at a time
+    moved = unit_vectors(10, seed=5)
+    index.upsert(users[200:210], moved)  # changed while the graph is built
+    index.delete(users[300:305])
+    newcomer = unit_vectors(1, seed=6)
+    index.upsert(np.array([9_999_999]), newcomer)
+    graph = AnnIndex.build_graph(pending)
+    index.upsert(users[210:212], moved[:2])  # changed after the build, before the swap
+    index.finish_rebuild(pending, graph)
+    final.update({int(u): v for u, v in zip(users[200:210], moved, strict=True)})
+    final.update({int(u): v for u, v in zip(users[210:212], moved[:2], strict=True)})
+    for user in users[300:305]:
+        del final[int(user)]
+    final[9_999_999] = newcomer[0]
+
+    assert index.rebuilds == 1 and index.tombstones == 12 + 5  # replaced and deleted in between
+    fresh = AnnIndex(AnnConfig(ef_search=64))
+    fresh.upsert(np.array(list(final), dtype=np.int64), np.stack(list(final.values())))
+    assert sorted(index.users().tolist()) == sorted(final)
+    for user in [1, 1001, 1051, 9_999_999]:
+        np.testing.assert_array_equal(index.get(user), final[user])
+        assert index.search(final[user], 1000) == fresh.search(final[user], 1000)
+    assert index.get(int(users[300])) is None
+
+
+def test_a_rebuild_abandoned_or_overtaken_by_a_reconfiguration_leaves_the_index_whole() -> None:
+    users = np.arange(50, dtype=np.int64)
+    index = AnnIndex(AnnConfig(ef_search=64))
+    index.rebuild_in_background = True
+    index.upsert(users, unit_vectors(50, seed=8))
+    index.upsert(users[:20], unit_vectors(20, seed=9))
+    pending = index.begin_rebuild()
+    index.abandon_rebuild()
+    assert index.rebuild_due() and len(index) == 50
+    pending = index.begin_rebuild()
+    index.reconfigure(AnnConfig(ef_search=64, m=16))  # a new graph now, from the current vectors
+    index.finish_rebuild(pending, AnnIndex.build_graph(pending))  # stale: ignored
+    assert index.config.m == 16 and len(index) == 50 and index.tombstones == 0
