@@ -67,6 +67,7 @@ class PymkApp:
 
     STALL_S = 3.0  # a partition behind that long without progress, all it knows of read, is re-read
     BETWEEN_FLUSHES_IDLE_S = 0.02  # ranking between flushes looks again this often when it found nothing to do
+    INPUT_FIRST_S = 0.05  # before a slice between flushes, the input waiting gets up to this long to be applied
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -298,7 +299,14 @@ class PymkApp:
         caught, as in the flush: users it marked refreshed may have no list sent, so the worker must stop before
         a flush makes that durable (a restart re-reads the events and owes the lists again)."""
         slice_s = self.settings.refresh_between_flushes_ms / 1000.0
+        loop = asyncio.get_running_loop()
         while True:
+            # Input first, up to INPUT_FIRST_S: an agent applies one message per turn of the lock, so without
+            # this wait it applied one per slice and the input fell behind (the partition messages most: one
+            # per target partition and slice). The waits are short, so a busy worker still ranks.
+            until = loop.time() + self.INPUT_FIRST_S
+            while self.input_backlog() > 0 and loop.time() < until:
+                await asyncio.sleep(0.001)
             limit = self.state.between_flushes_max_backlog or 0
             if self.input_backlog() > limit or not await self.state.refresh_now(slice_s):
                 await asyncio.sleep(self.BETWEEN_FLUSHES_IDLE_S)

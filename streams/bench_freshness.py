@@ -118,6 +118,7 @@ def _list_costs(refresh: dict[str, Any], flush: dict[str, Any]) -> dict[str, Any
                                  if lists else {}),
             "catch_up_flushes": refresh.get("catch_up_flushes"), "list_budget_ms_last": refresh.get("list_budget_ms"),
             "lists_between_flushes": refresh.get("lists_between_flushes"),
+            "embedded": refresh.get("embedded"), "embed_seconds": round(float(refresh.get("embed_seconds") or 0.0), 1),
             "flushes": flush.get("flushes"), "flush_seconds": round(float(flush.get("seconds") or 0.0), 1),
             "messages_between_flushes": flush.get("messages_between_flushes")}
 
