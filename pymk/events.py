@@ -240,11 +240,33 @@ def unshown_sample_from_json(raw: bytes | str) -> list[Impression]:
             for item in data["items"]]
 
 
+# A dead letter must always be sendable, whatever the message it reports: its key and the copy of the value are
+# bounded so that the whole record (Kafka key + JSON value, escaping included) stays far below the producer's and
+# the topic's 4 MiB limit. A message that could not be dead-lettered would stop the worker at every restart.
+DEAD_LETTER_KEY_BYTES = 1024
+DEAD_LETTER_RECORD_BYTES = 1024 * 1024
+
+
+def _bytes_as_text(data: bytes, cut: bool) -> tuple[str, str]:
+    """(text, encoding): UTF-8 text when ``data`` is valid UTF-8 (a ``cut`` prefix may end inside a character,
+    which is dropped), else base64."""
+    for drop in range(4 if cut else 1):
+        try:
+            return data[: len(data) - drop].decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            continue
+    return base64.b64encode(data).decode(), "base64"
+
+
 @dataclass(frozen=True)
 class DeadLetter:
-    """An input message that could not be applied. ``raw`` is the message value as received: text when it
-    is valid UTF-8 (``raw_encoding="utf-8"``), else base64 (``raw_encoding="base64"``). Values larger than
-    the size limit are cut to it (``truncated``; ``size`` is always the original length in bytes)."""
+    """An input message that could not be applied, or a user whose work failed (``internal_error``).
+
+    ``raw`` is the message value as received: text when it is valid UTF-8 (``raw_encoding="utf-8"``), else base64
+    (``raw_encoding="base64"``). Values larger than the size limit are cut to it (``truncated``; ``size`` is always
+    the original length in bytes). The key likewise: ``key`` (text or base64 by ``key_encoding``) is cut to
+    :data:`DEAD_LETTER_KEY_BYTES` (``key_truncated``; ``key_size`` the original length), and the record's own Kafka
+    key is the same cut bytes. ``user``: the user an ``internal_error`` of ranking or embedding is about."""
 
     KIND: ClassVar[str] = "dead-letter"
     topic: str
@@ -256,19 +278,35 @@ class DeadLetter:
     size: int = 0
     truncated: bool = False
     key: str | None = None
+    key_encoding: str = "utf-8"
+    key_size: int = 0
+    key_truncated: bool = False
+    user: int | None = None
 
     @classmethod
     def for_message(cls, topic: str, partition: int, offset: int, reason: str, raw: bytes | None,
-                    key: bytes | None = None, limit: int = 64 * 1024) -> DeadLetter:
+                    key: bytes | None = None, limit: int = 64 * 1024, user: int | None = None) -> DeadLetter:
         raw = raw or b""
-        kept = raw[:limit]
-        try:
-            text, encoding = kept.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            text, encoding = base64.b64encode(kept).decode(), "base64"
-        return cls(topic=topic, partition=partition, offset=offset, reason=reason, raw=text,
-                   raw_encoding=encoding, size=len(raw), truncated=len(kept) < len(raw),
-                   key=None if key is None else key.decode("utf-8", errors="replace"))
+        key_text, key_encoding = (None, "utf-8") if key is None else _bytes_as_text(
+            key[:DEAD_LETTER_KEY_BYTES], len(key) > DEAD_LETTER_KEY_BYTES)
+        kept = raw[: max(0, limit)]
+        while True:
+            text, encoding = _bytes_as_text(kept, len(kept) < len(raw))
+            letter = cls(topic=topic, partition=partition, offset=offset, reason=reason[:4096], raw=text,
+                         raw_encoding=encoding, size=len(raw), truncated=len(kept) < len(raw), key=key_text,
+                         key_encoding=key_encoding, key_size=0 if key is None else len(key),
+                         key_truncated=key is not None and len(key) > DEAD_LETTER_KEY_BYTES, user=user)
+            # JSON escaping can make a text up to 6 times its bytes (control characters): halve until it fits
+            if not kept or len(letter.to_json()) <= DEAD_LETTER_RECORD_BYTES - DEAD_LETTER_KEY_BYTES:
+                return letter
+            kept = kept[: len(kept) // 2]
+
+    @property
+    def record_key(self) -> bytes | None:
+        """The dead-letter record's Kafka key: the message's key as received, cut like ``key``."""
+        if self.key is None:
+            return None
+        return base64.b64decode(self.key) if self.key_encoding == "base64" else self.key.encode("utf-8")
 
     def raw_bytes(self) -> bytes:
         return base64.b64decode(self.raw) if self.raw_encoding == "base64" else self.raw.encode("utf-8")
