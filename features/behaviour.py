@@ -220,6 +220,17 @@ class PartitionBehaviour:
             self._engaged[user] = row
         return row
 
+    def has_user(self, user: int) -> bool:
+        """Whether some event gave the local ``user`` behaviour state (views either way, dismissals, engagements).
+        Reads without caching (see PartitionGraph.has_user)."""
+        for kind in _STAMP_KINDS:
+            row = self._stamps[kind].get(user)
+            known = bool(row) if row is not None else self.store.get(row_key(kind, user)) is not None
+            if known:
+                return True
+        row = self._engaged.get(user)
+        return bool(row) if row is not None else self.store.get(row_key(ENGAGEMENTS, user)) is not None
+
     def _item_row(self, kind: bytes, item: int) -> ItemEngagers:
         cache = self._items[kind]
         row = cache.get(item)

@@ -509,13 +509,22 @@ class PartitionGraph:
                         allocation[w] = share
         return counts, scores, allocation
 
+    def has_user(self, user: int) -> bool:
+        """Whether some event gave the local ``user`` adjacency state (a register, alive or removed). Reads without
+        caching: a debug query about a user no event named must leave nothing behind."""
+        row = self._adjacency.get(user)
+        if row is not None:
+            return bool(row.versions)
+        return self.store.get(row_key(ADJACENCY, user)) is not None
+
     def local_users(self) -> Iterator[int]:
-        """Every local user with adjacency state (from the store and the cache)."""
+        """Every local user with adjacency state (from the store and the cache; an empty row cached by a read of a
+        user no event named is not one)."""
         from pymk.features.storage import row_user
 
-        seen = set(self._adjacency)
+        seen = {user for user, row in self._adjacency.items() if row.versions}
         yield from seen
         for key, _ in self.store.scan(ADJACENCY):
             user = row_user(key)
-            if user not in seen:
+            if user not in seen and user not in self._adjacency:  # a cached empty row is newer than none stored
                 yield user

@@ -240,6 +240,12 @@ class ProfileStore:
         self._rows[user] = row
         return row
 
+    def has_user(self, user: int) -> bool:
+        """Whether some event gave ``user`` a profile row. Reads without caching (see PartitionGraph.has_user)."""
+        if user in self._rows:
+            return self._rows[user] is not None
+        return self.store.get(row_key(PROFILE, user)) is not None
+
     # ---- applying events ----------------------------------------------------------------------------------
     def apply(self, event: UserEvent) -> bool:
         """Merge a users event into the user's profile; True when anything (a field, the sign-up ts) changed."""
