@@ -27,6 +27,7 @@ from pymk.streams.codec import decode_partition_batch
 from pymk.streams.gc_pauses import GcPauses
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.globals import UserGlobals
+from pymk.streams.ingest import InputRules, apply_event, ingest_message, message_failed
 from pymk.streams.metrics import WorkerMetrics
 from pymk.streams.models import Models
 from pymk.streams.partitioning import partition_for_user
@@ -35,13 +36,15 @@ from pymk.streams.state import OutputTopics, PartitionState, WorkerState
 from pymk.streams.user_facts import UserFacts
 from yarl import URL
 
-from pymk.events import UNSHOWN_KIND, ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
+from pymk.events import MAX_USER_ID, UNSHOWN_KIND, InputEvent
 from pymk.process_memory import malloc_bytes, pymalloc_bytes, rss_bytes
 from pymk.settings import INPUT_KINDS, Settings
-from pymk.validation import Invalid, parse_event
+from pymk.validation import Invalid
 
 log = logging.getLogger(__name__)
 
+# The 400 answer to a user id outside the contract's: non-negative 64-bit integers.
+BAD_USER_ID = "user ids must be non-negative 64-bit integers: ASCII decimal digits, at most 9223372036854775807"
 # Debug queries about a user are forwarded to the worker owning the user's partition, marked with this header.
 FORWARDED_HEADER = "X-Pymk-Forwarded"
 ROUTE_TIMEOUT_S = 10.0
@@ -120,6 +123,8 @@ class PymkApp:
             facts = self.refresher.facts
             self.globals.listeners.append(lambda user: facts.invalidate((user,)))
         self.state.refresher = self.refresher
+        if self.refresher is not None:
+            self.refresher.on_user_error = self._user_failed
         self.state.backlog_of = self.input_backlog
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
                                          recommendations=settings.topic("recommendations"),
@@ -199,6 +204,7 @@ class PymkApp:
 
     def _make_ingest_agent(self, kind: str) -> Any:
         settings, metrics = self.settings, self.metrics
+        rules = InputRules(settings.max_message_bytes, settings.max_future_ms, settings.topic)
 
         async def ingest(stream: Any) -> None:
             stream = stream.noack()
@@ -209,18 +215,13 @@ class PymkApp:
                 started = time.perf_counter()
                 message = event.message
                 async with self.state.lock:
-                    result = parse_event(kind, message.value, int(time.time() * 1000),
-                                         max_bytes=settings.max_message_bytes, max_future_ms=settings.max_future_ms)
-                    if isinstance(result, Invalid):
-                        letter = DeadLetter.for_message(message.topic, message.partition, message.offset,
-                                                        result.reason, message.value, key=message.key,
-                                                        limit=settings.max_message_bytes)
-                        self.state.dead_letters.append((message.key, letter.to_json()))
-                    else:
-                        self.apply(state, result, message.value)
+                    result = ingest_message(self.state, state, kind, message, int(time.time() * 1000), rules)
                     self.state.record(state, message.topic, message.offset, stream, event)
-                metrics.observe(kind, not isinstance(result, Invalid), time.perf_counter() - started,
-                                result.code if isinstance(result, Invalid) else None)
+                if result is None:  # dead-lettered as internal_error: counted by self.state.errors
+                    metrics.observe(kind, False, time.perf_counter() - started)
+                else:
+                    metrics.observe(kind, not isinstance(result, Invalid), time.perf_counter() - started,
+                                    result.code if isinstance(result, Invalid) else None)
                 if len(self.state.unacked) >= settings.flush_every_events:
                     await self.flush()
 
@@ -235,7 +236,10 @@ class PymkApp:
                 continue
             message = event.message
             async with self.state.lock:
-                self.state.apply_messages(state, decode_partition_batch(message.value))
+                try:
+                    self.state.apply_messages(state, decode_partition_batch(message.value))
+                except Exception as exc:  # noqa: BLE001 - one message must not stop the worker (errors.py)
+                    message_failed(self.state, "applying", exc, message, self.settings.max_message_bytes)
                 self.state.record(state, message.topic, message.offset, stream, event)
             if len(self.state.unacked) >= self.settings.flush_every_events:
                 await self.flush()
@@ -253,31 +257,31 @@ class PymkApp:
             async with self.state.lock:
                 try:
                     command = json.loads(message.value)
-                    users = ([int(command["user"])] if "user" in command
-                             else sorted(set(state.graph.local_users()) | set(state.profiles.local_users())))
-                    users = [u for u in users if self.partition_of(u) == state.partition]
+                    if "user" in command:
+                        # one user, when some event created it (a refresh must not create a user either)
+                        user = int(command["user"])
+                        users = ([user] if 0 <= user <= MAX_USER_ID and self.partition_of(user) == state.partition
+                                 and state.knows(user) else [])
+                    else:  # every user some event created: with connections or a profile
+                        users = sorted(set(state.graph.local_users()) | set(state.profiles.local_users()))
                     if command.get("rank", True):
                         state.forced_refresh.update(users)
                     if command.get("reembed"):
                         state.forced_reembed.update(users)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.warning("ignoring malformed command at %s:%d: %s", message.topic, message.offset, exc)
+                except Exception as exc:  # noqa: BLE001 - one message must not stop the worker (errors.py)
+                    message_failed(self.state, "applying", exc, message, self.settings.max_message_bytes)
                 self.state.record(state, message.topic, message.offset, stream, event)
 
+    def _user_failed(self, stage: str, exc: Exception, state: PartitionState, user: int) -> None:
+        """The refresher's callback: one user's embedding or list failed."""
+        topic = self.settings.topic("embeddings" if stage == "embedding" else "recommendations")
+        self.state.user_failed(stage, exc, topic, state.partition, user)
+
     def apply(self, state: PartitionState, event: InputEvent, raw: bytes) -> None:
-        """Apply a valid event to the partition's state."""
-        state.event_time_ms = max(state.event_time_ms, event.ts)
-        if isinstance(event, ConnectionEvent):
-            # any partition may apply a connection: the halves owned elsewhere travel as messages
-            state.graph.apply_connection(event.src, event.dst, event.action, event.ts)
-        elif self.partition_of(event.key) != state.partition:
-            # keyed by something else than its user: send it on, keyed right, to the partition that owns it
-            state.forward.append((self.settings.topic(event.KIND), user_key(event.key), raw))
-        elif isinstance(event, UserEvent):
-            if state.profiles.apply(event):
-                state.changed_profiles.add(event.user)
-        else:
-            state.behaviour.apply_event(event)
+        """Apply a valid event to the partition's state (streams/ingest.py)."""
+        apply_event(state, event, raw, self.partition_of, self.settings.topic)
 
     # ---- commit ---------------------------------------------------------------------------------------------
     async def flush(self) -> None:
@@ -382,6 +386,11 @@ class PymkApp:
         last known end offsets minus the state's next offsets. No broker round trip: read at every flush."""
         return sum(behind for behind, _ in self._backlog_by_tp().values())
 
+    def partition_behind(self, partition: int) -> bool:
+        """Whether this worker's state of ``partition`` has not applied all its input yet (a partition that moved
+        here without its state re-reads it: a user unknown now may be known in a moment)."""
+        return any(behind for tp, (behind, _) in self._backlog_by_tp().items() if tp.partition == partition)
+
     def _backlog_by_tp(self) -> dict[Any, tuple[int, int | None]]:
         """(messages not applied, last known end offset) per topic-partition of this worker's state; (1, None)
         for one not fetched yet."""
@@ -429,6 +438,16 @@ class PymkApp:
         if state is None:
             return self.globals.degree(user)[0], self.globals.activity(user), self.globals.profile(user)[0]
         return state.graph.degree(user), state.graph.connection_activity(user), state.profiles.profile(user)
+
+    def unknown_users(self, ids: list[int]) -> list[int]:
+        """Of a debug query's ids, the ones no event named: the query's user (its partition is open here) and a
+        second user of this worker's partitions (one elsewhere is read from what this worker knows of it)."""
+        unknown = []
+        for user in ids:
+            state = self.state.state_for(self.partition_of(user))
+            if state is not None and not state.knows(user):
+                unknown.append(user)
+        return unknown
 
     def user_view(self, user: int) -> dict[str, Any] | None:
         state = self.state.state_for(self.partition_of(user))
@@ -572,7 +591,12 @@ class PymkApp:
                 return moving(web, partition, f"its owner {owner} does not answer ({type(exc).__name__})")
 
         def parse_user(text: str) -> int | None:
-            return int(text) if text.isdigit() else None
+            """A user id of the contract: ASCII decimal digits, below 2^63 (``str.isdigit`` alone takes other
+            scripts' digits, and a larger id overflows the int64 arrays of ranking)."""
+            if not (text.isascii() and text.isdigit()) or len(text) > 19:
+                return None
+            user = int(text)
+            return user if user <= MAX_USER_ID else None
 
         @app.page("/health")
         async def health(web: Any, request: Any) -> Any:
@@ -596,7 +620,7 @@ class PymkApp:
                 lag = await asyncio.to_thread(consumer_lag, self.settings)
             except Exception:
                 lag = None
-            return web.text(metrics.render(lag), content_type="text/plain")
+            return web.text(metrics.render(lag, self.state.errors.by_stage), content_type="text/plain")
 
         @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:
@@ -611,7 +635,8 @@ class PymkApp:
                 refresh["recent_delay_ms"] = ({"p50": delays[len(delays) // 2],
                                                "p99": delays[int(len(delays) * 0.99)]} if delays else None)
             # the offsets show how far each full-table reader has read its topic (tests wait for the end)
-            return web.json({**metrics.snapshot(), "state": self.state.describe(), "globals_users": len(self.globals),
+            return web.json({**metrics.snapshot(), "internal_errors": dict(self.state.errors.by_stage),
+                             "state": self.state.describe(), "globals_users": len(self.globals),
                              "globals_offsets": self.globals.offsets,
                              "index": {"users": len(self.index.index), "records_applied": self.index.records_applied,
                                        "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets,
@@ -666,9 +691,18 @@ class PymkApp:
             async def page(web: Any, request: Any, u: str, v: str | None = None) -> Any:
                 ids = [parse_user(x) for x in (u, v) if x is not None]
                 if None in ids:
-                    return web.json({"error": "user ids must be non-negative integers"}, status=400)
+                    return web.json({"error": BAD_USER_ID}, status=400)
 
                 async def local() -> Any:
+                    # read-only: a user no event named is answered 404 and leaves nothing behind (no row cached
+                    # or written, so `pymk refresh --all` does not publish a list for it)
+                    unknown = self.unknown_users(ids)
+                    if unknown:
+                        partition = self.partition_of(unknown[0])
+                        if self.partition_behind(partition):  # its events may not be re-applied yet
+                            return moving(web, partition, "its state is catching up with its input")
+                        return web.json({"error": f"user {unknown[0]} is unknown: no event has named it "
+                                                  "(in this worker's partitions)", "user": unknown[0]}, status=404)
                     body = view(*ids)
                     return web.json(body) if body is not None else moving(web, self.partition_of(ids[0]),
                                                                           "not open here")
@@ -684,7 +718,9 @@ class PymkApp:
         async def neighbours(web: Any, request: Any, u: str) -> Any:
             user = parse_user(u)
             k_text = request.query.get("k", "20")
-            if user is None or not k_text.isdigit() or not 0 < int(k_text) <= 10_000:
+            if user is None:
+                return web.json({"error": BAD_USER_ID}, status=400)
+            if not (k_text.isascii() and k_text.isdigit()) or not 0 < int(k_text) <= 10_000:
                 return web.json({"error": "usage: /neighbours/{user id}?k=1..10000"}, status=400)
             return web.json(self.neighbours_view(user, int(k_text), request.query.get("vector") == "1"))
 

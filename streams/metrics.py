@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -34,7 +35,9 @@ class WorkerMetrics:
             "dead_letters": dict(self.dead_letters),
         }
 
-    def render(self, lag: dict[str, int] | None = None) -> str:
+    def render(self, lag: dict[str, int] | None = None, internal_errors: Mapping[str, int] | None = None) -> str:
+        """``internal_errors``: failures of the worker's own code by stage (streams/errors.py); each one is also a
+        dead letter with reason ``internal_error``."""
         lines = [
             "# HELP pymk_events_processed_total Input events processed, by topic and outcome.",
             "# TYPE pymk_events_processed_total counter",
@@ -44,8 +47,17 @@ class WorkerMetrics:
                 lines.append(f'pymk_events_processed_total{{topic="{_escape(kind)}",outcome="{outcome}"}} {count}')
         lines += ["# HELP pymk_dead_letters_total Messages sent to the dead-letter topic, by reason.",
                   "# TYPE pymk_dead_letters_total counter"]
-        for reason, count in sorted(self.dead_letters.items()):
+        dead_letters = Counter(self.dead_letters)
+        if internal_errors:
+            dead_letters["internal_error"] += sum(internal_errors.values())
+        for reason, count in sorted(dead_letters.items()):
             lines.append(f'pymk_dead_letters_total{{reason="{_escape(reason)}"}} {count}')
+        lines += ["# HELP pymk_internal_errors_total Failures of the worker's own code, by stage (applying, "
+                  "embedding, ranking, publishing); each was dead-lettered and processing went on.",
+                  "# TYPE pymk_internal_errors_total counter"]
+        for stage in ("applying", "embedding", "ranking", "publishing"):
+            count = (internal_errors or {}).get(stage, 0)
+            lines.append(f'pymk_internal_errors_total{{stage="{stage}"}} {count}')
         lines += ["# HELP pymk_processing_seconds Time spent processing input events, by topic.",
                   "# TYPE pymk_processing_seconds summary"]
         for kind in sorted(self.latency_count):

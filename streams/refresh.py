@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -136,6 +136,10 @@ class ListBudget:
 
 
 class Refresher:
+    # (stage, exception, partition state, user): one user's embedding or list failed; the worker dead-letters it
+    # (streams/errors.py) and the refresher skips the user. None: the failure propagates (pure tests).
+    on_user_error: Callable[[str, Exception, PartitionState, int], None] | None = None
+
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
                  profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf,
                  facts: UserFacts | None = None) -> None:
@@ -248,7 +252,7 @@ class Refresher:
             new = [u for u in users if state.embeddings.get(u) is None]
             again.extend((state.work.rows[u][0], u, state) for u in users if state.embeddings.get(u) is not None)
             if new:
-                out.extend(self._embed(state, new, now_ms, salt))
+                out.extend(self._embed_guarded(state, new, now_ms, salt))
         if new_only:
             self.stats.embedded += len(out)
             self.stats.embed_seconds += time.perf_counter() - started
@@ -258,7 +262,7 @@ class Refresher:
         while done < len(again) and (done == 0 or time.perf_counter() - started <= budget_s):
             users_now = again[done : done + chunk]
             for state in {id(state): state for _, _, state in users_now}.values():
-                out.extend(self._embed(state, [u for _, u, s in users_now if s is state], now_ms, salt))
+                out.extend(self._embed_guarded(state, [u for _, u, s in users_now if s is state], now_ms, salt))
             done += len(users_now)
         self.stats.embed_deferred = len(again) - done
         self.stats.oldest_embed_due_ms = now_ms - again[done][0] if done < len(again) else 0
@@ -266,6 +270,31 @@ class Refresher:
         self._embed_spent_s = time.perf_counter() - started
         self.stats.embed_seconds += self._embed_spent_s
         return out
+
+    def _embed_guarded(self, state: PartitionState, users: list[int], now_ms: int,
+                       salt: int) -> list[EmbeddingRecord]:
+        """:meth:`_embed`, and when the batch fails, each user alone: a user whose embedding fails is reported
+        (``on_user_error``) and marked embedded (it is embedded again at its next change); the others are not lost."""
+        if self.on_user_error is None:
+            return self._embed(state, users, now_ms, salt)
+        try:
+            return self._embed(state, users, now_ms, salt)
+        except Exception:  # noqa: BLE001 - found out below, user by user
+            if len(users) == 1:
+                return self._embed_one_guarded(state, users[0], now_ms, salt)
+        out: list[EmbeddingRecord] = []
+        for user in users:
+            out.extend(self._embed_one_guarded(state, user, now_ms, salt))
+        return out
+
+    def _embed_one_guarded(self, state: PartitionState, user: int, now_ms: int, salt: int) -> list[EmbeddingRecord]:
+        assert self.on_user_error is not None
+        try:
+            return self._embed(state, [user], now_ms, salt)
+        except Exception as exc:  # noqa: BLE001 - one user's failure must not stop the worker (streams/errors.py)
+            self.on_user_error("embedding", exc, state, user)
+            state.work.embedded(user)
+            return []
 
     def _embed(self, state: PartitionState, users: list[int], now_ms: int, salt: int) -> list[EmbeddingRecord]:
         # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
@@ -316,7 +345,16 @@ class Refresher:
                 if out and time.perf_counter() - started > until_s:  # at least one list per flush
                     return
                 state = state_of[user]
-                out.append(self.rank(state, user, now_ms))
+                try:
+                    out.append(self.rank(state, user, now_ms))
+                except Exception as exc:
+                    if self.on_user_error is None:
+                        raise
+                    # skipped: owed again at the user's next change (streams/errors.py)
+                    self.on_user_error("ranking", exc, state, user)
+                    state.work.refreshed(user)
+                    done.add(user)
+                    continue
                 state.work.refreshed(user)
                 state.published.put(out[-1][0])
                 self.stats.last_delays_ms.append(now_ms - first_of[user])

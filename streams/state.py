@@ -48,9 +48,10 @@ from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph, version_
 from pymk.features.profile import ProfileStore
 from pymk.features.storage import CacheBudget, RocksMemory, RocksRowStore
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
+from pymk.streams.errors import InternalErrors
 from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
 
-from pymk.events import Impression, Recommendations, unshown_sample_to_json
+from pymk.events import DeadLetter, Impression, Recommendations, unshown_sample_to_json
 
 if TYPE_CHECKING:
     from pymk.index.records import EmbeddingRecord
@@ -141,6 +142,10 @@ class PartitionState:
         budget."""
         self.cache_budget.check(self.cached_bytes, self.evict_oldest, self.cached_rows)
 
+    def knows(self, user: int) -> bool:
+        """Whether some event created ``user`` here (connections, a profile, or behaviour), read without caching."""
+        return self.graph.has_user(user) or self.profiles.has_user(user) or self.behaviour.has_user(user)
+
     def next_offset(self, topic: str) -> int:
         return max(self.applied.get(topic, -1), self.pending_applied.get(topic, -1)) + 1
 
@@ -167,6 +172,15 @@ class OutputTopics:
 
 Sender = Callable[[str, bytes | None, bytes, int | None], Awaitable[Any]]
 Outgoing = tuple[str, bytes | None, bytes, int | None]  # topic, key, value, partition (None: by key)
+
+
+def is_record_error(exc: BaseException) -> bool:
+    """Whether a send failed because of the record itself (too large, say), so that resending it can never work:
+    such a record is dead-lettered and the flush goes on. Any other failure (the broker gone past its timeouts)
+    still stops the worker: nothing could be made durable."""
+    from aiokafka.errors import InvalidMessageError, MessageSizeTooLargeError, RecordTooLargeError
+
+    return isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError | InvalidMessageError)
 
 
 @dataclass
@@ -200,6 +214,8 @@ class WorkerState:
         self.lock = asyncio.Lock()
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
         self.in_flight: list[Awaitable[Any]] = []  # sends made between flushes; awaited by the next flush's step 2
+        self._in_flight_about: list[tuple[str, bytes | None, int]] = []  # (topic, key, size) of each of them
+        self.errors = InternalErrors()
         self.unsent: list[Outgoing] = []  # outputs of a slice between flushes it could not send (the flush sends)
         self.closing: set[int] = set()  # partitions being closed (revoked): flushed one last time, then closed
         self.stats = FlushStats()
@@ -276,11 +292,11 @@ class WorkerState:
             # 1. outboxes
             outgoing.extend(self._take_outboxes(self.owned.values()))
             # 2. produce and wait for the broker
-            futures = [await self.send(topic, key, value, partition) for topic, key, value, partition in outgoing]
+            futures, about = await self._send_all(outgoing)
             futures.extend(self.in_flight)
-            self.in_flight = []
-            if futures:
-                await asyncio.gather(*futures)
+            about.extend(self._in_flight_about)
+            self.in_flight, self._in_flight_about = [], []
+            await self._wait_sent(futures, about)
             sent_at = time.perf_counter()
             # 3. state and applied offsets, one atomic batch per partition
             rows = 0
@@ -341,7 +357,10 @@ class WorkerState:
             sent = 0
             try:
                 for topic, key, value, partition in outputs:
-                    self.in_flight.append(await self.send(topic, key, value, partition))
+                    future = await self._send_one(topic, key, value, partition)
+                    if future is not None:
+                        self.in_flight.append(future)
+                        self._in_flight_about.append((topic, key, len(value)))
                     sent += 1
             except BaseException:
                 # Cancelled (the worker is stopping) or failed between two sends: what was not sent goes with the
@@ -356,6 +375,58 @@ class WorkerState:
                 log.info("slow slice between flushes: %.0f ms (%d outbox messages, %d lists, %d other records)",
                          1000 * seconds, len(messages), len(lists), len(out) - len(lists))
             return len(messages) + len(out)
+
+    # ---- sending (steps 2 of the flush and of the slices between flushes) -----------------------------------
+    async def _send_one(self, topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
+        """Hand one record to the producer; None when the record itself cannot be sent (then dead-lettered)."""
+        try:
+            return await self.send(topic, key, value, partition)
+        except Exception as exc:
+            if not is_record_error(exc):
+                raise
+            self._unsendable(exc, topic, key, len(value), partition)
+            return None
+
+    async def _send_all(self, outgoing: list[Outgoing]) -> tuple[list[Awaitable[Any]], list[tuple[str, bytes | None,
+                                                                                                     int]]]:
+        futures: list[Awaitable[Any]] = []
+        about: list[tuple[str, bytes | None, int]] = []
+        for topic, key, value, partition in outgoing:
+            future = await self._send_one(topic, key, value, partition)
+            if future is not None:
+                futures.append(future)
+                about.append((topic, key, len(value)))
+        return futures, about
+
+    async def _wait_sent(self, futures: list[Awaitable[Any]], about: list[tuple[str, bytes | None, int]]) -> None:
+        """Wait until the broker has every record; one it refuses for itself is dead-lettered (and that dead letter
+        waited for too), anything else stops the flush."""
+        while futures:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            failures = [(result, what) for result, what in zip(results, about, strict=True)
+                        if isinstance(result, BaseException)]
+            for result, _ in failures:
+                if not isinstance(result, Exception) or not is_record_error(result):
+                    raise result
+            for result, (topic, key, size) in failures:
+                self._unsendable(result, topic, key, size, None)
+            letters = [(self.dead_letter_topic, key, value, None) for key, value in self.dead_letters]
+            self.dead_letters = []
+            futures, about = await self._send_all(letters)
+
+    def _unsendable(self, exc: BaseException, topic: str, key: bytes | None, size: int, partition: int | None) -> None:
+        if topic == self.dead_letter_topic:  # bounded by construction (DeadLetter): never expected; do not loop
+            self.errors.record("publishing", exc, f"a dead letter of {size} bytes (dropped)")
+            return
+        letter = DeadLetter.for_message(topic, -1 if partition is None else partition, -1,
+                                        self.errors.record("publishing", exc, f"a {topic} record of {size} bytes"),
+                                        b"", key=key)
+        self.dead_letters.append((letter.record_key, letter.to_json()))
+
+    def user_failed(self, stage: str, exc: BaseException, topic: str, partition: int, user: int) -> None:
+        """An embedding or a list of one user failed (the Refresher's callback): dead-letter it and go on."""
+        letter = self.errors.user_letter(stage, exc, topic, partition, user)
+        self.dead_letters.append((letter.record_key, letter.to_json()))
 
     def _take_outboxes(self, states: Iterable[PartitionState]) -> list[Outgoing]:
         """Step 1: the dead letters, and what the applied events owe other partitions and the table topics, taken
