@@ -126,10 +126,16 @@ def _cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_wait_idle(args: argparse.Namespace, settings: Settings) -> int:
-    from pymk.streams.lag import wait_idle
+    from pymk.streams.lag import WorkerUnreachable, wait_idle
 
     workers = args.worker or [f"http://{settings.web_host}:{settings.web_port}"]
-    if wait_idle(settings, timeout_s=args.timeout, worker_urls=workers):
+    try:
+        idle = wait_idle(settings, timeout_s=args.timeout, worker_urls=workers,
+                         unreachable_grace_s=args.unreachable_grace)
+    except WorkerUnreachable as exc:
+        print(f"pymk wait-idle: {exc}", file=sys.stderr)
+        return 2
+    if idle:
         print("idle: every input is processed, every refreshed list published")
         return 0
     print(f"still busy after {args.timeout} s", file=sys.stderr)
@@ -190,7 +196,9 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         from pymk.streams.stream_training import train_from_stream
 
-        print(json.dumps(train_from_stream(settings, out), indent=2))
+        report = train_from_stream(settings, out)
+        print(json.dumps(report, indent=2))
+        print(f"pymk train: {report['why']}", file=sys.stderr)
         return 0
     if not args.data and not args.synthetic:
         print("pymk train: give --data PATH, --synthetic N or --from-stream", file=sys.stderr)
@@ -202,6 +210,7 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         result = train_ranker_command(args.data, args.synthetic, args.seed, out, settings,
                                       embeddings=Path(args.embeddings) if args.embeddings else None,
                                       progress=not args.quiet)
+        print(f"pymk train: {result['why']}", file=sys.stderr)
     else:
         from pymk.train import train_two_tower_command
 
@@ -358,8 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--json", action="store_true")
     lag.set_defaults(func=_cmd_lag)
 
-    wait = sub.add_parser("wait-idle", help="return when every input is processed")
+    wait = sub.add_parser("wait-idle", help="return when every input is processed (exit 0; 1: still busy at "
+                          "the timeout; 2: a worker does not answer, dead or not started)")
     wait.add_argument("--timeout", type=float, default=120.0)
+    wait.add_argument("--unreachable-grace", type=float, default=10.0, metavar="S",
+                      help="a worker that does not answer for this long is dead (exit 2); a restarting worker "
+                           "answers again within it")
     wait.add_argument("--worker", action="append", metavar="URL",
                       help="a worker's debug address whose pending refreshes must be done too (repeatable; "
                            "default: the settings' web host/port)")
@@ -458,7 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_env()
     if getattr(args, "seed", None) is None and hasattr(args, "seed"):
         args.seed = settings.produce_seed
-    return int(args.func(args, settings) or 0)
+    from pymk.kafka_broker import BrokerError
+    from pymk.train import TrainingRefused
+
+    try:
+        return int(args.func(args, settings) or 0)
+    except (BrokerError, TrainingRefused) as exc:  # a clear refusal, not a traceback
+        print(f"pymk {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ class BrokerStatus:
         if self.running:
             return f"kafka {self.version} running (pid {self.pid}) at {self.bootstrap}"
         if self.accepting:
-            return f"something else is listening on {self.bootstrap} (not a broker started by pymk here)"
+            return (f"{self.bootstrap} is held by a process this checkout did not start (another checkout's broker?):"
+                    f" stop it where it was started (pymk kafka stop there), or give this one other ports "
+                    f"(PYMK_KAFKA_PORT=19092 PYMK_KAFKA_CONTROLLER_PORT=19093)")
         return f"kafka {self.version} not running ({self.bootstrap})"
 
 

@@ -31,31 +31,51 @@ def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[st
         consumer.close(autocommit=False)
 
 
+class WorkerUnreachable(RuntimeError):
+    """A worker whose debug address does not answer (dead, or not started): nothing it owes can be known."""
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(f"the worker at {url} does not answer ({why}): it is dead or not started, so whether its "
+                         "inputs are processed cannot be known")
+        self.url = url
+
+
 def pending_work(worker_urls: list[str]) -> int:
     """Users with an embedding or a list still owed, plus input messages not applied yet, summed over the
-    workers' ``/health`` (unreachable: 0). The second part matters after a rebalance: a worker re-reading a
-    partition that moved to it without its state is behind while the group's committed offsets are not."""
+    workers' ``/health``; :class:`WorkerUnreachable` when one does not answer. The second part matters after a
+    rebalance: a worker re-reading a partition that moved to it without its state is behind while the group's
+    committed offsets are not."""
     total = 0
     for url in worker_urls:
         try:
             with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as response:
                 health = json.loads(response.read())
-        except OSError:
-            continue
+        except (OSError, ValueError) as exc:
+            raise WorkerUnreachable(url, f"{type(exc).__name__}: {exc}") from exc
         total += int(health.get("pending_work", 0)) + int(health.get("input_backlog", 0))
     return total
 
 
 def wait_idle(settings: Settings, timeout_s: float, settle_s: float = 1.0, topics: list[str] | None = None,
-              worker_urls: list[str] | None = None) -> bool:
+              worker_urls: list[str] | None = None, unreachable_grace_s: float = 10.0) -> bool:
     """Block until every input and every message between partitions is processed (lag 0, stable for
-    ``settle_s``) and the given workers owe no embedding or list; False on timeout."""
+    ``settle_s``) and the given workers owe no embedding or list; False on timeout. A worker that does not answer
+    is never idle: :class:`WorkerUnreachable` once it has not answered for ``unreachable_grace_s`` (a worker
+    restarting answers again within it)."""
     deadline = time.monotonic() + timeout_s
     idle_since: float | None = None
+    unreachable_since: float | None = None
     while time.monotonic() < deadline:
         total = sum(consumer_lag(settings, topics).values())
-        if total == 0 and worker_urls:
-            total = pending_work(worker_urls)
+        if worker_urls:
+            try:
+                total += pending_work(worker_urls)
+                unreachable_since = None
+            except WorkerUnreachable:
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since >= unreachable_grace_s:
+                    raise
+                total += 1
         now = time.monotonic()
         if total == 0:
             idle_since = idle_since or now
