@@ -32,6 +32,46 @@ def connections_and_profiles(events: Sequence[InputEvent]) -> tuple[list[tuple[i
     return connections, profiles
 
 
+class TrainingRefused(ValueError):
+    """Training that must not go on (too little data to learn or to validate on): one line for the command."""
+
+
+MIN_CLASS_ROWS = 10  # positives and negatives each split (train, validation) needs before a model is trained
+
+
+def check_split_classes(train_labels: np.ndarray, val_labels: np.ndarray, what: str, advice: str) -> None:
+    """:class:`TrainingRefused` unless both splits have at least :data:`MIN_CLASS_ROWS` positives and negatives: a
+    validation split with one class cannot say whether the new model is better, and must not let it be promoted."""
+    counts = {name: (int((labels > 0).sum()), int((labels <= 0).sum()))
+              for name, labels in (("training", train_labels), ("validation", val_labels))}
+    if all(min(pos, neg) >= MIN_CLASS_ROWS for pos, neg in counts.values()):
+        return
+    found = "; ".join(f"{name} {pos} positive and {neg} negative" for name, (pos, neg) in counts.items())
+    raise TrainingRefused(f"too little data to train on ({what}: {found}; each split needs at least "
+                          f"{MIN_CLASS_ROWS} of each): {advice}")
+
+
+def promotion(new_recall: float | None, new_auc: float | None, serving_recall: float | None,
+              serving_auc: float | None) -> tuple[bool, str]:
+    """Whether a new model replaces the serving one, judged on the same held-out labels: a higher Recall@20, or an
+    equal one with a higher AUC. A metric that could not be measured (None, NaN) never favours the new model."""
+    def known(value: float | None) -> bool:
+        return value is not None and value == value
+
+    def fmt(value: float | None) -> str:
+        return f"{value:.4f}" if known(value) else "n/a"
+
+    figures = (f"validation Recall@20 {fmt(new_recall)} vs the serving model's {fmt(serving_recall)}, "
+               f"AUC {fmt(new_auc)} vs {fmt(serving_auc)}")
+    if not known(new_recall):
+        return False, f"not promoted: the new model's Recall@20 could not be measured ({figures})"
+    if not known(serving_recall) or new_recall > serving_recall:  # type: ignore[operator]
+        return True, f"promoted: {figures}"
+    if new_recall == serving_recall and known(new_auc) and (not known(serving_auc) or new_auc > serving_auc):  # type: ignore[operator]
+        return True, f"promoted (equal Recall@20, higher AUC): {figures}"
+    return False, f"not promoted, the serving model stays current: {figures}"
+
+
 def training_events(data: str | None, synthetic: int | None, seed: int) -> tuple[list[InputEvent] | None, str]:
     """The events to learn from, and a description for the model's metadata."""
     if synthetic:
@@ -132,17 +172,45 @@ def train_ranker_command(data: str | None, synthetic: int | None, seed: int, out
     model_dir = embeddings or resolve_model("", settings.model_dir, "embeddings")
     horizon_days = settings.label_horizon_ms / 86_400_000
     staging = out / f".training-{os.getpid()}"
-    ranker = train_ranker(events if events is not None else source, staging,
-                          TrainingDataConfig(horizon_days=horizon_days, seed=seed), progress=progress,
-                          embeddings_at=embeddings_at_checkpoint(model_dir) if model_dir else None)
+    serving, serving_version = serving_scorer(settings)
+    try:
+        ranker = train_ranker(events if events is not None else source, staging,
+                              TrainingDataConfig(horizon_days=horizon_days, seed=seed), progress=progress,
+                              embeddings_at=embeddings_at_checkpoint(model_dir) if model_dir else None,
+                              incumbent=serving)
+    except ValueError as exc:  # the data cannot give a model (one class, no validation)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingRefused(str(exc)) from exc
     final = out / ranker.version
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
-    current = point_current(final)
-    return {"version": ranker.version, "model_dir": str(final), "current": str(current), "source": source,
+    promote, why = promotion(ranker.metadata.get("val_recall_at_20"), ranker.metadata.get("val_auc"),
+                             ranker.metadata.get("incumbent_val_recall_at_20"),
+                             ranker.metadata.get("incumbent_val_auc"))
+    current = point_current(final) if promote else out / "current"
+    return {"version": ranker.version, "model_dir": str(final), "promoted": promote, "why": why,
+            "serving_model": serving_version, "current": str(current), "source": source,
             "embeddings_model": str(model_dir) if model_dir else None,
             "val_auc": ranker.metadata.get("val_auc"), "importances": ranker.feature_importances()}
+
+
+def serving_scorer(settings: Settings) -> tuple[object, str]:
+    """The ranker the workers serve now, to judge a new one against (the cold-start heuristic when no model is
+    trained or the serving one was trained on other features), and its version."""
+    from pymk.ranking.heuristic import HeuristicScorer
+    from pymk.ranking.model import Ranker
+    from pymk.streams.models import resolve_model
+
+    path = resolve_model(settings.ranker_model, settings.model_dir, "ranker")
+    if path is not None:
+        try:
+            ranker = Ranker.load(path)
+            return ranker, ranker.version
+        except ValueError:  # trained on other features
+            pass
+    heuristic = HeuristicScorer()
+    return heuristic, heuristic.version
 
 
 def train_two_tower_command(data: str | None, synthetic: int | None, seed: int, out: Path, settings: Settings,

@@ -464,10 +464,12 @@ def training_data_from_path(path: str | Path, config: TrainingDataConfig | None 
 def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir: str | Path,
                  config: TrainingDataConfig | None = None, ranker_config: RankerConfig | None = None,
                  report: Callable[[str], None] | None = print, progress: bool = False,
-                 embeddings_at: EmbeddingsAt | None = None) -> Ranker:
+                 embeddings_at: EmbeddingsAt | None = None, incumbent: Scorer | None = None) -> Ranker:
     """Build temporal training data, train, save into ``out_dir`` and report (AUC, rows, positives,
     Recall@20 against the heuristic, importances). ``path``: an edge-list file, a loaded
-    :class:`EdgeHistory`, or time-ordered input events (e.g. :func:`pymk.synthetic.synthetic_network`)."""
+    :class:`EdgeHistory`, or time-ordered input events (e.g. :func:`pymk.synthetic.synthetic_network`).
+    ``incumbent``: the model in service, measured on the same validation labels (``incumbent_val_*`` in the
+    metadata) so the caller can decide whether the new one replaces it."""
     config = config or TrainingDataConfig()
     if isinstance(path, str | Path):
         data = build_training_data(load_edge_history(path), config, embeddings_at=embeddings_at, progress=progress)
@@ -480,6 +482,9 @@ def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir:
     weights = data.row_weights()
     if len(train_y) == 0 or train_y.min() == train_y.max():
         raise ValueError(f"{described}: the training split needs positives and negatives ({data.stats})")
+    if len(val_y) == 0 or val_y.min() == val_y.max():  # nothing could tell whether the model is any good
+        raise ValueError(f"{described}: the validation split needs positives and negatives "
+                         f"({data.stats.get('val_rows')} rows, {data.stats.get('val_positives')} positive)")
     heuristic = HeuristicScorer()
     heuristic_auc = roc_auc(val_y, heuristic.predict(val_x)) if len(val_y) else math.nan
     metadata: dict[str, Any] = {
@@ -494,6 +499,11 @@ def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir:
     ranker.metadata["val_recall_at_20"] = _or_none(recall_at_k(ranker, data.val_cases, 20))
     ranker.metadata["heuristic_val_recall_at_20"] = _or_none(recall_at_k(heuristic, data.val_cases, 20))
     ranker.metadata["val_ranking_queries"] = len(data.val_cases)
+    if incumbent is not None:
+        ranker.metadata["incumbent_version"] = incumbent.version
+        ranker.metadata["incumbent_val_recall_at_20"] = _or_none(recall_at_k(incumbent, data.val_cases, 20))
+        ranker.metadata["incumbent_val_auc"] = (_or_none(roc_auc(val_y, np.asarray(incumbent.predict(val_x))))
+                                                if len(val_y) else None)
     ranker.save(out_dir)
     if report is not None:
         report(training_report(data, ranker, heuristic_auc, out_dir))

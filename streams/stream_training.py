@@ -71,7 +71,9 @@ def train_from_stream(settings: Settings, out: Path | None = None, val_fraction:
     """Train on the labelled impressions. ``warm_start``: continue boosting from the serving model, so a few
     thousand labels from one period correct it rather than replace what it learned from far more data (a
     model trained on the stream alone scored below the cold-start model in the loop test)."""
-    from pymk.train import point_current
+    from pymk.ranking.heuristic import HeuristicScorer
+
+    from pymk.train import TrainingRefused, check_split_classes, point_current, promotion
 
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)
@@ -85,15 +87,14 @@ def train_from_stream(settings: Settings, out: Path | None = None, val_fraction:
     event_time = max([ts for *_, ts in connections] + [ts for *_, ts in dismissals] +
                      [i.as_of for i in impressions] + [0])
     rows = label_impressions(impressions, connections, dismissals, settings.label_horizon_ms, event_time)
+    advice = (f"let the workers serve longer (an impression is labelled {settings.label_horizon_ms} ms of event "
+              "time after it was shown, PYMK_LABEL_HORIZON_MS)")
     if not rows:
-        raise ValueError(f"no labelled impressions yet ({len(impressions)} impressions; the horizon is "
-                         f"{settings.label_horizon_ms} ms of event time)")
+        raise TrainingRefused(f"no labelled impressions yet ({len(impressions)} impressions): {advice}")
     features = feature_matrix(rows)
     labels = np.array([r.label for r in rows], dtype=np.float32)
     train, val = time_split(rows, val_fraction)
-    if labels[train].min() == labels[train].max():
-        raise ValueError(f"the training split needs positives and negatives ({int(labels.sum())} positives "
-                         f"of {len(rows)})")
+    check_split_classes(labels[train], labels[val], f"{len(rows)} labelled impressions", advice)
     outcomes = {name: sum(1 for r in rows if r.outcome == name) for name in ("connected", "dismissed", "expired")}
     served_versions = sorted({r.impression.model_version for r in rows})
     weights = pool_weights(rows)
@@ -105,12 +106,20 @@ def train_from_stream(settings: Settings, out: Path | None = None, val_fraction:
     val_rows = [r for r, v in zip(rows, val, strict=True) if v]
     logged = np.array([r.impression.score for r in val_rows])
     new = ranker.predict(features[val])
+    # the model serving now, on the same held-out rows (the logged scores may be older models')
+    serving = base if base is not None else serving_ranker(settings) or HeuristicScorer()
+    serving_scores = np.asarray(serving.predict(features[val]), dtype=np.float64)
+    new_auc, serving_auc = roc_auc(labels[val], new), roc_auc(labels[val], serving_scores)
+    new_recall, serving_recall = recall_at_k(val_rows, new), recall_at_k(val_rows, serving_scores)
+    promote, why = promotion(new_recall, new_auc, serving_recall, serving_auc)
     report: dict[str, Any] = {
         "version": ranker.version, "impressions": len(impressions), "labelled": len(rows), "outcomes": outcomes,
         "train_rows": int(train.sum()), "val_rows": int(val.sum()),
-        "val_auc": {"new_model": roc_auc(labels[val], new), "serving_model_scores": roc_auc(labels[val], logged)},
-        "val_recall_at_20": {"new_model": recall_at_k(val_rows, new), "serving_model_scores":
-                             recall_at_k(val_rows, logged)},
+        "val_auc": {"new_model": new_auc, "serving_model": serving_auc,
+                    "serving_model_scores": roc_auc(labels[val], logged)},
+        "val_recall_at_20": {"new_model": new_recall, "serving_model": serving_recall,
+                             "serving_model_scores": recall_at_k(val_rows, logged)},
+        "serving_model": serving.version, "promoted": promote, "why": why,
         "trained_on_traffic_of": served_versions,
         "continued_from": base.version if base is not None else None,
         "importances": dict(sorted(ranker.feature_importances().items(), key=lambda kv: -kv[1])[:10]),
@@ -119,6 +128,6 @@ def train_from_stream(settings: Settings, out: Path | None = None, val_fraction:
     if publish:
         kind_dir = out or settings.model_dir / "ranker"
         model_dir = ranker.save(kind_dir / ranker.version)
-        report["model_dir"] = str(model_dir)
-        report["current"] = str(point_current(model_dir))
+        report["model_dir"] = str(model_dir)  # saved either way; current only when promoted
+        report["current"] = str(point_current(model_dir)) if promote else None
     return report
