@@ -3,7 +3,7 @@ index, lists) equals a single uninterrupted worker's, and debug queries about us
 
 The queries: a background thread asks the live workers in turn for ``/users/{u}`` of users spread over every
 partition, so about half of the queries are routed to the owner. Each answer must be a 200 with that user's
-data, or the documented retryable answer — a 503 with ``Retry-After`` and ``"retryable": true``, given while
+data (or a 404 for a user whose events are not sent yet), or the documented retryable answer — a 503 with ``Retry-After`` and ``"retryable": true``, given while
 the user's partition has no reachable owner (between a revocation and the next assignment, or until the group
 notices a killed worker) — and a query retried after it must get its 200 within ``ANSWER_BOUND_S``.
 """
@@ -107,6 +107,10 @@ class Poller(threading.Thread):
             text = error.read().decode(errors="replace")
             if error.code == 503 and error.headers.get("Retry-After") and json.loads(text).get("retryable"):
                 return "retry"
+            if error.code == 404 and json.loads(text).get("user") == user:
+                # a user none of whose events has been sent yet (the queries start before the stream); a partition
+                # being re-read answers 503 instead, so this is the state's real answer
+                return "ok"
             return f"{error.code} from {worker.web_port} for {user}: {text[:200]}"
         except OSError as error:
             with self.lock:
