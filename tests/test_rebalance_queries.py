@@ -3,9 +3,10 @@ index, lists) equals a single uninterrupted worker's, and debug queries about us
 
 The queries: a background thread asks the live workers in turn for ``/users/{u}`` of users spread over every
 partition, so about half of the queries are routed to the owner. Each answer must be a 200 with that user's
-data (or a 404 for a user whose events are not sent yet), or the documented retryable answer — a 503 with ``Retry-After`` and ``"retryable": true``, given while
-the user's partition has no reachable owner (between a revocation and the next assignment, or until the group
-notices a killed worker) — and a query retried after it must get its 200 within ``ANSWER_BOUND_S``.
+data (or a 404 for a user whose events are not sent yet), or the documented retryable answer — a 503 with
+``Retry-After`` and ``"retryable": true``, given while the user's partition has no reachable owner (between a
+revocation and the next assignment, or until the group notices a killed worker) — and a query retried after it
+must get its 200 within ``ANSWER_BOUND_S``.
 """
 
 from __future__ import annotations
