@@ -620,7 +620,8 @@ class PymkApp:
                 lag = await asyncio.to_thread(consumer_lag, self.settings)
             except Exception:
                 lag = None
-            return web.text(metrics.render(lag, self.state.errors.by_stage), content_type="text/plain")
+            delays = self.refresher.delays if self.refresher is not None else None
+            return web.text(metrics.render(lag, self.state.errors.by_stage, delays), content_type="text/plain")
 
         @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:
@@ -634,6 +635,8 @@ class PymkApp:
                 delays = sorted(refresh.pop("last_delays_ms"))
                 refresh["recent_delay_ms"] = ({"p50": delays[len(delays) // 2],
                                                "p99": delays[int(len(delays) * 0.99)]} if delays else None)
+                refresh["lists_owed"] = sum(1 for state in self.state.owned.values()
+                                            for row in state.work.rows.values() if row[1])
             # the offsets show how far each full-table reader has read its topic (tests wait for the end)
             return web.json({**metrics.snapshot(), "internal_errors": dict(self.state.errors.by_stage),
                              "state": self.state.describe(), "globals_users": len(self.globals),

@@ -12,6 +12,42 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# Upper bounds of the list-freshness histogram's buckets, seconds: from a list out within a slice between flushes
+# to one that waited behind a backlog
+REFRESH_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count) of one unlabelled series."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.total += value
+        self.count += 1
+
+    def render(self, name: str, help_text: str) -> list[str]:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            cumulative += count
+            lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
+        lines += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.total:.6f}",
+                  f"{name}_count {self.count}"]
+        return lines
+
+
 @dataclass
 class WorkerMetrics:
     started_at: float = field(default_factory=time.time)
@@ -35,9 +71,10 @@ class WorkerMetrics:
             "dead_letters": dict(self.dead_letters),
         }
 
-    def render(self, lag: dict[str, int] | None = None, internal_errors: Mapping[str, int] | None = None) -> str:
+    def render(self, lag: dict[str, int] | None = None, internal_errors: Mapping[str, int] | None = None,
+               refresh_delays: Histogram | None = None) -> str:
         """``internal_errors``: failures of the worker's own code by stage (streams/errors.py); each one is also a
-        dead letter with reason ``internal_error``."""
+        dead letter with reason ``internal_error``. ``refresh_delays``: event received → list ranked, seconds."""
         lines = [
             "# HELP pymk_events_processed_total Input events processed, by topic and outcome.",
             "# TYPE pymk_events_processed_total counter",
@@ -63,6 +100,9 @@ class WorkerMetrics:
         for kind in sorted(self.latency_count):
             lines.append(f'pymk_processing_seconds_sum{{topic="{_escape(kind)}"}} {self.latency_sum_s[kind]:.6f}')
             lines.append(f'pymk_processing_seconds_count{{topic="{_escape(kind)}"}} {self.latency_count[kind]}')
+        if refresh_delays is not None:
+            lines += refresh_delays.render("pymk_list_refresh_seconds", "From the first event a list answers (its "
+                                           "receipt by the worker) to the list ranked and handed to the producer.")
         if lag is not None:
             lines += ["# HELP pymk_consumer_lag Messages not yet processed, by topic.",
                       "# TYPE pymk_consumer_lag gauge"]

@@ -50,6 +50,7 @@ from pymk.ranking.recommend import (
 )
 from pymk.ranking.two_tower import blend_scores
 from pymk.streams.global_index import GlobalIndex, ann_config
+from pymk.streams.metrics import REFRESH_BUCKETS_S, Histogram
 from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
     ActivityOf,
@@ -136,6 +137,9 @@ class ListBudget:
 
 
 class Refresher:
+    # event received → list ranked, for /metrics (pymk_list_refresh_seconds); a class default for test doubles
+    delays: Histogram = Histogram(REFRESH_BUCKETS_S)
+
     # (stage, exception, partition state, user): one user's embedding or list failed; the worker dead-letters it
     # (streams/errors.py) and the refresher skips the user. None: the failure propagates (pure tests).
     on_user_error: Callable[[str, Exception, PartitionState, int], None] | None = None
@@ -162,6 +166,7 @@ class Refresher:
         self.profile_of = profile_of
         self.candidates = candidate_config(settings)
         self.stats = RefreshStats()
+        self.delays = Histogram(REFRESH_BUCKETS_S)
         self.list_budget = ListBudget(settings)  # its seconds: this flush's (set by observe_input_backlog)
         self.features = FeatureBuilder()  # one per worker: its profile cache lives across lists
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)
@@ -358,6 +363,7 @@ class Refresher:
                 state.work.refreshed(user)
                 state.published.put(out[-1][0])
                 self.stats.last_delays_ms.append(now_ms - first_of[user])
+                self.delays.observe((now_ms - first_of[user]) / 1000.0)
                 done.add(user)
 
         serve(stale, budget_s * settings.refresh_stale_share)

@@ -114,6 +114,11 @@ def test_the_debug_api_is_read_only_and_refresh_all_publishes_known_users_only(k
         assert set(lists) <= known
         assert proc.poll() is None
         assert http_get(settings, "/health")["status"] == "ok"
+        metrics = http_get(settings, "/metrics")
+        assert 'pymk_internal_errors_total{stage="ranking"} 0' in metrics
+        count = next(line for line in metrics.splitlines() if line.startswith("pymk_list_refresh_seconds_count"))
+        assert int(count.split()[1]) >= len(lists)
+        assert http_get(settings, "/stats")["refresh"]["lists_owed"] == 0
 
 
 def test_wait_idle_fails_when_the_worker_is_dead(kafka_settings: Settings, tmp_path: Path) -> None:

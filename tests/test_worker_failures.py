@@ -272,3 +272,18 @@ def test_a_new_model_is_promoted_only_when_it_beats_the_serving_one() -> None:
     assert not promotion(None, 0.9, 0.1, 0.5)[0] and not promotion(float("nan"), 0.9, 0.1, 0.5)[0]
     promote, why = promotion(0.2909, None, 0.2932, None)
     assert not promote and "0.2909" in why and "0.2932" in why
+
+
+def test_the_freshness_histogram_renders_cumulative_buckets() -> None:
+    from pymk.streams.metrics import REFRESH_BUCKETS_S, Histogram, WorkerMetrics
+
+    delays = Histogram(REFRESH_BUCKETS_S)
+    for seconds in (0.01, 0.2, 0.2, 3.0, 120.0):
+        delays.observe(seconds)
+    text = WorkerMetrics().render(None, {"ranking": 2}, delays)
+    assert 'pymk_list_refresh_seconds_bucket{le="0.05"} 1' in text
+    assert 'pymk_list_refresh_seconds_bucket{le="0.25"} 3' in text
+    assert 'pymk_list_refresh_seconds_bucket{le="60"} 4' in text
+    assert 'pymk_list_refresh_seconds_bucket{le="+Inf"} 5' in text and "pymk_list_refresh_seconds_count 5" in text
+    assert 'pymk_internal_errors_total{stage="ranking"} 2' in text
+    assert 'pymk_dead_letters_total{reason="internal_error"} 2' in text
