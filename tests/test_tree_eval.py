@@ -187,3 +187,16 @@ def test_concurrent_compiles_leave_one_library_and_no_temporary_files(tmp_path: 
 def test_the_cache_is_keyed_by_flags(tmp_path: Path) -> None:
     assert library_path(EvaluatorOptions(cache_dir=tmp_path)) != library_path(
         EvaluatorOptions(flags=("-O2",), cache_dir=tmp_path))
+
+
+def test_the_workers_models_say_which_evaluator_serves(tmp_path: Path) -> None:
+    from pymk.streams.models import Models
+
+    from pymk.settings import Settings
+
+    models = Models(Settings.from_env({}, home=tmp_path, tree_evaluator="xgboost"))
+    if isinstance(models.scorer, Ranker):  # the shipped ranker (the heuristic has no trees)
+        assert models.describe()["ranker"]["evaluator"] == "xgboost (PYMK_TREE_EVALUATOR=xgboost)"
+    models = Models(Settings.from_env({}, home=tmp_path))
+    if isinstance(models.scorer, Ranker):
+        assert models.describe()["ranker"]["evaluator"] == COMPILED_C
