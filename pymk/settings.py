@@ -104,6 +104,13 @@ class Settings:
     ranker_kind: str = "xgboost"
     two_tower_model: str = ""
     blend_weight: float = 0.5
+    # How the ranker's trees are evaluated: "auto" (a C evaluator compiled once per machine with
+    # tree_evaluator_cc and its flags, cached in tree_evaluator_cache_dir; XGBoost's inplace_predict when it cannot
+    # be used, with the reason in /stats) or "xgboost" (always inplace_predict).
+    tree_evaluator: str = "auto"
+    tree_evaluator_cc: str = "gcc"
+    tree_evaluator_cflags: str = "-O3 -march=native"
+    tree_evaluator_cache_dir: Path = Path.home() / ".cache" / "pymk" / "tree-eval"
     # Workers check this often whether a model path now points at another version, and load it (hot reload).
     model_reload_interval_s: float = 5.0
     candidates_graph_k: int = 1000

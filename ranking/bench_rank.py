@@ -41,6 +41,8 @@ from pymk.datasets import load_edge_history
 from pymk.synthetic import behaviour_for_replay
 
 DEFAULT_GRAPH = "/work/shared/data/ego-facebook/facebook_combined.txt"
+# The model a fresh install serves (streams/models.py), next to the code folders.
+SHIPPED_RANKER = Path(__file__).resolve().parent.parent / "data" / "models" / "ranker"
 TARGET_P99_MS = 10.0
 _DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]
 
@@ -57,13 +59,78 @@ def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
     return result, (time.perf_counter() - started) * 1e3
 
 
+def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, queries: int, source: MemorySource,
+                    builder: FeatureBuilder, as_of: int, order: list[int],
+                    say: Callable[[str], None]) -> dict[str, Any]:
+    """One config of ``configs``: the whole Stage 2 of ``runs`` lists of exactly ``n_candidates`` candidates in this
+    thread's CPU time (features, predict, order, reasons, as the worker does it), each part's wall time, Stage 1
+    apart, and how often the top 20 equals the top 20 of XGBoost's own scores (computed outside the timed span)."""
+    config = CandidateConfig(graph_k=n_candidates, ann_k=n_candidates, max_candidates=n_candidates)
+    users: list[int] = []
+    for user in order:
+        if len(users) >= queries:
+            break
+        if len(generate_candidates(user, source, config, as_of)) >= n_candidates:
+            users.append(user)
+    if not users:
+        return {"name": name, "path": "full", "candidates": n_candidates, "error": "no user with that many candidates"}
+    parts: dict[str, list[float]] = {"stage1": [], "features": [], "predict": [], "order": [], "reasons": []}
+    cpu_ms: list[float] = []
+    xgb_predict_ms: list[float] = []
+    xgb_explain_ms: list[float] = []
+    equal = 0
+    for run in range(runs + 10):
+        user = users[run % len(users)]
+        candidates, t_stage1 = _timed(lambda u=user: generate_candidates(u, source, config, as_of))
+        # This thread's CPU: XGBoost's OpenMP threads spinning after the comparison calls below would be counted by
+        # process_time (it read ~45% more than the parts' wall times on the served config).
+        cpu_started = time.thread_time()
+        features, t_features = _timed(lambda c=candidates, u=user: builder.matrix(u, c, source, as_of))
+        scores, t_predict = _timed(lambda x=features: ranker.predict(x))
+        top, t_order = _timed(lambda s=scores, x=features, c=candidates: ranking_order(
+            s, x[:, _DEGREE_COLUMN], c.ids, 20))
+        scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
+        ranked, t_reasons = _timed(lambda s=scored, u=user: rank_scored(u, s, source, ranker, as_of, builder))
+        t_cpu = (time.thread_time() - cpu_started) * 1e3
+        # Outside the timed span: XGBoost's own scores and contributions of the same list, for equality and cost.
+        exact, t_xgb = _timed(lambda x=features: ranker.booster.inplace_predict(x, missing=np.nan))
+        _, t_xgb_explain = _timed(lambda x=features[top]: ranker.booster.predict(
+            xgb.DMatrix(x, feature_names=list(FEATURE_NAMES), missing=np.nan, nthread=1), pred_contribs=True,
+            approx_contribs=True))
+        if run < 10:
+            continue
+        assert len(ranked.items) == 20
+        exact_top = ranking_order(np.asarray(exact, np.float64), features[:, _DEGREE_COLUMN], candidates.ids, 20)
+        equal += bool(np.array_equal(top, exact_top))
+        for part, value in (("stage1", t_stage1), ("features", t_features), ("predict", t_predict),
+                            ("order", t_order), ("reasons", t_reasons)):
+            parts[part].append(value)
+        cpu_ms.append(t_cpu)
+        xgb_predict_ms.append(t_xgb)
+        xgb_explain_ms.append(t_xgb_explain)
+    cpu = _percentiles(cpu_ms)
+    result = {"name": name, "path": "full", "candidates": n_candidates, "trees": int(ranker.metadata["trees"]),
+              "model": ranker.version, "evaluator": ranker.evaluator, "evaluator_kernel": ranker.evaluator_kernel,
+              "runs": runs, "query_users": len(users),
+              "cpu_ms": {"p50": cpu["p50"], "p99": cpu["p99"], "mean": cpu["mean"]},
+              "lists_per_core_second": round(1000.0 / cpu["p50"], 1),
+              "top20_equal_to_exact_share": round(equal / runs, 4),
+              "parts_wall_ms": {part: _percentiles(values) for part, values in parts.items()},
+              "xgboost_for_comparison_ms": {"inplace_predict": _percentiles(xgb_predict_ms),
+                                            "approx_contribs_20_rows": _percentiles(xgb_explain_ms)}}
+    say(f"{name}: cpu p50 {cpu['p50']} ms, p99 {cpu['p99']} ms ({result['lists_per_core_second']} lists per "
+        f"core-second), top 20 equal {equal}/{runs}, evaluator {ranker.evaluator}")
+    return result
+
+
 def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs: int = 300, queries: int = 60,
                train_queries: int = 300, trees: int = 500, depth: int = 6, negatives_per_query: int = 50,
                seed: int = 0, report: Callable[[str], None] | None = None,
-               ranker_path: str | Path | None = None) -> dict[str, Any]:
+               ranker_path: str | Path | None = None, config_runs: int = 200) -> dict[str, Any]:
     """Run the benchmark (see the module doc); returns a JSON-ready dict. ``report`` gets progress lines.
     ``ranker_path``: time a saved model (e.g. the shipped ``data/models/ranker``) instead of the 500-tree one
-    trained here; its held-out AUC on this graph's rows is reported too."""
+    trained here; its held-out AUC on this graph's rows is reported too. ``configs``: the served model at 1,000
+    candidates and the 500-tree one at 2,000, ``config_runs`` lists each (see :func:`_measure_config`)."""
     say = report or (lambda line: None)
     started = time.perf_counter()
     load_at_start = os.getloadavg()  # the machine's other work shows in every figure: said with them
@@ -165,6 +232,15 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
         explain_ms.append(t_explain)
         stage1_ms.append(t_stage1)
 
+    served = Ranker.load(SHIPPED_RANKER) if ranker_path is None else ranker
+    served.booster.set_param({"nthread": 1})
+    # With --ranker the served model was timed above: the 500-tree one is trained for its config.
+    many_trees = ranker if ranker_path is None else Ranker.train(train_x[:split], train_y[:split], config=ranker_config)
+    configs = [_measure_config("full-served-1000", served, 1000, config_runs, queries, source, builder, as_of, order,
+                               say),
+               _measure_config(f"full-{many_trees.metadata['trees']}trees-2000", many_trees, 2000, config_runs,
+                               queries, source, builder, as_of, order, say)]
+
     # The alternatives, on the same matrices.
     sample = builder.matrix(bench_sets[0].user, bench_sets[0], source, as_of)
     dmatrix_ms = [_timed(lambda: ranker.booster.predict(xgb.DMatrix(sample, feature_names=list(FEATURE_NAMES))))[1]
@@ -196,8 +272,10 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
                   "trees": ranker.metadata["trees"], "max_depth": depth,
                   "leaves_per_tree": round(leaves / max(1, ranker.metadata["trees"]), 1),
                   "train_rows": int(split), "train_seconds": round(train_seconds / 1e3, 2),
-                  "holdout_row_auc": round(holdout_auc, 4)},
+                  "holdout_row_auc": round(holdout_auc, 4), "evaluator": ranker.evaluator,
+                  "evaluator_kernel": ranker.evaluator_kernel},
         "latency_ms": latency,
+        "configs": configs,
         "total_cpu_ms": _percentiles(cpu_ms),
         "explain_ms": _percentiles(explain_ms),
         "stage1_ms": _percentiles(stage1_ms),

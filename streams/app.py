@@ -355,9 +355,16 @@ class PymkApp:
         """Hot reload: a new model version serves from the next flush on; nothing is lost or re-read. A new
         GraphSAGE model re-embeds every local user (vectors of two models are not comparable)."""
         assert self.models is not None
+        try:
+            # Loading (and preparing the ranker's compiled evaluator: seconds on a machine's first compile) runs
+            # on a thread, so the event loop keeps applying input and publishing lists; only the swap takes the lock.
+            pending = await asyncio.to_thread(self.models.load_changed)
+        except Exception:  # noqa: BLE001 - a bad model must not stop the worker: keep serving the old one
+            log.exception("model reload failed")
+            return
         async with self.state.lock:
             try:
-                changed = self.models.reload_if_changed()
+                changed = self.models.apply(pending)
             except Exception:  # noqa: BLE001 - a bad model must not stop the worker: keep serving the old one
                 log.exception("model reload failed")
                 return

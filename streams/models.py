@@ -18,6 +18,7 @@ from pymk.index.embedder import Embedder
 from pymk.index.sage import load_model
 from pymk.ranking.heuristic import HeuristicScorer
 from pymk.ranking.model import Ranker
+from pymk.ranking.tree_eval import EvaluatorOptions
 
 from pymk.settings import Settings
 
@@ -46,7 +47,8 @@ class Models:
         self.sage_path, self.ranker_path = self._paths()
         self.sage, self.sage_metadata = load_model(self.sage_path)
         self.embedding_model = str(self.sage_metadata["version"])
-        self.scorer: Any = Ranker.load(self.ranker_path) if self.ranker_path is not None else HeuristicScorer()
+        self.evaluator_options = EvaluatorOptions.from_settings(settings)
+        self.scorer: Any = self._load_ranker(self.ranker_path)
         self._loaded = (self._identity(self.sage_path), self._identity(self.ranker_path))
         self.two_tower: Any = None
         if settings.ranker_kind not in ("xgboost", "two-tower", "blend"):
@@ -61,8 +63,8 @@ class Models:
                                         "PYMK_TWO_TOWER_MODEL)")
             self.two_tower = TwoTowerRanker(load_two_tower(tower_path)[0])
         self.reloads = 0
-        log.info("models: embeddings %s (%s), ranker %s (%s)", self.embedding_model, self.sage_path,
-                 self.scorer.version, self.ranker_path or "built in")
+        log.info("models: embeddings %s (%s), ranker %s (%s, %s)", self.embedding_model, self.sage_path,
+                 self.scorer.version, self.ranker_path or "built in", getattr(self.scorer, "evaluator", "heuristic"))
 
     @property
     def ranker_version(self) -> str:
@@ -79,6 +81,10 @@ class Models:
             raise FileNotFoundError("no GraphSAGE model: run `pymk train embeddings` or restore data/models")
         return sage, resolve_model(self.settings.ranker_model, self.settings.model_dir, "ranker")
 
+    def _load_ranker(self, path: Path | None) -> Any:
+        """The ranker with its tree evaluator prepared (compiled once per machine: seconds the first time)."""
+        return Ranker.load(path, self.evaluator_options) if path is not None else HeuristicScorer()
+
     @staticmethod
     def _identity(path: Path | None) -> tuple[str, str] | None:
         """What a path means now: the folder it resolves to and the version in its metadata."""
@@ -91,38 +97,59 @@ class Models:
             version = ""
         return str(resolved), str(version)
 
-    def reload_if_changed(self) -> dict[str, str]:
-        """Load whichever model changed since the last call; return {kind: new version} of what was reloaded.
-        A half-written model (no metadata yet, or one that fails to load) is left for the next call."""
-        changed: dict[str, str] = {}
+    def load_changed(self) -> dict[str, Any] | None:
+        """Load (without serving them yet) whichever models changed since the last :meth:`apply`: the slow half
+        of a reload (reading, and the tree evaluator's preparation), safe on a thread. None: nothing to apply
+        (no change, or a half-written model, or one that fails to load, left for the next call)."""
         try:
             sage_path, ranker_path = self._paths()
         except FileNotFoundError:
-            return changed
+            return None
         sage_id, ranker_id = self._identity(sage_path), self._identity(ranker_path)
+        if (sage_id, ranker_id) == self._loaded:
+            return None
+        pending: dict[str, Any] = {"ids": (sage_id, ranker_id)}
         try:
             if sage_id != self._loaded[0]:
-                self.sage, self.sage_metadata = load_model(sage_path)
-                self.sage_path, self.embedding_model = sage_path, str(self.sage_metadata["version"])
-                changed["embeddings"] = self.embedding_model
+                pending["embeddings"] = (sage_path, *load_model(sage_path))
             if ranker_id != self._loaded[1]:
-                self.scorer = Ranker.load(ranker_path) if ranker_path is not None else HeuristicScorer()
-                self.ranker_path = ranker_path
-                changed["ranker"] = self.scorer.version
+                pending["ranker"] = (ranker_path, self._load_ranker(ranker_path))
         except Exception:  # noqa: BLE001 - keep serving with the models in hand
             log.exception("could not load the new model; still serving %s / %s", self.embedding_model,
                           self.scorer.version)
+            return None
+        return pending
+
+    def apply(self, pending: dict[str, Any] | None) -> dict[str, str]:
+        """Serve what :meth:`load_changed` loaded (quick: attribute swaps); returns {kind: new version}."""
+        changed: dict[str, str] = {}
+        if pending is None:
             return changed
-        self._loaded = (sage_id, ranker_id)
+        if "embeddings" in pending:
+            self.sage_path, self.sage, self.sage_metadata = pending["embeddings"]
+            self.embedding_model = str(self.sage_metadata["version"])
+            changed["embeddings"] = self.embedding_model
+        if "ranker" in pending:
+            self.ranker_path, self.scorer = pending["ranker"]
+            changed["ranker"] = self.scorer.version
+        self._loaded = pending["ids"]
         if changed:
             self.reloads += 1
             log.info("models reloaded: %s", changed)
         return changed
 
+    def reload_if_changed(self) -> dict[str, str]:
+        """Load and serve whichever model changed since the last call; return {kind: new version} of what was
+        reloaded. A half-written model (no metadata yet, or one that fails to load) is left for the next call."""
+        return self.apply(self.load_changed())
+
     def embedder(self, graph: Any, features: Any, cache: Any = None) -> Embedder:
         return Embedder(self.sage, features, graph, cache=cache)
 
     def describe(self) -> dict[str, Any]:
-        return {"embeddings": {"version": self.embedding_model, "path": str(self.sage_path)},
-                "ranker": {"version": self.scorer.version,
-                           "path": str(self.ranker_path) if self.ranker_path else None}}
+        ranker: dict[str, Any] = {"version": self.scorer.version,
+                                  "path": str(self.ranker_path) if self.ranker_path else None}
+        if isinstance(self.scorer, Ranker):  # "compiled-c", or "xgboost (why not)"
+            ranker["evaluator"] = self.scorer.evaluator
+            ranker["evaluator_kernel"] = self.scorer.evaluator_kernel
+        return {"embeddings": {"version": self.embedding_model, "path": str(self.sage_path)}, "ranker": ranker}
