@@ -8,9 +8,13 @@
      "text": "12 mutual connections · both at Acme"}
 
 ``mutual_examples``: up to 3 common neighbours, those with the highest degree first, ties by lower id (the
-best-known mutual friends, deterministic). ``top_features``: the (at most) 3 features with the largest
-positive contribution to this item's score, from the scorer's :meth:`~pymk.ranking.source.Scorer.explain`
-(TreeSHAP for the model, the additive terms for the heuristic), computed for the shown rows only.
+best-known mutual friends, deterministic). ``top_features``: the (at most) 3 features that most separate this
+item from the rest of its list: the scorer's per-feature contributions (:meth:`~pymk.ranking.source.Scorer.explain`:
+Saabas for the model, the additive terms for the heuristic, computed for the shown rows only) minus the mean
+contribution of that feature over the shown list (:func:`list_relative_contributions`), the largest positive
+first. Features about the query user alone, and features whose value is the same on every shown item, are never
+a reason: they move every score alike and say nothing about why *this* person is suggested. ``text`` puts the
+evidence in that order too: the part whose features separate the item most comes first.
 """
 
 from __future__ import annotations
@@ -52,6 +56,45 @@ def mutual_examples(user: int, candidate: int, source: RankingSource, degree_of:
     return [int(z) for z in heapq.nsmallest(limit, common, key=lambda z: (-degree_of(z), z))]
 
 
+# Features of the query user alone: the same value on every candidate of a list, whatever the list
+QUERY_ONLY_FEATURES = ("query_degree_log", "query_activity_7d", "query_days_since_last_connection")
+_QUERY_ONLY = np.array([FEATURE_INDEX[name] for name in QUERY_ONLY_FEATURES])
+
+
+def list_relative_contributions(rows: np.ndarray, contributions: np.ndarray) -> np.ndarray:
+    """(n, F) contributions of the shown rows relative to their list: each minus the column's mean over the rows,
+    NaN where a feature cannot be a reason (query-only, or one value on every row). A list of one item keeps its
+    own contributions (nothing to compare with), query-only features still excluded."""
+    relative = np.array(contributions[:, : rows.shape[1]], dtype=np.float64)
+    if len(relative) == 0:
+        return relative
+    if len(relative) > 1:
+        relative -= relative.mean(axis=0)
+        missing = np.isnan(rows)
+        low, high = np.where(missing, np.inf, rows).min(axis=0), np.where(missing, -np.inf, rows).max(axis=0)
+        nan_count = missing.sum(axis=0)
+        # constant: every value equal (NaN counts as a value: NaN on some rows and a number on others differs)
+        constant = (nan_count == len(rows)) | ((nan_count == 0) & (low == high))
+        relative[:, constant] = np.nan
+    relative[:, _QUERY_ONLY] = np.nan
+    return relative
+
+
+# What each part of the text is evidence of: its strength is the largest relative contribution among these
+_TEXT_EVIDENCE = {
+    "mutual": ("common_neighbor_count", "adamic_adar_score", "jaccard_sim", "resource_allocation_score",
+               "graph_distance_bucket"),
+    "company": ("same_company_current",), "school": ("same_school",), "industry": ("same_industry",),
+    "views": ("mutual_profile_views", "query_viewed_candidate_profile", "profile_view_recency_days"),
+    "engaged": ("co_engaged_with_content",),
+    "similar": ("gnn_embedding_cosine_sim", "title_cosine_sim", "skill_jaccard_sim", "geo_distance_km"),
+    "active": ("candidate_activity_1d", "candidate_activity_7d", "candidate_activity_30d",
+               "candidate_days_since_last_connection", "candidate_degree_log"),
+}
+_TEXT_EVIDENCE_INDEX = {part: np.array([FEATURE_INDEX[name] for name in names])
+                        for part, names in _TEXT_EVIDENCE.items()}
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -59,7 +102,8 @@ def _plural(count: int, word: str) -> str:
 def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score: float | None,
                   features: np.ndarray, contributions: np.ndarray, source: RankingSource,
                   profiles: ProfileCache, degree_of: MutualDegrees | None = None) -> dict[str, Any]:
-    """The reasons of one shown item from its feature row and its per-feature contributions (both (17,))."""
+    """The reasons of one shown item from its feature row and its list-relative contributions (both (F,); see
+    :func:`list_relative_contributions`: NaN marks a feature that is never a reason)."""
     mutual = int(features[FEATURE_INDEX["common_neighbor_count"]])
     reasons: dict[str, Any] = {
         "mutual_connections": mutual,
@@ -79,37 +123,42 @@ def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score
         if ann_score is not None and math.isfinite(ann_score):
             reasons["cosine"] = round(float(ann_score), 4)
 
+    relative = np.where(np.isnan(contributions), -np.inf, contributions)
     top: list[dict[str, Any]] = []
-    for index in np.argsort(-contributions, kind="stable")[:TOP_FEATURES].tolist():
-        contribution = round(float(contributions[index]), 4)
+    for index in np.argsort(-relative, kind="stable")[:TOP_FEATURES].tolist():
+        contribution = round(float(relative[index]), 4)
         if not contribution > 0:  # only evidence for the candidate (and visible at 4 decimals)
             break
         value = float(features[index])
         top.append({"feature": FEATURE_NAMES[index], "contribution": contribution,
                     "value": None if math.isnan(value) else round(value, 4)})
     reasons["top_features"] = top
-    reasons["text"] = reason_text(reasons, features)
+    reasons["text"] = reason_text(reasons, features, relative)
     return reasons
 
 
-def reason_text(reasons: dict[str, Any], features: np.ndarray) -> str:
-    """A short human sentence, most convincing evidence first, at most three parts."""
-    parts: list[str] = []
+def reason_text(reasons: dict[str, Any], features: np.ndarray, relative: np.ndarray | None = None) -> str:
+    """A short human sentence of at most three parts, the strongest candidate-specific evidence first (the part
+    whose features have the largest list-relative contribution; without contributions, the order below)."""
+    parts: list[tuple[str, str]] = []  # (evidence kind, phrase), in the default order
     if reasons["mutual_connections"]:
-        parts.append(_plural(reasons["mutual_connections"], "mutual connection"))
+        parts.append(("mutual", _plural(reasons["mutual_connections"], "mutual connection")))
     phrases = {"company": "both at {}", "school": "both studied at {}", "industry": "both in {}"}
     generic = {"company": "same company", "school": "same school", "industry": "same industry"}
     for name in reasons["shared"]:
         value = reasons.get(name)
-        parts.append(phrases[name].format(value) if value else generic[name])
+        parts.append((name, phrases[name].format(value) if value else generic[name]))
     if features[FEATURE_INDEX["mutual_profile_views"]] > 0:
-        parts.append("you viewed each other's profiles")
+        parts.append(("views", "you viewed each other's profiles"))
     elif features[FEATURE_INDEX["query_viewed_candidate_profile"]] > 0:
-        parts.append("you viewed their profile")
+        parts.append(("views", "you viewed their profile"))
     if features[FEATURE_INDEX["co_engaged_with_content"]] > 0:
-        parts.append("engaged with the same posts")
+        parts.append(("engaged", "engaged with the same posts"))
     if reasons.get("similar_profile") and not reasons["mutual_connections"]:
-        parts.append("similar profile")
+        parts.append(("similar", "similar profile"))
     if reasons.get("active_recently") and not reasons["mutual_connections"]:
-        parts.append("active lately")
-    return " · ".join(parts[:3]) if parts else "suggested for you"
+        parts.append(("active", "active lately"))
+    if relative is not None and len(parts) > 1:
+        strength = {kind: float(relative[_TEXT_EVIDENCE_INDEX[kind]].max()) for kind, _ in parts}
+        parts.sort(key=lambda part: -strength[part[0]])  # stable: equal evidence keeps the default order
+    return " · ".join(phrase for _, phrase in parts[:3]) if parts else "suggested for you"

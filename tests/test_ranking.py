@@ -33,6 +33,7 @@ from pymk.ranking.features import (
     ACTIVITY_FEATURES,
     FEATURE_INDEX,
     FEATURE_NAMES,
+    N_FEATURES,
     FeatureBuilder,
     ProfileCache,
     feature_dict,
@@ -40,6 +41,7 @@ from pymk.ranking.features import (
 from pymk.ranking.heuristic import HeuristicScorer
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker, RankerConfig, roc_auc
+from pymk.ranking.reasons import QUERY_ONLY_FEATURES, build_reasons, list_relative_contributions, reason_text
 from pymk.ranking.recommend import ranking_order, recommend
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
@@ -549,7 +551,8 @@ def test_every_item_has_reasons_with_correct_mutuals() -> None:
     items = 0
     for user in range(0, 50, 4):
         ranked = recommend(user, world.source, scorer, CandidateConfig(ann_k=5), NOW)
-        explanations = scorer.explain(ranked.feature_matrix_of_items)
+        explanations = list_relative_contributions(ranked.feature_matrix_of_items,
+                                                   scorer.explain(ranked.feature_matrix_of_items))
         for item, row, explanation in zip(ranked.items, ranked.feature_matrix_of_items, explanations, strict=True):
             items += 1
             reasons = item.reasons
@@ -564,16 +567,56 @@ def test_every_item_has_reasons_with_correct_mutuals() -> None:
                                                        ("industry", profile_features.same_industry)) if same(a, b)]
             assert reasons["shared"] == expected_shared
             assert reasons.get("similar_profile", False) == (ANN in item.sources)
-            positive = sorted((c for c in explanation if round(c, 4) > 0), reverse=True)[:3]
+            positive = sorted((float(c) for c in explanation if round(float(c), 4) > 0), reverse=True)[:3]
             assert [t["contribution"] for t in reasons["top_features"]] == [round(c, 4) for c in positive]
             assert reasons["text"]
             if common:
-                assert reasons["text"].startswith(f"{len(common)} mutual connection")
+                parts = reasons["text"].split(" · ")
+                assert f"{len(common)} mutual connection" in reasons["text"] or len(parts) == 3
             if "company" in expected_shared:
                 assert f"both at {a.company}" in reasons["text"]
             assert np.array_equal(row, FeatureBuilder().matrix(
                 user, CandidateSet.from_candidates(user, [item.candidate]), world.source, NOW)[0], equal_nan=True)
     assert items > 50
+
+
+def test_a_feature_constant_across_the_list_or_about_the_query_alone_is_never_a_reason() -> None:
+    rng = np.random.default_rng(5)
+    rows = rng.random((20, N_FEATURES))
+    rows[:, FEATURE_INDEX["same_industry"]] = 1.0  # every shown candidate shares the industry
+    rows[:3, FEATURE_INDEX["geo_distance_km"]] = np.nan  # NaN on some rows only: varies
+    contributions = rng.normal(0, 0.1, (20, N_FEATURES))
+    # the largest raw contributions: a query-only column and the constant one (which still varies by row, as
+    # Saabas values do along different paths)
+    contributions[:, FEATURE_INDEX["query_days_since_last_connection"]] = 5.0 + rng.random(20)
+    contributions[:, FEATURE_INDEX["same_industry"]] = 4.0 + rng.random(20)
+    relative = list_relative_contributions(rows, contributions)
+    assert np.isnan(relative[:, FEATURE_INDEX["query_days_since_last_connection"]]).all()
+    assert np.isnan(relative[:, FEATURE_INDEX["same_industry"]]).all()
+    assert not np.isnan(relative[:, FEATURE_INDEX["geo_distance_km"]]).any()
+    column = FEATURE_INDEX["common_neighbor_count"]
+    assert np.allclose(relative[:, column], contributions[:, column] - contributions[:, column].mean())
+    world = World(seed=11, n=50, p=0.15)
+    for i in range(20):
+        reasons = build_reasons(0, 1, ("graph",), None, rows[i], relative[i], world.source, FeatureBuilder().profiles)
+        named = {t["feature"] for t in reasons["top_features"]}
+        assert not named & {"same_industry", *QUERY_ONLY_FEATURES}
+        assert all(t["contribution"] > 0 for t in reasons["top_features"])
+    one = list_relative_contributions(rows[:1], contributions[:1])  # a list of one: its own, query-only out
+    assert one[0, FEATURE_INDEX["same_industry"]] == contributions[0, FEATURE_INDEX["same_industry"]]
+    assert np.isnan(one[0, FEATURE_INDEX["query_days_since_last_connection"]])
+
+
+def test_the_text_leads_with_the_strongest_candidate_specific_evidence() -> None:
+    row = np.zeros(N_FEATURES)
+    row[FEATURE_INDEX["common_neighbor_count"]] = 1
+    row[FEATURE_INDEX["co_engaged_with_content"]] = 2
+    reasons = {"mutual_connections": 1, "shared": []}
+    relative = np.full(N_FEATURES, -np.inf)
+    relative[FEATURE_INDEX["common_neighbor_count"]] = 0.01
+    relative[FEATURE_INDEX["co_engaged_with_content"]] = 0.4
+    assert reason_text(reasons, row, relative) == "engaged with the same posts · 1 mutual connection"
+    assert reason_text(reasons, row) == "1 mutual connection · engaged with the same posts"  # no contributions
 
 
 # ---- scorers -------------------------------------------------------------------------------------------------
@@ -642,10 +685,11 @@ def test_recommend_with_the_ranker_uses_its_contributions_for_reasons() -> None:
         assert ranked.model_version == ranker.version
         assert len(ranked.items) == min(20, ranked.candidates_considered)
         assert np.allclose([item.score for item in ranked.items], ranker.predict(ranked.feature_matrix_of_items))
-        explanations = ranker.explain(ranked.feature_matrix_of_items)
+        explanations = list_relative_contributions(ranked.feature_matrix_of_items,
+                                                   ranker.explain(ranked.feature_matrix_of_items))
         for item, explanation in zip(ranked.items, explanations, strict=True):
-            expected = [FEATURE_NAMES[i] for i in np.argsort(-explanation, kind="stable")[:3]
-                        if round(float(explanation[i]), 4) > 0]
+            ordered = np.argsort(-np.where(np.isnan(explanation), -np.inf, explanation), kind="stable")[:3]
+            expected = [FEATURE_NAMES[i] for i in ordered if round(float(explanation[i]), 4) > 0]
             assert [t["feature"] for t in item.reasons["top_features"]] == expected
         assert set(ranked.timings) >= {"candidates", "features", "predict", "reasons", "total"}
 
