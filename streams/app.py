@@ -28,6 +28,7 @@ from pymk.streams.gc_pauses import GcPauses
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.globals import UserGlobals
 from pymk.streams.ingest import InputRules, apply_event, ingest_message, message_failed
+from pymk.streams.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pymk.streams.metrics import WorkerMetrics
 from pymk.streams.models import Models
 from pymk.streams.partitioning import partition_for_user
@@ -125,6 +126,8 @@ class PymkApp:
         self.state.refresher = self.refresher
         if self.refresher is not None:
             self.refresher.on_user_error = self._user_failed
+            self.refresher.delays = self.metrics.list_refresh_seconds
+        self.state.errors.listener = self.metrics.internal_error
         self.state.backlog_of = self.input_backlog
         self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
                                          recommendations=settings.topic("recommendations"),
@@ -627,8 +630,7 @@ class PymkApp:
                 lag = await asyncio.to_thread(consumer_lag, self.settings)
             except Exception:
                 lag = None
-            delays = self.refresher.delays if self.refresher is not None else None
-            return web.text(metrics.render(lag, self.state.errors.by_stage, delays), content_type="text/plain")
+            return web.bytes(metrics.render(lag), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
         @app.page("/stats")
         async def stats(web: Any, request: Any) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import Counter
+from collections.abc import Callable
 
 from pymk.events import DeadLetter
 
@@ -40,13 +41,16 @@ class InternalErrors:
     """Counts failures by stage, logs the first of each (stage, exception type) with its trace, and makes the
     dead letters that report them."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: Callable[[str], None] | None = None) -> None:
         self.by_stage: Counter[str] = Counter()
         self._logged: set[tuple[str, str]] = set()
+        self.listener = listener  # called with the stage of every failure (the worker's metrics)
 
     def record(self, stage: str, exc: BaseException, what: str) -> str:
         """Count and log one failure; the dead letter's reason (``internal_error: ...``)."""
         self.by_stage[stage] += 1
+        if self.listener is not None:
+            self.listener(stage)
         reason = f"internal_error: {stage} {what}: {describe_exception(exc)}"
         signature = (stage, type(exc).__name__)
         if signature not in self._logged:

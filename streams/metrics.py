@@ -1,68 +1,79 @@
-"""Process-wide counters of a worker, rendered as Prometheus text for ``GET /metrics``."""
+"""A worker's metrics, kept and exposed by ``prometheus_client`` (``GET /metrics``, the text exposition format).
+
+One :class:`~prometheus_client.CollectorRegistry` per worker object (not the library's global one), so that
+several app objects in one process, as in tests, do not share counters. The names are pymk's since the first
+release; scrapers and dashboards read them:
+
+- ``pymk_events_processed_total{topic, outcome}``: input events by topic kind and ``valid``/``invalid``;
+- ``pymk_dead_letters_total{reason}``: dead letters by reason code (``internal_error`` included);
+- ``pymk_internal_errors_total{stage}``: failures of pymk's own code (streams/errors.py), by stage;
+- ``pymk_processing_seconds{topic}``: time spent applying input events (summary: ``_sum``, ``_count``);
+- ``pymk_list_refresh_seconds``: freshness, from the first event a list answers to the list ranked (histogram);
+- ``pymk_consumer_lag{topic}``: the group's lag read from the broker at the scrape (gauge);
+- ``pymk_uptime_seconds`` (gauge).
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Summary, generate_latest
+from prometheus_client import Counter as PromCounter
 
 # Upper bounds of the list-freshness histogram's buckets, seconds: from a list out within a slice between flushes
 # to one that waited behind a backlog
 REFRESH_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTERNAL_ERROR_STAGES = ("applying", "embedding", "ranking", "publishing")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text exposition format's
 
 
-@dataclass
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count) of one unlabelled series."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * len(self.bounds)
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        self.total += value
-        self.count += 1
-
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        cumulative = 0
-        for bound, count in zip(self.bounds, self.counts, strict=True):
-            cumulative += count
-            lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
-        lines += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.total:.6f}",
-                  f"{name}_count {self.count}"]
-        return lines
-
-
-@dataclass
 class WorkerMetrics:
-    started_at: float = field(default_factory=time.time)
-    events_valid: Counter[str] = field(default_factory=Counter)  # by input topic kind
-    events_invalid: Counter[str] = field(default_factory=Counter)  # by input topic kind
-    dead_letters: Counter[str] = field(default_factory=Counter)  # by reason code
-    latency_sum_s: Counter[str] = field(default_factory=Counter)  # processing time by topic kind
-    latency_count: Counter[str] = field(default_factory=Counter)
+    """The worker's registry and its metrics; plain counters beside them for ``/stats``' JSON."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events_processed = PromCounter("pymk_events_processed", "Input events processed, by topic and outcome.",
+                                            ["topic", "outcome"], registry=self.registry)
+        self.dead_letters_sent = PromCounter("pymk_dead_letters", "Messages sent to the dead-letter topic, by reason.",
+                                             ["reason"], registry=self.registry)
+        self.internal_errors = PromCounter("pymk_internal_errors", "Failures of the worker's own code, by stage "
+                                           "(applying, embedding, ranking, publishing); each was dead-lettered "
+                                           "and processing went on.", ["stage"], registry=self.registry)
+        for stage in INTERNAL_ERROR_STAGES:
+            self.internal_errors.labels(stage)  # present at 0 from the start: an alert can compare with it
+        self.processing_seconds = Summary("pymk_processing_seconds", "Time spent processing input events, by topic.",
+                                          ["topic"], registry=self.registry)
+        self.list_refresh_seconds = Histogram("pymk_list_refresh_seconds", "From the first event a list answers "
+                                              "(its receipt by the worker) to the list ranked and handed to the "
+                                              "producer.", buckets=REFRESH_BUCKETS_S, registry=self.registry)
+        self.consumer_lag = Gauge("pymk_consumer_lag", "Messages not yet processed, by topic (read from the broker "
+                                  "at the scrape).", ["topic"], registry=self.registry)
+        uptime = Gauge("pymk_uptime_seconds", "Seconds since the worker started.", registry=self.registry)
+        uptime.set_function(lambda: time.time() - self.started_at)
+        # for /stats (JSON): the same counts as plain numbers
+        self.events_valid: Counter[str] = Counter()  # by input topic kind
+        self.events_invalid: Counter[str] = Counter()
+        self.dead_letters: Counter[str] = Counter()  # by reason code
 
     def observe(self, kind: str, valid: bool, seconds: float, reason_code: str | None = None) -> None:
+        """One input event processed; ``reason_code``: it was dead-lettered for that reason."""
         (self.events_valid if valid else self.events_invalid)[kind] += 1
+        self.events_processed.labels(kind, "valid" if valid else "invalid").inc()
         if reason_code is not None:
-            self.dead_letters[reason_code] += 1
-        self.latency_sum_s[kind] += seconds
-        self.latency_count[kind] += 1
+            self.dead_letter(reason_code)
+        self.processing_seconds.labels(kind).observe(seconds)
+
+    def dead_letter(self, reason_code: str) -> None:
+        self.dead_letters[reason_code] += 1
+        self.dead_letters_sent.labels(reason_code).inc()
+
+    def internal_error(self, stage: str) -> None:
+        """A failure of pymk's own code (streams/errors.py calls this): counted, and as a dead letter."""
+        self.internal_errors.labels(stage).inc()
+        self.dead_letter("internal_error")
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {
@@ -71,42 +82,9 @@ class WorkerMetrics:
             "dead_letters": dict(self.dead_letters),
         }
 
-    def render(self, lag: dict[str, int] | None = None, internal_errors: Mapping[str, int] | None = None,
-               refresh_delays: Histogram | None = None) -> str:
-        """``internal_errors``: failures of the worker's own code by stage (streams/errors.py); each one is also a
-        dead letter with reason ``internal_error``. ``refresh_delays``: event received → list ranked, seconds."""
-        lines = [
-            "# HELP pymk_events_processed_total Input events processed, by topic and outcome.",
-            "# TYPE pymk_events_processed_total counter",
-        ]
-        for outcome, counter in (("valid", self.events_valid), ("invalid", self.events_invalid)):
-            for kind, count in sorted(counter.items()):
-                lines.append(f'pymk_events_processed_total{{topic="{_escape(kind)}",outcome="{outcome}"}} {count}')
-        lines += ["# HELP pymk_dead_letters_total Messages sent to the dead-letter topic, by reason.",
-                  "# TYPE pymk_dead_letters_total counter"]
-        dead_letters = Counter(self.dead_letters)
-        if internal_errors:
-            dead_letters["internal_error"] += sum(internal_errors.values())
-        for reason, count in sorted(dead_letters.items()):
-            lines.append(f'pymk_dead_letters_total{{reason="{_escape(reason)}"}} {count}')
-        lines += ["# HELP pymk_internal_errors_total Failures of the worker's own code, by stage (applying, "
-                  "embedding, ranking, publishing); each was dead-lettered and processing went on.",
-                  "# TYPE pymk_internal_errors_total counter"]
-        for stage in ("applying", "embedding", "ranking", "publishing"):
-            count = (internal_errors or {}).get(stage, 0)
-            lines.append(f'pymk_internal_errors_total{{stage="{stage}"}} {count}')
-        lines += ["# HELP pymk_processing_seconds Time spent processing input events, by topic.",
-                  "# TYPE pymk_processing_seconds summary"]
-        for kind in sorted(self.latency_count):
-            lines.append(f'pymk_processing_seconds_sum{{topic="{_escape(kind)}"}} {self.latency_sum_s[kind]:.6f}')
-            lines.append(f'pymk_processing_seconds_count{{topic="{_escape(kind)}"}} {self.latency_count[kind]}')
-        if refresh_delays is not None:
-            lines += refresh_delays.render("pymk_list_refresh_seconds", "From the first event a list answers (its "
-                                           "receipt by the worker) to the list ranked and handed to the producer.")
+    def render(self, lag: Mapping[str, int] | None = None) -> bytes:
+        """The text exposition of every metric; ``lag``: the group's lag per topic, just read from the broker."""
         if lag is not None:
-            lines += ["# HELP pymk_consumer_lag Messages not yet processed, by topic.",
-                      "# TYPE pymk_consumer_lag gauge"]
-            for topic, value in sorted(lag.items()):
-                lines.append(f'pymk_consumer_lag{{topic="{_escape(topic)}"}} {value}')
-        lines += ["# TYPE pymk_uptime_seconds gauge", f"pymk_uptime_seconds {time.time() - self.started_at:.1f}"]
-        return "\n".join(lines) + "\n"
+            for topic, value in lag.items():
+                self.consumer_lag.labels(topic).set(value)
+        return generate_latest(self.registry)

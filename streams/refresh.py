@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 from pymk.index.embedder import Embedder, salt_for_version
@@ -50,7 +51,6 @@ from pymk.ranking.recommend import (
 )
 from pymk.ranking.two_tower import blend_scores
 from pymk.streams.global_index import GlobalIndex, ann_config
-from pymk.streams.metrics import REFRESH_BUCKETS_S, Histogram
 from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
     ActivityOf,
@@ -136,9 +136,18 @@ class ListBudget:
         return self.seconds
 
 
+class DelayObserver(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Unobserved:
+    def observe(self, amount: float) -> None:
+        pass
+
+
 class Refresher:
-    # event received → list ranked, for /metrics (pymk_list_refresh_seconds); a class default for test doubles
-    delays: Histogram = Histogram(REFRESH_BUCKETS_S)
+    # event received → list ranked, in seconds: the worker's pymk_list_refresh_seconds histogram (streams/metrics.py)
+    delays: DelayObserver = _Unobserved()
 
     # (stage, exception, partition state, user): one user's embedding or list failed; the worker dead-letters it
     # (streams/errors.py) and the refresher skips the user. None: the failure propagates (pure tests).
@@ -166,7 +175,6 @@ class Refresher:
         self.profile_of = profile_of
         self.candidates = candidate_config(settings)
         self.stats = RefreshStats()
-        self.delays = Histogram(REFRESH_BUCKETS_S)
         self.list_budget = ListBudget(settings)  # its seconds: this flush's (set by observe_input_backlog)
         self.features = FeatureBuilder()  # one per worker: its profile cache lives across lists
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)

@@ -10,7 +10,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from pymk.streams.producer import make_producer
 from pymk.streams.topics import ensure_topics
-from workers import http_get, running_worker, wait_until
+from workers import http_get, metric_samples, running_worker, wait_until
 
 from pymk.events import ConnectionEvent, DeadLetter, ProfileViewEvent, UserEvent, user_key
 from pymk.settings import Settings
@@ -90,7 +90,7 @@ def test_bad_input_is_dead_lettered_and_valid_input_arrives(kafka_settings: Sett
 
         wait_until(processed, 120, what="all messages processed")
         stats = http_get(kafka_settings, "/stats")
-        metrics_text = http_get(kafka_settings, "/metrics")
+        metrics = metric_samples(kafka_settings)
         letters = read_dead_letters(kafka_settings, len(expected_letters))
 
     # Every valid event arrived, once.
@@ -111,7 +111,7 @@ def test_bad_input_is_dead_lettered_and_valid_input_arrives(kafka_settings: Sett
     # a counter per reason
     for reason in set(expected_letters.values()):
         count = sum(1 for r in expected_letters.values() if r == reason)
-        assert f'pymk_dead_letters_total{{reason="{reason}"}} {count}' in metrics_text
+        assert metrics[("pymk_dead_letters_total", (("reason", reason),))] == count
 
 
 def read_dead_letters(settings: Settings, expected: int) -> list[DeadLetter]:

@@ -274,16 +274,31 @@ def test_a_new_model_is_promoted_only_when_it_beats_the_serving_one() -> None:
     assert not promote and "0.2909" in why and "0.2932" in why
 
 
-def test_the_freshness_histogram_renders_cumulative_buckets() -> None:
-    from pymk.streams.metrics import REFRESH_BUCKETS_S, Histogram, WorkerMetrics
+def test_metrics_are_exposed_by_prometheus_client_and_parse() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from pymk.streams.metrics import WorkerMetrics
 
-    delays = Histogram(REFRESH_BUCKETS_S)
+    metrics = WorkerMetrics()
+    errors = InternalErrors(listener=metrics.internal_error)
     for seconds in (0.01, 0.2, 0.2, 3.0, 120.0):
-        delays.observe(seconds)
-    text = WorkerMetrics().render(None, {"ranking": 2}, delays)
-    assert 'pymk_list_refresh_seconds_bucket{le="0.05"} 1' in text
-    assert 'pymk_list_refresh_seconds_bucket{le="0.25"} 3' in text
-    assert 'pymk_list_refresh_seconds_bucket{le="60"} 4' in text
-    assert 'pymk_list_refresh_seconds_bucket{le="+Inf"} 5' in text and "pymk_list_refresh_seconds_count 5" in text
-    assert 'pymk_internal_errors_total{stage="ranking"} 2' in text
-    assert 'pymk_dead_letters_total{reason="internal_error"} 2' in text
+        metrics.list_refresh_seconds.observe(seconds)
+    metrics.observe("connections", True, 0.001)
+    metrics.observe("connections", False, 0.002, "invalid_json")
+    errors.record("ranking", ValueError("x"), "user 1")
+    errors.record("ranking", ValueError("x"), "user 2")
+    families = {family.name: family for family in
+                text_string_to_metric_families(metrics.render({"pymk.connections": 7}).decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert families["pymk_list_refresh_seconds"].type == "histogram"
+    assert samples[("pymk_list_refresh_seconds_bucket", (("le", "0.05"),))] == 1
+    assert samples[("pymk_list_refresh_seconds_bucket", (("le", "0.25"),))] == 3
+    assert samples[("pymk_list_refresh_seconds_bucket", (("le", "60.0"),))] == 4
+    assert samples[("pymk_list_refresh_seconds_count", ())] == 5
+    assert samples[("pymk_internal_errors_total", (("stage", "ranking"),))] == 2
+    assert samples[("pymk_internal_errors_total", (("stage", "publishing"),))] == 0
+    assert samples[("pymk_dead_letters_total", (("reason", "internal_error"),))] == 2
+    assert samples[("pymk_dead_letters_total", (("reason", "invalid_json"),))] == 1
+    assert samples[("pymk_events_processed_total", (("outcome", "invalid"), ("topic", "connections")))] == 1
+    assert samples[("pymk_processing_seconds_count", (("topic", "connections"),))] == 2
+    assert samples[("pymk_consumer_lag", (("topic", "pymk.connections"),))] == 7
+    assert samples[("pymk_uptime_seconds", ())] >= 0

@@ -22,6 +22,15 @@ def http_get(settings: Settings, path: str, timeout: float = 5.0) -> Any:
     return json.loads(body) if response.headers.get_content_type() == "application/json" else body.decode()
 
 
+def metric_samples(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A worker's ``/metrics``, parsed by prometheus_client's parser: (sample name, sorted labels) → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http_get(settings, "/metrics")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def wait_until(predicate: Any, timeout: float, interval: float = 0.3, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
