@@ -105,8 +105,9 @@ def main() -> int:
         say("8. Published recommendations with their reasons (GET /recommendations/{u}, pymk consume --user U)")
         for user in _busiest_users(events, 3):
             show_list(settings, user)
+        print(why_the_lists(ranker_dir))
 
-        say("9. Live: a user connects with their first suggestion, then dismisses the next one")
+        say("9. Live: a user connects with their first suggestion, then dismisses their new first one")
         show_live_change(settings, events)
     finally:
         stop_process(worker)
@@ -170,6 +171,22 @@ def show_list(settings: Settings, user: int, limit: int = 5, mark: int | None = 
     return [item["candidate"] for item in items]
 
 
+def why_the_lists(ranker_dir: Path) -> str:
+    """One line on why the lists look as they do: what the served model leans on (its gain importances)."""
+    from pymk.ranking.model import Ranker
+
+    importances = Ranker.load(ranker_dir).feature_importances()
+    total = sum(importances.values()) or 1.0
+    top = sorted(importances.items(), key=lambda item: -item[1])[:3]
+    named = ", ".join(f"{name} {100 * gain / total:.0f} %" for name, gain in top)
+    activity = sum(gain for name, gain in importances.items() if "activity" in name or "days_since" in name)
+    if activity / total >= 0.3:
+        return (f"Why these lists: CollegeMsg is a messaging network, where who writes to whom next follows how active "
+                f"people are more than mutual contacts, so the model ranks busy users high and one of them can top "
+                f"several lists (its top features by gain: {named}).")
+    return f"Why these lists: the model leans most on {named} (share of its gain)."
+
+
 def _busiest_users(events: list, n: int) -> list[int]:
     from collections import Counter
 
@@ -206,7 +223,7 @@ def show_live_change(settings: Settings, events: list) -> None:
     url = f"http://{settings.web_host}:{settings.web_port}"
     user = _busiest_users(events, 1)[0]
     before = get_json(settings, f"/recommendations/{user}")
-    first, second = before["items"][0]["candidate"], before["items"][1]["candidate"]
+    first = before["items"][0]["candidate"]
     features_before = get_json(settings, f"/features/{user}/{first}")["features"]
     ts = max(e.ts for e in events) + 1000
     print(f"{user} connects with {first} (their suggestion #1):")
@@ -222,12 +239,14 @@ def show_live_change(settings: Settings, events: list) -> None:
     print(f"   ({first} is now a connection: gone from the list; the list was re-ranked at once)"
           if first not in refreshed else "   (unexpected: still listed)")
     current = get_json(settings, f"/recommendations/{user}")
-    print(f"{user} dismisses {second}:")
+    # the one the user sees on top now (the list above), so that the dismissal's effect is visible
+    second = current["items"][0]["candidate"]
+    print(f"{user} dismisses {second} (their suggestion #1 now):")
     send_messages(settings, event_messages(settings, [DismissalEvent(user, second, ts + 1000)]), 1, progress=False)
     _wait_new_list(settings, user, current["generated_at"])
     after_dismissal = show_list(settings, user)
-    print(f"   ({second} will not be suggested again)" if second not in after_dismissal
-          else "   (unexpected: still listed)")
+    print(f"   ({second} is gone from the list and will not be suggested again; the rest moved up)"
+          if second not in after_dismissal else "   (unexpected: still listed)")
 
 
 def _wait_new_list(settings: Settings, user: int, after_ms: int, timeout_s: float = 30.0) -> None:
