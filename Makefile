@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 
 setup: install kafka
 
-# Java runs the broker and Maven fetches its jars; both come from Debian when missing.
+# Java runs the broker and Maven fetches its jars; Chromium loads the debug page in its browser test. All come
+# from Debian when missing.
 system-deps:
-	@command -v java >/dev/null && command -v mvn >/dev/null || { \
-	  echo "installing OpenJDK and Maven (apt-get) …"; \
-	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
+	@command -v java >/dev/null && command -v mvn >/dev/null && command -v chromium >/dev/null || { \
+	  echo "installing OpenJDK, Maven and Chromium (apt-get) …"; \
+	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven chromium >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -106,6 +106,8 @@ def main() -> int:
         for user in _busiest_users(events, 3):
             show_list(settings, user)
         print(why_the_lists(ranker_dir))
+        print(f"A page per user to look at (list, reasons, feature rows, neighbourhood): "
+              f"{url}/users/{_busiest_users(events, 1)[0]}/page")
 
         say("9. Live: a user connects with their first suggestion, then dismisses their new first one")
         show_live_change(settings, events)

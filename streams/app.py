@@ -449,6 +449,20 @@ class PymkApp:
             return self.globals.degree(user)[0], self.globals.activity(user), self.globals.profile(user)[0]
         return state.graph.degree(user), state.graph.connection_activity(user), state.profiles.profile(user)
 
+    def user_page(self, user: int) -> str | None:
+        """The HTML debug page of a local user (None: its partition is not open here)."""
+        from pymk.streams.debug_page import user_page
+
+        facts, recommendations = self.user_view(user), self.recommendations_view(user)
+        if facts is None or recommendations is None:
+            return None
+        features = {}
+        for item in recommendations["items"]:
+            pair = self.pair_view(user, int(item["candidate"]))
+            if pair is not None:
+                features[int(item["candidate"])] = pair["features"]
+        return user_page(facts, recommendations, features, self.state.events_of(user))
+
     def unknown_users(self, ids: list[int]) -> list[int]:
         """Of a debug query's ids, the ones no event named: the query's user (its partition is open here) and a
         second user of this worker's partitions (one elsewhere is read from what this worker knows of it)."""
@@ -722,6 +736,27 @@ class PymkApp:
                 return await routed(web, request, u, local)
 
         owner_page("/users/{u}", self.user_view)
+
+        @app.page("/users/{u}/page", name="/users/{u}/page")
+        async def user_page(web: Any, request: Any, u: str) -> Any:
+            """The debug page of one user (streams/debug_page.py): HTML, routed to the owner like the JSON views."""
+            user = parse_user(u)
+            if user is None:
+                return web.json({"error": BAD_USER_ID}, status=400)
+
+            async def local() -> Any:
+                if self.unknown_users([user]):
+                    if self.partition_behind(self.partition_of(user)):
+                        return moving(web, self.partition_of(user), "its state is catching up with its input")
+                    return web.json({"error": f"user {user} is unknown: no event has named it", "user": user},
+                                    status=404)
+                html = self.user_page(user)
+                if html is None:
+                    return moving(web, self.partition_of(user), "not open here")
+                return web.bytes(html.encode(), headers={"Content-Type": "text/html; charset=utf-8"})
+
+            return await routed(web, request, u, local)
+
         owner_page("/users/{u}/candidates", self.candidates_view)
         owner_page("/features/{u}/{v}", self.pair_view)
         owner_page("/recommendations/{u}", self.recommendations_view)

@@ -14,7 +14,15 @@ from typing import Protocol
 
 from pymk.streams.state import PartitionState, WorkerState
 
-from pymk.events import ConnectionEvent, DeadLetter, InputEvent, UserEvent, user_key
+from pymk.events import (
+    ConnectionEvent,
+    DeadLetter,
+    DismissalEvent,
+    EngagementEvent,
+    InputEvent,
+    UserEvent,
+    user_key,
+)
 from pymk.validation import Invalid, parse_event
 
 
@@ -52,6 +60,20 @@ def apply_event(state: PartitionState, event: InputEvent, raw: bytes, partition_
         state.behaviour.apply_event(event)
 
 
+def describe_event(event: InputEvent) -> tuple[tuple[int, ...], str, int, str]:
+    """(users it names, topic kind, ts, a line for a person) of a valid event, for the debug page."""
+    if isinstance(event, ConnectionEvent):
+        return (event.src, event.dst), event.KIND, event.ts, f"{event.src} — {event.dst} {event.action}"
+    if isinstance(event, UserEvent):
+        fields = ", ".join(f"{name} {value}" for name, value in event.profile.to_dict().items())
+        return (event.user,), event.KIND, event.ts, f"{event.user} profile: {fields or 'sign-up'}"
+    if isinstance(event, EngagementEvent):
+        return (event.user,), event.KIND, event.ts, f"{event.user} engaged with item {event.item}"
+    if isinstance(event, DismissalEvent):
+        return (event.user, event.candidate), event.KIND, event.ts, f"{event.user} dismissed {event.candidate}"
+    return (event.viewer, event.viewed), event.KIND, event.ts, f"{event.viewer} viewed {event.viewed}'s profile"
+
+
 def ingest_message(worker: WorkerState, state: PartitionState, kind: str, message: RawMessage, now_ms: int,
                    rules: InputRules) -> InputEvent | Invalid | None:
     """Validate and apply one message of the input topic ``kind``: the event applied, the :class:`Invalid` that
@@ -66,6 +88,7 @@ def ingest_message(worker: WorkerState, state: PartitionState, kind: str, messag
             worker.dead_letters.append((letter.record_key, letter.to_json()))
         else:
             apply_event(state, result, message.value or b"", worker.partition_of, rules.topic_of)
+            worker.note_event(*describe_event(result))
         return result
     except Exception as exc:  # noqa: BLE001 - one message must not stop the worker (streams/errors.py)
         message_failed(worker, "applying", exc, message, rules.max_message_bytes)

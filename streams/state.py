@@ -38,6 +38,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 OFFSETS_PREFIX = b"O"
 EVENT_TIME_KEY = b"T"  # the partition's event-time watermark: the largest event ts applied to it
+RECENT_EVENTS = 10_000  # applied events kept in memory for the debug page, per worker
 SLOW_FLUSH_S = 0.25  # a flush (or a slice between flushes) at least this long is logged with what it did
 # re-embeddings per embedder call in a slice between flushes: a slice looks at the clock between two calls, so
 # this bounds how far past its budget it runs (the event loop waits for it)
@@ -216,6 +218,8 @@ class WorkerState:
         self.in_flight: list[Awaitable[Any]] = []  # sends made between flushes; awaited by the next flush's step 2
         self._in_flight_about: list[tuple[str, bytes | None, int]] = []  # (topic, key, size) of each of them
         self.errors = InternalErrors()
+        # the last events applied here (user ids, then the event), for the debug page: memory only, bounded
+        self.recent_events: deque[tuple[tuple[int, ...], dict[str, Any]]] = deque(maxlen=RECENT_EVENTS)
         self.unsent: list[Outgoing] = []  # outputs of a slice between flushes it could not send (the flush sends)
         self.closing: set[int] = set()  # partitions being closed (revoked): flushed one last time, then closed
         self.stats = FlushStats()
@@ -255,6 +259,20 @@ class WorkerState:
         await self.close_partitions(list(self.owned))
 
     # ---- applying ----------------------------------------------------------------------------------------
+    def note_event(self, users: tuple[int, ...], kind: str, ts: int, summary: str) -> None:
+        """Remember an applied event for the debug page (``events_of``)."""
+        self.recent_events.append((users, {"ts": ts, "kind": kind, "summary": summary}))
+
+    def events_of(self, user: int, limit: int = 20) -> list[dict[str, Any]]:
+        """The last ``limit`` remembered events that named ``user``, newest first."""
+        found = []
+        for users, event in reversed(self.recent_events):
+            if user in users:
+                found.append(event)
+                if len(found) == limit:
+                    break
+        return found
+
     def state_for(self, partition: int) -> PartitionState | None:
         return self.owned.get(partition)
 
@@ -268,6 +286,9 @@ class WorkerState:
         for message in messages:
             if isinstance(message, EdgeHalf):  # the other half of a connection: its time reaches this partition
                 state.event_time_ms = max(state.event_time_ms, version_ts(message.version))
+                self.note_event((message.owner, message.other), "connections", version_ts(message.version),
+                                f"{message.owner} — {message.other} {'remove' if message.version % 2 else 'add'} "
+                                "(the half owned here, from the other user's partition)")
             if isinstance(message, graph_kinds):
                 state.graph.apply_message(message)
             else:
