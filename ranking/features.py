@@ -48,6 +48,7 @@ from pymk.ranking.source import (
     ActivityTable,
     ActivityTableSource,
     BatchReadSource,
+    IdArraySource,
     RankingSource,
     ResourceAllocationSource,
 )
@@ -267,8 +268,8 @@ class FeatureBuilder:
         self._graph(user, candidates, id_list, source, out)
         self._behaviour(user, id_list, source, as_of_ms, out)
         self._profile(user, id_list, source, out)
-        self._embedding(user, id_list, source, out)
-        self._activity(user, id_list, source, as_of_ms, out)
+        self._embedding(user, ids, id_list, source, out)
+        self._activity(user, ids, id_list, source, as_of_ms, out)
         self._resource_allocation(user, id_list, source, out)
         return out
 
@@ -288,7 +289,9 @@ class FeatureBuilder:
         degree_of = source.degree
         counts = candidates.common_neighbor_count.astype(np.float64)
         query_degree = float(degree_of(user))
-        if isinstance(source, BatchReadSource):
+        if isinstance(source, IdArraySource):
+            degrees = source.degrees_of(candidates.ids).astype(np.float64)
+        elif isinstance(source, BatchReadSource):
             degrees = np.asarray(source.many_degrees(id_list), np.float64)
         else:
             degrees = np.fromiter(map(degree_of, id_list), np.float64, n)
@@ -371,7 +374,8 @@ class FeatureBuilder:
         out[:, column] = np.fromiter((get(u, 0.0) for u in id_list), np.float64, len(id_list))
 
     @staticmethod
-    def _activity(user: int, id_list: list[int], source: RankingSource, as_of_ms: int, out: np.ndarray) -> None:
+    def _activity(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, as_of_ms: int,
+                  out: np.ndarray) -> None:
         first = SEED_FEATURES
         if not isinstance(source, ActivitySource):
             out[:, first : first + len(ACTIVITY_FEATURES)] = np.nan
@@ -379,8 +383,9 @@ class FeatureBuilder:
         activity_of, last_of = source.connection_activity, source.last_connection_ts
         n = len(id_list)
         scales = len(ACTIVITY_TIME_CONSTANTS_MS)
-        if isinstance(source, ActivityTableSource):
-            table = source.activity_table(id_list)
+        if isinstance(source, ActivityTableSource | IdArraySource):
+            table = (source.activity_table_of(ids) if isinstance(source, IdArraySource)
+                     else source.activity_table(id_list))
             out[:, first : first + scales] = decayed_activity(table, as_of_ms)
             last = np.where(table.known, table.anchors.astype(np.float64), np.nan)
         else:
@@ -393,13 +398,14 @@ class FeatureBuilder:
         out[:, first + 5] = np.nan if query_last is None else max(0, as_of_ms - query_last) / DAY_MS
 
     @staticmethod
-    def _embedding(user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+    def _embedding(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
         query = source.embedding(user)
         if query is None:
             out[:, 16] = np.nan
             return
         query = np.asarray(query, np.float32)
-        vectors = np.asarray(source.embeddings(id_list), np.float32)
+        vectors = np.asarray(source.embeddings_of(ids) if isinstance(source, IdArraySource)
+                             else source.embeddings(id_list), np.float32)
         # Divide by the norms even though the source promises unit vectors: a cosine must stay a cosine.
         # einsum, not @: a matrix-vector product may go to a multi-threaded BLAS, and ranking runs on one core.
         norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors)) * np.float32(np.sqrt(np.dot(query, query)))
