@@ -42,6 +42,7 @@ from typing import TypeVar
 import numpy as np
 from pymk.features.profile import EARTH_RADIUS_KM, normalise_text, skill_set, title_tokens
 from pymk.ranking.candidates import CandidateSet
+from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
     ActivitySource,
@@ -115,7 +116,7 @@ class ProfileCache:
     def _reset(self) -> None:
         capacity = 1024
         self._vocabulary: dict[str, int] = {}  # normalised text (company, school, skill, title token) → id
-        self._slot_of: dict[int, int] = {}
+        self._slot_of = IdIndex()  # slots are given in order of first sight, as IdIndex numbers its rows
         self._profiles: list[Profile | None] = [None]
         self._object_id = np.full(capacity, id(None), np.uint64)  # id() of each slot's profile (see slots())
         self.company = np.full(capacity, -1, np.int64)
@@ -164,8 +165,8 @@ class ProfileCache:
         self.parses += 1
         slot = self._slot_of.get(user)
         if slot is None:
-            slot = len(self._profiles)
-            self._slot_of[user] = slot
+            slot = self._slot_of.add(user)
+            assert slot == len(self._profiles)
             self._profiles.append(profile)
             if slot >= len(self.company):
                 self._grow_rows()
@@ -219,16 +220,18 @@ class ProfileCache:
         length = self.title_length[slot]
         return self.title_table[slot, :length].astype(np.int64), self.title_count_table[slot, :length].astype(np.int64)
 
-    def slots(self, users: Sequence[int], source: RankingSource) -> np.ndarray:
+    def slots(self, users: Sequence[int], source: RankingSource, ids: np.ndarray | None = None) -> np.ndarray:
         """The users' slots for their current profiles (parsed when new or changed; 0 for no profile). The
-        slots of one call stay valid together: a reset happens only before it starts."""
+        slots of one call stay valid together: a reset happens only before it starts. ``ids``: the same users
+        as an int64 array, when at hand (the held slots are then found in one binary search)."""
         if len(self._slot_of) + len(users) > self.max_users:
             self._reset()
         slot_of, profiles = self._slot_of, self._profiles
         current = (source.many_profiles(users) if isinstance(source, BatchReadSource)
                    else list(map(source.profile, users)))
         n = len(users)
-        held = np.fromiter(map(slot_of.get, users, repeat(0)), np.int64, n)
+        held = (self._slot_of.rows(ids) if ids is not None
+                else np.fromiter(map(slot_of.mapping.get, users, repeat(0)), np.int64, n))
         # The source usually hands back the very object parsed last time: compare identities in one pass. The
         # cache keeps a reference to every slot's profile, so an equal id() is that same, live object (and a
         # user without a slot whose profile is None matches slot 0, "no profile").
@@ -267,7 +270,7 @@ class FeatureBuilder:
         id_list = ids.tolist()
         self._graph(user, candidates, id_list, source, out)
         self._behaviour(user, id_list, source, as_of_ms, out)
-        self._profile(user, id_list, source, out)
+        self._profile(user, ids, id_list, source, out)
         self._embedding(user, ids, id_list, source, out)
         self._activity(user, ids, id_list, source, as_of_ms, out)
         self._resource_allocation(user, id_list, source, out)
@@ -320,9 +323,9 @@ class FeatureBuilder:
         for other, count in _matches(engaged, row_of):
             out[row_of[other], 9] = count
 
-    def _profile(self, user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+    def _profile(self, user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
         cache = self.profiles
-        all_slots = cache.slots([user, *id_list], source)
+        all_slots = cache.slots([user, *id_list], source, np.concatenate([np.array([user], np.int64), ids]))
         query, slots = int(all_slots[0]), all_slots[1:]
         for column, field in ((10, cache.company), (11, cache.school), (12, cache.industry)):
             value = field[query]

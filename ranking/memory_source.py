@@ -19,6 +19,7 @@ import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
 from pymk.features.graph import adamic_adar_weight, edge_version, is_alive, version_ts
 from pymk.features.profile import merge_profile
+from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import EMBEDDING_DIM, ActivityTable
 
 from pymk.events import (
@@ -73,9 +74,7 @@ class MemorySource:
         self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
         # Columns for IdArraySource: a dense row per user seen (row 0: nobody), found by a binary search over the
         # sorted ids, so 2,000 candidates cost a few gathers instead of a cold dict lookup each.
-        self._row_of: dict[int, int] = {}
-        self._new_rows: list[int] = []  # users given a row since _lookup was built (merged at the next read)
-        self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their rows)
+        self._rows = IdIndex()
         self._degree_col = np.zeros(1024, np.int64)
         self._activity_slot_col = np.zeros(1024, np.int64)
         self._embedding_col: np.ndarray | None = None  # row → row of _embedding_matrix, -1 without one
@@ -86,10 +85,9 @@ class MemorySource:
             self.latest_event_ts = ts
 
     def _row(self, user: int) -> int:
-        row = self._row_of.get(user)
+        row = self._rows.get(user)
         if row is None:
-            row = self._row_of[user] = len(self._row_of) + 1
-            self._new_rows.append(user)
+            row = self._rows.add(user)
             self._embedding_col = None
             if row >= len(self._degree_col):
                 self._degree_col = np.concatenate([self._degree_col, np.zeros_like(self._degree_col)])
@@ -300,39 +298,20 @@ class MemorySource:
         return list(map(self.profiles.get, users))
 
     # ---- IdArraySource ------------------------------------------------------------------------------------------
-    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """The users' rows (0 for a user never seen)."""
-        if self._lookup is None or self._new_rows:
-            new = np.array(self._new_rows, np.int64)
-            new_rows = np.fromiter(map(self._row_of.__getitem__, self._new_rows), np.int64, len(new))
-            self._new_rows = []
-            order = np.argsort(new)
-            new, new_rows = new[order], new_rows[order]
-            if self._lookup is None:
-                self._lookup = (new, new_rows)
-            else:  # merge the few new users into the sorted column (no full re-sort while a replay adds users)
-                at = np.searchsorted(self._lookup[0], new)
-                self._lookup = (np.insert(self._lookup[0], at, new), np.insert(self._lookup[1], at, new_rows))
-        users, rows = self._lookup
-        if not len(users):
-            return np.zeros(len(ids), np.int64)
-        position = np.minimum(np.searchsorted(users, ids), len(users) - 1)
-        return np.where(users[position] == ids, rows[position], 0)
-
     def degrees_of(self, ids: np.ndarray) -> np.ndarray:
-        return self._degree_col[self._rows_of(ids)]
+        return self._degree_col[self._rows.rows(ids)]
 
     def activity_table_of(self, ids: np.ndarray) -> ActivityTable:
-        slots = self._activity_slot_col[self._rows_of(ids)]
+        slots = self._activity_slot_col[self._rows.rows(ids)]
         return ActivityTable(self._activity_values[slots], self._activity_anchors[slots], slots > 0)
 
     def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
         stored, rows, _ = self._embedding_matrix()
         if self._embedding_col is None:
-            column = np.full(len(self._row_of) + 1, -1, np.int64)
-            column[self._rows_of(stored)] = np.arange(len(stored))
+            column = np.full(len(self._rows) + 1, -1, np.int64)
+            column[self._rows.rows(stored)] = np.arange(len(stored))
             self._embedding_col = column
-        index = self._embedding_col[self._rows_of(ids)]
+        index = self._embedding_col[self._rows.rows(ids)]
         out = rows[index] if len(rows) else np.empty((len(ids), self.dim), np.float32)
         out[index < 0] = np.nan
         return out

@@ -702,3 +702,27 @@ def test_id_array_reads_equal_the_per_user_reads_through_mutations(seed: int) ->
         for user in rng.integers(0, 260, 20).tolist():
             source.set_embedding(user, None if rng.random() < 0.2 else rng.normal(size=4) + 0.1)
         check()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_profile_slots_by_id_array_equal_the_dict_lookup(seed: int) -> None:
+    """ProfileCache.slots with the ids as an array (one binary search) against the dict lookup per user, on
+    random user lists while profiles change, are copied, are removed and the cache resets."""
+    world = World(seed)
+    rng = np.random.default_rng(seed)
+    by_array, by_dict = ProfileCache(max_users=60), ProfileCache(max_users=60)
+    profiles = [p for p in world.profiles.values()]
+    for step in range(30):
+        users = rng.choice(np.array([*range(45), 10**12, -5], np.int64), size=int(rng.integers(1, 40))).tolist()
+        ids = np.array(users, np.int64)
+        got = by_array.slots(users, world.source, ids)
+        expected = by_dict.slots(users, world.source)
+        assert got.tolist() == expected.tolist()
+        assert len(by_array) == len(by_dict) and by_array.parses == by_dict.parses
+        user = int(rng.integers(0, 45))
+        if step % 3 == 0:
+            world.source.set_profile(user, profiles[int(rng.integers(len(profiles)))])
+        elif step % 3 == 1 and user in world.source.profiles:
+            world.source.profiles[user] = Profile(**world.source.profiles[user].to_dict())  # an equal copy
+        else:
+            world.source.profiles.pop(user, None)
