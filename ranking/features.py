@@ -374,7 +374,7 @@ class FeatureBuilder:
         allocation = source.two_hop_resource_allocation(user)
         get = allocation.get
         # 0 for candidates without a common neighbour (not in the 2-hop set), as for AA.
-        out[:, column] = np.fromiter((get(u, 0.0) for u in id_list), np.float64, len(id_list))
+        out[:, column] = np.fromiter(map(get, id_list, repeat(0.0)), np.float64, len(id_list))
 
     @staticmethod
     def _activity(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, as_of_ms: int,

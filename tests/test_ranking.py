@@ -726,3 +726,23 @@ def test_profile_slots_by_id_array_equal_the_dict_lookup(seed: int) -> None:
             world.source.profiles[user] = Profile(**world.source.profiles[user].to_dict())  # an equal copy
         else:
             world.source.profiles.pop(user, None)
+
+
+def test_id_index_rows_equal_a_dict_lookup() -> None:
+    """IdIndex.rows (sorted column, merges of new ids, the memo of the last answer) against a plain dict."""
+    from pymk.ranking.id_index import IdIndex
+
+    rng = np.random.default_rng(7)
+    index, reference = IdIndex(), {}
+    ids = rng.integers(-50, 500, 300)
+    assert index.rows(ids).tolist() == [0] * 300
+    for _ in range(40):
+        for user in rng.integers(-50, 500, int(rng.integers(0, 20))).tolist():
+            reference.setdefault(user, len(reference) + 1)
+            assert index.add(user) == reference[user]
+        if rng.random() < 0.5:
+            ids = rng.integers(-50, 500, int(rng.integers(0, 300)))
+        for _ in range(2):  # the same ids again: the memo must follow the adds in between
+            rows = index.rows(ids)
+            assert rows.tolist() == [reference.get(u, 0) for u in ids.tolist()]
+            rows[:] = -1  # the caller's copy
