@@ -42,12 +42,14 @@ from typing import TypeVar
 import numpy as np
 from pymk.features.profile import EARTH_RADIUS_KM, normalise_text, skill_set, title_tokens
 from pymk.ranking.candidates import CandidateSet
+from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
     ActivitySource,
     ActivityTable,
     ActivityTableSource,
     BatchReadSource,
+    IdArraySource,
     RankingSource,
     ResourceAllocationSource,
 )
@@ -114,7 +116,7 @@ class ProfileCache:
     def _reset(self) -> None:
         capacity = 1024
         self._vocabulary: dict[str, int] = {}  # normalised text (company, school, skill, title token) → id
-        self._slot_of: dict[int, int] = {}
+        self._slot_of = IdIndex()  # slots are given in order of first sight, as IdIndex numbers its rows
         self._profiles: list[Profile | None] = [None]
         self._object_id = np.full(capacity, id(None), np.uint64)  # id() of each slot's profile (see slots())
         self.company = np.full(capacity, -1, np.int64)
@@ -163,8 +165,8 @@ class ProfileCache:
         self.parses += 1
         slot = self._slot_of.get(user)
         if slot is None:
-            slot = len(self._profiles)
-            self._slot_of[user] = slot
+            slot = self._slot_of.add(user)
+            assert slot == len(self._profiles)
             self._profiles.append(profile)
             if slot >= len(self.company):
                 self._grow_rows()
@@ -218,16 +220,18 @@ class ProfileCache:
         length = self.title_length[slot]
         return self.title_table[slot, :length].astype(np.int64), self.title_count_table[slot, :length].astype(np.int64)
 
-    def slots(self, users: Sequence[int], source: RankingSource) -> np.ndarray:
+    def slots(self, users: Sequence[int], source: RankingSource, ids: np.ndarray | None = None) -> np.ndarray:
         """The users' slots for their current profiles (parsed when new or changed; 0 for no profile). The
-        slots of one call stay valid together: a reset happens only before it starts."""
+        slots of one call stay valid together: a reset happens only before it starts. ``ids``: the same users
+        as an int64 array, when at hand (the held slots are then found in one binary search)."""
         if len(self._slot_of) + len(users) > self.max_users:
             self._reset()
         slot_of, profiles = self._slot_of, self._profiles
         current = (source.many_profiles(users) if isinstance(source, BatchReadSource)
                    else list(map(source.profile, users)))
         n = len(users)
-        held = np.fromiter(map(slot_of.get, users, repeat(0)), np.int64, n)
+        held = (self._slot_of.rows(ids) if ids is not None
+                else np.fromiter(map(slot_of.mapping.get, users, repeat(0)), np.int64, n))
         # The source usually hands back the very object parsed last time: compare identities in one pass. The
         # cache keeps a reference to every slot's profile, so an equal id() is that same, live object (and a
         # user without a slot whose profile is None matches slot 0, "no profile").
@@ -266,9 +270,9 @@ class FeatureBuilder:
         id_list = ids.tolist()
         self._graph(user, candidates, id_list, source, out)
         self._behaviour(user, id_list, source, as_of_ms, out)
-        self._profile(user, id_list, source, out)
-        self._embedding(user, id_list, source, out)
-        self._activity(user, id_list, source, as_of_ms, out)
+        self._profile(user, ids, id_list, source, out)
+        self._embedding(user, ids, id_list, source, out)
+        self._activity(user, ids, id_list, source, as_of_ms, out)
         self._resource_allocation(user, id_list, source, out)
         return out
 
@@ -288,7 +292,9 @@ class FeatureBuilder:
         degree_of = source.degree
         counts = candidates.common_neighbor_count.astype(np.float64)
         query_degree = float(degree_of(user))
-        if isinstance(source, BatchReadSource):
+        if isinstance(source, IdArraySource):
+            degrees = source.degrees_of(candidates.ids).astype(np.float64)
+        elif isinstance(source, BatchReadSource):
             degrees = np.asarray(source.many_degrees(id_list), np.float64)
         else:
             degrees = np.fromiter(map(degree_of, id_list), np.float64, n)
@@ -317,9 +323,9 @@ class FeatureBuilder:
         for other, count in _matches(engaged, row_of):
             out[row_of[other], 9] = count
 
-    def _profile(self, user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+    def _profile(self, user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
         cache = self.profiles
-        all_slots = cache.slots([user, *id_list], source)
+        all_slots = cache.slots([user, *id_list], source, np.concatenate([np.array([user], np.int64), ids]))
         query, slots = int(all_slots[0]), all_slots[1:]
         for column, field in ((10, cache.company), (11, cache.school), (12, cache.industry)):
             value = field[query]
@@ -368,10 +374,11 @@ class FeatureBuilder:
         allocation = source.two_hop_resource_allocation(user)
         get = allocation.get
         # 0 for candidates without a common neighbour (not in the 2-hop set), as for AA.
-        out[:, column] = np.fromiter((get(u, 0.0) for u in id_list), np.float64, len(id_list))
+        out[:, column] = np.fromiter(map(get, id_list, repeat(0.0)), np.float64, len(id_list))
 
     @staticmethod
-    def _activity(user: int, id_list: list[int], source: RankingSource, as_of_ms: int, out: np.ndarray) -> None:
+    def _activity(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, as_of_ms: int,
+                  out: np.ndarray) -> None:
         first = SEED_FEATURES
         if not isinstance(source, ActivitySource):
             out[:, first : first + len(ACTIVITY_FEATURES)] = np.nan
@@ -379,8 +386,9 @@ class FeatureBuilder:
         activity_of, last_of = source.connection_activity, source.last_connection_ts
         n = len(id_list)
         scales = len(ACTIVITY_TIME_CONSTANTS_MS)
-        if isinstance(source, ActivityTableSource):
-            table = source.activity_table(id_list)
+        if isinstance(source, ActivityTableSource | IdArraySource):
+            table = (source.activity_table_of(ids) if isinstance(source, IdArraySource)
+                     else source.activity_table(id_list))
             out[:, first : first + scales] = decayed_activity(table, as_of_ms)
             last = np.where(table.known, table.anchors.astype(np.float64), np.nan)
         else:
@@ -393,13 +401,14 @@ class FeatureBuilder:
         out[:, first + 5] = np.nan if query_last is None else max(0, as_of_ms - query_last) / DAY_MS
 
     @staticmethod
-    def _embedding(user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+    def _embedding(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
         query = source.embedding(user)
         if query is None:
             out[:, 16] = np.nan
             return
         query = np.asarray(query, np.float32)
-        vectors = np.asarray(source.embeddings(id_list), np.float32)
+        vectors = np.asarray(source.embeddings_of(ids) if isinstance(source, IdArraySource)
+                             else source.embeddings(id_list), np.float32)
         # Divide by the norms even though the source promises unit vectors: a cosine must stay a cosine.
         # einsum, not @: a matrix-vector product may go to a multi-threaded BLAS, and ranking runs on one core.
         norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors)) * np.float32(np.sqrt(np.dot(query, query)))

@@ -19,6 +19,7 @@ import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
 from pymk.features.graph import adamic_adar_weight, edge_version, is_alive, version_ts
 from pymk.features.profile import merge_profile
+from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import EMBEDDING_DIM, ActivityTable
 
 from pymk.events import (
@@ -71,14 +72,36 @@ class MemorySource:
         self.leaderboard = ActivityLeaderboard()  # the PopularSource order
         self._graph_version = 0  # bumped by every connection change: keys the resource-allocation cache
         self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
+        # Columns for IdArraySource: a dense row per user seen (row 0: nobody), found by a binary search over the
+        # sorted ids, so 2,000 candidates cost a few gathers instead of a cold dict lookup each.
+        self._rows = IdIndex()
+        self._degree_col = np.zeros(1024, np.int64)
+        self._activity_slot_col = np.zeros(1024, np.int64)
+        self._embedding_col: np.ndarray | None = None  # row → row of _embedding_matrix, -1 without one
 
     # ---- mutations -----------------------------------------------------------------------------------------------
     def _seen(self, ts: int | None) -> None:
         if ts is not None and (self.latest_event_ts is None or ts > self.latest_event_ts):
             self.latest_event_ts = ts
 
+    def _row(self, user: int) -> int:
+        row = self._rows.get(user)
+        if row is None:
+            row = self._rows.add(user)
+            self._embedding_col = None
+            if row >= len(self._degree_col):
+                self._degree_col = np.concatenate([self._degree_col, np.zeros_like(self._degree_col)])
+                self._activity_slot_col = np.concatenate([self._activity_slot_col,
+                                                          np.zeros_like(self._activity_slot_col)])
+        return row
+
+    def _set_degree(self, user: int) -> None:
+        row = self._row(user)  # first: it may grow the columns
+        self._degree_col[row] = len(self.adjacency.get(user, _NO_NEIGHBOURS))
+
     def add_user(self, user: int) -> None:
         self.adjacency.setdefault(user, set())
+        self._set_degree(user)
 
     def add_connection(self, u: int, v: int, ts: int | None = None) -> None:
         if u == v:
@@ -89,6 +112,8 @@ class MemorySource:
         self._graph_version += 1
         self.adjacency.setdefault(u, set()).add(v)
         self.adjacency.setdefault(v, set()).add(u)
+        self._set_degree(u)
+        self._set_degree(v)
         if ts is not None:
             self._update_activity(u)
             self._update_activity(v)
@@ -100,6 +125,8 @@ class MemorySource:
         self._graph_version += 1
         self.adjacency.get(u, set()).discard(v)
         self.adjacency.get(v, set()).discard(u)
+        self._set_degree(u)
+        self._set_degree(v)
         if ts is not None:
             self._update_activity(u)
             self._update_activity(v)
@@ -126,6 +153,8 @@ class MemorySource:
         self._activity_values[slot] = values
         self._activity_anchors[slot] = anchor
         self.adjacency.setdefault(user, set())
+        row = self._row(user)  # first: it may grow the columns
+        self._activity_slot_col[row] = slot
         self.leaderboard.update(user, values, anchor, len(self.adjacency[user]))
 
     def add_view(self, viewer: int, viewed: int, ts: int) -> None:
@@ -157,10 +186,12 @@ class MemorySource:
     def set_embedding(self, user: int, vector: np.ndarray | None) -> None:
         """Store the user's embedding, L2-normalised (None removes it)."""
         self._matrix = None
+        self._embedding_col = None
         if vector is None:
             self.vectors.pop(user, None)
             return
         vector = np.asarray(vector, np.float32).reshape(self.dim)
+        self._row(user)  # every user with an embedding has a row (embeddings_of)
         norm = float(np.linalg.norm(vector))
         if norm == 0.0 or not np.isfinite(norm):
             raise ValueError("an embedding must be finite and non-zero")
@@ -265,6 +296,25 @@ class MemorySource:
 
     def many_profiles(self, users: Sequence[int]) -> list[Profile | None]:
         return list(map(self.profiles.get, users))
+
+    # ---- IdArraySource ------------------------------------------------------------------------------------------
+    def degrees_of(self, ids: np.ndarray) -> np.ndarray:
+        return self._degree_col[self._rows.rows(ids)]
+
+    def activity_table_of(self, ids: np.ndarray) -> ActivityTable:
+        slots = self._activity_slot_col[self._rows.rows(ids)]
+        return ActivityTable(self._activity_values[slots], self._activity_anchors[slots], slots > 0)
+
+    def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
+        stored, rows, _ = self._embedding_matrix()
+        if self._embedding_col is None:
+            column = np.full(len(self._rows) + 1, -1, np.int64)
+            column[self._rows.rows(stored)] = np.arange(len(stored))
+            self._embedding_col = column
+        index = self._embedding_col[self._rows.rows(ids)]
+        out = rows[index] if len(rows) else np.empty((len(ids), self.dim), np.float32)
+        out[index < 0] = np.nan
+        return out
 
     # ---- PopularSource -------------------------------------------------------------------------------------------
     def most_active(self, k: int, as_of_ms: int) -> list[int]:

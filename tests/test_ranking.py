@@ -294,14 +294,15 @@ def test_activity_features_are_missing_for_a_source_without_activity() -> None:
 
 
 class PerUserSource:
-    """The same source read one user at a time (without the batch reads of ActivityTableSource and
-    BatchReadSource): the matrix must not depend on which path it took."""
+    """The same source read one user at a time (without the batch reads of ActivityTableSource,
+    BatchReadSource and IdArraySource): the matrix must not depend on which path it took."""
 
     def __init__(self, source: MemorySource) -> None:
         self._source = source
 
     def __getattr__(self, name: str) -> object:
-        if name in ("activity_table", "many_degrees", "many_profiles"):
+        if name in ("activity_table", "many_degrees", "many_profiles", "degrees_of", "activity_table_of",
+                    "embeddings_of"):
             raise AttributeError(name)
         return getattr(self._source, name)
 
@@ -711,3 +712,81 @@ def test_features_of_items_are_named_and_nan_free() -> None:
     assert list(features) == list(FEATURE_NAMES)
     assert features == feature_dict(ranked.feature_matrix_of_items[0])
     json.dumps(features, allow_nan=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_id_array_reads_equal_the_per_user_reads_through_mutations(seed: int) -> None:
+    """MemorySource's columnar reads (IdArraySource) against the dict reads they replace, on random ids (known,
+    unknown, negative, huge) while users, connections, removals and embeddings keep arriving after the sorted
+    lookup was first built."""
+    rng = np.random.default_rng(seed)
+    source = MemorySource(dim=4)
+    ts = NOW - 90 * DAY_MS
+
+    def check() -> None:
+        ids = rng.choice(np.array([*range(-3, 260), 2**40 + 7, -(2**40)], np.int64), size=200)
+        id_list = ids.tolist()
+        assert np.array_equal(source.degrees_of(ids), source.many_degrees(id_list))
+        columnar, plain = source.activity_table_of(ids), source.activity_table(id_list)
+        for a, b in zip(columnar, plain, strict=True):
+            assert a.tobytes() == b.tobytes()
+        assert source.embeddings_of(ids).tobytes() == source.embeddings(id_list).tobytes()
+
+    check()  # an empty source
+    for step in range(6):
+        for _ in range(150):
+            u, v = (int(x) for x in rng.integers(0, 200 + 10 * step, 2))
+            ts += int(rng.integers(1, DAY_MS))
+            if u == v:
+                source.add_user(u)
+            elif rng.random() < 0.2:
+                source.remove_connection(u, v, ts)
+            else:
+                source.add_connection(u, v, ts if rng.random() < 0.9 else None)
+        for user in rng.integers(0, 260, 20).tolist():
+            source.set_embedding(user, None if rng.random() < 0.2 else rng.normal(size=4) + 0.1)
+        check()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_profile_slots_by_id_array_equal_the_dict_lookup(seed: int) -> None:
+    """ProfileCache.slots with the ids as an array (one binary search) against the dict lookup per user, on
+    random user lists while profiles change, are copied, are removed and the cache resets."""
+    world = World(seed)
+    rng = np.random.default_rng(seed)
+    by_array, by_dict = ProfileCache(max_users=60), ProfileCache(max_users=60)
+    profiles = [p for p in world.profiles.values()]
+    for step in range(30):
+        users = rng.choice(np.array([*range(45), 10**12, -5], np.int64), size=int(rng.integers(1, 40))).tolist()
+        ids = np.array(users, np.int64)
+        got = by_array.slots(users, world.source, ids)
+        expected = by_dict.slots(users, world.source)
+        assert got.tolist() == expected.tolist()
+        assert len(by_array) == len(by_dict) and by_array.parses == by_dict.parses
+        user = int(rng.integers(0, 45))
+        if step % 3 == 0:
+            world.source.set_profile(user, profiles[int(rng.integers(len(profiles)))])
+        elif step % 3 == 1 and user in world.source.profiles:
+            world.source.profiles[user] = Profile(**world.source.profiles[user].to_dict())  # an equal copy
+        else:
+            world.source.profiles.pop(user, None)
+
+
+def test_id_index_rows_equal_a_dict_lookup() -> None:
+    """IdIndex.rows (sorted column, merges of new ids, the memo of the last answer) against a plain dict."""
+    from pymk.ranking.id_index import IdIndex
+
+    rng = np.random.default_rng(7)
+    index, reference = IdIndex(), {}
+    ids = rng.integers(-50, 500, 300)
+    assert index.rows(ids).tolist() == [0] * 300
+    for _ in range(40):
+        for user in rng.integers(-50, 500, int(rng.integers(0, 20))).tolist():
+            reference.setdefault(user, len(reference) + 1)
+            assert index.add(user) == reference[user]
+        if rng.random() < 0.5:
+            ids = rng.integers(-50, 500, int(rng.integers(0, 300)))
+        for _ in range(2):  # the same ids again: the memo must follow the adds in between
+            rows = index.rows(ids)
+            assert rows.tolist() == [reference.get(u, 0) for u in ids.tolist()]
+            rows[:] = -1  # the caller's copy
