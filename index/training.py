@@ -358,24 +358,23 @@ def _plot_curve(history: list[dict[str, float]], path: Path) -> None:
 
 
 def train_embeddings(connections: Sequence[tuple[int, int, int]], profiles: Mapping[int, Profile] | None,
-                     out_dir: Path | str, config: EmbeddingTrainingConfig | None = None) -> TrainingResult:
+                     out_dir: Path | str, config: EmbeddingTrainingConfig | None = None,
+                     version_time: datetime | None = None) -> TrainingResult:
     """Train a :class:`GraphSage` on ``connections`` ((u, v, ts), any order) and the optional ``profiles``;
-    save it to ``out_dir/<version>/`` with ``metadata.json`` and the training curve."""
+    save it to ``out_dir/<version>/`` with ``metadata.json`` and the training curve. Same inputs and seed give
+    the same weights (:func:`pymk.reproducible.deterministic`). ``version_time``: the time stamped into the
+    version (default: now); pass a fixed one where the version must be reproducible too, since embeddings are
+    sampled with a salt derived from the version (:func:`pymk.index.embedder.salt_for_version`)."""
+    from pymk.reproducible import deterministic
+
     config = config or EmbeddingTrainingConfig()
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            return _train(connections, profiles, Path(out_dir), config, started)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with deterministic(config.seed, config.threads):
+        return _train(connections, profiles, Path(out_dir), config, started, version_time)
 
 
 def _train(connections: Sequence[tuple[int, int, int]], profiles: Mapping[int, Profile] | None, out_dir: Path,
-           config: EmbeddingTrainingConfig, started: float) -> TrainingResult:
+           config: EmbeddingTrainingConfig, started: float, version_time: datetime | None = None) -> TrainingResult:
     rng = np.random.default_rng(config.seed)
     train_edges, val_edges = split_by_time(connections, config.val_fraction)
     graph = TrainingGraph(train_edges, profiles, config.fanout, config.identity_dim)
@@ -458,7 +457,7 @@ def _train(connections: Sequence[tuple[int, int, int]], profiles: Mapping[int, P
 
     model.load_state_dict(best_state)
     model.eval()
-    model.version = make_version(model)
+    model.version = make_version(model, version_time)
     model_dir = out_dir / model.version
     wall = time.perf_counter() - started
     metadata: dict[str, Any] = {

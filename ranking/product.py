@@ -16,17 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from pymk.index.ann import AnnConfig, AnnIndex
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.sage import GraphSage, load_model
+from pymk.index.training import EmbeddingTrainingConfig
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.evaluation import EvaluationSplit
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
 from pymk.ranking.memory_source import MemorySource
-from pymk.ranking.model import Ranker
+from pymk.ranking.model import Ranker, RankerConfig
 from pymk.ranking.recommend import ranking_order, score_candidates
 from pymk.ranking.source import Scorer
 from pymk.ranking.training_data import TrainingDataConfig, holdout_pairs
@@ -69,20 +71,44 @@ def embedding_training_connections(past: EdgeHistory, config: TrainingDataConfig
     return past.connections[: int(FIRST_CHECKPOINT * len(past.connections))]
 
 
+# Torch threads while the evaluation trains GraphSAGE: fixed, because BLAS splits its float reductions by thread
+# count, so another count gives other weights. Two: what our machines have (more would not be faster here).
+TRAINING_THREADS = 2
+
+
+@dataclass(frozen=True)
+class ProductTrainingConfigs:
+    """Every setting the evaluation's models are trained with (a digest of them keys the model cache)."""
+
+    embeddings: EmbeddingTrainingConfig
+    ranker_data: TrainingDataConfig
+    ranker: RankerConfig
+
+
+def product_training_configs(split: EvaluationSplit, epochs: int = 20, progress: bool = False
+                             ) -> ProductTrainingConfigs:
+    return ProductTrainingConfigs(EmbeddingTrainingConfig(epochs=epochs, progress=progress, threads=TRAINING_THREADS),
+                                  ranker_training_config(split), RankerConfig())
+
+
 def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: Path, progress: bool = False,
-                         epochs: int = 20) -> ProductModels:
-    from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
+                         epochs: int = 20, configs: ProductTrainingConfigs | None = None) -> ProductModels:
+    """GraphSAGE, then the ranker, on the split's past; the same inputs and configs give the same models (every
+    step is seeded and deterministic, see :mod:`pymk.reproducible`)."""
+    from pymk.index.training import train_embeddings
     from pymk.ranking.training_data import train_ranker
 
     from pymk.train import embeddings_at_checkpoint
 
+    configs = configs or product_training_configs(split, epochs, progress)
     past = past_history(split, history)
-    config = ranker_training_config(split)
-    early = embedding_training_connections(past, config)
-    sage = train_embeddings(early, None, out_dir / "embeddings", EmbeddingTrainingConfig(epochs=epochs,
-                                                                                          progress=progress))
-    ranker = train_ranker(past, out_dir / "ranker", config, progress=progress, report=None,
-                          embeddings_at=embeddings_at_checkpoint(sage.model_dir))
+    early = embedding_training_connections(past, configs.ranker_data)
+    # The version is stamped with the training data's end, not the wall clock: the embeddings' sampling salt is
+    # derived from the version, so a clock stamp alone made every retrained model embed (and rank) differently.
+    data_end = datetime.fromtimestamp(max((ts for _, _, ts in early), default=0) / 1000, UTC)
+    sage = train_embeddings(early, None, out_dir / "embeddings", configs.embeddings, version_time=data_end)
+    ranker = train_ranker(past, out_dir / "ranker", configs.ranker_data, configs.ranker, progress=progress,
+                          report=None, embeddings_at=embeddings_at_checkpoint(sage.model_dir))
     return ProductModels(sage.model_dir, out_dir / "ranker", str(sage.metadata["version"]), ranker.version)
 
 

@@ -491,17 +491,12 @@ def train_two_tower(connections: Sequence[tuple[int, int, int]], profiles: Mappi
     """Train the towers on ``connections`` ((u, v, ts), any order) and optional ``profiles``, with the frozen
     GraphSAGE model saved in ``sage_model_dir``; save to ``out_dir/<version>/`` (model, metadata.json with the
     loss, hyper-parameters, validation AUC and the GraphSAGE version, and the training curve)."""
+    from pymk.reproducible import deterministic
+
     config = config or TwoTowerConfig()
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            return _train(connections, profiles, Path(sage_model_dir), Path(out_dir), config, started)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with deterministic(config.seed, config.threads):  # same inputs and seed, same towers
+        return _train(connections, profiles, Path(sage_model_dir), Path(out_dir), config, started)
 
 
 class _PairIndex:
