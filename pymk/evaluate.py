@@ -3,11 +3,14 @@
 Offline mode runs the product's ranking code over the past graph in memory (fast iteration); live mode
 (``--live``) replays the past through Kafka into a real worker and scores the lists it publishes on
 ``pymk.recommendations`` — the product as users get it (see :mod:`pymk.streams.evaluate_live`). Models are
-trained on the past only (see :mod:`pymk.ranking.product` for how) and cached per (data, split).
+trained on the past only (see :mod:`pymk.ranking.product` for how), reproducibly (same inputs, same models:
+:mod:`pymk.reproducible`), and cached per data bytes, split, split seed, features and training configs
+(:func:`cache_inputs`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,7 +27,15 @@ from pymk.ranking.evaluation import (
     reference_methods,
     write_report,
 )
-from pymk.ranking.product import ProductModels, candidate_sets, product_methods, train_product_models
+from pymk.ranking.product import (
+    ProductModels,
+    ProductTrainingConfigs,
+    candidate_sets,
+    product_methods,
+    product_training_configs,
+    train_product_models,
+)
+from pymk.reproducible import config_digest
 from pymk.settings import Settings
 
 LEAKAGE_NOTE = (
@@ -45,20 +56,63 @@ def model_schema() -> dict[str, Any]:
     return {"features": list(FEATURE_NAMES), "training": repr(TrainingDataConfig())}
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_inputs(data: str | Path, split: EvaluationSplit) -> dict[str, Any]:
+    """Everything the evaluation's models depend on; a cached model is reused only when all of it matches. The
+    file's bytes, not its name (an edited file is other data); the split seed of a random split (models trained
+    on seed 0's past have seen ~80 % of seed 1's future); the ranker's columns; the training configs; and the
+    libraries whose arithmetic the weights depend on."""
+    import torch
+    import xgboost
+
+    from pymk.ranking import features
+
+    return {
+        "data_sha256": file_sha256(data),
+        "split": split.kind,
+        "split_seed": split.seed if split.kind == "random" else None,  # the time split uses no seed
+        "features": hashlib.sha256(json.dumps(list(features.FEATURE_NAMES)).encode()).hexdigest(),
+        "training": config_digest(*_configs(product_training_configs(split))),
+        "libraries": {"torch": torch.__version__, "xgboost": xgboost.__version__},
+    }
+
+
+def _configs(configs: ProductTrainingConfigs) -> tuple[Any, ...]:
+    return configs.embeddings, configs.ranker_data, configs.ranker
+
+
+def model_cache_dir(model_dir: Path, data: str | Path, split: EvaluationSplit) -> Path:
+    """``<model_dir>/evaluation/<stem>-<split>-<16 hex of the cache inputs>``: one folder per set of inputs, so
+    runs on other inputs never overwrite (or read) each other's models."""
+    key = hashlib.sha256(json.dumps(cache_inputs(data, split), sort_keys=True).encode()).hexdigest()[:16]
+    return model_dir / "evaluation" / f"{Path(data).stem.lower()}-{split.kind}-{key}"
+
+
 def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrain: bool,
-                   progress: bool) -> tuple[ProductModels, float]:
-    """Trained models for this split, from the cache when present (their metadata says what they saw)."""
+                   progress: bool, data: str | Path | None = None) -> tuple[ProductModels, float]:
+    """Trained models for this split, from the cache when its marker records the same inputs
+    (:func:`cache_inputs`), else trained and recorded. ``data``: the edge-list file (default: the history's)."""
+    inputs = cache_inputs(data if data is not None else history.path, split)
     marker = cache_dir / "models.json"
     if marker.exists() and not retrain:
-        data = json.loads(marker.read_text())
-        if data.get("schema") == model_schema():
-            return ProductModels(Path(data["sage_dir"]), Path(data["ranker_dir"]), data["sage_version"],
-                                 data["ranker_version"]), 0.0
+        saved = json.loads(marker.read_text())
+        if saved.get("inputs") == inputs and saved.get("schema") == model_schema():
+            return ProductModels(Path(saved["sage_dir"]), Path(saved["ranker_dir"]), saved["sage_version"],
+                                 saved["ranker_version"]), 0.0
     started = time.perf_counter()
-    models = train_product_models(split, history, cache_dir, progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    models = train_product_models(split, history, cache_dir, progress=progress,
+                                  configs=product_training_configs(split, progress=progress))
     marker.write_text(json.dumps({"sage_dir": str(models.sage_dir), "ranker_dir": str(models.ranker_dir),
                                   "sage_version": models.sage_version, "ranker_version": models.ranker_version,
-                                  "schema": model_schema()}))
+                                  "schema": model_schema(), "inputs": inputs}))
     return models, time.perf_counter() - started
 
 
@@ -69,9 +123,8 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
     name = f"{Path(data).stem.lower()}-{kind}"
-    cache_dir = settings.model_dir / "evaluation" / name
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    models, train_seconds = product_models(split, history, cache_dir, retrain, progress)
+    cache_dir = model_cache_dir(settings.model_dir, data, split)
+    models, train_seconds = product_models(split, history, cache_dir, retrain, progress, data=data)
     ann = AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction,
                     ef_search=settings.ann_ef_search, quantization=settings.ann_quantization)  # type: ignore[arg-type]
     methods: list[Any] = [*reference_methods(split), *product_methods(split, models, ann)]

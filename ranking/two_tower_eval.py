@@ -50,6 +50,8 @@ from pymk.ranking.two_tower import (
     train_two_tower,
 )
 
+from pymk.reproducible import config_digest
+
 BLEND_LOSS = "B2"
 BLEND_WEIGHT = 0.5  # weight of the two-tower rank in the blend (not tuned: the evaluation must not pick it)
 MARKER_FILE = "two_tower.json"
@@ -81,12 +83,14 @@ def train_two_tower_models(split: EvaluationSplit, models: ProductModels, out_di
 
 def cached_two_tower_models(split: EvaluationSplit, models: ProductModels, cache_dir: Path, retrain: bool = False,
                             progress: bool = False) -> tuple[TwoTowerModels, float]:
-    """:func:`train_two_tower_models` unless ``cache_dir`` holds models trained with the same GraphSAGE version;
-    returns them and the training seconds (0 from the cache)."""
+    """:func:`train_two_tower_models` unless ``cache_dir`` holds models trained with the same GraphSAGE version
+    (its weights digest, and the cache folder is keyed by the data and split) and tower config; returns them
+    and the training seconds (0 from the cache)."""
     marker = cache_dir / MARKER_FILE
     if marker.exists() and not retrain:
         data = json.loads(marker.read_text())
-        if data["sage_version"] == models.sage_version and set(data["model_dirs"]) >= set(LOSSES):
+        if (data["sage_version"] == models.sage_version and set(data["model_dirs"]) >= set(LOSSES)
+                and data.get("config") == config_digest(TwoTowerConfig())):
             return TwoTowerModels({k: Path(v) for k, v in data["model_dirs"].items()}, data["versions"],
                                   data["sage_version"], data["metadata"]), 0.0
     started = time.perf_counter()
@@ -94,7 +98,8 @@ def cached_two_tower_models(split: EvaluationSplit, models: ProductModels, cache
     trained = train_two_tower_models(split, models, cache_dir, progress=progress)
     marker.write_text(json.dumps({"model_dirs": {k: str(v) for k, v in trained.model_dirs.items()},
                                   "versions": trained.versions, "sage_version": trained.sage_version,
-                                  "metadata": trained.metadata}, indent=2, default=str))
+                                  "metadata": trained.metadata, "config": config_digest(TwoTowerConfig())},
+                                 indent=2, default=str))
     return trained, time.perf_counter() - started
 
 
@@ -190,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pymk.ranking.product import candidate_sets, product_methods
 
     from pymk.datasets import load_edge_history
-    from pymk.evaluate import product_models, summary_rows
+    from pymk.evaluate import model_cache_dir, product_models, summary_rows
     from pymk.settings import Settings
 
     parser = argparse.ArgumentParser(description="pymk evaluate with the two-tower rows.")
@@ -213,9 +218,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     history = load_edge_history(args.data)
     split = make_split(history, args.split)
     name = f"{args.data.stem.lower()}-{args.split}"
-    cache_dir = args.cache or settings.model_dir / "evaluation" / name
+    cache_dir = args.cache or model_cache_dir(settings.model_dir, args.data, split)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    models, product_seconds = product_models(split, history, cache_dir, args.retrain, progress=True)
+    models, product_seconds = product_models(split, history, cache_dir, args.retrain, progress=True, data=args.data)
     tower_models, tower_seconds = cached_two_tower_models(split, models, args.tower_cache or cache_dir / "two-tower",
                                                           args.retrain, progress=True)
     ann = AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction,
