@@ -1,12 +1,13 @@
 """Bit-exact training runs: one seed for every random number generator a training step can touch, deterministic
-torch kernels and a fixed torch thread count, all restored afterwards (a worker process trains in the same
-interpreter as it serves, so nothing here may leak into the caller's global state).
+torch kernels and a fixed torch thread count, all restored afterwards (the evaluation, the demo and the tests go
+on in the same interpreter, and must not inherit a training's global state).
 
 Why each setting: python ``random`` and numpy's global generator are seeded although our code draws from its own
 seeded generators, so a library that uses the globals cannot make two runs differ; ``torch.manual_seed`` drives
 dropout and parameter initialisation; ``use_deterministic_algorithms`` makes torch pick (or refuse to run without)
 kernels whose float summation order does not depend on scheduling (e.g. the accumulating ``index_put_`` behind the
-backward of embedding-row gathers); the thread count fixes how BLAS splits its reductions.
+backward of embedding-row gathers): without it, two GraphSAGE trainings on the same CollegeMsg edges and seed ended
+with different weights; the thread count fixes how BLAS splits its reductions.
 """
 
 from __future__ import annotations

@@ -268,6 +268,17 @@ def test_b1_and_b3_train_too(tmp_path: Path) -> None:
         assert result.metadata["loss"] == loss and result.metadata["best_val_auc"] > 0.7
 
 
+def test_training_twice_with_one_seed_gives_the_same_towers(tmp_path: Path) -> None:
+    """Issue 20: retraining on the same data must not move the evaluation (seeded, deterministic kernels)."""
+    connections, profiles, _ = planted_partition(seed=2)
+    sage_dir = save_sage(tmp_path / "sage")
+    runs = [train_two_tower(connections, profiles, sage_dir, tmp_path / name, small_config(epochs=2))
+            for name in ("a", "b")]
+    first, second = (run.model.state_dict() for run in runs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
+
+
 def test_random_split_trains_on_held_out_folds(tmp_path: Path) -> None:
     connections, profiles, _ = planted_partition(seed=2)
     result = train_two_tower(connections, profiles, save_sage(tmp_path / "sage", None), tmp_path / "towers",
