@@ -68,7 +68,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     started = time.perf_counter()
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
-    name = f"{Path(data).stem.lower()}-{kind}"
+    name = f"{Path(str(data).removesuffix('.gz')).stem.lower()}-{kind}"  # a gzipped graph reports as itself
     cache_dir = settings.model_dir / "evaluation" / name
     cache_dir.mkdir(parents=True, exist_ok=True)
     models, train_seconds = product_models(split, history, cache_dir, retrain, progress)
