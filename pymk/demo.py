@@ -19,10 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from pymk.kafka_broker import LocalBroker
+from pymk.paths import bundled_data
 from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "collegemsg" / "CollegeMsg.txt"
+DATA = bundled_data("collegemsg/CollegeMsg.txt")
 BAD_MESSAGES = [
     b'{"src": 1, "dst": 2, "action": "add"',  # truncated JSON
     b'{"src": 5, "dst": 5, "action": "add", "ts": 1082040961000}',  # self-connection
