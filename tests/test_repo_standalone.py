@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 THIS_FILE = "tests/test_repo_standalone.py"  # it spells the patterns out, so it is left out of its own scan
@@ -67,3 +68,34 @@ def test_the_patterns_catch_what_they_are_meant_to(tmp_path: Path) -> None:
         found = subprocess.run([_git_path(), "grep", "--no-index", "-q", "-E", *patterns, "--", f"{number}.txt"],
                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert found.returncode == 0, f"no pattern catches {sample!r} ({found.returncode}: {found.stderr.strip()})"
+
+
+def test_default_data_paths_are_inside_the_clone() -> None:
+    from pymk.ranking.bench_rank import DEFAULT_GRAPH
+    from pymk.ranking.evaluation_check import DEFAULT_DATA_DIR, GRAPHS
+    from pymk.streams.models import SHIPPED_MODELS
+
+    from pymk.cli import DEFAULT_BENCH_DATA
+    from pymk.demo import DATA
+
+    paths = [DEFAULT_BENCH_DATA, DATA, DEFAULT_GRAPH, SHIPPED_MODELS, *(DEFAULT_DATA_DIR / name for name, _ in GRAPHS)]
+    for path in paths:
+        assert path.exists() and path.resolve().is_relative_to(REPO.resolve()), path
+
+
+def test_without_the_source_tree_data_is_found_from_the_environment_or_the_cwd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A non-editable install has no data/ beside the package: PYMK_DATA_DIR, then ./data, are searched.
+    from pymk import paths
+
+    monkeypatch.setattr(paths, "REPO_DATA_DIR", tmp_path / "site-packages" / "data")
+    monkeypatch.delenv("PYMK_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert paths.bundled_data("g.txt") == tmp_path / "site-packages" / "data" / "g.txt"  # named in the error
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "g.txt").write_text("1 2\n")
+    assert paths.bundled_data("g.txt") == tmp_path / "data" / "g.txt"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "g.txt").write_text("1 2\n")
+    monkeypatch.setenv("PYMK_DATA_DIR", str(tmp_path / "mine"))
+    assert paths.bundled_data("g.txt") == tmp_path / "mine" / "g.txt"
