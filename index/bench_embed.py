@@ -28,9 +28,10 @@ from pymk.index.sampling import NeighbourSource
 
 from pymk.datasets import load_edge_history
 from pymk.events import Profile, UserEvent
+from pymk.paths import bundled_data
 from pymk.synthetic import behaviour_for_replay
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "collegemsg" / "CollegeMsg.txt"
+DEFAULT_DATA = bundled_data("collegemsg/CollegeMsg.txt")
 
 
 @dataclass(frozen=True)

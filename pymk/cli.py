@@ -8,10 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pymk.datasets import FORMATS_HELP
+from pymk.paths import bundled_data
 from pymk.settings import Settings
 
-DEFAULT_BENCH_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ego-facebook" / \
-    "facebook_combined.txt"
+DEFAULT_BENCH_DATA = bundled_data("ego-facebook/facebook_combined.txt.gz")
 
 
 def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     produce = sub.add_parser("produce", help="send events to the input topics")
     source = produce.add_mutually_exclusive_group()
-    source.add_argument("--data", help="an edge-list file (formats of ../shared/data)")
+    source.add_argument("--data", help=FORMATS_HELP)
     source.add_argument("--synthetic", type=int, metavar="N", help="a generated social network of N users")
     source.add_argument("--raw", metavar="FILE", help="send each line of FILE unchanged (with --topic)")
     produce.add_argument("--topic", help="topic for --raw (full name, or a short one like connections)")
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "<kind>/current at it (workers load current at start)")
     train.add_argument("kind", choices=["embeddings", "ranker", "two-tower"])
     train_source = train.add_mutually_exclusive_group()
-    train_source.add_argument("--data", help="an edge-list file (formats of ../shared/data)")
+    train_source.add_argument("--data", help=FORMATS_HELP)
     train_source.add_argument("--synthetic", type=int, metavar="N", help="a generated network of N users, "
                                                                          "with profiles and behaviour")
     train_source.add_argument("--from-stream", action="store_true",
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="the contract's evaluation protocol: reference heuristics and the "
                                                "product on one graph; JSON, Markdown and a PNG plot")
-    evaluate.add_argument("--data", required=True, help="an edge-list file (formats of ../shared/data)")
+    evaluate.add_argument("--data", required=True, help=FORMATS_HELP)
     evaluate.add_argument("--split", choices=["time", "random"], required=True)
     evaluate.add_argument("--json", help="also write the JSON report here")
     evaluate.add_argument("--out-dir", default="reports", help="folder of the reports (default: reports)")
@@ -452,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
     bench.add_argument("what", choices=["ingest", "index", "rank", "freshness"])
-    bench.add_argument("--data", default=str(DEFAULT_BENCH_DATA))
+    bench.add_argument("--data", default=str(DEFAULT_BENCH_DATA), help=FORMATS_HELP + " (default: ego-Facebook)")
     bench.add_argument("--timeout", type=float, default=1800.0)
     bench.add_argument("--rate", type=float, default=1000.0, help="freshness: events per second")
     bench.add_argument("--seconds", type=float, default=30.0, help="freshness: how long to produce at that rate")

@@ -92,7 +92,8 @@ def model_cache_dir(model_dir: Path, data: str | Path, split: EvaluationSplit) -
     """``<model_dir>/evaluation/<stem>-<split>-<16 hex of the cache inputs>``: one folder per set of inputs, so
     runs on other inputs never overwrite (or read) each other's models."""
     key = hashlib.sha256(json.dumps(cache_inputs(data, split), sort_keys=True).encode()).hexdigest()[:16]
-    return model_dir / "evaluation" / f"{Path(data).stem.lower()}-{split.kind}-{key}"
+    stem = Path(str(data).removesuffix(".gz")).stem.lower()  # a gzipped graph is named as itself
+    return model_dir / "evaluation" / f"{stem}-{split.kind}-{key}"
 
 
 def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrain: bool,
@@ -122,7 +123,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     started = time.perf_counter()
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
-    name = f"{Path(data).stem.lower()}-{kind}"
+    name = f"{Path(str(data).removesuffix('.gz')).stem.lower()}-{kind}"  # a gzipped graph reports as itself
     cache_dir = model_cache_dir(settings.model_dir, data, split)
     models, train_seconds = product_models(split, history, cache_dir, retrain, progress, data=data)
     ann = AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction,

@@ -1,4 +1,4 @@
-"""Typed records for the events of the contract (../shared/CONTRACT.md), with their JSON encodings.
+"""Typed records for the events of the contract (docs/contract.md), with their JSON encodings.
 
 Input events: connections, profile views, dismissals, engagements, users (sign-up or profile update).
 Output events: recommendations, impressions, dead letters. Records are frozen; ``to_json`` gives the

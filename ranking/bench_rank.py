@@ -38,11 +38,12 @@ from pymk.ranking.model import Ranker, RankerConfig, roc_auc
 from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order
 
 from pymk.datasets import load_edge_history
+from pymk.paths import bundled_data
 from pymk.synthetic import behaviour_for_replay
 
-DEFAULT_GRAPH = "/work/shared/data/ego-facebook/facebook_combined.txt"
-# The model a fresh install serves (streams/models.py), next to the code folders.
-SHIPPED_RANKER = Path(__file__).resolve().parent.parent / "data" / "models" / "ranker"
+DEFAULT_GRAPH = bundled_data("ego-facebook/facebook_combined.txt.gz")
+# The model a fresh install serves (streams/models.py)
+SHIPPED_RANKER = bundled_data("models/ranker")
 TARGET_P99_MS = 10.0
 _DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]
 

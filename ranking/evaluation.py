@@ -61,7 +61,7 @@ AA = sum over common neighbours z of 1/ln(deg z) (a neighbour of degree 1 contri
 RA = sum of 1/deg z; popularity ranks by past degree.
 """
 
-# Recall@20 computed independently of the project (the contract's table); keyed by data file name.
+# Recall@20 computed independently of the project (the contract's table); keyed by data file name (without .gz).
 REFERENCE_RECALL_AT_20: dict[str, dict[str, object]] = {
     "CollegeMsg.txt": {"split": "time", "CN": 0.0420, "AA": 0.0484, "RA": 0.0536, "popularity": 0.0710},
     "digg_reply.txt": {"split": "time", "CN": 0.0118, "AA": 0.0067, "RA": 0.0056, "popularity": 0.0216},
@@ -445,7 +445,7 @@ class EvaluationResult:
 
     def reference(self) -> dict[str, dict[str, float | bool]]:
         """Reference Recall@20 with the measured value and delta, for the methods the table knows."""
-        known = REFERENCE_RECALL_AT_20.get(Path(self.data_path).name)
+        known = REFERENCE_RECALL_AT_20.get(Path(self.data_path).name.removesuffix(".gz"))
         if known is None or known["split"] != self.split_kind:
             return {}
         rows: dict[str, dict[str, float | bool]] = {}

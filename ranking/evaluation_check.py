@@ -1,4 +1,4 @@
-"""Reproduce the contract's reference Recall@20 table on the four graphs of ../shared/data, with timings.
+"""Reproduce the contract's reference Recall@20 table on the four graphs of data/, with timings.
 
     python -m pymk.ranking.evaluation_check [--data-dir DIR] [--out-dir DIR]
 
@@ -15,12 +15,14 @@ from pathlib import Path
 
 from pymk.ranking.evaluation import REFERENCE_TOLERANCE, SplitKind, evaluate_path, write_report
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+from pymk.paths import bundled_data
+
+DEFAULT_DATA_DIR = bundled_data("")
 GRAPHS: tuple[tuple[str, SplitKind], ...] = (
     ("collegemsg/CollegeMsg.txt", "time"),
-    ("digg-reply/digg_reply.txt", "time"),
-    ("ego-facebook/facebook_combined.txt", "random"),
-    ("ca-hepph/CA-HepPh.txt", "random"),
+    ("digg-reply/digg_reply.txt.gz", "time"),
+    ("ego-facebook/facebook_combined.txt.gz", "random"),
+    ("ca-hepph/CA-HepPh.txt.gz", "random"),
 )
 
 

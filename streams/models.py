@@ -20,11 +20,12 @@ from pymk.ranking.heuristic import HeuristicScorer
 from pymk.ranking.model import Ranker
 from pymk.ranking.tree_eval import EvaluatorOptions
 
+from pymk.paths import bundled_data
 from pymk.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "data" / "models"
+SHIPPED_MODELS = bundled_data("models")
 
 
 def resolve_model(explicit: str, home_models: Path, kind: str) -> Path | None:

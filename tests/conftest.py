@@ -25,8 +25,8 @@ from pymk.kafka_broker import LocalBroker
 from pymk.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
 BUNDLED_DATA = REPO / "data"
+EGO_FACEBOOK = BUNDLED_DATA / "ego-facebook" / "facebook_combined.txt.gz"
 
 
 def _ephemeral_ports_start() -> int:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import networkx as nx
-from conftest import REPO, SHARED_DATA, free_port
+from conftest import EGO_FACEBOOK, REPO, free_port
 from pymk.streams.lag import wait_idle
 from pymk.streams.producer import event_messages, send_messages
 from pymk.streams.topics import ensure_topics
@@ -25,7 +25,7 @@ from pymk.events import ConnectionEvent
 from pymk.kafka_broker import LocalBroker
 from pymk.settings import Settings
 
-EGO = SHARED_DATA / "ego-facebook" / "facebook_combined.txt"
+EGO = EGO_FACEBOOK
 RATE = 250.0  # events/s: the 5,600 events take ~22 s, so the outage falls in the middle
 OUTAGE_S = 8.0  # down for this long after the broker has exited (plus its start-up time)
 

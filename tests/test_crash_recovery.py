@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
-from conftest import SHARED_DATA
+from conftest import EGO_FACEBOOK
 from pymk.streams.lag import wait_idle
 from pymk.streams.producer import event_messages, send_messages
 from pymk.streams.topics import ensure_topics
@@ -34,7 +34,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
 
 def test_sigkill_during_replay_loses_and_duplicates_nothing(kafka_settings: Settings, tmp_path: Path) -> None:
     kafka_settings = replace(kafka_settings, recommend=False)  # features; lists and the index: test_stream_index
-    history = load_edge_history(SHARED_DATA / "ego-facebook" / "facebook_combined.txt")
+    history = load_edge_history(EGO_FACEBOOK)
     rng = random.Random(11)
     # 25,000 edges, with some removals and duplicate events mixed in
     events = [ConnectionEvent(u, v, "add", ts) for u, v, ts in history.connections[:25_000]]

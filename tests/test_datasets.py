@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
-from conftest import BUNDLED_DATA
+from conftest import BUNDLED_DATA, EGO_FACEBOOK
 
 from pymk.datasets import UNTIMED_START_MS, load_edge_history
 
@@ -41,3 +42,21 @@ def test_bundled_collegemsg() -> None:
     assert len(history.connections) + len(history.repeats) + history.self_loops == history.lines
     times = [ts for _, _, ts in history.connections]
     assert times == sorted(times)
+
+
+def test_gzipped_file_reads_like_the_plain_one(tmp_path: Path) -> None:
+    text = "% konect\n1 2 1 200\n2 3 1 100\n"
+    zipped = tmp_path / "graph.txt.gz"
+    zipped.write_bytes(gzip.compress(text.encode()))
+    assert load_edge_history(zipped).connections == load_edge_history(write(tmp_path, text)).connections
+
+
+def test_bundled_graphs_have_their_documented_sizes() -> None:
+    # The sizes data/README.md states: the copies are whole, and the .gz ones decompress through the loader.
+    ego = load_edge_history(EGO_FACEBOOK)
+    assert not ego.timed and ego.lines == 88_234 and len(ego.users) == 4_039
+    hepph = load_edge_history(BUNDLED_DATA / "ca-hepph" / "CA-HepPh.txt.gz")
+    # 12,008 nodes, 2 of them only in self-loops, which the loader drops
+    assert not hepph.timed and hepph.lines == 118_521 and len(hepph.users) == 12_006
+    digg = load_edge_history(BUNDLED_DATA / "digg-reply" / "digg_reply.txt.gz")
+    assert digg.timed and digg.lines == 87_627

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-from conftest import SHARED_DATA
+from conftest import EGO_FACEBOOK
 from kafka import KafkaConsumer, TopicPartition
 from pymk.streams.lag import wait_idle
 from pymk.streams.producer import make_producer
@@ -37,7 +37,7 @@ from pymk.events import (
 from pymk.hostile import ITEM_BASE, HostileMessage, hostile_corpus
 from pymk.settings import Settings
 
-EGO = SHARED_DATA / "ego-facebook" / "facebook_combined.txt"
+EGO = EGO_FACEBOOK
 N_BAD = 1_100
 N_ODD_VALID = 150
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
-from conftest import SHARED_DATA, free_port
+from conftest import EGO_FACEBOOK, free_port
 from pymk.streams.lag import wait_idle
 from pymk.streams.producer import event_messages, send_messages
 from pymk.streams.topics import ensure_topics
@@ -19,7 +19,7 @@ from pymk.datasets import load_edge_history
 from pymk.events import ConnectionEvent
 from pymk.settings import Settings
 
-EGO = SHARED_DATA / "ego-facebook" / "facebook_combined.txt"
+EGO = EGO_FACEBOOK
 
 
 def ego_events() -> list[ConnectionEvent]:
