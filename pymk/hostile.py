@@ -3,9 +3,9 @@
 Every message says what must happen to it: ``expected`` is the dead-letter reason code it must get, or ``None``
 when it is valid however odd it looks (a key that names another user, no key, ``"profile": null``, escaped
 field names, a value of exactly the size limit, …) and must be applied as ``event``. The expected codes are
-written down from the contract (``docs/contract.md``, README "Validation") and the order in which checks
-run (size, UTF-8, JSON, object, then fields in the order of the event), not computed by the validator, so the
-corpus tests it. Pure code: no Kafka.
+written down from the contract (``docs/contract.md``, ``docs/architecture.md`` "Validation and dead letters")
+and the order in which checks run (size, UTF-8, JSON, object, then fields in the order of the event), not
+computed by the validator, so the corpus tests it. Pure code: no Kafka.
 
 Cases (each appears about equally often; the first id field named by a kind is checked first):
 random bytes, random text, truncated JSON, trailing garbage, a byte-order mark, empty values and tombstones,

@@ -1,5 +1,5 @@
 """Tier 3: faust-streaming creates its internal topics (changelog, repartition, leader) on our broker and
-writes table changes to the changelog. This is why Kafka 4.x is the chosen release (see README)."""
+writes table changes to the changelog. This is why Kafka 4.x is the chosen release (see docs/operations.md)."""
 
 from __future__ import annotations
 

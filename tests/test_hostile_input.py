@@ -72,7 +72,7 @@ def valid_events(rng: random.Random, connections: list[ConnectionEvent], users: 
 
 
 def oracle_graph(events: list[InputEvent]) -> nx.Graph:
-    """Last writer wins per pair: version 2·ts + (1 if remove), the highest version decides (README)."""
+    """Last writer wins per pair: version 2·ts + (1 if remove), the highest version decides (docs/architecture.md)."""
     version: dict[frozenset[int], int] = {}
     for e in events:
         if isinstance(e, ConnectionEvent):

@@ -7,7 +7,7 @@ The network is not the one the shipped cold-start model was trained on (the gene
 connections go through a shared company, school or city and few close a triangle (``WORLD``). That is the case
 the loop exists for: traffic that behaves unlike the data the default was trained on. In the generator's own
 world the default is already that world's model, and one period of a 700-user network moves it within noise
-(-3.7 % and +1.5 % in two runs, see the README)."""
+(-3.7 % and +1.5 % in two runs, see docs/benchmarks.md)."""
 
 from __future__ import annotations
 
