@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps install kafka demo test lint stop clean
+.PHONY: setup system-deps install kafka demo test test-fast lint stop clean
 
 setup: install kafka
 
@@ -35,6 +35,11 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
+
+# The tiers without the broker (pure functions, faust test_context): a few minutes, nothing started.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra -m "not broker"
 
 lint: install
 	$(BIN)/ruff check .

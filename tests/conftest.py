@@ -80,3 +80,11 @@ def kafka_settings(broker_settings: Settings, tmp_path: Path) -> Iterator[Settin
         delete_topics_tagged(broker_settings, tag)
     except KafkaError as error:  # clean-up only: the test's verdict is already in
         warnings.warn(f"could not delete the topics of {tag}: {error!r}", stacklevel=1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The ``broker`` marker, by fixture: a test that takes the broker's settings needs the real broker, and only
+    those do (``pytest -m "not broker"``, ``make test-fast``: the tiers that run in seconds without one)."""
+    for item in items:
+        if "broker_settings" in getattr(item, "fixturenames", ()):  # kafka_settings depends on it
+            item.add_marker(pytest.mark.broker)
