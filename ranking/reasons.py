@@ -89,7 +89,7 @@ _TEXT_EVIDENCE = {
     "engaged": ("co_engaged_with_content",),
     "similar": ("gnn_embedding_cosine_sim", "title_cosine_sim", "skill_jaccard_sim", "geo_distance_km"),
     "active": ("candidate_activity_1d", "candidate_activity_7d", "candidate_activity_30d",
-               "candidate_days_since_last_connection", "candidate_degree_log"),
+               "candidate_days_since_last_connection"),
 }
 _TEXT_EVIDENCE_INDEX = {part: np.array([FEATURE_INDEX[name] for name in names])
                         for part, names in _TEXT_EVIDENCE.items()}
@@ -154,11 +154,17 @@ def reason_text(reasons: dict[str, Any], features: np.ndarray, relative: np.ndar
         parts.append(("views", "you viewed their profile"))
     if features[FEATURE_INDEX["co_engaged_with_content"]] > 0:
         parts.append(("engaged", "engaged with the same posts"))
-    if reasons.get("similar_profile") and not reasons["mutual_connections"]:
+    weak = ("similar", "active")  # without contributions, said only when there is no mutual connection
+    if reasons.get("similar_profile"):
         parts.append(("similar", "similar profile"))
-    if reasons.get("active_recently") and not reasons["mutual_connections"]:
+    if reasons.get("active_recently"):
         parts.append(("active", "active lately"))
     if relative is not None and len(parts) > 1:
         strength = {kind: float(relative[_TEXT_EVIDENCE_INDEX[kind]].max()) for kind, _ in parts}
         parts.sort(key=lambda part: -strength[part[0]])  # stable: equal evidence keeps the default order
+        # next to mutual connections, a weak part whose features do not set the item apart is not worth a place
+        if reasons["mutual_connections"]:
+            parts = [part for part in parts if part[0] not in weak or strength[part[0]] > 0]
+    elif reasons["mutual_connections"]:
+        parts = [part for part in parts if part[0] not in weak]
     return " · ".join(phrase for _, phrase in parts[:3]) if parts else "suggested for you"

@@ -618,6 +618,12 @@ def test_the_text_leads_with_the_strongest_candidate_specific_evidence() -> None
     relative[FEATURE_INDEX["co_engaged_with_content"]] = 0.4
     assert reason_text(reasons, row, relative) == "engaged with the same posts · 1 mutual connection"
     assert reason_text(reasons, row) == "1 mutual connection · engaged with the same posts"  # no contributions
+    busy = {"mutual_connections": 3, "shared": [], "active_recently": True}
+    relative[FEATURE_INDEX["candidate_activity_7d"]] = 0.9
+    assert reason_text(busy, row, relative).startswith("active lately · engaged with the same posts")
+    relative[FEATURE_INDEX["candidate_activity_7d"]] = -0.2  # not what sets it apart: not said
+    assert "active lately" not in reason_text(busy, row, relative)
+    assert "active lately" not in reason_text(busy, row)
 
 
 # ---- scorers -------------------------------------------------------------------------------------------------
