@@ -237,7 +237,7 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
-    from pymk.train import SHIPPED_DEFAULT, model_history, rollback
+    from pymk.ranking.model_store import SHIPPED_DEFAULT, model_history, rollback
 
     kind_dir = settings.model_dir / args.kind
     if args.action == "rollback":
@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "seed", None) is None and hasattr(args, "seed"):
         args.seed = settings.produce_seed
     from pymk.kafka_broker import BrokerError
-    from pymk.train import TrainingRefused
+    from pymk.ranking.model_store import TrainingRefused
 
     try:
         return int(args.func(args, settings) or 0)
