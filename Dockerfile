@@ -7,6 +7,7 @@ COPY streams streams
 COPY features features
 COPY ranking ranking
 COPY index index
+COPY bench bench
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu .
 EXPOSE 6066
 CMD ["pymk", "worker"]

@@ -30,7 +30,7 @@ Why it is built this way:
   waiting for N training vectors); a retrained GraphSAGE, whose embeddings move, cannot invalidate the range;
   and decode → encode is the identity on codes, so even without the float copy a rebuild does not compound
   quantisation error. The price is resolution: a step of 2/255 ≈ 0.008 while a 128-d unit vector's components
-  have a spread of about 1/√128 ≈ 0.09 (bench_ann measures the recall; re-ranking recovers it).
+  have a spread of about 1/√128 ≈ 0.09 (pymk.bench.ann measures the recall; re-ranking recovers it).
 
 Memory per slot (dim 128, M 32): HNSW graph ≈ 2·M·4 = 256 B at level 0 (+~5% upper levels); storage 512 B
 (flat) or 128 B (sq8); the float copy 512 B (``keep_vectors``; up to 2× that transiently while the array

@@ -237,7 +237,7 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
-    from pymk.train import SHIPPED_DEFAULT, model_history, rollback
+    from pymk.ranking.model_store import SHIPPED_DEFAULT, model_history, rollback
 
     kind_dir = settings.model_dir / args.kind
     if args.action == "rollback":
@@ -259,7 +259,7 @@ def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_soak(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import replace
 
-    from pymk.streams.soak import run_soak
+    from pymk.bench.soak import run_soak
 
     run_settings = replace(settings, recommend=not args.features_only)
     result = run_soak(run_settings, rate=args.rate, minutes=args.minutes, out_dir=Path(args.out), users=args.users,
@@ -299,12 +299,12 @@ def _cmd_features(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from pymk.streams.bench import bench_ingest
+    from pymk.bench.ingest import bench_ingest
 
     if args.what == "ingest":
         result = bench_ingest(settings, args.data, timeout_s=args.timeout)
     elif args.what == "index":
-        from pymk.index.bench_index import bench_index
+        from pymk.bench.index import bench_index
         from pymk.streams.global_index import ann_config
         from pymk.streams.models import resolve_model
 
@@ -314,11 +314,11 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         result = bench_index(args.data, model, ann_config(settings))
     elif args.what == "rank":
-        from pymk.ranking.bench_rank import bench_rank
+        from pymk.bench.rank import bench_rank
 
         result = bench_rank(args.data, ranker_path=args.ranker)
     else:
-        from pymk.streams.bench_freshness import bench_freshness
+        from pymk.bench.freshness import bench_freshness
 
         result = bench_freshness(settings, rate=args.rate, seconds=args.seconds, users=args.users,
                                  timeout_s=args.timeout, workers=args.workers)
@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "seed", None) is None and hasattr(args, "seed"):
         args.seed = settings.produce_seed
     from pymk.kafka_broker import BrokerError
-    from pymk.train import TrainingRefused
+    from pymk.ranking.model_store import TrainingRefused
 
     try:
         return int(args.func(args, settings) or 0)

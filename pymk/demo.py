@@ -140,8 +140,8 @@ def demo_models(settings: Settings, events: list) -> tuple[Path, Path]:
     under <home>/models/demo so a second `make demo` starts at once."""
     from pymk.evaluate import model_schema
     from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
-    from pymk.ranking.training_data import TrainingDataConfig, train_ranker
-    from pymk.train import connections_and_profiles, embeddings_at_checkpoint
+    from pymk.ranking.training_data import TrainingDataConfig, embeddings_at_checkpoint, train_ranker
+    from pymk.train import connections_and_profiles
 
     cache = settings.model_dir / "demo"
     marker = cache / "models.json"

@@ -1,18 +1,18 @@
-"""`pymk train embeddings|ranker`: offline training from an edge list or a synthetic network, and the
-``current`` pointer the workers load from (``<home>/models/<kind>/current``)."""
+"""`pymk train embeddings|ranker|two-tower`: offline training from an edge list or a synthetic network. A model
+that passes becomes what the workers load through the ``current`` pointer (``<home>/models/<kind>/current``,
+:mod:`pymk.ranking.model_store`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from pymk.datasets import load_edge_history
 from pymk.events import ConnectionEvent, InputEvent, Profile, UserEvent
 from pymk.features.profile import merge_profile
-from pymk.ranking.memory_source import MemorySource
+from pymk.ranking.model_store import TrainingRefused, point_current, promotion
+from pymk.ranking.training_data import embeddings_at_checkpoint
 from pymk.settings import Settings
 
 
@@ -32,46 +32,6 @@ def connections_and_profiles(events: Sequence[InputEvent]) -> tuple[list[tuple[i
     return connections, profiles
 
 
-class TrainingRefused(ValueError):
-    """Training that must not go on (too little data to learn or to validate on): one line for the command."""
-
-
-MIN_CLASS_ROWS = 10  # positives and negatives each split (train, validation) needs before a model is trained
-
-
-def check_split_classes(train_labels: np.ndarray, val_labels: np.ndarray, what: str, advice: str) -> None:
-    """:class:`TrainingRefused` unless both splits have at least :data:`MIN_CLASS_ROWS` positives and negatives: a
-    validation split with one class cannot say whether the new model is better, and must not let it be promoted."""
-    counts = {name: (int((labels > 0).sum()), int((labels <= 0).sum()))
-              for name, labels in (("training", train_labels), ("validation", val_labels))}
-    if all(min(pos, neg) >= MIN_CLASS_ROWS for pos, neg in counts.values()):
-        return
-    found = "; ".join(f"{name} {pos} positive and {neg} negative" for name, (pos, neg) in counts.items())
-    raise TrainingRefused(f"too little data to train on ({what}: {found}; each split needs at least "
-                          f"{MIN_CLASS_ROWS} of each): {advice}")
-
-
-def promotion(new_recall: float | None, new_auc: float | None, serving_recall: float | None,
-              serving_auc: float | None) -> tuple[bool, str]:
-    """Whether a new model replaces the serving one, judged on the same held-out labels: a higher Recall@20, or an
-    equal one with a higher AUC. A metric that could not be measured (None, NaN) never favours the new model."""
-    def known(value: float | None) -> bool:
-        return value is not None and value == value
-
-    def fmt(value: float | None) -> str:
-        return f"{value:.4f}" if known(value) else "n/a"
-
-    figures = (f"validation Recall@20 {fmt(new_recall)} vs the serving model's {fmt(serving_recall)}, "
-               f"AUC {fmt(new_auc)} vs {fmt(serving_auc)}")
-    if not known(new_recall):
-        return False, f"not promoted: the new model's Recall@20 could not be measured ({figures})"
-    if not known(serving_recall) or new_recall > serving_recall:  # type: ignore[operator]
-        return True, f"promoted: {figures}"
-    if new_recall == serving_recall and known(new_auc) and (not known(serving_auc) or new_auc > serving_auc):  # type: ignore[operator]
-        return True, f"promoted (equal Recall@20, higher AUC): {figures}"
-    return False, f"not promoted, the serving model stays current: {figures}"
-
-
 def training_events(data: str | None, synthetic: int | None, seed: int) -> tuple[list[InputEvent] | None, str]:
     """The events to learn from, and a description for the model's metadata."""
     if synthetic:
@@ -80,49 +40,6 @@ def training_events(data: str | None, synthetic: int | None, seed: int) -> tuple
         return synthetic_events(synthetic, seed=seed), f"synthetic:{synthetic}:seed{seed}"
     assert data is not None
     return None, str(data)
-
-
-def point_current(model_dir: Path, record: bool = True) -> Path:
-    """Make ``<kind>/current`` point at ``model_dir`` (a relative symlink, replaced atomically); running workers
-    load it within ``model_reload_interval_s``. ``record``: append it to ``history`` (what rollback undoes)."""
-    current = model_dir.parent / "current"
-    temporary = model_dir.parent / f".current-{os.getpid()}"
-    if temporary.is_symlink() or temporary.exists():
-        temporary.unlink()
-    temporary.symlink_to(model_dir.name)
-    os.replace(temporary, current)
-    if record:
-        with (model_dir.parent / "history").open("a") as history:
-            history.write(model_dir.name + "\n")
-    return current
-
-
-def model_history(kind_dir: Path) -> list[str]:
-    path = kind_dir / "history"
-    return [line for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
-SHIPPED_DEFAULT = "(none: shipped default)"
-
-
-def rollback(kind_dir: Path) -> str:
-    """Point ``current`` back at the version before it (one step per call); returns that version. From the first
-    trained version, back to the shipped default: ``current`` is removed, and workers fall back to it."""
-    history = model_history(kind_dir)
-    if not history:
-        raise ValueError(f"{kind_dir}: no trained version to roll back from (serving the shipped default)")
-    if len(history) == 1:
-        current = kind_dir / "current"
-        if current.is_symlink() or current.exists():
-            current.unlink()
-        (kind_dir / "history").write_text("")
-        return SHIPPED_DEFAULT
-    previous = history[-2]
-    if not (kind_dir / previous / "metadata.json").exists():
-        raise FileNotFoundError(f"{kind_dir / previous} is gone")
-    point_current(kind_dir / previous, record=False)
-    (kind_dir / "history").write_text("".join(f"{v}\n" for v in history[:-1]))
-    return previous
 
 
 def train_embeddings_command(data: str | None, synthetic: int | None, seed: int, out: Path, epochs: int,
@@ -140,25 +57,6 @@ def train_embeddings_command(data: str | None, synthetic: int | None, seed: int,
     return {"version": result.metadata["version"], "model_dir": str(result.model_dir), "current": str(current),
             "source": source, "connections": len(connections), "profiles": len(profiles),
             "best_val_auc": result.metadata.get("best_val_auc"), "curve_png": str(result.curve_png)}
-
-
-def embeddings_at_checkpoint(model_dir: Path) -> Callable[[MemorySource, int], dict[int, np.ndarray]]:
-    """For the ranker's temporal replay: every user's GraphSAGE embedding on the past-only graph at a checkpoint
-    (the model itself is fixed; it should have been trained on data before the evaluated period)."""
-    from pymk.index.embedder import Embedder, salt_for_version
-    from pymk.index.sage import load_model
-
-    model, metadata = load_model(model_dir)
-    salt = salt_for_version(str(metadata["version"]))
-
-    def embed(source: MemorySource, as_of_ms: int) -> dict[int, np.ndarray]:
-        users = sorted(source.users())
-        if not users:
-            return {}
-        vectors = Embedder(model, source, source).embed(users, salt)
-        return dict(zip(users, vectors, strict=True))
-
-    return embed
 
 
 def train_ranker_command(data: str | None, synthetic: int | None, seed: int, out: Path, settings: Settings,

@@ -96,9 +96,7 @@ def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: 
     """GraphSAGE, then the ranker, on the split's past; the same inputs and configs give the same models (every
     step is seeded and deterministic, see :mod:`pymk.reproducible`)."""
     from pymk.index.training import train_embeddings
-    from pymk.ranking.training_data import train_ranker
-
-    from pymk.train import embeddings_at_checkpoint
+    from pymk.ranking.training_data import embeddings_at_checkpoint, train_ranker
 
     configs = configs or product_training_configs(split, epochs, progress)
     past = past_history(split, history)

@@ -80,6 +80,25 @@ _DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]
 EmbeddingsAt = Callable[[MemorySource, int], Mapping[int, np.ndarray]]
 
 
+def embeddings_at_checkpoint(model_dir: Path) -> EmbeddingsAt:
+    """For the ranker's temporal replay: every user's GraphSAGE embedding on the past-only graph at a checkpoint
+    (the model itself is fixed; it should have been trained on data before the evaluated period)."""
+    from pymk.index.embedder import Embedder, salt_for_version
+    from pymk.index.sage import load_model
+
+    model, metadata = load_model(model_dir)
+    salt = salt_for_version(str(metadata["version"]))
+
+    def embed(source: MemorySource, as_of_ms: int) -> dict[int, np.ndarray]:
+        users = sorted(source.users())
+        if not users:
+            return {}
+        vectors = Embedder(model, source, source).embed(users, salt)
+        return dict(zip(users, vectors, strict=True))
+
+    return embed
+
+
 class LeakageError(RuntimeError):
     """A feature would be computed from an event at or after its as-of time."""
 

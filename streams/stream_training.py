@@ -72,8 +72,7 @@ def train_from_stream(settings: Settings, out: Path | None = None, val_fraction:
     thousand labels from one period correct it rather than replace what it learned from far more data (a
     model trained on the stream alone scored below the cold-start model in the loop test)."""
     from pymk.ranking.heuristic import HeuristicScorer
-
-    from pymk.train import TrainingRefused, check_split_classes, point_current, promotion
+    from pymk.ranking.model_store import TrainingRefused, check_split_classes, point_current, promotion
 
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)

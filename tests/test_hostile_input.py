@@ -1,4 +1,4 @@
-"""Tier 3: a seeded corpus of 1,100 hostile messages (pymk/hostile.py) interleaved with valid events of every
+"""Tier 3: a seeded corpus of 1,100 hostile messages (tests/hostile.py) interleaved with valid events of every
 kind across the five input topics, through the real broker into a real worker. The worker neither crashes nor
 stalls; every bad message has exactly one dead letter, at its own topic/partition/offset and with its reason,
 and no valid message has one; every valid event is applied (graph, behaviour and profile features exact)."""
@@ -15,6 +15,7 @@ from typing import Any
 
 import networkx as nx
 from conftest import EGO_FACEBOOK
+from hostile import ITEM_BASE, HostileMessage, hostile_corpus
 from kafka import KafkaConsumer, TopicPartition
 from pymk.streams.lag import wait_idle
 from pymk.streams.producer import make_producer
@@ -34,7 +35,6 @@ from pymk.events import (
     UserEvent,
     user_key,
 )
-from pymk.hostile import ITEM_BASE, HostileMessage, hostile_corpus
 from pymk.settings import Settings
 
 EGO = EGO_FACEBOOK

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from pymk.ranking.features import N_FEATURES
 from pymk.ranking.model import Ranker, RankerConfig
+from pymk.ranking.model_store import SHIPPED_DEFAULT, model_history, point_current, rollback
 from pymk.streams.models import Models
 
 from pymk.settings import Settings
-from pymk.train import SHIPPED_DEFAULT, model_history, point_current, rollback
 
 
 def tiny_ranker(seed: int) -> Ranker:

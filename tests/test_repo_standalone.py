@@ -71,8 +71,8 @@ def test_the_patterns_catch_what_they_are_meant_to(tmp_path: Path) -> None:
 
 
 def test_default_data_paths_are_inside_the_clone() -> None:
-    from pymk.ranking.bench_rank import DEFAULT_GRAPH
-    from pymk.ranking.evaluation_check import DEFAULT_DATA_DIR, GRAPHS
+    from pymk.bench.evaluation_check import DEFAULT_DATA_DIR, GRAPHS
+    from pymk.bench.rank import DEFAULT_GRAPH
     from pymk.streams.models import SHIPPED_MODELS
 
     from pymk.cli import DEFAULT_BENCH_DATA

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from itertools import islice
 
+from pymk.bench.soak import SoakSample, _final_edges, endless_events, summarise
 from pymk.streams.producer import synthetic_events
-from pymk.streams.soak import SoakSample, _final_edges, endless_events, summarise
 
 from pymk.events import InputEvent
 

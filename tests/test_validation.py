@@ -143,7 +143,7 @@ def test_any_json_gives_an_event_or_a_reason(value: object) -> None:
     assert isinstance(result, Invalid | ConnectionEvent)
 
 
-# ---- found by the hostile-input corpus (pymk/hostile.py) --------------------------------------------------------
+# ---- found by the hostile-input corpus (tests/hostile.py) --------------------------------------------------------
 
 def test_geo_integer_too_large_for_a_double_is_invalid_value_not_a_crash() -> None:
     # float(10**400) raises OverflowError: this used to escape parse_event and stop the worker's agent

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pymk.ranking.model_store import TrainingRefused, check_split_classes, promotion
 from pymk.streams.errors import InternalErrors
 from pymk.streams.ingest import InputRules, ingest_message
 from pymk.streams.partitioning import partition_for_user
@@ -33,7 +34,6 @@ from pymk.events import (
     UserEvent,
 )
 from pymk.settings import INPUT_KINDS, Settings
-from pymk.train import TrainingRefused, check_split_classes, promotion
 from pymk.validation import Invalid
 
 PRODUCER_LIMIT = 4 * 1024 * 1024

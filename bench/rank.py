@@ -295,8 +295,3 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
         f"(predict p50 {latency['predict']['p50']} ms, p99 {latency['predict']['p99']} ms)")
     return result
 
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(bench_rank(report=print), indent=2))

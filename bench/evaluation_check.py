@@ -1,6 +1,6 @@
 """Reproduce the contract's reference Recall@20 table on the four graphs of data/, with timings.
 
-    python -m pymk.ranking.evaluation_check [--data-dir DIR] [--out-dir DIR]
+    python -m pymk.bench.evaluation_check [--data-dir DIR] [--out-dir DIR]
 
 Prints one Markdown table (method × graph: Recall@20 vs reference, Recall@50, MRR, coverage) and exits 1 if any
 reference row is outside ±REFERENCE_TOLERANCE. With --out-dir, also writes each graph's JSON/Markdown/PNG report.

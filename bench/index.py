@@ -20,8 +20,8 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from pymk.bench.ann import choose_ef_search, measure_recall, query_latency_ms, raw_faiss_add_rate
 from pymk.index.ann import AnnConfig, AnnIndex
-from pymk.index.bench_ann import choose_ef_search, measure_recall, query_latency_ms, raw_faiss_add_rate
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.sage import load_model

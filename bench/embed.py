@@ -1,6 +1,6 @@
 """Throughput of stream-time user embedding (2-hop sampling + feature encoding + GraphSAGE) on one core.
 
-    python -m pymk.index.bench_embed [--data data/collegemsg/CollegeMsg.txt] [--model DIR] [--profiles]
+    python -m pymk.bench.embed [--data data/collegemsg/CollegeMsg.txt] [--model DIR] [--profiles]
 
 Without ``--model`` an untrained default-config model is used (the rate does not depend on the weights).
 ``--profiles`` gives every user a synthetic profile (:func:`pymk.synthetic.behaviour_for_replay`), so

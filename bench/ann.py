@@ -1,7 +1,7 @@
 """Benchmarks of the ANN index: recall against brute force, query latency, and add rates.
 
-The lead's ``pymk bench index --json`` calls :func:`run_index_benchmarks` (or the pieces). ``python -m
-pymk.index.bench_ann`` runs it stand-alone and prints the JSON.
+``pymk bench index`` (:mod:`pymk.bench.index`) uses the pieces on a trained model's embeddings. ``python -m
+pymk.bench.ann`` runs :func:`run_index_benchmarks` stand-alone (no model needed) and prints the JSON.
 
 Data: until trained GraphSAGE embeddings exist, two stand-ins. :func:`clustered_unit_vectors` mimics embeddings
 that group users into communities (a few hundred gaussian clusters on the sphere); and
