@@ -123,6 +123,12 @@ def _list_costs(refresh: dict[str, Any], flush: dict[str, Any]) -> dict[str, Any
             "messages_between_flushes": flush.get("messages_between_flushes")}
 
 
+def _lists_per_core_second(refresh_stats: list[tuple[dict[str, Any], dict[str, Any], Any]]) -> float | None:
+    lists = sum(int(refresh.get("refreshed") or 0) for refresh, _, _ in refresh_stats)
+    seconds = sum(float(refresh.get("refresh_seconds") or 0.0) for refresh, _, _ in refresh_stats)
+    return round(lists / seconds, 1) if seconds > 0 else None
+
+
 def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, list[int]],
             until_ms: int | None = None) -> dict[str, Any]:
     """Delays and share of the events whose users all got a list after the event (and, with ``until_ms``, by
@@ -254,6 +260,9 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         **in_window,
         "per_worker_at_window_end": [{**_list_costs(refresh, flush), "gc_pauses": gc}
                                      for refresh, flush, gc in refresh_stats],
+        # lists ranked per second of ranking time, summed over the workers (warm-up included): ranking runs on the
+        # event loop's one thread, so this is lists per core-second as the worker serves them
+        "lists_per_core_second": _lists_per_core_second(refresh_stats),
         "deferred_at_window_end": _total(h.get("lists_owed") for h in healths),
         "oldest_deferred_ms_at_window_end": max((h["oldest_owed_ms"] for h in healths
                                                  if h.get("oldest_owed_ms") is not None), default=None),

@@ -302,3 +302,12 @@ def test_metrics_are_exposed_by_prometheus_client_and_parse() -> None:
     assert samples[("pymk_processing_seconds_count", (("topic", "connections"),))] == 2
     assert samples[("pymk_consumer_lag", (("topic", "pymk.connections"),))] == 7
     assert samples[("pymk_uptime_seconds", ())] >= 0
+
+
+def test_the_freshness_bench_reports_lists_per_core_second() -> None:
+    from pymk.bench.freshness import _lists_per_core_second
+
+    stats = [({"refreshed": 300, "refresh_seconds": 2.0}, {}, None), ({"refreshed": 100, "refresh_seconds": 2.0}, {},
+                                                                     None)]
+    assert _lists_per_core_second(stats) == 100.0
+    assert _lists_per_core_second([({}, {}, None)]) is None
