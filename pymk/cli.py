@@ -212,6 +212,12 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                                       embeddings=Path(args.embeddings) if args.embeddings else None,
                                       progress=not args.quiet)
         print(f"pymk train: {result['why']}", file=sys.stderr)
+    elif args.kind == "reranker":
+        from pymk.train import train_reranker_command
+
+        result = train_reranker_command(args.data, args.synthetic, args.seed or 0, out, settings,
+                                        embeddings=Path(args.embeddings) if args.embeddings else None,
+                                        epochs=args.epochs if args.epochs != 20 else None, progress=not args.quiet)
     else:
         from pymk.train import train_two_tower_command
 
@@ -388,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="offline training; writes <home>/models/<kind>/<version> and points "
                                          "<kind>/current at it (workers load current at start)")
-    train.add_argument("kind", choices=["embeddings", "ranker", "two-tower"])
+    train.add_argument("kind", choices=["embeddings", "ranker", "two-tower", "reranker"])
     train_source = train.add_mutually_exclusive_group()
     train_source.add_argument("--data", help=FORMATS_HELP)
     train_source.add_argument("--synthetic", type=int, metavar="N", help="a generated network of N users, "

@@ -233,7 +233,7 @@ def train_reranker(events: Sequence[InputEvent] | EdgeHistory, out_dir: Path | s
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimiser.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(1)
             recall = recall_at(data.val, score_lists(model, data.val))
             curve.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall_at_20": recall})
