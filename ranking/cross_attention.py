@@ -373,3 +373,56 @@ def rerank_top(order: np.ndarray, rerank_scores: np.ndarray, top_n: int) -> np.n
     head = order[:top_n]
     by = np.argsort(-np.asarray(rerank_scores, np.float64), kind="stable")
     return np.concatenate([head[by], order[top_n:]])
+
+
+# ---- serving ------------------------------------------------------------------------------------------------------
+SERVING_THREADS = 1  # one list's forward is ~1,100 tokens: more threads mostly add sync cost, and workers share cores
+
+
+def rerank_scored(user: int, scored: Any, source: GraphSource, model: CrossAttentionRanker, k: int
+                  ) -> tuple[Any, dict[int, float]]:
+    """Re-rank Stage 2's top ``model.config.top_n`` of a :class:`pymk.ranking.recommend.ScoredCandidates` in one
+    batched forward pass; returns it with ``top`` (the first ``k``) replaced, and {candidate index: re-ranker
+    score} of the re-ranked head. Stage 2's scores stay (the reasons and the unshown sample use them)."""
+    import dataclasses
+    import time
+
+    from pymk.ranking.features import FEATURE_INDEX
+    from pymk.ranking.recommend import ranking_order
+
+    ids = scored.candidates.ids
+    if not len(ids):
+        return scored, {}
+    started = time.perf_counter()
+    head = ranking_order(scored.scores, scored.features[:, FEATURE_INDEX["candidate_degree_log"]], ids,
+                         model.config.top_n)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(SERVING_THREADS)
+    try:
+        scores = model.score_list(source, user, ids[head])
+    finally:
+        torch.set_num_threads(previous)
+    order = rerank_top(head, scores, len(head))
+    timings = dict(scored.timings)
+    timings["rerank"] = (time.perf_counter() - started) * 1e3
+    by_index = {int(i): float(s) for i, s in zip(head.tolist(), scores.tolist(), strict=True)}
+    return dataclasses.replace(scored, top=order[:k], timings=timings), by_index
+
+
+def mark_reranked(ranked: Any, rerank_scores: dict[int, float], candidate_index: dict[int, int], version: str
+                  ) -> Any:
+    """The items of a :class:`pymk.ranking.recommend.RankedList` with ``reasons["placed_by"]`` (the re-ranker's
+    version, or "stage2" for an item below the re-ranked head) and ``reasons["rerank_score"]``; the reasons built
+    from the features and the mutual connections stay as they are."""
+    import dataclasses
+
+    items = []
+    for item in ranked.items:
+        index = candidate_index.get(item.candidate.user)
+        reasons = dict(item.reasons)
+        if index is not None and index in rerank_scores:
+            reasons.update(placed_by=version, rerank_score=round(rerank_scores[index], 6))
+        else:
+            reasons["placed_by"] = "stage2"
+        items.append(dataclasses.replace(item, reasons=reasons))
+    return dataclasses.replace(ranked, items=tuple(items))

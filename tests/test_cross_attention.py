@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +169,58 @@ def test_replay_refuses_a_leaky_source(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_rerank_top_keeps_the_tail() -> None:
     order = np.array([4, 2, 0, 1, 3])
     assert rerank_top(order, np.array([0.1, 0.9, 0.5]), 3).tolist() == [2, 0, 4, 1, 3]
+
+
+def _saved_model(directory: Path, seed: int) -> str:
+    from pymk.ranking.cross_attention import save_model
+
+    with deterministic(seed, threads=1):
+        model = CrossAttentionRanker(SMALL)
+    model.version = f"xattn-test-{seed}"
+    save_model(model, directory / model.version)
+    return model.version
+
+
+def test_serving_default_has_no_reranker_and_hot_reload_follows_current(tmp_path: Path) -> None:
+    from pymk.streams.models import Models
+
+    from pymk.settings import Settings
+    from pymk.train import point_current
+
+    assert Settings.from_env({}, home=tmp_path).reranker == "none"
+    plain = Models(Settings.from_env({}, home=tmp_path))
+    assert plain.reranker is None and "+" not in plain.ranker_version
+    kind_dir = tmp_path / "models" / "reranker"
+    first = _saved_model(kind_dir, 1)
+    point_current(kind_dir / first)
+    models = Models(Settings.from_env({"PYMK_RERANKER": "cross-attention"}, home=tmp_path))
+    assert models.reranker.version == first and models.ranker_version.endswith(f"+{first}")
+    assert models.reload_if_changed() == {}
+    second = _saved_model(kind_dir, 2)
+    point_current(kind_dir / second)
+    assert models.reload_if_changed() == {"reranker": second}
+    assert models.ranker_version.endswith(f"+{second}")
+
+
+def test_rerank_scored_reorders_the_head_and_names_the_model() -> None:
+    from pymk.ranking.candidates import CandidateConfig
+    from pymk.ranking.cross_attention import mark_reranked, rerank_scored
+    from pymk.ranking.heuristic import HeuristicScorer
+    from pymk.ranking.recommend import rank_scored, score_candidates
+
+    source = random_graph(4, users=80, edges=500)
+    scorer = HeuristicScorer()
+    scored = score_candidates(0, source, scorer, CandidateConfig(), 10_000, k=5)
+    model = CrossAttentionRanker(replace(SMALL, top_n=10)).eval()
+    model.version = "xattn-test"
+    reranked, scores = rerank_scored(0, scored, source, model, 5)
+    assert len(scores) == min(10, len(scored.candidates)) and "rerank" in reranked.timings
+    assert set(reranked.top.tolist()) <= set(scores)
+    assert [scores[i] for i in reranked.top.tolist()] == sorted((scores[i] for i in reranked.top.tolist()),
+                                                                reverse=True)
+    ranked = rank_scored(0, reranked, source, scorer, 10_000)
+    index_of = {int(reranked.candidates.ids[i]): int(i) for i in reranked.top.tolist()}
+    marked = mark_reranked(ranked, scores, index_of, model.version)
+    for item in marked.items:
+        assert item.reasons["placed_by"] == "xattn-test" and "rerank_score" in item.reasons
+        assert set(ranked.items[item.rank - 1].reasons) <= set(item.reasons)  # feature/mutual reasons kept
