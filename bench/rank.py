@@ -62,10 +62,12 @@ def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
 
 def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, queries: int, source: MemorySource,
                     builder: FeatureBuilder, as_of: int, order: list[int],
-                    say: Callable[[str], None]) -> dict[str, Any]:
+                    say: Callable[[str], None], reranker: Any = None) -> dict[str, Any]:
     """One config of ``configs``: the whole Stage 2 of ``runs`` lists of exactly ``n_candidates`` candidates in this
     thread's CPU time (features, predict, order, reasons, as the worker does it), each part's wall time, Stage 1
-    apart, and how often the top 20 equals the top 20 of XGBoost's own scores (computed outside the timed span)."""
+    apart, and how often the top 20 equals the top 20 of XGBoost's own scores (computed outside the timed span).
+    ``reranker``: a cross-attention model re-ranking the top 50 inside the timed span (part "rerank"); its top 20
+    then differs from XGBoost's by design, so the equality share says how often the re-ranker kept the order."""
     config = CandidateConfig(graph_k=n_candidates, ann_k=n_candidates, max_candidates=n_candidates)
     users: list[int] = []
     for user in order:
@@ -91,6 +93,13 @@ def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, que
         top, t_order = _timed(lambda s=scores, x=features, c=candidates: ranking_order(
             s, x[:, _DEGREE_COLUMN], c.ids, 20))
         scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
+        if reranker is not None:
+            from pymk.ranking.cross_attention import rerank_scored
+
+            (scored, _), t_rerank = _timed(lambda s=scored, u=user: rerank_scored(u, s, source, reranker, 20))
+            top = scored.top
+            if run >= 10:
+                parts.setdefault("rerank", []).append(t_rerank)
         ranked, t_reasons = _timed(lambda s=scored, u=user: rank_scored(u, s, source, ranker, as_of, builder))
         t_cpu = (time.thread_time() - cpu_started) * 1e3
         # Outside the timed span: XGBoost's own scores and contributions of the same list, for equality and cost.
@@ -240,7 +249,9 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
     configs = [_measure_config("full-served-1000", served, 1000, config_runs, queries, source, builder, as_of, order,
                                say),
                _measure_config(f"full-{many_trees.metadata['trees']}trees-2000", many_trees, 2000, config_runs,
-                               queries, source, builder, as_of, order, say)]
+                               queries, source, builder, as_of, order, say),
+               _measure_config("full-served-1000-rerank50", served, 1000, config_runs, queries, source, builder, as_of,
+                               order, say, reranker=_bench_reranker(source))]
 
     # The alternatives, on the same matrices.
     sample = builder.matrix(bench_sets[0].user, bench_sets[0], source, as_of)
@@ -295,3 +306,14 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
         f"(predict p50 {latency['predict']['p50']} ms, p99 {latency['predict']['p99']} ms)")
     return result
 
+
+def _bench_reranker(source: MemorySource) -> Any:
+    """A cross-attention re-ranker of the default size with the bench graph's embedding width: untrained weights,
+    which cost the same as trained ones (the cost is what this config measures)."""
+    from pymk.ranking.cross_attention import CrossAttentionConfig, CrossAttentionRanker
+
+    users = sorted(source.users())[:50]
+    vector = next((v for v in (source.embedding(u) for u in users) if v is not None), None)
+    model = CrossAttentionRanker(CrossAttentionConfig(embedding_dim=0 if vector is None else len(vector))).eval()
+    model.version = "xattn-bench-untrained"
+    return model

@@ -212,6 +212,12 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                                       embeddings=Path(args.embeddings) if args.embeddings else None,
                                       progress=not args.quiet)
         print(f"pymk train: {result['why']}", file=sys.stderr)
+    elif args.kind == "reranker":
+        from pymk.train import train_reranker_command
+
+        result = train_reranker_command(args.data, args.synthetic, args.seed or 0, out, settings,
+                                        embeddings=Path(args.embeddings) if args.embeddings else None,
+                                        epochs=args.epochs if args.epochs != 20 else None, progress=not args.quiet)
     else:
         from pymk.train import train_two_tower_command
 
@@ -226,7 +232,8 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
     out_dir = Path(args.out_dir)
     result, paths = run_evaluation(settings, args.data, args.split, out_dir, seed=args.seed_split, live=args.live,
-                                   retrain=args.retrain, progress=not args.quiet, two_tower=not args.no_two_tower)
+                                   retrain=args.retrain, progress=not args.quiet, two_tower=not args.no_two_tower,
+                                   reranker=not args.no_reranker)
     if args.json:
         Path(args.json).write_text(paths["json"].read_text())
     print(paths["md"].read_text())
@@ -388,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="offline training; writes <home>/models/<kind>/<version> and points "
                                          "<kind>/current at it (workers load current at start)")
-    train.add_argument("kind", choices=["embeddings", "ranker", "two-tower"])
+    train.add_argument("kind", choices=["embeddings", "ranker", "two-tower", "reranker"])
     train_source = train.add_mutually_exclusive_group()
     train_source.add_argument("--data", help=FORMATS_HELP)
     train_source.add_argument("--synthetic", type=int, metavar="N", help="a generated network of N users, "
@@ -415,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also replay the past through Kafka into a worker and score its published lists")
     evaluate.add_argument("--retrain", action="store_true", help="train the models again (default: cached)")
     evaluate.add_argument("--no-two-tower", action="store_true", help="skip the two-tower rows (faster)")
+    evaluate.add_argument("--no-reranker", action="store_true",
+                          help="skip the hybrid+XGBoost+cross-attention row (time split only; faster)")
     evaluate.add_argument("--seed-split", type=int, default=0, help="seed of the random split")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)

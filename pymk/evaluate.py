@@ -119,7 +119,7 @@ def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrai
 
 def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_dir: Path, seed: int = 0,
                    live: bool = False, retrain: bool = False, progress: bool = True,
-                   two_tower: bool = True) -> tuple[EvaluationResult, dict[str, Path]]:
+                   two_tower: bool = True, reranker: bool = True) -> tuple[EvaluationResult, dict[str, Path]]:
     started = time.perf_counter()
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
@@ -138,6 +138,14 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
         tower_models, tower_seconds = cached_two_tower_models(split, models, cache_dir / "two-tower", retrain,
                                                               progress)
         methods += two_tower_methods(split, models, tower_models, ann, source=source)
+    rerank_seconds = 0.0
+    if reranker and split.kind == "time":  # trained on the temporal replay; the holdout replay is not supported yet
+        from pymk.ranking.cross_attention_eval import cached_reranker, reranker_method
+
+        hybrid = next(m for m in methods if getattr(m, "name", "") == "hybrid+XGBoost")
+        rerank_dir, rerank_seconds = cached_reranker(split, history, models, cache_dir / "reranker", retrain,
+                                                     progress)
+        methods.append(reranker_method(hybrid, rerank_dir))
     live_info: dict[str, Any] | None = None
     if live:
         from pymk.streams.evaluate_live import live_method
@@ -146,7 +154,8 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
         methods.append(live_result.method)
         live_info = live_result.info
     result = evaluate_methods(split, methods, candidate_sets=sets,
-                              timings={"train_models": train_seconds, "train_two_tower": tower_seconds})
+                              timings={"train_models": train_seconds, "train_two_tower": tower_seconds,
+                                       "train_reranker": rerank_seconds})
     result.timings["total"] = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}

@@ -104,6 +104,10 @@ class Settings:
     ranker_kind: str = "xgboost"
     two_tower_model: str = ""
     blend_weight: float = 0.5
+    # Stage 2 option C: "none" (default) or "cross-attention" (re-rank Stage 2's top 50 with the model at
+    # PYMK_RERANKER_MODEL or <home>/models/reranker/current, in one batched forward pass per list).
+    reranker: str = "none"
+    reranker_model: str = ""
     # How the ranker's trees are evaluated: "auto" (a C evaluator compiled once per machine with
     # tree_evaluator_cc and its flags, cached in tree_evaluator_cache_dir; XGBoost's inplace_predict when it cannot
     # be used, with the reason in /stats) or "xgboost" (always inplace_predict).

@@ -130,3 +130,43 @@ def train_two_tower_command(data: str | None, synthetic: int | None, seed: int, 
     return {"version": result.metadata.get("version"), "model_dir": str(result.model_dir), "current": str(current),
             "source": source, "loss": loss, "val_auc": result.metadata.get("best_val_auc"),
             "curve_png": str(result.curve_png)}
+
+
+def train_reranker_command(data: str | None, synthetic: int | None, seed: int, out: Path, settings: Settings,
+                           embeddings: Path | None = None, epochs: int | None = None,
+                           progress: bool = True) -> dict[str, object]:
+    """``pymk train reranker``: the cross-attention re-ranker on the temporal replay, its top 50 chosen by the
+    ranker the workers serve now (XGBoost, or the heuristic), embedding inputs from the serving GraphSAGE model."""
+    from dataclasses import replace
+
+    from pymk.datasets import load_edge_history
+    from pymk.index.sage import load_model
+    from pymk.ranking.cross_attention_training import RerankerTrainingConfig, train_reranker
+    from pymk.streams.models import resolve_model
+
+    events, source = training_events(data, synthetic, seed)
+    sage_dir = embeddings or resolve_model(settings.embedding_model, settings.model_dir, "embeddings")
+    scorer, scorer_version = serving_scorer(settings)
+    base = RerankerTrainingConfig(seed=seed, progress=progress,
+                                  horizon_days=settings.label_horizon_ms / 86_400_000)
+    if epochs is not None:
+        base = replace(base, epochs=epochs)
+    if sage_dir is not None:
+        base = replace(base, model=replace(base.model, embedding_dim=load_model(sage_dir)[0].config.embedding_dim))
+    staging = out / f".training-{os.getpid()}"
+    result = train_reranker(events if events is not None else load_edge_history(source), staging, base,
+                            scorer,  # type: ignore[arg-type]
+                            embeddings_at_checkpoint(sage_dir) if sage_dir is not None else None)
+    final = out / str(result.metadata["version"])
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    staging.rename(final)
+    current = point_current(final)
+    meta = result.metadata
+    return {"version": meta["version"], "model_dir": str(final), "current": str(current), "source": source,
+            "stage2_model": scorer_version, "embeddings_model": str(sage_dir) if sage_dir else None,
+            "val_recall_at_20": meta["val_recall_at_20"], "stage2_val_recall_at_20": meta["stage2_val_recall_at_20"],
+            "best_epoch": meta["best_epoch"], "curve_png": str(final / "curve.png"),
+            "from_stream": "not supported yet (the replay needs the event history)"}

@@ -63,13 +63,25 @@ class Models:
                                         f"{settings.ann_space} needs a two-tower model (pymk train two-tower, or "
                                         "PYMK_TWO_TOWER_MODEL)")
             self.two_tower = TwoTowerRanker(load_two_tower(tower_path)[0])
+        if settings.reranker not in ("none", "cross-attention"):
+            raise ValueError(f"PYMK_RERANKER={settings.reranker!r}: none or cross-attention")
+        self.reranker_path = self._reranker_path()
+        self.reranker: Any = self._load_reranker(self.reranker_path)
+        self._reranker_loaded = self._identity(self.reranker_path)
         self.reloads = 0
         log.info("models: embeddings %s (%s), ranker %s (%s, %s)", self.embedding_model, self.sage_path,
                  self.scorer.version, self.ranker_path or "built in", getattr(self.scorer, "evaluator", "heuristic"))
 
     @property
     def ranker_version(self) -> str:
-        """The model_version published on lists: the ranker, the two-tower model, or both for a blend."""
+        """The model_version published on lists: Stage 2's (below), with ``+<re-ranker version>`` when a re-ranker
+        re-orders its top 50."""
+        if self.reranker is not None:
+            return f"{self._stage2_version()}+{self.reranker.version}"
+        return self._stage2_version()
+
+    def _stage2_version(self) -> str:
+        """The ranker, the two-tower model, or both for a blend."""
         if self.two_tower is None or self.settings.ranker_kind == "xgboost":
             return str(self.scorer.version)
         if self.settings.ranker_kind == "two-tower":
@@ -81,6 +93,23 @@ class Models:
         if sage is None:
             raise FileNotFoundError("no GraphSAGE model: run `pymk train embeddings` or restore data/models")
         return sage, resolve_model(self.settings.ranker_model, self.settings.model_dir, "ranker")
+
+    def _reranker_path(self) -> Path | None:
+        if self.settings.reranker == "none":
+            return None
+        path = resolve_model(self.settings.reranker_model, self.settings.model_dir, "reranker")
+        if path is None:
+            raise FileNotFoundError("PYMK_RERANKER=cross-attention needs a model (pymk train reranker, or "
+                                    "PYMK_RERANKER_MODEL)")
+        return path
+
+    @staticmethod
+    def _load_reranker(path: Path | None) -> Any:
+        if path is None:
+            return None
+        from pymk.ranking.cross_attention import load_cross_attention  # torch model: imported only when asked for
+
+        return load_cross_attention(path)[0]
 
     def _load_ranker(self, path: Path | None) -> Any:
         """The ranker with its tree evaluator prepared (compiled once per machine: seconds the first time)."""
@@ -107,10 +136,17 @@ class Models:
         except FileNotFoundError:
             return None
         sage_id, ranker_id = self._identity(sage_path), self._identity(ranker_path)
-        if (sage_id, ranker_id) == self._loaded:
-            return None
-        pending: dict[str, Any] = {"ids": (sage_id, ranker_id)}
         try:
+            reranker_path = self._reranker_path()
+        except FileNotFoundError:
+            reranker_path = self.reranker_path
+        reranker_id = self._identity(reranker_path)
+        if (sage_id, ranker_id) == self._loaded and reranker_id == self._reranker_loaded:
+            return None
+        pending: dict[str, Any] = {"ids": (sage_id, ranker_id), "reranker_id": reranker_id}
+        try:
+            if reranker_id != self._reranker_loaded:
+                pending["reranker"] = (reranker_path, self._load_reranker(reranker_path))
             if sage_id != self._loaded[0]:
                 pending["embeddings"] = (sage_path, *load_model(sage_path))
             if ranker_id != self._loaded[1]:
@@ -133,7 +169,11 @@ class Models:
         if "ranker" in pending:
             self.ranker_path, self.scorer = pending["ranker"]
             changed["ranker"] = self.scorer.version
+        if "reranker" in pending:
+            self.reranker_path, self.reranker = pending["reranker"]
+            changed["reranker"] = self.reranker.version
         self._loaded = pending["ids"]
+        self._reranker_loaded = pending.get("reranker_id", self._reranker_loaded)
         if changed:
             self.reloads += 1
             log.info("models reloaded: %s", changed)
@@ -153,4 +193,7 @@ class Models:
         if isinstance(self.scorer, Ranker):  # "compiled-c", or "xgboost (why not)"
             ranker["evaluator"] = self.scorer.evaluator
             ranker["evaluator_kernel"] = self.scorer.evaluator_kernel
-        return {"embeddings": {"version": self.embedding_model, "path": str(self.sage_path)}, "ranker": ranker}
+        out = {"embeddings": {"version": self.embedding_model, "path": str(self.sage_path)}, "ranker": ranker}
+        if self.reranker is not None:
+            out["reranker"] = {"version": self.reranker.version, "path": str(self.reranker_path)}
+        return out

@@ -399,8 +399,19 @@ class Refresher:
         scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
         if self.settings.ranker_kind != "xgboost" and len(scored.candidates):
             scored = self._two_tower_scores(user, scored, source, k)
+        reranker = self.models.reranker
+        rerank_scores: dict[int, float] = {}
+        if reranker is not None and len(scored.candidates):
+            from pymk.ranking.cross_attention import rerank_scored
+
+            scored, rerank_scores = rerank_scored(user, scored, source, reranker, k)
         ranked = rank_scored(user, scored, source, scorer, as_of, builder=self.features)
-        if self.settings.ranker_kind != "xgboost":
+        if reranker is not None:
+            from pymk.ranking.cross_attention import mark_reranked
+
+            index_of = {int(scored.candidates.ids[i]): int(i) for i in scored.top.tolist()}
+            ranked = mark_reranked(ranked, rerank_scores, index_of, reranker.version)
+        if self.settings.ranker_kind != "xgboost" or reranker is not None:
             ranked = replace(ranked, model_version=self.models.ranker_version)
         logged = time.perf_counter()
         impressions = [Impression(user=user, candidate=item.candidate.user, rank=item.rank, score=item.score,
