@@ -119,7 +119,7 @@ def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrai
 
 def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_dir: Path, seed: int = 0,
                    live: bool = False, retrain: bool = False, progress: bool = True,
-                   two_tower: bool = True, reranker: bool = True) -> tuple[EvaluationResult, dict[str, Path]]:
+                   two_tower: bool = True, reranker: bool = False) -> tuple[EvaluationResult, dict[str, Path]]:
     started = time.perf_counter()
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
