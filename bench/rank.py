@@ -60,6 +60,26 @@ def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
     return result, (time.perf_counter() - started) * 1e3
 
 
+def _one_list(user: int, source: MemorySource, config: CandidateConfig, as_of: int, builder: FeatureBuilder,
+              ranker: Ranker, rerank: Callable[[ScoredCandidates], ScoredCandidates] | None = None
+              ) -> tuple[CandidateSet, ScoredCandidates, Any, dict[str, float], float]:
+    """Stage 1, then Stage 2 as the worker does it (features, predict, order, optionally a re-rank, reasons): the
+    candidates, the scored list, the ranked list, each part's wall milliseconds, and Stage 2's milliseconds of this
+    thread's CPU (XGBoost's OpenMP threads spinning after a comparison call would be counted by process_time: it
+    read ~45 % more than the parts' wall times on the served config)."""
+    candidates, t_stage1 = _timed(lambda: generate_candidates(user, source, config, as_of))
+    cpu_started = time.thread_time()
+    features, t_features = _timed(lambda: builder.matrix(user, candidates, source, as_of))
+    scores, t_predict = _timed(lambda: ranker.predict(features))
+    top, t_order = _timed(lambda: ranking_order(scores, features[:, _DEGREE_COLUMN], candidates.ids, 20))
+    scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
+    parts = {"stage1": t_stage1, "features": t_features, "predict": t_predict, "order": t_order}
+    if rerank is not None:
+        scored, parts["rerank"] = _timed(lambda: rerank(scored))
+    ranked, parts["reasons"] = _timed(lambda: rank_scored(user, scored, source, ranker, as_of, builder))
+    return candidates, scored, ranked, parts, (time.thread_time() - cpu_started) * 1e3
+
+
 def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, queries: int, source: MemorySource,
                     builder: FeatureBuilder, as_of: int, order: list[int],
                     say: Callable[[str], None], reranker: Any = None) -> dict[str, Any]:
@@ -82,26 +102,17 @@ def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, que
     xgb_predict_ms: list[float] = []
     xgb_explain_ms: list[float] = []
     equal = 0
+    rerank = None
+    if reranker is not None:
+        from pymk.ranking.cross_attention import rerank_scored
+
+        def rerank(scored: ScoredCandidates) -> ScoredCandidates:
+            return rerank_scored(scored.candidates.user, scored, source, reranker, 20)[0]
+
     for run in range(runs + 10):
         user = users[run % len(users)]
-        candidates, t_stage1 = _timed(lambda u=user: generate_candidates(u, source, config, as_of))
-        # This thread's CPU: XGBoost's OpenMP threads spinning after the comparison calls below would be counted by
-        # process_time (it read ~45% more than the parts' wall times on the served config).
-        cpu_started = time.thread_time()
-        features, t_features = _timed(lambda c=candidates, u=user: builder.matrix(u, c, source, as_of))
-        scores, t_predict = _timed(lambda x=features: ranker.predict(x))
-        top, t_order = _timed(lambda s=scores, x=features, c=candidates: ranking_order(
-            s, x[:, _DEGREE_COLUMN], c.ids, 20))
-        scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
-        if reranker is not None:
-            from pymk.ranking.cross_attention import rerank_scored
-
-            (scored, _), t_rerank = _timed(lambda s=scored, u=user: rerank_scored(u, s, source, reranker, 20))
-            top = scored.top
-            if run >= 10:
-                parts.setdefault("rerank", []).append(t_rerank)
-        ranked, t_reasons = _timed(lambda s=scored, u=user: rank_scored(u, s, source, ranker, as_of, builder))
-        t_cpu = (time.thread_time() - cpu_started) * 1e3
+        candidates, scored, ranked, wall, t_cpu = _one_list(user, source, config, as_of, builder, ranker, rerank)
+        features, top = scored.features, scored.top
         # Outside the timed span: XGBoost's own scores and contributions of the same list, for equality and cost.
         exact, t_xgb = _timed(lambda x=features: ranker.booster.inplace_predict(x, missing=np.nan))
         _, t_xgb_explain = _timed(lambda x=features[top]: ranker.booster.predict(
@@ -112,9 +123,8 @@ def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, que
         assert len(ranked.items) == 20
         exact_top = ranking_order(np.asarray(exact, np.float64), features[:, _DEGREE_COLUMN], candidates.ids, 20)
         equal += bool(np.array_equal(top, exact_top))
-        for part, value in (("stage1", t_stage1), ("features", t_features), ("predict", t_predict),
-                            ("order", t_order), ("reasons", t_reasons)):
-            parts[part].append(value)
+        for part, value in wall.items():
+            parts.setdefault(part, []).append(value)
         cpu_ms.append(t_cpu)
         xgb_predict_ms.append(t_xgb)
         xgb_explain_ms.append(t_xgb_explain)
@@ -221,26 +231,18 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
         user = bench_sets[run % len(bench_sets)].user
         # Stage 1 right before Stage 2, as in the worker: the source's 2-hop pass also yields the resource
         # allocation column, which Stage 2 then reads instead of traversing again. Timed apart, as Stage 1.
-        candidates, t_stage1 = _timed(lambda u=user: generate_candidates(u, source, config, as_of))
-        cpu_started = time.thread_time()
-        features, t_features = _timed(lambda c=candidates, u=user: builder.matrix(u, c, source, as_of))
-        scores, t_predict = _timed(lambda x=features: ranker.predict(x))
-        top, t_order = _timed(lambda s=scores, x=features, c=candidates: ranking_order(
-            s, x[:, _DEGREE_COLUMN], c.ids, 20))
-        scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
-        ranked, t_reasons = _timed(lambda s=scored, u=user: rank_scored(u, s, source, ranker, as_of, builder))
-        t_cpu = (time.thread_time() - cpu_started) * 1e3
+        candidates, scored, ranked, wall, t_cpu = _one_list(user, source, config, as_of, builder, ranker)
+        features, top = scored.features, scored.top
         _, t_explain = _timed(lambda x=features[top]: ranker.explain(x))
         if run < 10:
             continue  # warm-up: caches, first-call allocations
         assert len(ranked.items) == 20
-        for name, value in (("features", t_features), ("predict", t_predict), ("order", t_order),
-                            ("reasons", t_reasons)):
-            parts[name].append(value)
-        parts["total"].append(t_features + t_predict + t_order + t_reasons)
+        for name in ("features", "predict", "order", "reasons"):
+            parts[name].append(wall[name])
+        parts["total"].append(wall["features"] + wall["predict"] + wall["order"] + wall["reasons"])
         cpu_ms.append(t_cpu)
         explain_ms.append(t_explain)
-        stage1_ms.append(t_stage1)
+        stage1_ms.append(wall["stage1"])
 
     served = Ranker.load(SHIPPED_RANKER) if ranker_path is None else ranker
     served.booster.set_param({"nthread": 1})
