@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -99,11 +100,36 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+@dataclass(frozen=True)
+class ListEvidence:
+    """What sets each shown item apart, for a whole list at once (a few numpy calls per list instead of per item):
+    the list-relative contributions with -inf where a feature is never a reason, each row's strongest features,
+    and each row's strength of each kind of evidence the text can name."""
+
+    relative: np.ndarray  # (n, F)
+    top: np.ndarray  # (n, TOP_FEATURES) column indices, strongest first (ties: lower index)
+    strength: dict[str, np.ndarray]  # evidence kind → (n,)
+
+    @classmethod
+    def of(cls, rows: np.ndarray, contributions: np.ndarray) -> ListEvidence:
+        relative = list_relative_contributions(rows, contributions)
+        relative = np.where(np.isnan(relative), -np.inf, relative)
+        top = np.argsort(-relative, axis=1, kind="stable")[:, :TOP_FEATURES]
+        strength = {kind: relative[:, columns].max(axis=1) if len(relative) else np.empty(0)
+                    for kind, columns in _TEXT_EVIDENCE_INDEX.items()}
+        return cls(relative, top, strength)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        return self.relative[i], self.top[i], {kind: float(values[i]) for kind, values in self.strength.items()}
+
+
 def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score: float | None,
                   features: np.ndarray, contributions: np.ndarray, source: RankingSource,
-                  profiles: ProfileCache, degree_of: MutualDegrees | None = None) -> dict[str, Any]:
+                  profiles: ProfileCache, degree_of: MutualDegrees | None = None,
+                  top_indices: np.ndarray | None = None, strength: dict[str, float] | None = None) -> dict[str, Any]:
     """The reasons of one shown item from its feature row and its list-relative contributions (both (F,); see
-    :func:`list_relative_contributions`: NaN marks a feature that is never a reason)."""
+    :func:`list_relative_contributions`: NaN or -inf marks a feature that is never a reason). ``top_indices`` and
+    ``strength``: the same row's :class:`ListEvidence`, computed for the list at once (else here)."""
     mutual = int(features[FEATURE_INDEX["common_neighbor_count"]])
     reasons: dict[str, Any] = {
         "mutual_connections": mutual,
@@ -124,8 +150,10 @@ def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score
             reasons["cosine"] = round(float(ann_score), 4)
 
     relative = np.where(np.isnan(contributions), -np.inf, contributions)
+    if top_indices is None:
+        top_indices = np.argsort(-relative, kind="stable")[:TOP_FEATURES]
     top: list[dict[str, Any]] = []
-    for index in np.argsort(-relative, kind="stable")[:TOP_FEATURES].tolist():
+    for index in top_indices.tolist():
         contribution = round(float(relative[index]), 4)
         if not contribution > 0:  # only evidence for the candidate (and visible at 4 decimals)
             break
@@ -133,11 +161,12 @@ def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score
         top.append({"feature": FEATURE_NAMES[index], "contribution": contribution,
                     "value": None if math.isnan(value) else round(value, 4)})
     reasons["top_features"] = top
-    reasons["text"] = reason_text(reasons, features, relative)
+    reasons["text"] = reason_text(reasons, features, relative, strength)
     return reasons
 
 
-def reason_text(reasons: dict[str, Any], features: np.ndarray, relative: np.ndarray | None = None) -> str:
+def reason_text(reasons: dict[str, Any], features: np.ndarray, relative: np.ndarray | None = None,
+                strength: dict[str, float] | None = None) -> str:
     """A short human sentence of at most three parts, the strongest candidate-specific evidence first (the part
     whose features have the largest list-relative contribution; without contributions, the order below)."""
     parts: list[tuple[str, str]] = []  # (evidence kind, phrase), in the default order
@@ -160,7 +189,8 @@ def reason_text(reasons: dict[str, Any], features: np.ndarray, relative: np.ndar
     if reasons.get("active_recently"):
         parts.append(("active", "active lately"))
     if relative is not None and len(parts) > 1:
-        strength = {kind: float(relative[_TEXT_EVIDENCE_INDEX[kind]].max()) for kind, _ in parts}
+        if strength is None:
+            strength = {kind: float(relative[_TEXT_EVIDENCE_INDEX[kind]].max()) for kind, _ in parts}
         parts.sort(key=lambda part: -strength[part[0]])  # stable: equal evidence keeps the default order
         # next to mutual connections, a weak part whose features do not set the item apart is not worth a place
         if reasons["mutual_connections"]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pymk.ranking.candidates import Candidate, CandidateConfig, CandidateFilter, CandidateSet, generate_candidates
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder, feature_dict
-from pymk.ranking.reasons import MutualDegrees, build_reasons, list_relative_contributions
+from pymk.ranking.reasons import ListEvidence, MutualDegrees, build_reasons
 from pymk.ranking.source import RankingSource, Scorer
 
 from pymk.events import RecommendationItem, Recommendations
@@ -148,13 +148,14 @@ def rank_scored(user: int, scored: ScoredCandidates, source: RankingSource, scor
     top = scored.top
     rows = scored.features[top]
     contributions = scorer.explain(rows) if len(top) else np.empty((0, rows.shape[1]))
-    contributions = list_relative_contributions(rows, contributions)  # what sets each item apart in its list
+    evidence = ListEvidence.of(rows, contributions)  # what sets each item apart in its list
     degree_of = MutualDegrees(source)
     items: list[RankedItem] = []
-    for rank, (index, row, explanation) in enumerate(zip(top.tolist(), rows, contributions, strict=True), start=1):
+    for rank, (index, row) in enumerate(zip(top.tolist(), rows, strict=True), start=1):
         candidate = scored.candidates.candidate(index)
-        reasons = build_reasons(user, candidate.user, candidate.sources, candidate.ann_score, row, explanation,
-                                source, builder.profiles, degree_of)
+        relative, strongest, strength = evidence.row(rank - 1)
+        reasons = build_reasons(user, candidate.user, candidate.sources, candidate.ann_score, row, relative,
+                                source, builder.profiles, degree_of, strongest, strength)
         items.append(RankedItem(candidate, float(scored.scores[index]), rank, candidate.sources, reasons))
     timings = dict(scored.timings)
     timings["reasons"] = (time.perf_counter() - started) * 1e3
