@@ -143,8 +143,9 @@ class GraphSage(nn.Module):
 
 
 # ---- versions, saving, loading ----------------------------------------------------------------------------------
-def weights_digest(model: GraphSage) -> str:
-    """Hex blake2b of the weights (names and bytes, in name order)."""
+def weights_digest(model: nn.Module) -> str:
+    """Hex blake2b of a torch model's state (names and bytes, in name order; buffers such as BatchNorm statistics
+    included): the digest in every model version of pymk (GraphSAGE, two-tower, cross-attention)."""
     digest = blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

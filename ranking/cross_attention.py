@@ -36,7 +36,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from pymk.index.embedder import salt_for_version
 from pymk.index.node_features import DEGREE_DIM, PROFILE_FEATURE_DIM, encode_degrees, encode_profile_compact
+from pymk.index.sage import weights_digest
 from pymk.index.sampling import bottom_k, mix64
 from torch import nn
 
@@ -327,14 +327,6 @@ def listwise_loss(scores: torch.Tensor, labels: torch.Tensor, sizes: Sequence[in
 
 
 # ---- versions, saving, loading ----------------------------------------------------------------------------------
-def weights_digest(model: nn.Module) -> str:
-    digest = blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def make_version(model: CrossAttentionRanker, when: datetime | None = None) -> str:
     when = when or datetime.now(UTC)
     return f"xattn-{when:%Y%m%d%H%M%S}-{weights_digest(model)[:8]}"

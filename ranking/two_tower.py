@@ -46,7 +46,6 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -63,7 +62,7 @@ from pymk.index.node_features import (
     encode_profile_compact,
     profile_flags,
 )
-from pymk.index.sage import MIN_STABLE_ROWS, GraphSage, load_model
+from pymk.index.sage import MIN_STABLE_ROWS, GraphSage, load_model, weights_digest
 from pymk.index.training import LeakageError, assert_no_leakage, roc_auc, sample_non_edges, split_by_time
 from pymk.ranking.source import EMBEDDING_DIM
 from torch import nn
@@ -742,15 +741,6 @@ def _step_loss(model: TwoTowerModel, snapshot: _Snapshot, chunk: np.ndarray, kno
 
 
 # ---- versions, saving, loading ------------------------------------------------------------------------------------
-def weights_digest(model: nn.Module) -> str:
-    """Hex blake2b of the state dict (names and bytes, in name order; BatchNorm statistics included)."""
-    digest = blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def make_version(model: TwoTowerModel, when: datetime | None = None) -> str:
     """``tt-<YYYYmmddHHMMSS UTC>-<8 hex of the weights digest>``."""
     when = when or datetime.now(UTC)
