@@ -42,7 +42,6 @@ from pymk.ranking.cross_attention import (
     save_model,
 )
 from pymk.ranking.heuristic import HeuristicScorer
-from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.recommend import score_candidates
 from pymk.ranking.source import Scorer
 from pymk.ranking.training_data import (
@@ -50,10 +49,12 @@ from pymk.ranking.training_data import (
     EmbeddingsAt,
     check_no_leakage,
     history_events,
+    new_connections,
+    replay_checkpoints,
 )
 
 from pymk.datasets import EdgeHistory
-from pymk.events import ConnectionEvent, InputEvent
+from pymk.events import InputEvent
 from pymk.reproducible import config_digest, deterministic
 
 
@@ -91,20 +92,6 @@ class RerankData:
     stats: dict[str, Any]
 
 
-def _new_connections(events: Sequence[InputEvent]) -> list[tuple[int, int, int]]:
-    alive: set[tuple[int, int]] = set()
-    out = []
-    for event in events:
-        if isinstance(event, ConnectionEvent) and event.src != event.dst:
-            pair = (min(event.src, event.dst), max(event.src, event.dst))
-            if event.action == "remove":
-                alive.discard(pair)
-            elif pair not in alive:
-                alive.add(pair)
-                out.append((pair[0], pair[1], event.ts))
-    return out
-
-
 def build_rerank_data(events: Sequence[InputEvent] | EdgeHistory, config: RerankerTrainingConfig, salt: int,
                       scorer: Scorer | None = None, embeddings_at: EmbeddingsAt | None = None) -> RerankData:
     """Lists of the temporal replay (see the module doc); the last checkpoint validates."""
@@ -113,31 +100,18 @@ def build_rerank_data(events: Sequence[InputEvent] | EdgeHistory, config: Rerank
         if not events.timed:
             raise ValueError("the re-ranker trains on a temporal replay: untimed edge lists are not supported yet")
         events = history_events(events)
-    connections = _new_connections(events)
+    connections = new_connections(events)
     if len(connections) < 2:
         raise ValueError("need at least two connections to replay")
     checkpoints = sorted({connections[int(f * len(connections))][2] for f in config.checkpoint_fractions})
     horizon_ms = int(config.horizon_days * DAY_MS)
     rng = np.random.default_rng(config.seed)
-    source = MemorySource()
-    next_event = 0
     train: list[RerankList] = []
     val: list[RerankList] = []
     per_checkpoint = []
     started = time.perf_counter()
     bar = _bar(len(checkpoints) * config.queries_per_checkpoint, config.progress, "replay", "query")
-    for t in checkpoints:
-        while next_event < len(events) and events[next_event].ts < t:
-            source.apply(events[next_event])
-            next_event += 1
-        check_no_leakage(source, t)
-        if embeddings_at is not None:
-            source.set_embeddings(dict(embeddings_at(source, t)))
-        future: dict[int, set[int]] = {}
-        for u, v, ts in connections:
-            if t <= ts < t + horizon_ms and v not in source.neighbours(u):
-                future.setdefault(u, set()).add(v)
-                future.setdefault(v, set()).add(u)
+    for t, source, future in replay_checkpoints(events, connections, checkpoints, horizon_ms, embeddings_at):
         active = sorted(u for u in source.users() if source.degree(u) > 0 and u in future)
         queries = rng.permutation(active)[: config.queries_per_checkpoint].tolist()
         is_val = t == checkpoints[-1] and len(checkpoints) > 1

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +200,7 @@ def history_events(history: EdgeHistory) -> list[InputEvent]:
     return [event for _, _, event in events]
 
 
-def _new_connections(events: Sequence[InputEvent]) -> list[tuple[int, int, int]]:
+def new_connections(events: Sequence[InputEvent]) -> list[tuple[int, int, int]]:
     """(u, v, ts) of every add that connects a pair not connected at that moment, in order."""
     alive: set[tuple[int, int]] = set()
     out: list[tuple[int, int, int]] = []
@@ -295,7 +295,7 @@ def build_training_data(events: Sequence[InputEvent] | EdgeHistory, config: Trai
     timed = True if timed is None else timed
     if any(later.ts < earlier.ts for earlier, later in zip(events, events[1:], strict=False)):
         raise ValueError("events must be in ts order")
-    connections = _new_connections(events)
+    connections = new_connections(events)
     if len(connections) < 2:
         raise ValueError("need at least two connections to replay")
     if config.replay_for(timed) == "holdout":
@@ -315,25 +315,12 @@ def build_training_data(events: Sequence[InputEvent] | EdgeHistory, config: Trai
     val_from = checkpoints[len(checkpoints) - n_val] if n_val else None
 
     rng = np.random.default_rng(config.seed)
-    source = MemorySource()
     builder = FeatureBuilder()
-    next_event = 0
     examples: list[tuple[int, QueryExamples]] = []  # (checkpoint, rows of one query)
     per_checkpoint: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = _progress(len(checkpoints), progress)
-    for t in checkpoints:
-        while next_event < len(events) and events[next_event].ts < t:
-            source.apply(events[next_event])
-            next_event += 1
-        check_no_leakage(source, t)
-        if embeddings_at is not None:
-            source.set_embeddings(dict(embeddings_at(source, t)))
-        future: dict[int, set[int]] = {}
-        for u, v, ts in connections:
-            if t <= ts < t + horizon_ms and v not in source.neighbours(u):
-                future.setdefault(u, set()).add(v)
-                future.setdefault(v, set()).add(u)
+    for t, source, future in replay_checkpoints(events, connections, checkpoints, horizon_ms, embeddings_at):
         past_users = [u for u in source.users() if source.degree(u) > 0]
         active = sorted(u for u in past_users if u in future)
         inactive = sorted(u for u in past_users if u not in future)
@@ -369,6 +356,30 @@ def build_training_data(events: Sequence[InputEvent] | EdgeHistory, config: Trai
     weights = _weights([q for _, q in examples])
     return TrainingData(features, labels, groups, ts, users, candidates, shown, is_val, tuple(checkpoints),
                         horizon_ms, horizon_label, stats, cases, weights)
+
+
+def replay_checkpoints(events: Sequence[InputEvent], connections: Sequence[tuple[int, int, int]],
+                       checkpoints: Sequence[int], horizon_ms: int, embeddings_at: EmbeddingsAt | None = None
+                       ) -> Iterator[tuple[int, MemorySource, dict[int, set[int]]]]:
+    """The temporal replay: at each checkpoint t (ascending), one source holding exactly the events before t
+    (checked: :func:`check_no_leakage`), its embeddings as of t when ``embeddings_at`` is given, and each user's
+    future partners — pairs that connect in [t, t + ``horizon_ms``) and are not connected at t. The source is the
+    same object throughout, advanced from one checkpoint to the next."""
+    source = MemorySource()
+    next_event = 0
+    for t in checkpoints:
+        while next_event < len(events) and events[next_event].ts < t:
+            source.apply(events[next_event])
+            next_event += 1
+        check_no_leakage(source, t)
+        if embeddings_at is not None:
+            source.set_embeddings(dict(embeddings_at(source, t)))
+        future: dict[int, set[int]] = {}
+        for u, v, ts in connections:
+            if t <= ts < t + horizon_ms and v not in source.neighbours(u):
+                future.setdefault(u, set()).add(v)
+                future.setdefault(v, set()).add(u)
+        yield t, source, future
 
 
 def holdout_pairs(connections: Sequence[tuple[int, int, int]], fraction: float, seed: int) -> set[tuple[int, int]]:
