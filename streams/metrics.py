@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, Summary, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -57,14 +58,21 @@ class WorkerMetrics:
         self.events_valid: Counter[str] = Counter()  # by input topic kind
         self.events_invalid: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()  # by reason code
+        self._children: dict[tuple[str, bool], tuple[Any, Any]] = {}  # (kind, valid) → (counter, summary) children
 
     def observe(self, kind: str, valid: bool, seconds: float, reason_code: str | None = None) -> None:
-        """One input event processed; ``reason_code``: it was dead-lettered for that reason."""
+        """One input event processed; ``reason_code``: it was dead-lettered for that reason. Called for every
+        event: the labelled children are looked up once per label set (``labels()`` takes a lock and builds a key)."""
         (self.events_valid if valid else self.events_invalid)[kind] += 1
-        self.events_processed.labels(kind, "valid" if valid else "invalid").inc()
+        children = self._children.get((kind, valid))
+        if children is None:
+            children = self._children[(kind, valid)] = (
+                self.events_processed.labels(kind, "valid" if valid else "invalid"),
+                self.processing_seconds.labels(kind))
+        children[0].inc()
+        children[1].observe(seconds)
         if reason_code is not None:
             self.dead_letter(reason_code)
-        self.processing_seconds.labels(kind).observe(seconds)
 
     def dead_letter(self, reason_code: str) -> None:
         self.dead_letters[reason_code] += 1
