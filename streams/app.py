@@ -710,8 +710,9 @@ class PymkApp:
                 memory_baseline[:] = [snapshot]
             return web.json(answer)
 
-        def owner_page(path: str, view: Any) -> None:
-            """A GET page about user ``u`` (and maybe ``v``), answered by the worker owning u's partition."""
+        def owner_page(path: str, view: Any, html: bool = False) -> None:
+            """A GET page about user ``u`` (and maybe ``v``), answered by the worker owning u's partition: the
+            view's JSON, or with ``html`` its text as an HTML page."""
 
             @app.page(path, name=path)
             async def page(web: Any, request: Any, u: str, v: str | None = None) -> Any:
@@ -730,33 +731,17 @@ class PymkApp:
                         return web.json({"error": f"user {unknown[0]} is unknown: no event has named it "
                                                   "(in this worker's partitions)", "user": unknown[0]}, status=404)
                     body = view(*ids)
-                    return web.json(body) if body is not None else moving(web, self.partition_of(ids[0]),
-                                                                          "not open here")
+                    if body is None:
+                        return moving(web, self.partition_of(ids[0]), "not open here")
+                    if html:
+                        return web.bytes(body.encode(), headers={"Content-Type": "text/html; charset=utf-8"})
+                    return web.json(body)
 
                 return await routed(web, request, u, local)
 
         owner_page("/users/{u}", self.user_view)
-
-        @app.page("/users/{u}/page", name="/users/{u}/page")
-        async def user_page(web: Any, request: Any, u: str) -> Any:
-            """The debug page of one user (streams/debug_page.py): HTML, routed to the owner like the JSON views."""
-            user = parse_user(u)
-            if user is None:
-                return web.json({"error": BAD_USER_ID}, status=400)
-
-            async def local() -> Any:
-                if self.unknown_users([user]):
-                    if self.partition_behind(self.partition_of(user)):
-                        return moving(web, self.partition_of(user), "its state is catching up with its input")
-                    return web.json({"error": f"user {user} is unknown: no event has named it", "user": user},
-                                    status=404)
-                html = self.user_page(user)
-                if html is None:
-                    return moving(web, self.partition_of(user), "not open here")
-                return web.bytes(html.encode(), headers={"Content-Type": "text/html; charset=utf-8"})
-
-            return await routed(web, request, u, local)
-
+        # the debug page of one user (streams/debug_page.py), for people who would rather look than read
+        owner_page("/users/{u}/page", self.user_page, html=True)
         owner_page("/users/{u}/candidates", self.candidates_view)
         owner_page("/features/{u}/{v}", self.pair_view)
         owner_page("/recommendations/{u}", self.recommendations_view)
