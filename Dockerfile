@@ -8,6 +8,7 @@ COPY features features
 COPY ranking ranking
 COPY index index
 COPY bench bench
+COPY data data
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu .
 EXPOSE 6066
 CMD ["pymk", "worker"]

@@ -11,13 +11,15 @@ from pathlib import Path
 from pymk.settings import Settings
 
 
-def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    """A `pymk worker` with these settings in its own process group, logging to ``log_path``."""
+def start_worker_process(settings: Settings, log_path: Path, python: str = sys.executable,
+                         cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """A `pymk worker` with these settings in its own process group, logging to ``log_path``; ``python``: the
+    interpreter whose installation of pymk runs it (a test's non-editable install)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "pymk.cli", "worker"], stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen([python, "-m", "pymk.cli", "worker"], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **settings.as_env()},
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:

@@ -85,13 +85,14 @@ def test_default_data_paths_are_inside_the_clone() -> None:
 
 def test_without_the_source_tree_data_is_found_from_the_environment_or_the_cwd(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A non-editable install has no data/ beside the package: PYMK_DATA_DIR, then ./data, are searched.
+    # Neither a source tree nor the installed package data (pymk.data): PYMK_DATA_DIR, then ./data, are searched.
     from pymk import paths
 
-    monkeypatch.setattr(paths, "REPO_DATA_DIR", tmp_path / "site-packages" / "data")
+    monkeypatch.setattr(paths, "REPO_DATA_DIR", tmp_path / "clone" / "data")
+    monkeypatch.setattr(paths, "INSTALLED_DATA_DIR", tmp_path / "site-packages" / "pymk" / "data")
     monkeypatch.delenv("PYMK_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert paths.bundled_data("g.txt") == tmp_path / "site-packages" / "data" / "g.txt"  # named in the error
+    assert paths.bundled_data("g.txt") == tmp_path / "site-packages" / "pymk" / "data" / "g.txt"  # in the error
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "g.txt").write_text("1 2\n")
     assert paths.bundled_data("g.txt") == tmp_path / "data" / "g.txt"
@@ -99,3 +100,8 @@ def test_without_the_source_tree_data_is_found_from_the_environment_or_the_cwd(
     (tmp_path / "mine" / "g.txt").write_text("1 2\n")
     monkeypatch.setenv("PYMK_DATA_DIR", str(tmp_path / "mine"))
     assert paths.bundled_data("g.txt") == tmp_path / "mine" / "g.txt"
+    # A non-editable install's package data comes before ./data
+    monkeypatch.delenv("PYMK_DATA_DIR")
+    (tmp_path / "site-packages" / "pymk" / "data").mkdir(parents=True)
+    (tmp_path / "site-packages" / "pymk" / "data" / "g.txt").write_text("1 2\n")
+    assert paths.bundled_data("g.txt") == tmp_path / "site-packages" / "pymk" / "data" / "g.txt"

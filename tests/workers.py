@@ -46,10 +46,12 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.3, what: str 
 
 
 @contextmanager
-def running_worker(settings: Settings, log_path: Path,
-                   ready_timeout: float = 90.0) -> Iterator[subprocess.Popen[bytes]]:
-    """A `pymk worker` subprocess with these settings; yields once /health answers; stops it after."""
-    proc = start_worker_process(settings, log_path)
+def running_worker(settings: Settings, log_path: Path, ready_timeout: float = 90.0, python: str | None = None,
+                   cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A `pymk worker` subprocess with these settings; yields once /health answers; stops it after.
+    ``python``: another interpreter's installation of pymk (default: this one's)."""
+    proc = (start_worker_process(settings, log_path) if python is None
+            else start_worker_process(settings, log_path, python=python, cwd=cwd))
     try:
         wait_until(lambda: proc.poll() is None and http_get(settings, "/health")["status"] == "ok",
                    ready_timeout, what=f"worker ready (log: {log_path})")
