@@ -19,10 +19,8 @@ large-M ones), so a user's vector does not depend on which other users share its
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from hashlib import blake2b
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,8 @@ from pymk.index.node_features import FEATURE_CONFIG, FEATURE_VERSION, NODE_FEATU
 from pymk.index.sampling import SampledSubgraph, mix64
 from torch import nn
 
-MODEL_FILE = "model.pt"
-METADATA_FILE = "metadata.json"
+from pymk import model_artifact
+
 MIN_STABLE_ROWS = 32  # matmuls below 16 rows round differently on MKL (measured); 32 leaves a margin
 _SKETCH_SEED = np.uint64(0x5EED_1D5E_7C0D_E001)
 
@@ -142,52 +140,29 @@ class GraphSage(nn.Module):
         return F.normalize(h, dim=1)
 
 
-# ---- versions, saving, loading ----------------------------------------------------------------------------------
-def weights_digest(model: nn.Module) -> str:
-    """Hex blake2b of a torch model's state (names and bytes, in name order; buffers such as BatchNorm statistics
-    included): the digest in every model version of pymk (GraphSAGE, two-tower, cross-attention)."""
-    digest = blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
+# ---- versions, saving, loading (the layout and its checks: pymk/model_artifact.py) -------------------------------
 def make_version(model: GraphSage, when: datetime | None = None) -> str:
     """``sage-<YYYYmmddHHMMSS UTC>-<8 hex of the weights digest>``."""
-    when = when or datetime.now(UTC)
-    return f"sage-{when:%Y%m%d%H%M%S}-{weights_digest(model)[:8]}"
+    return model_artifact.make_version("sage", model, when)
 
 
 def save_model(model: GraphSage, directory: Path | str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model.pt`` and ``metadata.json`` to ``directory``; returns the metadata written (with
     ``version``, from ``metadata``, else the model's, else a new one)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = dict(metadata or {})
-    version = str(meta.get("version") or model.version or make_version(model))
     config = asdict(model.config)
-    meta.update(version=version, sage_config=config, feature_config=FEATURE_CONFIG,
-                weights_digest=weights_digest(model))
-    torch.save({"config": config, "state_dict": model.state_dict(), "version": version}, directory / MODEL_FILE)
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    model.version = version
-    return meta
+    return model_artifact.save_torch_model(model, directory, metadata, "sage", config,
+                                           {"sage_config": config, "feature_config": FEATURE_CONFIG})
 
 
-def load_model(directory: Path | str) -> tuple[GraphSage, dict[str, Any]]:
-    """The model saved in ``directory`` (in eval mode, ``version`` set) and its metadata."""
-    directory = Path(directory)
-    meta = json.loads((directory / METADATA_FILE).read_text())
+def _check_features(directory: Path, meta: dict[str, Any]) -> None:
     saved_features = meta.get("feature_config", {}).get("version")
     if saved_features != FEATURE_VERSION:
         raise ValueError(f"{directory}: model trained on features {saved_features!r}, this code makes "
                          f"{FEATURE_VERSION!r}")
-    payload = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    model = GraphSage(SageConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    if weights_digest(model) != meta.get("weights_digest"):
-        raise ValueError(f"{directory}: weights do not match metadata.json")
-    model.version = str(payload["version"])
+
+
+def load_model(directory: Path | str) -> tuple[GraphSage, dict[str, Any]]:
+    """The model saved in ``directory`` (in eval mode, ``version`` set) and its metadata."""
+    model, meta, _ = model_artifact.load_torch_model(directory, lambda config: GraphSage(SageConfig(**config)),
+                                                     _check_features)
     return model, meta

@@ -30,11 +30,10 @@ so the same model sees the same tokens for the same graph in every process.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,14 +43,12 @@ import torch
 import torch.nn.functional as F
 from pymk.index.embedder import salt_for_version
 from pymk.index.node_features import DEGREE_DIM, PROFILE_FEATURE_DIM, encode_degrees, encode_profile_compact
-from pymk.index.sage import weights_digest
 from pymk.index.sampling import bottom_k, mix64
 from torch import nn
 
+from pymk import model_artifact
 from pymk.events import Profile
 
-MODEL_FILE = "model.pt"
-METADATA_FILE = "metadata.json"
 TOP_N = 50  # Stage 2's top that option C re-ranks (it cannot precompute candidate vectors)
 N_DISTANCES = 4  # distance tag 0, 1, 2, 3+ (3 also means "not seen within the samples")
 
@@ -326,36 +323,21 @@ def listwise_loss(scores: torch.Tensor, labels: torch.Tensor, sizes: Sequence[in
     return torch.stack(losses).mean()
 
 
-# ---- versions, saving, loading ----------------------------------------------------------------------------------
+# ---- versions, saving, loading (the layout and its checks: pymk/model_artifact.py) -------------------------------
 def make_version(model: CrossAttentionRanker, when: datetime | None = None) -> str:
-    when = when or datetime.now(UTC)
-    return f"xattn-{when:%Y%m%d%H%M%S}-{weights_digest(model)[:8]}"
+    return model_artifact.make_version("xattn", model, when)
 
 
 def save_model(model: CrossAttentionRanker, directory: Path | str, metadata: dict[str, Any] | None = None
                ) -> dict[str, Any]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = dict(metadata or {})
-    version = str(meta.get("version") or model.version or make_version(model))
     config = asdict(model.config)
-    meta.update(version=version, config=config, weights_digest=weights_digest(model), kind="cross-attention")
-    torch.save({"config": config, "state_dict": model.state_dict(), "version": version}, directory / MODEL_FILE)
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    model.version = version
-    return meta
+    return model_artifact.save_torch_model(model, directory, metadata, "xattn", config,
+                                           {"config": config, "kind": "cross-attention"})
 
 
 def load_cross_attention(directory: Path | str) -> tuple[CrossAttentionRanker, dict[str, Any]]:
-    directory = Path(directory)
-    meta = json.loads((directory / METADATA_FILE).read_text())
-    payload = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    model = CrossAttentionRanker(CrossAttentionConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    if weights_digest(model) != meta.get("weights_digest"):
-        raise ValueError(f"{directory}: weights do not match metadata.json")
-    model.version = str(payload["version"])
+    model, meta, _ = model_artifact.load_torch_model(
+        directory, lambda config: CrossAttentionRanker(CrossAttentionConfig(**config)))
     return model, meta
 
 

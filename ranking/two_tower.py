@@ -38,7 +38,6 @@ split the GraphSAGE model must have been trained on connections strictly before 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -62,19 +61,18 @@ from pymk.index.node_features import (
     encode_profile_compact,
     profile_flags,
 )
-from pymk.index.sage import MIN_STABLE_ROWS, GraphSage, load_model, weights_digest
+from pymk.index.sage import MIN_STABLE_ROWS, GraphSage, load_model
 from pymk.index.training import LeakageError, assert_no_leakage, roc_auc, sample_non_edges, split_by_time
 from pymk.ranking.source import EMBEDDING_DIM
 from torch import nn
 
+from pymk import model_artifact
 from pymk.events import Profile
 
 Loss = Literal["B1", "B2", "B3"]
 SplitKind = Literal["time", "random"]
 LOSSES: tuple[str, ...] = ("B1", "B2", "B3")
 INPUT_DIM = EMBEDDING_DIM + PROFILE_FEATURE_DIM + ACTIVITY_FEATURE_DIM  # 176
-MODEL_FILE = "model.pt"
-METADATA_FILE = "metadata.json"
 CURVE_FILE = "training_curve.png"
 _MASKED = -1e9  # logit of a masked negative (finite: -inf gives NaN gradients on fully masked rows)
 
@@ -740,44 +738,33 @@ def _step_loss(model: TwoTowerModel, snapshot: _Snapshot, chunk: np.ndarray, kno
     return triplet_loss(positive_scores, negative_scores, config.margin, valid)
 
 
-# ---- versions, saving, loading ------------------------------------------------------------------------------------
+# ---- versions, saving, loading (the layout and its checks: pymk/model_artifact.py) ---------------------------------
 def make_version(model: TwoTowerModel, when: datetime | None = None) -> str:
     """``tt-<YYYYmmddHHMMSS UTC>-<8 hex of the weights digest>``."""
-    when = when or datetime.now(UTC)
-    return f"tt-{when:%Y%m%d%H%M%S}-{weights_digest(model)[:8]}"
+    return model_artifact.make_version("tt", model, when)
 
 
 def save_two_tower(model: TwoTowerModel, directory: Path | str,
                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model.pt`` and ``metadata.json``; returns the metadata written (with the version)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = dict(metadata or {})
-    version = str(meta.get("version") or model.version or make_version(model))
     config = asdict(model.config)
-    meta.update(version=version, tower_config=config, feature_version=FEATURE_VERSION,
-                weights_digest=weights_digest(model), calibration_ab=list(model.calibration))
-    torch.save({"config": config, "state_dict": model.state_dict(), "version": version,
-                "calibration": list(model.calibration)}, directory / MODEL_FILE)
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    model.version = version
-    return meta
+    calibration = list(model.calibration)
+    return model_artifact.save_torch_model(
+        model, directory, metadata, "tt", config,
+        {"tower_config": config, "feature_version": FEATURE_VERSION, "calibration_ab": calibration},
+        {"calibration": calibration})
+
+
+def _check_features(directory: Path, meta: dict[str, Any]) -> None:
+    if meta.get("feature_version") != FEATURE_VERSION:
+        raise ValueError(f"{directory}: towers trained on features {meta.get('feature_version')!r}, this code makes "
+                         f"{FEATURE_VERSION!r}")
 
 
 def load_two_tower(directory: Path | str) -> tuple[TwoTowerModel, dict[str, Any]]:
     """The model saved in ``directory`` (eval mode, version and calibration set) and its metadata."""
-    directory = Path(directory)
-    meta = json.loads((directory / METADATA_FILE).read_text())
-    if meta.get("feature_version") != FEATURE_VERSION:
-        raise ValueError(f"{directory}: towers trained on features {meta.get('feature_version')!r}, this code makes "
-                         f"{FEATURE_VERSION!r}")
-    payload = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    model = TwoTowerModel(TowerConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    if weights_digest(model) != meta.get("weights_digest"):
-        raise ValueError(f"{directory}: weights do not match metadata.json")
-    model.version = str(payload["version"])
+    model, meta, payload = model_artifact.load_torch_model(
+        directory, lambda config: TwoTowerModel(TowerConfig(**config)), _check_features)
     a, b = payload["calibration"]
     model.calibration = (float(a), float(b))
     return model, meta

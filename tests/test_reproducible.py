@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pymk.index.ann import AnnConfig
-from pymk.index.sage import weights_digest
 from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
 from pymk.ranking.evaluation import make_split
 from pymk.ranking.model import Ranker, RankerConfig
@@ -25,6 +24,7 @@ from pymk.ranking.training_data import TrainingDataConfig, build_training_data
 
 from pymk import evaluate
 from pymk.datasets import load_edge_history
+from pymk.model_artifact import weights_digest
 from pymk.synthetic import SyntheticConfig, synthetic_network
 
 # embedding_dim: the serving width (MemorySource holds 128-d vectors).
