@@ -256,8 +256,8 @@ class Refresher:
             for u in sorted(set(due) - set(users)):
                 state.work.embedded(u)
                 previous = state.embeddings.get(u)
-                if previous is not None and previous.vector.size:
-                    deletion = EmbeddingRecord(u, previous.version + 1, now_ms, self.models.embedding_model,
+                if (previous is not None and previous.vector.size) or (previous is None and u in self.index.index):
+                    deletion = EmbeddingRecord(u, self._next_version(state, u), now_ms, self.models.embedding_model,
                                                np.empty(0, dtype=np.float32))
                     state.embeddings.put(deletion)
                     self.index.apply(deletion)
@@ -309,14 +309,22 @@ class Refresher:
             state.work.embedded(user)
             return []
 
+    def _next_version(self, state: PartitionState, user: int) -> int:
+        """One more than any version of the user's embedding seen here: the partition's row, or the index's. A
+        partition taken over without its state (from a killed worker on another machine) has no row, and its
+        new records must still beat what the previous owner published: every index keeps the highest version,
+        so a new record numbered from 1 would be ignored, and the old vector served, until the count caught up
+        (seen in the three-worker test)."""
+        previous = state.embeddings.get(user)
+        return max(previous.version if previous is not None else 0, self.index.versions.get(user, 0)) + 1
+
     def _embed(self, state: PartitionState, users: list[int], now_ms: int, salt: int) -> list[EmbeddingRecord]:
         # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
         # gives the same vector, also when a crash makes the worker redo this flush
         vectors = self.embedder(state).embed(users, salt)
         records = []
         for user, vector in zip(users, vectors, strict=True):
-            previous = state.embeddings.get(user)
-            records.append(EmbeddingRecord(user, 1 if previous is None else previous.version + 1, now_ms,
+            records.append(EmbeddingRecord(user, self._next_version(state, user), now_ms,
                                            self.models.embedding_model, np.asarray(vector, dtype=np.float32)))
             state.work.embedded(user)
         state.embeddings.put_many(records)

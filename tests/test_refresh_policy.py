@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -397,3 +398,37 @@ def test_outboxes_are_sent_between_flushes_and_what_was_not_sent_goes_with_the_f
     asyncio.run(scenario())
     for state in worker.owned.values():
         state.store.close()
+
+
+class _FakeIndex:
+    """The versions a worker's index holds, and what it is given."""
+
+    def __init__(self, versions: dict[int, int]) -> None:
+        self.versions = dict(versions)
+        self.applied: list[Any] = []
+
+    def apply_many(self, records: list[Any]) -> None:
+        self.applied.extend(records)
+
+
+class _ZeroEmbedder:
+    def embed(self, users: list[int], salt: int) -> list[np.ndarray]:
+        return [np.ones(4, dtype=np.float32) / 2 for _ in users]
+
+
+def test_an_embedding_of_a_partition_taken_over_without_its_state_beats_the_previous_owners() -> None:
+    # A killed worker's records (version 7 of user 5) are in every index; the partition's new owner, on another
+    # machine, has no row for user 5. Its record must be numbered past 7, or every index would keep the old vector.
+    from pymk.index.records import EmbeddingRecord
+    from pymk.streams.work import EmbeddingStore
+
+    refresher = CountingRefresher(Settings(), cost_s=0.0)
+    refresher.index = _FakeIndex({5: 7})  # type: ignore[assignment]
+    refresher.models = type("M", (), {"embedding_model": "sage-test"})()  # type: ignore[assignment]
+    refresher.embedder = lambda state: _ZeroEmbedder()  # type: ignore[method-assign]
+    state = FakeState()
+    state.embeddings = EmbeddingStore(DictStore())  # type: ignore[attr-defined]
+    state.embeddings.put(EmbeddingRecord(6, 2, 0, "sage-test", np.ones(4, dtype=np.float32)))
+    records = refresher._embed(state, [5, 6, 9], now_ms=1_000, salt=0)  # type: ignore[arg-type]
+    assert [(r.user, r.version) for r in records] == [(5, 8), (6, 3), (9, 1)]
+    assert refresher.index.applied == records  # type: ignore[attr-defined]

@@ -1,0 +1,80 @@
+"""Tier 3: three workers, each with its own state folder, share 12 partitions; one is SIGKILLed mid-stream and
+the other two take its partitions over (re-reading them from the topics: they have no local state for them).
+The end state — features, index and published lists — equals one uninterrupted worker's on the same events."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from conftest import free_port
+from pymk.streams.producer import send_commands
+from pymk.streams.topics import ensure_topics
+from stream_helpers import differences, final_refresh, send, settle, small_network, state_view, users_of
+from workers import http_get, running_worker, wait_until
+
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
+
+PARTITIONS = 12
+SESSION_TIMEOUT_S = 6.0
+
+
+def _owned(worker: Settings) -> list[int]:
+    return list(http_get(worker, "/health")["partitions"])
+
+
+def test_three_workers_on_twelve_partitions_equal_one_and_take_over_a_killed_one(kafka_settings: Settings,
+                                                                                tmp_path: Path) -> None:
+    events = small_network(150, seed=13)
+    users = users_of(events)
+    base = replace(kafka_settings, partitions=PARTITIONS, session_timeout_s=SESSION_TIMEOUT_S,
+                   reembed_min_interval_ms=1000)
+    tag = "one" + base.topic_prefix
+    reference = replace(base, topic_prefix=tag, app_id=tag + "-worker", home=tmp_path / "one", web_port=free_port())
+    workers = [replace(base, home=tmp_path / f"worker{i}", web_port=free_port()) for i in range(3)]
+    half = len(events) // 2
+
+    def single_worker() -> dict:
+        ensure_topics(reference)
+        with running_worker(reference, tmp_path / "one.log"):
+            send(reference, events)
+            final_refresh(reference, [reference])
+            return state_view([reference], users)
+
+    with ThreadPoolExecutor(1) as pool:
+        expected_run = pool.submit(single_worker)
+        ensure_topics(base)
+        processes = [start_worker_process(w, tmp_path / f"worker{i}.log") for i, w in enumerate(workers)]
+        try:
+            wait_until(lambda: sorted(p for w in workers for p in _owned(w)) == list(range(PARTITIONS))
+                       and all(_owned(w) for w in workers), 120, what="three workers share the 12 partitions")
+            send(base, events[:half])
+            settle(base, workers)
+            # the first owners re-embed everyone a few times: their records' versions run ahead of what a new
+            # owner, replaying without their state, would number its own from
+            for _ in range(3):
+                send_commands(base, reembed=True, rank=False)
+                settle(base, workers)
+            killed = _owned(workers[0])
+            os.killpg(processes[0].pid, signal.SIGKILL)
+            processes[0].wait()
+            survivors = workers[1:]
+            send(base, events[half:])
+            wait_until(lambda: sorted(p for w in survivors for p in _owned(w)) == list(range(PARTITIONS)), 120,
+                       what="the two survivors own every partition")
+            settle(base, survivors)
+            final_refresh(base, survivors)
+            got = state_view(survivors, users)
+        finally:
+            for process in processes:
+                stop_process(process)
+        expected = expected_run.result()
+
+    assert len(killed) >= 2  # the killed worker held its share of the 12
+    assert expected.keys() == got.keys() == users
+    assert not differences(expected, got), differences(expected, got)
+    assert sum(1 for view in got.values() if view["list"] is not None and view["list"]["items"]) > len(users) // 2
