@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pymk.features.graph import ADJACENCY, COMMON, MIRROR, REVERSE, DegreeUpdate, PartitionGraph
+from pymk.features.graph import DegreeUpdate, PartitionGraph
+from pymk.features.keyspace import ADJACENCY, COMMON, MIRROR, REVERSE
 from pymk.features.storage import DictRowStore, row_user
 from pymk.index.ann import AnnConfig
 from pymk.index.records import EmbeddingRecord

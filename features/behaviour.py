@@ -46,16 +46,17 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
+from pymk.features.keyspace import (  # the rows: features/keyspace.py
+    DISMISSALS,
+    ENGAGEMENTS,
+    ITEM,
+    ITEM_MIRROR,
+    VIEWS_IN,
+    VIEWS_OUT,
+)
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key
 
 from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
-
-VIEWS_OUT = b"V"  # local viewer u → {viewed v: {ts}}
-VIEWS_IN = b"W"  # local user v → {viewer u: {ts}} (v was viewed by u)
-DISMISSALS = b"X"  # local user u → {candidate: {ts}}
-ENGAGEMENTS = b"E"  # local user u → {item: first ts}
-ITEM = b"I"  # item of this partition → its engagers {user: first ts}, or the hub marker
-ITEM_MIRROR = b"J"  # item of another partition → a copy of its engagers, or the hub marker
 
 DAY_MS = 86_400_000
 _STAMP_KINDS = (VIEWS_OUT, VIEWS_IN, DISMISSALS)

@@ -38,12 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pymk.features.activity import activity_values
+from pymk.features.keyspace import ADJACENCY, COMMON, MIRROR, REVERSE  # the rows: features/keyspace.py
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key
-
-ADJACENCY = b"A"  # local user u → registers {neighbour: version}
-MIRROR = b"M"  # remote user z → registers {neighbour: version}, a copy of z's adjacency
-REVERSE = b"R"  # any user z → local users u whose adjacency has z alive
-COMMON = b"C"  # local user u → {v: (count << 0) | (ts << 32)}
 
 _COUNT_BITS = 32
 _COUNT_MASK = (1 << _COUNT_BITS) - 1

@@ -29,11 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pymk.features.keyspace import PROFILE  # the rows: features/keyspace.py
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key, row_user
 
 from pymk.events import Profile, UserEvent
-
-PROFILE = b"P"  # local user → JSON {"s": sign-up ts, "f": {field: [ts, value]}}
 
 EARTH_RADIUS_KM = 6371.0088  # mean earth radius (IUGG)
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph, version_ts
+from pymk.features.keyspace import EVENT_TIME, OFFSETS  # the rows: features/keyspace.py
 from pymk.features.profile import ProfileStore
 from pymk.features.storage import CacheBudget, RocksMemory, RocksRowStore
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
@@ -60,8 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OFFSETS_PREFIX = b"O"
-EVENT_TIME_KEY = b"T"  # the partition's event-time watermark: the largest event ts applied to it
+OFFSETS_PREFIX = OFFSETS  # + the input topic's name
+EVENT_TIME_KEY = EVENT_TIME  # the partition's event-time watermark: the largest event ts applied to it
 RECENT_EVENTS = 10_000  # applied events kept in memory for the debug page, per worker
 SLOW_FLUSH_S = 0.25  # a flush (or a slice between flushes) at least this long is logged with what it did
 # re-embeddings per embedder call in a slice between flushes: a slice looks at the clock between two calls, so

@@ -17,13 +17,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 
+from pymk.features.keyspace import EMBEDDING, PENDING, PUBLISHED  # the rows: features/keyspace.py
 from pymk.features.storage import ROW_BYTES, RowStore, evict_oldest_rows, row_key, row_user
 from pymk.index.records import EmbeddingRecord
 
 from pymk.events import Recommendations
 
-PENDING = b"Q"
-EMBEDDING = b"G"
 _PENDING_ROW = struct.Struct("<qbqq")
 _PENDING_ROW_V1 = struct.Struct("<qbq")  # rows written before "last touched" existed: last = first
 NO_EMBEDDING_DUE = -1
@@ -158,9 +157,6 @@ class EmbeddingStore:
         for key, _ in self.store.scan(EMBEDDING):
             if row_user(key) not in seen:
                 yield row_user(key)
-
-
-PUBLISHED = b"L"
 
 
 class PublishedLists:

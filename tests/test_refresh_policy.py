@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pymk.features.keyspace import PENDING
 from pymk.features.storage import row_key
 from pymk.streams.refresh import EMBED_CHUNK, ListBudget, Refresher, RefreshStats, refresh_order
 from pymk.streams.state import OutputTopics, WorkerState
-from pymk.streams.work import NO_EMBEDDING_DUE, PENDING, PendingWork
+from pymk.streams.work import NO_EMBEDDING_DUE, PendingWork
 
 from pymk.events import Recommendations
 from pymk.settings import Settings
