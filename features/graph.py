@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 from pymk.features.activity import activity_values
@@ -65,6 +67,20 @@ def version_ts(version: int) -> int:
 def adamic_adar_weight(degree: int) -> float:
     """1/ln(deg) of a common neighbour; a neighbour of degree 1 (or 0) contributes 0."""
     return 1.0 / math.log(degree) if degree > 1 else 0.0
+
+
+class TwoHopArrays(NamedTuple):
+    """Every user at distance exactly 2 of a query user (the same set as :meth:`PartitionGraph.two_hop_scores`),
+    as parallel arrays ordered by id: common-neighbour count, Adamic-Adar and resource-allocation sums."""
+
+    ids: np.ndarray  # int64, ascending
+    counts: np.ndarray  # int64
+    adamic_adar: np.ndarray  # float64
+    resource_allocation: np.ndarray  # float64
+
+    @classmethod
+    def empty(cls) -> TwoHopArrays:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty(0))
 
 
 class OwnershipError(LookupError):
@@ -508,6 +524,29 @@ class PartitionGraph:
                         scores[w] = weight
                         allocation[w] = share
         return counts, scores, allocation
+
+    def two_hop_arrays(self, user: int) -> TwoHopArrays:
+        """:meth:`two_hop_with_allocation` as arrays, without a Python step per 2-path: the mirrors' registers are
+        read in one pass each, and the sums are ``np.bincount`` with weights, which adds each candidate's terms
+        one by one in input order — the neighbours' id order, as the dict loop does — so every sum has the same
+        bits."""
+        rows = [self.mirror_row(z) for z in self._sorted_neighbours(user)]
+        sizes = np.fromiter(map(len, (row.versions for row in rows)), np.int64, len(rows))
+        total = int(sizes.sum())
+        if not total:
+            return TwoHopArrays.empty()
+        others = np.fromiter(chain.from_iterable(row.versions for row in rows), np.int64, total)
+        # uint64, as the rows are stored: a version is 2·ts + 1 at most
+        versions = np.fromiter(chain.from_iterable(row.versions.values() for row in rows), np.uint64, total)
+        alive = ((versions & np.uint64(1)) == 0) & (others != user)
+        degrees = [row.alive for row in rows]
+        adamic_adar = np.repeat(np.array([adamic_adar_weight(d) for d in degrees], np.float64), sizes)
+        allocation = np.repeat(np.array([1.0 / d if d else 0.0 for d in degrees], np.float64), sizes)
+        ids, inverse = np.unique(others[alive], return_inverse=True)
+        n = len(ids)
+        return TwoHopArrays(ids, np.bincount(inverse, minlength=n).astype(np.int64),
+                            np.bincount(inverse, adamic_adar[alive], minlength=n),
+                            np.bincount(inverse, allocation[alive], minlength=n))
 
     def has_user(self, user: int) -> bool:
         """Whether some event gave the local ``user`` adjacency state (a register, alive or removed). Reads without
