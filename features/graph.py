@@ -491,6 +491,11 @@ class PartitionGraph:
         worker, or :meth:`adamic_adar_score` get the same bits (the arrival order depends on timing)."""
         return sorted(z for z, _ in self.adjacency_row(user).alive_items())
 
+    def neighbour_rows(self, user: int) -> list[tuple[int, Registers]]:
+        """(z, z's registers as mirrored here) of the local user's alive neighbours z, by id: what a user's 2-hop
+        reads are made of (read once per list, then :meth:`common_neighbors` of many candidates is a lookup each)."""
+        return [(z, self.mirror_row(z)) for z in self._sorted_neighbours(user)]
+
     def two_hop_scores(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
         """Common-neighbour counts and Adamic-Adar scores of every candidate of a local user, in one pass."""
         counts: dict[int, int] = {}
@@ -530,7 +535,7 @@ class PartitionGraph:
         read in one pass each, and the sums are ``np.bincount`` with weights, which adds each candidate's terms
         one by one in input order — the neighbours' id order, as the dict loop does — so every sum has the same
         bits."""
-        rows = [self.mirror_row(z) for z in self._sorted_neighbours(user)]
+        rows = [row for _, row in self.neighbour_rows(user)]
         sizes = np.fromiter(map(len, (row.versions for row in rows)), np.int64, len(rows))
         total = int(sizes.sum())
         if not total:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
-from pymk.features.graph import TwoHopArrays, is_alive
+from pymk.features.graph import Registers, TwoHopArrays, is_alive
 from pymk.ranking.source import ActivityTable
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
@@ -74,6 +74,7 @@ class WorkerRankingSource:
         # for one ranking pass, in which the state does not change.
         self._two_hop: tuple[int, TwoHopArrays] | None = None
         self._allocation: tuple[int, dict[int, float]] | None = None
+        self._neighbour_rows: tuple[int, list[tuple[int, Registers]]] | None = None  # for the shown items' reasons
 
     def neighbours(self, user: int) -> Collection[int]:
         return self.graph.neighbours(user).keys()
@@ -101,7 +102,10 @@ class WorkerRankingSource:
         return self.most_active_of(k)
 
     def common_neighbors(self, user: int, candidate: int) -> Sequence[int]:
-        return self.graph.common_neighbors(user, candidate)
+        """:meth:`PartitionGraph.common_neighbors` (by id), with the user's neighbour rows read once per list."""
+        if self._neighbour_rows is None or self._neighbour_rows[0] != user:
+            self._neighbour_rows = (user, self.graph.neighbour_rows(user))
+        return [z for z, row in self._neighbour_rows[1] if row.versions.get(candidate, 1) % 2 == 0]
 
     def degree(self, user: int) -> int:
         return self.degree_of(user)
