@@ -8,16 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Sequence
 from itertools import repeat
-from pathlib import Path
 
 import numpy as np
 import pytest
 from pymk.bench.worker_list import WorkerWorld, build_world
 from pymk.ranking.candidates import (
     _AA_DECIMALS,
-    ANN,
-    GRAPH,
-    POPULAR,
     CandidateConfig,
     CandidateFilter,
     CandidateSet,
@@ -25,10 +21,14 @@ from pymk.ranking.candidates import (
     default_filters,
     generate_candidates,
 )
-from pymk.ranking.features import feature_dict
+from pymk.ranking.features import FEATURE_NAMES, feature_dict
+from pymk.ranking.impressions import feature_dicts
+from pymk.ranking.recommend import RankedList, ScoredCandidates
 from pymk.ranking.source import IdArraySource, PopularSource, RankingSource, TwoHopArraySource
 from pymk.streams.ranking_source import WorkerRankingSource
 from pymk.streams.user_facts import UserFacts
+
+from pymk.events import Impression, unshown_sample_to_json
 
 
 # ---- the reference: Stage 1 as it was before the arrays (generate_candidates at 3c36b74) -----------------------
@@ -260,3 +260,139 @@ def test_common_neighbours_read_once_per_list_equal_the_graphs(world: WorkerWorl
     for user in local_users(world)[::4]:
         for candidate in [*everyone[::7], *unknown_users(world, 1, 1)]:
             assert list(source.common_neighbors(user, candidate)) == graph.common_neighbors(user, candidate)
+
+
+# ---- the columnar reads ----------------------------------------------------------------------------------------
+def assert_columns_equal_per_user_reads(world: WorkerWorld, source: WorkerRankingSource, ids: np.ndarray) -> None:
+    assert isinstance(source, IdArraySource)
+    per_user = make_source(world, LegacySource)  # no facts: every read goes to the state or user-globals
+    users = ids.tolist()
+    assert source.degrees_of(ids).tolist() == [world.degree_of(u) for u in users]
+    table = source.activity_table_of(ids)
+    held = [per_user._activity(u) for u in users]
+    assert table.known.tolist() == [h is not None for h in held]
+    assert table.anchors.tolist() == [0 if h is None else h[1] for h in held]
+    expected_values = [[0.0] * table.values.shape[1] if h is None else list(h[0]) for h in held]
+    assert table.values.tobytes() == np.array(expected_values, np.float64).tobytes()
+    vectors = source.embeddings_of(ids)
+    for row, user in zip(vectors, users, strict=True):
+        vector = world.index.vector(user)
+        assert np.isnan(row).all() if vector is None else row.tobytes() == vector.tobytes()
+    # and the list reads the feature matrix used before
+    assert source.many_profiles(users) == [world.profile_of(u) for u in users]
+    assert source.many_degrees(users).tolist() == [world.degree_of(u) for u in users]
+
+
+def sample_ids(world: WorkerWorld, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Local, remote and unknown users (of either partition), with repeats."""
+    everyone = sorted({u for s in world.states.values() for u in s.graph.local_users()})
+    pool = everyone + unknown_users(world, 0, 5) + unknown_users(world, 1, 5)
+    return np.array(rng.choice(pool, size=n, replace=True), np.int64)
+
+
+def test_columnar_reads_equal_the_per_user_reads_and_follow_changes(world: WorkerWorld) -> None:
+    from pymk.bench.worker_list import _route
+    from pymk.streams.ingest import apply_event
+
+    from pymk.events import ConnectionEvent, Profile, UserEvent
+
+    refresher = world.refresher()  # its facts are invalidated as the worker's are: collect() and user-globals
+    source = make_source(world, facts=refresher.facts)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        assert_columns_equal_per_user_reads(world, source, sample_ids(world, rng, 300))
+    assert refresher.facts is not None and refresher.facts.reads > 0
+
+    # changes after the facts were read: local and remote users connect, disconnect, change profile
+    local = local_users(world)
+    remote = sorted(world.states[1].graph.local_users())
+    ts = world.event_time_ms + 1
+    events = [ConnectionEvent(local[0], remote[0], "add", ts), ConnectionEvent(local[1], local[2], "add", ts),
+              ConnectionEvent(remote[1], remote[2], "add", ts), UserEvent(local[3], ts, Profile(company="Other Co")),
+              UserEvent(remote[3], ts, Profile(school="Elsewhere"))]
+    neighbour = next(iter(world.owned.graph.neighbours(local[4])))
+    events.append(ConnectionEvent(local[4], neighbour, "remove", ts))
+    for event in events:
+        key = event.src if isinstance(event, ConnectionEvent) else event.key
+        apply_event(world.states[world.partition_of(key)], event, b"", world.partition_of, lambda kind: kind)
+    _route(world.states, world.globals)  # user-globals records: the listener invalidates the remote users
+    refresher.collect(world.owned, ts)  # the local users' own rows changed
+    changed = np.array([local[0], remote[0], local[1], local[2], remote[1], remote[2], local[3], remote[3],
+                        local[4], neighbour], np.int64)
+    assert_columns_equal_per_user_reads(world, make_source(world, facts=refresher.facts), changed)
+    for _ in range(3):
+        assert_columns_equal_per_user_reads(world, make_source(world, facts=refresher.facts),
+                                            sample_ids(world, rng, 300))
+
+
+# ---- what is published -------------------------------------------------------------------------------------------
+def legacy_shown_impressions(ranked: RankedList, ts: int, as_of: int) -> list[Impression]:
+    """The shown impressions as Refresher.rank built them before ranking/impressions.py."""
+    return [Impression(user=ranked.user, candidate=item.candidate.user, rank=item.rank, score=item.score,
+                       model_version=ranked.model_version, features=ranked.features_of(i), ts=ts, as_of=as_of,
+                       sources=item.sources)
+            for i, item in enumerate(ranked.items)]
+
+
+def legacy_unshown_impressions(user: int, scored: ScoredCandidates, sample: Sequence[tuple[int, float]],
+                               model_version: str, ts: int, as_of: int) -> list[Impression]:
+    indices = [index for index, _ in sample]
+    candidates = scored.candidates
+    return [Impression(user=user, candidate=candidate, rank=0, score=score, model_version=model_version,
+                       features=feature_dict(row), ts=ts, as_of=as_of, sources=sources, weight=weight)
+            for (_, weight), candidate, score, row, sources in zip(
+                sample, candidates.ids[indices].tolist(), scored.scores[indices].tolist(),
+                scored.features[indices], candidates.sources_of(indices), strict=True)]
+
+
+def test_published_lists_and_impressions_are_the_same_as_before(world: WorkerWorld,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import pymk.streams.refresh as refresh_module
+
+    users = local_users(world)[::6]
+    now = world.event_time_ms + 10
+    got = [world.refresher().rank(world.owned, user, now) for user in users]
+    monkeypatch.setattr(refresh_module, "WorkerRankingSource", LegacySource)
+    monkeypatch.setattr(refresh_module, "shown_impressions", legacy_shown_impressions)
+    monkeypatch.setattr(refresh_module, "unshown_impressions", legacy_unshown_impressions)
+    expected = [world.refresher().rank(world.owned, user, now) for user in users]
+    assert sum(len(recommendations.items) for recommendations, _ in got) > 0
+    assert sum(1 for _, impressions in got for i in impressions if i.rank == 0) > 0
+    for (recommendations, impressions), (expected_recommendations, expected_impressions) in zip(got, expected,
+                                                                                                strict=True):
+        assert recommendations.to_json() == expected_recommendations.to_json()
+        assert impressions == expected_impressions
+        assert [i.to_json() for i in impressions] == [i.to_json() for i in expected_impressions]
+        unshown = [i for i in impressions if i.rank == 0]
+        if unshown:
+            expected_unshown = [i for i in expected_impressions if i.rank == 0]
+            assert unshown_sample_to_json(unshown) == unshown_sample_to_json(expected_unshown)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_feature_dicts_equal_feature_dict_per_row(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(50, len(FEATURE_NAMES)))
+    rows[rng.random(rows.shape) < 0.2] = np.nan
+    rows[0, 3], rows[1, 4], rows[2, 5] = np.inf, -np.inf, -0.0
+    got = feature_dicts(rows)
+    expected = [feature_dict(row) for row in rows]
+    assert got == expected
+    assert [list(d) for d in got] == [list(d) for d in expected]  # the same key order: the same JSON
+    assert feature_dicts(np.empty((0, len(FEATURE_NAMES)))) == []
+    with pytest.raises(ValueError):
+        feature_dicts(rows[:, :-1])
+
+
+def test_impressions_of_a_list_equal_the_dataclass_built_ones() -> None:
+    features: dict[str, float | None] = {"a": 1.0, "b": None}
+    made = Impression.of_list(7, "v1", 100, 90, [(3, 1, 0.5, features, ("graph",), 1.0),
+                                                 (4, 0, 0.25, features, (), 2.5)])
+    expected = [Impression(user=7, candidate=3, rank=1, score=0.5, model_version="v1", features=features, ts=100,
+                           as_of=90, sources=("graph",)),
+                Impression(user=7, candidate=4, rank=0, score=0.25, model_version="v1", features=features, ts=100,
+                           as_of=90, sources=(), weight=2.5)]
+    assert made == expected
+    assert [i.to_json() for i in made] == [i.to_json() for i in expected]
+    with pytest.raises(AttributeError):  # still frozen
+        made[0].rank = 2  # type: ignore[misc]
