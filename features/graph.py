@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -127,13 +126,14 @@ PartitionMessage = EdgeHalf | MirrorUpdate
 class Registers:
     """Edge registers of one user: neighbour → version, with the alive count and version sum kept current."""
 
-    __slots__ = ("versions", "alive", "version_sum")
+    __slots__ = ("versions", "alive", "version_sum", "_alive_ids")
 
     def __init__(self, versions: dict[int, int] | None = None) -> None:
         self.versions: dict[int, int] = versions or {}
         self.alive = sum(1 for v in self.versions.values() if v % 2 == 0)
         # Σ (version + 1): strictly grows with every change, a new register at version 0 included.
         self.version_sum = sum(self.versions.values()) + len(self.versions)
+        self._alive_ids: np.ndarray | None = None  # alive_ids(), made at the first read after a change
 
     def merge(self, neighbour: int, version: int) -> tuple[bool, bool] | None:
         """Apply a register; None when it changes nothing, else (was_alive, now_alive)."""
@@ -143,9 +143,19 @@ class Registers:
         was_alive = old is not None and old % 2 == 0
         now_alive = version % 2 == 0
         self.versions[neighbour] = version
+        self._alive_ids = None
         self.version_sum += version - old if old is not None else version + 1
         self.alive += int(now_alive) - int(was_alive)
         return was_alive, now_alive
+
+    def alive_ids(self) -> np.ndarray:
+        """The alive neighbours as an int64 array (in register order), kept until the next change: a 2-hop
+        traversal reads every neighbour's row of every list, and converting a row costs far more than keeping it."""
+        ids = self._alive_ids
+        if ids is None:
+            ids = self._alive_ids = np.fromiter((n for n, v in self.versions.items() if v % 2 == 0), np.int64)
+            ids.flags.writeable = False  # shared by every reader until the next change
+        return ids
 
     def alive_items(self) -> Iterator[tuple[int, int]]:
         return ((n, v) for n, v in self.versions.items() if v % 2 == 0)
@@ -531,27 +541,25 @@ class PartitionGraph:
         return counts, scores, allocation
 
     def two_hop_arrays(self, user: int) -> TwoHopArrays:
-        """:meth:`two_hop_with_allocation` as arrays, without a Python step per 2-path: the mirrors' registers are
-        read in one pass each, and the sums are ``np.bincount`` with weights, which adds each candidate's terms
-        one by one in input order — the neighbours' id order, as the dict loop does — so every sum has the same
-        bits."""
+        """:meth:`two_hop_with_allocation` as arrays, without a Python step per 2-path: each neighbour's alive
+        neighbours come as a kept array (:meth:`Registers.alive_ids`), and the sums are ``np.bincount`` with
+        weights, which adds each candidate's terms one by one in input order — the neighbours' id order, as the
+        dict loop does — so every sum has the same bits."""
         rows = [row for _, row in self.neighbour_rows(user)]
-        sizes = np.fromiter(map(len, (row.versions for row in rows)), np.int64, len(rows))
-        total = int(sizes.sum())
-        if not total:
+        if not rows:
             return TwoHopArrays.empty()
-        others = np.fromiter(chain.from_iterable(row.versions for row in rows), np.int64, total)
-        # uint64, as the rows are stored: a version is 2·ts + 1 at most
-        versions = np.fromiter(chain.from_iterable(row.versions.values() for row in rows), np.uint64, total)
-        alive = ((versions & np.uint64(1)) == 0) & (others != user)
+        neighbours = [row.alive_ids() for row in rows]
+        sizes = np.fromiter(map(len, neighbours), np.int64, len(rows))
+        others = np.concatenate(neighbours)
+        keep = others != user
         degrees = [row.alive for row in rows]
-        adamic_adar = np.repeat(np.array([adamic_adar_weight(d) for d in degrees], np.float64), sizes)
-        allocation = np.repeat(np.array([1.0 / d if d else 0.0 for d in degrees], np.float64), sizes)
-        ids, inverse = np.unique(others[alive], return_inverse=True)
+        adamic_adar = np.repeat(np.array([adamic_adar_weight(d) for d in degrees], np.float64), sizes)[keep]
+        allocation = np.repeat(np.array([1.0 / d if d else 0.0 for d in degrees], np.float64), sizes)[keep]
+        ids, inverse = np.unique(others[keep], return_inverse=True)
         n = len(ids)
         return TwoHopArrays(ids, np.bincount(inverse, minlength=n).astype(np.int64),
-                            np.bincount(inverse, adamic_adar[alive], minlength=n),
-                            np.bincount(inverse, allocation[alive], minlength=n))
+                            np.bincount(inverse, adamic_adar, minlength=n),
+                            np.bincount(inverse, allocation, minlength=n))
 
     def has_user(self, user: int) -> bool:
         """Whether some event gave the local ``user`` adjacency state (a register, alive or removed). Reads without

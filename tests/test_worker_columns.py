@@ -323,6 +323,13 @@ def test_columnar_reads_equal_the_per_user_reads_and_follow_changes(world: Worke
     for _ in range(3):
         assert_columns_equal_per_user_reads(world, make_source(world, facts=refresher.facts),
                                             sample_ids(world, rng, 300))
+    # the rows' kept alive-neighbour arrays (read by the earlier traversals) followed the changes too
+    for user in [*local_users(world), *remote]:
+        graph = world.states[world.partition_of(user)].graph
+        counts, scores, _ = graph.two_hop_with_allocation(user)
+        arrays = graph.two_hop_arrays(user)
+        assert dict(zip(arrays.ids.tolist(), arrays.counts.tolist(), strict=True)) == counts
+        assert dict(zip(arrays.ids.tolist(), arrays.adamic_adar.tolist(), strict=True)) == scores
 
 
 # ---- what is published -------------------------------------------------------------------------------------------
