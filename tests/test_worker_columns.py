@@ -303,9 +303,12 @@ def test_columnar_reads_equal_the_per_user_reads_and_follow_changes(world: Worke
         assert_columns_equal_per_user_reads(world, source, sample_ids(world, rng, 300))
     assert refresher.facts is not None and refresher.facts.reads > 0
 
-    # changes after the facts were read: local and remote users connect, disconnect, change profile
+    # changes after the facts (and the rows' alive-neighbour arrays) were read: local and remote users connect,
+    # disconnect, change profile
     local = local_users(world)
     remote = sorted(world.states[1].graph.local_users())
+    for user in [*local, *remote]:
+        world.states[world.partition_of(user)].graph.two_hop_arrays(user)
     ts = world.event_time_ms + 1
     events = [ConnectionEvent(local[0], remote[0], "add", ts), ConnectionEvent(local[1], local[2], "add", ts),
               ConnectionEvent(remote[1], remote[2], "add", ts), UserEvent(local[3], ts, Profile(company="Other Co")),
