@@ -5,7 +5,8 @@ Builds the state a worker holds — every partition of a synthetic network appli
 from the degree and profile records the partitions publish, and one random unit vector per user in the
 global index — then ranks the lists of a sample of one partition's users with the worker's own
 :meth:`pymk.streams.refresh.Refresher.rank` (the other partitions stand for other workers: their users are read
-from ``user-globals``). A warm-up pass over the sample first (the worker's caches are warm), then the timed pass.
+from ``user-globals``). A warm-up pass over the sample first (the worker's caches are warm), then ``--passes``
+timed passes, of which the one that took the least CPU is reported.
 
 Prints one JSON object: CPU per list (``time.thread_time``), the mean CPU ms per step (the refresher's own
 split, as ``pymk bench freshness`` reports it in wall time), the items per list, the machine's load, and a
@@ -193,7 +194,7 @@ def _steps_in_cpu_time() -> Iterator[None]:
             module.time = clock  # type: ignore[attr-defined]
 
 
-def run(n_users: int, lists: int, partitions: int, seed: int, directory: Path) -> dict[str, Any]:
+def run(n_users: int, lists: int, partitions: int, seed: int, directory: Path, passes: int = 3) -> dict[str, Any]:
     started = time.perf_counter()
     world = build_world(directory, n_users, partitions, seed)
     built_s = time.perf_counter() - started
@@ -204,29 +205,35 @@ def run(n_users: int, lists: int, partitions: int, seed: int, directory: Path) -
     now_ms = world.event_time_ms + 1_000
     for user in sample:  # warm-up: the worker's fact slots, profile cache and row caches
         refresher.rank(world.owned, user, now_ms)
-    refresher.stats.rank_seconds_by_step.clear()
-    cpu_ms: list[float] = []
+    # Several timed passes; the one that took the least CPU is reported: on shared cores (hyperthreads) other
+    # processes inflate CPU time too, and the least-disturbed pass is the most reproducible figure.
+    best: tuple[float, list[float], dict[str, float]] | None = None
     out: list[tuple[Recommendations, list[Impression]]] = []
-    candidates = 0
-    with _steps_in_cpu_time():
-        for user in sample:
-            before = time.thread_time()
-            published = refresher.rank(world.owned, user, now_ms)
-            cpu_ms.append((time.thread_time() - before) * 1e3)
-            out.append(published)
-    for recommendations, _ in out:
-        candidates += len(recommendations.items)
-    steps = {step: round(seconds * 1e3 / len(sample), 3)
-             for step, seconds in refresher.stats.rank_seconds_by_step.items()}
+    for _ in range(passes):
+        refresher.stats.rank_seconds_by_step.clear()
+        cpu_ms: list[float] = []
+        published: list[tuple[Recommendations, list[Impression]]] = []
+        with _steps_in_cpu_time():
+            for user in sample:
+                before = time.thread_time()
+                published.append(refresher.rank(world.owned, user, now_ms))
+                cpu_ms.append((time.thread_time() - before) * 1e3)
+        out = out or published
+        if best is None or sum(cpu_ms) < best[0]:
+            best = (sum(cpu_ms), cpu_ms, dict(refresher.stats.rank_seconds_by_step))
+    assert best is not None
+    _, cpu_ms, by_step = best
+    items = sum(len(recommendations.items) for recommendations, _ in out)
+    steps = {step: round(seconds * 1e3 / len(sample), 3) for step, seconds in by_step.items()}
     cpu = np.array(cpu_ms)
     return {
-        "users": n_users, "partitions": partitions, "lists": len(sample), "seed": seed,
+        "users": n_users, "partitions": partitions, "lists": len(sample), "seed": seed, "passes": passes,
         "build_seconds": round(built_s, 1),
         "cpu_ms": {"p50": round(float(np.percentile(cpu, 50)), 3), "p99": round(float(np.percentile(cpu, 99)), 3),
                    "mean": round(float(cpu.mean()), 3)},
         "lists_per_core_second": round(1000.0 / float(np.percentile(cpu, 50)), 1),
         "step_ms_mean": steps, "step_ms_sum": round(sum(steps.values()), 3),
-        "items_per_list": round(candidates / len(sample), 2),
+        "items_per_list": round(items / len(sample), 2),
         "digest": list_digest(out),
         "load": [round(x, 2) for x in os.getloadavg()],
     }
@@ -238,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lists", type=int, default=300)
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--passes", type=int, default=3, help="timed passes; the least CPU one is reported")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pymk-worker-list-") as directory:
-        print(json.dumps(run(args.users, args.lists, args.partitions, args.seed, Path(directory))))
+        print(json.dumps(run(args.users, args.lists, args.partitions, args.seed, Path(directory), args.passes)))
 
 
 if __name__ == "__main__":
