@@ -33,6 +33,7 @@ sees its first neighbour of x.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -156,6 +157,10 @@ class Registers:
             ids = self._alive_ids = np.fromiter((n for n, v in self.versions.items() if v % 2 == 0), np.int64)
             ids.flags.writeable = False  # shared by every reader until the next change
         return ids
+
+    def kept_bytes(self) -> int:
+        """Memory of the kept :meth:`alive_ids` array (0 when none is kept), for the row cache's budget."""
+        return 0 if self._alive_ids is None else sys.getsizeof(self._alive_ids)
 
     def alive_items(self) -> Iterator[tuple[int, int]]:
         return ((n, v) for n, v in self.versions.items() if v % 2 == 0)
@@ -420,10 +425,10 @@ class PartitionGraph:
     def cached_bytes(self) -> int:
         """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
         rows = self.cached_rows()
-        entries = (sum(len(row.versions) for row in self._adjacency.values())
-                   + sum(len(row.versions) for row in self._mirror.values())
+        registers = (*self._adjacency.values(), *self._mirror.values())
+        entries = (sum(len(row.versions) for row in registers)
                    + sum(map(len, self._reverse.values())) + sum(map(len, self._common.values())))
-        return row_cache_bytes(rows, entries)
+        return row_cache_bytes(rows, entries) + sum(row.kept_bytes() for row in registers)
 
     def drop_cache(self) -> None:
         """Forget every cached row (only when none is dirty: they are all in the store)."""
