@@ -33,8 +33,10 @@ sees its first neighbour of x.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from pymk.features.activity import activity_values
@@ -61,6 +63,20 @@ def version_ts(version: int) -> int:
 def adamic_adar_weight(degree: int) -> float:
     """1/ln(deg) of a common neighbour; a neighbour of degree 1 (or 0) contributes 0."""
     return 1.0 / math.log(degree) if degree > 1 else 0.0
+
+
+class TwoHopArrays(NamedTuple):
+    """Every user at distance exactly 2 of a query user (the same set as :meth:`PartitionGraph.two_hop_scores`),
+    as parallel arrays ordered by id: common-neighbour count, Adamic-Adar and resource-allocation sums."""
+
+    ids: np.ndarray  # int64, ascending
+    counts: np.ndarray  # int64
+    adamic_adar: np.ndarray  # float64
+    resource_allocation: np.ndarray  # float64
+
+    @classmethod
+    def empty(cls) -> TwoHopArrays:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty(0))
 
 
 class OwnershipError(LookupError):
@@ -107,13 +123,14 @@ PartitionMessage = EdgeHalf | MirrorUpdate
 class Registers:
     """Edge registers of one user: neighbour → version, with the alive count and version sum kept current."""
 
-    __slots__ = ("versions", "alive", "version_sum")
+    __slots__ = ("versions", "alive", "version_sum", "_alive_ids")
 
     def __init__(self, versions: dict[int, int] | None = None) -> None:
         self.versions: dict[int, int] = versions or {}
         self.alive = sum(1 for v in self.versions.values() if v % 2 == 0)
         # Σ (version + 1): strictly grows with every change, a new register at version 0 included.
         self.version_sum = sum(self.versions.values()) + len(self.versions)
+        self._alive_ids: np.ndarray | None = None  # alive_ids(), made at the first read after a change
 
     def merge(self, neighbour: int, version: int) -> tuple[bool, bool] | None:
         """Apply a register; None when it changes nothing, else (was_alive, now_alive)."""
@@ -123,9 +140,23 @@ class Registers:
         was_alive = old is not None and old % 2 == 0
         now_alive = version % 2 == 0
         self.versions[neighbour] = version
+        self._alive_ids = None
         self.version_sum += version - old if old is not None else version + 1
         self.alive += int(now_alive) - int(was_alive)
         return was_alive, now_alive
+
+    def alive_ids(self) -> np.ndarray:
+        """The alive neighbours as an int64 array (in register order), kept until the next change: a 2-hop
+        traversal reads every neighbour's row of every list, and converting a row costs far more than keeping it."""
+        ids = self._alive_ids
+        if ids is None:
+            ids = self._alive_ids = np.fromiter((n for n, v in self.versions.items() if v % 2 == 0), np.int64)
+            ids.flags.writeable = False  # shared by every reader until the next change
+        return ids
+
+    def kept_bytes(self) -> int:
+        """Memory of the kept :meth:`alive_ids` array (0 when none is kept), for the row cache's budget."""
+        return 0 if self._alive_ids is None else sys.getsizeof(self._alive_ids)
 
     def alive_items(self) -> Iterator[tuple[int, int]]:
         return ((n, v) for n, v in self.versions.items() if v % 2 == 0)
@@ -390,10 +421,10 @@ class PartitionGraph:
     def cached_bytes(self) -> int:
         """Approximate memory of the cached rows (:func:`pymk.features.storage.row_cache_bytes`)."""
         rows = self.cached_rows()
-        entries = (sum(len(row.versions) for row in self._adjacency.values())
-                   + sum(len(row.versions) for row in self._mirror.values())
+        registers = (*self._adjacency.values(), *self._mirror.values())
+        entries = (sum(len(row.versions) for row in registers)
                    + sum(map(len, self._reverse.values())) + sum(map(len, self._common.values())))
-        return row_cache_bytes(rows, entries)
+        return row_cache_bytes(rows, entries) + sum(row.kept_bytes() for row in registers)
 
     def drop_cache(self) -> None:
         """Forget every cached row (only when none is dirty: they are all in the store)."""
@@ -471,6 +502,11 @@ class PartitionGraph:
         worker, or :meth:`adamic_adar_score` get the same bits (the arrival order depends on timing)."""
         return sorted(z for z, _ in self.adjacency_row(user).alive_items())
 
+    def neighbour_rows(self, user: int) -> list[tuple[int, Registers]]:
+        """(z, z's registers as mirrored here) of the local user's alive neighbours z, by id: what a user's 2-hop
+        reads are made of (read once per list, then :meth:`common_neighbors` of many candidates is a lookup each)."""
+        return [(z, self.mirror_row(z)) for z in self._sorted_neighbours(user)]
+
     def two_hop_scores(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
         """Common-neighbour counts and Adamic-Adar scores of every candidate of a local user, in one pass."""
         counts: dict[int, int] = {}
@@ -504,6 +540,27 @@ class PartitionGraph:
                         scores[w] = weight
                         allocation[w] = share
         return counts, scores, allocation
+
+    def two_hop_arrays(self, user: int) -> TwoHopArrays:
+        """:meth:`two_hop_with_allocation` as arrays, without a Python step per 2-path: each neighbour's alive
+        neighbours come as a kept array (:meth:`Registers.alive_ids`), and the sums are ``np.bincount`` with
+        weights, which adds each candidate's terms one by one in input order — the neighbours' id order, as the
+        dict loop does — so every sum has the same bits."""
+        rows = [row for _, row in self.neighbour_rows(user)]
+        if not rows:
+            return TwoHopArrays.empty()
+        neighbours = [row.alive_ids() for row in rows]
+        sizes = np.fromiter(map(len, neighbours), np.int64, len(rows))
+        others = np.concatenate(neighbours)
+        keep = others != user
+        degrees = [row.alive for row in rows]
+        adamic_adar = np.repeat(np.array([adamic_adar_weight(d) for d in degrees], np.float64), sizes)[keep]
+        allocation = np.repeat(np.array([1.0 / d if d else 0.0 for d in degrees], np.float64), sizes)[keep]
+        ids, inverse = np.unique(others[keep], return_inverse=True)
+        n = len(ids)
+        return TwoHopArrays(ids, np.bincount(inverse, minlength=n).astype(np.int64),
+                            np.bincount(inverse, adamic_adar, minlength=n),
+                            np.bincount(inverse, allocation, minlength=n))
 
     def has_user(self, user: int) -> bool:
         """Whether some event gave the local ``user`` adjacency state (a register, alive or removed). Reads without

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -179,6 +179,10 @@ class Recommendations:
                    items=tuple(RecommendationItem.from_dict(item) for item in data.get("items", [])))
 
 
+# (candidate, rank, score, features, sources, weight) of one impression of a list (Impression.of_list)
+ImpressionRow = tuple[int, int, float, dict[str, float | None], tuple[str, ...], float]
+
+
 @dataclass(frozen=True)
 class Impression:
     """One item of a published list, with the exact feature vector the model scored (for training on the
@@ -209,6 +213,22 @@ class Impression:
         return _dumps({"user": self.user, "candidate": self.candidate, "rank": self.rank, "score": self.score,
                        "model_version": self.model_version, "features": self.features, "ts": self.ts,
                        "as_of": self.as_of, "sources": list(self.sources), "weight": self.weight})
+
+    @classmethod
+    def of_list(cls, user: int, model_version: str, ts: int, as_of: int,
+                rows: Iterable[ImpressionRow]) -> list[Impression]:
+        """The impressions of one list from (candidate, rank, score, features, sources, weight) rows: each equal to
+        ``Impression(user=user, candidate=…, …)``, field for field, without the frozen dataclass's
+        ``object.__setattr__`` per field (~2.5 µs an impression, and a list logs ~80)."""
+        new = object.__new__
+        out: list[Impression] = []
+        for candidate, rank, score, features, sources, weight in rows:
+            impression = new(cls)
+            impression.__dict__.update(user=user, candidate=candidate, rank=rank, score=score,
+                                       model_version=model_version, features=features, ts=ts, as_of=as_of,
+                                       sources=sources, weight=weight)
+            out.append(impression)
+        return out
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Impression:

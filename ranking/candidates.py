@@ -26,14 +26,12 @@ For a query user:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Protocol
 
 import numpy as np
-from pymk.ranking.source import PopularSource, RankingSource
+from pymk.ranking.source import PopularSource, RankingSource, TwoHopArraySource
 
 GRAPH = "graph"
 ANN = "ann"
@@ -215,20 +213,54 @@ def _top_k_graph(ids: np.ndarray, counts: np.ndarray, scores: np.ndarray, k: int
     return np.arange(n)
 
 
+def _two_hop_by_id(user: int, source: RankingSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids ascending, common-neighbour counts, Adamic-Adar) of every distance-2 user."""
+    if isinstance(source, TwoHopArraySource):
+        held = source.two_hop_arrays(user)
+        return held.ids, held.counts, held.adamic_adar
+    counts_map, scores_map = source.two_hop(user)
+    pool = len(counts_map)
+    ids = np.fromiter(counts_map.keys(), np.int64, pool)
+    counts = np.fromiter(counts_map.values(), np.int64, pool)
+    scores = np.fromiter(map(scores_map.__getitem__, counts_map), np.float64, pool)  # the ids' order
+    order = np.argsort(ids)
+    return ids[order], counts[order], scores[order]
+
+
+def _lookup(sorted_ids: np.ndarray, values: np.ndarray, ids: np.ndarray, missing: float) -> np.ndarray:
+    """``values`` at ``ids`` (found in ``sorted_ids`` by binary search), ``missing`` where absent."""
+    if not len(sorted_ids) or not len(ids):
+        return np.full(len(ids), missing, values.dtype)
+    position = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[position] == ids, values[position], missing).astype(values.dtype)
+
+
+def _first_occurrences(ids: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct id, in order."""
+    if len(ids) < 2:
+        return np.arange(len(ids))
+    _, first = np.unique(ids, return_index=True)
+    return np.sort(first)
+
+
 def generate_candidates(user: int, source: RankingSource, config: CandidateConfig, as_of_ms: int,
                         filters: Iterable[CandidateFilter] | None = None) -> CandidateSet:
     """Stage 1 for ``user`` as of ``as_of_ms`` (see the module doc)."""
     filters = tuple(default_filters(config) if filters is None else filters)
     excluded: set[int] = set()
+    # Filters whose keep() is "not excluded" (ExclusionFilter's) are applied below with one set of their union;
+    # the others with their own keep().
+    others: list[CandidateFilter] = []
     for candidate_filter in filters:
         excluded.update(candidate_filter.excluded(user, source, as_of_ms))
+        if type(candidate_filter).keep is not ExclusionFilter.keep:
+            others.append(candidate_filter)
     excluded_ids = np.fromiter(excluded, np.int64, len(excluded))
 
-    counts_map, scores_map = source.two_hop(user)
-    pool = len(counts_map)
-    two_hop_ids = np.fromiter(counts_map.keys(), np.int64, pool)
-    two_hop_counts = np.fromiter(counts_map.values(), np.int64, pool)
-    two_hop_scores = np.fromiter(map(scores_map.__getitem__, counts_map), np.float64, pool)  # the ids' order
+    # The whole 2-hop set by id (the order Stage 1 sees it in does not matter: the graph top k is a set, and the
+    # final order is total).
+    two_hop_ids, two_hop_counts, two_hop_scores = _two_hop_by_id(user, source)
+    pool = len(two_hop_ids)
     graph_ids = np.empty(0, np.int64)
     graph_counts = np.empty(0, np.int64)
     graph_scores = np.empty(0, np.float64)
@@ -245,47 +277,45 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
         asked = source.most_active(config.popular_k + len(excluded), as_of_ms)
         popular = [int(u) for u in asked if u not in excluded][: config.popular_k]
 
-    # Merge: graph candidates first (their order), then ANN-only ones. Plain Python values in the loop (a numpy
-    # scalar per ANN hit cost more than the rest of the merge).
-    position = {u: i for i, u in enumerate(graph_ids.tolist())}
-    graph_cos = [math.nan] * len(graph_ids)
-    extra_ids: list[int] = []
-    extra_cos: list[float] = []
-    for other, cosine in ann:
-        other = int(other)
-        i = position.get(other)
-        if i is None:
-            position[other] = -1  # an ANN-only candidate; -1 also marks it seen (dedup)
-            extra_ids.append(other)
-            extra_cos.append(float(cosine))
-        elif i >= 0 and math.isnan(graph_cos[i]):
-            graph_cos[i] = float(cosine)
-    ann_score = np.asarray(graph_cos, np.float64)
-    n_ann_only = len(extra_ids)
-    popular_seen: set[int] = set()
-    for other in popular:
-        if other not in position:
-            position[other] = -1
-            extra_ids.append(other)
-            extra_cos.append(math.nan)
-        popular_seen.add(other)
-    n_graph, n_extra = len(graph_ids), len(extra_ids)
-    ids = np.concatenate([graph_ids, np.asarray(extra_ids, np.int64)])
-    counts = np.concatenate([graph_counts, np.fromiter(map(counts_map.get, extra_ids, repeat(0)), np.int64, n_extra)])
-    scores = np.concatenate([graph_scores,
-                             np.fromiter(map(scores_map.get, extra_ids, repeat(0.0)), np.float64, n_extra)])
-    ann_scores = np.concatenate([ann_score, np.asarray(extra_cos, np.float64)])
-    from_graph = np.concatenate([np.ones(n_graph, bool), np.zeros(n_extra, bool)])
+    # Merge: graph candidates first (their order), then ANN-only ones (first hit of each, in ANN order), then
+    # popular ones the others did not bring. A graph candidate takes the cosine of its first ANN hit with one.
+    ann_ids = np.array([u for u, _ in ann], np.int64)
+    ann_cosines = np.array([c for _, c in ann], np.float64)
+    graph_cos = np.full(len(graph_ids), np.nan)
+    in_graph = np.isin(ann_ids, graph_ids)
+    hits = np.flatnonzero(in_graph & ~np.isnan(ann_cosines))
+    if len(hits):
+        hits = hits[_first_occurrences(ann_ids[hits])]
+        by_id = np.argsort(graph_ids)
+        graph_cos[by_id[np.searchsorted(graph_ids, ann_ids[hits], sorter=by_id)]] = ann_cosines[hits]
+    ann_only = np.flatnonzero(~in_graph)
+    ann_only = ann_only[_first_occurrences(ann_ids[ann_only])]
+    n_ann_only = len(ann_only)
+    popular_ids = np.array(popular, np.int64)
+    popular_new = popular_ids[~np.isin(popular_ids, np.concatenate([graph_ids, ann_ids]))]
+    popular_new = popular_new[_first_occurrences(popular_new)]
+    extra_ids = np.concatenate([ann_ids[ann_only], popular_new])
+    n_graph = len(graph_ids)
+    ids = np.concatenate([graph_ids, extra_ids])
+    counts = np.concatenate([graph_counts, _lookup(two_hop_ids, two_hop_counts, extra_ids, 0)])
+    scores = np.concatenate([graph_scores, _lookup(two_hop_ids, two_hop_scores, extra_ids, 0.0)])
+    ann_scores = np.concatenate([graph_cos, ann_cosines[ann_only], np.full(len(popular_new), np.nan)])
+    from_graph = np.concatenate([np.ones(n_graph, bool), np.zeros(len(extra_ids), bool)])
     from_ann = ~np.isnan(ann_scores)
-    from_popular = np.fromiter(map(popular_seen.__contains__, ids.tolist()), np.bool_, len(ids))
+    from_popular = np.isin(ids, popular_ids)
     candidates = CandidateSet(user, ids, counts, scores, ann_scores, from_graph, from_ann,
                               {"two_hop": pool, "graph": n_graph, "ann": len(ann), "popular": len(popular),
                                "merged": len(ids), "ann_only": n_ann_only}, from_popular)
 
-    for candidate_filter in filters:
-        keep = candidate_filter.keep(user, candidates.ids, source, as_of_ms)
+    if not others:  # each ExclusionFilter's keep() would be "not in its excluded()": all at once
+        keep = ~np.isin(candidates.ids, excluded_ids) if len(excluded_ids) else np.ones(len(candidates), bool)
         if not keep.all():
             candidates = candidates.subset(keep)
+    else:
+        for candidate_filter in filters:
+            keep = candidate_filter.keep(user, candidates.ids, source, as_of_ms)
+            if not keep.all():
+                candidates = candidates.subset(keep)
 
     rough = candidates.adamic_adar_score + config.ann_weight * np.nan_to_num(
         np.maximum(candidates.ann_score, 0.0), nan=0.0)

@@ -19,7 +19,6 @@ evidence in that order too: the part whose features separate the item most comes
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,8 @@ def mutual_examples(user: int, candidate: int, source: RankingSource, degree_of:
     """Up to ``limit`` common neighbours, highest degree first, ties by lower id."""
     degree_of = degree_of or MutualDegrees(source)
     common = source.common_neighbors(user, candidate)
-    return [int(z) for z in heapq.nsmallest(limit, common, key=lambda z: (-degree_of(z), z))]
+    # sorted()[:limit] is what heapq.nsmallest is documented to equal; on a few dozen items it is the faster
+    return [int(z) for z in sorted(common, key=lambda z: (-degree_of(z), z))[:limit]]
 
 
 # Features of the query user alone: the same value on every candidate of a list, whatever the list

@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS
+from pymk.features.graph import TwoHopArrays
 
 from pymk.events import Profile
 
@@ -144,6 +145,16 @@ class IdArraySource(Protocol):
         ...
 
     def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
+        ...
+
+
+@runtime_checkable
+class TwoHopArraySource(Protocol):
+    """Optional: :meth:`RankingSource.two_hop` and :meth:`ResourceAllocationSource.two_hop_resource_allocation` as
+    arrays ordered by id, the same values (Stage 1 works on arrays; building the maps cost a Python step per
+    2-path, and reading them back another per candidate)."""
+
+    def two_hop_arrays(self, user: int) -> TwoHopArrays:
         ...
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
-from pymk.features.graph import is_alive
+from pymk.features.graph import Registers, TwoHopArrays, is_alive
 from pymk.ranking.source import ActivityTable
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
@@ -70,23 +70,31 @@ class WorkerRankingSource:
         self.most_active_of = most_active_of
         self.ann = ann  # Stage 1's ANN when not the GraphSAGE index (the two-tower space)
         self._blocked = blocked or {}
-        # RA of the last two_hop traversal: the feature builder asks for it right after Stage 1 did. A source
-        # lives for one ranking pass, in which the state does not change.
+        # The last two_hop traversal: Stage 1 and the feature builder read it one after the other. A source lives
+        # for one ranking pass, in which the state does not change.
+        self._two_hop: tuple[int, TwoHopArrays] | None = None
         self._allocation: tuple[int, dict[int, float]] | None = None
+        self._neighbour_rows: tuple[int, list[tuple[int, Registers]]] | None = None  # for the shown items' reasons
 
     def neighbours(self, user: int) -> Collection[int]:
         return self.graph.neighbours(user).keys()
 
+    # TwoHopArraySource
+    def two_hop_arrays(self, user: int) -> TwoHopArrays:
+        if self._two_hop is None or self._two_hop[0] != user:
+            self._two_hop = (user, self.graph.two_hop_arrays(user))
+        return self._two_hop[1]
+
     def two_hop(self, user: int) -> tuple[Mapping[int, int], Mapping[int, float]]:
-        counts, scores, allocation = self.graph.two_hop_with_allocation(user)
-        self._allocation = (user, allocation)
-        return counts, scores
+        held = self.two_hop_arrays(user)
+        ids = held.ids.tolist()
+        return dict(zip(ids, held.counts.tolist(), strict=True)), dict(zip(ids, held.adamic_adar.tolist(), strict=True))
 
     # ResourceAllocationSource
     def two_hop_resource_allocation(self, user: int) -> Mapping[int, float]:
         if self._allocation is None or self._allocation[0] != user:
-            self.two_hop(user)
-        assert self._allocation is not None
+            held = self.two_hop_arrays(user)
+            self._allocation = (user, dict(zip(held.ids.tolist(), held.resource_allocation.tolist(), strict=True)))
         return self._allocation[1]
 
     # PopularSource: from user-globals, every user's activity (the order does not depend on as_of)
@@ -94,7 +102,10 @@ class WorkerRankingSource:
         return self.most_active_of(k)
 
     def common_neighbors(self, user: int, candidate: int) -> Sequence[int]:
-        return self.graph.common_neighbors(user, candidate)
+        """:meth:`PartitionGraph.common_neighbors` (by id), with the user's neighbour rows read once per list."""
+        if self._neighbour_rows is None or self._neighbour_rows[0] != user:
+            self._neighbour_rows = (user, self.graph.neighbour_rows(user))
+        return [z for z, row in self._neighbour_rows[1] if row.versions.get(candidate, 1) % 2 == 0]
 
     def degree(self, user: int) -> int:
         return self.degree_of(user)
@@ -112,6 +123,20 @@ class WorkerRankingSource:
         if self.facts is not None:
             return self.facts.profiles(users)
         return list(map(self.profile_of, users))
+
+    # IdArraySource: the same reads keyed by Stage 1's id array
+    def degrees_of(self, ids: np.ndarray) -> np.ndarray:
+        if self.facts is not None:
+            return self.facts.degrees_of(ids)
+        return self.many_degrees(ids.tolist())
+
+    def activity_table_of(self, ids: np.ndarray) -> ActivityTable:
+        if self.facts is not None:
+            return self.facts.activity_of(ids)
+        return self.activity_table(ids.tolist())
+
+    def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.index.vectors(ids.tolist())
 
     def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
         out: dict[int, tuple[int, int, int]] = {}

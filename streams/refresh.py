@@ -41,7 +41,8 @@ from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.records import EmbeddingRecord
 from pymk.index.tower_index import TowerSpaceIndex
 from pymk.ranking.candidates import CandidateConfig
-from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder, feature_dict
+from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
+from pymk.ranking.impressions import shown_impressions, unshown_impressions
 from pymk.ranking.recommend import (
     ScoredCandidates,
     rank_scored,
@@ -422,10 +423,7 @@ class Refresher:
         if self.settings.ranker_kind != "xgboost" or reranker is not None:
             ranked = replace(ranked, model_version=self.models.ranker_version)
         logged = time.perf_counter()
-        impressions = [Impression(user=user, candidate=item.candidate.user, rank=item.rank, score=item.score,
-                                  model_version=ranked.model_version, features=ranked.features_of(i), ts=now_ms,
-                                  as_of=as_of, sources=item.sources)
-                       for i, item in enumerate(ranked.items)]
+        impressions = shown_impressions(ranked, now_ms, as_of)
         impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms))
         by_step = self.stats.rank_seconds_by_step
         for step, ms in ranked.timings.items():
@@ -464,10 +462,4 @@ class Refresher:
         rng = np.random.default_rng([user & 0x7FFFFFFFFFFFFFFF, as_of])
         sample = sample_unshown(scored.top, scored.scores, self.settings.impressions_unshown_sample,
                                 self.settings.impressions_unshown_near_ranks, rng)
-        indices = [index for index, _ in sample]
-        candidates = scored.candidates
-        return [Impression(user=user, candidate=candidate, rank=0, score=score, model_version=model_version,
-                           features=feature_dict(row), ts=now_ms, as_of=as_of, sources=sources, weight=weight)
-                for (_, weight), candidate, score, row, sources in zip(
-                    sample, candidates.ids[indices].tolist(), scored.scores[indices].tolist(),
-                    scored.features[indices], candidates.sources_of(indices), strict=True)]
+        return unshown_impressions(user, scored, sample, model_version, now_ms, as_of)

@@ -3,7 +3,8 @@
 A list reads these for a thousand or more candidates, and each read went through several Python calls (which
 partition owns the user, its state or ``user-globals``, the row cache); at a few microseconds each they were a
 sixth of a refresh. Here each user has a slot; a list's candidates are one dict lookup each (at C speed) and
-gathers, and only the users whose facts changed since they were last read are read again.
+gathers (or, for an id array, one binary search and gathers), and only the users whose facts changed since they
+were last read are read again.
 
 Validity: a slot is read from the worker's state (:data:`FactsOf`: a local user from its partition, any other
 from ``user-globals``) and stays valid until :meth:`UserFacts.invalidate` — called for the local users whose
@@ -20,6 +21,7 @@ from itertools import repeat
 
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS
+from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import ActivityTable
 
 from pymk.events import Profile
@@ -29,6 +31,9 @@ FactsOf = Callable[[int], tuple[int, Activity, Profile | None]]  # user → (deg
 
 
 class UserFacts:
+    """Slots 1, 2, … in order of first sight (:class:`~pymk.ranking.id_index.IdIndex`: an id array is looked up
+    with one binary search); slot 0 is never valid, so an id never seen reads as stale."""
+
     def __init__(self, facts_of: FactsOf, capacity: int = 1024) -> None:
         self.facts_of = facts_of
         self.reads = 0  # users read from the state (misses), for tests and /stats
@@ -37,21 +42,21 @@ class UserFacts:
 
     def clear(self) -> None:
         capacity = self._capacity
-        self._slot: dict[int, int] = {}
+        self._index = IdIndex()
         self._valid = np.zeros(capacity, bool)
         self._degree = np.zeros(capacity, np.int64)
         self._values = np.zeros((capacity, len(TIME_CONSTANTS_MS)))
         self._anchor = np.zeros(capacity, np.int64)
         self._known = np.zeros(capacity, bool)
-        self._profile: list[Profile | None] = []
+        self._profile: list[Profile | None] = [None]  # slot 0: no user
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return len(self._index)
 
     def invalidate(self, users: Iterable[int]) -> None:
-        slot_of, valid = self._slot, self._valid
+        slot_of, valid = self._index.get, self._valid
         for user in users:
-            slot = slot_of.get(user)
+            slot = slot_of(user)
             if slot is not None:
                 valid[slot] = False
 
@@ -63,30 +68,38 @@ class UserFacts:
             new[: len(old)] = old
             setattr(self, name, new)
 
+    def _read(self, user: int) -> int:
+        """Read the user's facts into its slot (assigned when new); the slot."""
+        slot = self._index.add(user)
+        if slot == len(self._profile):
+            self._profile.append(None)
+            if slot >= len(self._valid):
+                self._grow()
+        degree, activity, profile = self.facts_of(user)
+        self.reads += 1
+        self._degree[slot] = degree
+        self._profile[slot] = profile
+        if activity is None:
+            self._known[slot], self._values[slot], self._anchor[slot] = False, 0.0, 0
+        else:
+            self._known[slot], self._values[slot], self._anchor[slot] = True, activity[0], activity[1]
+        self._valid[slot] = True
+        return slot
+
+    def _refresh(self, slots: np.ndarray, user_at: Callable[[int], int]) -> np.ndarray:
+        """``slots`` with every missing (0) or invalid one read again (``user_at``: the user of position i)."""
+        for i in np.flatnonzero(~self._valid[slots]).tolist():
+            slots[i] = self._read(user_at(i))
+        return slots
+
     def slots(self, users: Sequence[int]) -> np.ndarray:
         """The users' slots, read again where missing or invalid."""
-        slot_of = self._slot
-        slots = np.fromiter(map(slot_of.get, users, repeat(-1)), np.int64, len(users))
-        stale = np.flatnonzero((slots < 0) | ~self._valid[slots])  # slot -1 reads the last row: or-ed away
-        for i in stale.tolist():
-            user = users[i]
-            slot = slot_of.get(user)
-            if slot is None:
-                slot = slot_of[user] = len(self._profile)
-                self._profile.append(None)
-                if slot >= len(self._valid):
-                    self._grow()
-            degree, activity, profile = self.facts_of(user)
-            self.reads += 1
-            self._degree[slot] = degree
-            self._profile[slot] = profile
-            if activity is None:
-                self._known[slot], self._values[slot], self._anchor[slot] = False, 0.0, 0
-            else:
-                self._known[slot], self._values[slot], self._anchor[slot] = True, activity[0], activity[1]
-            self._valid[slot] = True
-            slots[i] = slot
-        return slots
+        slots = np.fromiter(map(self._index.mapping.get, users, repeat(0)), np.int64, len(users))
+        return self._refresh(slots, users.__getitem__)
+
+    def slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """:meth:`slots` of an int64 id array (a binary search instead of a dict lookup per id)."""
+        return self._refresh(self._index.rows(ids), lambda i: int(ids[i]))
 
     def degrees(self, users: Sequence[int]) -> np.ndarray:
         slots = self.slots(users)  # first: it may grow the arrays
@@ -97,4 +110,12 @@ class UserFacts:
 
     def activity(self, users: Sequence[int]) -> ActivityTable:
         slots = self.slots(users)
+        return ActivityTable(self._values[slots], self._anchor[slots], self._known[slots])
+
+    def degrees_of(self, ids: np.ndarray) -> np.ndarray:
+        slots = self.slots_of(ids)
+        return self._degree[slots]
+
+    def activity_of(self, ids: np.ndarray) -> ActivityTable:
+        slots = self.slots_of(ids)
         return ActivityTable(self._values[slots], self._anchor[slots], self._known[slots])
