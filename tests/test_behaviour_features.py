@@ -4,14 +4,14 @@ compared with a plain-Python oracle computed from the set of distinct events."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymk.features.behaviour import DAY_MS, InboundView, ItemEngagement, ItemMirrorUpdate, PartitionBehaviour
-from pymk.features.storage import DictRowStore, RocksRowStore, RowStore
+from pymk.features.storage import DictRowStore, RocksRowStore
+from support.clusters import BehaviourCluster
 
 from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
@@ -20,51 +20,6 @@ ITEMS = range(6)
 AS_OF = 10 * DAY_MS
 
 Event = tuple[str, int, int, int]  # (kind, user, other user or item, ts)
-
-
-class Cluster:
-    """P partitions exchanging messages through queues that deliver in random order, with duplicates."""
-
-    def __init__(self, partitions: int, rng: random.Random, max_item_fanout: int | None = None,
-                 store_factory: Callable[[int], RowStore] | None = None, max_cached_rows: int = 2_000_000) -> None:
-        self.partitions = partitions
-        self.rng = rng
-        self.max_item_fanout = max_item_fanout
-        self.part = lambda u: (u * 2654435761) % partitions
-        self.nodes = [PartitionBehaviour(p, partitions, store_factory(p) if store_factory else DictRowStore(),
-                                         self.part, max_item_fanout=max_item_fanout,
-                                         max_cached_rows=max_cached_rows) for p in range(partitions)]
-        self.in_flight: list[tuple[int, object]] = []
-
-    def collect(self, node: PartitionBehaviour) -> None:
-        for target, batch in node.take_outbox().items():
-            assert target != node.partition
-            for message in batch:
-                self.in_flight.append((target, message))
-                if self.rng.random() < 0.1:  # at-least-once delivery
-                    self.in_flight.append((target, message))
-
-    def event(self, kind: str, user: int, other: int, ts: int) -> bool:
-        node = self.nodes[self.part(user)]
-        event = {"view": ProfileViewEvent, "dismiss": DismissalEvent, "engage": EngagementEvent}[kind](user, other, ts)
-        changed = node.apply_event(event)
-        self.collect(node)
-        return changed
-
-    def deliver_some(self, fraction: float) -> None:
-        self.rng.shuffle(self.in_flight)
-        keep = int(len(self.in_flight) * (1 - fraction))
-        now, self.in_flight = self.in_flight[keep:], self.in_flight[:keep]
-        for target, message in now:
-            self.nodes[target].apply_message(message)  # type: ignore[arg-type]
-            self.collect(self.nodes[target])
-
-    def drain(self) -> None:
-        while self.in_flight:
-            self.deliver_some(1.0)
-
-    def at(self, user: int) -> PartitionBehaviour:
-        return self.nodes[self.part(user)]
 
 
 class Oracle:
@@ -119,7 +74,7 @@ class Oracle:
         return len(common), max(max(self.first[(u, i)], self.first[(v, i)]) for i in common)
 
 
-def assert_exact(cluster: Cluster, oracle: Oracle, dismissal_since: int | None = None) -> None:
+def assert_exact(cluster: BehaviourCluster, oracle: Oracle, dismissal_since: int | None = None) -> None:
     for u in USERS:
         node = cluster.at(u)
         counts: dict[int, tuple[int, int]] = {}
@@ -175,7 +130,7 @@ def test_exact_after_any_events_and_any_delivery_order(events: list[Event], part
                                                        since: int, seed: int) -> None:
     rng = random.Random(seed)
     cached = rng.choice([0, 2_000_000])  # 0: every flush drops the cache, so rows must round-trip the store
-    cluster = Cluster(partitions, rng, max_item_fanout=fanout, max_cached_rows=cached)
+    cluster = BehaviourCluster(partitions, rng, max_item_fanout=fanout, max_cached_rows=cached)
     stream = events + [e for e in events if rng.random() < 0.2]  # duplicate events, anywhere
     rng.shuffle(stream)
     for event in stream:
@@ -191,7 +146,7 @@ def test_exact_after_any_events_and_any_delivery_order(events: list[Event], part
 @settings(max_examples=50, deadline=None)
 @given(events=event_lists, fanout=st.sampled_from([None, 2]), seed=st.integers(0, 10**6))
 def test_replaying_everything_again_changes_nothing(events: list[Event], fanout: int | None, seed: int) -> None:
-    cluster = Cluster(3, random.Random(seed), max_item_fanout=fanout)
+    cluster = BehaviourCluster(3, random.Random(seed), max_item_fanout=fanout)
     for event in events:
         cluster.event(*event)
     cluster.drain()
@@ -205,7 +160,7 @@ def test_replaying_everything_again_changes_nothing(events: list[Event], fanout:
 
 
 def test_hand_computed_views_and_dismissals() -> None:
-    cluster = Cluster(2, random.Random(0))
+    cluster = BehaviourCluster(2, random.Random(0))
     for ts in (100, 300, 300, 500):  # 300 twice: one distinct view
         cluster.event("view", 0, 1, ts)
     cluster.event("view", 1, 0, 200)
@@ -235,7 +190,7 @@ def test_hand_computed_views_and_dismissals() -> None:
 
 
 def test_hub_items_stop_counting_and_make_co_engagement_a_lower_bound() -> None:
-    exact, bounded = Cluster(3, random.Random(1)), Cluster(3, random.Random(1), max_item_fanout=2)
+    exact, bounded = BehaviourCluster(3, random.Random(1)), BehaviourCluster(3, random.Random(1), max_item_fanout=2)
     for cluster in (exact, bounded):
         for user in (0, 1, 2):  # item 100: three engagers, a hub when the fan-out is 2
             cluster.event("engage", user, 100, 10 + user)
@@ -259,7 +214,7 @@ def test_hub_items_stop_counting_and_make_co_engagement_a_lower_bound() -> None:
 
 
 def test_messages_are_plain_frozen_records() -> None:
-    cluster = Cluster(2, random.Random(2))
+    cluster = BehaviourCluster(2, random.Random(2))
     part = cluster.part
     viewer = next(u for u in range(100) if part(u) == 0)
     viewed = next(u for u in range(100) if part(u) == 1)
@@ -277,7 +232,7 @@ def test_messages_are_plain_frozen_records() -> None:
 def test_state_survives_flush_and_reopen_from_rocksdb(tmp_path: Path) -> None:
     rng = random.Random(3)
     stores = {p: RocksRowStore(tmp_path / f"p{p}") for p in range(3)}
-    cluster = Cluster(3, rng, max_item_fanout=4, store_factory=lambda p: stores[p])
+    cluster = BehaviourCluster(3, rng, max_item_fanout=4, store_factory=lambda p: stores[p])
     events: list[Event] = []
     for t in range(400):
         kind = rng.choice(["view", "dismiss", "engage"])

@@ -13,53 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymk.features.graph import PartitionGraph, adamic_adar_weight, edge_version
 from pymk.features.storage import DictRowStore, RocksRowStore
-
-
-class Cluster:
-    """P partitions exchanging messages through queues that deliver in random order, with duplicates."""
-
-    def __init__(self, partitions: int, rng: random.Random, store_factory=DictRowStore) -> None:
-        self.partitions = partitions
-        self.rng = rng
-        self.part = lambda u: (u * 2654435761) % partitions
-        self.graphs = [PartitionGraph(p, partitions, store_factory(p) if store_factory is not DictRowStore
-                                      else DictRowStore(), self.part) for p in range(partitions)]
-        self.in_flight: list[tuple[int, object]] = []
-        self.degrees: dict[int, tuple[int, int]] = {}
-
-    def collect(self, graph: PartitionGraph) -> None:
-        messages, degrees = graph.take_outbox()
-        for target, batch in messages.items():
-            for message in batch:
-                self.in_flight.append((target, message))
-                if self.rng.random() < 0.1:  # at-least-once delivery
-                    self.in_flight.append((target, message))
-        for update in degrees:
-            if update.version > self.degrees.get(update.user, (0, -1))[1]:
-                self.degrees[update.user] = (update.degree, update.version)
-
-    def connection(self, src: int, dst: int, action: str, ts: int) -> None:
-        graph = self.graphs[self.part(src)]
-        graph.apply_connection(src, dst, action, ts)
-        self.collect(graph)
-
-    def deliver_some(self, fraction: float) -> None:
-        self.rng.shuffle(self.in_flight)
-        keep = int(len(self.in_flight) * (1 - fraction))
-        now, self.in_flight = self.in_flight[keep:], self.in_flight[:keep]
-        for target, message in now:
-            self.graphs[target].apply_message(message)  # type: ignore[arg-type]
-            self.collect(self.graphs[target])
-
-    def owner(self, user: int) -> PartitionGraph:
-        return self.graphs[self.part(user)]
-
-    def all_counts(self, users: range) -> list[dict[int, int]]:
-        return [self.owner(u).common_neighbor_counts(u) for u in users]
-
-    def drain(self) -> None:
-        while self.in_flight:
-            self.deliver_some(1.0)
+from support.clusters import GraphCluster
 
 
 def lww_graph(events: list[tuple[int, int, str, int]]) -> nx.Graph:
@@ -72,7 +26,7 @@ def lww_graph(events: list[tuple[int, int, str, int]]) -> nx.Graph:
     return graph
 
 
-def assert_exact(cluster: Cluster, oracle: nx.Graph, users: range) -> None:
+def assert_exact(cluster: GraphCluster, oracle: nx.Graph, users: range) -> None:
     for u in users:
         graph = cluster.graphs[cluster.part(u)]
         truth = set(oracle[u]) if u in oracle else set()
@@ -106,7 +60,7 @@ event_lists = st.lists(
 @given(events=event_lists, partitions=st.integers(1, 4), seed=st.integers(0, 10**6))
 def test_exact_after_any_events_and_any_delivery_order(events, partitions, seed) -> None:
     rng = random.Random(seed)
-    cluster = Cluster(partitions, rng)
+    cluster = GraphCluster(partitions, rng)
     for src, dst, action, ts in events:
         cluster.connection(src, dst, action, ts)
         if rng.random() < 0.5:
@@ -118,7 +72,7 @@ def test_exact_after_any_events_and_any_delivery_order(events, partitions, seed)
 @settings(max_examples=50, deadline=None)
 @given(events=event_lists, seed=st.integers(0, 10**6))
 def test_replaying_everything_again_changes_nothing(events, seed) -> None:
-    cluster = Cluster(3, random.Random(seed))
+    cluster = GraphCluster(3, random.Random(seed))
     for event in events:
         cluster.connection(*event)
     cluster.drain()
@@ -130,7 +84,7 @@ def test_replaying_everything_again_changes_nothing(events, seed) -> None:
 
 
 def test_remove_then_readd_restores_features() -> None:
-    cluster = Cluster(2, random.Random(1))
+    cluster = GraphCluster(2, random.Random(1))
     edges = [(0, 1), (1, 2), (2, 3), (0, 3), (1, 3)]
     for i, (a, b) in enumerate(edges):
         cluster.connection(a, b, "add", i)
@@ -146,7 +100,7 @@ def test_remove_then_readd_restores_features() -> None:
 
 
 def test_older_event_arriving_late_loses() -> None:
-    cluster = Cluster(2, random.Random(2))
+    cluster = GraphCluster(2, random.Random(2))
     cluster.connection(0, 1, "remove", 20)
     cluster.connection(1, 0, "add", 10)  # older than the remove
     cluster.connection(1, 2, "add", 5)
@@ -158,7 +112,7 @@ def test_older_event_arriving_late_loses() -> None:
 def test_state_survives_flush_and_reload_from_rocksdb(tmp_path: Path) -> None:
     rng = random.Random(3)
     stores = {p: RocksRowStore(tmp_path / f"p{p}") for p in range(3)}
-    cluster = Cluster(3, rng, store_factory=lambda p: stores[p])
+    cluster = GraphCluster(3, rng, store_factory=lambda p: stores[p])
     events = [(rng.randrange(30), rng.randrange(30), "add", t) for t in range(200)]
     events = [e for e in events if e[0] != e[1]]
     for event in events:
@@ -175,7 +129,7 @@ def test_state_survives_flush_and_reload_from_rocksdb(tmp_path: Path) -> None:
 
 
 def test_counts_carry_the_timestamp_of_the_last_change() -> None:
-    cluster = Cluster(1, random.Random(4))
+    cluster = GraphCluster(1, random.Random(4))
     cluster.connection(0, 1, "add", 100)
     cluster.connection(1, 2, "add", 200)
     cluster.drain()
@@ -185,7 +139,7 @@ def test_counts_carry_the_timestamp_of_the_last_change() -> None:
 def test_reading_a_user_of_another_partition_fails_loudly() -> None:
     from pymk.features.graph import OwnershipError
 
-    cluster = Cluster(2, random.Random(5))
+    cluster = GraphCluster(2, random.Random(5))
     cluster.connection(0, 1, "add", 1)
     cluster.drain()
     remote = next(u for u in range(100) if cluster.part(u) == 1)
@@ -207,7 +161,7 @@ def test_float_features_are_bit_identical_whatever_the_arrival_order() -> None:
     for seed in range(3):
         order = list(events)
         random.Random(seed).shuffle(order)
-        cluster = Cluster(3, random.Random(seed))
+        cluster = GraphCluster(3, random.Random(seed))
         for event in order:
             cluster.connection(*event)
             cluster.deliver_some(0.3)

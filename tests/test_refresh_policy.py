@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymk.features.keyspace import PENDING
-from pymk.features.storage import row_key
+from pymk.features.storage import DictRowStore, row_key
 from pymk.streams.refresh import EMBED_CHUNK, ListBudget, Refresher, RefreshStats, refresh_order
 from pymk.streams.state import OutputTopics, WorkerState
 from pymk.streams.work import NO_EMBEDDING_DUE, PendingWork
@@ -25,28 +24,7 @@ from pymk.settings import Settings
 STALE_MS = 60_000
 
 
-class DictStore:
-    """A RowStore over a dict (what RocksRowStore does, minus the disk)."""
-
-    def __init__(self) -> None:
-        self.rows: dict[bytes, bytes] = {}
-
-    def get(self, key: bytes) -> bytes | None:
-        return self.rows.get(key)
-
-    def write(self, puts: Mapping[bytes, bytes], deletes: Iterable[bytes] = ()) -> None:
-        self.rows.update(puts)
-        for key in deletes:
-            self.rows.pop(key, None)
-
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        return iter(sorted((k, v) for k, v in self.rows.items() if k.startswith(prefix)))
-
-    def close(self) -> None:
-        pass
-
-
-def commit(work: PendingWork, store: DictStore) -> None:
+def commit(work: PendingWork, store: DictRowStore) -> None:
     puts, deletes = work.dirty_rows()
     store.write(puts, deletes)
     work.mark_clean()
@@ -90,7 +68,7 @@ def test_every_owed_user_is_in_exactly_one_lane(stamps: list[tuple[int, int]], n
 
 
 def test_pending_rows_remember_first_and_last_touch_durably() -> None:
-    store = DictStore()
+    store = DictRowStore()
     work = PendingWork(store)
     work.touch(7, 100, None, True)
     work.touch(7, 200, None, True)
@@ -109,8 +87,8 @@ def test_pending_rows_remember_first_and_last_touch_durably() -> None:
 
 
 def test_rows_of_the_previous_format_are_read() -> None:
-    store = DictStore()
-    store.rows[row_key(PENDING, 3)] = struct.pack("<qbq", NO_EMBEDDING_DUE, 1, 1234)
+    store = DictRowStore()
+    store.data[row_key(PENDING, 3)] = struct.pack("<qbq", NO_EMBEDDING_DUE, 1, 1234)
     work = PendingWork(store)
     assert work.refreshes() == [(1234, 1234, 3)]
 
@@ -128,7 +106,7 @@ class FakeState:
 
     def __init__(self, partition: int = 0) -> None:
         self.partition = partition
-        self.work = PendingWork(DictStore())
+        self.work = PendingWork(DictRowStore())
         self.published = FakePublished()
 
 
@@ -286,7 +264,7 @@ def test_the_embedding_pass_before_ranking_between_flushes_embeds_new_users_only
 
 
 def test_pending_work_says_whether_a_list_is_owed() -> None:
-    work = PendingWork(DictStore())
+    work = PendingWork(DictRowStore())
     assert not work.has_refreshes()
     work.touch(1, 1_000, 1_000, False)  # an embedding only
     assert not work.has_refreshes()
@@ -428,7 +406,7 @@ def test_an_embedding_of_a_partition_taken_over_without_its_state_beats_the_prev
     refresher.models = type("M", (), {"embedding_model": "sage-test"})()  # type: ignore[assignment]
     refresher.embedder = lambda state: _ZeroEmbedder()  # type: ignore[method-assign]
     state = FakeState()
-    state.embeddings = EmbeddingStore(DictStore())  # type: ignore[attr-defined]
+    state.embeddings = EmbeddingStore(DictRowStore())  # type: ignore[attr-defined]
     state.embeddings.put(EmbeddingRecord(6, 2, 0, "sage-test", np.ones(4, dtype=np.float32)))
     records = refresher._embed(state, [5, 6, 9], now_ms=1_000, salt=0)  # type: ignore[arg-type]
     assert [(r.user, r.version) for r in records] == [(5, 8), (6, 3), (9, 1)]

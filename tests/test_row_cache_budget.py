@@ -10,14 +10,15 @@ import tracemalloc
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import PartitionGraph
 from pymk.features.storage import CacheBudget, DictRowStore
-from test_graph_state import Cluster, assert_exact, lww_graph
+from support.clusters import GraphCluster
+from test_graph_state import assert_exact, lww_graph
 
 from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
 
 def test_features_stay_exact_when_rows_are_evicted_after_every_flush() -> None:
     rng = random.Random(8)
-    cluster = Cluster(3, rng)
+    cluster = GraphCluster(3, rng)
     # tiny budgets: every check evicts, nearly everything (one at 0: everything)
     budgets = [CacheBudget(max_bytes=max_bytes, min_interval_s=0.0) for max_bytes in (0, 20_000, 60_000)]
     events = [(rng.randrange(40), rng.randrange(40), rng.choice(["add", "add", "remove"]), t) for t in range(400)]
