@@ -66,8 +66,9 @@ def adamic_adar_weight(degree: int) -> float:
 
 
 class TwoHopArrays(NamedTuple):
-    """Every user at distance exactly 2 of a query user (the same set as :meth:`PartitionGraph.two_hop_scores`),
-    as parallel arrays ordered by id: common-neighbour count, Adamic-Adar and resource-allocation sums."""
+    """Every user at the end of a 2-path from a query user — the same set as :meth:`PartitionGraph.two_hop_scores`:
+    the users at distance 2, and the neighbours that share a neighbour with it — as parallel arrays ordered by id:
+    common-neighbour count, Adamic-Adar and resource-allocation sums. The ranking source keeps distance 2 only."""
 
     ids: np.ndarray  # int64, ascending
     counts: np.ndarray  # int64

@@ -81,8 +81,17 @@ class WorkerRankingSource:
 
     # TwoHopArraySource
     def two_hop_arrays(self, user: int) -> TwoHopArrays:
+        """The users at distance exactly 2 (the contract of :meth:`RankingSource.two_hop`): the partition's
+        traversal also reaches the user's neighbours that share a neighbour with it (a triangle), dropped here."""
         if self._two_hop is None or self._two_hop[0] != user:
-            self._two_hop = (user, self.graph.two_hop_arrays(user))
+            held = self.graph.two_hop_arrays(user)
+            if len(held.ids):
+                neighbours = self.graph.adjacency_row(user).alive_ids()
+                keep = ~np.isin(held.ids, neighbours, assume_unique=True) if len(neighbours) else None
+                if keep is not None and not keep.all():
+                    held = TwoHopArrays(held.ids[keep], held.counts[keep], held.adamic_adar[keep],
+                                        held.resource_allocation[keep])
+            self._two_hop = (user, held)
         return self._two_hop[1]
 
     def two_hop(self, user: int) -> tuple[Mapping[int, int], Mapping[int, float]]:

@@ -124,19 +124,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> WorkerWorld:
 
 class LegacySource(WorkerRankingSource):
     """The worker's source as it was: the 2-hop sets as dicts from the dict traversal, and none of the columnar
-    reads (a protocol member set to None fails the protocol's isinstance check)."""
+    reads (a protocol member set to None fails the protocol's isinstance check). Since then both keep the users
+    at distance exactly 2 (the traversal also reaches neighbours that close a triangle)."""
 
     two_hop_arrays = None  # type: ignore[assignment]
     degrees_of = None  # type: ignore[assignment]
     activity_table_of = None  # type: ignore[assignment]
     embeddings_of = None  # type: ignore[assignment]
 
+    def _distance_two(self, user: int) -> tuple[dict[int, int], dict[int, float], dict[int, float]]:
+        neighbours = self.graph.neighbours(user)
+        maps = self.graph.two_hop_with_allocation(user)
+        return tuple({v: x for v, x in m.items() if v not in neighbours} for m in maps)  # type: ignore[return-value]
+
     def two_hop(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
-        counts, scores, self._legacy_allocation = self.graph.two_hop_with_allocation(user)
+        counts, scores, _ = self._distance_two(user)
         return counts, scores
 
     def two_hop_resource_allocation(self, user: int) -> dict[int, float]:
-        return self.graph.two_hop_with_allocation(user)[2]
+        return self._distance_two(user)[2]
 
     def common_neighbors(self, user: int, candidate: int) -> Sequence[int]:
         return self.graph.common_neighbors(user, candidate)
