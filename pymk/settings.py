@@ -8,15 +8,25 @@ a new object with :func:`dataclasses.replace` (tests do this for per-test topic 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import ssl
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ENV_PREFIX = "PYMK_"
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+# The enumerated settings: a value outside its choices is refused when the settings are built (from the
+# environment or in code), so a typo never falls back to a default silently.
+AnnSpace = Literal["sage", "two-tower"]
+AnnQuantization = Literal["flat", "sq8"]
+RankerKind = Literal["xgboost", "two-tower", "blend"]
+RerankerKind = Literal["none", "cross-attention"]
+TreeEvaluatorKind = Literal["auto", "xgboost"]
+RefreshScope = Literal["touched", "two-hop"]
 
 
 @dataclass(frozen=True)
@@ -85,12 +95,12 @@ class Settings:
     embed_budget_ms: int = 100
     # The space Stage 1's ANN searches: "sage" (GraphSAGE neighbours of the user's embedding) or "two-tower"
     # (candidate-tower vectors searched with the user's query-tower vector; needs a two-tower model).
-    ann_space: str = "sage"
+    ann_space: AnnSpace = "sage"
     ann_m: int = 32
     ann_ef_construction: int = 200
     ann_ef_search: int = 128
     # "flat" (float32 vectors in the graph) or "sq8" (int8 scalar quantisation: a quarter of the memory)
-    ann_quantization: str = "flat"
+    ann_quantization: AnnQuantization = "flat"
     # Rebuild the HNSW graph when this share of its slots hold replaced or deleted vectors.
     ann_rebuild_tombstone_fraction: float = 0.2
     # The worker snapshots its index this often (and at shutdown); a restart replays embeddings since then.
@@ -101,17 +111,17 @@ class Settings:
     ranker_model: str = ""
     # What ranks Stage 2: "xgboost", "two-tower" (a trained two-tower model: PYMK_TWO_TOWER_MODEL or
     # <home>/models/two-tower/current) or "blend" ((1 - w)·XGBoost + w·two-tower, by rank within the list).
-    ranker_kind: str = "xgboost"
+    ranker_kind: RankerKind = "xgboost"
     two_tower_model: str = ""
     blend_weight: float = 0.5
     # Stage 2 option C: "none" (default) or "cross-attention" (re-rank Stage 2's top 50 with the model at
     # PYMK_RERANKER_MODEL or <home>/models/reranker/current, in one batched forward pass per list).
-    reranker: str = "none"
+    reranker: RerankerKind = "none"
     reranker_model: str = ""
     # How the ranker's trees are evaluated: "auto" (a C evaluator compiled once per machine with
     # tree_evaluator_cc and its flags, cached in tree_evaluator_cache_dir; XGBoost's inplace_predict when it cannot
     # be used, with the reason in /stats) or "xgboost" (always inplace_predict).
-    tree_evaluator: str = "auto"
+    tree_evaluator: TreeEvaluatorKind = "auto"
     tree_evaluator_cc: str = "gcc"
     tree_evaluator_cflags: str = "-O3 -march=native"
     tree_evaluator_cache_dir: Path = Path.home() / ".cache" / "pymk" / "tree-eval"
@@ -126,7 +136,7 @@ class Settings:
     # Which users a change refreshes: "touched" (users whose own rows changed: both endpoints of a connection,
     # viewer and viewed, dismisser, engager, profile owner) or "two-hop" (also every user whose common-neighbour
     # row changed, i.e. the neighbours of both endpoints of a new connection).
-    refresh_scope: str = "touched"
+    refresh_scope: RefreshScope = "touched"
     # Refreshing is done inside the flush; past this much time per flush the rest waits for the next one
     # (pending refreshes are durable, so a crash loses none). Lists owed are served in two lanes: the users
     # touched most recently first (newest last change first), and, with up to refresh_stale_share of the budget
@@ -176,8 +186,10 @@ class Settings:
             raise ValueError(f"security protocol {self.security_protocol!r} (PYMK_SECURITY_PROTOCOL) is not one of "
                              f"{', '.join(SECURITY_PROTOCOLS)}")
         object.__setattr__(self, "security_protocol", protocol)
-        if self.ann_space not in ("sage", "two-tower"):
-            raise ValueError(f"PYMK_ANN_SPACE={self.ann_space!r}: sage or two-tower")
+        for name, choices in _enumerated().items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}={getattr(self, name)!r} is not one of "
+                                 f"{', '.join(choices)}")
 
     # Derived names -----------------------------------------------------------------------------
     @property
@@ -268,7 +280,17 @@ INPUT_KINDS = ("connections", "profile-views", "dismissals", "engagements", "use
 OUTPUT_KINDS = ("recommendations", "impressions", "dead-letter")
 
 
+@functools.cache
+def _enumerated() -> dict[str, tuple[str, ...]]:
+    """Each Literal-typed setting → its choices."""
+    hints = typing.get_type_hints(Settings)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(Settings)
+            if typing.get_origin(hints[f.name]) is Literal}
+
+
 def _coerce(kind: Any, raw: str, name: str) -> Any:
+    if typing.get_origin(kind) is Literal:
+        return raw  # checked with the others in Settings.__post_init__
     try:
         if kind is bool:
             if raw.lower() in ("1", "true", "yes", "on"):

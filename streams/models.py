@@ -52,8 +52,6 @@ class Models:
         self.scorer: Any = self._load_ranker(self.ranker_path)
         self._loaded = (self._identity(self.sage_path), self._identity(self.ranker_path))
         self.two_tower: Any = None
-        if settings.ranker_kind not in ("xgboost", "two-tower", "blend"):
-            raise ValueError(f"PYMK_RANKER_KIND={settings.ranker_kind!r}: xgboost, two-tower or blend")
         if settings.ranker_kind != "xgboost" or settings.ann_space == "two-tower":
             from pymk.ranking.two_tower import TwoTowerRanker, load_two_tower
 
@@ -63,8 +61,6 @@ class Models:
                                         f"{settings.ann_space} needs a two-tower model (pymk train two-tower, or "
                                         "PYMK_TWO_TOWER_MODEL)")
             self.two_tower = TwoTowerRanker(load_two_tower(tower_path)[0])
-        if settings.reranker not in ("none", "cross-attention"):
-            raise ValueError(f"PYMK_RERANKER={settings.reranker!r}: none or cross-attention")
         self.reranker_path = self._reranker_path()
         self.reranker: Any = self._load_reranker(self.reranker_path)
         self._reranker_loaded = self._identity(self.reranker_path)

@@ -34,6 +34,23 @@ def test_bad_environment_value_is_reported() -> None:
         Settings.from_env({"PYMK_PARTITIONS": "eight"})
 
 
+@pytest.mark.parametrize("name, choices", [("refresh_scope", ("touched", "two-hop")),
+                                           ("ranker_kind", ("xgboost", "two-tower", "blend")),
+                                           ("reranker", ("none", "cross-attention")),
+                                           ("ann_space", ("sage", "two-tower")),
+                                           ("ann_quantization", ("flat", "sq8")),
+                                           ("tree_evaluator", ("auto", "xgboost"))])
+def test_enumerated_settings_refuse_what_is_not_a_choice(name: str, choices: tuple[str, ...]) -> None:
+    variable = "PYMK_" + name.upper()
+    for choice in choices:
+        assert getattr(Settings.from_env({variable: choice}), name) == choice
+    typo = choices[-1].replace("-", "_").upper()  # "TWO_HOP": a typo that used to pass as the default
+    with pytest.raises(ValueError, match=f"{variable}='{typo}' is not one of {', '.join(choices)}"):
+        Settings.from_env({variable: typo})
+    with pytest.raises(ValueError, match=variable):
+        Settings(**{name: typo})  # type: ignore[arg-type]
+
+
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().partitions = 3  # type: ignore[misc]
