@@ -76,7 +76,7 @@ class WorkerWorld:
         return state.profiles.profile(user) if state is not None else self.globals.profile(user)[0]
 
     def facts_of(self, user: int) -> tuple[int, Any, Any]:
-        """As :meth:`pymk.streams.app.Worker.facts_value`."""
+        """As :meth:`pymk.streams.app.PymkApp.facts_value`."""
         state = self.state_of(user)
         if state is None:
             return self.globals.degree(user)[0], self.globals.activity(user), self.globals.profile(user)[0]
