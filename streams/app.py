@@ -101,12 +101,7 @@ class PymkApp:
         self.globals = UserGlobals(settings)
         self.index = GlobalIndex(settings, worker_home / f"index-{socket.gethostname()}-{settings.web_port}")
         self.models = Models(settings) if settings.recommend else None
-        self.state = WorkerState(worker_home / "state", partitions, self.partition_of,
-                                 settings.topic("partition-messages"), settings.topic("user-globals"),
-                                 settings.topic("dead-letter"), self._send,
-                                 max_item_fanout=settings.max_item_fanout or None,
-                                 cache_bytes_per_partition=settings.state_cache_mb * 2**20 // partitions,
-                                 rocks_memory=RocksMemory(settings.rocksdb_memory_mb * 2**20))
+        # the reads it is given (degree_value, …) look at self.state when called, once the state exists
         self.refresher = (Refresher(settings, self.index, self.models, self.degree_value, self.profile_value,
                                     self.globals.activity, self.globals.most_active,
                                     facts=UserFacts(self.facts_value))
@@ -114,20 +109,29 @@ class PymkApp:
         if self.refresher is not None and self.refresher.facts is not None:
             facts = self.refresher.facts
             self.globals.listeners.append(lambda user: facts.invalidate((user,)))
-        self.state.refresher = self.refresher
         if self.refresher is not None:
             self.refresher.on_user_error = self._user_failed
             self.refresher.delays = self.metrics.list_refresh_seconds
-        self.state.errors.listener = self.metrics.internal_error
+        between_flushes = self.refresher is not None and settings.refresh_between_flushes_ms > 0
+        self.state = WorkerState(worker_home / "state", partitions, self.partition_of,
+                                 settings.topic("partition-messages"), settings.topic("user-globals"),
+                                 settings.topic("dead-letter"), self._send,
+                                 max_item_fanout=settings.max_item_fanout or None,
+                                 cache_bytes_per_partition=settings.state_cache_mb * 2**20 // partitions,
+                                 rocks_memory=RocksMemory(settings.rocksdb_memory_mb * 2**20),
+                                 refresher=self.refresher,
+                                 topics=OutputTopics(embeddings=settings.topic("embeddings"),
+                                                     recommendations=settings.topic("recommendations"),
+                                                     impressions=settings.topic("impressions"),
+                                                     impressions_unshown=settings.topic(UNSHOWN_KIND)),
+                                 backlog_of=lambda: self.progress.backlog(),
+                                 between_flushes_max_backlog=(settings.refresh_keeping_up_backlog if between_flushes
+                                                              else None),
+                                 error_listener=self.metrics.internal_error)
         # how far the state is behind its input (reads faust's consumer internals: the one module that does)
         self.progress = InputProgress(self.app, self.state,
                                       [topic.get_topic_name() for topic in (*self.input_topics.values(),
                                                                             self.messages_topic, self.commands_topic)])
-        self.state.backlog_of = self.progress.backlog
-        self.state.topics = OutputTopics(embeddings=settings.topic("embeddings"),
-                                         recommendations=settings.topic("recommendations"),
-                                         impressions=settings.topic("impressions"),
-                                         impressions_unshown=settings.topic(UNSHOWN_KIND))
         for kind, topic in self.input_topics.items():
             self.app.agent(topic, name=f"pymk.ingest.{kind}")(self._make_ingest_agent(kind))
         self.app.agent(self.messages_topic, name="pymk.partition-messages")(self._messages_agent)
@@ -135,9 +139,8 @@ class PymkApp:
         self.app.timer(settings.flush_interval_ms / 1000.0)(self._flush_timer)
         self.app.timer(1.0)(self.progress.reseek_stalled)
         self.app.timer(1.0)(self._gc_timer)
-        if self.refresher is not None and settings.refresh_between_flushes_ms > 0:
+        if between_flushes:
             self.app.task(self._rank_between_flushes)
-            self.state.between_flushes_max_backlog = settings.refresh_keeping_up_backlog
         if self.models is not None:
             self.app.timer(settings.model_reload_interval_s)(self._reload_timer)
         self.app.task(self.globals.run)

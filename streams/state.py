@@ -201,7 +201,10 @@ class WorkerState:
     def __init__(self, state_dir: Path, partitions: int, partition_of: Callable[[int], int],
                  messages_topic: str, globals_topic: str, dead_letter_topic: str, send: Sender,
                  max_item_fanout: int | None = None, cache_bytes_per_partition: int | None = None,
-                 rocks_memory: RocksMemory | None = None) -> None:
+                 rocks_memory: RocksMemory | None = None, refresher: Refresher | None = None,
+                 topics: OutputTopics | None = None, backlog_of: Callable[[], int] | None = None,
+                 between_flushes_max_backlog: int | None = None,
+                 error_listener: Callable[[str], None] | None = None) -> None:
         self.state_dir = state_dir
         self.partitions = partitions
         self.partition_of = partition_of
@@ -218,21 +221,21 @@ class WorkerState:
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
         self.in_flight: list[Awaitable[Any]] = []  # sends made between flushes; awaited by the next flush's step 2
         self._in_flight_about: list[tuple[str, bytes | None, int]] = []  # (topic, key, size) of each of them
-        self.errors = InternalErrors()
+        self.errors = InternalErrors(error_listener)
         # the last events applied here (user ids, then the event), for the debug page: memory only, bounded
         self.recent_events: deque[tuple[tuple[int, ...], dict[str, Any]]] = deque(maxlen=RECENT_EVENTS)
         self.unsent: list[Outgoing] = []  # outputs of a slice between flushes it could not send (the flush sends)
         self.closing: set[int] = set()  # partitions being closed (revoked): flushed one last time, then closed
         self.stats = FlushStats()
-        # set by the app once the models are loaded: embeds and ranks the users touched since the last flush
-        self.refresher: Refresher | None = None
-        self.topics: OutputTopics | None = None
-        # set by the app: messages of the owned partitions not applied yet (the refresh budget yields to them)
-        self.backlog_of: Callable[[], int] | None = None
-        # set by the app when refresh_now runs between flushes: while at most this many input messages wait, it
-        # embeds and ranks, and flushes do not (past it, the input is falling behind and flushes rank with their
-        # own budget and catch-up rule); None: flushes embed and rank
-        self.between_flushes_max_backlog: int | None = None
+        # embeds and ranks the users touched since the last flush (None: features only, no models), into topics
+        self.refresher = refresher
+        self.topics = topics
+        # messages of the owned partitions not applied yet (the refresh budget yields to them)
+        self.backlog_of = backlog_of
+        # when refresh_now runs between flushes: while at most this many input messages wait, it embeds and
+        # ranks, and flushes do not (past it, the input is falling behind and flushes rank with their own budget
+        # and catch-up rule); None: flushes embed and rank
+        self.between_flushes_max_backlog = between_flushes_max_backlog
 
     # ---- partition ownership -------------------------------------------------------------------------
     def open_partitions(self, numbers: Iterable[int]) -> None:

@@ -314,13 +314,12 @@ def test_lists_ranked_between_flushes_but_not_sent_go_with_the_next_flush(tmp_pa
         done.set_result(None)
         return done
 
-    worker = WorkerState(tmp_path, 1, lambda user: 0, "m", "g", "d", send)
+    worker = WorkerState(tmp_path, 1, lambda user: 0, "m", "g", "d", send,
+                         refresher=SliceRefresher(), topics=OutputTopics("e", "r", "i", "u"))  # type: ignore[arg-type]
     worker.open_partitions([0])
     state = worker.owned[0]
     for user in (5, 6):
         state.work.touch(user, 1_000, None, True)
-    worker.refresher = SliceRefresher()  # type: ignore[assignment]
-    worker.topics = OutputTopics("e", "r", "i", "u")
 
     async def scenario() -> None:
         with pytest.raises(asyncio.CancelledError):
@@ -351,10 +350,9 @@ def test_outboxes_are_sent_between_flushes_and_what_was_not_sent_goes_with_the_f
         done.set_result(None)
         return done
 
-    worker = WorkerState(tmp_path, 2, lambda user: user % 2, "m", "g", "d", send)
+    worker = WorkerState(tmp_path, 2, lambda user: user % 2, "m", "g", "d", send,
+                         refresher=SliceRefresher(), topics=OutputTopics("e", "r", "i", "u"))  # type: ignore[arg-type]
     worker.open_partitions([0, 1])
-    worker.refresher = SliceRefresher()  # type: ignore[assignment]
-    worker.topics = OutputTopics("e", "r", "i", "u")
     worker.owned[0].graph.apply_connection(2, 3, "add", 1_000)  # 3 lives in partition 1
 
     async def scenario() -> None:
