@@ -129,32 +129,29 @@ def _search(index: AnnIndex, source: MemorySource, user: int, k: int,
     return [] if vector is None else index.search(vector, k, exclude=set(exclude) | {user})
 
 
-class ProductMethod:
-    """A :class:`pymk.ranking.evaluation.Method`: the full ordering of a user's Stage 1 candidates by the
-    scorer (the top 20 of it is the published list); users beyond the candidates are not ranked."""
+class OrderedCandidatesMethod:
+    """A :class:`pymk.ranking.evaluation.Method` over a full ordering of each user's candidates, in the product's
+    final order (score, then degree, then id); a subclass says how a user's candidates are scored
+    (:meth:`scored`). Users beyond the candidates are not ranked. The orderings of the last 4,096 users asked
+    about are kept (the protocol asks about a user several times)."""
 
-    def __init__(self, name: str, source: MemorySource, scorer: Scorer, config: CandidateConfig,
-                 as_of_ms: int | Callable[[int], int]) -> None:
-        self.name = name
-        self.source = source
-        self.scorer = scorer
-        self.config = config
-        self.as_of_ms = as_of_ms
-        self.builder = FeatureBuilder()
+    CACHED_USERS = 4096
+
+    def __init__(self) -> None:
         self._cache: dict[int, tuple[list[int], set[int]]] = {}
+
+    def scored(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(candidate ids, their scores, the degree key of the tie rule) of ``user``."""
+        raise NotImplementedError
 
     def _ordered(self, user: int) -> tuple[list[int], set[int]]:
         held = self._cache.get(user)
         if held is None:
-            as_of = self.as_of_ms(user) if callable(self.as_of_ms) else self.as_of_ms
-            scored = score_candidates(user, self.source, self.scorer, self.config, as_of, k=1,
-                                      builder=self.builder)
-            ids = scored.candidates.ids
-            degree_key = scored.features[:, FEATURE_INDEX["candidate_degree_log"]]
-            order = ranking_order(scored.scores, degree_key, ids, len(ids))
+            ids, scores, degree_key = self.scored(user)
+            order = ranking_order(scores, degree_key, ids, len(ids))
             ranked = [int(x) for x in ids[order]]
             held = self._cache[user] = (ranked, set(ranked))
-            if len(self._cache) > 4096:
+            if len(self._cache) > self.CACHED_USERS:
                 self._cache.pop(next(iter(self._cache)))
         return held
 
@@ -169,6 +166,25 @@ class ProductMethod:
             if candidate in targets:
                 return position
         return None
+
+
+class ProductMethod(OrderedCandidatesMethod):
+    """The full ordering of a user's Stage 1 candidates by the scorer (the top 20 of it is the published list)."""
+
+    def __init__(self, name: str, source: MemorySource, scorer: Scorer, config: CandidateConfig,
+                 as_of_ms: int | Callable[[int], int]) -> None:
+        super().__init__()
+        self.name = name
+        self.source = source
+        self.scorer = scorer
+        self.config = config
+        self.as_of_ms = as_of_ms
+        self.builder = FeatureBuilder()
+
+    def scored(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        as_of = self.as_of_ms(user) if callable(self.as_of_ms) else self.as_of_ms
+        scored = score_candidates(user, self.source, self.scorer, self.config, as_of, k=1, builder=self.builder)
+        return scored.candidates.ids, scored.scores, scored.features[:, FEATURE_INDEX["candidate_degree_log"]]
 
 
 class AnnOnlyMethod:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ from pymk.ranking.evaluation import EvaluationSplit
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker
-from pymk.ranking.product import ProductModels, past_source
-from pymk.ranking.recommend import ranking_order, score_candidates
+from pymk.ranking.product import OrderedCandidatesMethod, ProductModels, past_source
+from pymk.ranking.recommend import score_candidates
 from pymk.ranking.source import Scorer
 from pymk.ranking.two_tower import (
     LOSSES,
@@ -103,13 +103,14 @@ def cached_two_tower_models(split: EvaluationSplit, models: ProductModels, cache
     return trained, time.perf_counter() - started
 
 
-class TwoTowerMethod:
+class TwoTowerMethod(OrderedCandidatesMethod):
     """A :class:`pymk.ranking.evaluation.Method`: a user's hybrid Stage 1 candidates ordered by the two-tower
     score, or (with ``xgb``) by ``blend_scores(xgb, two-tower, weight)``. The past source does not change during
     an evaluation, so every user's query and candidate vectors are computed once, in one batch."""
 
     def __init__(self, name: str, source: MemorySource, model: TwoTowerModel, config: CandidateConfig,
                  as_of_ms: int, xgb: Scorer | None = None, weight: float = BLEND_WEIGHT) -> None:
+        super().__init__()
         self.name = name
         self.source = source
         self.ranker = TwoTowerRanker(model)
@@ -123,46 +124,21 @@ class TwoTowerMethod:
         inputs = tower_inputs(users, source)
         self._queries = model.query_vectors(inputs)
         self._candidates = model.candidate_vectors(inputs)
-        self._cache: dict[int, tuple[list[int], set[int]]] = {}
 
     def scores(self, user: int, ids: np.ndarray) -> np.ndarray:
         """Two-tower scores of ``ids`` for ``user`` (equal to ``TwoTowerRanker.score`` on the same source)."""
         rows = [self._row[int(c)] for c in ids]
         return (self._candidates[rows] @ self._queries[self._row[user]]).astype(np.float64)
 
-    def _ordered(self, user: int) -> tuple[list[int], set[int]]:
-        held = self._cache.get(user)
-        if held is not None:
-            return held
+    def scored(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.xgb is None:
-            candidates = generate_candidates(user, self.source, self.config, self.as_of_ms)
-            ids = candidates.ids
-            scores = self.scores(user, ids)
+            ids = generate_candidates(user, self.source, self.config, self.as_of_ms).ids
             degree_key = np.log1p(np.fromiter((self.source.degree(int(c)) for c in ids), np.float64, len(ids)))
-        else:
-            scored = score_candidates(user, self.source, self.xgb, self.config, self.as_of_ms, k=1,
-                                      builder=self.builder)
-            ids = scored.candidates.ids
-            scores = blend_scores(scored.scores, self.scores(user, ids), self.weight)
-            degree_key = scored.features[:, FEATURE_INDEX["candidate_degree_log"]]
-        order = ranking_order(scores, degree_key, ids, len(ids))
-        ranked = [int(x) for x in ids[order]]
-        held = self._cache[user] = (ranked, set(ranked))
-        if len(self._cache) > 4096:
-            self._cache.pop(next(iter(self._cache)))
-        return held
-
-    def rank(self, user: int, k: int) -> list[int]:
-        return self._ordered(user)[0][:k]
-
-    def candidates(self, user: int) -> Collection[int]:
-        return self._ordered(user)[1]
-
-    def best_rank(self, user: int, targets: Collection[int]) -> int | None:
-        for position, candidate in enumerate(self._ordered(user)[0], start=1):
-            if candidate in targets:
-                return position
-        return None
+            return ids, self.scores(user, ids), degree_key
+        scored = score_candidates(user, self.source, self.xgb, self.config, self.as_of_ms, k=1, builder=self.builder)
+        ids = scored.candidates.ids
+        return (ids, blend_scores(scored.scores, self.scores(user, ids), self.weight),
+                scored.features[:, FEATURE_INDEX["candidate_degree_log"]])
 
 
 def two_tower_methods(split: EvaluationSplit, models: ProductModels, tower_models: TwoTowerModels, ann: AnnConfig,
