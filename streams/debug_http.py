@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
+from pymk.ranking.features import FEATURE_NAMES
 from pymk.streams.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pymk.streams.ranking_source import WorkerRankingSource, pair_feature_row
 from pymk.streams.state import PartitionState
 from yarl import URL
 
@@ -31,6 +33,9 @@ BAD_USER_ID = "user ids must be non-negative 64-bit integers: ASCII decimal digi
 FORWARDED_HEADER = "X-Pymk-Forwarded"
 ROUTE_TIMEOUT_S = 10.0
 ROUTE_RETRY_AFTER_S = 1
+# the columns /features keeps from the graph's own rows for a pair already connected (never ranked)
+GRAPH_FEATURES = frozenset({"common_neighbor_count", "adamic_adar_score", "jaccard_sim", "graph_distance_bucket",
+                            "query_degree_log", "candidate_degree_log", "resource_allocation_score"})
 
 
 class DebugViews:
@@ -48,6 +53,8 @@ class DebugViews:
         self.metrics = worker.metrics
         self.gc_pauses = worker.gc_pauses
         self.progress = worker.progress
+        self.degree_value = worker.degree_value
+        self.profile_value = worker.profile_value
         self.input_topics = worker.input_topics
 
     # ---- views ---------------------------------------------------------------------------------------------------
@@ -158,8 +165,9 @@ class DebugViews:
         state = self.state.state_for(self.partition_of(user))
         if state is None:
             return None
+        # when each feature last changed (the contract's "ts"), from the rows that hold it
         features = graph_pair_features(state.graph, user, candidate, self.degree_of)
-        as_of = int(time.time() * 1000)
+        as_of = state.event_time_ms or int(time.time() * 1000)  # the as-of time lists are ranked at (refresh.py)
         for name, (value, ts) in state.behaviour.pair_features(user, candidate, as_of).items():
             features[name] = FeatureValue(value, ts)
         own_profile = state.profiles.profile(user)
@@ -168,8 +176,23 @@ class DebugViews:
         stamps = profile_feature_timestamps(own_ts, other_ts)
         for name, value in profile_features(own_profile, other_profile).items():
             features[name] = FeatureValue(value, stamps[name])
-        return {"user": user, "candidate": candidate,
-                "features": {name: value.to_dict() for name, value in features.items()},
+        # the values: the ranking matrix's row of the pair (one code path with what the ranker sees); a pair
+        # already connected is never ranked, and keeps the graph features of the contract (distance 1, its count)
+        source = WorkerRankingSource(state, self.index, self.degree_value, self.profile_value, self.globals.activity,
+                                     self.globals.most_active)
+        connected = candidate in state.graph.neighbours(user)
+        for name, value in pair_feature_row(source, user, candidate, as_of).items():
+            held = features.get(name)
+            if held is None:
+                features[name] = FeatureValue(value, None)
+            elif not (connected and name in GRAPH_FEATURES):
+                # the matrix holds floats; a count or a flag keeps its JSON type (3, not 3.0)
+                kind = type(held.value) if isinstance(held.value, bool | int) and value is not None else float
+                features[name] = FeatureValue(value if kind is float else kind(value), held.ts)
+        return {"user": user, "candidate": candidate, "as_of": as_of,
+                # the ranking columns in matrix order, then the contract's features the ranker does not read
+                "features": {name: features[name].to_dict()
+                             for name in (*FEATURE_NAMES, *(n for n in features if n not in FEATURE_NAMES))},
                 "mutual_examples": state.graph.common_neighbors(user, candidate)[:3]}
 
     def profile_of(self, user: int) -> tuple[Any, dict[str, int]]:

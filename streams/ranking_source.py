@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
 from pymk.features.graph import Registers, TwoHopArrays, is_alive
+from pymk.ranking.candidates import GRAPH, Candidate, CandidateSet
+from pymk.ranking.features import FeatureBuilder, feature_dict
 from pymk.ranking.source import ActivityTable
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
@@ -209,3 +211,18 @@ class WorkerRankingSource:
 
     def describe(self) -> dict[str, Any]:
         return {"partition": self.state.partition}
+
+
+def pair_feature_row(source: WorkerRankingSource, user: int, candidate: int, as_of_ms: int,
+                     builder: FeatureBuilder | None = None) -> dict[str, float | None]:
+    """The ranking feature matrix's row of one pair, as Stage 2 builds it when ``candidate`` is in ``user``'s
+    list: its common-neighbour count and Adamic-Adar from Stage 1's traversal (0 beyond distance 2), every
+    other column from the same builder and source, as of ``as_of_ms``. The debug API's ``/features/{u}/{v}``
+    answers with it, so what a person reads there is what the ranker saw."""
+    held = source.two_hop_arrays(user)
+    at = int(np.searchsorted(held.ids, candidate))
+    found = at < len(held.ids) and int(held.ids[at]) == candidate
+    pair = Candidate(candidate, (GRAPH,), int(held.counts[at]) if found else 0,
+                     float(held.adamic_adar[at]) if found else 0.0, None)
+    row = (builder or FeatureBuilder()).matrix(user, CandidateSet.from_candidates(user, [pair]), source, as_of_ms)
+    return feature_dict(row[0])

@@ -133,3 +133,29 @@ def test_lists_are_ranked_and_sent_between_flushes(kafka_settings: Settings, tmp
             after = latest_for(settings, user)
             assert after is not None and dismissed not in [item.candidate for item in after.items]
         assert without_a_flush >= 1, "every new list waited for a flush"
+
+
+def test_debug_features_are_the_ranking_rows_of_the_published_items(kafka_settings: Settings,
+                                                                    tmp_path: Path) -> None:
+    """``/features/{u}/{v}`` and the feature matrix the ranker scored are one code path: after every list is
+    ranked again on the final state, each shown item's logged features equal the debug answer for the pair."""
+    from pymk.streams.stream_training import read_topic
+    from stream_helpers import final_refresh
+
+    from pymk.events import Impression
+
+    settings = replace(kafka_settings, reembed_min_interval_ms=0)
+    ensure_topics(settings)
+    send(settings, small_network(120, seed=9))
+    with running_worker(settings, tmp_path / "worker.log"):
+        final_refresh(settings, [settings])
+        lists = latest_lists(settings)
+        shown = {(i.user, i.candidate): i for i in map(Impression.from_json,
+                                                       read_topic(settings, settings.topic("impressions")))
+                 if i.rank > 0 and lists.get(i.user) is not None and i.ts == lists[i.user].generated_at}
+        assert len(shown) >= 200
+        for (user, candidate), impression in sorted(shown.items())[:300]:
+            answer = http_get(settings, f"/features/{user}/{candidate}")
+            assert answer["as_of"] == impression.as_of
+            got = {name: answer["features"][name]["value"] for name in impression.features}
+            assert got == impression.features, (user, candidate)
