@@ -42,9 +42,9 @@ LEAKAGE_NOTE = (
     "Models see only the past of the split. Time split: GraphSAGE is trained on the first half of the past "
     "connections; the XGBoost ranker on a temporal replay of the past (checkpoints at 50-90% of it, labels = "
     "connections within the horizon after each checkpoint, all inside the past). Random split: a seeded 20% of "
-    "the past connections is hidden and labelled (hold-out replay, the split's own task), and GraphSAGE is "
-    "trained on the visible 80% only, so it never saw a label. Embeddings come from that GraphSAGE model. "
-    "The future is used only to score."
+    "the past connections is hidden and labelled (hold-out replay, the split's own task, in 4 folds hidden one "
+    "at a time), and GraphSAGE is trained on the visible 80% only, so it never saw a label. Embeddings come "
+    "from that GraphSAGE model. The future is used only to score."
 )
 
 
@@ -161,16 +161,30 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}
     write_report(result, paths["json"], paths["md"], paths["png"])
     report = json.loads(paths["json"].read_text())
+    floor = ranker_floor(models.ranker_dir)
     report["models"] = {"embeddings": models.sage_version, "ranker": models.ranker_version,
-                        "no_leakage": LEAKAGE_NOTE}
+                        "ranker_floor": floor, "no_leakage": LEAKAGE_NOTE}
     report["mode"] = "live (lists consumed from the recommendations topic)" if live else "offline"
     if live_info is not None:
         report["live"] = live_info
     paths["json"].write_text(json.dumps(report, indent=2))
     with paths["md"].open("a") as md:
         md.write(f"\nModels: GraphSAGE `{models.sage_version}`, ranker `{models.ranker_version}`.\n\n"
+                 f"Ranker floor (chosen on validation inside the past): {floor['decision']}.\n\n"
                  f"No leakage: {LEAKAGE_NOTE}\n")
     return result, paths
+
+
+def ranker_floor(ranker_dir: Path) -> dict[str, Any]:
+    """What the product's ranker serves, as its training decided on validation: its trees ("model"), the trees
+    blended with a reference heuristic ("blend"), or that heuristic alone ("fallback"), with the evidence."""
+    metadata = json.loads((Path(ranker_dir) / "metadata.json").read_text())
+    evidence = metadata.get("floor_evidence") or {}
+    return {"serves": metadata.get("floor_decision", "model"), "floor": metadata.get("floor"),
+            "decision": evidence.get("decision", "model (trained without a floor)"),
+            "val_recall_at_20": metadata.get("val_recall_at_20"),
+            "val_recall_at_20_trees": evidence.get("val_recall_at_20_trees"),
+            "val_recall_at_20_heuristics": evidence.get("val_recall_at_20_heuristics")}
 
 
 def summary_rows(result: EvaluationResult) -> list[dict[str, Any]]:

@@ -44,6 +44,16 @@ RECENCY_SCALE_DAYS = 7.0
 GEO_SCALE_KM = 50.0
 
 
+# The evaluation's reference heuristics (pymk.ranking.evaluation), each as the feature column that orders a list
+# as it does (popularity: log1p(degree), monotone in the past degree); the ranker's floor is chosen among them.
+REFERENCE_HEURISTIC_COLUMNS: dict[str, str] = {
+    "CN": "common_neighbor_count",
+    "AA": "adamic_adar_score",
+    "RA": "resource_allocation_score",
+    "popularity": "candidate_degree_log",
+}
+
+
 class HeuristicScorer:
     """Scores with :data:`WEIGHTS` (see the module doc); same interface as the trained ranker."""
 

@@ -20,6 +20,7 @@ from pymk.ranking.training_data import (
     build_training_data,
     check_no_leakage,
     checkpoint_examples,
+    holdout_folds,
     holdout_pairs,
     recall_at_k,
     train_ranker,
@@ -193,7 +194,7 @@ def untimed_history(tmp_path, n_users: int = 120, n_edges: int = 900):
 
 def test_untimed_graphs_default_to_a_holdout_replay_labelled_by_the_hidden_edges(tmp_path) -> None:
     history = untimed_history(tmp_path)
-    config = TrainingDataConfig(holdout_queries=60, unshown_negatives=20)
+    config = TrainingDataConfig(holdout_queries=60, unshown_negatives=20, holdout_folds=1)
     assert config.replay_for(timed=False) == "holdout" and config.replay_for(timed=True) == "temporal"
     data = build_training_data(history, config)
     hidden = holdout_pairs(history.connections, config.holdout_fraction, config.seed)
@@ -216,6 +217,38 @@ def test_untimed_graphs_default_to_a_holdout_replay_labelled_by_the_hidden_edges
     assert data.is_val.any() and (~data.is_val).any()
     assert not set(data.users[data.is_val].tolist()) & set(data.users[~data.is_val].tolist())
     assert {case.user for case in data.val_cases} <= set(data.users[data.is_val].tolist())
+
+
+def test_holdout_folds_compute_each_row_on_the_graph_without_its_own_fold_only(tmp_path) -> None:
+    history = untimed_history(tmp_path)
+    config = TrainingDataConfig(holdout_queries=80, unshown_negatives=20, holdout_folds=4)
+    data = build_training_data(history, config)
+    hidden = holdout_pairs(history.connections, config.holdout_fraction, config.seed)
+    folds = holdout_folds(hidden, config)
+    assert len(folds) == 4 and set().union(*folds) == hidden and sum(map(len, folds)) == len(hidden)
+    graphs = []
+    for fold in folds:  # each fold's graph, rebuilt independently: every connection but the fold's
+        graph: dict[int, set[int]] = defaultdict(set)
+        for u, v, _ in history.connections:
+            if (min(u, v), max(u, v)) not in fold:
+                graph[u].add(v)
+                graph[v].add(u)
+        graphs.append(graph)
+    assert data.stats["holdout_folds"] == 4 and data.labels.sum() > 0
+    for row in range(len(data)):
+        user, candidate = int(data.users[row]), int(data.candidates[row])
+        pair = (min(user, candidate), max(user, candidate))
+        assert data.labels[row] == (pair in hidden)
+        count = data.features[row, FEATURE_INDEX["common_neighbor_count"]]
+        # Some fold's graph gave the row its features, and never one where the pair is connected (the label).
+        matching = [f for f, graph in enumerate(graphs)
+                    if candidate not in graph[user] and count == len(graph[user] & graph[candidate])
+                    and data.features[row, FEATURE_INDEX["query_degree_log"]] == pytest.approx(
+                        math.log1p(len(graph[user])))]
+        assert matching, (user, candidate)
+        if data.labels[row]:
+            assert [f for f, fold in enumerate(folds) if pair in fold] == [f for f in matching if pair in folds[f]]
+    assert not set(data.users[data.is_val].tolist()) & set(data.users[~data.is_val].tolist())
 
 
 def test_visible_events_drop_every_event_of_a_hidden_pair() -> None:
