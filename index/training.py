@@ -37,13 +37,10 @@ from pymk.index.sage import GraphSage, SageBatch, SageConfig, make_batch, make_v
 from pymk.index.sampling import NeighbourSource, sample_subgraph
 
 from pymk.events import Profile
+from pymk.learning import LeakageError, roc_auc_of
 
 CURVE_FILE = "training_curve.png"
 _MASKED = -1e9  # logit of a masked negative (finite: -inf would give NaN gradients on fully masked rows)
-
-
-class LeakageError(RuntimeError):
-    """A validation edge is visible to the model during validation."""
 
 
 @dataclass(frozen=True)
@@ -134,19 +131,6 @@ def assert_no_leakage(graph: NeighbourSource, validation_edges: Iterable[Sequenc
 
 
 # ---- AUC ---------------------------------------------------------------------------------------------------
-def roc_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    positive_scores, negative_scores = np.asarray(positive_scores), np.asarray(negative_scores)
-    n_pos, n_neg = positive_scores.shape[0], negative_scores.shape[0]
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    scores = np.concatenate([positive_scores, negative_scores]).astype(np.float64)
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each tie group
-    rank_sum = average_rank[inverse[:n_pos]].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def sample_non_edges(positive_pairs: Sequence[tuple[int, int]], candidates: np.ndarray,
                      known_edges: set[tuple[int, int]], seed: int) -> list[tuple[int, int]]:
     """One random non-edge (u, w) per positive (u, v): w uniform over ``candidates``, never u, never a
@@ -184,11 +168,11 @@ def validation_auc(model: GraphSage, graph: NeighbourSource, features: NodeFeatu
         return np.einsum("ij,ij->i", a, b)
 
     positive, negative = scores(positive_pairs), scores(negative_pairs)
-    result = {"auc": roc_auc(positive, negative)}
+    result = {"auc": roc_auc_of(positive, negative)}
     if seen is not None:
         pos_seen = np.array([int(p[0]) in seen and int(p[1]) in seen for p in positive_pairs], dtype=bool)
         neg_seen = np.array([int(p[0]) in seen and int(p[1]) in seen for p in negative_pairs], dtype=bool)
-        result["auc_seen"] = roc_auc(positive[pos_seen], negative[neg_seen])
+        result["auc_seen"] = roc_auc_of(positive[pos_seen], negative[neg_seen])
     return result
 
 

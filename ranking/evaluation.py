@@ -22,6 +22,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from pymk.datasets import EdgeHistory, load_edge_history
+from pymk.learning import LeakageError
 
 SplitKind = Literal["time", "random"]
 # A candidate generator under evaluation: user id -> the users it would hand to the ranker.
@@ -69,10 +70,6 @@ REFERENCE_RECALL_AT_20: dict[str, dict[str, object]] = {
     "CA-HepPh.txt": {"split": "random", "CN": 0.7312, "AA": 0.7853, "RA": 0.7911, "popularity": 0.0225},
 }
 REFERENCE_TOLERANCE = 0.005
-
-
-class LeakageError(AssertionError):
-    """The future leaked into what a method may see (the past graph)."""
 
 
 # --------------------------------------------------------------------------------------------- the split

@@ -41,6 +41,8 @@ import xgboost as xgb
 from pymk.ranking.features import FEATURE_NAMES, N_FEATURES
 from pymk.ranking.tree_eval import CompiledEvaluator, EvaluatorOptions, build_evaluator
 
+from pymk.learning import roc_auc
+
 MODEL_FILE = "model.ubj"
 METADATA_FILE = "metadata.json"
 
@@ -156,25 +158,6 @@ class _ListMetricStopping(xgb.callback.TrainingCallback):
     def after_training(self, model: xgb.Booster) -> xgb.Booster:
         self._look(model)
         return model
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tied scores counted half); NaN without both classes."""
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, np.float64)
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        return math.nan
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores))
-    # Average rank of each run of equal scores.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    average = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(average, ends - starts)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def _check_matrix(features: np.ndarray) -> np.ndarray:

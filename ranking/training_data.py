@@ -71,12 +71,13 @@ from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.features import FEATURE_INDEX, N_FEATURES, FeatureBuilder
 from pymk.ranking.heuristic import REFERENCE_HEURISTIC_COLUMNS, HeuristicScorer
 from pymk.ranking.memory_source import MemorySource
-from pymk.ranking.model import HeuristicFloor, Ranker, RankerConfig, roc_auc
+from pymk.ranking.model import HeuristicFloor, Ranker, RankerConfig
 from pymk.ranking.recommend import ranking_order, score_candidates
 from pymk.ranking.source import Scorer
 
 from pymk.datasets import UNTIMED_STEP_MS, EdgeHistory, load_edge_history
 from pymk.events import ConnectionEvent, InputEvent, ProfileViewEvent
+from pymk.learning import LeakageError, roc_auc
 
 DAY_MS = 86_400_000
 _DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]
@@ -102,10 +103,6 @@ def embeddings_at_checkpoint(model_dir: Path) -> EmbeddingsAt:
         return dict(zip(users, vectors, strict=True))
 
     return embed
-
-
-class LeakageError(RuntimeError):
-    """A feature would be computed from an event at or after its as-of time."""
 
 
 def check_no_leakage(source: MemorySource, as_of_ms: int) -> None:

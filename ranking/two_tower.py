@@ -62,12 +62,13 @@ from pymk.index.node_features import (
     profile_flags,
 )
 from pymk.index.sage import MIN_STABLE_ROWS, GraphSage, load_model
-from pymk.index.training import LeakageError, assert_no_leakage, roc_auc, sample_non_edges, split_by_time
+from pymk.index.training import assert_no_leakage, sample_non_edges, split_by_time
 from pymk.ranking.source import EMBEDDING_DIM
 from torch import nn
 
 from pymk import model_artifact
 from pymk.events import Profile
+from pymk.learning import LeakageError, roc_auc_of
 
 Loss = Literal["B1", "B2", "B3"]
 SplitKind = Literal["time", "random"]
@@ -612,8 +613,8 @@ def _train(connections: Sequence[tuple[int, int, int]], profiles: Mapping[int, P
             return np.einsum("ij,ij->i", queries[rows_u], candidates[rows_v])
 
         positive, negative = scores(val_pairs), scores(negative_pairs)
-        return ({"auc": roc_auc(positive, negative),
-                 "auc_seen": roc_auc(positive[positive_seen], negative[negative_seen])}, positive, negative)
+        return ({"auc": roc_auc_of(positive, negative),
+                 "auc_seen": roc_auc_of(positive[positive_seen], negative[negative_seen])}, positive, negative)
 
     model = TwoTowerModel(config.tower_config())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,

@@ -15,17 +15,16 @@ from pymk.index.node_features import encode_degrees
 from pymk.index.sage import GraphSage, SageConfig, load_model
 from pymk.index.training import (
     EmbeddingTrainingConfig,
-    LeakageError,
     TrainingGraph,
     assert_no_leakage,
     contrastive_loss,
-    roc_auc,
     split_by_time,
     train_embeddings,
     validation_auc,
 )
 
 from pymk.events import Profile
+from pymk.learning import LeakageError, roc_auc_of
 
 torch.set_num_threads(1)
 
@@ -93,13 +92,13 @@ def untrained_model() -> GraphSage:
 
 
 # ---- AUC and loss ------------------------------------------------------------------------------------------------
-def test_roc_auc_matches_pairwise_counting() -> None:
+def test_roc_auc_of_two_samples_matches_pairwise_counting() -> None:
     rng = np.random.default_rng(0)
     positive, negative = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 30).astype(float)  # many ties
     pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in positive for n in negative])
-    assert roc_auc(positive, negative) == pytest.approx(pairwise)
-    assert roc_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
-    assert roc_auc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert roc_auc_of(positive, negative) == pytest.approx(pairwise)
+    assert roc_auc_of(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert roc_auc_of(np.array([1.0]), np.array([1.0])) == 0.5
 
 
 def test_contrastive_loss_is_cross_entropy_on_the_diagonal() -> None:
