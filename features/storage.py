@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 _ID = struct.Struct(">Q")  # big-endian: keys of one kind sort by user id
 
@@ -157,6 +157,32 @@ ENTRY_BYTES = 110
 
 def row_cache_bytes(rows: int, entries: int) -> int:
     return ROW_BYTES * rows + ENTRY_BYTES * entries
+
+
+@runtime_checkable
+class RowHolder(Protocol):
+    """A write-back holder of one kind of rows of a partition (graph, behaviour, profiles, pending work,
+    embeddings, published lists): what changed since the last flush goes into the partition's one WriteBatch."""
+
+    def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        """(puts, deletes) that persist every change since the last :meth:`mark_clean`."""
+        ...
+
+    def mark_clean(self) -> None:
+        """The rows given by :meth:`dirty_rows` are written: nothing is dirty any more."""
+        ...
+
+
+@runtime_checkable
+class CachedRowHolder(RowHolder, Protocol):
+    """A row holder whose clean rows are a cache the partition's :class:`CacheBudget` may shrink, by one rule
+    (:func:`evict_oldest_rows`)."""
+
+    def cached_rows(self) -> int: ...
+
+    def cached_bytes(self) -> int: ...
+
+    def evict_oldest(self, fraction: float) -> None: ...
 
 
 def evict_oldest_rows(cache: dict[Any, Any], fraction: float) -> None:

@@ -48,7 +48,7 @@ from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph, version_ts
 from pymk.features.keyspace import EVENT_TIME, OFFSETS  # the rows: features/keyspace.py
 from pymk.features.profile import ProfileStore
-from pymk.features.storage import CacheBudget, RocksMemory, RocksRowStore
+from pymk.features.storage import CacheBudget, CachedRowHolder, RocksMemory, RocksRowStore, RowHolder
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
 from pymk.streams.errors import InternalErrors
 from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
@@ -108,8 +108,8 @@ class PartitionState:
                    cache_budget=CacheBudget(max_bytes=cache_bytes if cache_bytes is not None else 1 << 62))
 
     @property
-    def parts(self) -> tuple[Any, ...]:
-        """Every holder of rows of this partition (each has dirty_rows and mark_clean)."""
+    def parts(self) -> tuple[RowHolder, ...]:
+        """Every holder of rows of this partition."""
         return (self.graph, self.behaviour, self.profiles, self.work, self.embeddings, self.published)
 
     def dirty_rows(self) -> tuple[dict[bytes, bytes], list[bytes]]:
@@ -126,7 +126,7 @@ class PartitionState:
             part.mark_clean()
 
     @property
-    def cached_parts(self) -> tuple[Any, ...]:
+    def cached_parts(self) -> tuple[CachedRowHolder, ...]:
         """The row caches that may be dropped (pending work is the backlog itself: always held)."""
         return (self.graph, self.behaviour, self.profiles, self.embeddings, self.published)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import tracemalloc
+from pathlib import Path
 
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import PartitionGraph
@@ -127,3 +128,16 @@ def test_a_fast_growing_cache_is_evicted_before_its_interval_is_over() -> None:
     budget.check(measure, evict, lambda: rows[0])
     assert measured == [500] and budget.evictions == budget.evictions_by_estimate == 1
     assert rows[0] == 7 and budget.estimated_bytes == 700
+
+
+def test_every_holder_of_a_partition_keeps_the_row_holder_protocol(tmp_path: Path) -> None:
+    from pymk.features.storage import CachedRowHolder, RowHolder
+    from pymk.streams.state import PartitionState
+
+    state = PartitionState.open(0, 1, tmp_path / "p0", lambda user: 0)
+    try:
+        assert len(state.parts) == 6 and all(isinstance(part, RowHolder) for part in state.parts)
+        assert all(isinstance(part, CachedRowHolder) for part in state.cached_parts)
+        assert not isinstance(state.work, CachedRowHolder)  # the pending work is the backlog: never evicted
+    finally:
+        state.store.close()
