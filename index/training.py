@@ -75,8 +75,13 @@ class EmbeddingTrainingConfig:
                           identity_dim=self.identity_dim)
 
     def phase(self, epoch: int) -> int:
-        """Curriculum phase of a 0-based epoch: 0 random, 1 degree-weighted, 2 hard negatives."""
-        return min(2, epoch * 3 // max(1, self.epochs))
+        return curriculum_phase(epoch, self.epochs)
+
+
+def curriculum_phase(epoch: int, epochs: int) -> int:
+    """The negatives' curriculum phase of a 0-based epoch out of ``epochs`` (GraphSAGE's and the two towers'):
+    0 random, 1 degree-weighted, 2 hard negatives, a third of the epochs each."""
+    return min(2, epoch * 3 // max(1, epochs))
 
 
 @dataclass

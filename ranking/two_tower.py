@@ -62,7 +62,7 @@ from pymk.index.node_features import (
     profile_flags,
 )
 from pymk.index.sage import MIN_STABLE_ROWS, GraphSage, load_model
-from pymk.index.training import assert_no_leakage, sample_non_edges, split_by_time
+from pymk.index.training import assert_no_leakage, curriculum_phase, sample_non_edges, split_by_time
 from pymk.ranking.source import EMBEDDING_DIM
 from torch import nn
 
@@ -330,8 +330,7 @@ class TwoTowerConfig:
                            self.max_scale)
 
     def phase(self, epoch: int) -> int:
-        """Curriculum phase of a 0-based epoch: 0 random, 1 degree-weighted, 2 hard negatives."""
-        return min(2, epoch * 3 // max(1, self.epochs))
+        return curriculum_phase(epoch, self.epochs)
 
 
 @dataclass
