@@ -95,6 +95,7 @@ _QUERY_DAYS = FEATURE_INDEX["query_days_since_last_connection"]
 _ROW_AS_OF = (_RECENCY, *range(_ACTIVITY, _DAYS_SINCE + 1))  # the per-row as-of columns
 _BEHAVIOUR = (6, 8, 9)  # the behavioural columns that do not move with as-of
 _NEVER = np.iinfo(np.int64).max
+ANN_SPARES = 16  # ANN neighbours kept past ann_k at a full build, to replace dropped ones (dismissed, connected)
 _MIX = 0x9E3779B97F4A7C15
 _MASK = 0xFFFFFFFFFFFFFFFF
 assert len(ACTIVITY_FEATURES) == 6 and _QUERY_ACTIVITY == SEED_FEATURES + 4
@@ -203,9 +204,12 @@ class ListEntry:
     query_bins: tuple[float, float]  # bins (or values, without split points) of the query as-of columns
     excluded: frozenset[int]
     popular: tuple[int, ...]
-    ann_full: bool  # ANN filled its ann_k slots: dropping one of its rows would bring the next one in
+    ann_full: bool  # ANN filled its ann_k slots: dropping one of its rows brings the next one in
     graph_cut: bool  # the 2-hop set may be larger than graph_k
     rough_cut: bool  # the rough cut to max_candidates dropped rows
+    # the ANN answer for ann_k + ANN_SPARES, best first (empty: none kept): the next ones in, when rows drop
+    ann_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    ann_cos: np.ndarray = field(default_factory=lambda: np.empty(0))
     updates: int = 0
     graph_changed: bool = False  # an own connection change since the last update
     views_changed: bool = False  # a view either way since the last update
@@ -445,6 +449,8 @@ class IncrementalLists:
             ann_full=config.ann_k > 0 and stats.get("ann", 0) >= config.ann_k,
             graph_cut=config.graph_k <= stats.get("graph", 0),
             rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
+        if entry.ann_full:
+            entry.ann_ids, entry.ann_cos = _ann_spares(user, source, config, excluded, c)
         points = split_points(scorer, entry.features.shape[1])
         entry.valid_until = self._validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
@@ -466,13 +472,23 @@ class IncrementalLists:
         keep = (~np.isin(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
                 else np.ones(len(c.ids), bool))
         dropped = ~keep
+        promoted: list[tuple[int, float]] = []  # ANN neighbours that come in for dropped ANN rows
         if dropped.any():
-            if e.ann_full and (dropped & c.from_ann).any():
-                return "ann_fill"
             if e.graph_cut and (dropped & c.from_graph).any():
                 return "graph_cut"
             if e.rough_cut:
                 return "rough_cut"
+            if e.ann_full and (dropped & c.from_ann).any():
+                # the full path asks ann_k neighbours not excluded: the first ann_k of the kept answer
+                allowed = ~np.isin(e.ann_ids, np.fromiter(excluded, np.int64, len(excluded)))
+                if int(allowed.sum()) < config.ann_k:
+                    return "ann_fill"
+                answer = np.flatnonzero(allowed)[: config.ann_k]
+                held = c.ids[c.from_ann & keep]
+                fresh_ann = answer[~np.isin(e.ann_ids[answer], held)]
+                promoted = list(zip(e.ann_ids[fresh_ann].tolist(), e.ann_cos[fresh_ann].tolist(), strict=True))
+                if promoted and e.graph_cut:
+                    return "graph_cut"  # a promoted user may be a 2-hop user below the cut
         graph_changed = e.graph_changed
         counts_map: Any = None
         scores_map: Any = None
@@ -492,10 +508,14 @@ class IncrementalLists:
             held = set(ids_now)
             added = [w for w in pool if w not in held]
         n_old = len(c.ids)
-        if len(c.ids) - int((~keep).sum()) + len(added) > config.max_candidates:
+        if len(c.ids) - int((~keep).sum()) + len(added) + len(promoted) > config.max_candidates:
             return "rough_cut"
         if not keep.all():
             self._keep_rows(e, np.flatnonzero(keep))
+        if promoted:
+            self._promote(e, promoted, user, source, builder, as_of, scorer)
+            if not graph_changed:
+                self._reorder(e)
         if graph_changed:
             c = e.candidates
             id_list = c.ids.tolist()
@@ -504,8 +524,15 @@ class IncrementalLists:
             aa = np.fromiter(map(scores_map.get, id_list, repeat(0.0)), np.float64, n)
             from_graph = np.fromiter(map(counts_map.__contains__, id_list), bool, n)
             e.candidates = replace(c, common_neighbor_count=counts, adamic_adar_score=aa, from_graph=from_graph)
+            added = [w for w in added if w not in set(e.candidates.ids[e.new_rows].tolist())]  # promoted ANN rows
             if added:
-                self._add_rows(e, added, counts_map, scores_map, user, source, builder, as_of, scorer)
+                m = len(added)
+                self._add_rows(e, CandidateSet(user, np.asarray(added, np.int64),
+                                               np.fromiter(map(counts_map.__getitem__, added), np.int64, m),
+                                               np.fromiter(map(scores_map.__getitem__, added), np.float64, m),
+                                               np.full(m, np.nan), np.ones(m, bool), np.zeros(m, bool), {},
+                                               np.zeros(m, bool)),
+                               user, source, builder, as_of, scorer)
             self._reorder(e)
         c = e.candidates
         n = len(c.ids)
@@ -583,15 +610,36 @@ class IncrementalLists:
         e.view_latest, e.has_view = e.view_latest[index], e.has_view[index]
         e.new_rows = np.empty(0, np.int64)
 
-    def _add_rows(self, e: ListEntry, added: list[int], counts_map: Any, scores_map: Any, user: int,
-                  source: RankingSource, builder: FeatureBuilder, as_of: int, scorer: Scorer) -> None:
-        """Append rows for new 2-hop users (source ``graph`` only: an ANN or popular user was a row already),
-        their features computed whole at ``as_of`` and scored."""
-        m = len(added)
-        ids = np.asarray(added, np.int64)
-        new = CandidateSet(user, ids, np.fromiter(map(counts_map.__getitem__, added), np.int64, m),
-                           np.fromiter(map(scores_map.__getitem__, added), np.float64, m), np.full(m, np.nan),
-                           np.ones(m, bool), np.zeros(m, bool), {}, np.zeros(m, bool))
+    def _promote(self, e: ListEntry, promoted: list[tuple[int, float]], user: int, source: RankingSource,
+                 builder: FeatureBuilder, as_of: int, scorer: Scorer) -> None:
+        """ANN neighbours that fill the slots of dropped ones: a row already there gets the source and cosine,
+        another a new row (not a 2-hop user: without a graph cut every 2-hop user is a row; CN and AA 0)."""
+        c = e.candidates
+        position = {u: i for i, u in enumerate(c.ids.tolist())}
+        new: list[tuple[int, float]] = []
+        from_ann, ann_score = c.from_ann.copy(), c.ann_score.copy()
+        for other, cosine in promoted:
+            i = position.get(other)
+            if i is None:
+                new.append((other, cosine))
+            else:
+                from_ann[i], ann_score[i] = True, cosine
+        e.candidates = replace(c, from_ann=from_ann, ann_score=ann_score)
+        if new:
+            m = len(new)
+            ids = np.fromiter((u for u, _ in new), np.int64, m)
+            self._add_rows(e, CandidateSet(user, ids, np.zeros(m, np.int64), np.zeros(m),
+                                           np.fromiter((cos for _, cos in new), np.float64, m), np.zeros(m, bool),
+                                           np.ones(m, bool), {}, np.zeros(m, bool)),
+                           user, source, builder, as_of, scorer)
+
+    def _add_rows(self, e: ListEntry, new: CandidateSet, user: int, source: RankingSource, builder: FeatureBuilder,
+                  as_of: int, scorer: Scorer) -> None:
+        """Append the rows of ``new`` (new 2-hop users, promoted ANN neighbours), their features computed whole at
+        ``as_of`` and scored."""
+        m = len(new)
+        ids = new.ids
+        added = ids.tolist()
         features = builder.matrix(user, new, source, as_of)
         c = e.candidates
         n = len(c.ids)
@@ -609,7 +657,7 @@ class IncrementalLists:
                                    np.concatenate([e.activity.known, table.known]))
         _, latest, has_view = view_columns(user, ids, source)
         e.view_latest, e.has_view = np.concatenate([e.view_latest, latest]), np.concatenate([e.has_view, has_view])
-        e.new_rows = np.arange(n, n + m)
+        e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
         e.valid_until = np.concatenate([e.valid_until, np.zeros(m, np.int64)])
         e.valid_until[e.new_rows] = self._validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
 
@@ -688,6 +736,25 @@ class IncrementalLists:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
+def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, excluded: frozenset[int],
+                c: CandidateSet) -> tuple[np.ndarray, np.ndarray]:
+    """The ANN answer for ann_k + ANN_SPARES, when its first ann_k are the build's ANN rows with their cosines
+    (an approximate index may answer a larger k differently: then none, and a dropped ANN row means a full
+    build)."""
+    answer = list(source.ann_neighbours(user, config.ann_k + ANN_SPARES, excluded))
+    ids = np.fromiter((int(u) for u, _ in answer), np.int64, len(answer))
+    cos = np.fromiter((float(x) for _, x in answer), np.float64, len(answer))
+    head, mine = ids[: config.ann_k], c.ids[c.from_ann]
+    order = np.argsort(head)
+    if len(head) != len(mine) or not np.array_equal(head[order], np.sort(mine)):
+        return np.empty(0, np.int64), np.empty(0)
+    row_of = np.argsort(c.ids)
+    rows = row_of[np.searchsorted(c.ids[row_of], head)]
+    if not np.array_equal(c.ann_score[rows], cos[: config.ann_k]):
+        return np.empty(0, np.int64), np.empty(0)
+    return ids, cos
+
+
 def _incremental_source(source: RankingSource) -> bool:
     """The reads the update needs: activity (held, in one batch)."""
     return implements(source, ActivitySource) and (implements(source, ActivityTableSource)
