@@ -387,7 +387,9 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
                        for rows in (100, 250, 500, 1000, 2000) if rows <= len(stacked)}
 
     # Incremental lists, one config per event kind, last: their events change the graph and behaviour.
-    incremental_users = _incremental_users(source, order, as_of, queries)
+    # 20 users, an event every 10 s of event time: each user's next event comes ~200 s after its last, within
+    # the kept lists' default age bound (300 s), as for a user touched every few minutes
+    incremental_users = _incremental_users(source, order, as_of, 20)
     incremental_as_of = as_of
     for number, kind in enumerate(INCREMENTAL_KINDS):
         measured, incremental_as_of = _measure_incremental(kind, served, config_runs, incremental_users, source,

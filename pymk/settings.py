@@ -126,7 +126,7 @@ class Settings:
     # Incremental lists (ranking/incremental.py): each ranked user's candidates and feature matrix are kept, LRU by
     # bytes up to list_cache_bytes per worker (0: off, every list takes the full path), and updated in place by the
     # next change instead of a new Stage 1; a full Stage 1 runs when the entry is older than list_cache_max_age_ms
-    # of event time or had list_cache_max_updates updates (what reaches it late, e.g. other users' embeddings,
+    # (wall clock) or had list_cache_max_updates updates (what reaches it late, e.g. other users' embeddings,
     # is stale at most that long). shadow_fraction of the incremental lists (sampled by user and as-of time) are
     # recomputed fully and compared (the top k, ids in order): /stats lists.shadow.
     list_cache_bytes: int = 256 * 2**20

@@ -25,16 +25,16 @@ values in the matrix: :meth:`IncrementalLists.score` brings the top k rows to th
 and ``exact_features=True`` all rows (impressions log features).
 
 **A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
-model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` of as-of time
-(``age``) or had ``max_updates`` updates (``updates``); the owner asked for it (:meth:`IncrementalLists.invalidate`:
-``forced`` by ``pymk refresh``);
-the user's own profile or embedding differs (``query_profile``, ``query_embedding``: its ANN set moves); the
-as-of time went back (``as_of_back``); a user is no longer excluded (``unexcluded``: an expired dismissal, a
-removed connection; the ANN and popular sets would grow); the popular list moved (``popular``); a dropped row
-came from an ANN answer that had filled its ``ann_k`` slots (``ann_fill``: the full path would get the next
-neighbour); the 2-hop set is or becomes larger than ``graph_k`` and the change touches it (``graph_cut``); the
-rough cut to ``max_candidates`` is active and rows change (``rough_cut``); the source lacks the batch reads this
-path needs (``source``).
+model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
+as-of time when the caller gives none: ``age``) or had ``max_updates`` updates (``updates``); the owner asked for
+it (:meth:`IncrementalLists.invalidate`: ``forced`` by ``pymk refresh``); the user's own profile or embedding
+differs (``query_profile``, ``query_embedding``: its ANN set moves); the as-of time went back (``as_of_back``); a
+user is no longer excluded (``unexcluded``: an expired dismissal, a removed connection; the ANN and popular sets
+would grow); the popular list moved (``popular``); a dropped row came from an ANN answer that had filled its
+``ann_k`` slots and the spare neighbours kept past it ran out (``ann_fill``: the full path would get the next
+neighbour); the 2-hop set is or becomes larger than
+``graph_k`` and the change touches it (``graph_cut``); the rough cut to ``max_candidates`` is active and rows
+change (``rough_cut``); the source lacks the batch reads this path needs (``source``).
 
 What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
 neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), the
@@ -191,6 +191,7 @@ class ListEntry:
     user: int
     key: tuple[Any, ...]  # (model version, candidate config, k): another one means a full build
     built_as_of: int
+    built_at: int  # wall clock (ms) of the full build: the age bound's clock
     as_of: int  # of the last update
     candidates: CandidateSet
     features: np.ndarray  # (n, N_FEATURES); the as-of columns of a row not re-scored are as of an older time
@@ -327,14 +328,18 @@ class IncrementalLists:
 
     # ---- the entry point ----------------------------------------------------------------------------------------
     def score(self, user: int, source: RankingSource, scorer: Scorer, config: CandidateConfig, as_of_ms: int,
-              k: int, builder: FeatureBuilder, exact_features: bool = False) -> ScoredCandidates:
+              k: int, builder: FeatureBuilder, exact_features: bool = False,
+              now_ms: int | None = None) -> ScoredCandidates:
         """``user``'s scored candidates at ``as_of_ms``: equal to :func:`score_candidates` (same rows in the same
         order, same scores bit for bit, same top k) in every case the update handles, the full path otherwise.
-        The top k rows' features are exact; the other rows' as-of columns only with ``exact_features``."""
+        The top k rows' features are exact; the other rows' as-of columns only with ``exact_features``.
+        ``now_ms``: the wall clock, for the age bound (what reaches a kept list late does so in wall time; a
+        replay's event time may run hours a second); the as-of time when not given."""
         started = time.perf_counter()
         key = (scorer.version, config, k)
         entry = self.entries.get(user)
-        reason = self._full_reason(entry, user, source, key, as_of_ms)
+        now = as_of_ms if now_ms is None else now_ms
+        reason = self._full_reason(entry, user, source, key, as_of_ms, now)
         scored: ScoredCandidates | None = None
         if reason is None:
             assert entry is not None
@@ -352,7 +357,7 @@ class IncrementalLists:
             assert reason is not None
             self.stats.full_builds[reason] = self.stats.full_builds.get(reason, 0) + 1
             self.stats.misses += reason == "miss"
-            scored = self._build(user, source, scorer, config, as_of_ms, k, builder, key)
+            scored = self._build(user, source, scorer, config, as_of_ms, k, builder, key, now)
             self.last_path = f"full:{reason}"
             self.stats.seconds_full += time.perf_counter() - started
             return scored
@@ -360,7 +365,7 @@ class IncrementalLists:
         self.last_path = "incremental"
         self.stats.seconds_incremental += time.perf_counter() - started
         if shadow_sampled(user, as_of_ms, self.config.shadow_fraction):
-            scored = self._shadow(user, scored, source, scorer, config, as_of_ms, k, builder, key)
+            scored = self._shadow(user, scored, source, scorer, config, as_of_ms, k, builder, key, now)
         return scored
 
     def exact_features(self, user: int, scored: ScoredCandidates, as_of_ms: int) -> ScoredCandidates:
@@ -373,7 +378,7 @@ class IncrementalLists:
 
     def _shadow(self, user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer,
                 config: CandidateConfig, as_of_ms: int, k: int, builder: FeatureBuilder,
-                key: tuple[Any, ...]) -> ScoredCandidates:
+                key: tuple[Any, ...], now: int) -> ScoredCandidates:
         """The full path for the same list; counts whether the top k agrees. A disagreement serves the full list
         and keeps it (the entry was wrong)."""
         started = time.perf_counter()
@@ -387,14 +392,14 @@ class IncrementalLists:
         if not equal:
             log.warning("incremental list of user %d at %d differs from the full one: %s != %s", user, as_of_ms,
                         ids.tolist(), full_ids.tolist())
-            self._keep(self._entry_of(user, full, source, scorer, as_of_ms, key))
+            self._keep(self._entry_of(user, full, source, scorer, as_of_ms, key, now))
             scored = full
         self.stats.seconds_shadow += time.perf_counter() - started
         return scored
 
     # ---- full builds ------------------------------------------------------------------------------------------------
     def _full_reason(self, entry: ListEntry | None, user: int, source: RankingSource, key: tuple[Any, ...],
-                     as_of_ms: int) -> str | None:
+                     as_of_ms: int, now_ms: int) -> str | None:
         if entry is None:
             return "miss"
         if entry.invalid is not None:
@@ -403,7 +408,7 @@ class IncrementalLists:
             return "model"
         if as_of_ms < entry.as_of:
             return "as_of_back"
-        if as_of_ms - entry.built_as_of > self.config.max_age_ms:
+        if now_ms - entry.built_at > self.config.max_age_ms:
             return "age"
         if entry.updates >= self.config.max_updates:
             return "updates"
@@ -419,16 +424,16 @@ class IncrementalLists:
         return None
 
     def _build(self, user: int, source: RankingSource, scorer: Scorer, config: CandidateConfig, as_of_ms: int,
-               k: int, builder: FeatureBuilder, key: tuple[Any, ...]) -> ScoredCandidates:
+               k: int, builder: FeatureBuilder, key: tuple[Any, ...], now: int) -> ScoredCandidates:
         scored = score_candidates(user, source, scorer, config, as_of_ms, k, builder=builder)
         if _incremental_source(source):
-            self._keep(self._entry_of(user, scored, source, scorer, as_of_ms, key))
+            self._keep(self._entry_of(user, scored, source, scorer, as_of_ms, key, now))
         else:
             self._drop(user)
         return scored
 
     def _entry_of(self, user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer,
-                  as_of_ms: int, key: tuple[Any, ...]) -> ListEntry:
+                  as_of_ms: int, key: tuple[Any, ...], now_ms: int | None = None) -> ListEntry:
         config: CandidateConfig = key[1]
         c = scored.candidates
         ids = c.ids
@@ -438,7 +443,8 @@ class IncrementalLists:
         stats = c.stats
         _, latest, has_view = view_columns(user, ids, source)
         entry = ListEntry(
-            user=user, key=key, built_as_of=as_of_ms, as_of=as_of_ms, candidates=c,
+            user=user, key=key, built_as_of=as_of_ms, built_at=as_of_ms if now_ms is None else now_ms,
+            as_of=as_of_ms, candidates=c,
             features=scored.features.copy(), scores=scored.scores.copy(),
             valid_until=np.zeros(len(ids), np.int64),
             activity=activity_table_for(source, ids, id_list), view_latest=latest, has_view=has_view,

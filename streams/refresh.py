@@ -417,7 +417,7 @@ class Refresher:
         k = self.settings.recommendations_k
         if self.lists is not None:  # incremental when the kept list allows it, else the full path (and kept)
             scored = self.lists.score(user, source, scorer, self.candidates, as_of, k, self.features,
-                                      exact_features=True)
+                                      exact_features=True, now_ms=now_ms)
         else:
             scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
         if self.settings.ranker_kind != "xgboost" and len(scored.candidates):

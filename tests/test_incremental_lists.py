@@ -239,6 +239,12 @@ def test_a_new_model_or_a_forced_refresh_takes_the_full_path(ranker: Ranker) -> 
     assert lists.last_path == "full:model"
     lists.score(1, source, ranker, CandidateConfig(graph_k=5), START + 2, 20, builder)
     assert lists.last_path == "full:as_of_back"
+    # the age bound is on the wall clock when given (a replay's event time runs far faster)
+    lists.score(1, source, ranker, CONFIG, START + 10 * DAY, 20, builder, now_ms=5_000)
+    lists.score(1, source, ranker, CONFIG, START + 20 * DAY, 20, builder, now_ms=6_000)
+    assert lists.last_path == "incremental"
+    lists.score(1, source, ranker, CONFIG, START + 20 * DAY + 1, 20, builder, now_ms=5_000 + 300_001)
+    assert lists.last_path == "full:age"
 
 
 def test_the_worker_serves_incremental_lists_and_reports_the_cache_and_the_shadow(kafka_settings, tmp_path) -> None:  # noqa: ANN001
