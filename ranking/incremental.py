@@ -208,7 +208,7 @@ class ListEntry:
     ann_full: bool  # ANN filled its ann_k slots: dropping one of its rows brings the next one in
     graph_cut: bool  # the 2-hop set may be larger than graph_k
     rough_cut: bool  # the rough cut to max_candidates dropped rows
-    # the ANN answer for ann_k + ANN_SPARES, best first (empty: none kept): the next ones in, when rows drop
+    # the ANN answer for ann_k + ANN_SPARES, best first, asked when an ANN row first drops (empty: not asked)
     ann_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     ann_cos: np.ndarray = field(default_factory=lambda: np.empty(0))
     updates: int = 0
@@ -455,8 +455,6 @@ class IncrementalLists:
             ann_full=config.ann_k > 0 and stats.get("ann", 0) >= config.ann_k,
             graph_cut=config.graph_k <= stats.get("graph", 0),
             rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
-        if entry.ann_full:
-            entry.ann_ids, entry.ann_cos = _ann_spares(user, source, config, excluded, c)
         points = split_points(scorer, entry.features.shape[1])
         entry.valid_until = self._validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
@@ -485,6 +483,11 @@ class IncrementalLists:
             if e.rough_cut:
                 return "rough_cut"
             if e.ann_full and (dropped & c.from_ann).any():
+                if not len(e.ann_ids):  # asked once, when first needed (an ANN search of ann_k + spares)
+                    e.ann_ids, e.ann_cos = _ann_spares(user, source, config, e.excluded, c)
+                    if not len(e.ann_ids):
+                        e.ann_ids = np.full(1, -1, np.int64)  # none to be had: not asked again
+                        e.ann_cos = np.zeros(1)
                 # the full path asks ann_k neighbours not excluded: the first ann_k of the kept answer
                 allowed = ~np.isin(e.ann_ids, np.fromiter(excluded, np.int64, len(excluded)))
                 if int(allowed.sum()) < config.ann_k:
@@ -744,9 +747,9 @@ class IncrementalLists:
 # ---- helpers ----------------------------------------------------------------------------------------------------
 def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, excluded: frozenset[int],
                 c: CandidateSet) -> tuple[np.ndarray, np.ndarray]:
-    """The ANN answer for ann_k + ANN_SPARES, when its first ann_k are the build's ANN rows with their cosines
-    (an approximate index may answer a larger k differently: then none, and a dropped ANN row means a full
-    build)."""
+    """The ANN answer for ann_k + ANN_SPARES with the kept list's exclusions, when its first ann_k are the kept
+    ANN rows with their cosines (an approximate index may answer a larger k differently, and the index may have
+    moved since the build: then none, and a dropped ANN row means a full build)."""
     answer = list(source.ann_neighbours(user, config.ann_k + ANN_SPARES, excluded))
     ids = np.fromiter((int(u) for u, _ in answer), np.int64, len(answer))
     cos = np.fromiter((float(x) for _, x in answer), np.float64, len(answer))
