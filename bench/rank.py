@@ -197,12 +197,13 @@ def _measure_incremental(kind: str, ranker: Ranker, runs: int, users: list[int],
     for run in range(runs + 10):
         user = users[run % len(users)]
         if user not in lists.entries:  # the list the event follows (as the worker published it)
-            lists.score(user, source, ranker, INCREMENTAL_CONFIG, as_of, 20, builder)
+            lists.score(user, source, ranker, INCREMENTAL_CONFIG, as_of, 20, builder, now_ms=int(time.time() * 1000))
         as_of += AS_OF_STEP_MS
         _incremental_event(kind, user, lists, source, as_of, rng, items)
         before = lists.stats.rows_rescored
         started = time.thread_time()
-        scored = lists.score(user, source, ranker, INCREMENTAL_CONFIG, as_of, 20, builder)
+        scored = lists.score(user, source, ranker, INCREMENTAL_CONFIG, as_of, 20, builder,
+                             now_ms=int(time.time() * 1000))
         scored_at = time.thread_time()
         exact = lists.exact_features(user, scored, as_of)
         rank_scored(user, exact, source, ranker, as_of, builder)

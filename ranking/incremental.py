@@ -417,10 +417,6 @@ class IncrementalLists:
         profile = source.profile(user)
         if profile is not entry.query_profile and profile != entry.query_profile:
             return "query_profile"
-        vector = source.embedding(user)
-        if (vector is None) != (entry.query_embedding is None) or (
-                vector is not None and not np.array_equal(np.asarray(vector, np.float32), entry.query_embedding)):
-            return "query_embedding"
         return None
 
     def _build(self, user: int, source: RankingSource, scorer: Scorer, config: CandidateConfig, as_of_ms: int,
@@ -469,15 +465,28 @@ class IncrementalLists:
         excluded = _excluded(user, source, config, as_of)
         if not excluded >= e.excluded:
             return "unexcluded"
-        if _popular(user, source, config, as_of, excluded) != e.popular:
-            return "popular"
         c = e.candidates
+        popular = _popular(user, source, config, as_of, excluded)
+        vector = source.embedding(user)
+        vector = None if vector is None else np.asarray(vector, np.float32)
+        query_moved = (vector is None) != (e.query_embedding is None) or (
+            vector is not None and not np.array_equal(vector, e.query_embedding))
+        if (popular != e.popular or query_moved) and (e.graph_cut or e.rough_cut):
+            # a new popular or ANN user may be a 2-hop user below the cut, or fall to the rough cut
+            return "popular" if popular != e.popular else "query_embedding"
         newly = excluded - e.excluded
         keep = (~np.isin(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
                 else np.ones(len(c.ids), bool))
         dropped = ~keep
+        ann_new: dict[int, float] | None = None  # the ANN answer now, when it moved
+        if query_moved:  # the user's own embedding moved: its ANN answer is asked again
+            answer = list(source.ann_neighbours(user, config.ann_k, excluded))[: config.ann_k] if config.ann_k else []
+            ann_new = {int(u): float(x) for u, x in answer}
+            e.ann_full = config.ann_k > 0 and len(answer) >= config.ann_k
+            e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
+            e.query_embedding = None if vector is None else vector.copy()
         promoted: list[tuple[int, float]] = []  # ANN neighbours that come in for dropped ANN rows
-        if dropped.any():
+        if dropped.any() and ann_new is None:
             if e.graph_cut and (dropped & c.from_graph).any():
                 return "graph_cut"
             if e.rough_cut:
@@ -498,6 +507,28 @@ class IncrementalLists:
                 promoted = list(zip(e.ann_ids[fresh_ann].tolist(), e.ann_cos[fresh_ann].tolist(), strict=True))
                 if promoted and e.graph_cut:
                     return "graph_cut"  # a promoted user may be a 2-hop user below the cut
+                if promoted:
+                    kept = c.from_ann & keep
+                    ann_new = dict(zip(c.ids[kept].tolist(), c.ann_score[kept].tolist(), strict=True))
+                    ann_new.update(promoted)
+        elif dropped.any() and (e.graph_cut and (dropped & c.from_graph).any() or e.rough_cut):
+            return "graph_cut" if e.graph_cut else "rough_cut"
+        extras: list[int] = []  # ANN or popular users that are not rows yet (CN and AA 0: not 2-hop users)
+        if ann_new is not None or popular != e.popular:
+            ids_now = c.ids.tolist()
+            n_now = len(ids_now)
+            from_ann, ann_score = c.from_ann, c.ann_score
+            if ann_new is not None:
+                from_ann = np.fromiter(map(ann_new.__contains__, ids_now), bool, n_now)
+                ann_score = np.fromiter(map(ann_new.get, ids_now, repeat(math.nan)), np.float64, n_now)
+            in_popular = set(popular)
+            from_popular = np.fromiter(map(in_popular.__contains__, ids_now), bool, n_now)
+            if not e.graph_changed:  # else the 2-hop maps decide below which rows still have a source
+                keep &= c.from_graph | from_ann | from_popular
+            e.candidates = c = replace(c, from_ann=from_ann, ann_score=ann_score, from_popular=from_popular)
+            held_ids = set(ids_now)
+            extras = [u for u in dict.fromkeys([*(ann_new or {}), *popular]) if u not in held_ids]
+            e.popular = popular
         graph_changed = e.graph_changed
         counts_map: Any = None
         scores_map: Any = None
@@ -517,14 +548,21 @@ class IncrementalLists:
             held = set(ids_now)
             added = [w for w in pool if w not in held]
         n_old = len(c.ids)
-        if len(c.ids) - int((~keep).sum()) + len(added) + len(promoted) > config.max_candidates:
+        if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
             return "rough_cut"
         if not keep.all():
             self._keep_rows(e, np.flatnonzero(keep))
-        if promoted:
-            self._promote(e, promoted, user, source, builder, as_of, scorer)
-            if not graph_changed:
-                self._reorder(e)
+        if extras:
+            m = len(extras)
+            cosine = ann_new or {}
+            in_popular = set(popular)
+            self._add_rows(e, CandidateSet(user, np.asarray(extras, np.int64), np.zeros(m, np.int64), np.zeros(m),
+                                           np.fromiter(map(cosine.get, extras, repeat(math.nan)), np.float64, m),
+                                           np.zeros(m, bool), np.fromiter(map(cosine.__contains__, extras), bool, m),
+                                           {}, np.fromiter(map(in_popular.__contains__, extras), bool, m)),
+                           user, source, builder, as_of, scorer)
+        if (ann_new is not None or extras) and not graph_changed:
+            self._reorder(e)
         if graph_changed:
             c = e.candidates
             id_list = c.ids.tolist()
@@ -593,7 +631,7 @@ class IncrementalLists:
             self._as_of_columns(e, recompute, as_of)
             e.valid_until[recompute] = self._validity(e, recompute, points, as_of)
             dirty[recompute] = True
-        rescore = np.flatnonzero(dirty & ~fresh) if not dirty.all() else np.arange(n)
+        rescore = np.flatnonzero(dirty)  # a new row too, when the 2-hop maps gave it CN/AA after it was scored
         if len(rescore):
             e.scores[rescore] = np.asarray(scorer.predict(X[rescore]), np.float64)
         self.stats.rows_rescored += len(rescore)
@@ -619,29 +657,6 @@ class IncrementalLists:
         e.view_latest, e.has_view = e.view_latest[index], e.has_view[index]
         e.new_rows = np.empty(0, np.int64)
 
-    def _promote(self, e: ListEntry, promoted: list[tuple[int, float]], user: int, source: RankingSource,
-                 builder: FeatureBuilder, as_of: int, scorer: Scorer) -> None:
-        """ANN neighbours that fill the slots of dropped ones: a row already there gets the source and cosine,
-        another a new row (not a 2-hop user: without a graph cut every 2-hop user is a row; CN and AA 0)."""
-        c = e.candidates
-        position = {u: i for i, u in enumerate(c.ids.tolist())}
-        new: list[tuple[int, float]] = []
-        from_ann, ann_score = c.from_ann.copy(), c.ann_score.copy()
-        for other, cosine in promoted:
-            i = position.get(other)
-            if i is None:
-                new.append((other, cosine))
-            else:
-                from_ann[i], ann_score[i] = True, cosine
-        e.candidates = replace(c, from_ann=from_ann, ann_score=ann_score)
-        if new:
-            m = len(new)
-            ids = np.fromiter((u for u, _ in new), np.int64, m)
-            self._add_rows(e, CandidateSet(user, ids, np.zeros(m, np.int64), np.zeros(m),
-                                           np.fromiter((cos for _, cos in new), np.float64, m), np.zeros(m, bool),
-                                           np.ones(m, bool), {}, np.zeros(m, bool)),
-                           user, source, builder, as_of, scorer)
-
     def _add_rows(self, e: ListEntry, new: CandidateSet, user: int, source: RankingSource, builder: FeatureBuilder,
                   as_of: int, scorer: Scorer) -> None:
         """Append the rows of ``new`` (new 2-hop users, promoted ANN neighbours), their features computed whole at
@@ -657,7 +672,7 @@ class IncrementalLists:
             np.concatenate([c.adamic_adar_score, new.adamic_adar_score]), np.concatenate([c.ann_score, new.ann_score]),
             np.concatenate([c.from_graph, new.from_graph]), np.concatenate([c.from_ann, new.from_ann]),
             dict(c.stats), np.concatenate([c.from_popular if c.from_popular is not None else np.zeros(n, bool),
-                                           np.zeros(m, bool)]))
+                                           new.from_popular if new.from_popular is not None else np.zeros(m, bool)]))
         e.features = np.concatenate([e.features, features])
         e.scores = np.concatenate([e.scores, np.asarray(scorer.predict(features), np.float64)])
         table = activity_table_for(source, ids, added)
