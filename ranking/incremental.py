@@ -27,14 +27,15 @@ and ``exact_features=True`` all rows (impressions log features).
 **A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
 model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
 as-of time when the caller gives none: ``age``) or had ``max_updates`` updates (``updates``); the owner asked for
-it (:meth:`IncrementalLists.invalidate`: ``forced`` by ``pymk refresh``); the user's own profile or embedding
-differs (``query_profile``, ``query_embedding``: its ANN set moves); the as-of time went back (``as_of_back``); a
-user is no longer excluded (``unexcluded``: an expired dismissal, a removed connection; the ANN and popular sets
-would grow); the popular list moved (``popular``); a dropped row came from an ANN answer that had filled its
-``ann_k`` slots and the spare neighbours kept past it ran out (``ann_fill``: the full path would get the next
-neighbour); the 2-hop set is or becomes larger than
-``graph_k`` and the change touches it (``graph_cut``); the rough cut to ``max_candidates`` is active and rows
-change (``rough_cut``); the source lacks the batch reads this path needs (``source``).
+it (:meth:`IncrementalLists.invalidate`: ``forced`` by ``pymk refresh``); the user's own profile differs
+(``query_profile``: every profile column moves); the as-of time went back (``as_of_back``); a user is no longer
+excluded (``unexcluded``: an expired dismissal, a removed connection; the ANN and popular sets would grow); a
+dropped row came from an ANN answer that had filled its ``ann_k`` slots and the spare neighbours kept past it ran
+out (``ann_fill``); the 2-hop set is or becomes larger than ``graph_k`` and the change touches it, or the popular
+list or the user's own embedding moved while it is (``graph_cut``, ``popular``, ``query_embedding``: a new user
+may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is active and rows change
+(``rough_cut``); the source lacks the batch reads this path needs (``source``). A moved popular list or own
+embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
 
 What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
 neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), the
