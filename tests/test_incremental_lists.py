@@ -70,7 +70,7 @@ def assert_same(incremental, full) -> None:  # noqa: ANN001 - two ScoredCandidat
     assert np.array_equal(incremental.features, full.features, equal_nan=True)
 
 
-EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss", "idle"]),
+EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss", "embed", "idle"]),
                   st.integers(0, USERS - 1), st.integers(0, USERS - 1),
                   # as-of steps from a second to weeks: the activity and recency columns cross many thresholds
                   st.sampled_from([1_000, 60_000, 3_600_000, DAY, 9 * DAY]))
@@ -104,6 +104,11 @@ def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events
             source.add_engagement(a, b % 8, as_of)
         elif kind == "dismiss" and a != b:
             source.add_dismissal(a, b, as_of)
+        elif kind == "embed":  # a's own embedding moves: its ANN answer is asked again, in place
+            source.set_embedding(a, np.random.default_rng(b + step).normal(size=8).astype(np.float32))
+            # the other kept lists' ANN answers may move too: what only the age bound limits (module doc)
+            lists.invalidate(set(range(USERS)) - {a})
+            touched = {a}
         for user in sorted(touched):
             incremental = lists.score(user, source, ranker, CONFIG, as_of, 20, builder, exact_features=True)
             served += lists.last_path == "incremental"
@@ -288,3 +293,19 @@ def test_the_worker_serves_incremental_lists_and_reports_the_cache_and_the_shado
         final = latest_lists(settings)
         for user in users:  # the dismissed candidate is gone from the incremental list
             assert lists[user].items[0].candidate not in [item.candidate for item in final[user].items]
+
+
+def test_a_moved_own_embedding_asks_the_ann_answer_again_in_place(ranker: Ranker) -> None:
+    source = small_source(5)
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
+    config = CandidateConfig(graph_k=50, ann_k=6, popular_k=3, max_candidates=200)
+    rng = np.random.default_rng(0)
+    user, as_of = 1, START
+    lists.score(user, source, ranker, config, as_of, 20, builder)
+    for _ in range(8):
+        as_of += 20_000
+        source.set_embedding(user, rng.normal(size=8).astype(np.float32))
+        incremental = lists.score(user, source, ranker, config, as_of, 20, builder, exact_features=True)
+        assert lists.last_path == "incremental"
+        assert_same(incremental, score_candidates(user, source, ranker, config, as_of, 20, builder=builder))
