@@ -129,6 +129,38 @@ def _lists_per_core_second(refresh_stats: list[tuple[dict[str, Any], dict[str, A
     return round(lists / seconds, 1) if seconds > 0 else None
 
 
+def _list_cache(stats: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The workers' kept lists summed (hits, misses, full builds by reason, bytes)."""
+    caches = [((page.get("lists") or {}).get("cache") or {}) for page in stats]
+    if not any(caches):
+        return None
+    reasons: dict[str, int] = {}
+    for cache in caches:
+        for reason, count in (cache.get("full_builds") or {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    hits = sum(int(cache.get("hits") or 0) for cache in caches)
+    full = sum(reasons.values())
+    return {"hits": hits, "full_builds": dict(sorted(reasons.items())),
+            "hit_share": round(hits / (hits + full), 4) if hits + full else None,
+            "entries": sum(int(cache.get("entries") or 0) for cache in caches),
+            "bytes": sum(int(cache.get("bytes") or 0) for cache in caches),
+            "evictions": sum(int(cache.get("evictions") or 0) for cache in caches),
+            "ms_per_incremental_list": [cache.get("ms_per_incremental_list") for cache in caches],
+            "ms_per_full_list": [cache.get("ms_per_full_list") for cache in caches]}
+
+
+def _shadow(stats: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The shadow check summed over the workers: incremental lists recomputed fully, and how many agreed."""
+    shadows = [((page.get("lists") or {}).get("shadow") or {}) for page in stats]
+    if not any(shadows):
+        return None
+    checked = sum(int(s.get("checked") or 0) for s in shadows)
+    equal = sum(int(s.get("equal") or 0) for s in shadows)
+    return {"fraction": shadows[0].get("fraction"), "checked": checked, "equal": equal,
+            "equal_share": round(equal / checked, 4) if checked else None,
+            "scores_bit_equal": sum(int(s.get("scores_bit_equal") or 0) for s in shadows)}
+
+
 def _delays(live: list[InputEvent], sent_at: list[int], published: dict[int, list[int]],
             until_ms: int | None = None) -> dict[str, Any]:
     """Delays and share of the events whose users all got a list after the event (and, with ``until_ms``, by
@@ -182,7 +214,9 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
     from pymk.kafka_broker import LocalBroker
 
     load_at_start = os.getloadavg()
-    LocalBroker(base).start(quiet=True)
+    broker = LocalBroker(base)
+    if not broker.accepting():  # a broker already listening (another checkout's, a shared one) is used as is
+        broker.start(quiet=True)
     tag = "fresh" + uuid.uuid4().hex[:8]
     home = Path(tempfile.mkdtemp(prefix="pymk-bench-"))
     settings = replace(base, topic_prefix=tag, app_id=f"{tag}-worker", home=home, web_port=base.web_port + 19)
@@ -263,6 +297,10 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         # lists ranked per second of ranking time, summed over the workers (warm-up included): ranking runs on the
         # event loop's one thread, so this is lists per core-second as the worker serves them
         "lists_per_core_second": _lists_per_core_second(refresh_stats),
+        # incremental lists (ranking/incremental.py) over the run, warm-up included: the kept lists and the shadow
+        # check of a sample of incremental lists against the full path (top 20, ids in order)
+        "list_cache": _list_cache(stats),
+        "shadow": _shadow(stats),
         "deferred_at_window_end": _total(h.get("lists_owed") for h in healths),
         "oldest_deferred_ms_at_window_end": max((h["oldest_owed_ms"] for h in healths
                                                  if h.get("oldest_owed_ms") is not None), default=None),

@@ -33,9 +33,10 @@ import numpy as np
 import xgboost as xgb
 from pymk.ranking.candidates import CandidateConfig, CandidateSet, generate_candidates
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder
+from pymk.ranking.incremental import IncrementalLists, ListCacheConfig, connection_touches
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker, RankerConfig, roc_auc
-from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order
+from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order, score_candidates
 
 from pymk.datasets import load_edge_history
 from pymk.paths import bundled_data
@@ -141,6 +142,121 @@ def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, que
     say(f"{name}: cpu p50 {cpu['p50']} ms, p99 {cpu['p99']} ms ({result['lists_per_core_second']} lists per "
         f"core-second), top 20 equal {equal}/{runs}, evaluator {ranker.evaluator}")
     return result
+
+
+INCREMENTAL_KINDS = ("connection", "view", "engagement", "dismissal")
+# Stage 1 of the incremental configs: the worker's sizes with half the ANN slots, so a list of ~1,000 rows is about
+# half 2-hop and half ANN (random embeddings give every user 1,000 ANN hits of strangers at ann_k=1000)
+INCREMENTAL_CONFIG = CandidateConfig(graph_k=1000, ann_k=500, popular_k=100, max_candidates=2100)
+AS_OF_STEP_MS = 10_000  # event time between two events of the incremental configs
+
+
+def _incremental_event(kind: str, user: int, lists: IncrementalLists, source: MemorySource, ts: int,
+                       rng: np.random.Generator, items: list[int]) -> None:
+    """Apply one event of ``kind`` touching ``user`` to ``source``, at ``ts``, and tell ``lists`` what the worker's
+    state would report (own connection change, 2-hop change, views). What a user does with a list: connect to one of
+    its top 50, view one of its top 100, engage an item others engaged, dismiss one of its top 20."""
+    entry = lists.entries[user]
+    top = entry.candidates.ids[np.argsort(-entry.scores, kind="stable")].tolist()
+    if kind == "connection":
+        other = int(rng.choice(top[:50]))
+        source.add_connection(user, other, ts)
+        own, two_hop = connection_touches(source, user, other)
+        lists.mark_graph_changed(own | two_hop)
+    elif kind == "view":
+        other = int(rng.choice(top[:100]))
+        source.add_view(user, other, ts)
+        lists.mark_views_changed((user, other))
+    elif kind == "engagement":
+        source.add_engagement(user, int(rng.choice(items)), ts)
+    elif kind == "dismissal":
+        source.add_dismissal(user, int(rng.choice(top[:20])), ts)
+    else:
+        raise ValueError(kind)
+
+
+def _measure_incremental(kind: str, ranker: Ranker, runs: int, users: list[int], source: MemorySource,
+                         builder: FeatureBuilder, as_of: int, seed: int,
+                         say: Callable[[str], None]) -> tuple[dict[str, Any], int]:
+    """One ``incremental-<kind>`` config: ``runs`` events of ``kind``, each followed by its user's list from the kept
+    one (:class:`IncrementalLists`, no shadow sampling here: every list is compared below). Timed in this thread's
+    CPU: the list up to the ordered top 20 and its scores (``cpu_ms``; what falls back to a full Stage 1 is in it, at
+    its cost); then apart the as-of columns of every row brought to the as-of time (what impressions log) and the
+    reasons of the 20 (``cpu_ms_with_reasons``: all three). Outside the timed span, the full path at the same state
+    and as-of time: the top 20 (ids in order) is compared. Returns the config and the as-of time reached."""
+    rng = np.random.default_rng(seed)
+    lists = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
+    items = sorted(item for item, engagers in source.engagers.items() if len(engagers) >= 3)
+    cpu_ms: list[float] = []
+    incremental_ms: list[float] = []
+    with_reasons_ms: list[float] = []
+    paths: dict[str, int] = {}
+    rows: list[int] = []
+    rescored: list[int] = []
+    equal = scores_equal = 0
+    for run in range(runs + 10):
+        user = users[run % len(users)]
+        if user not in lists.entries:  # the list the event follows (as the worker published it)
+            lists.score(user, source, ranker, INCREMENTAL_CONFIG, as_of, 20, builder, now_ms=int(time.time() * 1000))
+        as_of += AS_OF_STEP_MS
+        _incremental_event(kind, user, lists, source, as_of, rng, items)
+        before = lists.stats.rows_rescored
+        started = time.thread_time()
+        scored = lists.score(user, source, ranker, INCREMENTAL_CONFIG, as_of, 20, builder,
+                             now_ms=int(time.time() * 1000))
+        scored_at = time.thread_time()
+        exact = lists.exact_features(user, scored, as_of)
+        rank_scored(user, exact, source, ranker, as_of, builder)
+        done = time.thread_time()
+        full = score_candidates(user, source, ranker, INCREMENTAL_CONFIG, as_of, 20, builder=builder)
+        if run < 10:
+            continue
+        path = lists.last_path
+        paths[path] = paths.get(path, 0) + 1
+        cpu_ms.append((scored_at - started) * 1e3)
+        with_reasons_ms.append((done - started) * 1e3)
+        if path == "incremental":
+            incremental_ms.append(cpu_ms[-1])
+            rescored.append(lists.stats.rows_rescored - before)
+        rows.append(len(scored.candidates))
+        same = bool(np.array_equal(scored.candidates.ids[scored.top], full.candidates.ids[full.top]))
+        equal += same
+        scores_equal += same and bool(np.array_equal(scored.scores[scored.top], full.scores[full.top]))
+    cpu = _percentiles(cpu_ms)
+    result = {"name": f"incremental-{kind}", "path": "incremental", "event_kind": kind,
+              "candidates": int(np.median(rows)), "trees": int(ranker.metadata["trees"]),
+              "cpu_ms": {"p50": cpu["p50"], "p99": cpu["p99"], "mean": cpu["mean"]},
+              "lists_per_core_second": round(1000.0 / cpu["p50"], 1),
+              "top20_equal_to_exact_share": round(equal / runs, 4),
+              "top20_scores_bit_equal_share": round(scores_equal / runs, 4),
+              "includes": "Stage 1 update, features, predict, order: up to the ordered top 20 and its scores "
+                          "(lists that fell back to a full Stage 1 at their full cost); not reasons nor impressions",
+              "cpu_ms_with_reasons": {k: v for k, v in _percentiles(with_reasons_ms).items() if k in ("p50", "p99")},
+              "cpu_ms_with_reasons_includes": "cpu_ms + every row's as-of columns brought to the as-of time (what "
+                                              "impressions log) + the reasons of the 20; not the Impression objects",
+              "incremental_share": round(len(incremental_ms) / runs, 4),
+              "cpu_ms_incremental_only": ({k: v for k, v in _percentiles(incremental_ms).items()
+                                           if k in ("p50", "p99")} if incremental_ms else None),
+              "rows_rescored_p50": int(np.median(rescored)) if rescored else None,
+              "paths": dict(sorted(paths.items())), "runs": runs, "query_users": len(users),
+              "as_of_step_ms": AS_OF_STEP_MS, "evaluator": ranker.evaluator,
+              "stage1": {"graph_k": INCREMENTAL_CONFIG.graph_k, "ann_k": INCREMENTAL_CONFIG.ann_k,
+                         "popular_k": INCREMENTAL_CONFIG.popular_k}}
+    say(f"{result['name']}: cpu p50 {cpu['p50']} ms, p99 {cpu['p99']} ms ({result['lists_per_core_second']} lists "
+        f"per core-second), incremental {result['incremental_share']:.0%}, top 20 equal {equal}/{runs}")
+    return result, as_of
+
+
+def _incremental_users(source: MemorySource, order: list[int], as_of: int, wanted: int,
+                       rows: tuple[int, int] = (900, 1100)) -> list[int]:
+    """Query users whose Stage 1 (:data:`INCREMENTAL_CONFIG`) gives ``rows`` candidates (about 1,000)."""
+    users: list[int] = []
+    for user in order:
+        if len(users) >= wanted:
+            break
+        if rows[0] <= len(generate_candidates(user, source, INCREMENTAL_CONFIG, as_of)) <= rows[1]:
+            users.append(user)
+    return users
 
 
 def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs: int = 300, queries: int = 60,
@@ -270,6 +386,16 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
     stacked = np.concatenate([builder.matrix(c.user, c, source, as_of) for c in bench_sets[:3]])
     predict_by_rows = {rows: _percentiles([_timed(lambda r=rows: ranker.predict(stacked[:r]))[1] for _ in range(30)])
                        for rows in (100, 250, 500, 1000, 2000) if rows <= len(stacked)}
+
+    # Incremental lists, one config per event kind, last: their events change the graph and behaviour.
+    # 20 users, an event every 10 s of event time: each user's next event comes ~200 s after its last, within
+    # the kept lists' default age bound (300 s), as for a user touched every few minutes
+    incremental_users = _incremental_users(source, order, as_of, 20)
+    incremental_as_of = as_of
+    for number, kind in enumerate(INCREMENTAL_KINDS):
+        measured, incremental_as_of = _measure_incremental(kind, served, config_runs, incremental_users, source,
+                                                           builder, incremental_as_of, seed + number, say)
+        configs.append(measured)
 
     latency = {name: _percentiles(values) for name, values in parts.items()}
     result: dict[str, Any] = {

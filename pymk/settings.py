@@ -133,6 +133,16 @@ class Settings:
     candidates_popular_k: int = 100
     candidates_max: int = 2100
     recommendations_k: int = 20
+    # Incremental lists (ranking/incremental.py): each ranked user's candidates and feature matrix are kept, LRU by
+    # bytes up to list_cache_bytes per worker (0: off, every list takes the full path), and updated in place by the
+    # next change instead of a new Stage 1; a full Stage 1 runs when the entry is older than list_cache_max_age_ms
+    # (wall clock) or had list_cache_max_updates updates (what reaches it late, e.g. other users' embeddings,
+    # is stale at most that long). shadow_fraction of the incremental lists (sampled by user and as-of time) are
+    # recomputed fully and compared (the top k, ids in order): /stats lists.shadow.
+    list_cache_bytes: int = 256 * 2**20
+    list_cache_max_age_ms: int = 300_000
+    list_cache_max_updates: int = 64
+    shadow_fraction: float = 0.02
     # Which users a change refreshes: "touched" (users whose own rows changed: both endpoints of a connection,
     # viewer and viewed, dismisser, engager, profile owner) or "two-hop" (also every user whose common-neighbour
     # row changed, i.e. the neighbours of both endpoints of a new connection).

@@ -89,6 +89,17 @@ FEATURE_NAMES: tuple[str, ...] = (
     "resource_allocation_score",
 )
 SEED_FEATURES = 17  # the first 17 columns are the seed spec's, in its order
+# Which columns each part of :meth:`FeatureBuilder.matrix` writes (:meth:`FeatureBuilder.columns` recomputes by group)
+COLUMN_GROUPS: dict[str, tuple[int, ...]] = {
+    "graph": (0, 1, 2, 3, 4, 5),
+    "behaviour": (6, 7, 8, 9),
+    "profile": (10, 11, 12, 13, 14, 15),
+    "embedding": (16,),
+    "activity": (17, 18, 19, 20, 21, 22),
+    "resource_allocation": (23,),
+}
+# The columns whose value moves with the as-of time alone: the view recency and the activity columns
+AS_OF_COLUMNS: tuple[int, ...] = (7, 17, 18, 19, 20, 21, 22)
 ACTIVITY_FEATURES: tuple[str, ...] = FEATURE_NAMES[SEED_FEATURES : SEED_FEATURES + 6]
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -227,7 +238,7 @@ class ProfileCache:
         if len(self._slot_of) + len(users) > self.max_users:
             self._reset()
         slot_of, profiles = self._slot_of, self._profiles
-        current = (source.many_profiles(users) if isinstance(source, BatchReadSource)
+        current = (source.many_profiles(users) if implements(source, BatchReadSource)
                    else list(map(source.profile, users)))
         n = len(users)
         held = (self._slot_of.rows(ids) if ids is not None
@@ -284,6 +295,34 @@ class FeatureBuilder:
                                   np.array([candidate in counts]), np.array([False]))
         return feature_dict(self.matrix(user, candidates, source, as_of_ms)[0])
 
+    def columns(self, user: int, candidates: CandidateSet, source: RankingSource, as_of_ms: int,
+                groups: Sequence[str], out: np.ndarray) -> None:
+        """Recompute only the named column groups (:data:`COLUMN_GROUPS`) of (user, each candidate) into ``out``
+        (``len(candidates)`` rows), with the very code :meth:`matrix` runs: a row's value does not depend on
+        which other rows are computed with it, so recomputing some rows or some groups gives :meth:`matrix`'s
+        bits. The incremental lists (ranking/incremental.py) use it for the rows and columns an event changed."""
+        ids = candidates.ids
+        if len(ids) == 0:
+            return
+        id_list = ids.tolist()
+        for group in groups:
+            if group == "graph":
+                self._graph(user, candidates, id_list, source, out)
+            elif group == "behaviour":
+                out[:, list(COLUMN_GROUPS["behaviour"])] = 0.0
+                self._behaviour(user, id_list, source, as_of_ms, out)
+            elif group == "profile":
+                out[:, list(COLUMN_GROUPS["profile"])] = 0.0
+                self._profile(user, ids, id_list, source, out)
+            elif group == "embedding":
+                self._embedding(user, ids, id_list, source, out)
+            elif group == "activity":
+                self._activity(user, ids, id_list, source, as_of_ms, out)
+            elif group == "resource_allocation":
+                self._resource_allocation(user, id_list, source, out)
+            else:
+                raise ValueError(f"unknown column group {group!r}")
+
     # ---- column groups ------------------------------------------------------------------------------------------
     @staticmethod
     def _graph(user: int, candidates: CandidateSet, id_list: list[int], source: RankingSource,
@@ -292,9 +331,9 @@ class FeatureBuilder:
         degree_of = source.degree
         counts = candidates.common_neighbor_count.astype(np.float64)
         query_degree = float(degree_of(user))
-        if isinstance(source, IdArraySource):
+        if implements(source, IdArraySource):
             degrees = source.degrees_of(candidates.ids).astype(np.float64)
-        elif isinstance(source, BatchReadSource):
+        elif implements(source, BatchReadSource):
             degrees = np.asarray(source.many_degrees(id_list), np.float64)
         else:
             degrees = np.fromiter(map(degree_of, id_list), np.float64, n)
@@ -368,7 +407,7 @@ class FeatureBuilder:
     @staticmethod
     def _resource_allocation(user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
         column = FEATURE_INDEX["resource_allocation_score"]
-        if not isinstance(source, ResourceAllocationSource):
+        if not implements(source, ResourceAllocationSource):
             out[:, column] = np.nan
             return
         allocation = source.two_hop_resource_allocation(user)
@@ -380,15 +419,14 @@ class FeatureBuilder:
     def _activity(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, as_of_ms: int,
                   out: np.ndarray) -> None:
         first = SEED_FEATURES
-        if not isinstance(source, ActivitySource):
+        if not implements(source, ActivitySource):
             out[:, first : first + len(ACTIVITY_FEATURES)] = np.nan
             return
         activity_of, last_of = source.connection_activity, source.last_connection_ts
         n = len(id_list)
         scales = len(ACTIVITY_TIME_CONSTANTS_MS)
-        if isinstance(source, ActivityTableSource | IdArraySource):
-            table = (source.activity_table_of(ids) if isinstance(source, IdArraySource)
-                     else source.activity_table(id_list))
+        if implements(source, ActivityTableSource) or implements(source, IdArraySource):
+            table = activity_table_for(source, ids, id_list)
             out[:, first : first + scales] = decayed_activity(table, as_of_ms)
             last = np.where(table.known, table.anchors.astype(np.float64), np.nan)
         else:
@@ -407,7 +445,7 @@ class FeatureBuilder:
             out[:, 16] = np.nan
             return
         query = np.asarray(query, np.float32)
-        vectors = np.asarray(source.embeddings_of(ids) if isinstance(source, IdArraySource)
+        vectors = np.asarray(source.embeddings_of(ids) if implements(source, IdArraySource)
                              else source.embeddings(id_list), np.float32)
         # Divide by the norms even though the source promises unit vectors: a cosine must stay a cosine.
         # einsum, not @: a matrix-vector product may go to a multi-threaded BLAS, and ranking runs on one core.
@@ -415,6 +453,84 @@ class FeatureBuilder:
         with np.errstate(invalid="ignore", divide="ignore"):
             cosine = np.einsum("ij,j->i", vectors, query) / norms
         out[:, 16] = np.clip(cosine, -1.0, 1.0)
+
+
+_IMPLEMENTS: dict[tuple[type, type], bool] = {}
+
+
+def implements(source: object, protocol: type) -> bool:
+    """``isinstance(source, protocol)`` for the runtime-checkable source protocols, remembered per class: the
+    protocol check walks every member (~10 µs), and the matrix asks it several times per list."""
+    key = (type(source), protocol)
+    held = _IMPLEMENTS.get(key)
+    if held is None:
+        held = _IMPLEMENTS[key] = isinstance(source, protocol)
+    return held
+
+
+def activity_table_for(source: RankingSource, ids: np.ndarray, id_list: list[int]) -> ActivityTable:
+    """The held activity of the candidates, as :meth:`FeatureBuilder.matrix` reads it (the source must be an
+    :class:`ActivityTableSource` or an :class:`IdArraySource`)."""
+    if implements(source, IdArraySource):
+        return source.activity_table_of(ids)
+    assert implements(source, ActivityTableSource)
+    return source.activity_table(id_list)
+
+
+def candidate_activity_columns(table: ActivityTable, as_of_ms: int) -> np.ndarray:
+    """(n, 4) candidate activity columns (the 3 decayed counts, days since the latest change) as of ``as_of_ms``,
+    as :meth:`FeatureBuilder.matrix` computes them from ``table``."""
+    out = np.empty((len(table.known), len(ACTIVITY_TIME_CONSTANTS_MS) + 1))
+    out[:, :-1] = decayed_activity(table, as_of_ms)
+    last = np.where(table.known, table.anchors.astype(np.float64), np.nan)
+    out[:, -1] = np.maximum(0.0, as_of_ms - last) / DAY_MS
+    return out
+
+
+def view_columns(user: int, ids: np.ndarray, source: RankingSource, order: np.ndarray | None = None,
+                 views: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The behavioural columns of :meth:`FeatureBuilder.matrix` that do not move with the as-of time, for the
+    candidates ``ids`` (``order``: ``np.argsort(ids)`` when at hand): (n, 3) views user → candidate, mutual
+    views, co-engaged items (columns 6, 8, 9), and per row the latest view either way (int64) and whether there
+    is one; the recency column is :func:`view_recency_days` of them. The user's view and engagement maps are
+    looked up in the sorted ids (they are usually far smaller than the list). ``views=False``: the engagements
+    only (the view parts stay 0)."""
+    n = len(ids)
+    values = np.zeros((n, 3))
+    latest = np.zeros(n, np.int64)
+    has_view = np.zeros(n, bool)
+    if n == 0:
+        return values, latest, has_view
+    order = np.argsort(ids, kind="stable") if order is None else order
+    sorted_ids = ids[order]
+
+    def rows_of(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        position = np.minimum(np.searchsorted(sorted_ids, keys), n - 1)
+        hit = sorted_ids[position] == keys
+        return np.flatnonzero(hit), order[position[hit]]
+
+    viewed = source.profile_views(user) if views else {}
+    if viewed:
+        keys = np.fromiter(viewed.keys(), np.int64, len(viewed))
+        held = np.array(list(viewed.values()), np.int64).reshape(len(viewed), 3)
+        found, rows = rows_of(keys)
+        values[rows, 0] = held[found, 0]
+        values[rows, 1] = np.minimum(held[found, 0], held[found, 1])
+        latest[rows] = held[found, 2]
+        has_view[rows] = True
+    engaged = source.co_engaged_counts(user)
+    if engaged:
+        keys = np.fromiter(engaged.keys(), np.int64, len(engaged))
+        counts = np.fromiter(engaged.values(), np.int64, len(engaged))
+        found, rows = rows_of(keys)
+        values[rows, 2] = counts[found]
+    return values, latest, has_view
+
+
+def view_recency_days(latest: np.ndarray, has_view: np.ndarray, as_of_ms: int) -> np.ndarray:
+    """``profile_view_recency_days`` as :meth:`FeatureBuilder.matrix` computes it (NaN without a view): int64
+    differences below 2⁵³ convert exactly, and IEEE division rounds as Python's int true division does."""
+    return np.where(has_view, np.maximum(0, as_of_ms - latest) / DAY_MS, np.nan)
 
 
 def decayed_activity(table: ActivityTable, as_of_ms: int) -> np.ndarray:

@@ -300,6 +300,9 @@ class DebugViews:
                                        "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets,
                                        "ann_space": self.settings.ann_space, **tower},
                              "refresh": refresh, "models": self.models.describe() if self.models else None,
+                             # kept lists (bytes, entries, hits, misses, evictions, full builds by reason) and the
+                             # shadow check of incremental lists (checked, equal, equal_share)
+                             "lists": self.refresher.describe_lists() if self.refresher is not None else None,
                              "gc": self.gc_pauses.snapshot(),
                              "behind": self.progress.describe()})
 
@@ -317,6 +320,10 @@ class DebugViews:
             for partition_state in self.state.owned.values():
                 for name, value in partition_state.store.memory_properties().items():
                     rocksdb_properties[name] = rocksdb_properties.get(name, 0) + value
+            kept = self.refresher.lists if self.refresher is not None else None
+            list_cache = ({key: value for key, value in kept.describe().items()
+                           if key in ("bytes", "max_bytes", "entries", "hits", "misses", "evictions")}
+                          if kept is not None else None)
             answer: dict[str, Any] = {"rss_bytes": rss_bytes(),
                                       "row_cache_bytes": sum(s.cache_budget.estimated_bytes
                                                              for s in self.state.owned.values()),
@@ -325,6 +332,8 @@ class DebugViews:
                                       # summed over the databases; memtables are inside rocksdb_memory_bytes too
                                       "rocksdb_properties_bytes": rocksdb_properties,
                                       "ann_index_bytes": self.index.index.memory_bytes(),
+                                      # the kept lists (ranking/incremental.py), bounded by PYMK_LIST_CACHE_BYTES
+                                      "list_cache": list_cache,
                                       "malloc_bytes": malloc_bytes(),
                                       "pymalloc_bytes": (pymalloc_bytes() if request.query.get("pymalloc") == "1"
                                                          else None),

@@ -43,6 +43,7 @@ from pymk.index.tower_index import TowerSpaceIndex
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
 from pymk.ranking.impressions import shown_impressions, unshown_impressions
+from pymk.ranking.incremental import IncrementalLists, ListCacheConfig
 from pymk.ranking.recommend import (
     ScoredCandidates,
     rank_scored,
@@ -154,6 +155,8 @@ class Refresher:
     # (streams/errors.py) and the refresher skips the user. None: the failure propagates (pure tests).
     on_user_error: Callable[[str, Exception, PartitionState, int], None] | None = None
 
+    lists: IncrementalLists | None = None  # the kept lists (set in __init__ unless PYMK_LIST_CACHE_BYTES=0)
+
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
                  profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf,
                  facts: UserFacts | None = None) -> None:
@@ -178,6 +181,13 @@ class Refresher:
         self.stats = RefreshStats()
         self.list_budget = ListBudget(settings)  # its seconds: this flush's (set by observe_input_backlog)
         self.features = FeatureBuilder()  # one per worker: its profile cache lives across lists
+        # each ranked user's candidates and matrix, updated in place by its next change (ranking/incremental.py)
+        self.lists: IncrementalLists | None = (
+            IncrementalLists(ListCacheConfig(max_bytes=settings.list_cache_bytes,
+                                             max_age_ms=settings.list_cache_max_age_ms,
+                                             max_updates=settings.list_cache_max_updates,
+                                             shadow_fraction=settings.shadow_fraction))
+            if settings.list_cache_bytes > 0 else None)
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)
         # one LRU of profile encodings for all of them (the profiles are the worker's, whatever the partition)
         self._node_feature_cache: OrderedDict[Hashable, np.ndarray] = OrderedDict()
@@ -200,6 +210,12 @@ class Refresher:
         profiles = state.profiles.take_changed_users()
         if self.facts is not None:
             self.facts.invalidate(own | profiles)  # a local user's degree, activity, profile: its own rows
+        if self.lists is not None:
+            # own and 2-hop changes alike: the next update re-reads the 2-hop maps (a neighbour's new edge moves
+            # the AA/RA weights and the 2-hop set); views either way: re-read (co-engagements always are)
+            self.lists.mark_graph_changed(own | two_hop)
+            self.lists.mark_views_changed(behaviour)
+            self.lists.invalidate(state.forced_refresh | state.forced_reembed, "forced")
         structural = own | profiles  # what a GraphSAGE embedding reads: the neighbourhood and the profile
         refresh = own | behaviour | profiles
         if self.settings.refresh_scope == "two-hop":
@@ -342,8 +358,11 @@ class Refresher:
         settings = self.settings
         states = list(states)
         partitions = frozenset(state.partition for state in states)
-        if self.facts is not None and partitions != self._partitions:
-            self.facts.clear()  # a user now local was read from user-globals, or the other way round
+        if partitions != self._partitions:
+            if self.facts is not None:
+                self.facts.clear()  # a user now local was read from user-globals, or the other way round
+            if self.lists is not None:
+                self.lists.clear()  # a partition that comes back was changed elsewhere meanwhile
         self._partitions = partitions
         state_of: dict[int, PartitionState] = {}
         first_of: dict[int, int] = {}
@@ -405,10 +424,15 @@ class Refresher:
         as_of = state.event_time_ms or now_ms
         scorer = self.models.scorer
         k = self.settings.recommendations_k
-        scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
+        reranker = self.models.reranker
+        if self.lists is not None:  # incremental when the kept list allows it, else the full path (and kept)
+            # the top k's features are exact; the rest only where they are logged (_unshown_sample) or re-ranked
+            scored = self.lists.score(user, source, scorer, self.candidates, as_of, k, self.features,
+                                      exact_features=reranker is not None, now_ms=now_ms)
+        else:
+            scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
         if self.settings.ranker_kind != "xgboost" and len(scored.candidates):
             scored = self._two_tower_scores(user, scored, source, k)
-        reranker = self.models.reranker
         rerank_scores: dict[int, float] = {}
         if reranker is not None and len(scored.candidates):
             from pymk.ranking.cross_attention import rerank_scored
@@ -431,6 +455,12 @@ class Refresher:
                 by_step[step] = by_step.get(step, 0.0) + ms / 1000.0
         by_step["impressions"] = by_step.get("impressions", 0.0) + time.perf_counter() - logged
         return replace(ranked.to_recommendations(), generated_at=now_ms), impressions
+
+    def describe_lists(self) -> dict[str, object] | None:
+        """The kept lists and the shadow check, for /stats."""
+        if self.lists is None:
+            return None
+        return {"cache": self.lists.describe(), "shadow": self.lists.describe_shadow()}
 
     def _tower_space_search(self, source: WorkerRankingSource) -> AnnSearch:
         """Stage 1's ANN over the candidate-tower index, brought up to date first (a no-op when nothing changed)."""
@@ -462,4 +492,6 @@ class Refresher:
         rng = np.random.default_rng([user & 0x7FFFFFFFFFFFFFFF, as_of])
         sample = sample_unshown(scored.top, scored.scores, self.settings.impressions_unshown_sample,
                                 self.settings.impressions_unshown_near_ranks, rng)
+        if self.lists is not None and sample:  # a kept list's rows beyond the top k: as of now where logged
+            scored = self.lists.exact_features(user, scored, as_of, [index for index, _ in sample])
         return unshown_impressions(user, scored, sample, model_version, now_ms, as_of)

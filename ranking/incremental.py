@@ -1,0 +1,847 @@
+"""Incremental lists: each owed user's Stage 1 candidates and feature matrix kept between lists, updated in place
+from the state, re-scored only where a row's score can have changed, and re-ordered.
+
+Pure (no Kafka): the worker (streams/refresh.py), the benches and the tests drive the same code.
+
+**What an update re-reads** (every update, whatever the event): the user's exclusions (self, connections,
+dismissals with their expiry, blocks), the popular list, the candidates' degrees (→ jaccard, degree columns, the
+tie key), their held activity, their embeddings (→ the cosine column), the user's co-engagements (another user's
+engagement moves them without touching this user), the user's own degree, activity, profile and embedding. The
+user's views when it viewed or was viewed (:meth:`IncrementalLists.mark_views_changed`). After a change of the
+user's 2-hop maps (:meth:`IncrementalLists.mark_graph_changed`: an own connection, or a neighbour's, which moves
+the 2-hop set and the AA/RA weights) the maps, whole: new 2-hop users get rows, rows that left the 2-hop set lose
+their ``graph`` source (and their row when it was their only one), CN/AA/RA follow. A dropped row (dismissed, now
+a connection) is removed. Rows stay in Stage 1's rough-score order, so the arrays are the full path's, row for
+row (the unshown-impressions sample follows).
+
+**What is re-scored**: the rows whose features changed, and the rows whose as-of columns (view recency, the
+activity columns) may have crossed one of the model's split thresholds since they were scored. A tree ensemble
+reads a feature only through ``x < threshold`` (in float32): while every such comparison keeps its outcome the
+row's leaves, hence its score, are bit for bit the same. For the as-of columns the time of the next crossing is
+closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly), so each row carries the as-of time
+before which its score stands (:func:`_valid_until`, with a margin that only makes it re-score earlier). The
+query-level as-of columns are compared by their bins. A row that is not re-scored keeps its old as-of column
+values in the matrix: :meth:`IncrementalLists.score` brings the top k rows to the as-of time (reasons read them),
+and ``exact_features=True`` all rows (impressions log features).
+
+**A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
+model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
+as-of time when the caller gives none: ``age``) or had ``max_updates`` updates (``updates``); the owner asked for
+it (:meth:`IncrementalLists.invalidate`: ``forced`` by ``pymk refresh``); the user's own profile differs
+(``query_profile``: every profile column moves); the as-of time went back (``as_of_back``); a user is no longer
+excluded (``unexcluded``: an expired dismissal, a removed connection; the ANN and popular sets would grow); a
+dropped row came from an ANN answer that had filled its ``ann_k`` slots and the spare neighbours kept past it ran
+out (``ann_fill``); the 2-hop set is or becomes larger than ``graph_k`` and the change touches it, or the popular
+list or the user's own embedding moved while it is (``graph_cut``, ``popular``, ``query_embedding``: a new user
+may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is active and rows change
+(``rough_cut``); the source lacks the batch reads this path needs (``source``). A moved popular list or own
+embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
+
+What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
+neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), the
+candidates' profile columns (a candidate's profile edit is not re-read: a profile read per row cost more than the
+rest of the update), and, in the worker, what reaches it late from other partitions. The shadow check
+(``shadow_fraction``) recomputes a sample of incremental lists fully and counts how often the top k is equal (ids
+in order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+from pymk.ranking.candidates import CandidateConfig, CandidateSet, default_filters
+from pymk.ranking.features import (
+    ACTIVITY_FEATURES,
+    COLUMN_GROUPS,
+    DAY_MS,
+    FEATURE_INDEX,
+    SEED_FEATURES,
+    FeatureBuilder,
+    activity_table_for,
+    candidate_activity_columns,
+    implements,
+    view_columns,
+    view_recency_days,
+)
+from pymk.ranking.recommend import ScoredCandidates, ranking_order, score_candidates
+from pymk.ranking.source import (
+    ACTIVITY_TIME_CONSTANTS_MS,
+    ActivitySource,
+    ActivityTable,
+    ActivityTableSource,
+    IdArraySource,
+    PopularSource,
+    RankingSource,
+    Scorer,
+)
+
+log = logging.getLogger(__name__)
+
+_AA_DECIMALS = 9  # Stage 1's rough order rounds AA + cosine so (candidates.py)
+_DEGREE = FEATURE_INDEX["candidate_degree_log"]
+_RECENCY = FEATURE_INDEX["profile_view_recency_days"]
+_ACTIVITY = SEED_FEATURES  # the candidate's 3 decayed counts, then days since its latest change
+_DAYS_SINCE = SEED_FEATURES + 3
+_QUERY_ACTIVITY = FEATURE_INDEX["query_activity_7d"]
+_QUERY_DAYS = FEATURE_INDEX["query_days_since_last_connection"]
+_ROW_AS_OF = (_RECENCY, *range(_ACTIVITY, _DAYS_SINCE + 1))  # the per-row as-of columns
+_BEHAVIOUR = (6, 8, 9)  # the behavioural columns that do not move with as-of
+_NEVER = np.iinfo(np.int64).max
+ANN_SPARES = 16  # ANN neighbours kept past ann_k at a full build, to replace dropped ones (dismissed, connected)
+_MIX = 0x9E3779B97F4A7C15
+_MASK = 0xFFFFFFFFFFFFFFFF
+assert len(ACTIVITY_FEATURES) == 6 and _QUERY_ACTIVITY == SEED_FEATURES + 4
+
+
+# ---- the model's split points -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitPoints:
+    """Per feature, the model's split thresholds as float64 values of their float32 (sorted, unique), and the same
+    lowered by one float32 step (``below``): a growing float64 ``x`` may round up to a threshold ``t`` as float32
+    once it passes the float32 just below ``t``."""
+
+    exact: tuple[np.ndarray, ...]
+    below: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, per_feature: list[np.ndarray]) -> SplitPoints:
+        exact = tuple(np.unique(np.asarray(t, np.float32)).astype(np.float64) for t in per_feature)
+        below = tuple(np.unique(np.nextafter(t.astype(np.float32), np.float32(-np.inf))).astype(np.float64)
+                      for t in exact)
+        return cls(exact, below)
+
+    def bin(self, column: int, value: float) -> float:
+        """Which side of every threshold of ``column`` the float32 of ``value`` is on (NaN: its own bin)."""
+        if math.isnan(value):
+            return math.nan
+        return float(np.searchsorted(self.exact[column], np.float64(np.float32(value)), side="right"))
+
+
+_SPLIT_POINTS: dict[str, SplitPoints | None] = {}
+
+
+def split_points(scorer: Scorer, n_features: int) -> SplitPoints | None:
+    """The split points of an XGBoost scorer (:class:`pymk.ranking.model.Ranker`), by model version; None for
+    another scorer (every as-of column then re-scores its row at every update)."""
+    from pymk.ranking.model import Ranker
+
+    if type(scorer) is not Ranker:
+        return None
+    version = scorer.version
+    if version not in _SPLIT_POINTS:
+        try:
+            learner = json.loads(bytes(scorer.booster.save_raw("json")))["learner"]
+            per_feature: list[list[float]] = [[] for _ in range(n_features)]
+            for tree in learner["gradient_booster"]["model"]["trees"]:
+                for left, feature, condition in zip(tree["left_children"], tree["split_indices"],
+                                                    tree["split_conditions"], strict=True):
+                    if left != -1:
+                        per_feature[int(feature)].append(float(condition))
+            _SPLIT_POINTS[version] = SplitPoints.of([np.asarray(t, np.float64) for t in per_feature])
+        except (KeyError, ValueError, IndexError):  # a model shape we do not read: no shortcut
+            _SPLIT_POINTS[version] = None
+    return _SPLIT_POINTS[version]
+
+
+def _until_falling(x: np.ndarray, held: np.ndarray, anchor: np.ndarray, tau: float,
+                   thresholds: np.ndarray) -> np.ndarray:
+    """As-of times (int64) before which ``held · exp(−max(0, as_of − anchor)/τ)``, now ``x``, keeps its side of
+    every threshold: it falls below the largest threshold t ≤ x (t > 0) at anchor + τ·ln(held/t). A margin of
+    1 ms + 1e-9 of the span makes the row re-score early, never late (the float64 error is ~1e-4 ms)."""
+    out = np.full(len(x), _NEVER, np.int64)
+    if not len(thresholds) or not len(x):
+        return out
+    index = np.searchsorted(thresholds, x, side="right") - 1
+    t = thresholds[np.maximum(index, 0)]
+    live = (index >= 0) & (t > 0) & (held > 0)
+    if live.any():
+        span = tau * np.log(held[live] / t[live])
+        out[live] = np.floor(anchor[live] + span - 1.0 - 1e-9 * np.abs(span)).astype(np.int64)
+    return out
+
+
+def _until_growing(x: np.ndarray, base: np.ndarray, thresholds_below: np.ndarray) -> np.ndarray:
+    """As-of times (int64) before which ``max(0, as_of − base) / DAY``, now ``x``, keeps its side of every
+    threshold: it reaches the smallest lowered threshold t' > x at base + t'·DAY. NaN (no view, never connected)
+    stays NaN."""
+    out = np.full(len(x), _NEVER, np.int64)
+    if not len(thresholds_below) or not len(x):
+        return out
+    index = np.searchsorted(thresholds_below, x, side="right")  # NaN sorts last: never
+    live = index < len(thresholds_below)
+    if live.any():
+        span = thresholds_below[index[live]] * DAY_MS
+        out[live] = np.floor(base[live] + span - 1.0 - 1e-9 * span).astype(np.int64)
+    return out
+
+
+# ---- the cache ----------------------------------------------------------------------------------------------------
+@dataclass
+class ListEntry:
+    """One user's kept list (see the module doc). Per-row arrays are in the candidates' row order."""
+
+    user: int
+    key: tuple[Any, ...]  # (model version, candidate config, k): another one means a full build
+    built_as_of: int
+    built_at: int  # wall clock (ms) of the full build: the age bound's clock
+    as_of: int  # of the last update
+    candidates: CandidateSet
+    features: np.ndarray  # (n, N_FEATURES); the as-of columns of a row not re-scored are as of an older time
+    scores: np.ndarray  # (n,) float64
+    valid_until: np.ndarray  # (n,) int64: the row's score stands for as-of times below this
+    activity: ActivityTable  # the candidates' held activity, as last read
+    view_latest: np.ndarray  # (n,) int64, latest view either way (0 without)
+    has_view: np.ndarray  # (n,) bool
+    query_profile: Any
+    query_embedding: np.ndarray | None
+    query_bins: tuple[float, float]  # bins (or values, without split points) of the query as-of columns
+    excluded: frozenset[int]
+    popular: tuple[int, ...]
+    ann_full: bool  # ANN filled its ann_k slots: dropping one of its rows brings the next one in
+    graph_cut: bool  # the 2-hop set may be larger than graph_k
+    rough_cut: bool  # the rough cut to max_candidates dropped rows
+    # the ANN answer for ann_k + ANN_SPARES, best first, asked when an ANN row first drops (empty: not asked)
+    ann_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    ann_cos: np.ndarray = field(default_factory=lambda: np.empty(0))
+    updates: int = 0
+    graph_changed: bool = False  # an own connection change since the last update
+    views_changed: bool = False  # a view either way since the last update
+    invalid: str | None = None  # a reason for a full build, set from outside (invalidate)
+    nbytes: int = 0
+    new_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of this update, scored at as-of
+
+    def measure(self) -> int:
+        c = self.candidates
+        arrays = (c.ids, c.common_neighbor_count, c.adamic_adar_score, c.ann_score, c.from_graph, c.from_ann,
+                  self.features, self.scores, self.valid_until, self.activity.values, self.activity.anchors,
+                  self.activity.known, self.view_latest, self.has_view)
+        total = sum(a.nbytes for a in arrays) + (0 if c.from_popular is None else c.from_popular.nbytes)
+        # the exclusion set and popular list (~60 B an int in a set), the fixed part
+        self.nbytes = total + 60 * len(self.excluded) + 40 * len(self.popular) + 2048
+        return self.nbytes
+
+
+@dataclass
+class ListCacheStats:
+    hits: int = 0  # lists served by an incremental update
+    misses: int = 0  # lists with no entry
+    full_builds: dict[str, int] = field(default_factory=dict)  # full Stage 1 runs by reason (miss included)
+    evictions: int = 0
+    rows_rescored: int = 0  # rows predicted again by incremental updates
+    rows_kept: int = 0  # rows whose score stood
+    shadow_checked: int = 0
+    shadow_equal: int = 0  # top k equal, ids in order
+    shadow_scores_equal: int = 0  # and every top-k score bit for bit
+    seconds_incremental: float = 0.0
+    seconds_full: float = 0.0
+    seconds_shadow: float = 0.0
+
+
+@dataclass(frozen=True)
+class ListCacheConfig:
+    max_bytes: int = 256 * 2**20
+    max_age_ms: int = 300_000  # as-of time since the last full Stage 1
+    max_updates: int = 64  # incremental updates since the last full Stage 1
+    shadow_fraction: float = 0.02
+
+
+def shadow_sampled(user: int, as_of_ms: int, fraction: float) -> bool:
+    """Whether the list of ``user`` at ``as_of_ms`` is shadow-checked: a hash of both, so a redone flush checks
+    the same lists."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    z = ((user & _MASK) * _MIX ^ (as_of_ms & _MASK)) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK  # splitmix64's finaliser
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z ^= z >> 31
+    return z / 2.0**64 < fraction
+
+
+class IncrementalLists:
+    """A worker's kept lists, LRU by bytes (see the module doc). :meth:`score` is the one entry point: the
+    user's :class:`ScoredCandidates` at ``as_of_ms``, by an incremental update when the entry allows it, else by
+    the full path (:func:`score_candidates`), whose result is then kept."""
+
+    def __init__(self, config: ListCacheConfig | None = None) -> None:
+        self.config = config or ListCacheConfig()
+        self.entries: OrderedDict[int, ListEntry] = OrderedDict()
+        self.bytes = 0
+        self.stats = ListCacheStats()
+        self.last_path = ""  # "incremental" or "full:<reason>" of the last score() (benches, logs)
+
+    # ---- what the owner tells ---------------------------------------------------------------------------------
+    def mark_graph_changed(self, users: Iterable[int]) -> None:
+        """These users' own connections changed: their next update re-reads their 2-hop maps."""
+        for user in users:
+            entry = self.entries.get(user)
+            if entry is not None:
+                entry.graph_changed = True
+
+    def mark_views_changed(self, users: Iterable[int]) -> None:
+        """These users viewed or were viewed: their next update re-reads their views (co-engagements are re-read
+        at every update: another user's engagement changes them without touching this user)."""
+        for user in users:
+            entry = self.entries.get(user)
+            if entry is not None:
+                entry.views_changed = True
+
+    def invalidate(self, users: Iterable[int], reason: str = "invalidated") -> None:
+        """These users' next lists take a full Stage 1 (their 2-hop set changed through someone else's
+        connection, their profile changed, a forced refresh)."""
+        for user in users:
+            entry = self.entries.get(user)
+            if entry is not None:
+                entry.invalid = reason
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def describe(self) -> dict[str, Any]:
+        s = self.stats
+        return {"bytes": self.bytes, "max_bytes": self.config.max_bytes, "entries": len(self.entries),
+                "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
+                "full_builds": dict(sorted(s.full_builds.items())),
+                "hit_share": round(s.hits / (s.hits + sum(s.full_builds.values())), 4)
+                if s.hits + sum(s.full_builds.values()) else None,
+                "rows_rescored": s.rows_rescored, "rows_kept": s.rows_kept,
+                "ms_per_incremental_list": round(1000 * s.seconds_incremental / s.hits, 3) if s.hits else None,
+                "ms_per_full_list": (round(1000 * s.seconds_full / sum(s.full_builds.values()), 3)
+                                     if s.full_builds else None),
+                "max_age_ms": self.config.max_age_ms, "max_updates": self.config.max_updates}
+
+    def describe_shadow(self) -> dict[str, Any]:
+        s = self.stats
+        return {"fraction": self.config.shadow_fraction, "checked": s.shadow_checked, "equal": s.shadow_equal,
+                "equal_share": round(s.shadow_equal / s.shadow_checked, 4) if s.shadow_checked else None,
+                "scores_bit_equal": s.shadow_scores_equal, "seconds": round(s.seconds_shadow, 3)}
+
+    # ---- the entry point ----------------------------------------------------------------------------------------
+    def score(self, user: int, source: RankingSource, scorer: Scorer, config: CandidateConfig, as_of_ms: int,
+              k: int, builder: FeatureBuilder, exact_features: bool = False,
+              now_ms: int | None = None) -> ScoredCandidates:
+        """``user``'s scored candidates at ``as_of_ms``: equal to :func:`score_candidates` (same rows in the same
+        order, same scores bit for bit, same top k) in every case the update handles, the full path otherwise.
+        The top k rows' features are exact; the other rows' as-of columns only with ``exact_features``.
+        ``now_ms``: the wall clock, for the age bound (what reaches a kept list late does so in wall time; a
+        replay's event time may run hours a second); the as-of time when not given."""
+        started = time.perf_counter()
+        key = (scorer.version, config, k)
+        entry = self.entries.get(user)
+        now = as_of_ms if now_ms is None else now_ms
+        reason = self._full_reason(entry, user, source, key, as_of_ms, now)
+        scored: ScoredCandidates | None = None
+        if reason is None:
+            assert entry is not None
+            self.entries.move_to_end(user)
+            result = self._update(entry, source, scorer, config, as_of_ms, k, builder)
+            if isinstance(result, str):
+                reason = result
+            else:
+                if exact_features:
+                    self._bring_to(entry, np.arange(len(entry.scores)), as_of_ms)
+                spent = time.perf_counter() - started
+                scored = ScoredCandidates(entry.candidates, entry.features.copy(), entry.scores.copy(), result,
+                                          {"incremental": spent * 1e3})
+        if scored is None:
+            assert reason is not None
+            self.stats.full_builds[reason] = self.stats.full_builds.get(reason, 0) + 1
+            self.stats.misses += reason == "miss"
+            scored = self._build(user, source, scorer, config, as_of_ms, k, builder, key, now)
+            self.last_path = f"full:{reason}"
+            self.stats.seconds_full += time.perf_counter() - started
+            return scored
+        self.stats.hits += 1
+        self.last_path = "incremental"
+        self.stats.seconds_incremental += time.perf_counter() - started
+        if shadow_sampled(user, as_of_ms, self.config.shadow_fraction):
+            scored = self._shadow(user, scored, source, scorer, config, as_of_ms, k, builder, key, now)
+        return scored
+
+    def exact_features(self, user: int, scored: ScoredCandidates, as_of_ms: int,
+                       rows: Sequence[int] | np.ndarray | None = None) -> ScoredCandidates:
+        """``scored`` (the last :meth:`score` of ``user``) with the as-of columns of ``rows`` (default: every row)
+        at ``as_of_ms`` — the rows a caller logs beyond the top k (the worker's sample of unshown candidates)."""
+        entry = self.entries.get(user)
+        if entry is None or self.last_path != "incremental" or entry.as_of != as_of_ms:
+            return scored  # a full build's matrix is exact
+        if rows is None:
+            self._bring_to(entry, np.arange(len(entry.scores)), as_of_ms)
+            return replace(scored, features=entry.features.copy())
+        index = np.asarray(rows, np.int64)
+        self._bring_to(entry, index, as_of_ms)
+        features = scored.features.copy()
+        features[index] = entry.features[index]
+        return replace(scored, features=features)
+
+    def _shadow(self, user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer,
+                config: CandidateConfig, as_of_ms: int, k: int, builder: FeatureBuilder,
+                key: tuple[Any, ...], now: int) -> ScoredCandidates:
+        """The full path for the same list; counts whether the top k agrees. A disagreement serves the full list
+        and keeps it (the entry was wrong)."""
+        started = time.perf_counter()
+        full = score_candidates(user, source, scorer, config, as_of_ms, k, builder=builder)
+        ids, full_ids = scored.candidates.ids[scored.top], full.candidates.ids[full.top]
+        equal = bool(np.array_equal(ids, full_ids))
+        self.stats.shadow_checked += 1
+        self.stats.shadow_equal += equal
+        self.stats.shadow_scores_equal += equal and bool(np.array_equal(scored.scores[scored.top],
+                                                                        full.scores[full.top]))
+        if not equal:
+            log.warning("incremental list of user %d at %d differs from the full one: %s != %s", user, as_of_ms,
+                        ids.tolist(), full_ids.tolist())
+            self._keep(self._entry_of(user, full, source, scorer, as_of_ms, key, now))
+            scored = full
+        self.stats.seconds_shadow += time.perf_counter() - started
+        return scored
+
+    # ---- full builds ------------------------------------------------------------------------------------------------
+    def _full_reason(self, entry: ListEntry | None, user: int, source: RankingSource, key: tuple[Any, ...],
+                     as_of_ms: int, now_ms: int) -> str | None:
+        if entry is None:
+            return "miss"
+        if entry.invalid is not None:
+            return entry.invalid
+        if entry.key != key:
+            return "model"
+        if as_of_ms < entry.as_of:
+            return "as_of_back"
+        if now_ms - entry.built_at > self.config.max_age_ms:
+            return "age"
+        if entry.updates >= self.config.max_updates:
+            return "updates"
+        if not _incremental_source(source):
+            return "source"
+        profile = source.profile(user)
+        if profile is not entry.query_profile and profile != entry.query_profile:
+            return "query_profile"
+        return None
+
+    def _build(self, user: int, source: RankingSource, scorer: Scorer, config: CandidateConfig, as_of_ms: int,
+               k: int, builder: FeatureBuilder, key: tuple[Any, ...], now: int) -> ScoredCandidates:
+        scored = score_candidates(user, source, scorer, config, as_of_ms, k, builder=builder)
+        if _incremental_source(source):
+            self._keep(self._entry_of(user, scored, source, scorer, as_of_ms, key, now))
+        else:
+            self._drop(user)
+        return scored
+
+    def _entry_of(self, user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer,
+                  as_of_ms: int, key: tuple[Any, ...], now_ms: int | None = None) -> ListEntry:
+        config: CandidateConfig = key[1]
+        c = scored.candidates
+        ids = c.ids
+        id_list = ids.tolist()
+        excluded = _excluded(user, source, config, as_of_ms)
+        vector = source.embedding(user)
+        stats = c.stats
+        _, latest, has_view = view_columns(user, ids, source)
+        entry = ListEntry(
+            user=user, key=key, built_as_of=as_of_ms, built_at=as_of_ms if now_ms is None else now_ms,
+            as_of=as_of_ms, candidates=c,
+            features=scored.features.copy(), scores=scored.scores.copy(),
+            valid_until=np.zeros(len(ids), np.int64),
+            activity=activity_table_for(source, ids, id_list), view_latest=latest, has_view=has_view,
+            query_profile=source.profile(user),
+            query_embedding=None if vector is None else np.array(vector, np.float32),
+            query_bins=(math.nan, math.nan), excluded=excluded,
+            popular=_popular(user, source, config, as_of_ms, excluded),
+            ann_full=config.ann_k > 0 and stats.get("ann", 0) >= config.ann_k,
+            graph_cut=config.graph_k <= stats.get("graph", 0),
+            rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
+        points = split_points(scorer, entry.features.shape[1])
+        entry.valid_until = self._validity(entry, np.arange(len(ids)), points, as_of_ms)
+        entry.query_bins = _query_bins(entry.features, points)
+        return entry
+
+    # ---- the update ---------------------------------------------------------------------------------------------
+    def _update(self, e: ListEntry, source: RankingSource, scorer: Scorer, config: CandidateConfig, as_of: int,
+                k: int, builder: FeatureBuilder) -> np.ndarray | str:
+        """The update of the module doc: the top k rows, or the reason it cannot be exact (the entry may then be
+        half updated: the caller replaces it by a full build)."""
+        user = e.user
+        excluded = _excluded(user, source, config, as_of)
+        if not excluded >= e.excluded:
+            return "unexcluded"
+        c = e.candidates
+        popular = _popular(user, source, config, as_of, excluded)
+        vector = source.embedding(user)
+        vector = None if vector is None else np.asarray(vector, np.float32)
+        query_moved = (vector is None) != (e.query_embedding is None) or (
+            vector is not None and not np.array_equal(vector, e.query_embedding))
+        if (popular != e.popular or query_moved) and (e.graph_cut or e.rough_cut):
+            # a new popular or ANN user may be a 2-hop user below the cut, or fall to the rough cut
+            return "popular" if popular != e.popular else "query_embedding"
+        newly = excluded - e.excluded
+        keep = (~np.isin(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
+                else np.ones(len(c.ids), bool))
+        dropped = ~keep
+        ann_new: dict[int, float] | None = None  # the ANN answer now, when it moved
+        if query_moved:  # the user's own embedding moved: its ANN answer is asked again
+            answer = list(source.ann_neighbours(user, config.ann_k, excluded))[: config.ann_k] if config.ann_k else []
+            ann_new = {int(u): float(x) for u, x in answer}
+            e.ann_full = config.ann_k > 0 and len(answer) >= config.ann_k
+            e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
+            e.query_embedding = None if vector is None else vector.copy()
+        promoted: list[tuple[int, float]] = []  # ANN neighbours that come in for dropped ANN rows
+        if dropped.any() and ann_new is None:
+            if e.graph_cut and (dropped & c.from_graph).any():
+                return "graph_cut"
+            if e.rough_cut:
+                return "rough_cut"
+            if e.ann_full and (dropped & c.from_ann).any():
+                if not len(e.ann_ids):  # asked once, when first needed (an ANN search of ann_k + spares)
+                    e.ann_ids, e.ann_cos = _ann_spares(user, source, config, e.excluded, c)
+                    if not len(e.ann_ids):
+                        e.ann_ids = np.full(1, -1, np.int64)  # none to be had: not asked again
+                        e.ann_cos = np.zeros(1)
+                # the full path asks ann_k neighbours not excluded: the first ann_k of the kept answer
+                allowed = ~np.isin(e.ann_ids, np.fromiter(excluded, np.int64, len(excluded)))
+                if int(allowed.sum()) < config.ann_k:
+                    return "ann_fill"
+                answer = np.flatnonzero(allowed)[: config.ann_k]
+                held = c.ids[c.from_ann & keep]
+                fresh_ann = answer[~np.isin(e.ann_ids[answer], held)]
+                promoted = list(zip(e.ann_ids[fresh_ann].tolist(), e.ann_cos[fresh_ann].tolist(), strict=True))
+                if promoted and e.graph_cut:
+                    return "graph_cut"  # a promoted user may be a 2-hop user below the cut
+                if promoted:
+                    kept = c.from_ann & keep
+                    ann_new = dict(zip(c.ids[kept].tolist(), c.ann_score[kept].tolist(), strict=True))
+                    ann_new.update(promoted)
+        elif dropped.any() and (e.graph_cut and (dropped & c.from_graph).any() or e.rough_cut):
+            return "graph_cut" if e.graph_cut else "rough_cut"
+        extras: list[int] = []  # ANN or popular users that are not rows yet (CN and AA 0: not 2-hop users)
+        if ann_new is not None or popular != e.popular:
+            ids_now = c.ids.tolist()
+            n_now = len(ids_now)
+            from_ann, ann_score = c.from_ann, c.ann_score
+            if ann_new is not None:
+                from_ann = np.fromiter(map(ann_new.__contains__, ids_now), bool, n_now)
+                ann_score = np.fromiter(map(ann_new.get, ids_now, repeat(math.nan)), np.float64, n_now)
+            in_popular = set(popular)
+            from_popular = np.fromiter(map(in_popular.__contains__, ids_now), bool, n_now)
+            if not e.graph_changed:  # else the 2-hop maps decide below which rows still have a source
+                keep &= c.from_graph | from_ann | from_popular
+            e.candidates = c = replace(c, from_ann=from_ann, ann_score=ann_score, from_popular=from_popular)
+            held_ids = set(ids_now)
+            extras = [u for u in dict.fromkeys([*(ann_new or {}), *popular]) if u not in held_ids]
+            e.popular = popular
+        graph_changed = e.graph_changed
+        counts_map: Any = None
+        scores_map: Any = None
+        added: list[int] = []
+        e.new_rows = np.empty(0, np.int64)
+        if graph_changed:
+            if e.graph_cut or e.rough_cut:
+                return "graph_cut" if e.graph_cut else "rough_cut"
+            counts_map, scores_map = source.two_hop(user)
+            pool = [w for w in counts_map if w not in excluded]
+            if len(pool) > config.graph_k:
+                return "graph_cut"
+            ids_now = c.ids.tolist()
+            in_pool = np.fromiter(map(counts_map.__contains__, ids_now), bool, len(ids_now)) & keep
+            # a row that left the 2-hop set stays only for its other sources
+            keep &= in_pool | c.from_ann | (c.from_popular if c.from_popular is not None else False)
+            held = set(ids_now)
+            added = [w for w in pool if w not in held]
+        n_old = len(c.ids)
+        if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
+            return "rough_cut"
+        if not keep.all():
+            self._keep_rows(e, np.flatnonzero(keep))
+        if extras:
+            m = len(extras)
+            cosine = ann_new or {}
+            in_popular = set(popular)
+            self._add_rows(e, CandidateSet(user, np.asarray(extras, np.int64), np.zeros(m, np.int64), np.zeros(m),
+                                           np.fromiter(map(cosine.get, extras, repeat(math.nan)), np.float64, m),
+                                           np.zeros(m, bool), np.fromiter(map(cosine.__contains__, extras), bool, m),
+                                           {}, np.fromiter(map(in_popular.__contains__, extras), bool, m)),
+                           user, source, builder, as_of, scorer)
+        if (ann_new is not None or extras) and not graph_changed:
+            self._reorder(e)
+        if graph_changed:
+            c = e.candidates
+            id_list = c.ids.tolist()
+            n = len(id_list)
+            counts = np.fromiter(map(counts_map.get, id_list, repeat(0)), np.int64, n)
+            aa = np.fromiter(map(scores_map.get, id_list, repeat(0.0)), np.float64, n)
+            from_graph = np.fromiter(map(counts_map.__contains__, id_list), bool, n)
+            e.candidates = replace(c, common_neighbor_count=counts, adamic_adar_score=aa, from_graph=from_graph)
+            added = [w for w in added if w not in set(e.candidates.ids[e.new_rows].tolist())]  # promoted ANN rows
+            if added:
+                m = len(added)
+                self._add_rows(e, CandidateSet(user, np.asarray(added, np.int64),
+                                               np.fromiter(map(counts_map.__getitem__, added), np.int64, m),
+                                               np.fromiter(map(scores_map.__getitem__, added), np.float64, m),
+                                               np.full(m, np.nan), np.ones(m, bool), np.zeros(m, bool), {},
+                                               np.zeros(m, bool)),
+                               user, source, builder, as_of, scorer)
+            self._reorder(e)
+        c = e.candidates
+        n = len(c.ids)
+        ids = c.ids
+        id_list = ids.tolist()
+        X = e.features
+        fresh = np.zeros(n, bool)  # rows whose as-of columns are as of now and whose score is exact (new rows)
+        fresh[e.new_rows] = True
+        dirty = np.zeros(n, bool)
+
+        scratch = np.empty((n, X.shape[1]))
+        groups = ["graph", "embedding"] + (["resource_allocation"] if graph_changed else [])
+        builder.columns(user, c, source, as_of, groups, scratch)
+        columns = [*COLUMN_GROUPS["graph"], *COLUMN_GROUPS["embedding"]]
+        if graph_changed:
+            columns += COLUMN_GROUPS["resource_allocation"]
+        if e.views_changed or len(e.new_rows) or graph_changed:
+            values, latest, has_view = view_columns(user, ids, source)
+        else:  # the views as held; the co-engagements re-read
+            values, latest, has_view = X[:, _BEHAVIOUR], e.view_latest, e.has_view
+            values[:, 2] = view_columns(user, ids, source, views=False)[0][:, 2]
+        scratch[:, _BEHAVIOUR] = values
+        columns += _BEHAVIOUR
+        block_new, block_old = scratch[:, columns], X[:, columns]
+        changed = ~((block_new == block_old) | (np.isnan(block_new) & np.isnan(block_old)))
+        dirty |= changed.any(axis=1)
+        X[:, columns] = block_new
+
+        # the held activity and the views: a change re-computes the row's as-of columns
+        table = activity_table_for(source, ids, id_list)
+        moved = (table.known != e.activity.known) | (table.anchors != e.activity.anchors) | (
+            table.values != e.activity.values).any(axis=1)
+        moved |= (has_view != e.has_view) | (latest != e.view_latest)
+        e.activity, e.view_latest, e.has_view = table, latest, has_view
+
+        points = split_points(scorer, X.shape[1])
+        # the query-level as-of columns: the same for every row; a bin change re-scores every row
+        query_activity, query_days = _query_columns(user, source, as_of)
+        X[:, _QUERY_ACTIVITY] = query_activity
+        X[:, _QUERY_DAYS] = query_days
+        bins = _query_bins(X, points)
+        if not _same_bins(bins, e.query_bins):
+            dirty[:] = True
+        e.query_bins = bins
+
+        expired = (e.valid_until <= as_of) if points is not None else np.ones(n, bool)
+        recompute = np.flatnonzero((moved | expired) & ~fresh)
+        if len(recompute):
+            self._as_of_columns(e, recompute, as_of)
+            e.valid_until[recompute] = self._validity(e, recompute, points, as_of)
+            dirty[recompute] = True
+        rescore = np.flatnonzero(dirty)  # a new row too, when the 2-hop maps gave it CN/AA after it was scored
+        if len(rescore):
+            e.scores[rescore] = np.asarray(scorer.predict(X[rescore]), np.float64)
+        self.stats.rows_rescored += len(rescore)
+        self.stats.rows_kept += n - len(rescore)
+        top = ranking_order(e.scores, X[:, _DEGREE], ids, k)
+        self._bring_to(e, top, as_of)
+        e.as_of = as_of
+        e.updates += 1
+        e.graph_changed = e.views_changed = False
+        if n != n_old or graph_changed:
+            self.bytes -= e.nbytes
+            self.bytes += e.measure()
+            self._evict()
+        return top
+
+    @staticmethod
+    def _keep_rows(e: ListEntry, index: np.ndarray) -> None:
+        """Only the rows ``index`` (in their order) stay."""
+        stats = dict(e.candidates.stats)
+        e.candidates = replace(e.candidates.subset(index), stats=stats)
+        e.features, e.scores, e.valid_until = e.features[index], e.scores[index], e.valid_until[index]
+        e.activity = ActivityTable(e.activity.values[index], e.activity.anchors[index], e.activity.known[index])
+        e.view_latest, e.has_view = e.view_latest[index], e.has_view[index]
+        e.new_rows = np.empty(0, np.int64)
+
+    def _add_rows(self, e: ListEntry, new: CandidateSet, user: int, source: RankingSource, builder: FeatureBuilder,
+                  as_of: int, scorer: Scorer) -> None:
+        """Append the rows of ``new`` (new 2-hop users, promoted ANN neighbours), their features computed whole at
+        ``as_of`` and scored."""
+        m = len(new)
+        ids = new.ids
+        added = ids.tolist()
+        features = builder.matrix(user, new, source, as_of)
+        c = e.candidates
+        n = len(c.ids)
+        e.candidates = CandidateSet(
+            user, np.concatenate([c.ids, ids]), np.concatenate([c.common_neighbor_count, new.common_neighbor_count]),
+            np.concatenate([c.adamic_adar_score, new.adamic_adar_score]), np.concatenate([c.ann_score, new.ann_score]),
+            np.concatenate([c.from_graph, new.from_graph]), np.concatenate([c.from_ann, new.from_ann]),
+            dict(c.stats), np.concatenate([c.from_popular if c.from_popular is not None else np.zeros(n, bool),
+                                           new.from_popular if new.from_popular is not None else np.zeros(m, bool)]))
+        e.features = np.concatenate([e.features, features])
+        e.scores = np.concatenate([e.scores, np.asarray(scorer.predict(features), np.float64)])
+        table = activity_table_for(source, ids, added)
+        e.activity = ActivityTable(np.concatenate([e.activity.values, table.values]),
+                                   np.concatenate([e.activity.anchors, table.anchors]),
+                                   np.concatenate([e.activity.known, table.known]))
+        _, latest, has_view = view_columns(user, ids, source)
+        e.view_latest, e.has_view = np.concatenate([e.view_latest, latest]), np.concatenate([e.has_view, has_view])
+        e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
+        e.valid_until = np.concatenate([e.valid_until, np.zeros(m, np.int64)])
+        e.valid_until[e.new_rows] = self._validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
+
+    @staticmethod
+    def _reorder(e: ListEntry) -> None:
+        """Rows in Stage 1's rough order (candidates.py: AA + ann_weight·max(cos, 0) rounded, count, id)."""
+        c = e.candidates
+        config: CandidateConfig = e.key[1]
+        rough = c.adamic_adar_score + config.ann_weight * np.nan_to_num(np.maximum(c.ann_score, 0.0), nan=0.0)
+        order = np.lexsort((c.ids, -c.common_neighbor_count, -np.round(rough, _AA_DECIMALS)))
+        if np.array_equal(order, np.arange(len(order))):
+            return
+        stats = dict(c.stats)
+        e.candidates = replace(c.subset(order), stats=stats)
+        e.features, e.scores, e.valid_until = e.features[order], e.scores[order], e.valid_until[order]
+        e.activity = ActivityTable(e.activity.values[order], e.activity.anchors[order], e.activity.known[order])
+        e.view_latest, e.has_view = e.view_latest[order], e.has_view[order]
+        if len(e.new_rows):
+            position = np.empty(len(order), np.int64)
+            position[order] = np.arange(len(order))
+            e.new_rows = position[e.new_rows]
+
+    # ---- as-of columns ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _as_of_columns(e: ListEntry, rows: np.ndarray, as_of: int) -> None:
+        """The per-row as-of columns of ``rows`` at ``as_of``, from the held activity and views (matrix's code)."""
+        a = e.activity
+        table = ActivityTable(a.values[rows], a.anchors[rows], a.known[rows])
+        e.features[np.ix_(rows, range(_ACTIVITY, _DAYS_SINCE + 1))] = candidate_activity_columns(table, as_of)
+        e.features[rows, _RECENCY] = view_recency_days(e.view_latest[rows], e.has_view[rows], as_of)
+
+    def _bring_to(self, e: ListEntry, rows: np.ndarray, as_of: int) -> None:
+        """Make the as-of columns of ``rows`` exact at ``as_of`` (their scores stand: same bins)."""
+        if len(rows):
+            self._as_of_columns(e, np.asarray(rows, np.int64), as_of)
+
+    @staticmethod
+    def _validity(e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int) -> np.ndarray:
+        """Per row of ``rows`` (whose as-of columns are as of ``as_of``): the as-of time before which no as-of
+        column crosses a threshold of the model; ``as_of`` itself (re-score next time) without split points."""
+        if points is None:
+            return np.full(len(rows), as_of, np.int64)
+        X = e.features
+        a = e.activity
+        anchors = a.anchors[rows].astype(np.float64)
+        until = np.full(len(rows), _NEVER, np.int64)
+        for j, tau in enumerate(ACTIVITY_TIME_CONSTANTS_MS):
+            column = _ACTIVITY + j
+            until = np.minimum(until, _until_falling(X[rows, column], a.values[rows, j], anchors, float(tau),
+                                                     points.exact[column]))
+        until = np.minimum(until, _until_growing(X[rows, _DAYS_SINCE], anchors, points.below[_DAYS_SINCE]))
+        until = np.minimum(until, _until_growing(X[rows, _RECENCY], e.view_latest[rows].astype(np.float64),
+                                                 points.below[_RECENCY]))
+        return until
+
+    # ---- memory ------------------------------------------------------------------------------------------------
+    def _keep(self, entry: ListEntry) -> None:
+        self._drop(entry.user)
+        size = entry.measure()
+        if size > self.config.max_bytes:
+            return
+        self.entries[entry.user] = entry
+        self.bytes += size
+        self._evict()
+
+    def _drop(self, user: int) -> None:
+        old = self.entries.pop(user, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+
+    def _evict(self) -> None:
+        while self.bytes > self.config.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.stats.evictions += 1
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, excluded: frozenset[int],
+                c: CandidateSet) -> tuple[np.ndarray, np.ndarray]:
+    """The ANN answer for ann_k + ANN_SPARES with the kept list's exclusions, when its first ann_k are the kept
+    ANN rows with their cosines (an approximate index may answer a larger k differently, and the index may have
+    moved since the build: then none, and a dropped ANN row means a full build)."""
+    answer = list(source.ann_neighbours(user, config.ann_k + ANN_SPARES, excluded))
+    ids = np.fromiter((int(u) for u, _ in answer), np.int64, len(answer))
+    cos = np.fromiter((float(x) for _, x in answer), np.float64, len(answer))
+    head, mine = ids[: config.ann_k], c.ids[c.from_ann]
+    order = np.argsort(head)
+    if len(head) != len(mine) or not np.array_equal(head[order], np.sort(mine)):
+        return np.empty(0, np.int64), np.empty(0)
+    row_of = np.argsort(c.ids)
+    rows = row_of[np.searchsorted(c.ids[row_of], head)]
+    if not np.array_equal(c.ann_score[rows], cos[: config.ann_k]):
+        return np.empty(0, np.int64), np.empty(0)
+    return ids, cos
+
+
+def _incremental_source(source: RankingSource) -> bool:
+    """The reads the update needs: activity (held, in one batch)."""
+    return implements(source, ActivitySource) and (implements(source, ActivityTableSource)
+                                                   or implements(source, IdArraySource))
+
+
+def _excluded(user: int, source: RankingSource, config: CandidateConfig, as_of: int) -> frozenset[int]:
+    """Stage 1's excluded users (the default filters)."""
+    excluded: set[int] = set()
+    for candidate_filter in default_filters(config):
+        excluded.update(candidate_filter.excluded(user, source, as_of))
+    return frozenset(excluded)
+
+
+def _popular(user: int, source: RankingSource, config: CandidateConfig, as_of: int,
+             excluded: frozenset[int]) -> tuple[int, ...]:
+    """Stage 1's popular list (candidates.py, the same ask and filter)."""
+    if config.popular_k <= 0 or not implements(source, PopularSource):
+        return ()
+    asked = source.most_active(config.popular_k + len(excluded), as_of)
+    return tuple([int(u) for u in asked if u not in excluded][: config.popular_k])
+
+
+def _query_columns(user: int, source: RankingSource, as_of: int) -> tuple[float, float]:
+    """The query user's 7-day activity and days since its latest change, as the matrix computes them."""
+    assert implements(source, ActivitySource)
+    activity = source.connection_activity(user, as_of)[1]
+    last = source.last_connection_ts(user)
+    return activity, (math.nan if last is None else max(0, as_of - last) / DAY_MS)
+
+
+def _query_bins(X: np.ndarray, points: SplitPoints | None) -> tuple[float, float]:
+    if not len(X):
+        return (math.nan, math.nan)
+    values = (float(X[0, _QUERY_ACTIVITY]), float(X[0, _QUERY_DAYS]))
+    if points is None:
+        return values
+    return (points.bin(_QUERY_ACTIVITY, values[0]), points.bin(_QUERY_DAYS, values[1]))
+
+
+def _same_bins(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b, strict=True))
+
+
+def connection_touches(source: RankingSource, u: int, v: int) -> tuple[set[int], set[int]]:
+    """Whose lists a connection change between ``u`` and ``v`` touches, as the worker's graph reports it
+    (``take_changed_users``): (own change: u and v; 2-hop change: the users adjacent to either, whose 2-hop set
+    and AA/RA weights moved through someone else's connection). Both go to
+    :meth:`IncrementalLists.mark_graph_changed`. Call it after applying an added edge (a removed one: with the
+    neighbours of before)."""
+    own = {u, v}
+    two_hop = (set(source.neighbours(u)) | set(source.neighbours(v))) - own
+    return own, two_hop
+
+
+__all__ = ["IncrementalLists", "ListCacheConfig", "ListCacheStats", "ListEntry", "SplitPoints",
+           "connection_touches", "shadow_sampled", "split_points"]

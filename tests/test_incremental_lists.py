@@ -1,0 +1,311 @@
+"""Incremental lists (ranking/incremental.py): equal to the full path at the same state and as-of time, bounded
+by their byte budget, and checked by the shadow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymk.bench.rank import SHIPPED_RANKER
+from pymk.ranking.candidates import CandidateConfig
+from pymk.ranking.features import FeatureBuilder
+from pymk.ranking.incremental import (
+    IncrementalLists,
+    ListCacheConfig,
+    SplitPoints,
+    _until_falling,
+    _until_growing,
+    connection_touches,
+    shadow_sampled,
+)
+from pymk.ranking.memory_source import MemorySource
+from pymk.ranking.model import Ranker
+from pymk.ranking.recommend import score_candidates
+
+from pymk.events import Profile
+
+USERS = 24
+DAY = 86_400_000
+# small sizes so every case happens: a 2-hop set past graph_k, ANN slots filled (spares used), popular users
+CONFIG = CandidateConfig(graph_k=12, ann_k=6, popular_k=3, max_candidates=200)
+START = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def ranker() -> Ranker:
+    return Ranker.load(SHIPPED_RANKER)
+
+
+def small_source(seed: int) -> MemorySource:
+    rng = np.random.default_rng(seed)
+    source = MemorySource(dim=8)
+    ts = START - 40 * DAY
+    for _ in range(45):
+        u, v = (int(x) for x in rng.choice(USERS, 2, replace=False))
+        ts += int(rng.integers(1, DAY))
+        source.add_connection(u, v, ts)
+    for user in range(USERS):
+        source.add_user(user)
+        if user % 3:
+            source.set_embedding(user, rng.normal(size=8).astype(np.float32))
+        if user % 4 == 0:
+            profile = Profile(company=f"c{user % 2}", skills=("python", f"s{user % 3}"), geo=(52.0, 4.0))
+            source.set_profile(user, profile)
+    for _ in range(30):
+        ts += int(rng.integers(1, DAY // 4))
+        source.add_view(int(rng.integers(USERS)), int(rng.integers(USERS)), ts)
+        source.add_engagement(int(rng.integers(USERS)), int(rng.integers(8)), ts)
+    return source
+
+
+def assert_same(incremental, full) -> None:  # noqa: ANN001 - two ScoredCandidates
+    """Row for row the same candidates, the same scores bit for bit, the same top k and its features."""
+    assert incremental.candidates.ids.tolist() == full.candidates.ids.tolist()
+    assert np.array_equal(incremental.scores, full.scores)
+    assert incremental.top.tolist() == full.top.tolist()
+    assert np.array_equal(incremental.candidates.from_graph, full.candidates.from_graph)
+    assert np.array_equal(incremental.candidates.from_ann, full.candidates.from_ann)
+    assert np.array_equal(incremental.candidates.ann_score, full.candidates.ann_score, equal_nan=True)
+    assert np.array_equal(incremental.features, full.features, equal_nan=True)
+
+
+EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss", "embed", "idle"]),
+                  st.integers(0, USERS - 1), st.integers(0, USERS - 1),
+                  # as-of steps from a second to weeks: the activity and recency columns cross many thresholds
+                  st.sampled_from([1_000, 60_000, 3_600_000, DAY, 9 * DAY]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25))
+def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events: list) -> None:  # type: ignore[type-arg]
+    """On random event sequences, every list served from the kept one equals the full path's at the same state and
+    as-of time: the same rows in the same order, every score bit for bit, the same top 20 and the same features."""
+    source = small_source(seed)
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, max_updates=1000, shadow_fraction=0.0))
+    as_of = START
+    for user in range(USERS):
+        lists.score(user, source, ranker, CONFIG, as_of, 20, builder)
+    served = 0
+    for kind, a, b, step in events:
+        as_of += step
+        touched = {a, b}
+        if kind in ("add", "remove") and a != b:
+            before = connection_touches(source, a, b)
+            (source.add_connection if kind == "add" else source.remove_connection)(a, b, as_of)
+            own, two_hop = connection_touches(source, a, b)
+            lists.mark_graph_changed(own | two_hop | before[1])
+            touched |= two_hop
+        elif kind == "view":
+            source.add_view(a, b, as_of)
+            lists.mark_views_changed((a, b))
+        elif kind == "engage":
+            source.add_engagement(a, b % 8, as_of)
+        elif kind == "dismiss" and a != b:
+            source.add_dismissal(a, b, as_of)
+        elif kind == "embed":  # a's own embedding moves: its ANN answer is asked again, in place
+            source.set_embedding(a, np.random.default_rng(b + step).normal(size=8).astype(np.float32))
+            # the other kept lists' ANN answers may move too: what only the age bound limits (module doc)
+            lists.invalidate(set(range(USERS)) - {a})
+            touched = {a}
+        for user in sorted(touched):
+            incremental = lists.score(user, source, ranker, CONFIG, as_of, 20, builder, exact_features=True)
+            served += lists.last_path == "incremental"
+            assert_same(incremental, score_candidates(user, source, ranker, CONFIG, as_of, 20, builder=builder))
+    assert lists.stats.hits == served
+
+
+def test_most_lists_of_a_sequence_are_incremental(ranker: Ranker) -> None:
+    """The property above is not vacuous: views, engagements, dismissals and connections are mostly served by
+    the update, including the dismissal of an ANN candidate (a spare neighbour takes its slot). No popular source
+    here: in a graph of 24 users most connections reorder the 3 most active users, and a moved popular list is a
+    full Stage 1 (the property above has it)."""
+    source = small_source(1)
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
+    config = CandidateConfig(graph_k=50, ann_k=4, popular_k=0, max_candidates=200)
+    as_of = START
+    rng = np.random.default_rng(0)
+    for user in range(USERS):
+        lists.score(user, source, ranker, config, as_of, 20, builder)
+    ann_dismissed = 0
+    for step in range(120):
+        as_of += 5_000
+        user = int(rng.integers(USERS))
+        entry = lists.entries[user]
+        other = int(rng.choice(entry.candidates.ids)) if len(entry.candidates) else (user + 1) % USERS
+        kind = step % 4
+        if kind == 0:
+            source.add_view(user, other, as_of)
+            lists.mark_views_changed((user, other))
+        elif kind == 1:
+            source.add_engagement(user, int(rng.integers(8)), as_of)
+        elif kind == 2:
+            ann_dismissed += bool(entry.candidates.from_ann[entry.candidates.ids == other].any())
+            source.add_dismissal(user, other, as_of)
+        else:
+            source.add_connection(user, other, as_of)
+            own, two_hop = connection_touches(source, user, other)
+            lists.mark_graph_changed(own | two_hop)
+        incremental = lists.score(user, source, ranker, config, as_of, 20, builder, exact_features=True)
+        assert_same(incremental, score_candidates(user, source, ranker, config, as_of, 20, builder=builder))
+    assert ann_dismissed > 0
+    assert lists.stats.hits >= 0.6 * 120, lists.describe()
+
+
+def test_the_split_point_bounds_never_run_late() -> None:
+    """A decaying count and a growing "days since" keep their side of every threshold before the bound, and are
+    on the other side of one a little after it."""
+    thresholds = np.array([0.1, 0.5, 1.7, 3.0])
+    points = SplitPoints.of([thresholds])
+    anchor, held, tau = np.array([1_000.0]), np.array([2.5]), 7 * DAY
+    x = held * np.exp(-0.0 / tau)
+    until = int(_until_falling(x, held, anchor, float(tau), points.exact[0])[0])
+    threshold = float(np.float32(1.7))  # the model's thresholds are float32
+    for as_of in (until - 1, until - 1_000):
+        assert np.float32(held[0] * np.exp(-max(0, as_of - 1_000) / tau)) >= threshold  # not yet below it
+    assert held[0] * np.exp(-max(0, until + 10 - 1_000) / tau) < threshold
+    base = np.array([5_000.0])
+    until = int(_until_growing(np.array([0.0]), base, points.below[0])[0])
+    for as_of in (until - 1, base[0]):
+        assert np.float32(max(0.0, as_of - base[0]) / DAY) < np.float32(0.1)
+    assert np.float32((until + 10 - base[0]) / DAY) >= np.float32(0.1)
+
+
+def test_the_cache_stays_within_its_bytes_and_evicts_the_least_recent(ranker: Ranker) -> None:
+    source = small_source(2)
+    builder = FeatureBuilder()
+    probe = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
+    probe.score(0, source, ranker, CONFIG, START, 20, builder)
+    budget = int(probe.bytes * 4.5)  # room for about four entries
+    lists = IncrementalLists(ListCacheConfig(max_bytes=budget, shadow_fraction=0.0))
+    for user in range(12):
+        lists.score(user, source, ranker, CONFIG, START, 20, builder)
+        assert lists.bytes <= budget
+        assert lists.bytes == sum(entry.nbytes for entry in lists.entries.values())
+    assert lists.stats.evictions >= 6
+    assert 3 <= len(lists.entries) <= 5
+    assert list(lists.entries)[-1] == 11 and 0 not in lists.entries
+    # a hit moves its user to the most recent end
+    oldest = next(iter(lists.entries))
+    lists.score(oldest, source, ranker, CONFIG, START + 1_000, 20, builder)
+    assert lists.last_path == "incremental" and list(lists.entries)[-1] == oldest
+    described = lists.describe()
+    assert described["bytes"] == lists.bytes and described["entries"] == len(lists.entries)
+    assert described["evictions"] == lists.stats.evictions and described["misses"] == 12
+
+
+def test_shadow_sampling_is_deterministic_and_near_its_fraction() -> None:
+    picks = [shadow_sampled(user, ts, 0.1) for user in range(200) for ts in (5, 1_000_000, 1_700_000_000_000)]
+    assert picks == [shadow_sampled(user, ts, 0.1) for user in range(200) for ts in (5, 1_000_000, 1_700_000_000_000)]
+    assert 0.06 <= sum(picks) / len(picks) <= 0.14
+    assert not shadow_sampled(3, 4, 0.0) and shadow_sampled(3, 4, 1.0)
+
+
+def test_the_shadow_counts_agreement_and_serves_the_full_list_when_it_differs(ranker: Ranker) -> None:
+    source = small_source(3)
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(shadow_fraction=1.0))
+    users = [u for u in range(USERS) if len(score_candidates(u, source, ranker, CONFIG, START, 20,
+                                                             builder=builder).candidates) >= 3]
+    for user in users:
+        lists.score(user, source, ranker, CONFIG, START, 20, builder)
+    for user in users:
+        lists.score(user, source, ranker, CONFIG, START + 1_000, 20, builder)
+    shadow = lists.describe_shadow()
+    assert shadow["checked"] == len(users) == lists.stats.hits
+    assert shadow["equal"] == shadow["checked"] and shadow["equal_share"] == 1.0
+    # a kept list gone wrong (here: its best row's score lowered) is caught, and the full list is served
+    user = users[0]
+    entry = lists.entries[user]
+    best = int(np.argmax(entry.scores))
+    entry.scores[best] = -1.0
+    entry.valid_until[best] = np.iinfo(np.int64).max  # nothing makes the update re-score it
+    served = lists.score(user, source, ranker, CONFIG, START + 2_000, 20, builder)
+    full = score_candidates(user, source, ranker, CONFIG, START + 2_000, 20, builder=builder)
+    assert lists.describe_shadow()["checked"] == len(users) + 1
+    assert lists.describe_shadow()["equal"] == len(users)
+    assert served.candidates.ids[served.top].tolist() == full.candidates.ids[full.top].tolist()
+    assert lists.entries[user].scores[best] != -1.0  # the kept entry is the full one now
+
+
+def test_a_new_model_or_a_forced_refresh_takes_the_full_path(ranker: Ranker) -> None:
+    source = small_source(4)
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
+    lists.score(1, source, ranker, CONFIG, START, 20, builder)
+    lists.score(1, source, ranker, CONFIG, START + 1, 20, builder)
+    assert lists.last_path == "incremental"
+    lists.invalidate([1], "forced")
+    lists.score(1, source, ranker, CONFIG, START + 2, 20, builder)
+    assert lists.last_path == "full:forced"
+    lists.score(1, source, ranker, CandidateConfig(graph_k=5), START + 3, 20, builder)
+    assert lists.last_path == "full:model"
+    lists.score(1, source, ranker, CandidateConfig(graph_k=5), START + 2, 20, builder)
+    assert lists.last_path == "full:as_of_back"
+    # the age bound is on the wall clock when given (a replay's event time runs far faster)
+    lists.score(1, source, ranker, CONFIG, START + 10 * DAY, 20, builder, now_ms=5_000)
+    lists.score(1, source, ranker, CONFIG, START + 20 * DAY, 20, builder, now_ms=6_000)
+    assert lists.last_path == "incremental"
+    lists.score(1, source, ranker, CONFIG, START + 20 * DAY + 1, 20, builder, now_ms=5_000 + 300_001)
+    assert lists.last_path == "full:age"
+
+
+def test_the_worker_serves_incremental_lists_and_reports_the_cache_and_the_shadow(kafka_settings, tmp_path) -> None:  # noqa: ANN001
+    """Tier 3 (real broker): after the replay, views and dismissals of users with a list are served from their kept
+    lists; with every incremental list shadow-checked, /stats shows the hits and full agreement, /memory the bytes."""
+    import time
+    from dataclasses import replace
+
+    from pymk.streams.topics import ensure_topics
+    from stream_helpers import latest_lists, send, settle, small_network
+    from workers import http_get, running_worker
+
+    from pymk.events import DismissalEvent, ProfileViewEvent
+
+    settings = replace(kafka_settings, shadow_fraction=1.0)
+    ensure_topics(settings)
+    events = small_network(120, seed=5)
+    send(settings, events)
+    with running_worker(settings, tmp_path / "worker.log"):
+        settle(settings, [settings])
+        lists = latest_lists(settings)
+        users = sorted(u for u in lists if len(lists[u].items) >= 3)[:12]
+        assert users
+        start = max(e.ts for e in events) + 1_000
+        now = int(time.time() * 1000)
+        follow = [ProfileViewEvent(user, lists[user].items[1].candidate, max(start, now) + i)
+                  for i, user in enumerate(users)]
+        follow += [DismissalEvent(user, lists[user].items[0].candidate, max(start, now) + 100 + i)
+                   for i, user in enumerate(users)]
+        send(settings, follow)
+        settle(settings, [settings])
+        stats = http_get(settings, "/stats")["lists"]
+        cache, shadow = stats["cache"], stats["shadow"]
+        assert cache["hits"] >= len(users) // 2, cache
+        assert cache["entries"] >= len(users) and cache["bytes"] > 0
+        assert cache["bytes"] <= cache["max_bytes"] == settings.list_cache_bytes
+        assert shadow["checked"] == cache["hits"] and shadow["equal"] == shadow["checked"], shadow
+        assert shadow["equal_share"] == 1.0
+        memory = http_get(settings, "/memory")["list_cache"]
+        assert memory["entries"] == cache["entries"] and memory["bytes"] > 0
+        final = latest_lists(settings)
+        for user in users:  # the dismissed candidate is gone from the incremental list
+            assert lists[user].items[0].candidate not in [item.candidate for item in final[user].items]
+
+
+def test_a_moved_own_embedding_asks_the_ann_answer_again_in_place(ranker: Ranker) -> None:
+    source = small_source(5)
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
+    config = CandidateConfig(graph_k=50, ann_k=6, popular_k=3, max_candidates=200)
+    rng = np.random.default_rng(0)
+    user, as_of = 1, START
+    lists.score(user, source, ranker, config, as_of, 20, builder)
+    for _ in range(8):
+        as_of += 20_000
+        source.set_embedding(user, rng.normal(size=8).astype(np.float32))
+        incremental = lists.score(user, source, ranker, config, as_of, 20, builder, exact_features=True)
+        assert lists.last_path == "incremental"
+        assert_same(incremental, score_candidates(user, source, ranker, config, as_of, 20, builder=builder))
