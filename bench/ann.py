@@ -22,6 +22,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+
 from pymk.index.ann import AnnConfig, AnnIndex, new_faiss_index, set_threads
 
 DEFAULT_EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)

@@ -27,17 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pymk.datasets import load_edge_history
+from pymk.events import UserEvent
 from pymk.features.graph import DegreeUpdate, PartitionGraph
 from pymk.features.keyspace import ADJACENCY, COMMON, MIRROR, REVERSE
 from pymk.features.storage import DictRowStore, row_user
 from pymk.index.ann import AnnConfig
 from pymk.index.records import EmbeddingRecord
+from pymk.paths import bundled_data
 from pymk.streams.codec import degree_record, encode_partition_batches, profile_record
 from pymk.streams.partitioning import partition_for_user
-
-from pymk.datasets import load_edge_history
-from pymk.events import UserEvent
-from pymk.paths import bundled_data
 from pymk.synthetic import SyntheticConfig, synthetic_network
 
 DEFAULT_GRAPHS = (bundled_data("ego-facebook/facebook_combined.txt.gz"), bundled_data("ca-hepph/CA-HepPh.txt.gz"))

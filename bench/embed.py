@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pymk.datasets import load_edge_history
+from pymk.events import Profile, UserEvent
 from pymk.features.profile import merge_profile
 from pymk.index.embedder import Embedder
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.node_features import NodeFeatureSource
 from pymk.index.sage import GraphSage, SageConfig, load_model
 from pymk.index.sampling import NeighbourSource
-
-from pymk.datasets import load_edge_history
-from pymk.events import Profile, UserEvent
 from pymk.paths import bundled_data
 from pymk.synthetic import behaviour_for_replay
 

@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from pymk.ranking.evaluation import REFERENCE_TOLERANCE, SplitKind, evaluate_path, write_report
-
 from pymk.paths import bundled_data
+from pymk.ranking.evaluation import REFERENCE_TOLERANCE, SplitKind, evaluate_path, write_report
 
 DEFAULT_DATA_DIR = bundled_data("")
 GRAPHS: tuple[tuple[str, SplitKind], ...] = (

@@ -207,11 +207,11 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
     if workers < 1:
         raise ValueError("workers must be at least 1")
     from kafka import KafkaProducer
+
+    from pymk.kafka_broker import LocalBroker
     from pymk.streams.lag import consumer_lag, wait_idle
     from pymk.streams.producer import event_messages, send_messages, synthetic_events
     from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
-
-    from pymk.kafka_broker import LocalBroker
 
     load_at_start = os.getloadavg()
     broker = LocalBroker(base)

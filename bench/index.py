@@ -20,13 +20,13 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+
 from pymk.bench.ann import choose_ef_search, measure_recall, query_latency_ms, raw_faiss_add_rate
+from pymk.datasets import load_edge_history
 from pymk.index.ann import AnnConfig, AnnIndex
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.sage import load_model
-
-from pymk.datasets import load_edge_history
 
 
 def bench_index(data: str | Path, model_dir: Path, config: AnnConfig, queries: int = 500, new_users: int = 2000,

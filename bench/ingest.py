@@ -56,11 +56,10 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def bench_ingest(base: Settings, data: str | Path, timeout_s: float = 1800.0) -> dict[str, Any]:
+    from pymk.kafka_broker import LocalBroker
     from pymk.streams.lag import consumer_lag
     from pymk.streams.producer import event_messages, send_messages
     from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
-
-    from pymk.kafka_broker import LocalBroker
 
     LocalBroker(base).start(quiet=True)
     raw_rate = raw_writebatch_put_rate()

@@ -31,15 +31,15 @@ from typing import Any
 
 import numpy as np
 import xgboost as xgb
+
+from pymk.datasets import load_edge_history
+from pymk.paths import bundled_data
 from pymk.ranking.candidates import CandidateConfig, CandidateSet, generate_candidates
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder
 from pymk.ranking.incremental import IncrementalLists, ListCacheConfig, connection_touches
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker, RankerConfig, roc_auc
 from pymk.ranking.recommend import ScoredCandidates, rank_scored, ranking_order, score_candidates
-
-from pymk.datasets import load_edge_history
-from pymk.paths import bundled_data
 from pymk.synthetic import behaviour_for_replay
 
 DEFAULT_GRAPH = bundled_data("ego-facebook/facebook_combined.txt.gz")

@@ -399,10 +399,9 @@ def run_soak(settings: Settings, rate: float, minutes: float, out_dir: Path, use
     prefix, state in a temporary folder, both removed afterwards); sample RSS and lag every
     ``sample_interval_s``; write ``soak-<rate>.csv`` and ``.png`` to ``out_dir``; return the summary.
     ``settings.recommend`` decides whether the worker also embeds and publishes lists."""
+    from pymk.kafka_broker import LocalBroker
     from pymk.streams.lag import consumer_lag
     from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
-
-    from pymk.kafka_broker import LocalBroker
 
     if rate <= 0 or minutes <= 0 or users < 2:
         raise ValueError("rate and minutes must be positive and users at least 2")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.sage import load_model

@@ -18,11 +18,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     reference, product and two-tower rows on one graph (models cached as ``pymk evaluate`` caches them)."""
     import argparse
 
-    from pymk.ranking.evaluation import evaluate_methods, make_split, reference_methods, write_report
-    from pymk.ranking.product import candidate_sets, product_methods
-
     from pymk.datasets import load_edge_history
     from pymk.evaluate import model_cache_dir, product_models, summary_rows
+    from pymk.ranking.evaluation import evaluate_methods, make_split, reference_methods, write_report
+    from pymk.ranking.product import candidate_sets, product_methods
     from pymk.settings import Settings
 
     parser = argparse.ArgumentParser(description="pymk evaluate with the two-tower rows.")

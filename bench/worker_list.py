@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 import pymk.ranking.recommend as recommend_module
 import pymk.streams.refresh as refresh_module
+from pymk.events import ConnectionEvent, Impression, Recommendations, unshown_sample_to_json
 from pymk.features.graph import EdgeHalf, MirrorUpdate
 from pymk.index.records import EmbeddingRecord
+from pymk.settings import Settings
 from pymk.streams.codec import degree_record, profile_record
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.globals import UserGlobals
@@ -44,9 +47,6 @@ from pymk.streams.producer import synthetic_events
 from pymk.streams.refresh import Refresher
 from pymk.streams.state import PartitionState
 from pymk.streams.user_facts import UserFacts
-
-from pymk.events import ConnectionEvent, Impression, Recommendations, unshown_sample_to_json
-from pymk.settings import Settings
 
 ROUTE_EVERY = 500  # events applied between two routings of the partitions' messages
 

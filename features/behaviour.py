@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
+
+from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 from pymk.features.keyspace import (  # the rows: features/keyspace.py
     DISMISSALS,
     ENGAGEMENTS,
@@ -55,8 +57,6 @@ from pymk.features.keyspace import (  # the rows: features/keyspace.py
     VIEWS_OUT,
 )
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key
-
-from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
 DAY_MS = 86_400_000
 _STAMP_KINDS = (VIEWS_OUT, VIEWS_IN, DISMISSALS)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
 from pymk.features.activity import activity_values
 from pymk.features.keyspace import ADJACENCY, COMMON, MIRROR, REVERSE  # the rows: features/keyspace.py
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key

@@ -29,10 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pymk.events import Profile, UserEvent
 from pymk.features.keyspace import PROFILE  # the rows: features/keyspace.py
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key, row_user
-
-from pymk.events import Profile, UserEvent
 
 EARTH_RADIUS_KM = 6371.0088  # mean earth radius (IUGG)
 

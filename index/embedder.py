@@ -18,6 +18,8 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
+
+from pymk.events import Profile
 from pymk.index.node_features import (
     DEGREE_SLICE,
     NODE_FEATURE_DIM,
@@ -28,8 +30,6 @@ from pymk.index.node_features import (
 )
 from pymk.index.sage import GraphSage, make_batch
 from pymk.index.sampling import NeighbourSource, fetch_from_source, sample_subgraph
-
-from pymk.events import Profile
 
 _NO_PROFILE = encode_profile_part(None)
 _NO_PROFILE.setflags(write=False)

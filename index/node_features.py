@@ -28,9 +28,9 @@ from hashlib import blake2b
 from typing import Protocol
 
 import numpy as np
-from pymk.features.profile import normalise_text, skill_set, title_tokens
 
 from pymk.events import Profile
+from pymk.features.profile import normalise_text, skill_set, title_tokens
 
 FEATURE_VERSION = "node-features-v1"  # bump on any change of the encoding: saved models record it
 

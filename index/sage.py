@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pymk.index.node_features import FEATURE_CONFIG, FEATURE_VERSION, NODE_FEATURE_DIM
-from pymk.index.sampling import SampledSubgraph, mix64
 from torch import nn
 
 from pymk import model_artifact
+from pymk.index.node_features import FEATURE_CONFIG, FEATURE_VERSION, NODE_FEATURE_DIM
+from pymk.index.sampling import SampledSubgraph, mix64
 
 MIN_STABLE_ROWS = 32  # matmuls below 16 rows round differently on MKL (measured); 32 leaves a margin
 _SKETCH_SEED = np.uint64(0x5EED_1D5E_7C0D_E001)

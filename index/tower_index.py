@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
+
 from pymk.index.ann import AnnConfig, AnnIndex
 
 

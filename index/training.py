@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pymk.events import Profile
 from pymk.index.embedder import Embedder
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.node_features import DEGREE_SLICE, NodeFeatureSource, encode_degrees, encode_profile_part
 from pymk.index.sage import GraphSage, SageBatch, SageConfig, make_batch, make_version, save_model
 from pymk.index.sampling import NeighbourSource, sample_subgraph
-
-from pymk.events import Profile
 from pymk.learning import LeakageError, roc_auc_of
 
 CURVE_FILE = "training_curve.png"

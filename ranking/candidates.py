@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
 from pymk.ranking.source import PopularSource, RankingSource, TwoHopArraySource
 
 GRAPH = "graph"

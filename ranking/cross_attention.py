@@ -41,13 +41,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pymk.index.embedder import salt_for_version
-from pymk.index.node_features import DEGREE_DIM, PROFILE_FEATURE_DIM, encode_degrees, encode_profile_compact
-from pymk.index.sampling import bottom_k, mix64
 from torch import nn
 
 from pymk import model_artifact
 from pymk.events import Profile
+from pymk.index.embedder import salt_for_version
+from pymk.index.node_features import DEGREE_DIM, PROFILE_FEATURE_DIM, encode_degrees, encode_profile_compact
+from pymk.index.sampling import bottom_k, mix64
 
 TOP_N = 50  # Stage 2's top that option C re-ranks (it cannot precompute candidate vectors)
 N_DISTANCES = 4  # distance tag 0, 1, 2, 3+ (3 also means "not seen within the samples")

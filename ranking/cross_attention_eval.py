@@ -15,14 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from pymk.datasets import EdgeHistory
 from pymk.index.sage import load_model
 from pymk.ranking.cross_attention import CrossAttentionRanker, load_cross_attention, rerank_top
 from pymk.ranking.cross_attention_training import RerankerTrainingConfig, train_reranker
 from pymk.ranking.evaluation import EvaluationSplit
 from pymk.ranking.model import Ranker
 from pymk.ranking.product import ProductMethod, ProductModels, past_history
-
-from pymk.datasets import EdgeHistory
 from pymk.reproducible import config_digest
 
 ROW = "hybrid+XGBoost+cross-attention"

@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pymk.datasets import EdgeHistory
+from pymk.events import InputEvent
 from pymk.index.embedder import salt_for_version
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.cross_attention import (
@@ -52,9 +55,6 @@ from pymk.ranking.training_data import (
     new_connections,
     replay_checkpoints,
 )
-
-from pymk.datasets import EdgeHistory
-from pymk.events import InputEvent
 from pymk.reproducible import config_digest, deterministic
 
 

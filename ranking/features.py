@@ -40,6 +40,8 @@ from itertools import repeat
 from typing import TypeVar
 
 import numpy as np
+
+from pymk.events import Profile
 from pymk.features.profile import EARTH_RADIUS_KM, normalise_text, skill_set, title_tokens
 from pymk.ranking.candidates import CandidateSet
 from pymk.ranking.id_index import IdIndex
@@ -53,8 +55,6 @@ from pymk.ranking.source import (
     RankingSource,
     ResourceAllocationSource,
 )
-
-from pymk.events import Profile
 
 FEATURE_NAMES: tuple[str, ...] = (
     # graph

@@ -18,6 +18,7 @@ Missing values (no views, no geo, no embedding) contribute 0. Each term is one f
 from __future__ import annotations
 
 import numpy as np
+
 from pymk.ranking.features import FEATURE_INDEX, N_FEATURES
 
 HEURISTIC_VERSION = "heuristic-v1"

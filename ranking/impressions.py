@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from pymk.ranking.features import FEATURE_NAMES
-from pymk.ranking.recommend import RankedList, ScoredCandidates
 
 from pymk.events import Impression
+from pymk.ranking.features import FEATURE_NAMES
+from pymk.ranking.recommend import RankedList, ScoredCandidates
 
 
 def feature_dicts(rows: np.ndarray) -> list[dict[str, float | None]]:

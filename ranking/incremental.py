@@ -58,6 +58,7 @@ from itertools import repeat
 from typing import Any
 
 import numpy as np
+
 from pymk.ranking.candidates import CandidateConfig, CandidateSet, default_filters
 from pymk.ranking.features import (
     ACTIVITY_FEATURES,

@@ -16,11 +16,6 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from itertools import repeat
 
 import numpy as np
-from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
-from pymk.features.graph import adamic_adar_weight, edge_version, is_alive, version_ts
-from pymk.features.profile import merge_profile
-from pymk.ranking.id_index import IdIndex
-from pymk.ranking.source import EMBEDDING_DIM, ActivityTable
 
 from pymk.events import (
     ConnectionEvent,
@@ -31,6 +26,11 @@ from pymk.events import (
     ProfileViewEvent,
     UserEvent,
 )
+from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
+from pymk.features.graph import adamic_adar_weight, edge_version, is_alive, version_ts
+from pymk.features.profile import merge_profile
+from pymk.ranking.id_index import IdIndex
+from pymk.ranking.source import EMBEDDING_DIM, ActivityTable
 
 AnnFunction = Callable[[int, int, Collection[int]], Sequence[tuple[int, float]]]
 _NO_NEIGHBOURS: frozenset[int] = frozenset()

@@ -38,10 +38,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import xgboost as xgb
-from pymk.ranking.features import FEATURE_NAMES, N_FEATURES
-from pymk.ranking.tree_eval import CompiledEvaluator, EvaluatorOptions, build_evaluator
 
 from pymk.learning import roc_auc
+from pymk.ranking.features import FEATURE_NAMES, N_FEATURES
+from pymk.ranking.tree_eval import CompiledEvaluator, EvaluatorOptions, build_evaluator
 
 MODEL_FILE = "model.ubj"
 METADATA_FILE = "metadata.json"

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from pymk.datasets import EdgeHistory
 from pymk.index.ann import AnnConfig, AnnIndex
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.sage import GraphSage, load_model
@@ -32,8 +34,6 @@ from pymk.ranking.model import Ranker, RankerConfig
 from pymk.ranking.recommend import ranking_order, score_candidates
 from pymk.ranking.source import Scorer
 from pymk.ranking.training_data import TrainingDataConfig, holdout_pairs
-
-from pymk.datasets import EdgeHistory
 
 FIRST_CHECKPOINT = 0.5
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from pymk.ranking.candidates import ANN, POPULAR
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, ProfileCache
 from pymk.ranking.source import RankingSource

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from pymk.events import RecommendationItem, Recommendations
 from pymk.ranking.candidates import Candidate, CandidateConfig, CandidateFilter, CandidateSet, generate_candidates
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder, feature_dict
 from pymk.ranking.reasons import ListEvidence, MutualDegrees, build_reasons
 from pymk.ranking.source import RankingSource, Scorer
-
-from pymk.events import RecommendationItem, Recommendations
 
 DEFAULT_K = 20
 _DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]  # monotone in degree: ties of degree tie here too

@@ -12,10 +12,10 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
-from pymk.features.activity import TIME_CONSTANTS_MS
-from pymk.features.graph import TwoHopArrays
 
 from pymk.events import Profile
+from pymk.features.activity import TIME_CONSTANTS_MS
+from pymk.features.graph import TwoHopArrays
 
 EMBEDDING_DIM = 128
 # Time constants of the decayed connection activity (:class:`ActivitySource`): a day, a week, a month, the

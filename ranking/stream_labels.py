@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pymk.ranking.features import FEATURE_NAMES
 
 from pymk.events import Impression
+from pymk.ranking.features import FEATURE_NAMES
 
 CONNECTED, DISMISSED, EXPIRED = "connected", "dismissed", "expired"
 

@@ -67,6 +67,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pymk.datasets import UNTIMED_STEP_MS, EdgeHistory, load_edge_history
+from pymk.events import ConnectionEvent, InputEvent, ProfileViewEvent
+from pymk.learning import LeakageError, roc_auc
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.features import FEATURE_INDEX, N_FEATURES, FeatureBuilder
 from pymk.ranking.heuristic import REFERENCE_HEURISTIC_COLUMNS, HeuristicScorer
@@ -74,10 +78,6 @@ from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import HeuristicFloor, Ranker, RankerConfig
 from pymk.ranking.recommend import ranking_order, score_candidates
 from pymk.ranking.source import Scorer
-
-from pymk.datasets import UNTIMED_STEP_MS, EdgeHistory, load_edge_history
-from pymk.events import ConnectionEvent, InputEvent, ProfileViewEvent
-from pymk.learning import LeakageError, roc_auc
 
 DAY_MS = 86_400_000
 _DEGREE_COLUMN = FEATURE_INDEX["candidate_degree_log"]

@@ -51,6 +51,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from pymk import model_artifact
+from pymk.events import Profile
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.node_features import (
@@ -63,12 +67,8 @@ from pymk.index.node_features import (
 )
 from pymk.index.sage import MIN_STABLE_ROWS, GraphSage, load_model
 from pymk.index.training import assert_no_leakage, curriculum_phase, sample_non_edges, split_by_time
-from pymk.ranking.source import EMBEDDING_DIM
-from torch import nn
-
-from pymk import model_artifact
-from pymk.events import Profile
 from pymk.learning import LeakageError, roc_auc_of
+from pymk.ranking.source import EMBEDDING_DIM
 
 Loss = Literal["B1", "B2", "B3"]
 SplitKind = Literal["time", "random"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from pymk.index.ann import AnnConfig
 from pymk.index.sage import load_model
 from pymk.ranking.candidates import CandidateConfig, generate_candidates
@@ -49,7 +50,6 @@ from pymk.ranking.two_tower import (
     tower_inputs,
     train_two_tower,
 )
-
 from pymk.reproducible import config_digest
 
 BLEND_LOSS = "B2"

@@ -23,7 +23,10 @@ from functools import lru_cache
 from typing import Any
 
 import faust
+
+from pymk.events import MAX_USER_ID, UNSHOWN_KIND
 from pymk.features.storage import RocksMemory
+from pymk.settings import INPUT_KINDS, Settings
 from pymk.streams.codec import decode_partition_batch
 from pymk.streams.debug_http import DebugViews
 from pymk.streams.gc_pauses import GcPauses
@@ -37,9 +40,6 @@ from pymk.streams.partitioning import partition_for_user
 from pymk.streams.refresh import Refresher
 from pymk.streams.state import OutputTopics, PartitionState, WorkerState
 from pymk.streams.user_facts import UserFacts
-
-from pymk.events import MAX_USER_ID, UNSHOWN_KIND
-from pymk.settings import INPUT_KINDS, Settings
 from pymk.validation import Invalid
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,10 @@ import json
 from collections.abc import Callable, Iterator
 
 from kafka import KafkaConsumer, TopicPartition
-from pymk.streams.partitioning import partition_for_user
 
 from pymk.events import Recommendations
 from pymk.settings import Settings
+from pymk.streams.partitioning import partition_for_user
 
 
 def read_recommendations(settings: Settings, user: int | None = None, follow: bool = False,

@@ -13,16 +13,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from yarl import URL
+
+from pymk.events import MAX_USER_ID
 from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
+from pymk.process_memory import malloc_bytes, pymalloc_bytes, rss_bytes
 from pymk.ranking.features import FEATURE_NAMES
 from pymk.streams.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pymk.streams.ranking_source import WorkerRankingSource, pair_feature_row
 from pymk.streams.state import PartitionState
-from yarl import URL
-
-from pymk.events import MAX_USER_ID
-from pymk.process_memory import malloc_bytes, pymalloc_bytes, rss_bytes
 
 if TYPE_CHECKING:
     from pymk.streams.app import PymkApp

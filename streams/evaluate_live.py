@@ -19,13 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pymk.ranking.evaluation import EvaluationSplit
-from pymk.ranking.product import ProductModels
-from pymk.streams.partitioning import partition_for_user
-
 from pymk.events import ConnectionEvent, Recommendations
 from pymk.processes import start_worker_process, stop_process
+from pymk.ranking.evaluation import EvaluationSplit
+from pymk.ranking.product import ProductModels
 from pymk.settings import Settings
+from pymk.streams.partitioning import partition_for_user
 
 LIVE_K = 50
 
@@ -67,12 +66,11 @@ def partition_as_of(connections: Sequence[tuple[int, int, int]], partitions: int
 
 def replay_past(settings: Settings, split: EvaluationSplit, models: ProductModels, k: int = LIVE_K,
                 timeout_s: float = 1800.0, log_dir: Path | None = None) -> LiveResult:
+    from pymk.kafka_broker import LocalBroker
     from pymk.streams.consumer import latest_per_user, read_recommendations
     from pymk.streams.lag import wait_idle
     from pymk.streams.producer import event_messages, send_commands, send_messages
     from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
-
-    from pymk.kafka_broker import LocalBroker
 
     broker = LocalBroker(settings)
     if not broker.accepting():  # a broker already listening (tests, a running deployment) is used as it is

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from pymk.index.ann import AnnConfig, AnnIndex
 from pymk.index.records import EmbeddingRecord
-from pymk.streams.globals import table_consumer
-
 from pymk.settings import Settings
+from pymk.streams.globals import table_consumer
 
 log = logging.getLogger(__name__)
 

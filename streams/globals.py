@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pymk.features.activity import ActivityLeaderboard
 
 from pymk.events import Profile
+from pymk.features.activity import ActivityLeaderboard
 from pymk.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pymk.streams.state import PartitionState, WorkerState
-
 from pymk.events import (
     ConnectionEvent,
     DeadLetter,
@@ -23,6 +21,7 @@ from pymk.events import (
     UserEvent,
     user_key,
 )
+from pymk.streams.state import PartitionState, WorkerState
 from pymk.validation import Invalid, parse_event
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from faust.types import TP
+
 from pymk.streams.state import PartitionState, WorkerState
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,10 @@ from typing import Any
 
 from pymk.index.embedder import Embedder
 from pymk.index.sage import load_model
+from pymk.paths import bundled_data
 from pymk.ranking.heuristic import HeuristicScorer
 from pymk.ranking.model import Ranker
 from pymk.ranking.tree_eval import EvaluatorOptions
-
-from pymk.paths import bundled_data
 from pymk.settings import Settings
 
 log = logging.getLogger(__name__)

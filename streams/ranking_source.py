@@ -12,6 +12,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from pymk.events import Profile
 from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
 from pymk.features.graph import Registers, TwoHopArrays, is_alive
 from pymk.ranking.candidates import GRAPH, Candidate, CandidateSet
@@ -20,8 +22,6 @@ from pymk.ranking.source import ActivityTable
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
 from pymk.streams.user_facts import UserFacts
-
-from pymk.events import Profile
 
 DegreeOf = Callable[[int], int]  # any user's current degree
 ProfileOf = Callable[[int], Profile | None]  # any user's current profile

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
+
+from pymk.events import Impression, Recommendations
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.records import EmbeddingRecord
 from pymk.index.tower_index import TowerSpaceIndex
@@ -52,6 +54,7 @@ from pymk.ranking.recommend import (
     score_candidates,
 )
 from pymk.ranking.two_tower import blend_scores
+from pymk.settings import Settings
 from pymk.streams.global_index import GlobalIndex, ann_config
 from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
@@ -66,9 +69,6 @@ from pymk.streams.ranking_source import (
 )
 from pymk.streams.state import PartitionState
 from pymk.streams.user_facts import UserFacts
-
-from pymk.events import Impression, Recommendations
-from pymk.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pymk.events import DeadLetter, Impression, Recommendations, unshown_sample_to_json
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph, version_ts
 from pymk.features.keyspace import EVENT_TIME, OFFSETS  # the rows: features/keyspace.py
@@ -52,8 +53,6 @@ from pymk.features.storage import CacheBudget, CachedRowHolder, RocksMemory, Roc
 from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
 from pymk.streams.errors import InternalErrors
 from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
-
-from pymk.events import DeadLetter, Impression, Recommendations, unshown_sample_to_json
 
 if TYPE_CHECKING:
     from pymk.index.records import EmbeddingRecord

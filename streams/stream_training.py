@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from pymk.ranking.model import Ranker, roc_auc
-from pymk.ranking.stream_labels import feature_matrix, label_impressions, pool_weights, recall_at_k, time_split
 
 from pymk.events import UNSHOWN_KIND, ConnectionEvent, DismissalEvent, Impression, unshown_sample_from_json
+from pymk.ranking.model import Ranker, roc_auc
+from pymk.ranking.stream_labels import feature_matrix, label_impressions, pool_weights, recall_at_k, time_split
 from pymk.settings import Settings
 from pymk.validation import Invalid, parse_event
 

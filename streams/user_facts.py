@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 
 import numpy as np
+
+from pymk.events import Profile
 from pymk.features.activity import TIME_CONSTANTS_MS
 from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import ActivityTable
-
-from pymk.events import Profile
 
 Activity = tuple[tuple[float, ...], int] | None  # (values at the anchor, anchor); None: never connected
 FactsOf = Callable[[int], tuple[int, Activity, Profile | None]]  # user → (degree, activity, profile)

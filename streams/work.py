@@ -17,11 +17,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 
+from pymk.events import Recommendations
 from pymk.features.keyspace import EMBEDDING, PENDING, PUBLISHED  # the rows: features/keyspace.py
 from pymk.features.storage import ROW_BYTES, RowStore, evict_oldest_rows, row_key, row_user
 from pymk.index.records import EmbeddingRecord
-
-from pymk.events import Recommendations
 
 _PENDING_ROW = struct.Struct("<qbqq")
 _PENDING_ROW_V1 = struct.Struct("<qbq")  # rows written before "last touched" existed: last = first

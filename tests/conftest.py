@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from kafka.errors import KafkaError
-from pymk.streams.topics import delete_topics_tagged
 
 from pymk.kafka_broker import LocalBroker
 from pymk.settings import Settings
+from pymk.streams.topics import delete_topics_tagged
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_DATA = REPO / "data"

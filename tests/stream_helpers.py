@@ -8,13 +8,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import networkx as nx
+
+from pymk.events import ConnectionEvent, DismissalEvent, InputEvent, Recommendations, UserEvent
+from pymk.settings import Settings
 from pymk.streams.consumer import latest_per_user, read_recommendations
 from pymk.streams.lag import consumer_lag, wait_idle
 from pymk.streams.producer import event_messages, send_messages, synthetic_events
 from workers import http_get, wait_until
-
-from pymk.events import ConnectionEvent, DismissalEvent, InputEvent, Recommendations, UserEvent
-from pymk.settings import Settings
 
 
 def small_network(n_users: int = 240, seed: int = 3) -> list[InputEvent]:

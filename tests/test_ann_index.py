@@ -12,10 +12,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pymk.index.ann as ann
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import pymk.index.ann as ann
 from pymk.index.ann import AnnConfig, AnnIndex
 
 faiss.omp_set_num_threads(1)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 from pymk.features.behaviour import DAY_MS, InboundView, ItemEngagement, ItemMirrorUpdate, PartitionBehaviour
 from pymk.features.storage import DictRowStore, RocksRowStore
 from support.clusters import BehaviourCluster
-
-from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
 USERS = range(8)
 ITEMS = range(6)

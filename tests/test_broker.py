@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from conftest import free_port
-
 from pymk.kafka_broker import LocalBroker, _metadata_ready
 from pymk.settings import Settings
 

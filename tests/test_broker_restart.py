@@ -13,17 +13,17 @@ import time
 from pathlib import Path
 
 import networkx as nx
-from conftest import EGO_FACEBOOK, REPO, free_port
-from pymk.streams.lag import wait_idle
-from pymk.streams.producer import event_messages, send_messages
-from pymk.streams.topics import ensure_topics
 from test_stream_features import assert_pairs_exact, assert_users_exact, sample_pairs
-from workers import http_get, running_worker, wait_until
 
+from conftest import EGO_FACEBOOK, REPO, free_port
 from pymk.datasets import load_edge_history
 from pymk.events import ConnectionEvent
 from pymk.kafka_broker import LocalBroker
 from pymk.settings import Settings
+from pymk.streams.lag import wait_idle
+from pymk.streams.producer import event_messages, send_messages
+from pymk.streams.topics import ensure_topics
+from workers import http_get, running_worker, wait_until
 
 EGO = EGO_FACEBOOK
 RATE = 250.0  # events/s: the 5,600 events take ~22 s, so the outage falls in the middle

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import networkx as nx
+
 from pymk.bench.capacity import _graph_state, degree_bucket, project
 
 

@@ -12,17 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
-from conftest import EGO_FACEBOOK
-from pymk.streams.lag import wait_idle
-from pymk.streams.producer import event_messages, send_messages
-from pymk.streams.topics import ensure_topics
 from test_stream_features import assert_pairs_exact, assert_users_exact, sample_pairs
-from workers import http_get, wait_until
 
+from conftest import EGO_FACEBOOK
 from pymk.datasets import load_edge_history
 from pymk.events import ConnectionEvent
 from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
+from pymk.streams.lag import wait_idle
+from pymk.streams.producer import event_messages, send_messages
+from pymk.streams.topics import ensure_topics
+from workers import http_get, wait_until
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:

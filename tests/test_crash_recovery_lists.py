@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import free_port
+from pymk.events import ConnectionEvent, InputEvent
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
 from pymk.streams.lag import consumer_lag, pending_work
 from pymk.streams.topics import ensure_topics
 from stream_helpers import (
@@ -41,10 +44,6 @@ from stream_helpers import (
     worker_url,
 )
 from workers import http_get, running_worker, wait_until
-
-from pymk.events import ConnectionEvent, InputEvent
-from pymk.processes import start_worker_process, stop_process
-from pymk.settings import Settings
 
 KILLS = 6
 TRANSIENT = (10**9 + 1, 10**9 + 2, 10**9 + 3)  # users without a profile who connect, then lose every connection

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from pymk.events import ConnectionEvent, Profile
 from pymk.ranking.cross_attention import (
     CrossAttentionConfig,
     CrossAttentionRanker,
@@ -21,8 +23,6 @@ from pymk.ranking.cross_attention import (
 from pymk.ranking.cross_attention_training import RerankerTrainingConfig, build_rerank_data
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.training_data import LeakageError
-
-from pymk.events import ConnectionEvent, Profile
 from pymk.reproducible import deterministic
 
 SMALL = CrossAttentionConfig(d_model=16, layers=1, heads=2, ffn_dim=32, dropout=0.0, fanout=(4, 4))
@@ -182,9 +182,8 @@ def _saved_model(directory: Path, seed: int) -> str:
 
 
 def test_serving_default_has_no_reranker_and_hot_reload_follows_current(tmp_path: Path) -> None:
-    from pymk.streams.models import Models
-
     from pymk.settings import Settings
+    from pymk.streams.models import Models
     from pymk.train import point_current
 
     assert Settings.from_env({}, home=tmp_path).reranker == "none"

@@ -6,7 +6,6 @@ import gzip
 from pathlib import Path
 
 from conftest import BUNDLED_DATA, EGO_FACEBOOK
-
 from pymk.datasets import UNTIMED_START_MS, load_edge_history
 
 

@@ -8,12 +8,12 @@ import random
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
-from pymk.streams.producer import make_producer
-from pymk.streams.topics import ensure_topics
-from workers import http_get, metric_samples, running_worker, wait_until
 
 from pymk.events import ConnectionEvent, DeadLetter, ProfileViewEvent, UserEvent, user_key
 from pymk.settings import Settings
+from pymk.streams.producer import make_producer
+from pymk.streams.topics import ensure_topics
+from workers import http_get, metric_samples, running_worker, wait_until
 
 NOW_MS = 1_700_000_000_000
 

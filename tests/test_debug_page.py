@@ -10,12 +10,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from pymk.settings import Settings
 from pymk.streams.debug_page import user_page
 from pymk.streams.topics import ensure_topics
 from stream_helpers import latest_lists, send, settle, small_network, worker_url
 from workers import running_worker
-
-from pymk.settings import Settings
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "reports" / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

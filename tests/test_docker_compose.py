@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from pymk.settings import Settings, settings_env_names
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from pymk.events import Profile
 from pymk.index.embedder import Embedder
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.node_features import encode_degrees
@@ -22,8 +24,6 @@ from pymk.index.training import (
     train_embeddings,
     validation_auc,
 )
-
-from pymk.events import Profile
 from pymk.learning import LeakageError, roc_auc_of
 
 torch.set_num_threads(1)

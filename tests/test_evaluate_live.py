@@ -7,16 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from conftest import BUNDLED_DATA
+from pymk.datasets import EdgeHistory, load_edge_history
 from pymk.index.ann import AnnConfig
 from pymk.index.sage import load_model
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.evaluation import make_split
 from pymk.ranking.model import Ranker
 from pymk.ranking.product import ProductMethod, past_source, train_product_models
-from pymk.streams.evaluate_live import partition_as_of, replay_past
-
-from pymk.datasets import EdgeHistory, load_edge_history
 from pymk.settings import Settings
+from pymk.streams.evaluate_live import partition_as_of, replay_past
 
 
 def test_live_and_offline_modes_publish_identical_lists(kafka_settings: Settings, tmp_path: Path) -> None:

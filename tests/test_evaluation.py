@@ -9,7 +9,9 @@ import random
 from pathlib import Path
 
 import pytest
+
 from conftest import BUNDLED_DATA
+from pymk.datasets import EdgeHistory
 from pymk.ranking.evaluation import (
     REFERENCE_RECALL_AT_20,
     REFERENCE_TOLERANCE,
@@ -31,8 +33,6 @@ from pymk.ranking.evaluation import (
     two_hop_candidates,
     write_report,
 )
-
-from pymk.datasets import EdgeHistory
 
 # The hand-made graph. Past (12 edges, ts 1..12); past degrees:
 #   0:2  1:3  2:2  3:2  4:3  5:1  6:2  7:3  8:1  9:1  10:2  11:1  12:1

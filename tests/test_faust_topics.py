@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port
 from kafka import KafkaConsumer, TopicPartition
+
+from conftest import free_port
+from pymk.settings import Settings
 from pymk.streams.producer import make_producer
 from pymk.streams.topics import TopicSpec, admin_client, ensure_topics
 from workers import stop_process, wait_until
-
-from pymk.settings import Settings
 
 
 def test_faust_creates_changelog_repartition_and_leader_topics(kafka_settings: Settings, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import networkx as nx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pymk.features.graph import PartitionGraph, adamic_adar_weight, edge_version
 from pymk.features.storage import DictRowStore, RocksRowStore
 from support.clusters import GraphCluster

@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+from kafka import KafkaConsumer, TopicPartition
+from test_stream_features import assert_pairs_exact, assert_users_exact, sample_pairs
+
 from conftest import EGO_FACEBOOK
 from hostile import ITEM_BASE, HostileMessage, hostile_corpus
-from kafka import KafkaConsumer, TopicPartition
-from pymk.streams.lag import wait_idle
-from pymk.streams.producer import make_producer
-from pymk.streams.topics import ensure_topics
-from test_stream_features import assert_pairs_exact, assert_users_exact, sample_pairs
-from workers import http_get, metric_samples, running_worker
-
 from pymk.datasets import load_edge_history
 from pymk.events import (
     ConnectionEvent,
@@ -36,6 +32,10 @@ from pymk.events import (
     user_key,
 )
 from pymk.settings import Settings
+from pymk.streams.lag import wait_idle
+from pymk.streams.producer import make_producer
+from pymk.streams.topics import ensure_topics
+from workers import http_get, metric_samples, running_worker
 
 EGO = EGO_FACEBOOK
 N_BAD = 1_100

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pymk.bench.rank import SHIPPED_RANKER
+from pymk.events import Profile
 from pymk.ranking.candidates import CandidateConfig
 from pymk.ranking.features import FeatureBuilder
 from pymk.ranking.incremental import (
@@ -22,8 +24,6 @@ from pymk.ranking.incremental import (
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker
 from pymk.ranking.recommend import score_candidates
-
-from pymk.events import Profile
 
 USERS = 24
 DAY = 86_400_000
@@ -258,11 +258,10 @@ def test_the_worker_serves_incremental_lists_and_reports_the_cache_and_the_shado
     import time
     from dataclasses import replace
 
+    from pymk.events import DismissalEvent, ProfileViewEvent
     from pymk.streams.topics import ensure_topics
     from stream_helpers import latest_lists, send, settle, small_network
     from workers import http_get, running_worker
-
-    from pymk.events import DismissalEvent, ProfileViewEvent
 
     settings = replace(kafka_settings, shadow_fraction=1.0)
     ensure_topics(settings)

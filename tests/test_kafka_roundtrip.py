@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pymk.streams.partitioning import partition_for_user
-from pymk.streams.producer import event_messages, send_messages
-from pymk.streams.topics import ensure_topics
 
 from pymk.events import (
     ConnectionEvent,
@@ -21,6 +18,9 @@ from pymk.events import (
     user_key,
 )
 from pymk.settings import Settings
+from pymk.streams.partitioning import partition_for_user
+from pymk.streams.producer import event_messages, send_messages
+from pymk.streams.topics import ensure_topics
 from pymk.validation import parse_event
 
 EVENTS = [

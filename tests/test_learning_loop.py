@@ -15,17 +15,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pymk.events import ConnectionEvent, Recommendations
 from pymk.ranking.model_store import SHIPPED_DEFAULT, rollback
+from pymk.settings import Settings
 from pymk.streams.consumer import latest_per_user, read_recommendations
 from pymk.streams.producer import send_commands
 from pymk.streams.stream_training import train_from_stream
 from pymk.streams.topics import ensure_topics
+from pymk.synthetic import SyntheticConfig, synthetic_network
 from stream_helpers import final_graph, send, settle
 from workers import http_get, running_worker, wait_until
-
-from pymk.events import ConnectionEvent, Recommendations
-from pymk.settings import Settings
-from pymk.synthetic import SyntheticConfig, synthetic_network
 
 # Homophily-driven: 10 % of connection attempts try to close a triangle (default 50 %), accepted with p 0.1 per
 # mutual (0.35); 95 % of the others go through a shared community (85 %).

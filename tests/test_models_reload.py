@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from pymk.ranking.features import N_FEATURES
 from pymk.ranking.model import Ranker, RankerConfig
 from pymk.ranking.model_store import SHIPPED_DEFAULT, model_history, point_current, rollback
-from pymk.streams.models import Models
-
 from pymk.settings import Settings
+from pymk.streams.models import Models
 
 
 def tiny_ranker(seed: int) -> Ranker:

@@ -12,10 +12,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from workers import http_get, running_worker
 
+from conftest import REPO
 from pymk.settings import Settings
+from workers import http_get, running_worker
 
 # What a copy of the source tree leaves out: the environment, state and caches, never tracked files.
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".pymk", "reports", "build", "*.egg-info", "__pycache__",

@@ -16,15 +16,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from kafka import KafkaProducer
-from pymk.streams.producer import send_commands
-from pymk.streams.topics import ensure_topics
-from stream_helpers import latest_lists, send, settle, small_network, worker_url
 from test_dead_letters import read_dead_letters
-from workers import http_get, metric_samples, running_worker, wait_until
 
 from pymk.events import DEAD_LETTER_KEY_BYTES, ConnectionEvent
 from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
+from pymk.streams.producer import send_commands
+from pymk.streams.topics import ensure_topics
+from stream_helpers import latest_lists, send, settle, small_network, worker_url
+from workers import http_get, metric_samples, running_worker, wait_until
 
 POISON_KEYS = [b"k" * (2100 << 10), b"\x01" * (1 << 20), b"\xff" * (1536 << 10)]  # the reproductions
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pymk.features.storage import RocksMemory, RocksRowStore
 
+from pymk.features.storage import RocksMemory, RocksRowStore
 from pymk.process_memory import malloc_bytes, pymalloc_bytes, rss_bytes
 
 

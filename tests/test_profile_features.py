@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from pymk.events import Profile, UserEvent
 from pymk.features.profile import (
     ProfileStore,
     geo_distance_km,
@@ -27,8 +29,6 @@ from pymk.features.profile import (
     tokenise,
 )
 from pymk.features.storage import DictRowStore, RocksRowStore
-
-from pymk.events import Profile, UserEvent
 
 PARIS = (48.8566, 2.3522)
 LONDON = (51.5074, -0.1278)

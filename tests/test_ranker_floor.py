@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from pymk.ranking.features import FEATURE_INDEX, N_FEATURES
 from pymk.ranking.heuristic import REFERENCE_HEURISTIC_COLUMNS
 from pymk.ranking.model import HeuristicFloor, Ranker, RankerConfig

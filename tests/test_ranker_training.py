@@ -8,6 +8,9 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+
+from pymk.datasets import UNTIMED_STEP_MS, load_edge_history
+from pymk.events import ConnectionEvent, ProfileViewEvent
 from pymk.ranking.candidates import CandidateConfig, generate_candidates
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
 from pymk.ranking.heuristic import HeuristicScorer
@@ -26,9 +29,6 @@ from pymk.ranking.training_data import (
     train_ranker,
     visible_events,
 )
-
-from pymk.datasets import UNTIMED_STEP_MS, load_edge_history
-from pymk.events import ConnectionEvent, ProfileViewEvent
 from pymk.synthetic import SyntheticConfig, synthetic_network
 
 DAY_MS = 86_400_000

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from pymk.events import Profile, Recommendations
 from pymk.features import profile as profile_features
 from pymk.ranking.candidates import (
     ANN,
@@ -53,8 +55,6 @@ from pymk.ranking.source import (
     ResourceAllocationSource,
     Scorer,
 )
-
-from pymk.events import Profile, Recommendations
 
 DAY_MS = 86_400_000
 NOW = 1_700_000_000_000

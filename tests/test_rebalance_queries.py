@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from conftest import free_port
+from pymk.events import InputEvent
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
 from pymk.streams.partitioning import partition_for_user
 from pymk.streams.topics import ensure_topics
 from stream_helpers import differences, final_refresh, send, settle, small_network, state_view, users_of
 from workers import http_get, running_worker, wait_until
-
-from pymk.events import InputEvent
-from pymk.processes import start_worker_process, stop_process
-from pymk.settings import Settings
 
 SESSION_TIMEOUT_S = 6.0
 # a killed worker is noticed after the session timeout, then the group rebalances; margin for a loaded machine

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from pymk.events import Recommendations
 from pymk.features.keyspace import PENDING
 from pymk.features.storage import DictRowStore, row_key
+from pymk.settings import Settings
 from pymk.streams.refresh import EMBED_CHUNK, ListBudget, Refresher, RefreshStats, refresh_order
 from pymk.streams.state import OutputTopics, WorkerState
 from pymk.streams.work import NO_EMBEDDING_DUE, PendingWork
-
-from pymk.events import Recommendations
-from pymk.settings import Settings
 
 STALE_MS = 60_000
 

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 
 THIS_FILE = "tests/test_repo_standalone.py"  # it spells the patterns out, so it is left out of its own scan
@@ -73,10 +74,9 @@ def test_the_patterns_catch_what_they_are_meant_to(tmp_path: Path) -> None:
 def test_default_data_paths_are_inside_the_clone() -> None:
     from pymk.bench.evaluation_check import DEFAULT_DATA_DIR, GRAPHS
     from pymk.bench.rank import DEFAULT_GRAPH
-    from pymk.streams.models import SHIPPED_MODELS
-
     from pymk.cli import DEFAULT_BENCH_DATA
     from pymk.demo import DATA
+    from pymk.streams.models import SHIPPED_MODELS
 
     paths = [DEFAULT_BENCH_DATA, DATA, DEFAULT_GRAPH, SHIPPED_MODELS, *(DEFAULT_DATA_DIR / name for name, _ in GRAPHS)]
     for path in paths:

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pymk import evaluate
+from pymk.datasets import load_edge_history
 from pymk.index.ann import AnnConfig
 from pymk.index.training import EmbeddingTrainingConfig, train_embeddings
+from pymk.model_artifact import weights_digest
 from pymk.ranking.evaluation import make_split
 from pymk.ranking.model import Ranker, RankerConfig
 from pymk.ranking.product import (
@@ -21,10 +25,6 @@ from pymk.ranking.product import (
     train_product_models,
 )
 from pymk.ranking.training_data import TrainingDataConfig, build_training_data
-
-from pymk import evaluate
-from pymk.datasets import load_edge_history
-from pymk.model_artifact import weights_digest
 from pymk.synthetic import SyntheticConfig, synthetic_network
 
 # embedding_dim: the serving width (MemorySource holds 128-d vectors).

@@ -8,13 +8,13 @@ import random
 import tracemalloc
 from pathlib import Path
 
+from test_graph_state import assert_exact, lww_graph
+
+from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import PartitionGraph
 from pymk.features.storage import CacheBudget, DictRowStore
 from support.clusters import GraphCluster
-from test_graph_state import assert_exact, lww_graph
-
-from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
 
 def test_features_stay_exact_when_rows_are_evicted_after_every_flush() -> None:

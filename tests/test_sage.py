@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from pymk.events import Profile
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.node_features import (
@@ -26,8 +28,6 @@ from pymk.index.node_features import (
 )
 from pymk.index.sage import GraphSage, SageConfig, load_model, save_model
 from pymk.index.sampling import fetch_from_source, sample_neighbours, sample_subgraph
-
-from pymk.events import Profile
 
 torch.set_num_threads(1)
 

@@ -25,16 +25,16 @@ from pathlib import Path
 import faust
 import pytest
 from aiokafka.errors import KafkaConnectionError
-from conftest import free_port
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+from conftest import free_port
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
 from pymk.streams.app import PymkApp, faust_credentials
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.globals import UserGlobals
 from pymk.streams.producer import make_producer
 from workers import http_get, running_worker, wait_until
-
-from pymk.processes import start_worker_process, stop_process
-from pymk.settings import Settings
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SECRET = "pw-" + uuid.uuid4().hex  # unique, so finding it anywhere means it leaked from these settings

@@ -6,9 +6,9 @@ import ssl
 from pathlib import Path
 
 import pytest
-from pymk.streams.app import faust_credentials
 
 from pymk.settings import Settings, settings_env_names
+from pymk.streams.app import faust_credentials
 
 
 def test_defaults_follow_the_contract() -> None:

@@ -6,9 +6,8 @@ from dataclasses import replace
 from itertools import islice
 
 from pymk.bench.soak import SoakSample, _final_edges, endless_events, summarise
-from pymk.streams.producer import synthetic_events
-
 from pymk.events import InputEvent
+from pymk.streams.producer import synthetic_events
 
 
 def samples(lag_of: dict[str, float], load_s: float = 300.0) -> list[SoakSample]:

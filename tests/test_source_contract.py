@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from pymk.bench.worker_list import WorkerWorld, build_world
 from pymk.ranking.candidates import CandidateConfig, generate_candidates
 from pymk.ranking.features import FEATURE_NAMES, FeatureBuilder

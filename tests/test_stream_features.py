@@ -9,15 +9,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
+
 from conftest import EGO_FACEBOOK, free_port
+from pymk.datasets import load_edge_history
+from pymk.events import ConnectionEvent
+from pymk.settings import Settings
 from pymk.streams.lag import wait_idle
 from pymk.streams.producer import event_messages, send_messages
 from pymk.streams.topics import ensure_topics
 from workers import http_get, running_worker
-
-from pymk.datasets import load_edge_history
-from pymk.events import ConnectionEvent
-from pymk.settings import Settings
 
 EGO = EGO_FACEBOOK
 

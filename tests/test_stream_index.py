@@ -11,15 +11,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
 from conftest import free_port
+from pymk.events import ConnectionEvent, Profile, UserEvent
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
 from pymk.streams.producer import send_commands
 from pymk.streams.topics import ensure_topics
 from stream_helpers import neighbours, send, settle, small_network, users_of, wait_tables_read
 from workers import http_get, running_worker, wait_until
-
-from pymk.events import ConnectionEvent, Profile, UserEvent
-from pymk.processes import start_worker_process, stop_process
-from pymk.settings import Settings
 
 TWIN_PROFILE = Profile(company="Zyxwv Robotics", school="Qwerty Institute", industry="Aerospace",
                        title="Principal Flight Software Engineer", skills=("ada", "rtos", "kalman filters"),

@@ -6,6 +6,8 @@ import math
 from dataclasses import replace
 
 import numpy as np
+
+from pymk.events import Impression
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
 from pymk.ranking.recommend import sample_unshown
 from pymk.ranking.stream_labels import (
@@ -16,8 +18,6 @@ from pymk.ranking.stream_labels import (
     recall_at_k,
     time_split,
 )
-
-from pymk.events import Impression
 
 DAY = 86_400_000
 H = 14 * DAY

@@ -9,12 +9,11 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from pymk.events import ConnectionEvent, DismissalEvent, Recommendations
+from pymk.settings import Settings
 from pymk.streams.topics import ensure_topics
 from stream_helpers import dismissals, final_graph, latest_lists, send, settle, small_network
 from workers import http_get, running_worker, wait_until
-
-from pymk.events import ConnectionEvent, DismissalEvent, Recommendations
-from pymk.settings import Settings
 
 
 def now_ms() -> int:
@@ -139,10 +138,9 @@ def test_debug_features_are_the_ranking_rows_of_the_published_items(kafka_settin
                                                                     tmp_path: Path) -> None:
     """``/features/{u}/{v}`` and the feature matrix the ranker scored are one code path: after every list is
     ranked again on the final state, each shown item's logged features equal the debug answer for the pair."""
+    from pymk.events import Impression
     from pymk.streams.stream_training import read_topic
     from stream_helpers import final_refresh
-
-    from pymk.events import Impression
 
     settings = replace(kafka_settings, reembed_min_interval_ms=0)
     ensure_topics(settings)

@@ -7,15 +7,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from test_stream_recommendations import assert_list_valid
+
 from pymk.ranking.two_tower import TwoTowerConfig, train_two_tower
+from pymk.settings import Settings
 from pymk.streams.models import SHIPPED_MODELS
 from pymk.streams.topics import ensure_topics
-from stream_helpers import dismissals, final_graph, latest_lists, send, settle, small_network
-from test_stream_recommendations import assert_list_valid
-from workers import http_get, running_worker
-
-from pymk.settings import Settings
 from pymk.train import connections_and_profiles
+from stream_helpers import dismissals, final_graph, latest_lists, send, settle, small_network
+from workers import http_get, running_worker
 
 
 def test_worker_ranks_with_the_blend_and_searches_the_two_tower_space(kafka_settings: Settings,

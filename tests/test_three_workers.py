@@ -11,13 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from conftest import free_port
+from pymk.processes import start_worker_process, stop_process
+from pymk.settings import Settings
 from pymk.streams.producer import send_commands
 from pymk.streams.topics import ensure_topics
 from stream_helpers import differences, final_refresh, send, settle, small_network, state_view, users_of
 from workers import http_get, running_worker, wait_until
-
-from pymk.processes import start_worker_process, stop_process
-from pymk.settings import Settings
 
 PARTITIONS = 12
 SESSION_TIMEOUT_S = 6.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from pymk.index.ann import AnnConfig
 from pymk.index.tower_index import TowerSpaceIndex
 

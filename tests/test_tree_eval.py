@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xgboost as xgb
+
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, N_FEATURES
 from pymk.ranking.model import Ranker
 from pymk.ranking.recommend import ranking_order
@@ -190,9 +191,8 @@ def test_the_cache_is_keyed_by_flags(tmp_path: Path) -> None:
 
 
 def test_the_workers_models_say_which_evaluator_serves(tmp_path: Path) -> None:
-    from pymk.streams.models import Models
-
     from pymk.settings import Settings
+    from pymk.streams.models import Models
 
     models = Models(Settings.from_env({}, home=tmp_path, tree_evaluator="xgboost"))
     if isinstance(models.scorer, Ranker):  # the shipped ranker (the heuristic has no trees)

@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from pymk.events import Profile
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.memory_graph import AdjacencyGraph
 from pymk.index.node_features import encode_degrees, encode_profile_compact, profile_flags
 from pymk.index.sage import GraphSage, SageConfig, save_model
+from pymk.learning import roc_auc_of
 from pymk.ranking.two_tower import (
     INPUT_DIM,
     LeakageError,
@@ -35,9 +38,6 @@ from pymk.ranking.two_tower import (
     train_two_tower,
     triplet_loss,
 )
-
-from pymk.events import Profile
-from pymk.learning import roc_auc_of
 
 torch.set_num_threads(1)
 

@@ -4,9 +4,9 @@ again only after an invalidation. Pure, no broker."""
 from __future__ import annotations
 
 import numpy as np
-from pymk.streams.user_facts import Activity, UserFacts
 
 from pymk.events import Profile
+from pymk.streams.user_facts import Activity, UserFacts
 
 
 class World:

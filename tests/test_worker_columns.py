@@ -11,7 +11,9 @@ from itertools import repeat
 
 import numpy as np
 import pytest
+
 from pymk.bench.worker_list import WorkerWorld, build_world
+from pymk.events import Impression, unshown_sample_to_json
 from pymk.ranking.candidates import (
     _AA_DECIMALS,
     CandidateConfig,
@@ -27,8 +29,6 @@ from pymk.ranking.recommend import RankedList, ScoredCandidates
 from pymk.ranking.source import IdArraySource, PopularSource, RankingSource, TwoHopArraySource
 from pymk.streams.ranking_source import WorkerRankingSource
 from pymk.streams.user_facts import UserFacts
-
-from pymk.events import Impression, unshown_sample_to_json
 
 
 # ---- the reference: Stage 1 as it was before the arrays (generate_candidates at 3c36b74) -----------------------
@@ -298,9 +298,8 @@ def sample_ids(world: WorkerWorld, rng: np.random.Generator, n: int) -> np.ndarr
 
 def test_columnar_reads_equal_the_per_user_reads_and_follow_changes(world: WorkerWorld) -> None:
     from pymk.bench.worker_list import _route
-    from pymk.streams.ingest import apply_event
-
     from pymk.events import ConnectionEvent, Profile, UserEvent
+    from pymk.streams.ingest import apply_event
 
     refresher = world.refresher()  # its facts are invalidated as the worker's are: collect() and user-globals
     source = make_source(world, facts=refresher.facts)

@@ -15,11 +15,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pymk.ranking.model_store import TrainingRefused, check_split_classes, promotion
-from pymk.streams.errors import InternalErrors
-from pymk.streams.ingest import InputRules, ingest_message
-from pymk.streams.partitioning import partition_for_user
-from pymk.streams.state import WorkerState
 from test_refresh_policy import CountingRefresher, FakeState
 
 from pymk.events import (
@@ -33,7 +28,12 @@ from pymk.events import (
     ProfileViewEvent,
     UserEvent,
 )
+from pymk.ranking.model_store import TrainingRefused, check_split_classes, promotion
 from pymk.settings import INPUT_KINDS, Settings
+from pymk.streams.errors import InternalErrors
+from pymk.streams.ingest import InputRules, ingest_message
+from pymk.streams.partitioning import partition_for_user
+from pymk.streams.state import WorkerState
 from pymk.validation import Invalid
 
 PRODUCER_LIMIT = 4 * 1024 * 1024
@@ -276,6 +276,7 @@ def test_a_new_model_is_promoted_only_when_it_beats_the_serving_one() -> None:
 
 def test_metrics_are_exposed_by_prometheus_client_and_parse() -> None:
     from prometheus_client.parser import text_string_to_metric_families
+
     from pymk.streams.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()

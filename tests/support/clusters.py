@@ -8,11 +8,10 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 from pymk.features.behaviour import PartitionBehaviour
 from pymk.features.graph import PartitionGraph
 from pymk.features.storage import DictRowStore, RowStore
-
-from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
 
 DUPLICATE_SHARE = 0.1  # of the messages delivered twice
 
