@@ -54,6 +54,7 @@ from pymk.ranking.source import (
     IdArraySource,
     RankingSource,
     ResourceAllocationSource,
+    TwoHopArraySource,
 )
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -409,6 +410,15 @@ class FeatureBuilder:
         column = FEATURE_INDEX["resource_allocation_score"]
         if not implements(source, ResourceAllocationSource):
             out[:, column] = np.nan
+            return
+        if implements(source, TwoHopArraySource):  # the arrays Stage 1 just read: a binary search, no dict
+            held = source.two_hop_arrays(user)
+            ids = np.asarray(id_list, np.int64)
+            if not len(held.ids):
+                out[:, column] = 0.0
+                return
+            at = np.minimum(np.searchsorted(held.ids, ids), len(held.ids) - 1)
+            out[:, column] = np.where(held.ids[at] == ids, held.resource_allocation[at], 0.0)
             return
         allocation = source.two_hop_resource_allocation(user)
         get = allocation.get

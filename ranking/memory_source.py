@@ -27,7 +27,7 @@ from pymk.events import (
     UserEvent,
 )
 from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
-from pymk.features.graph import adamic_adar_weight, edge_version, is_alive, version_ts
+from pymk.features.graph import TwoHopArrays, adamic_adar_weight, edge_version, is_alive, version_ts
 from pymk.features.profile import merge_profile
 from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import EMBEDDING_DIM, ActivityTable
@@ -72,6 +72,11 @@ class MemorySource:
         self.leaderboard = ActivityLeaderboard()  # the PopularSource order
         self._graph_version = 0  # bumped by every connection change: keys the resource-allocation cache
         self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
+        # two_hop_arrays: each middle user's neighbours as an array, kept while the graph does not change, and
+        # the last user's arrays (user, version, arrays)
+        self._middle_ids: dict[int, np.ndarray] = {}
+        self._middle_version = -1
+        self._two_hop_held: tuple[int, int, TwoHopArrays] | None = None
         # Columns for IdArraySource: a dense row per user seen (row 0: nobody), found by a binary search over the
         # sorted ids, so 2,000 candidates cost a few gathers instead of a cold dict lookup each.
         self._rows = IdIndex()
@@ -257,7 +262,47 @@ class MemorySource:
         self._resource_allocation = (user, self._graph_version, allocation)
         return counts, scores
 
+    def two_hop_arrays(self, user: int) -> TwoHopArrays:
+        """:meth:`two_hop` and the resource allocation as arrays by id (:class:`TwoHopArraySource`), the same
+        values to the last bit: ``np.bincount`` adds each candidate's terms in input order, the middle users' id
+        order, as the dict loop does."""
+        version = self._graph_version
+        held = self._two_hop_held
+        if held is not None and held[0] == user and held[1] == version:
+            return held[2]
+        if self._middle_version != version:
+            self._middle_ids.clear()
+            self._middle_version = version
+        own = self.adjacency.get(user, _NO_NEIGHBOURS)
+        if not own:
+            arrays = TwoHopArrays.empty()
+        else:
+            middles = sorted(own)
+            rows = []
+            for middle in middles:
+                ids = self._middle_ids.get(middle)
+                if ids is None:
+                    others = self.adjacency[middle]
+                    ids = self._middle_ids[middle] = np.fromiter(others, np.int64, len(others))
+                rows.append(ids)
+            sizes = np.fromiter(map(len, rows), np.int64, len(rows))
+            others = np.concatenate(rows)
+            keep = (others != user) & ~np.isin(others, np.fromiter(own, np.int64, len(own)))
+            weights = np.array([adamic_adar_weight(int(size)) for size in sizes.tolist()], np.float64)
+            adamic_adar = np.repeat(weights, sizes)[keep]
+            allocation = np.repeat(1.0 / sizes, sizes)[keep]
+            ids, inverse = np.unique(others[keep], return_inverse=True)
+            n = len(ids)
+            arrays = TwoHopArrays(ids, np.bincount(inverse, minlength=n).astype(np.int64),
+                                  np.bincount(inverse, adamic_adar, minlength=n),
+                                  np.bincount(inverse, allocation, minlength=n))
+        self._two_hop_held = (user, version, arrays)
+        return arrays
+
     def two_hop_resource_allocation(self, user: int) -> dict[int, float]:
+        arrays = self._two_hop_held
+        if arrays is not None and arrays[0] == user and arrays[1] == self._graph_version:
+            return dict(zip(arrays[2].ids.tolist(), arrays[2].resource_allocation.tolist(), strict=True))
         held = self._resource_allocation
         if held is None or held[0] != user or held[1] != self._graph_version:
             self.two_hop(user)

@@ -796,3 +796,29 @@ def test_id_index_rows_equal_a_dict_lookup() -> None:
             rows = index.rows(ids)
             assert rows.tolist() == [reference.get(u, 0) for u in ids.tolist()]
             rows[:] = -1  # the caller's copy
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_memory_two_hop_arrays_equal_the_dict_traversal_bit_for_bit(seed: int) -> None:
+    """MemorySource's TwoHopArraySource against its dict traversal, through additions and removals (its kept
+    per-user arrays must follow every change)."""
+    rng = np.random.default_rng(seed)
+    source = MemorySource(dim=4)
+    users = list(range(60))
+    for step in range(600):
+        u, v = (int(x) for x in rng.choice(users, 2, replace=False))
+        if rng.random() < 0.8:
+            source.add_connection(u, v, NOW - 1000 + step)
+        else:
+            source.remove_connection(u, v, NOW - 1000 + step)
+        if step % 97 == 0 or step == 599:
+            for user in users:
+                counts, scores = source.two_hop(user)
+                allocation = dict(source.two_hop_resource_allocation(user))
+                arrays = source.two_hop_arrays(user)
+                ids = sorted(counts)
+                assert arrays.ids.tolist() == ids
+                assert arrays.counts.tolist() == [counts[i] for i in ids]
+                assert arrays.adamic_adar.tobytes() == np.array([scores[i] for i in ids], np.float64).tobytes()
+                assert arrays.resource_allocation.tobytes() == np.array([allocation[i] for i in ids]).tobytes()
+                assert source.two_hop_resource_allocation(user) == allocation
