@@ -30,65 +30,56 @@ def user_key(user: int) -> bytes:
     return str(user).encode()
 
 
+class _FlatEvent:
+    """An input event of plain fields: its JSON is its fields in declaration order (orjson writes a dataclass
+    that way), its key the field the contract keys its topic by."""
+
+    KIND: ClassVar[str]
+    KEY_FIELD: ClassVar[str]
+
+    @property
+    def key(self) -> int:
+        return int(getattr(self, self.KEY_FIELD))
+
+    def to_json(self) -> bytes:
+        return _dumps(self)
+
+
 @dataclass(frozen=True)
-class ConnectionEvent:
+class ConnectionEvent(_FlatEvent):
     KIND: ClassVar[str] = "connections"
+    KEY_FIELD: ClassVar[str] = "src"
     src: int
     dst: int
     action: str  # "add" | "remove"
     ts: int
 
-    @property
-    def key(self) -> int:
-        return self.src
-
-    def to_json(self) -> bytes:
-        return _dumps({"src": self.src, "dst": self.dst, "action": self.action, "ts": self.ts})
-
 
 @dataclass(frozen=True)
-class ProfileViewEvent:
+class ProfileViewEvent(_FlatEvent):
     KIND: ClassVar[str] = "profile-views"
+    KEY_FIELD: ClassVar[str] = "viewer"
     viewer: int
     viewed: int
     ts: int
 
-    @property
-    def key(self) -> int:
-        return self.viewer
-
-    def to_json(self) -> bytes:
-        return _dumps({"viewer": self.viewer, "viewed": self.viewed, "ts": self.ts})
-
 
 @dataclass(frozen=True)
-class DismissalEvent:
+class DismissalEvent(_FlatEvent):
     KIND: ClassVar[str] = "dismissals"
+    KEY_FIELD: ClassVar[str] = "user"
     user: int
     candidate: int
     ts: int
 
-    @property
-    def key(self) -> int:
-        return self.user
-
-    def to_json(self) -> bytes:
-        return _dumps({"user": self.user, "candidate": self.candidate, "ts": self.ts})
-
 
 @dataclass(frozen=True)
-class EngagementEvent:
+class EngagementEvent(_FlatEvent):
     KIND: ClassVar[str] = "engagements"
+    KEY_FIELD: ClassVar[str] = "user"
     user: int
     item: int
     ts: int
-
-    @property
-    def key(self) -> int:
-        return self.user
-
-    def to_json(self) -> bytes:
-        return _dumps({"user": self.user, "item": self.item, "ts": self.ts})
 
 
 @dataclass(frozen=True)
