@@ -26,9 +26,7 @@ version, metadata and explanations.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -40,11 +38,11 @@ import numpy as np
 import xgboost as xgb
 
 from pymk.learning import roc_auc
+from pymk.model_artifact import read_metadata, write_artifact
 from pymk.ranking.features import FEATURE_NAMES, N_FEATURES
 from pymk.ranking.tree_eval import CompiledEvaluator, EvaluatorOptions, build_evaluator
 
 MODEL_FILE = "model.ubj"
-METADATA_FILE = "metadata.json"
 
 
 @dataclass(frozen=True)
@@ -412,20 +410,15 @@ class Ranker:
     # ---- persistence -----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write the model and its metadata into ``directory`` (created when missing); returns it."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        raw = bytes(self.booster.save_raw("ubj"))
-        for name, data in ((MODEL_FILE, raw), (METADATA_FILE, json.dumps(self.metadata, indent=2).encode())):
-            temporary = directory / f".{name}.tmp"
-            temporary.write_bytes(data)
-            os.replace(temporary, directory / name)  # the metadata (with the version) lands last
-        return directory
+        # the layout of every saved model (pymk/model_artifact.py): atomic writes, the metadata (its version) last
+        return write_artifact(directory, {MODEL_FILE: bytes(self.booster.save_raw("ubj"))}, self.metadata,
+                              sort_keys=False)
 
     @classmethod
     def load(cls, directory: str | Path, evaluator_options: EvaluatorOptions | None = None) -> Ranker:
         """The saved model, its evaluator prepared (see :meth:`prepare`)."""
         directory = Path(directory)
-        metadata = json.loads((directory / METADATA_FILE).read_text())
+        metadata = read_metadata(directory)
         if list(metadata.get("feature_names", [])) != list(FEATURE_NAMES):
             raise ValueError(f"{directory}: the model was trained on other features: {metadata.get('feature_names')}")
         booster = xgb.Booster()
