@@ -22,7 +22,8 @@ closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly)
 before which its score stands (:func:`_valid_until`, with a margin that only makes it re-score earlier). The
 query-level as-of columns are compared by their bins. A row that is not re-scored keeps its old as-of column
 values in the matrix: :meth:`IncrementalLists.score` brings the top k rows to the as-of time (reasons read them),
-and ``exact_features=True`` all rows (impressions log features).
+``exact_features=True`` all rows, and :meth:`IncrementalLists.exact_features` the rows a caller logs (the
+worker's sample of unshown candidates).
 
 **A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
 model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
@@ -132,10 +133,11 @@ _SPLIT_POINTS: dict[str, SplitPoints | None] = {}
 
 def split_points(scorer: Scorer, n_features: int) -> SplitPoints | None:
     """The split points of an XGBoost scorer (:class:`pymk.ranking.model.Ranker`), by model version; None for
-    another scorer (every as-of column then re-scores its row at every update)."""
+    another scorer, or a ranker that serves a heuristic floor (its heuristic reads a column continuously, not
+    through thresholds): every as-of column then re-scores its row at every update."""
     from pymk.ranking.model import Ranker
 
-    if type(scorer) is not Ranker:
+    if type(scorer) is not Ranker or scorer.floor is not None:
         return None
     version = scorer.version
     if version not in _SPLIT_POINTS:

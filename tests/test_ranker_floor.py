@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pymk.paths import bundled_data
 from pymk.ranking.features import FEATURE_INDEX, N_FEATURES
 from pymk.ranking.heuristic import REFERENCE_HEURISTIC_COLUMNS
 from pymk.ranking.model import HeuristicFloor, Ranker, RankerConfig
@@ -93,3 +94,14 @@ def test_early_stopping_on_the_lists_keeps_the_trees_of_the_best_recall() -> Non
     assert lists(ranker.margin(lists.features)) == pytest.approx(best, abs=1e-6)  # the kept trees score it
     with pytest.raises(ValueError):
         RankerConfig(stop_on="logloss")
+
+
+def test_incremental_lists_take_no_threshold_shortcut_for_a_floored_ranker() -> None:
+    # a floor reads its heuristic's column continuously: a row whose as-of columns stayed within their bins may
+    # still have moved, so kept lists re-score such rows at every update
+    from pymk.ranking.incremental import split_points
+
+    ranker = Ranker.load(bundled_data("models/ranker"))
+    assert split_points(ranker, N_FEATURES) is not None
+    floored = ranker.with_floor(HeuristicFloor("popularity", "candidate_activity_7d", 1.0, 0.5))
+    assert split_points(floored, N_FEATURES) is None
