@@ -51,10 +51,11 @@ def degree_bucket(degree: int) -> int:
 
 
 class _Cluster:
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, materialise_common: bool = True) -> None:
         self.partitions = partitions
         self._owner: dict[int, int] = {}
-        self.graphs = [PartitionGraph(p, partitions, DictRowStore(), self.partition_of) for p in range(partitions)]
+        self.graphs = [PartitionGraph(p, partitions, DictRowStore(), self.partition_of,
+                                      materialise_common=materialise_common) for p in range(partitions)]
         self.message_bytes = 0
         self.messages = 0
 
@@ -80,17 +81,29 @@ class _Cluster:
 
     def counters(self) -> tuple[int, int, int]:
         stats = [g.stats for g in self.graphs]
-        return (sum(s.pair_updates for s in stats), sum(s.mirror_changes for s in stats),
+        return (sum(s.pair_updates + s.two_hop_marks for s in stats), sum(s.mirror_changes for s in stats),
                 sum(s.edge_changes for s in stats))
 
+    def flush(self) -> None:
+        """What the worker's flush does with the graph's rows: encode the dirty ones and write them."""
+        for graph in self.graphs:
+            graph.flush()
 
-def _graph_state(path: Path, partitions: int) -> dict[str, Any]:
+
+FLUSH_EVERY = 200  # connection events between two flushes of the replay (a worker flushes every ~500 ms)
+
+
+def _graph_state(path: Path, partitions: int, materialise_common: bool = True) -> dict[str, Any]:
+    """``materialise_common``: the common-neighbour counts as rows (PYMK_COMMON_COUNTS=materialised) or read on
+    demand (on-read: no C rows; the replay then counts each 2-path change as a mark of the user, not an update)."""
     history = load_edge_history(path)
-    cluster = _Cluster(partitions)
+    cluster = _Cluster(partitions, materialise_common)
     degree: dict[int, int] = defaultdict(int)
     per_event: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)  # bucket → (pairs, mirror, msgs, bytes)
     started = time.perf_counter()
-    for src, dst, ts in history.connections:
+    for event_number, (src, dst, ts) in enumerate(history.connections, start=1):
+        if event_number % FLUSH_EVERY == 0:  # a touched C row is re-encoded whole at each flush: part of its cost
+            cluster.flush()
         before = cluster.counters()
         messages, message_bytes = cluster.messages, cluster.message_bytes
         cluster.connect(src, dst, ts)
@@ -101,11 +114,13 @@ def _graph_state(path: Path, partitions: int) -> dict[str, Any]:
                                                         cluster.message_bytes - message_bytes))
         degree[src] += 1
         degree[dst] += 1
+    cluster.flush()
     replay_s = time.perf_counter() - started
     by_user: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(KINDS.values(), 0))
     entries: dict[str, int] = dict.fromkeys(KINDS.values(), 0)
     for graph in cluster.graphs:
-        puts, _ = graph.dirty_rows()
+        assert isinstance(graph.store, DictRowStore)
+        puts = graph.store.data
         for key, value in puts.items():
             kind = KINDS.get(key[:1])
             if kind is None:
@@ -148,8 +163,9 @@ def _graph_state(path: Path, partitions: int) -> dict[str, Any]:
                    "second_moment_over_mean": round(float((degrees ** 2).mean() / degrees.mean()), 1)},
         "bytes_per_user": {kind: round(total[kind] / len(users)) for kind in KINDS.values()}
                           | {"total": round(sum(total.values()) / len(users))},
-        "bytes_per_entry": {kind: round(total[kind] / entries[kind], 2) for kind in ("adjacency", "mirror",
-                                                                                    "common_neighbours")},
+        "common_counts": "materialised" if materialise_common else "on-read",
+        "bytes_per_entry": {kind: round(total[kind] / entries[kind], 2) if entries[kind] else None
+                            for kind in ("adjacency", "mirror", "common_neighbours")},
         "common_neighbour_entries_per_user": round(entries["common_neighbours"] / len(users), 1),
         "mirror_copies_per_adjacency_entry": round(entries["mirror"] / max(1, entries["adjacency"]), 3),
         "per_connection_event": {"common_neighbour_updates": round(pairs_total / len(history.connections), 1),
@@ -198,18 +214,31 @@ def bench_capacity(graphs: Sequence[Path] = DEFAULT_GRAPHS, partitions: int = DE
     ``lists_per_core_second``: the list cost to project with (``pymk bench rank``'s, an input of the plan)."""
     random.seed(0)
     measured: dict[str, Any] = {
-        "bench": "capacity", "graphs": [_graph_state(Path(g), partitions) for g in graphs],
+        "bench": "capacity",
+        "graphs": [_with_on_read(_graph_state(Path(g), partitions), _graph_state(Path(g), partitions, False))
+                   for g in graphs],
         "per_user_records": _per_user_records(ann or AnnConfig()),
         "note": "RocksDB bytes are encoded key + value before RocksDB's compression; see docs/capacity.md"}
     measured["projection"] = {
         "lists_per_core_second": lists_per_core_second, "machine": MACHINE,
         "target_degree": {"median": TARGET_MEDIAN_DEGREE, "sigma": TARGET_DEGREE_SIGMA, "cap": TARGET_DEGREE_CAP},
         "rows": [project(measured, users, rate, partitions_at, lists_per_core_second, cap, sharded)
-                 for cap, sharded in ((None, False), (BOUNDED_COMMON_NEIGHBOURS, True))
+                 for cap, sharded in ((None, False), (ON_READ, False), (BOUNDED_COMMON_NEIGHBOURS, True),
+                                      (ON_READ, True))
                  for users, partitions_at in ((1e8, 1024), (1e9, 4096)) for rate in (1e4, 1e5)]}
     if plot is not None:
         plot_capacity(measured, plot)
     return measured
+
+
+def _with_on_read(materialised: dict[str, Any], on_read: dict[str, Any]) -> dict[str, Any]:
+    """The graph measured with materialised rows, and what the same replay costs with counts read on demand."""
+    return materialised | {"on_read": {
+        "bytes_per_user": on_read["bytes_per_user"],
+        "two_hop_marks_per_connection_event": on_read["per_connection_event"]["common_neighbour_updates"],
+        "replay_seconds": on_read["replay_seconds"],
+        "connection_events_per_second_in_process": on_read["connection_events_per_second_in_process"],
+        "bytes_by_degree": on_read["bytes_by_degree"]}}
 
 
 def plot_capacity(measured: dict[str, Any], path: Path) -> None:
@@ -260,6 +289,7 @@ CONNECTION_SHARE = 0.2  # of the input events (the rest: views, engagements, dis
 USERS_TOUCHED_PER_EVENT = 1.5  # lists owed per event (pymk bench freshness: both ends of a connection or view)
 MACHINE = {"cores": 32, "ram_gb": 256, "disk_tb": 4}
 BOUNDED_COMMON_NEIGHBOURS = 1000  # top-K common-neighbour entries kept per user (Stage 1 takes 1,000 from the graph)
+ON_READ = 0  # a cap of 0 entries: the counts are read on demand (PYMK_COMMON_COUNTS=on-read, built)
 
 
 def project(measured: dict[str, Any], users: float, events_per_s: float, partitions: int,
@@ -272,7 +302,7 @@ def project(measured: dict[str, Any], users: float, events_per_s: float, partiti
     graphs = measured["graphs"]
     records = measured["per_user_records"]
     b_adj = max(g["bytes_per_entry"]["adjacency"] for g in graphs)
-    b_cn = max(g["bytes_per_entry"]["common_neighbours"] for g in graphs)
+    b_cn = max(g["bytes_per_entry"]["common_neighbours"] or 0.0 for g in graphs)
     b_rev = max(g["bytes_per_user"]["reverse"] / g["degree"]["mean"] for g in graphs)
     # distinct 2-hop users per 2-path (clustering folds paths onto the same users): the largest measured
     overlap = max(g["common_neighbour_entries_per_user"]
@@ -294,8 +324,13 @@ def project(measured: dict[str, Any], users: float, events_per_s: float, partiti
     disk_total = users * sum(per_user.values())
     every_worker = users * (records["hnsw_bytes_per_vector"] + records["user_globals_degree_record_bytes"]
                             + (records["user_globals_profile_record_bytes"] or 0))
-    cn_rate = max(g["per_connection_event"]["common_neighbour_updates"] * g["connection_events_per_second_in_process"]
-                  for g in graphs)  # pair updates per core-second, in-process
+    on_read = common_neighbour_cap == ON_READ
+    if on_read:  # the same 2-path changes, each only a mark of the user: measured by the on-read replay
+        cn_rate = max(g["on_read"]["two_hop_marks_per_connection_event"]
+                      * g["on_read"]["connection_events_per_second_in_process"] for g in graphs)
+    else:  # pair updates per core-second, in-process, the flushes' row rewrites included
+        cn_rate = max(g["per_connection_event"]["common_neighbour_updates"]
+                      * g["connection_events_per_second_in_process"] for g in graphs)
     pair_updates = events_per_s * CONNECTION_SHARE * 4 * friend_degree  # 2·(deg x + deg y), endpoints ∝ degree
     lists = events_per_s * USERS_TOUCHED_PER_EVENT
     cores = {"common_neighbour_maintenance": pair_updates / cn_rate, "lists": lists / lists_per_core_second}
@@ -307,7 +342,9 @@ def project(measured: dict[str, Any], users: float, events_per_s: float, partiti
     elif every_worker > ram_budget:
         machines_by["ram"] = math.inf  # every worker holds it all: no number of machines is enough
     return {
-        "design": ("bounded" if common_neighbour_cap is not None or sharded else "today"),
+        "design": ("today" if common_neighbour_cap is None and not sharded
+                   else ("on-read" if on_read else "bounded") + ("+sharded" if on_read and sharded else "")),
+        "common_counts": "on-read" if on_read else "materialised",
         "common_neighbour_cap": common_neighbour_cap, "sharded_index": sharded,
         "users": users, "events_per_s": events_per_s, "partitions": partitions,
         "degree": {"mean": round(mean, 1), "neighbour_mean": round(friend_degree, 1)},

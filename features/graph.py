@@ -19,6 +19,13 @@ the destination partition). The design, and why it is exact:
   own adjacency gains or loses z, C[u] changes by the neighbours of z; when the mirror of z gains or loses y,
   C[u][y] changes for each local neighbour u of z (``R`` rows, the reverse index). Once the mirrors have
   converged the counts are exactly |N(u) ∩ N(v)|.
+  Or **counted on read** (``materialise_common=False``, ``PYMK_COMMON_COUNTS=on-read``): no ``C`` rows at all,
+  and a count is ``|{z ∈ N(u) : v alive in mirror(z)}|`` read from the adjacency and the mirrors, like
+  Adamic-Adar below. Ranking never reads the ``C`` rows (its 2-hop pass, :meth:`two_hop_arrays`, reads the
+  mirrors), so what the materialised rows buy is O(1) point reads for the debug views; what they cost is up to
+  ~deg² entries per user and a rewrite of each touched row at every flush, which is what breaks first at hub
+  degrees (docs/capacity.md). Both modes mark the same users as "2-hop changed". A partition remembers its mode
+  (one ``N`` key); opened in the other mode, it converts (:meth:`reconcile_common_rows`).
 * **Adamic-Adar and Jaccard are computed exactly at read time** from the local adjacency, the mirrors and
   the mirrors' degrees (a mirror's alive count is the neighbour's current degree). Materialising Adamic-Adar
   would cost deg(z)² pair updates every time z's degree changes; reading it costs O(deg(u)) per pair or
@@ -41,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pymk.features.activity import activity_values
-from pymk.features.keyspace import ADJACENCY, COMMON, MIRROR, REVERSE  # the rows: features/keyspace.py
+from pymk.features.keyspace import ADJACENCY, COMMON, GRAPH_MODE, MIRROR, REVERSE  # the rows: features/keyspace.py
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key
 
 _COUNT_BITS = 32
@@ -205,7 +212,8 @@ def _decode_counts(raw: bytes) -> dict[int, int]:
 class GraphStats:
     edge_changes: int = 0  # register changes applied to local adjacency
     mirror_changes: int = 0  # register changes applied to mirrors
-    pair_updates: int = 0  # common-neighbour count increments and decrements
+    pair_updates: int = 0  # common-neighbour count increments and decrements (materialised rows)
+    two_hop_marks: int = 0  # the same 2-path changes when counts are read on demand: only the user is marked
     messages_out: int = 0
 
 
@@ -219,8 +227,10 @@ class PartitionGraph:
     """Graph state of the users of one partition over a :class:`RowStore` (see the module doc)."""
 
     def __init__(self, partition: int, partitions: int, store: RowStore,
-                 partition_of: Callable[[int], int], max_cached_rows: int = 2_000_000) -> None:
+                 partition_of: Callable[[int], int], max_cached_rows: int = 2_000_000,
+                 materialise_common: bool = True) -> None:
         self.partition = partition
+        self.materialise_common = materialise_common
         self.partitions = partitions
         self.store = store
         self.partition_of = partition_of
@@ -274,13 +284,45 @@ class PartitionGraph:
         return row
 
     def common_row(self, user: int) -> dict[int, int]:
+        """The materialised row (candidate → packed count and ts); read-only outside this class."""
         self._check_local(user)
+        if not self.materialise_common:
+            raise RuntimeError("common-neighbour rows are not kept (counts on read): use common_neighbor_counts")
         row = self._common.get(user)
         if row is None:
             raw = self.store.get(row_key(COMMON, user))
             row = _decode_counts(raw) if raw is not None else {}
             self._common[user] = row
         return row
+
+    # ---- the counts' mode ----------------------------------------------------------------------------------
+    def reconcile_common_rows(self) -> str | None:
+        """Bring a partition written in the other mode to this one (nothing to do when it is the same): drop every
+        ``C`` row when counts are now read on demand, or build them from the adjacency and the mirrors when they
+        are now materialised (each with the on-read ts, :meth:`common_neighbor_count`). A store without the mode
+        key predates it, when the rows were always materialised. Returns what was done, if anything."""
+        assert not self._dirty, "reconcile before applying anything"
+        mode = b"materialised" if self.materialise_common else b"on-read"
+        stored = self.store.get(GRAPH_MODE)
+        if stored == mode:
+            return None
+        puts: dict[bytes, bytes] = {GRAPH_MODE: mode}
+        deletes: list[bytes] = []
+        if self.materialise_common and stored is not None:  # on-read → materialised
+            for user in sorted(self.local_users()):  # listed first: the reads below fill the row cache
+                row = {}
+                for candidate in self.two_hop_arrays(user).ids.tolist():
+                    count, ts = self._count_on_read(user, candidate)
+                    row[candidate] = ((ts or 0) << _COUNT_BITS) | count
+                if row:
+                    puts[row_key(COMMON, user)] = _encode_counts(row)
+        elif not self.materialise_common:  # materialised → on-read
+            deletes = [key for key, _ in self.store.scan(COMMON)]
+        self.store.write(puts, deletes)  # one batch: a crash leaves the old mode, and this runs again
+        self._common.clear()
+        if len(puts) > 1:
+            return f"built {len(puts) - 1} common-neighbour rows"
+        return f"dropped {len(deletes)} common-neighbour rows" if deletes else None
 
     # ---- applying events and messages ------------------------------------------------------------------
     def apply_connection(self, src: int, dst: int, action: str, ts: int) -> None:
@@ -314,7 +356,8 @@ class PartitionGraph:
             # owner's own 2-paths through `other`
             for w, v in self.mirror_row(other).versions.items():
                 if v % 2 == 0 and w != owner:
-                    self._add_common(owner, w, sign, ts)
+                    # a 2-path is completed by the later of its two edges, whichever arrived last
+                    self._add_common(owner, w, sign, ts if sign < 0 else max(ts, version_ts(v)))
             reverse = self.reverse_row(other)
             (reverse.add if now_alive else reverse.discard)(owner)
             self._dirty.add((REVERSE, other))
@@ -349,9 +392,17 @@ class PartitionGraph:
     def _mirror_changed(self, node: int, neighbour: int, sign: int, ts: int) -> None:
         for user in self.reverse_row(node):
             if user != neighbour:
-                self._add_common(user, neighbour, sign, ts)
+                if sign > 0 and self.materialise_common:  # dated by the later edge of the 2-path (as above)
+                    when = max(ts, version_ts(self.adjacency_row(user).versions[node]))
+                else:
+                    when = ts
+                self._add_common(user, neighbour, sign, when)
 
     def _add_common(self, user: int, candidate: int, sign: int, ts: int) -> None:
+        if not self.materialise_common:
+            self._changed_two_hop.add(user)
+            self.stats.two_hop_marks += 1
+            return
         row = self.common_row(user)
         count = (row.get(candidate, 0) & _COUNT_MASK) + sign
         if count < 0:
@@ -476,14 +527,35 @@ class PartitionGraph:
         return row.alive, (version_ts(max(row.versions.values())) if row.versions else None)
 
     def common_neighbor_count(self, user: int, candidate: int) -> tuple[int, int | None]:
-        """(count, ts of the event that last changed it) for a local user."""
+        """(count, ts of the event that last changed it) for a local user.
+
+        Counted on read, the ts is when the newest of the current 2-paths was completed (the later of its two
+        edges): exact while edges are only added, but a removal since then lowered the count undated, as no
+        history is kept. None when there is no common neighbour, in both modes."""
+        if not self.materialise_common:
+            return self._count_on_read(user, candidate)
         packed = self.common_row(user).get(candidate)
         if packed is None:
             return 0, None
         return packed & _COUNT_MASK, packed >> _COUNT_BITS
 
+    def _count_on_read(self, user: int, candidate: int) -> tuple[int, int | None]:
+        if candidate == user:
+            return 0, None
+        count, newest = 0, -1
+        for z, version in self.adjacency_row(user).alive_items():
+            other = self.mirror_row(z).versions.get(candidate)
+            if other is not None and other % 2 == 0 and z != candidate:
+                count += 1
+                newest = max(newest, version_ts(version), version_ts(other))
+        return (count, newest) if count else (0, None)
+
     def common_neighbor_counts(self, user: int) -> dict[int, int]:
         """Every candidate with at least one common neighbour → the count (direct neighbours included)."""
+        if not self.materialise_common:
+            self._check_local(user)
+            found = self.two_hop_arrays(user)
+            return dict(zip(found.ids.tolist(), found.counts.tolist(), strict=True))
         return {v: p & _COUNT_MASK for v, p in self.common_row(user).items()}
 
     def common_neighbors(self, user: int, candidate: int) -> list[int]:

@@ -24,6 +24,7 @@ ADJACENCY = b"A"
 MIRROR = b"M"
 REVERSE = b"R"
 COMMON = b"C"
+GRAPH_MODE = b"N"
 # behaviour (features/behaviour.py)
 VIEWS_OUT = b"V"
 VIEWS_IN = b"W"
@@ -46,6 +47,8 @@ ROW_KINDS: tuple[RowKind, ...] = (
             "remote user z → registers {neighbour: version}, a copy of z's adjacency"),
     RowKind("reverse", REVERSE, "features/graph.py", "any user z → local users u whose adjacency has z alive"),
     RowKind("common", COMMON, "features/graph.py", "local user u → {v: (count << 0) | (ts << 32)}"),
+    RowKind("graph_mode", GRAPH_MODE, "features/graph.py",
+            "how the common-neighbour counts are kept: materialised (C rows) or on-read (one key)"),
     RowKind("views_out", VIEWS_OUT, "features/behaviour.py", "local viewer u → {viewed v: {ts}}"),
     RowKind("views_in", VIEWS_IN, "features/behaviour.py", "local user v → {viewer u: {ts}} (v was viewed by u)"),
     RowKind("dismissals", DISMISSALS, "features/behaviour.py", "local user u → {candidate: {ts}}"),

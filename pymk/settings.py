@@ -27,6 +27,7 @@ RankerKind = Literal["xgboost", "two-tower", "blend"]
 RerankerKind = Literal["none", "cross-attention"]
 TreeEvaluatorKind = Literal["auto", "xgboost"]
 RefreshScope = Literal["touched", "two-hop"]
+CommonCounts = Literal["materialised", "on-read"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ class Settings:
     session_timeout_s: float = 10.0
     # Items with more engagers than this stop counting towards co-engagement (0: no cap, exact).
     max_item_fanout: int = 0
+    # Common-neighbour counts per (local user, 2-hop candidate): "materialised" keeps a row per user, updated at
+    # every 2-path change (O(1) debug reads; up to ~deg² entries a user, rewritten at each change); "on-read"
+    # keeps none and counts from the adjacency and the mirrors when asked (ranking reads the mirrors either way;
+    # features/graph.py). A partition written in one mode converts when opened in the other.
+    common_counts: CommonCounts = "materialised"
     # Memory bounds of a worker that owns every partition (one owning fewer gets its share): feature rows cached
     # in Python (a partition whose cache outgrows 1/PYMK_PARTITIONS of this evicts its oldest rows down to 70 %
     # of it; they are read back from RocksDB), and RocksDB's block cache with the memtables charged to it, shared

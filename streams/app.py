@@ -120,6 +120,7 @@ class PymkApp:
                                  cache_bytes_per_partition=settings.state_cache_mb * 2**20 // partitions,
                                  rocks_memory=RocksMemory(settings.rocksdb_memory_mb * 2**20),
                                  refresher=self.refresher,
+                                 materialise_common=settings.common_counts == "materialised",
                                  topics=OutputTopics(embeddings=settings.topic("embeddings"),
                                                      recommendations=settings.topic("recommendations"),
                                                      impressions=settings.topic("impressions"),

@@ -102,7 +102,7 @@ class DebugViews:
             "partition": state.partition,
             "degree": {"value": degree, "ts": degree_ts},
             "neighbours_sample": [{"user": n, "since": ts} for n, ts in sample],
-            "two_hop_candidates": len(state.graph.common_row(user)),
+            "two_hop_candidates": len(state.graph.common_neighbor_counts(user)),
             "profile": None if profile is None else profile.to_dict(),
             "profile_field_ts": state.profiles.field_timestamps(user),
             "signed_up_at": state.profiles.signed_up_at(user),

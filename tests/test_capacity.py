@@ -57,3 +57,23 @@ def test_the_projection_bounds_what_it_says(tmp_path: Path) -> None:
         "common_neighbours"] + 1
     assert bounded["machines"]["needed"] is not None and bounded["machines"]["ram"] >= 1
     assert project(measured, 1e9, 1e4, 4096, 300.0)["cores"]["lists"] * 10 == today["cores"]["lists"]
+
+
+def test_counts_on_read_keep_no_common_neighbour_bytes_and_project_without_them(tmp_path: Path) -> None:
+    from pymk.bench.capacity import ON_READ, _with_on_read
+
+    path = _edges(tmp_path, [(1, leaf) for leaf in range(2, 80)] + [(2, 3), (3, 4)])
+    materialised = _graph_state(path, partitions=4)
+    on_read = _graph_state(path, partitions=4, materialise_common=False)
+    assert on_read["bytes_per_user"]["common_neighbours"] == 0 < materialised["bytes_per_user"]["common_neighbours"]
+    for kind in ("adjacency", "mirror", "reverse"):  # the rest of the state is the same
+        assert on_read["bytes_per_user"][kind] == materialised["bytes_per_user"][kind]
+    # the same 2-path changes, as marks instead of count updates
+    assert (on_read["per_connection_event"]["common_neighbour_updates"]
+            == materialised["per_connection_event"]["common_neighbour_updates"])
+    measured = {"graphs": [_with_on_read(materialised, on_read)],
+                "per_user_records": {"hnsw_bytes_per_vector": 800, "user_globals_degree_record_bytes": 150,
+                                     "user_globals_profile_record_bytes": 450}}
+    row = project(measured, 1e8, 1e4, 1024, 300.0, common_neighbour_cap=ON_READ)
+    assert row["design"] == "on-read" and row["bytes_per_user"]["common_neighbours"] == 0
+    assert project(measured, 1e8, 1e4, 1024, 300.0, ON_READ, sharded=True)["design"] == "on-read+sharded"
