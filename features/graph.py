@@ -26,6 +26,12 @@ the destination partition). The design, and why it is exact:
   ~deg² entries per user and a rewrite of each touched row at every flush, which is what breaks first at hub
   degrees (docs/capacity.md). Both modes mark the same users as "2-hop changed". A partition remembers its mode
   (one ``N`` key); opened in the other mode, it converts (:meth:`reconcile_common_rows`).
+* **Hubs** (``hub_degree``, ``PYMK_HUB_DEGREE``; counts on read only): a user with more alive neighbours than
+  the cap is a hub, and no 2-path runs through it — not in the 2-hop candidates, the counts, Adamic-Adar or
+  resource allocation, nor in the reasons' mutual connections. A hub's register changes then mark nobody's
+  2-hop as changed (the fan-out of an event at a hub drops from its degree to nothing), and a list's 2-hop pass
+  reads no hub's row. Crossing the cap marks every local neighbour once. What this does to quality is measured
+  by ``pymk bench hubs`` (docs/capacity.md), not assumed.
 * **Adamic-Adar and Jaccard are computed exactly at read time** from the local adjacency, the mirrors and
   the mirrors' degrees (a mirror's alive count is the neighbour's current degree). Materialising Adamic-Adar
   would cost deg(z)² pair updates every time z's degree changes; reading it costs O(deg(u)) per pair or
@@ -228,9 +234,15 @@ class PartitionGraph:
 
     def __init__(self, partition: int, partitions: int, store: RowStore,
                  partition_of: Callable[[int], int], max_cached_rows: int = 2_000_000,
-                 materialise_common: bool = True) -> None:
+                 materialise_common: bool = True, hub_degree: int = 0) -> None:
+        if hub_degree and materialise_common:
+            raise ValueError("a hub degree (PYMK_HUB_DEGREE) needs the counts read on demand "
+                             "(PYMK_COMMON_COUNTS=on-read): materialised rows would have to drop a hub's 2-paths")
         self.partition = partition
         self.materialise_common = materialise_common
+        # users of more alive neighbours than this are hubs: no 2-path runs through one (0: no hubs; see the
+        # module doc)
+        self.hub_degree = hub_degree
         self.partitions = partitions
         self.store = store
         self.partition_of = partition_of
@@ -340,9 +352,19 @@ class PartitionGraph:
         else:
             self.apply_mirror(message.node, message.registers)
 
+    def _is_hub(self, row: Registers) -> bool:
+        return 0 < self.hub_degree < row.alive
+
+    def _hub_changed(self, node: int) -> None:
+        """``node`` became a hub or stopped being one: every 2-path through it appeared or vanished at once."""
+        for user in self.reverse_row(node):
+            self._changed_two_hop.add(user)
+            self.stats.two_hop_marks += 1
+
     def apply_edge_half(self, owner: int, other: int, version: int) -> None:
         row = self.adjacency_row(owner)
         before = self._neighbour_partitions(row)
+        was_hub = self._is_hub(row)
         change = row.merge(other, version)
         if change is None:
             return  # a duplicate or an older event: nothing changes, nothing is sent
@@ -353,16 +375,21 @@ class PartitionGraph:
         ts = version_ts(version)
         if was_alive != now_alive:
             sign = 1 if now_alive else -1
-            # owner's own 2-paths through `other`
-            for w, v in self.mirror_row(other).versions.items():
-                if v % 2 == 0 and w != owner:
-                    # a 2-path is completed by the later of its two edges, whichever arrived last
-                    self._add_common(owner, w, sign, ts if sign < 0 else max(ts, version_ts(v)))
+            # owner's own 2-paths through `other` (none through a hub)
+            other_row = self.mirror_row(other)
+            if not self._is_hub(other_row):
+                for w, v in other_row.versions.items():
+                    if v % 2 == 0 and w != owner:
+                        # a 2-path is completed by the later of its two edges, whichever arrived last
+                        self._add_common(owner, w, sign, ts if sign < 0 else max(ts, version_ts(v)))
             reverse = self.reverse_row(other)
             (reverse.add if now_alive else reverse.discard)(owner)
             self._dirty.add((REVERSE, other))
             # local users adjacent to `owner` see `other` appear or vanish at distance 2
-            self._mirror_changed(owner, other, sign, ts)
+            if was_hub != self._is_hub(row):
+                self._hub_changed(owner)
+            elif not was_hub:
+                self._mirror_changed(owner, other, sign, ts)
         # any register change moves the last-connection time or the activity: every worker learns it
         update = self._outbox.degrees[owner] = self.degree_update(owner, row, ts)
         self._activity[owner] = (update.activity, update.last_ts)
@@ -379,6 +406,8 @@ class PartitionGraph:
         if self.partition_of(node) == self.partition:
             return  # the owner's own adjacency is the authority here
         row = self._load_registers(self._mirror, MIRROR, node)
+        was_hub = self._is_hub(row)
+        flips: list[tuple[int, int, int]] = []
         for neighbour, version in registers:
             change = row.merge(neighbour, version)
             if change is None:
@@ -387,7 +416,12 @@ class PartitionGraph:
             self._dirty.add((MIRROR, node))
             was_alive, now_alive = change
             if was_alive != now_alive:
-                self._mirror_changed(node, neighbour, 1 if now_alive else -1, version_ts(version))
+                flips.append((neighbour, 1 if now_alive else -1, version_ts(version)))
+        if was_hub != self._is_hub(row):
+            self._hub_changed(node)
+        elif not was_hub:  # no 2-path runs through a hub: its registers' changes move no count
+            for neighbour, sign, ts in flips:
+                self._mirror_changed(node, neighbour, sign, ts)
 
     def _mirror_changed(self, node: int, neighbour: int, sign: int, ts: int) -> None:
         for user in self.reverse_row(node):
@@ -544,7 +578,10 @@ class PartitionGraph:
             return 0, None
         count, newest = 0, -1
         for z, version in self.adjacency_row(user).alive_items():
-            other = self.mirror_row(z).versions.get(candidate)
+            mirror = self.mirror_row(z)
+            if self._is_hub(mirror):
+                continue
+            other = mirror.versions.get(candidate)
             if other is not None and other % 2 == 0 and z != candidate:
                 count += 1
                 newest = max(newest, version_ts(version), version_ts(other))
@@ -560,8 +597,12 @@ class PartitionGraph:
 
     def common_neighbors(self, user: int, candidate: int) -> list[int]:
         """The common neighbours themselves (for reasons), from the local adjacency and the mirrors."""
-        return sorted(z for z, v in self.adjacency_row(user).alive_items()
-                      if is_alive(self.mirror_row(z).versions.get(candidate, 1)))
+        found = []
+        for z, _ in self.adjacency_row(user).alive_items():
+            mirror = self.mirror_row(z)
+            if is_alive(mirror.versions.get(candidate, 1)) and not self._is_hub(mirror):
+                found.append(z)
+        return sorted(found)
 
     def adamic_adar_score(self, user: int, candidate: int) -> float:
         """Σ 1/ln deg(z) over common neighbours z, exact, with degrees as of now."""
@@ -587,6 +628,8 @@ class PartitionGraph:
         scores: dict[int, float] = {}
         for z in self._sorted_neighbours(user):
             mirror = self.mirror_row(z)
+            if self._is_hub(mirror):
+                continue
             weight = adamic_adar_weight(mirror.alive)
             for w, v in mirror.versions.items():
                 if v % 2 == 0 and w != user:
@@ -601,6 +644,8 @@ class PartitionGraph:
         allocation: dict[int, float] = {}
         for z in self._sorted_neighbours(user):
             mirror = self.mirror_row(z)
+            if self._is_hub(mirror):
+                continue
             weight = adamic_adar_weight(mirror.alive)
             share = 1.0 / mirror.alive if mirror.alive else 0.0
             for w, v in mirror.versions.items():
@@ -620,7 +665,7 @@ class PartitionGraph:
         neighbours come as a kept array (:meth:`Registers.alive_ids`), and the sums are ``np.bincount`` with
         weights, which adds each candidate's terms one by one in input order — the neighbours' id order, as the
         dict loop does — so every sum has the same bits."""
-        rows = [row for _, row in self.neighbour_rows(user)]
+        rows = [row for _, row in self.neighbour_rows(user) if not self._is_hub(row)]
         if not rows:
             return TwoHopArrays.empty()
         neighbours = [row.alive_ids() for row in rows]

@@ -308,6 +308,13 @@ def _cmd_features(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from pymk.bench.ingest import bench_ingest
 
+    if args.what == "hubs":
+        from pymk.bench.hubs import DEFAULT_GRAPHS as HUB_GRAPHS
+        from pymk.bench.hubs import bench_hubs
+
+        result = bench_hubs([(Path(args.data), args.split)] if args.data else HUB_GRAPHS)
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
     if args.what == "capacity":
         from pymk.bench.capacity import DEFAULT_GRAPHS, DEFAULT_PARTITIONS, bench_capacity
         from pymk.streams.global_index import ann_config
@@ -472,13 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     soak.set_defaults(func=_cmd_soak)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
-    bench.add_argument("what", choices=["ingest", "index", "rank", "freshness", "capacity"])
+    bench.add_argument("what", choices=["ingest", "index", "rank", "freshness", "capacity", "hubs"])
     bench.add_argument("--data", default=None,
                        help=FORMATS_HELP + " (default: ego-Facebook; capacity: ego-Facebook and CA-HepPh)")
     bench.add_argument("--partitions", type=int, default=None, help="capacity: partitions of the replay (12)")
     bench.add_argument("--lists-per-core", type=float, default=300.0,
                        help="capacity: lists per core-second to project with (pymk bench rank's full-served-1000)")
     bench.add_argument("--plot", type=Path, default=None, help="capacity: write the plot (PNG) here")
+    bench.add_argument("--split", choices=["time", "random"], default="random",
+                       help="hubs: the evaluation split of --data (default graphs: each its own)")
     bench.add_argument("--timeout", type=float, default=1800.0)
     bench.add_argument("--rate", type=float, default=1000.0, help="freshness: events per second")
     bench.add_argument("--seconds", type=float, default=30.0, help="freshness: how long to produce at that rate")

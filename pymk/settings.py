@@ -80,6 +80,11 @@ class Settings:
     # keeps none and counts from the adjacency and the mirrors when asked (ranking reads the mirrors either way;
     # features/graph.py). A partition written in one mode converts when opened in the other.
     common_counts: CommonCounts = "materialised"
+    # A user with more connections than this is a hub: no 2-path runs through it (not in the 2-hop candidates,
+    # the counts, Adamic-Adar, the mutual connections), so an event at a hub fans out to no one's 2-hop and a
+    # list never reads a hub's row. 0: no hubs. Needs PYMK_COMMON_COUNTS=on-read. Its effect on quality:
+    # `pymk bench hubs` (docs/capacity.md).
+    hub_degree: int = 0
     # Memory bounds of a worker that owns every partition (one owning fewer gets its share): feature rows cached
     # in Python (a partition whose cache outgrows 1/PYMK_PARTITIONS of this evicts its oldest rows down to 70 %
     # of it; they are read back from RocksDB), and RocksDB's block cache with the memtables charged to it, shared
@@ -206,6 +211,8 @@ class Settings:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}={getattr(self, name)!r} is not one of "
                                  f"{', '.join(choices)}")
+        if self.hub_degree and self.common_counts != "on-read":
+            raise ValueError(f"{ENV_PREFIX}HUB_DEGREE={self.hub_degree} needs {ENV_PREFIX}COMMON_COUNTS=on-read")
 
     # Derived names -----------------------------------------------------------------------------
     @property

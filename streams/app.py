@@ -121,6 +121,7 @@ class PymkApp:
                                  rocks_memory=RocksMemory(settings.rocksdb_memory_mb * 2**20),
                                  refresher=self.refresher,
                                  materialise_common=settings.common_counts == "materialised",
+                                 hub_degree=settings.hub_degree,
                                  topics=OutputTopics(embeddings=settings.topic("embeddings"),
                                                      recommendations=settings.topic("recommendations"),
                                                      impressions=settings.topic("impressions"),

@@ -95,12 +95,14 @@ class PartitionState:
     @classmethod
     def open(cls, partition: int, partitions: int, path: Path, partition_of: Callable[[int], int],
              max_item_fanout: int | None = None, cache_bytes: int | None = None,
-             rocks_memory: RocksMemory | None = None, materialise_common: bool = True) -> PartitionState:
+             rocks_memory: RocksMemory | None = None, materialise_common: bool = True,
+             hub_degree: int = 0) -> PartitionState:
         store = _open_with_retry(path, rocks_memory)
         applied = {key[len(OFFSETS_PREFIX):].decode(): int(value)
                    for key, value in store.scan(OFFSETS_PREFIX)}
         watermark = store.get(EVENT_TIME_KEY)
-        graph = PartitionGraph(partition, partitions, store, partition_of, materialise_common=materialise_common)
+        graph = PartitionGraph(partition, partitions, store, partition_of, materialise_common=materialise_common,
+                               hub_degree=hub_degree)
         converted = graph.reconcile_common_rows()
         if converted:
             log.info("partition %d: common-neighbour counts converted to PYMK_COMMON_COUNTS=%s (%s)", partition,
@@ -206,7 +208,7 @@ class WorkerState:
                  messages_topic: str, globals_topic: str, dead_letter_topic: str, send: Sender,
                  max_item_fanout: int | None = None, cache_bytes_per_partition: int | None = None,
                  rocks_memory: RocksMemory | None = None, refresher: Refresher | None = None,
-                 materialise_common: bool = True,
+                 materialise_common: bool = True, hub_degree: int = 0,
                  topics: OutputTopics | None = None, backlog_of: Callable[[], int] | None = None,
                  between_flushes_max_backlog: int | None = None,
                  error_listener: Callable[[str], None] | None = None) -> None:
@@ -222,6 +224,7 @@ class WorkerState:
         self.cache_bytes_per_partition = cache_bytes_per_partition
         self.rocks_memory = rocks_memory
         self.materialise_common = materialise_common
+        self.hub_degree = hub_degree
         self.owned: dict[int, PartitionState] = {}
         self.lock = asyncio.Lock()
         self.unacked: list[tuple[Any, Any]] = []  # (stream, event) applied but not yet durable
@@ -248,7 +251,7 @@ class WorkerState:
         for p in sorted(set(numbers) - set(self.owned)):
             self.owned[p] = PartitionState.open(p, self.partitions, self.state_dir / f"p{p}", self.partition_of,
                                                 self.max_item_fanout, self.cache_bytes_per_partition,
-                                                self.rocks_memory, self.materialise_common)
+                                                self.rocks_memory, self.materialise_common, self.hub_degree)
             log.info("opened state of partition %d (applied offsets %s)", p, self.owned[p].applied)
 
     async def close_partitions(self, numbers: Iterable[int]) -> None:

@@ -147,3 +147,95 @@ def test_a_worker_partition_opened_in_the_other_mode_converts_in_rocksdb(tmp_pat
     assert state.graph.common_neighbor_count(1, 5) == (1, 5000)
     assert state.graph.common_neighbor_count(2, 5) == (1, 9000)
     state.store.close()
+
+
+# ---- hubs (PYMK_HUB_DEGREE): no 2-path through a user of more neighbours than the cap ---------------------------
+def _hub_oracle(oracle, u: int, hub_degree: int) -> dict[int, list[int]]:
+    """candidate → its common neighbours with u that are not hubs."""
+    found: dict[int, list[int]] = {}
+    if u not in oracle:
+        return found
+    for z in oracle[u]:
+        if oracle.degree(z) > hub_degree:
+            continue
+        for w in oracle[z]:
+            if w != u:
+                found.setdefault(w, []).append(z)
+    return {w: sorted(zs) for w, zs in found.items()}
+
+
+@settings(max_examples=120, deadline=None)
+@given(events=event_lists, partitions=st.integers(1, 4), seed=st.integers(0, 10**6), hub_degree=st.integers(1, 4))
+def test_no_two_path_runs_through_a_hub_and_every_changed_user_is_marked(events, partitions, seed,
+                                                                         hub_degree) -> None:
+    import math
+
+    from pymk.features.graph import adamic_adar_weight
+
+    rng = random.Random(seed)
+    cluster = GraphCluster(partitions, rng, materialise_common=False, hub_degree=hub_degree)
+    seen: list[tuple[int, int, str, int]] = []
+
+    def snapshot() -> dict[int, tuple]:
+        out = {}
+        for u in range(12):
+            found = cluster.owner(u).two_hop_arrays(u)
+            out[u] = (found.ids.tolist(), found.counts.tolist(), found.adamic_adar.tolist())
+        return out
+
+    before = snapshot()
+    for event in events:
+        seen.append(event)
+        cluster.connection(*event)
+        cluster.drain()  # converged after each event: what it changed is then compared with what it marked
+        changed = [graph.take_changed_users() for graph in cluster.graphs]
+        marked = set().union(*(own | two for own, two in changed))
+        after = snapshot()
+        assert {u for u in range(12) if after[u] != before[u]} <= marked
+        before = after
+    oracle = lww_graph(seen)
+    for u in range(12):
+        graph = cluster.owner(u)
+        expected = _hub_oracle(oracle, u, hub_degree)
+        assert graph.common_neighbor_counts(u) == {w: len(zs) for w, zs in expected.items()}
+        counts, scores = graph.two_hop_scores(u)
+        assert counts == {w: len(zs) for w, zs in expected.items()}
+        for w, zs in expected.items():
+            assert graph.common_neighbors(u, w) == zs
+            assert graph.common_neighbor_count(u, w)[0] == len(zs)
+            assert math.isclose(scores[w], sum(adamic_adar_weight(oracle.degree(z)) for z in zs), rel_tol=1e-9)
+
+
+def test_a_hub_needs_counts_on_read() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="PYMK_COMMON_COUNTS=on-read"):
+        PartitionGraph(0, 1, DictRowStore(), lambda user: 0, hub_degree=100)
+
+
+def test_an_event_at_a_hub_marks_nobody_else() -> None:
+    graph = PartitionGraph(0, 1, DictRowStore(), lambda user: 0, materialise_common=False, hub_degree=3)
+    for leaf in range(1, 5):  # 0 gets a 4th neighbour: a hub now, every leaf marked once
+        graph.apply_connection(0, leaf, "add", leaf)
+    graph.take_changed_users()
+    graph.apply_connection(0, 5, "add", 10)
+    own, two_hop = graph.take_changed_users()
+    assert own == {0, 5} and two_hop <= {0, 5}  # the leaves see no 2-path through the hub appear
+    assert graph.common_neighbor_counts(1) == {}
+    graph.apply_connection(0, 5, "remove", 11)
+    graph.apply_connection(0, 4, "remove", 12)  # back to 3 neighbours: no longer a hub, its leaves marked
+    own, two_hop = graph.take_changed_users()
+    assert {1, 2, 3} <= two_hop
+    assert graph.common_neighbor_counts(1) == {2: 1, 3: 1}
+
+
+def test_the_settings_refuse_a_hub_degree_with_materialised_rows() -> None:
+    import pytest
+
+    from pymk.settings import Settings
+
+    with pytest.raises(ValueError, match="PYMK_HUB_DEGREE=5 needs PYMK_COMMON_COUNTS=on-read"):
+        Settings(hub_degree=5)
+    assert Settings(hub_degree=5, common_counts="on-read").hub_degree == 5
+    with pytest.raises(ValueError, match="PYMK_COMMON_COUNTS='rows' is not one of materialised, on-read"):
+        Settings.from_env({"PYMK_COMMON_COUNTS": "rows"})

@@ -52,10 +52,11 @@ class GraphCluster(ShuffledDelivery):
     """P :class:`PartitionGraph` s; ``degrees`` keeps the newest degree update of each user (user-globals)."""
 
     def __init__(self, partitions: int, rng: random.Random,
-                 store_factory: Callable[[int], RowStore] | None = None, materialise_common: bool = True) -> None:
+                 store_factory: Callable[[int], RowStore] | None = None, materialise_common: bool = True,
+                 hub_degree: int = 0) -> None:
         super().__init__(partitions, rng)
         self.graphs = [PartitionGraph(p, partitions, store_factory(p) if store_factory else DictRowStore(),
-                                      self.part, materialise_common=materialise_common)
+                                      self.part, materialise_common=materialise_common, hub_degree=hub_degree)
                        for p in range(partitions)]
         self.degrees: dict[int, tuple[int, int]] = {}
 
