@@ -619,8 +619,10 @@ class PartitionGraph:
 
     def neighbour_rows(self, user: int) -> list[tuple[int, Registers]]:
         """(z, z's registers as mirrored here) of the local user's alive neighbours z, by id: what a user's 2-hop
-        reads are made of (read once per list, then :meth:`common_neighbors` of many candidates is a lookup each)."""
-        return [(z, self.mirror_row(z)) for z in self._sorted_neighbours(user)]
+        reads are made of (read once per list, then :meth:`common_neighbors` of many candidates is a lookup each).
+        Hubs left out: no 2-path runs through one (``hub_degree``)."""
+        rows = [(z, self.mirror_row(z)) for z in self._sorted_neighbours(user)]
+        return [(z, row) for z, row in rows if not self._is_hub(row)] if self.hub_degree else rows
 
     def two_hop_scores(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
         """Common-neighbour counts and Adamic-Adar scores of every candidate of a local user, in one pass."""
@@ -665,7 +667,7 @@ class PartitionGraph:
         neighbours come as a kept array (:meth:`Registers.alive_ids`), and the sums are ``np.bincount`` with
         weights, which adds each candidate's terms one by one in input order — the neighbours' id order, as the
         dict loop does — so every sum has the same bits."""
-        rows = [row for _, row in self.neighbour_rows(user) if not self._is_hub(row)]
+        rows = [row for _, row in self.neighbour_rows(user)]
         if not rows:
             return TwoHopArrays.empty()
         neighbours = [row.alive_ids() for row in rows]

@@ -239,3 +239,13 @@ def test_the_settings_refuse_a_hub_degree_with_materialised_rows() -> None:
     assert Settings(hub_degree=5, common_counts="on-read").hub_degree == 5
     with pytest.raises(ValueError, match="PYMK_COMMON_COUNTS='rows' is not one of materialised, on-read"):
         Settings.from_env({"PYMK_COMMON_COUNTS": "rows"})
+
+
+def test_the_worker_sources_mutual_connections_leave_hubs_out() -> None:
+    """The reasons' mutual connections (WorkerRankingSource.common_neighbors reads neighbour_rows) agree with the
+    counts: a hub is nobody's mutual connection."""
+    graph = PartitionGraph(0, 1, DictRowStore(), lambda user: 0, materialise_common=False, hub_degree=3)
+    for ts, (a, b) in enumerate([(1, 0), (0, 2), (0, 3), (0, 4), (1, 5), (5, 2)], start=1):
+        graph.apply_connection(a, b, "add", ts)
+    assert [z for z, _ in graph.neighbour_rows(1)] == [5]  # 0 has 4 neighbours: a hub
+    assert graph.common_neighbors(1, 2) == [5] and graph.common_neighbor_count(1, 2)[0] == 1
