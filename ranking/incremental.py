@@ -60,16 +60,13 @@ from typing import Any
 
 import numpy as np
 
-from pymk.ranking.candidates import CandidateConfig, CandidateSet, default_filters
+from pymk.ranking.candidates import CandidateConfig, CandidateSet, default_filters, lookup_by_id, two_hop_by_id
 from pymk.ranking.features import (
-    ACTIVITY_FEATURES,
     COLUMN_GROUPS,
     DAY_MS,
     FEATURE_INDEX,
-    SEED_FEATURES,
     FeatureBuilder,
     activity_table_for,
-    candidate_activity_columns,
     implements,
     view_columns,
     view_recency_days,
@@ -80,6 +77,7 @@ from pymk.ranking.source import (
     ActivitySource,
     ActivityTable,
     ActivityTableSource,
+    ChangeStampSource,
     IdArraySource,
     PopularSource,
     RankingSource,
@@ -89,19 +87,23 @@ from pymk.ranking.source import (
 log = logging.getLogger(__name__)
 
 _AA_DECIMALS = 9  # Stage 1's rough order rounds AA + cosine so (candidates.py)
+# columns by name (FEATURE_INDEX), so that columns added to the matrix do not move these
 _DEGREE = FEATURE_INDEX["candidate_degree_log"]
 _RECENCY = FEATURE_INDEX["profile_view_recency_days"]
-_ACTIVITY = SEED_FEATURES  # the candidate's 3 decayed counts, then days since its latest change
-_DAYS_SINCE = SEED_FEATURES + 3
+_ACTIVITY = FEATURE_INDEX["candidate_activity_1d"]  # the candidate's 3 decayed counts, then days since its last change
+_DAYS_SINCE = FEATURE_INDEX["candidate_days_since_last_connection"]
 _QUERY_ACTIVITY = FEATURE_INDEX["query_activity_7d"]
 _QUERY_DAYS = FEATURE_INDEX["query_days_since_last_connection"]
 _ROW_AS_OF = (_RECENCY, *range(_ACTIVITY, _DAYS_SINCE + 1))  # the per-row as-of columns
-_BEHAVIOUR = (6, 8, 9)  # the behavioural columns that do not move with as-of
+# the behavioural columns that do not move with as-of (view_columns' three, in its order)
+_BEHAVIOUR = (FEATURE_INDEX["query_viewed_candidate_profile"], FEATURE_INDEX["mutual_profile_views"],
+              FEATURE_INDEX["co_engaged_with_content"])
 _NEVER = np.iinfo(np.int64).max
+_TAUS = np.asarray(ACTIVITY_TIME_CONSTANTS_MS, np.int64)
 ANN_SPARES = 16  # ANN neighbours kept past ann_k at a full build, to replace dropped ones (dismissed, connected)
 _MIX = 0x9E3779B97F4A7C15
 _MASK = 0xFFFFFFFFFFFFFFFF
-assert len(ACTIVITY_FEATURES) == 6 and _QUERY_ACTIVITY == SEED_FEATURES + 4
+assert _ACTIVITY + len(ACTIVITY_TIME_CONSTANTS_MS) == _DAYS_SINCE  # candidate_activity_columns' layout
 
 
 # ---- the model's split points -----------------------------------------------------------------------------------
@@ -187,6 +189,30 @@ def _until_growing(x: np.ndarray, base: np.ndarray, thresholds_below: np.ndarray
     return out
 
 
+def _bins_moved(points: SplitPoints | None, columns: Sequence[int], old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Per row of the blocks ``old`` and ``new`` (their columns are the matrix's ``columns``): whether some value
+    left its bin, i.e. some comparison ``x < threshold`` of the model (in float32; NaN its own bin) can have another
+    outcome, so the row's leaves, hence its score, can differ. Without split points: whether some value differs."""
+    differs = ~((new == old) | (np.isnan(new) & np.isnan(old)))
+    if points is None or not differs.any():
+        return differs.any(axis=1)
+    moved = np.zeros(len(old), bool)
+    for j in np.flatnonzero(differs.any(axis=0)).tolist():
+        thresholds = points.exact[columns[j]]
+        if not len(thresholds):
+            continue  # a column the model never splits on
+        rows = np.flatnonzero(differs[:, j])
+        moved[rows[_bins(thresholds, old[rows, j]) != _bins(thresholds, new[rows, j])]] = True
+    return moved
+
+
+def _bins(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """How many thresholds the float32 of each ``x`` is at or above (-1 for NaN, the default side)."""
+    bins = np.searchsorted(thresholds, x.astype(np.float32).astype(np.float64), side="right")
+    bins[np.isnan(x)] = -1
+    return bins
+
+
 # ---- the cache ----------------------------------------------------------------------------------------------------
 @dataclass
 class ListEntry:
@@ -221,6 +247,14 @@ class ListEntry:
     invalid: str | None = None  # a reason for a full build, set from outside (invalidate)
     nbytes: int = 0
     new_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of this update, scored at as-of
+    # ChangeStampSource: the source's stamp when the rows were last read (-1: the source has none), and the user's
+    # behaviour stamp then; without them every update re-reads every row
+    stamp: int = -1
+    views_stamp: int = -1
+    engagement_stamp: int = -1
+    query_degree: int = -1  # the user's degree the graph columns were computed with
+    id_order: np.ndarray | None = None  # np.argsort(candidates.ids), kept while the rows do not change
+    handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
 
     def measure(self) -> int:
         c = self.candidates
@@ -466,6 +500,10 @@ class IncrementalLists:
         points = split_points(scorer, entry.features.shape[1])
         entry.valid_until = self._validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
+        entry.query_degree = source.degree(user)
+        if implements(source, ChangeStampSource):
+            entry.stamp = source.change_stamp()
+            entry.views_stamp, entry.engagement_stamp = source.views_stamp(user), source.co_engagement_stamp(user)
         return entry
 
     # ---- the update ---------------------------------------------------------------------------------------------
@@ -542,23 +580,21 @@ class IncrementalLists:
             extras = [u for u in dict.fromkeys([*(ann_new or {}), *popular]) if u not in held_ids]
             e.popular = popular
         graph_changed = e.graph_changed
-        counts_map: Any = None
-        scores_map: Any = None
-        added: list[int] = []
+        hop_ids = hop_counts = hop_aa = np.empty(0)
+        added = np.empty(0, np.int64)
         e.new_rows = np.empty(0, np.int64)
         if graph_changed:
             if e.graph_cut or e.rough_cut:
                 return "graph_cut" if e.graph_cut else "rough_cut"
-            counts_map, scores_map = source.two_hop(user)
-            pool = [w for w in counts_map if w not in excluded]
+            hop_ids, hop_counts, hop_aa = two_hop_by_id(user, source)  # by id, as Stage 1 reads them
+            excluded_ids = np.fromiter(excluded, np.int64, len(excluded))
+            pool = hop_ids[~np.isin(hop_ids, excluded_ids)] if len(excluded_ids) else hop_ids
             if len(pool) > config.graph_k:
                 return "graph_cut"
-            ids_now = c.ids.tolist()
-            in_pool = np.fromiter(map(counts_map.__contains__, ids_now), bool, len(ids_now)) & keep
+            in_pool = np.isin(c.ids, pool) & keep
             # a row that left the 2-hop set stays only for its other sources
             keep &= in_pool | c.from_ann | (c.from_popular if c.from_popular is not None else False)
-            held = set(ids_now)
-            added = [w for w in pool if w not in held]
+            added = pool[~np.isin(pool, c.ids)]
         n_old = len(c.ids)
         if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
             return "rough_cut"
@@ -577,18 +613,14 @@ class IncrementalLists:
             self._reorder(e)
         if graph_changed:
             c = e.candidates
-            id_list = c.ids.tolist()
-            n = len(id_list)
-            counts = np.fromiter(map(counts_map.get, id_list, repeat(0)), np.int64, n)
-            aa = np.fromiter(map(scores_map.get, id_list, repeat(0.0)), np.float64, n)
-            from_graph = np.fromiter(map(counts_map.__contains__, id_list), bool, n)
-            e.candidates = replace(c, common_neighbor_count=counts, adamic_adar_score=aa, from_graph=from_graph)
-            added = [w for w in added if w not in set(e.candidates.ids[e.new_rows].tolist())]  # promoted ANN rows
-            if added:
+            e.candidates = replace(c, common_neighbor_count=lookup_by_id(hop_ids, hop_counts, c.ids, 0),
+                                   adamic_adar_score=lookup_by_id(hop_ids, hop_aa, c.ids, 0.0),
+                                   from_graph=np.isin(c.ids, hop_ids))
+            added = added[~np.isin(added, e.candidates.ids[e.new_rows])]  # not promoted ANN rows
+            if len(added):
                 m = len(added)
-                self._add_rows(e, CandidateSet(user, np.asarray(added, np.int64),
-                                               np.fromiter(map(counts_map.__getitem__, added), np.int64, m),
-                                               np.fromiter(map(scores_map.__getitem__, added), np.float64, m),
+                self._add_rows(e, CandidateSet(user, added, lookup_by_id(hop_ids, hop_counts, added, 0),
+                                               lookup_by_id(hop_ids, hop_aa, added, 0.0),
                                                np.full(m, np.nan), np.ones(m, bool), np.zeros(m, bool), {},
                                                np.zeros(m, bool)),
                                user, source, builder, as_of, scorer)
@@ -596,39 +628,15 @@ class IncrementalLists:
         c = e.candidates
         n = len(c.ids)
         ids = c.ids
-        id_list = ids.tolist()
         X = e.features
+        points = split_points(scorer, X.shape[1])
         fresh = np.zeros(n, bool)  # rows whose as-of columns are as of now and whose score is exact (new rows)
         fresh[e.new_rows] = True
-        dirty = np.zeros(n, bool)
+        dirty = fresh.copy()  # new rows are scored with the rest
+        everything = np.arange(n)
 
-        scratch = np.empty((n, X.shape[1]))
-        groups = ["graph", "embedding"] + (["resource_allocation"] if graph_changed else [])
-        builder.columns(user, c, source, as_of, groups, scratch)
-        columns = [*COLUMN_GROUPS["graph"], *COLUMN_GROUPS["embedding"]]
-        if graph_changed:
-            columns += COLUMN_GROUPS["resource_allocation"]
-        if e.views_changed or len(e.new_rows) or graph_changed:
-            values, latest, has_view = view_columns(user, ids, source)
-        else:  # the views as held; the co-engagements re-read
-            values, latest, has_view = X[:, _BEHAVIOUR], e.view_latest, e.has_view
-            values[:, 2] = view_columns(user, ids, source, views=False)[0][:, 2]
-        scratch[:, _BEHAVIOUR] = values
-        columns += _BEHAVIOUR
-        block_new, block_old = scratch[:, columns], X[:, columns]
-        changed = ~((block_new == block_old) | (np.isnan(block_new) & np.isnan(block_old)))
-        dirty |= changed.any(axis=1)
-        X[:, columns] = block_new
-
-        # the held activity and the views: a change re-computes the row's as-of columns
-        table = activity_table_for(source, ids, id_list)
-        moved = (table.known != e.activity.known) | (table.anchors != e.activity.anchors) | (
-            table.values != e.activity.values).any(axis=1)
-        moved |= (has_view != e.has_view) | (latest != e.view_latest)
-        e.activity, e.view_latest, e.has_view = table, latest, has_view
-
-        points = split_points(scorer, X.shape[1])
-        # the query-level as-of columns: the same for every row; a bin change re-scores every row
+        # the query-level as-of columns: the same for every row; a bin change re-scores every row (then the other
+        # columns' bins need no comparing)
         query_activity, query_days = _query_columns(user, source, as_of)
         X[:, _QUERY_ACTIVITY] = query_activity
         X[:, _QUERY_DAYS] = query_days
@@ -637,11 +645,90 @@ class IncrementalLists:
             dirty[:] = True
         e.query_bins = bins
 
+        def refresh(groups: list[str], rows: np.ndarray) -> None:
+            """Recompute ``groups`` for ``rows`` into X; a row whose new values left a bin of the model is dirty."""
+            if not len(rows):
+                return
+            whole = len(rows) == n
+            scratch = np.empty((len(rows), X.shape[1]))
+            builder.columns(user, c if whole else c.subset(rows), source, as_of, groups, scratch)
+            columns = [column for group in groups for column in COLUMN_GROUPS[group]]
+            block_new = scratch[:, columns]
+            if not dirty.all():
+                block_old = X[:, columns] if whole else X[np.ix_(rows, columns)]
+                dirty[rows[_bins_moved(points, columns, block_old, block_new)]] = True
+            if whole:
+                X[:, columns] = block_new
+            else:
+                X[np.ix_(rows, columns)] = block_new
+
+        # Which rows' per-user reads (degree, activity, embedding, profile) may have moved: with change stamps the
+        # rows changed since the last read, else every row (and the profile columns are not re-read: module doc).
+        stamped = implements(source, ChangeStampSource) and e.stamp >= 0
+        stamp_now = source.change_stamp() if stamped else -1
+        if not stamped:
+            read = everything
+        elif stamp_now == e.stamp:
+            read = np.empty(0, np.int64)
+        else:
+            if e.handles is None:
+                e.handles = source.stamp_handles(ids)
+            read = np.flatnonzero(source.changed_since(e.handles, e.stamp) & ~fresh)
+        query_degree = source.degree(user)
+        all_graph = graph_changed or query_degree != e.query_degree or not stamped
+        refresh(["graph"] + (["resource_allocation"] if graph_changed else []), everything if all_graph else read)
+        refresh(["embedding"], everything if query_moved or not stamped else read)
+        if stamped:
+            refresh(["profile"], read)
+        e.query_degree = query_degree
+
+        # the behavioural columns: the views when the user viewed or was viewed (or, with stamps, when the stamp
+        # says so), the co-engagements (another user's engagement moves them without touching this user) at every
+        # update without stamps, else when the user's co-engagement stamp moved
+        views_stamp = source.views_stamp(user) if stamped else -1
+        engagement_stamp = source.co_engagement_stamp(user) if stamped else -1
+        if stamped:
+            views_due = e.views_changed or views_stamp != e.views_stamp
+            engagements_due = engagement_stamp != e.engagement_stamp
+        else:
+            views_due, engagements_due = bool(e.views_changed or len(e.new_rows) or graph_changed), True
+        view_moved = np.zeros(n, bool)
+        if views_due or engagements_due:
+            if e.id_order is None:
+                e.id_order = np.argsort(ids, kind="stable")
+            columns = list(_BEHAVIOUR if views_due and engagements_due
+                           else _BEHAVIOUR[:2] if views_due else _BEHAVIOUR[2:])
+            if views_due and engagements_due:
+                values, latest, has_view = view_columns(user, ids, source, e.id_order)
+            elif views_due:
+                values, latest, has_view = _view_counts(user, ids, e.id_order, source)
+            else:
+                values = view_columns(user, ids, source, e.id_order, views=False)[0][:, 2:]
+            if views_due:
+                view_moved = (has_view != e.has_view) | (latest != e.view_latest)
+                e.view_latest, e.has_view = latest, has_view
+            if not dirty.all():
+                dirty |= _bins_moved(points, columns, X[:, columns], values)
+            X[:, columns] = values
+        e.views_stamp, e.engagement_stamp = views_stamp, engagement_stamp
+
+        # the held activity: a change re-computes the row's as-of columns
+        if len(read):
+            table = activity_table_for(source, ids[read], ids[read].tolist())
+            held = e.activity
+            moved_read = (table.known != held.known[read]) | (table.anchors != held.anchors[read]) | (
+                table.values != held.values[read]).any(axis=1)
+            held.values[read], held.anchors[read], held.known[read] = table.values, table.anchors, table.known
+            view_moved[read[moved_read]] = True
+        moved = view_moved
+        if stamped:
+            e.stamp = stamp_now
+
         expired = (e.valid_until <= as_of) if points is not None else np.ones(n, bool)
         recompute = np.flatnonzero((moved | expired) & ~fresh)
-        if len(recompute):
-            self._as_of_columns(e, recompute, as_of)
-            e.valid_until[recompute] = self._validity(e, recompute, points, as_of)
+        if len(recompute):  # nearly all of them crossed a bin (valid_until is the first crossing): re-scored
+            block = self._as_of_columns(e, recompute, as_of)
+            e.valid_until[recompute] = self._validity(e, recompute, points, as_of, block)
             dirty[recompute] = True
         rescore = np.flatnonzero(dirty)  # a new row too, when the 2-hop maps gave it CN/AA after it was scored
         if len(rescore):
@@ -668,6 +755,7 @@ class IncrementalLists:
         e.activity = ActivityTable(e.activity.values[index], e.activity.anchors[index], e.activity.known[index])
         e.view_latest, e.has_view = e.view_latest[index], e.has_view[index]
         e.new_rows = np.empty(0, np.int64)
+        e.id_order = e.handles = None
 
     def _add_rows(self, e: ListEntry, new: CandidateSet, user: int, source: RankingSource, builder: FeatureBuilder,
                   as_of: int, scorer: Scorer) -> None:
@@ -686,7 +774,7 @@ class IncrementalLists:
             dict(c.stats), np.concatenate([c.from_popular if c.from_popular is not None else np.zeros(n, bool),
                                            new.from_popular if new.from_popular is not None else np.zeros(m, bool)]))
         e.features = np.concatenate([e.features, features])
-        e.scores = np.concatenate([e.scores, np.asarray(scorer.predict(features), np.float64)])
+        e.scores = np.concatenate([e.scores, np.full(m, np.nan)])  # scored by the update with the other dirty rows
         table = activity_table_for(source, ids, added)
         e.activity = ActivityTable(np.concatenate([e.activity.values, table.values]),
                                    np.concatenate([e.activity.anchors, table.anchors]),
@@ -694,6 +782,7 @@ class IncrementalLists:
         _, latest, has_view = view_columns(user, ids, source)
         e.view_latest, e.has_view = np.concatenate([e.view_latest, latest]), np.concatenate([e.has_view, has_view])
         e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
+        e.id_order = e.handles = None
         e.valid_until = np.concatenate([e.valid_until, np.zeros(m, np.int64)])
         e.valid_until[e.new_rows] = self._validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
 
@@ -711,6 +800,7 @@ class IncrementalLists:
         e.features, e.scores, e.valid_until = e.features[order], e.scores[order], e.valid_until[order]
         e.activity = ActivityTable(e.activity.values[order], e.activity.anchors[order], e.activity.known[order])
         e.view_latest, e.has_view = e.view_latest[order], e.has_view[order]
+        e.id_order = e.handles = None
         if len(e.new_rows):
             position = np.empty(len(order), np.int64)
             position[order] = np.arange(len(order))
@@ -718,12 +808,24 @@ class IncrementalLists:
 
     # ---- as-of columns ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _as_of_columns(e: ListEntry, rows: np.ndarray, as_of: int) -> None:
-        """The per-row as-of columns of ``rows`` at ``as_of``, from the held activity and views (matrix's code)."""
+    def _as_of_columns(e: ListEntry, rows: np.ndarray, as_of: int) -> np.ndarray:
+        """The per-row as-of columns of ``rows`` at ``as_of``, from the held activity and views, written to the
+        matrix and returned ((m, 4) candidate activity columns): the arithmetic of candidate_activity_columns and
+        view_recency_days (features.py), fused: the same float64 operations in the same order, one pass of
+        math.exp over the rows' (age, τ) pairs (numpy's exp may differ from libm's in the last bit)."""
         a = e.activity
-        table = ActivityTable(a.values[rows], a.anchors[rows], a.known[rows])
-        e.features[np.ix_(rows, range(_ACTIVITY, _DAYS_SINCE + 1))] = candidate_activity_columns(table, as_of)
-        e.features[rows, _RECENCY] = view_recency_days(e.view_latest[rows], e.has_view[rows], as_of)
+        known, anchors = a.known[rows], a.anchors[rows]
+        m = len(rows)
+        block = np.empty((m, len(_TAUS) + 1))
+        ages = np.maximum(as_of - anchors, 0)
+        exponents = -ages[:, None] / _TAUS  # activity_at's int true division: exact operands, IEEE rounding
+        factors = np.fromiter(map(math.exp, exponents.ravel().tolist()), np.float64, exponents.size)
+        block[:, :-1] = np.where(known[:, None], a.values[rows] * factors.reshape(m, len(_TAUS)), 0.0)
+        block[:, -1] = np.maximum(0.0, as_of - np.where(known, anchors.astype(np.float64), np.nan)) / DAY_MS
+        X = e.features
+        X[rows, _ACTIVITY : _DAYS_SINCE + 1] = block
+        X[rows, _RECENCY] = view_recency_days(e.view_latest[rows], e.has_view[rows], as_of)
+        return block
 
     def _bring_to(self, e: ListEntry, rows: np.ndarray, as_of: int) -> None:
         """Make the as-of columns of ``rows`` exact at ``as_of`` (their scores stand: same bins)."""
@@ -731,20 +833,25 @@ class IncrementalLists:
             self._as_of_columns(e, np.asarray(rows, np.int64), as_of)
 
     @staticmethod
-    def _validity(e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int) -> np.ndarray:
-        """Per row of ``rows`` (whose as-of columns are as of ``as_of``): the as-of time before which no as-of
-        column crosses a threshold of the model; ``as_of`` itself (re-score next time) without split points."""
+    def _validity(e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int,
+                  block: np.ndarray | None = None) -> np.ndarray:
+        """Per row of ``rows`` (whose as-of columns are as of ``as_of``; ``block``: their activity columns when at
+        hand): the as-of time before which no as-of column crosses a threshold of the model; ``as_of`` itself
+        (re-score next time) without split points."""
         if points is None:
             return np.full(len(rows), as_of, np.int64)
         X = e.features
         a = e.activity
+        if block is None:
+            block = X[rows, _ACTIVITY : _DAYS_SINCE + 1]
         anchors = a.anchors[rows].astype(np.float64)
+        held = a.values[rows]
         until = np.full(len(rows), _NEVER, np.int64)
         for j, tau in enumerate(ACTIVITY_TIME_CONSTANTS_MS):
-            column = _ACTIVITY + j
-            until = np.minimum(until, _until_falling(X[rows, column], a.values[rows, j], anchors, float(tau),
-                                                     points.exact[column]))
-        until = np.minimum(until, _until_growing(X[rows, _DAYS_SINCE], anchors, points.below[_DAYS_SINCE]))
+            thresholds = points.exact[_ACTIVITY + j]
+            if len(thresholds):
+                until = np.minimum(until, _until_falling(block[:, j], held[:, j], anchors, float(tau), thresholds))
+        until = np.minimum(until, _until_growing(block[:, -1], anchors, points.below[_DAYS_SINCE]))
         until = np.minimum(until, _until_growing(X[rows, _RECENCY], e.view_latest[rows].astype(np.float64),
                                                  points.below[_RECENCY]))
         return until
@@ -789,6 +896,29 @@ def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, exclu
     if not np.array_equal(c.ann_score[rows], cos[: config.ann_k]):
         return np.empty(0, np.int64), np.empty(0)
     return ids, cos
+
+
+def _view_counts(user: int, ids: np.ndarray, order: np.ndarray,
+                 source: RankingSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """view_columns' (features.py) view part alone: (n, 2) views user → candidate and mutual views, the latest view
+    either way, whether there is one (the co-engagements not read)."""
+    n = len(ids)
+    values = np.zeros((n, 2))
+    latest = np.zeros(n, np.int64)
+    has_view = np.zeros(n, bool)
+    viewed = source.profile_views(user)
+    if viewed and n:
+        sorted_ids = ids[order]
+        keys = np.fromiter(viewed.keys(), np.int64, len(viewed))
+        held = np.array(list(viewed.values()), np.int64).reshape(len(viewed), 3)
+        position = np.minimum(np.searchsorted(sorted_ids, keys), n - 1)
+        hit = sorted_ids[position] == keys
+        found, rows = np.flatnonzero(hit), order[position[hit]]
+        values[rows, 0] = held[found, 0]
+        values[rows, 1] = np.minimum(held[found, 0], held[found, 1])
+        latest[rows] = held[found, 2]
+        has_view[rows] = True
+    return values, latest, has_view
 
 
 def _incremental_source(source: RankingSource) -> bool:

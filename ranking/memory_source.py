@@ -74,8 +74,7 @@ class MemorySource:
         self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
         # two_hop_arrays: each middle user's neighbours as an array, kept while the graph does not change, and
         # the last user's arrays (user, version, arrays)
-        self._middle_ids: dict[int, np.ndarray] = {}
-        self._middle_version = -1
+        self._middle_ids: dict[int, np.ndarray] = {}  # a user's entry dropped when its connections change
         self._two_hop_held: tuple[int, int, TwoHopArrays] | None = None
         # Columns for IdArraySource: a dense row per user seen (row 0: nobody), found by a binary search over the
         # sorted ids, so 2,000 candidates cost a few gathers instead of a cold dict lookup each.
@@ -83,6 +82,12 @@ class MemorySource:
         self._degree_col = np.zeros(1024, np.int64)
         self._activity_slot_col = np.zeros(1024, np.int64)
         self._embedding_col: np.ndarray | None = None  # row → row of _embedding_matrix, -1 without one
+        # ChangeStampSource: a counter bumped by every change, and per user (row) the counter at its latest change of
+        # degree, activity, embedding or profile; per user and per item the latest change of views and engagements.
+        self._stamp = 0
+        self._stamp_col = np.zeros(1024, np.int64)
+        self._views_stamp: dict[int, int] = {}
+        self._item_stamp: dict[int, int] = {}
 
     # ---- mutations -----------------------------------------------------------------------------------------------
     def _seen(self, ts: int | None) -> None:
@@ -98,11 +103,22 @@ class MemorySource:
                 self._degree_col = np.concatenate([self._degree_col, np.zeros_like(self._degree_col)])
                 self._activity_slot_col = np.concatenate([self._activity_slot_col,
                                                           np.zeros_like(self._activity_slot_col)])
+                self._stamp_col = np.concatenate([self._stamp_col, np.zeros_like(self._stamp_col)])
+            self._stamp += 1
+            self._stamp_col[0] = self._stamp  # a handle taken before this user had a row reads as changed
         return row
+
+    def _changed(self, user: int) -> None:
+        """The user's degree, activity, embedding or profile changed (ChangeStampSource)."""
+        row = self._row(user)  # first: it may grow the columns
+        self._stamp += 1
+        self._stamp_col[row] = self._stamp
 
     def _set_degree(self, user: int) -> None:
         row = self._row(user)  # first: it may grow the columns
         self._degree_col[row] = len(self.adjacency.get(user, _NO_NEIGHBOURS))
+        self._middle_ids.pop(user, None)
+        self._changed(user)
 
     def add_user(self, user: int) -> None:
         self.adjacency.setdefault(user, set())
@@ -160,6 +176,7 @@ class MemorySource:
         self.adjacency.setdefault(user, set())
         row = self._row(user)  # first: it may grow the columns
         self._activity_slot_col[row] = slot
+        self._changed(user)
         self.leaderboard.update(user, values, anchor, len(self.adjacency[user]))
 
     def add_view(self, viewer: int, viewed: int, ts: int) -> None:
@@ -168,6 +185,8 @@ class MemorySource:
         self._seen(ts)
         self.views_out.setdefault(viewer, {}).setdefault(viewed, set()).add(ts)
         self.views_in.setdefault(viewed, {}).setdefault(viewer, set()).add(ts)
+        self._stamp += 1
+        self._views_stamp[viewer] = self._views_stamp[viewed] = self._stamp
 
     def add_dismissal(self, user: int, candidate: int, ts: int) -> None:
         self._seen(ts)
@@ -179,11 +198,14 @@ class MemorySource:
         row = self.engaged.setdefault(user, {})
         row[item] = min(ts, row.get(item, ts))
         self.engagers.setdefault(item, set()).add(user)
+        self._stamp += 1
+        self._item_stamp[item] = self._stamp  # every engager's co-engagement counts may have moved
 
     def set_profile(self, user: int, profile: Profile, ts: int | None = None) -> None:
         """Merge ``profile`` into the user's (given fields replace, ``None`` fields are kept)."""
         self._seen(ts)
         self.profiles[user] = merge_profile(self.profiles.get(user), profile)
+        self._changed(user)
 
     def block(self, user: int, other: int) -> None:
         self.blocks.setdefault(user, set()).add(other)
@@ -192,6 +214,7 @@ class MemorySource:
         """Store the user's embedding, L2-normalised (None removes it)."""
         self._matrix = None
         self._embedding_col = None
+        self._changed(user)
         if vector is None:
             self.vectors.pop(user, None)
             return
@@ -270,9 +293,6 @@ class MemorySource:
         held = self._two_hop_held
         if held is not None and held[0] == user and held[1] == version:
             return held[2]
-        if self._middle_version != version:
-            self._middle_ids.clear()
-            self._middle_version = version
         own = self.adjacency.get(user, _NO_NEIGHBOURS)
         if not own:
             arrays = TwoHopArrays.empty()
@@ -361,6 +381,23 @@ class MemorySource:
         out[index < 0] = np.nan
         return out
 
+    # ---- ChangeStampSource ---------------------------------------------------------------------------------------
+    def change_stamp(self) -> int:
+        return self._stamp
+
+    def stamp_handles(self, ids: np.ndarray) -> np.ndarray:
+        return self._rows.rows(ids)  # rows stay a user's for the source's life (row 0: not seen yet)
+
+    def changed_since(self, handles: np.ndarray, stamp: int) -> np.ndarray:
+        return self._stamp_col[handles] > stamp
+
+    def views_stamp(self, user: int) -> int:
+        return self._views_stamp.get(user, 0)
+
+    def co_engagement_stamp(self, user: int) -> int:
+        items = self.engaged.get(user)
+        return max(map(self._item_stamp.__getitem__, items)) if items else 0
+
     # ---- PopularSource -------------------------------------------------------------------------------------------
     def most_active(self, k: int, as_of_ms: int) -> list[int]:
         return self.leaderboard.top(k)
@@ -417,7 +454,8 @@ class MemorySource:
         if query is None or k <= 0:
             return []
         ids, rows, _ = self._embedding_matrix()
-        scores = rows @ query
+        # einsum, not @: a BLAS matrix-vector product may spread over threads (CPU that a thread's clock misses)
+        scores = np.einsum("ij,j->i", rows, query)
         allowed = ids != user
         if exclude:
             allowed &= ~np.isin(ids, np.fromiter(exclude, np.int64, len(exclude)))
