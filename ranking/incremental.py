@@ -213,6 +213,59 @@ def _bins(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
     return bins
 
 
+class _AsOfKernel:
+    """``kept_rows_as_of`` of the tree evaluator's C library (tree_eval.c): the as-of columns of kept rows and their
+    validity in one call, bit for bit :meth:`IncrementalLists._as_of_columns` (tests/test_incremental_lists.py)."""
+
+    def __init__(self, function: Any, points: SplitPoints | None) -> None:
+        self.function = function
+        self.points = points
+        self.taus = np.ascontiguousarray(_TAUS)
+        runs = ([points.exact[_ACTIVITY + j] for j in range(len(_TAUS))] + [points.below[_DAYS_SINCE],
+                                                                            points.below[_RECENCY]]
+                if points is not None else [np.empty(0)] * 5)
+        self.thresholds = np.ascontiguousarray(np.concatenate(runs), np.float64)
+        self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in runs])]).astype(np.int64)
+
+    def run(self, e: ListEntry, rows: np.ndarray, as_of: int, points: SplitPoints | None) -> np.ndarray:
+        """Writes the as-of columns of ``rows`` at ``as_of`` into the matrix; returns their validity (``as_of``
+        without split points, as :meth:`IncrementalLists._validity`)."""
+        a = e.activity
+        m = len(rows)
+        values = np.ascontiguousarray(a.values[rows])
+        anchors, known = a.anchors[rows], a.known[rows]
+        latest, has_view = e.view_latest[rows], e.has_view[rows]
+        block = np.empty((m, 5))
+        validity = points is not None and points is self.points
+        until = np.empty(m, np.int64) if validity else None
+        self.function(m, values.ctypes.data, anchors.ctypes.data, known.ctypes.data, latest.ctypes.data,
+                      has_view.ctypes.data, as_of, self.taus.ctypes.data, self.thresholds.ctypes.data,
+                      self.offsets.ctypes.data, block.ctypes.data, None if until is None else until.ctypes.data)
+        X = e.features
+        X[rows, _ACTIVITY : _DAYS_SINCE + 1] = block[:, :4]
+        X[rows, _RECENCY] = block[:, 4]
+        return until if until is not None else np.full(m, as_of, np.int64)
+
+
+_KERNELS: dict[str, _AsOfKernel | None] = {}
+
+
+def _as_of_kernel(scorer: Scorer, points: SplitPoints | None) -> _AsOfKernel | None:
+    """The compiled as-of columns for a :class:`~pymk.ranking.model.Ranker` served by the compiled evaluator (by
+    model version); None otherwise (numpy and math.exp then, the same bits)."""
+    from pymk.ranking.model import Ranker
+
+    version = scorer.version
+    if version not in _KERNELS:
+        kernel = None
+        if type(scorer) is Ranker:
+            compiled = scorer._evaluator_or_none()  # noqa: SLF001 - the evaluator the ranker serves with
+            if compiled is not None:
+                kernel = _AsOfKernel(compiled.library.kept_rows_as_of, points)
+        _KERNELS[version] = kernel
+    return _KERNELS[version]
+
+
 # ---- the cache ----------------------------------------------------------------------------------------------------
 @dataclass
 class ListEntry:
@@ -254,6 +307,7 @@ class ListEntry:
     engagement_stamp: int = -1
     query_degree: int = -1  # the user's degree the graph columns were computed with
     id_order: np.ndarray | None = None  # np.argsort(candidates.ids), kept while the rows do not change
+    kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
     handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
 
     def measure(self) -> int:
@@ -498,7 +552,8 @@ class IncrementalLists:
             graph_cut=config.graph_k <= stats.get("graph", 0),
             rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
         points = split_points(scorer, entry.features.shape[1])
-        entry.valid_until = self._validity(entry, np.arange(len(ids)), points, as_of_ms)
+        entry.kernel = _as_of_kernel(scorer, points)
+        entry.valid_until = self._fresh_validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
         entry.query_degree = source.degree(user)
         if implements(source, ChangeStampSource):
@@ -727,8 +782,7 @@ class IncrementalLists:
         expired = (e.valid_until <= as_of) if points is not None else np.ones(n, bool)
         recompute = np.flatnonzero((moved | expired) & ~fresh)
         if len(recompute):  # nearly all of them crossed a bin (valid_until is the first crossing): re-scored
-            block = self._as_of_columns(e, recompute, as_of)
-            e.valid_until[recompute] = self._validity(e, recompute, points, as_of, block)
+            e.valid_until[recompute] = self._fresh_validity(e, recompute, points, as_of)
             dirty[recompute] = True
         rescore = np.flatnonzero(dirty)  # a new row too, when the 2-hop maps gave it CN/AA after it was scored
         if len(rescore):
@@ -784,7 +838,7 @@ class IncrementalLists:
         e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
         e.id_order = e.handles = None
         e.valid_until = np.concatenate([e.valid_until, np.zeros(m, np.int64)])
-        e.valid_until[e.new_rows] = self._validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
+        e.valid_until[e.new_rows] = self._fresh_validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
 
     @staticmethod
     def _reorder(e: ListEntry) -> None:
@@ -807,6 +861,14 @@ class IncrementalLists:
             e.new_rows = position[e.new_rows]
 
     # ---- as-of columns ----------------------------------------------------------------------------------------------
+    @classmethod
+    def _fresh_validity(cls, e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int) -> np.ndarray:
+        """The as-of columns of ``rows`` brought to ``as_of`` (in the matrix), and their :meth:`_validity`."""
+        if e.kernel is not None:
+            return e.kernel.run(e, rows, as_of, points)
+        block = cls._as_of_columns(e, rows, as_of)
+        return cls._validity(e, rows, points, as_of, block)
+
     @staticmethod
     def _as_of_columns(e: ListEntry, rows: np.ndarray, as_of: int) -> np.ndarray:
         """The per-row as-of columns of ``rows`` at ``as_of``, from the held activity and views, written to the
@@ -829,7 +891,11 @@ class IncrementalLists:
 
     def _bring_to(self, e: ListEntry, rows: np.ndarray, as_of: int) -> None:
         """Make the as-of columns of ``rows`` exact at ``as_of`` (their scores stand: same bins)."""
-        if len(rows):
+        if not len(rows):
+            return
+        if e.kernel is not None:
+            e.kernel.run(e, np.asarray(rows, np.int64), as_of, None)
+        else:
             self._as_of_columns(e, np.asarray(rows, np.int64), as_of)
 
     @staticmethod

@@ -15,6 +15,7 @@ from pymk.ranking.features import FeatureBuilder
 from pymk.ranking.incremental import (
     IncrementalLists,
     ListCacheConfig,
+    ListEntry,
     SplitPoints,
     _until_falling,
     _until_growing,
@@ -308,3 +309,39 @@ def test_a_moved_own_embedding_asks_the_ann_answer_again_in_place(ranker: Ranker
         incremental = lists.score(user, source, ranker, config, as_of, 20, builder, exact_features=True)
         assert lists.last_path == "incremental"
         assert_same(incremental, score_candidates(user, source, ranker, config, as_of, 20, builder=builder))
+
+
+def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> None:
+    """The C pass over kept rows (tree_eval.c's kept_rows_as_of) writes the as-of columns with the bits of the numpy
+    and math.exp code, and the same validity (to the millisecond: its log may differ in the last bit; the bound
+    keeps a margin)."""
+    from pymk.ranking.features import FEATURE_NAMES
+    from pymk.ranking.incremental import _as_of_kernel, split_points
+    from pymk.ranking.source import ActivityTable
+
+    points = split_points(ranker, len(FEATURE_NAMES))
+    kernel = _as_of_kernel(ranker, points)
+    assert kernel is not None and points is not None
+    rng = np.random.default_rng(7)
+    m, as_of = 5_000, START
+    known = rng.random(m) < 0.8
+    anchors = np.where(known, as_of - rng.integers(-DAY, 60 * DAY, m), 0).astype(np.int64)
+    values = np.where(known[:, None], rng.exponential(3.0, (m, 3)) * (rng.random((m, 3)) < 0.9), 0.0)
+    has_view = rng.random(m) < 0.5
+    latest = np.where(has_view, as_of - rng.integers(-DAY, 30 * DAY, m), 0).astype(np.int64)
+
+    def entry() -> ListEntry:
+        e = ListEntry.__new__(ListEntry)
+        e.features = np.full((m, len(FEATURE_NAMES)), -1.0)
+        e.activity = ActivityTable(values.copy(), anchors.copy(), known.copy())
+        e.view_latest, e.has_view = latest.copy(), has_view.copy()
+        return e
+
+    rows = rng.permutation(m)[: m // 2]
+    compiled, plain = entry(), entry()
+    until_compiled = kernel.run(compiled, rows, as_of, points)
+    block = IncrementalLists._as_of_columns(plain, rows, as_of)
+    until_plain = IncrementalLists._validity(plain, rows, points, as_of, block)
+    assert np.array_equal(compiled.features.view(np.int64), plain.features.view(np.int64))  # NaNs included
+    assert np.max(np.abs(until_compiled - until_plain)) <= 1
+    assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
