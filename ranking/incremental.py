@@ -193,7 +193,9 @@ def _bins_moved(points: SplitPoints | None, columns: Sequence[int], old: np.ndar
     """Per row of the blocks ``old`` and ``new`` (their columns are the matrix's ``columns``): whether some value
     left its bin, i.e. some comparison ``x < threshold`` of the model (in float32; NaN its own bin) can have another
     outcome, so the row's leaves, hence its score, can differ. Without split points: whether some value differs."""
-    differs = ~((new == old) | (np.isnan(new) & np.isnan(old)))
+    differs = new != old
+    if np.isnan(old).any() or np.isnan(new).any():  # NaN == NaN is no change
+        differs &= ~(np.isnan(new) & np.isnan(old))
     if points is None or not differs.any():
         return differs.any(axis=1)
     moved = np.zeros(len(old), bool)
@@ -833,7 +835,7 @@ class IncrementalLists:
         e.activity = ActivityTable(np.concatenate([e.activity.values, table.values]),
                                    np.concatenate([e.activity.anchors, table.anchors]),
                                    np.concatenate([e.activity.known, table.known]))
-        _, latest, has_view = view_columns(user, ids, source)
+        _, latest, has_view = _view_counts(user, ids, np.argsort(ids, kind="stable"), source)
         e.view_latest, e.has_view = np.concatenate([e.view_latest, latest]), np.concatenate([e.has_view, has_view])
         e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
         e.id_order = e.handles = None

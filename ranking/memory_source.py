@@ -36,6 +36,18 @@ AnnFunction = Callable[[int, int, Collection[int]], Sequence[tuple[int, float]]]
 _NO_NEIGHBOURS: frozenset[int] = frozenset()
 
 
+_AA_WEIGHTS = np.array([adamic_adar_weight(d) for d in range(1024)])
+
+
+def _adamic_adar_table(largest: int) -> np.ndarray:
+    """adamic_adar_weight(d) for d = 0..largest (math.log's bits, as the dict loop), grown on demand."""
+    global _AA_WEIGHTS
+    if largest >= len(_AA_WEIGHTS):
+        size = max(largest + 1, 2 * len(_AA_WEIGHTS))
+        _AA_WEIGHTS = np.concatenate([_AA_WEIGHTS, [adamic_adar_weight(d) for d in range(len(_AA_WEIGHTS), size)]])
+    return _AA_WEIGHTS
+
+
 class MemorySource:
     """Mutable in-memory state; every read implements the :class:`RankingSource` protocol exactly.
 
@@ -308,7 +320,7 @@ class MemorySource:
             sizes = np.fromiter(map(len, rows), np.int64, len(rows))
             others = np.concatenate(rows)
             keep = (others != user) & ~np.isin(others, np.fromiter(own, np.int64, len(own)))
-            weights = np.array([adamic_adar_weight(int(size)) for size in sizes.tolist()], np.float64)
+            weights = _adamic_adar_table(int(sizes.max()))[sizes]
             adamic_adar = np.repeat(weights, sizes)[keep]
             allocation = np.repeat(1.0 / sizes, sizes)[keep]
             ids, inverse = np.unique(others[keep], return_inverse=True)

@@ -38,9 +38,20 @@ def ranker() -> Ranker:
     return Ranker.load(SHIPPED_RANKER)
 
 
-def small_source(seed: int) -> MemorySource:
+class UnstampedSource(MemorySource):
+    """A source without change stamps (ChangeStampSource), like a worker source that has none: every update then
+    re-reads every row."""
+
+    change_stamp = None  # type: ignore[assignment]
+    stamp_handles = None  # type: ignore[assignment]
+    changed_since = None  # type: ignore[assignment]
+    views_stamp = None  # type: ignore[assignment]
+    co_engagement_stamp = None  # type: ignore[assignment]
+
+
+def small_source(seed: int, stamped: bool = True) -> MemorySource:
     rng = np.random.default_rng(seed)
-    source = MemorySource(dim=8)
+    source = MemorySource(dim=8) if stamped else UnstampedSource(dim=8)
     ts = START - 40 * DAY
     for _ in range(45):
         u, v = (int(x) for x in rng.choice(USERS, 2, replace=False))
@@ -71,18 +82,20 @@ def assert_same(incremental, full) -> None:  # noqa: ANN001 - two ScoredCandidat
     assert np.array_equal(incremental.features, full.features, equal_nan=True)
 
 
-EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss", "embed", "idle"]),
+EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss", "embed", "profile", "idle"]),
                   st.integers(0, USERS - 1), st.integers(0, USERS - 1),
                   # as-of steps from a second to weeks: the activity and recency columns cross many thresholds
                   st.sampled_from([1_000, 60_000, 3_600_000, DAY, 9 * DAY]))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25))
-def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events: list) -> None:  # type: ignore[type-arg]
+@given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25), stamped=st.booleans())
+def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events: list,  # type: ignore[type-arg]
+                                               stamped: bool) -> None:
     """On random event sequences, every list served from the kept one equals the full path's at the same state and
-    as-of time: the same rows in the same order, every score bit for bit, the same top 20 and the same features."""
-    source = small_source(seed)
+    as-of time: the same rows in the same order, every score bit for bit, the same top 20 and the same features;
+    with change stamps (only the rows that moved are re-read, a candidate's profile edit included) and without."""
+    source = small_source(seed, stamped)
     builder = FeatureBuilder()
     lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, max_updates=1000, shadow_fraction=0.0))
     as_of = START
@@ -110,6 +123,13 @@ def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events
             # the other kept lists' ANN answers may move too: what only the age bound limits (module doc)
             lists.invalidate(set(range(USERS)) - {a})
             touched = {a}
+        elif kind == "profile":  # b's profile edit: in every kept list that holds b (the stamps tell), b's own full
+            source.set_profile(b, Profile(company=f"c{step % 3}", skills=(f"s{a % 4}",), title="data engineer"))
+            if stamped:
+                touched = set(range(USERS))  # every list that holds b re-reads b's profile columns
+            else:
+                lists.invalidate(set(range(USERS)) - {b})  # without stamps, a candidate's profile edit is not seen
+                touched = {b}
         for user in sorted(touched):
             incremental = lists.score(user, source, ranker, CONFIG, as_of, 20, builder, exact_features=True)
             served += lists.last_path == "incremental"
