@@ -622,19 +622,20 @@ class IncrementalLists:
             return "graph_cut" if e.graph_cut else "rough_cut"
         extras: list[int] = []  # ANN or popular users that are not rows yet (CN and AA 0: not 2-hop users)
         if ann_new is not None or popular != e.popular:
-            ids_now = c.ids.tolist()
-            n_now = len(ids_now)
             from_ann, ann_score = c.from_ann, c.ann_score
+            popular_ids = np.asarray(popular, np.int64)
             if ann_new is not None:
-                from_ann = np.fromiter(map(ann_new.__contains__, ids_now), bool, n_now)
-                ann_score = np.fromiter(map(ann_new.get, ids_now, repeat(math.nan)), np.float64, n_now)
-            in_popular = set(popular)
-            from_popular = np.fromiter(map(in_popular.__contains__, ids_now), bool, n_now)
+                ids_now = c.ids.tolist()
+                from_ann = np.fromiter(map(ann_new.__contains__, ids_now), bool, len(ids_now))
+                ann_score = np.fromiter(map(ann_new.get, ids_now, repeat(math.nan)), np.float64, len(ids_now))
+                held_ids = set(ids_now)
+                extras = [u for u in dict.fromkeys([*ann_new, *popular]) if u not in held_ids]
+            else:
+                extras = popular_ids[~np.isin(popular_ids, c.ids)].tolist()
+            from_popular = np.isin(c.ids, popular_ids)
             if not e.graph_changed:  # else the 2-hop maps decide below which rows still have a source
                 keep &= c.from_graph | from_ann | from_popular
             e.candidates = c = replace(c, from_ann=from_ann, ann_score=ann_score, from_popular=from_popular)
-            held_ids = set(ids_now)
-            extras = [u for u in dict.fromkeys([*(ann_new or {}), *popular]) if u not in held_ids]
             e.popular = popular
         graph_changed = e.graph_changed
         hop_ids = hop_counts = hop_aa = np.empty(0)
@@ -719,24 +720,28 @@ class IncrementalLists:
             else:
                 X[np.ix_(rows, columns)] = block_new
 
-        # Which rows' per-user reads (degree, activity, embedding, profile) may have moved: with change stamps the
-        # rows changed since the last read, else every row (and the profile columns are not re-read: module doc).
+        # Which rows' per-user reads may have moved: with change stamps the rows whose degree or activity
+        # (``read``), embedding or profile changed since the last read; without, every row (and the profile columns
+        # are not re-read: module doc).
         stamped = implements(source, ChangeStampSource) and e.stamp >= 0
         stamp_now = source.change_stamp() if stamped else -1
+        none = np.empty(0, np.int64)
         if not stamped:
-            read = everything
+            read = read_embedding = everything
+            read_profile = none
         elif stamp_now == e.stamp:
-            read = np.empty(0, np.int64)
+            read = read_embedding = read_profile = none
         else:
             if e.handles is None:
                 e.handles = source.stamp_handles(ids)
-            read = np.flatnonzero(source.changed_since(e.handles, e.stamp) & ~fresh)
+            handles, unread = e.handles, ~fresh
+            read, read_embedding, read_profile = (np.flatnonzero(source.changed_since(handles, e.stamp, part) & unread)
+                                                  for part in ("graph", "embedding", "profile"))
         query_degree = source.degree(user)
         all_graph = graph_changed or query_degree != e.query_degree or not stamped
         refresh(["graph"] + (["resource_allocation"] if graph_changed else []), everything if all_graph else read)
-        refresh(["embedding"], everything if query_moved or not stamped else read)
-        if stamped:
-            refresh(["profile"], read)
+        refresh(["embedding"], everything if query_moved else read_embedding)
+        refresh(["profile"], read_profile)
         e.query_degree = query_degree
 
         # the behavioural columns: the views when the user viewed or was viewed (or, with stamps, when the stamp

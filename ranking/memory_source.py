@@ -97,7 +97,7 @@ class MemorySource:
         # ChangeStampSource: a counter bumped by every change, and per user (row) the counter at its latest change of
         # degree, activity, embedding or profile; per user and per item the latest change of views and engagements.
         self._stamp = 0
-        self._stamp_col = np.zeros(1024, np.int64)
+        self._stamp_cols = {part: np.zeros(1024, np.int64) for part in ("graph", "embedding", "profile")}
         self._views_stamp: dict[int, int] = {}
         self._item_stamp: dict[int, int] = {}
 
@@ -115,22 +115,24 @@ class MemorySource:
                 self._degree_col = np.concatenate([self._degree_col, np.zeros_like(self._degree_col)])
                 self._activity_slot_col = np.concatenate([self._activity_slot_col,
                                                           np.zeros_like(self._activity_slot_col)])
-                self._stamp_col = np.concatenate([self._stamp_col, np.zeros_like(self._stamp_col)])
+                self._stamp_cols = {part: np.concatenate([column, np.zeros_like(column)])
+                                    for part, column in self._stamp_cols.items()}
             self._stamp += 1
-            self._stamp_col[0] = self._stamp  # a handle taken before this user had a row reads as changed
+            for column in self._stamp_cols.values():
+                column[0] = self._stamp  # a handle taken before this user had a row reads as changed
         return row
 
-    def _changed(self, user: int) -> None:
-        """The user's degree, activity, embedding or profile changed (ChangeStampSource)."""
+    def _changed(self, user: int, part: str) -> None:
+        """The user's ``part`` changed: "graph" (degree, activity), "embedding" or "profile" (ChangeStampSource)."""
         row = self._row(user)  # first: it may grow the columns
         self._stamp += 1
-        self._stamp_col[row] = self._stamp
+        self._stamp_cols[part][row] = self._stamp
 
     def _set_degree(self, user: int) -> None:
         row = self._row(user)  # first: it may grow the columns
         self._degree_col[row] = len(self.adjacency.get(user, _NO_NEIGHBOURS))
         self._middle_ids.pop(user, None)
-        self._changed(user)
+        self._changed(user, "graph")
 
     def add_user(self, user: int) -> None:
         self.adjacency.setdefault(user, set())
@@ -188,7 +190,7 @@ class MemorySource:
         self.adjacency.setdefault(user, set())
         row = self._row(user)  # first: it may grow the columns
         self._activity_slot_col[row] = slot
-        self._changed(user)
+        self._changed(user, "graph")
         self.leaderboard.update(user, values, anchor, len(self.adjacency[user]))
 
     def add_view(self, viewer: int, viewed: int, ts: int) -> None:
@@ -217,7 +219,7 @@ class MemorySource:
         """Merge ``profile`` into the user's (given fields replace, ``None`` fields are kept)."""
         self._seen(ts)
         self.profiles[user] = merge_profile(self.profiles.get(user), profile)
-        self._changed(user)
+        self._changed(user, "profile")
 
     def block(self, user: int, other: int) -> None:
         self.blocks.setdefault(user, set()).add(other)
@@ -226,7 +228,7 @@ class MemorySource:
         """Store the user's embedding, L2-normalised (None removes it)."""
         self._matrix = None
         self._embedding_col = None
-        self._changed(user)
+        self._changed(user, "embedding")
         if vector is None:
             self.vectors.pop(user, None)
             return
@@ -400,8 +402,8 @@ class MemorySource:
     def stamp_handles(self, ids: np.ndarray) -> np.ndarray:
         return self._rows.rows(ids)  # rows stay a user's for the source's life (row 0: not seen yet)
 
-    def changed_since(self, handles: np.ndarray, stamp: int) -> np.ndarray:
-        return self._stamp_col[handles] > stamp
+    def changed_since(self, handles: np.ndarray, stamp: int, part: str) -> np.ndarray:
+        return self._stamp_cols[part][handles] > stamp
 
     def views_stamp(self, user: int) -> int:
         return self._views_stamp.get(user, 0)

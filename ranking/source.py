@@ -173,9 +173,10 @@ class ChangeStampSource(Protocol):
         rows stay), valid for as long as the source lives."""
         ...
 
-    def changed_since(self, handles: np.ndarray, stamp: int) -> np.ndarray:
-        """(len(handles),) bool: whether each user's degree, connection activity, embedding or profile changed after
-        ``stamp`` (a user unknown when its handle was taken: whether any such user appeared since)."""
+    def changed_since(self, handles: np.ndarray, stamp: int, part: str) -> np.ndarray:
+        """(len(handles),) bool: whether each user's ``part`` changed after ``stamp``: "graph" (its degree or
+        connection activity), "embedding" or "profile" (a user unknown when its handle was taken: whether any user
+        appeared since)."""
         ...
 
     def views_stamp(self, user: int) -> int:
