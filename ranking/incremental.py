@@ -53,7 +53,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import Any
@@ -99,6 +99,10 @@ _ROW_AS_OF = (_RECENCY, *range(_ACTIVITY, _DAYS_SINCE + 1))  # the per-row as-of
 _BEHAVIOUR = (FEATURE_INDEX["query_viewed_candidate_profile"], FEATURE_INDEX["mutual_profile_views"],
               FEATURE_INDEX["co_engaged_with_content"])
 _NEVER = np.iinfo(np.int64).max
+# New rows' behaviour columns come from the held maps when the group is exactly these four (view_columns' three and
+# the recency); a group grown by new columns falls back to the matrix's own code
+_BEHAVIOUR_GROUP_KNOWN = sorted(COLUMN_GROUPS["behaviour"]) == sorted((*_BEHAVIOUR, _RECENCY))
+_GROUPS_BUT_BEHAVIOUR = [group for group in COLUMN_GROUPS if group != "behaviour"]
 _TAUS = np.asarray(ACTIVITY_TIME_CONSTANTS_MS, np.int64)
 ANN_SPARES = 16  # ANN neighbours kept past ann_k at a full build, to replace dropped ones (dismissed, connected)
 _MIX = 0x9E3779B97F4A7C15
@@ -310,6 +314,7 @@ class ListEntry:
     query_degree: int = -1  # the user's degree the graph columns were computed with
     id_order: np.ndarray | None = None  # np.argsort(candidates.ids), kept while the rows do not change
     kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
+    maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
     handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
 
     def measure(self) -> int:
@@ -758,14 +763,12 @@ class IncrementalLists:
         if views_due or engagements_due:
             if e.id_order is None:
                 e.id_order = np.argsort(ids, kind="stable")
-            columns = list(_BEHAVIOUR if views_due and engagements_due
-                           else _BEHAVIOUR[:2] if views_due else _BEHAVIOUR[2:])
-            if views_due and engagements_due:
-                values, latest, has_view = view_columns(user, ids, source, e.id_order)
-            elif views_due:
-                values, latest, has_view = _view_counts(user, ids, e.id_order, source)
-            else:
-                values = view_columns(user, ids, source, e.id_order, views=False)[0][:, 2:]
+            parts = [0, 1, 2] if views_due and engagements_due else [0, 1] if views_due else [2]
+            columns = [_BEHAVIOUR[j] for j in parts]
+            views, engaged = _held_maps(e, user, source)
+            values, latest, has_view = _behaviour_of(ids, e.id_order, views if views_due else None,
+                                                     engaged if engagements_due else None)
+            values = values[:, parts]
             if views_due:
                 view_moved = (has_view != e.has_view) | (latest != e.view_latest)
                 e.view_latest, e.has_view = latest, has_view
@@ -825,7 +828,16 @@ class IncrementalLists:
         m = len(new)
         ids = new.ids
         added = ids.tolist()
-        features = builder.matrix(user, new, source, as_of)
+        order = np.argsort(ids, kind="stable")
+        views, engaged = _held_maps(e, user, source)
+        behaviour, latest, has_view = _behaviour_of(ids, order, views, engaged)
+        if _BEHAVIOUR_GROUP_KNOWN:  # the matrix's code for every other group; the behaviour from the held maps
+            features = np.zeros((m, e.features.shape[1]))
+            builder.columns(user, new, source, as_of, _GROUPS_BUT_BEHAVIOUR, features)
+            features[:, _BEHAVIOUR] = behaviour
+            features[:, _RECENCY] = view_recency_days(latest, has_view, as_of)
+        else:
+            features = builder.matrix(user, new, source, as_of)
         c = e.candidates
         n = len(c.ids)
         e.candidates = CandidateSet(
@@ -840,7 +852,6 @@ class IncrementalLists:
         e.activity = ActivityTable(np.concatenate([e.activity.values, table.values]),
                                    np.concatenate([e.activity.anchors, table.anchors]),
                                    np.concatenate([e.activity.known, table.known]))
-        _, latest, has_view = _view_counts(user, ids, np.argsort(ids, kind="stable"), source)
         e.view_latest, e.has_view = np.concatenate([e.view_latest, latest]), np.concatenate([e.has_view, has_view])
         e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
         e.id_order = e.handles = None
@@ -971,26 +982,51 @@ def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, exclu
     return ids, cos
 
 
-def _view_counts(user: int, ids: np.ndarray, order: np.ndarray,
-                 source: RankingSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """view_columns' (features.py) view part alone: (n, 2) views user → candidate and mutual views, the latest view
-    either way, whether there is one (the co-engagements not read)."""
+def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[int, Any], Mapping[int, int]]:
+    """The user's views (other → (out, in, latest)) and co-engagements (other → count), read again only when the
+    source's stamps say they moved (kept on the entry, copies); read every time from a source without stamps."""
+    if not implements(source, ChangeStampSource):
+        return source.profile_views(user), source.co_engaged_counts(user)
+    views_stamp, engagement_stamp = source.views_stamp(user), source.co_engagement_stamp(user)
+    held = e.maps
+    if held is None or held[0] != views_stamp or held[1] != engagement_stamp:
+        views = held[2] if held is not None and held[0] == views_stamp else dict(source.profile_views(user))
+        engaged = (held[3] if held is not None and held[1] == engagement_stamp
+                   else dict(source.co_engaged_counts(user)))
+        held = e.maps = (views_stamp, engagement_stamp, views, engaged)
+    return held[2], held[3]
+
+
+def _behaviour_of(ids: np.ndarray, order: np.ndarray, views: Mapping[int, Any] | None,
+                  engaged: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """view_columns (features.py) from the maps at hand: (n, 3) views user → candidate, mutual views, co-engaged
+    items (0 for a map not given), and per row the latest view either way and whether there is one."""
     n = len(ids)
-    values = np.zeros((n, 2))
+    values = np.zeros((n, 3))
     latest = np.zeros(n, np.int64)
     has_view = np.zeros(n, bool)
-    viewed = source.profile_views(user)
-    if viewed and n:
-        sorted_ids = ids[order]
-        keys = np.fromiter(viewed.keys(), np.int64, len(viewed))
-        held = np.array(list(viewed.values()), np.int64).reshape(len(viewed), 3)
+    if not n:
+        return values, latest, has_view
+    sorted_ids = ids[order]
+
+    def rows_of(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         position = np.minimum(np.searchsorted(sorted_ids, keys), n - 1)
         hit = sorted_ids[position] == keys
-        found, rows = np.flatnonzero(hit), order[position[hit]]
+        return np.flatnonzero(hit), order[position[hit]]
+
+    if views:
+        keys = np.fromiter(views.keys(), np.int64, len(views))
+        held = np.array(list(views.values()), np.int64).reshape(len(views), 3)
+        found, rows = rows_of(keys)
         values[rows, 0] = held[found, 0]
         values[rows, 1] = np.minimum(held[found, 0], held[found, 1])
         latest[rows] = held[found, 2]
         has_view[rows] = True
+    if engaged:
+        keys = np.fromiter(engaged.keys(), np.int64, len(engaged))
+        counts = np.fromiter(engaged.values(), np.int64, len(engaged))
+        found, rows = rows_of(keys)
+        values[rows, 2] = counts[found]
     return values, latest, has_view
 
 
