@@ -663,10 +663,10 @@ class IncrementalLists:
             return "rough_cut"
         if not keep.all():
             self._keep_rows(e, np.flatnonzero(keep))
-        if extras:
+        cosine = ann_new or {}
+        in_popular = set(popular)
+        if extras and not graph_changed:
             m = len(extras)
-            cosine = ann_new or {}
-            in_popular = set(popular)
             self._add_rows(e, CandidateSet(user, np.asarray(extras, np.int64), np.zeros(m, np.int64), np.zeros(m),
                                            np.fromiter(map(cosine.get, extras, repeat(math.nan)), np.float64, m),
                                            np.zeros(m, bool), np.fromiter(map(cosine.__contains__, extras), bool, m),
@@ -679,13 +679,18 @@ class IncrementalLists:
             e.candidates = replace(c, common_neighbor_count=lookup_by_id(hop_ids, hop_counts, c.ids, 0),
                                    adamic_adar_score=lookup_by_id(hop_ids, hop_aa, c.ids, 0.0),
                                    from_graph=np.isin(c.ids, hop_ids))
-            added = added[~np.isin(added, e.candidates.ids[e.new_rows])]  # not promoted ANN rows
-            if len(added):
-                m = len(added)
-                self._add_rows(e, CandidateSet(user, added, lookup_by_id(hop_ids, hop_counts, added, 0),
-                                               lookup_by_id(hop_ids, hop_aa, added, 0.0),
-                                               np.full(m, np.nan), np.ones(m, bool), np.zeros(m, bool), {},
-                                               np.zeros(m, bool)),
+            # the new 2-hop users and the ANN or popular users that are not rows yet, in one batch of new rows
+            fresh_ids = np.concatenate([added, np.asarray(extras, np.int64)])
+            fresh_ids = fresh_ids[np.sort(np.unique(fresh_ids, return_index=True)[1])]
+            if len(fresh_ids):
+                m = len(fresh_ids)
+                listed = fresh_ids.tolist()
+                self._add_rows(e, CandidateSet(user, fresh_ids, lookup_by_id(hop_ids, hop_counts, fresh_ids, 0),
+                                               lookup_by_id(hop_ids, hop_aa, fresh_ids, 0.0),
+                                               np.fromiter(map(cosine.get, listed, repeat(math.nan)), np.float64, m),
+                                               np.isin(fresh_ids, hop_ids),
+                                               np.fromiter(map(cosine.__contains__, listed), bool, m), {},
+                                               np.fromiter(map(in_popular.__contains__, listed), bool, m)),
                                user, source, builder, as_of, scorer)
             self._reorder(e)
         c = e.candidates

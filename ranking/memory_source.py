@@ -86,7 +86,7 @@ class MemorySource:
         self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
         # two_hop_arrays: each middle user's neighbours as an array, kept while the graph does not change, and
         # the last user's arrays (user, version, arrays)
-        self._middle_ids: dict[int, np.ndarray] = {}  # a user's entry dropped when its connections change
+        self._middle_ids: dict[int, np.ndarray] = {}  # user → its neighbours' rows; dropped when they change
         self._two_hop_held: tuple[int, int, TwoHopArrays] | None = None
         # Columns for IdArraySource: a dense row per user seen (row 0: nobody), found by a binary search over the
         # sorted ids, so 2,000 candidates cost a few gathers instead of a cold dict lookup each.
@@ -311,25 +311,35 @@ class MemorySource:
         if not own:
             arrays = TwoHopArrays.empty()
         else:
+            # Each middle user's neighbours as rows of the IdIndex (a user's row never changes), so the sums are
+            # np.bincount over rows (no sort of the 2-paths, which a hub neighbour makes tens of thousands long)
             middles = sorted(own)
-            rows = []
+            parts = []
             for middle in middles:
-                ids = self._middle_ids.get(middle)
-                if ids is None:
+                rows = self._middle_ids.get(middle)
+                if rows is None:
                     others = self.adjacency[middle]
-                    ids = self._middle_ids[middle] = np.fromiter(others, np.int64, len(others))
-                rows.append(ids)
-            sizes = np.fromiter(map(len, rows), np.int64, len(rows))
-            others = np.concatenate(rows)
-            keep = (others != user) & ~np.isin(others, np.fromiter(own, np.int64, len(own)))
+                    rows = self._middle_ids[middle] = self._rows.rows(np.fromiter(others, np.int64, len(others)))
+                parts.append(rows)
+            sizes = np.fromiter(map(len, parts), np.int64, len(parts))
+            others = np.concatenate(parts)
+            size = len(self._rows) + 1
+            mine = np.zeros(size, bool)
+            mine[self._rows.rows(np.fromiter(own, np.int64, len(own)))] = True
+            mine[self._rows.get(user) or 0] = True
+            keep = ~mine[others]
             weights = _adamic_adar_table(int(sizes.max()))[sizes]
             adamic_adar = np.repeat(weights, sizes)[keep]
             allocation = np.repeat(1.0 / sizes, sizes)[keep]
-            ids, inverse = np.unique(others[keep], return_inverse=True)
-            n = len(ids)
-            arrays = TwoHopArrays(ids, np.bincount(inverse, minlength=n).astype(np.int64),
-                                  np.bincount(inverse, adamic_adar, minlength=n),
-                                  np.bincount(inverse, allocation, minlength=n))
+            kept = others[keep]
+            # in id order: the IdIndex's sorted ids and their rows
+            sorted_ids, sorted_rows = self._rows.sorted()
+            counts = np.bincount(kept, minlength=size)[sorted_rows]
+            found = np.flatnonzero(counts)
+            at = sorted_rows[found]
+            arrays = TwoHopArrays(sorted_ids[found], counts[found].astype(np.int64),
+                                  np.bincount(kept, adamic_adar, minlength=size)[at],
+                                  np.bincount(kept, allocation, minlength=size)[at])
         self._two_hop_held = (user, version, arrays)
         return arrays
 
