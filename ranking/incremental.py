@@ -4,26 +4,35 @@ from the state, re-scored only where a row's score can have changed, and re-orde
 Pure (no Kafka): the worker (streams/refresh.py), the benches and the tests drive the same code.
 
 **What an update re-reads** (every update, whatever the event): the user's exclusions (self, connections,
-dismissals with their expiry, blocks), the popular list, the candidates' degrees (→ jaccard, degree columns, the
-tie key), their held activity, their embeddings (→ the cosine column), the user's co-engagements (another user's
-engagement moves them without touching this user), the user's own degree, activity, profile and embedding. The
-user's views when it viewed or was viewed (:meth:`IncrementalLists.mark_views_changed`). After a change of the
-user's 2-hop maps (:meth:`IncrementalLists.mark_graph_changed`: an own connection, or a neighbour's, which moves
-the 2-hop set and the AA/RA weights) the maps, whole: new 2-hop users get rows, rows that left the 2-hop set lose
-their ``graph`` source (and their row when it was their only one), CN/AA/RA follow. A dropped row (dismissed, now
-a connection) is removed. Rows stay in Stage 1's rough-score order, so the arrays are the full path's, row for
-row (the unshown-impressions sample follows).
+dismissals with their expiry, blocks), the popular list, the user's own degree, activity, profile and embedding.
+From a source with change stamps (:class:`~pymk.ranking.source.ChangeStampSource`) only what moved since the
+entry's last read: the rows whose degree or activity changed (→ jaccard, degree columns, the tie key, the held
+activity), whose embedding changed (→ cosine) or whose profile changed (→ the profile columns), and the user's
+views and co-engagements when their stamps moved (the maps are kept on the entry while they stand). From a source
+without stamps: every candidate's degree, held activity and embedding, the co-engagements (another user's
+engagement moves them without touching this user), and the views when the user viewed or was viewed
+(:meth:`IncrementalLists.mark_views_changed`); the candidates' profiles are not re-read. The user's own degree or
+embedding moving re-reads that column for every row. After a change of the user's 2-hop maps
+(:meth:`IncrementalLists.mark_graph_changed`: an own connection, or a neighbour's, which moves the 2-hop set and
+the AA/RA weights) the maps, whole, as arrays by id (what Stage 1 reads): new 2-hop users get rows, rows that left
+the 2-hop set lose their ``graph`` source (and their row when it was their only one), CN/AA/RA follow. A dropped
+row (dismissed, now a connection) is removed. Rows stay in Stage 1's rough-score order, so the arrays are the full
+path's, row for row (the unshown-impressions sample follows).
 
-**What is re-scored**: the rows whose features changed, and the rows whose as-of columns (view recency, the
-activity columns) may have crossed one of the model's split thresholds since they were scored. A tree ensemble
-reads a feature only through ``x < threshold`` (in float32): while every such comparison keeps its outcome the
-row's leaves, hence its score, are bit for bit the same. For the as-of columns the time of the next crossing is
-closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly), so each row carries the as-of time
-before which its score stands (:func:`_valid_until`, with a margin that only makes it re-score earlier). The
-query-level as-of columns are compared by their bins. A row that is not re-scored keeps its old as-of column
-values in the matrix: :meth:`IncrementalLists.score` brings the top k rows to the as-of time (reasons read them),
-``exact_features=True`` all rows, and :meth:`IncrementalLists.exact_features` the rows a caller logs (the
-worker's sample of unshown candidates).
+**What is re-scored**: the rows where some feature crossed one of the model's split thresholds. A tree ensemble
+reads a feature only through ``x < threshold`` (in float32; NaN its own side): while every such comparison keeps
+its outcome the row's leaves, hence its score, are bit for bit the same, so a changed value re-scores its row only
+when its float32 left its bin (:func:`_bins_moved`; without split points, e.g. a ranker serving a heuristic
+floor, any change re-scores). For the as-of columns (view recency, the activity columns) the time of the next
+crossing is closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly), so each row carries the
+as-of time before which its score stands (:func:`_until_falling`, :func:`_until_growing`, with a margin that only
+makes it re-score earlier); the rows past it get their as-of columns anew (in one C pass of the evaluator's
+library, ``kept_rows_as_of``: libm's exp, the bits of ``math.exp``; numpy where the library is not loaded) and are
+re-scored. The query-level as-of columns are compared by their bins: a move re-scores every row (an own connection
+moves the user's activity, so a connection re-scores all rows). A row that is not re-scored keeps its old as-of
+column values in the matrix (within the same bins): :meth:`IncrementalLists.score` brings the top k rows to the
+as-of time (reasons read them), ``exact_features=True`` all rows, and :meth:`IncrementalLists.exact_features` the
+rows a caller logs (the worker's sample of unshown candidates).
 
 **A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
 model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
@@ -39,9 +48,9 @@ may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is activ
 embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
 
 What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
-neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), the
-candidates' profile columns (a candidate's profile edit is not re-read: a profile read per row cost more than the
-rest of the update), and, in the worker, what reaches it late from other partitions. The shadow check
+neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), with
+a source without stamps the candidates' profile columns (a profile read per row cost more than the rest of the
+update), and, in the worker, what reaches it late from other partitions. The shadow check
 (``shadow_fraction``) recomputes a sample of incremental lists fully and counts how often the top k is equal (ids
 in order).
 """
@@ -323,6 +332,9 @@ class ListEntry:
                   self.features, self.scores, self.valid_until, self.activity.values, self.activity.anchors,
                   self.activity.known, self.view_latest, self.has_view)
         total = sum(a.nbytes for a in arrays) + (0 if c.from_popular is None else c.from_popular.nbytes)
+        total += len(self.scores) * 16  # id_order and handles, kept once asked (int64 a row each)
+        if self.maps is not None:  # the user's views and co-engagements (~100 B an entry in a dict)
+            total += 100 * (len(self.maps[2]) + len(self.maps[3]))
         # the exclusion set and popular list (~60 B an int in a set), the fixed part
         self.nbytes = total + 60 * len(self.excluded) + 40 * len(self.popular) + 2048
         return self.nbytes
@@ -1043,10 +1055,16 @@ def _incremental_source(source: RankingSource) -> bool:
 
 def _excluded(user: int, source: RankingSource, config: CandidateConfig, as_of: int) -> frozenset[int]:
     """Stage 1's excluded users (the default filters)."""
+    filters = _FILTERS.get(config)
+    if filters is None:
+        filters = _FILTERS[config] = default_filters(config)  # stateless: made once per config
     excluded: set[int] = set()
-    for candidate_filter in default_filters(config):
+    for candidate_filter in filters:
         excluded.update(candidate_filter.excluded(user, source, as_of))
     return frozenset(excluded)
+
+
+_FILTERS: dict[CandidateConfig, tuple[Any, ...]] = {}
 
 
 def _popular(user: int, source: RankingSource, config: CandidateConfig, as_of: int,

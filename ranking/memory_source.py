@@ -98,6 +98,7 @@ class MemorySource:
         # degree, activity, embedding or profile; per user and per item the latest change of views and engagements.
         self._stamp = 0
         self._stamp_cols = {part: np.zeros(1024, np.int64) for part in ("graph", "embedding", "profile")}
+        self._part_latest = dict.fromkeys(self._stamp_cols, 0)
         self._views_stamp: dict[int, int] = {}
         self._item_stamp: dict[int, int] = {}
 
@@ -118,15 +119,15 @@ class MemorySource:
                 self._stamp_cols = {part: np.concatenate([column, np.zeros_like(column)])
                                     for part, column in self._stamp_cols.items()}
             self._stamp += 1
-            for column in self._stamp_cols.values():
-                column[0] = self._stamp  # a handle taken before this user had a row reads as changed
+            for part, column in self._stamp_cols.items():
+                column[0] = self._part_latest[part] = self._stamp  # a handle taken before the row: changed
         return row
 
     def _changed(self, user: int, part: str) -> None:
         """The user's ``part`` changed: "graph" (degree, activity), "embedding" or "profile" (ChangeStampSource)."""
         row = self._row(user)  # first: it may grow the columns
         self._stamp += 1
-        self._stamp_cols[part][row] = self._stamp
+        self._stamp_cols[part][row] = self._part_latest[part] = self._stamp
 
     def _set_degree(self, user: int) -> None:
         row = self._row(user)  # first: it may grow the columns
@@ -413,6 +414,8 @@ class MemorySource:
         return self._rows.rows(ids)  # rows stay a user's for the source's life (row 0: not seen yet)
 
     def changed_since(self, handles: np.ndarray, stamp: int, part: str) -> np.ndarray:
+        if self._part_latest[part] <= stamp:  # nobody's part changed since (embeddings and profiles rarely do)
+            return np.zeros(len(handles), bool)
         return self._stamp_cols[part][handles] > stamp
 
     def views_stamp(self, user: int) -> int:
