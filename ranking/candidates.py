@@ -214,7 +214,7 @@ def _top_k_graph(ids: np.ndarray, counts: np.ndarray, scores: np.ndarray, k: int
     return np.arange(n)
 
 
-def _two_hop_by_id(user: int, source: RankingSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def two_hop_by_id(user: int, source: RankingSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids ascending, common-neighbour counts, Adamic-Adar) of every distance-2 user."""
     if isinstance(source, TwoHopArraySource):
         held = source.two_hop_arrays(user)
@@ -228,7 +228,7 @@ def _two_hop_by_id(user: int, source: RankingSource) -> tuple[np.ndarray, np.nda
     return ids[order], counts[order], scores[order]
 
 
-def _lookup(sorted_ids: np.ndarray, values: np.ndarray, ids: np.ndarray, missing: float) -> np.ndarray:
+def lookup_by_id(sorted_ids: np.ndarray, values: np.ndarray, ids: np.ndarray, missing: float) -> np.ndarray:
     """``values`` at ``ids`` (found in ``sorted_ids`` by binary search), ``missing`` where absent."""
     if not len(sorted_ids) or not len(ids):
         return np.full(len(ids), missing, values.dtype)
@@ -260,7 +260,7 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
 
     # The whole 2-hop set by id (the order Stage 1 sees it in does not matter: the graph top k is a set, and the
     # final order is total).
-    two_hop_ids, two_hop_counts, two_hop_scores = _two_hop_by_id(user, source)
+    two_hop_ids, two_hop_counts, two_hop_scores = two_hop_by_id(user, source)
     pool = len(two_hop_ids)
     graph_ids = np.empty(0, np.int64)
     graph_counts = np.empty(0, np.int64)
@@ -298,8 +298,8 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     extra_ids = np.concatenate([ann_ids[ann_only], popular_new])
     n_graph = len(graph_ids)
     ids = np.concatenate([graph_ids, extra_ids])
-    counts = np.concatenate([graph_counts, _lookup(two_hop_ids, two_hop_counts, extra_ids, 0)])
-    scores = np.concatenate([graph_scores, _lookup(two_hop_ids, two_hop_scores, extra_ids, 0.0)])
+    counts = np.concatenate([graph_counts, lookup_by_id(two_hop_ids, two_hop_counts, extra_ids, 0)])
+    scores = np.concatenate([graph_scores, lookup_by_id(two_hop_ids, two_hop_scores, extra_ids, 0.0)])
     ann_scores = np.concatenate([graph_cos, ann_cosines[ann_only], np.full(len(popular_new), np.nan)])
     from_graph = np.concatenate([np.ones(n_graph, bool), np.zeros(len(extra_ids), bool)])
     from_ann = ~np.isnan(ann_scores)

@@ -45,11 +45,12 @@ class IdIndex:
             self._new.append(user)
         return row
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids),) int64 rows, 0 for ids never added (a fresh array: the caller may write to it)."""
-        last = self._last
-        if last is not None and not self._new and np.array_equal(last[0], ids):
-            return last[1].copy()
+    def sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(every id ascending, its row): the sorted copy, brought up to date (do not write to it)."""
+        self._merge_new()
+        return self._sorted, self._sorted_rows
+
+    def _merge_new(self) -> None:
         if self._new:
             new = np.array(self._new, np.int64)
             order = np.argsort(new)
@@ -59,6 +60,13 @@ class IdIndex:
             at = np.searchsorted(self._sorted, new)
             self._sorted = np.insert(self._sorted, at, new)
             self._sorted_rows = np.insert(self._sorted_rows, at, new_rows)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids),) int64 rows, 0 for ids never added (a fresh array: the caller may write to it)."""
+        last = self._last
+        if last is not None and not self._new and np.array_equal(last[0], ids):
+            return last[1].copy()
+        self._merge_new()
         users = self._sorted
         if not len(users):
             return np.zeros(len(ids), np.int64)

@@ -4,26 +4,35 @@ from the state, re-scored only where a row's score can have changed, and re-orde
 Pure (no Kafka): the worker (streams/refresh.py), the benches and the tests drive the same code.
 
 **What an update re-reads** (every update, whatever the event): the user's exclusions (self, connections,
-dismissals with their expiry, blocks), the popular list, the candidates' degrees (→ jaccard, degree columns, the
-tie key), their held activity, their embeddings (→ the cosine column), the user's co-engagements (another user's
-engagement moves them without touching this user), the user's own degree, activity, profile and embedding. The
-user's views when it viewed or was viewed (:meth:`IncrementalLists.mark_views_changed`). After a change of the
-user's 2-hop maps (:meth:`IncrementalLists.mark_graph_changed`: an own connection, or a neighbour's, which moves
-the 2-hop set and the AA/RA weights) the maps, whole: new 2-hop users get rows, rows that left the 2-hop set lose
-their ``graph`` source (and their row when it was their only one), CN/AA/RA follow. A dropped row (dismissed, now
-a connection) is removed. Rows stay in Stage 1's rough-score order, so the arrays are the full path's, row for
-row (the unshown-impressions sample follows).
+dismissals with their expiry, blocks), the popular list, the user's own degree, activity, profile and embedding.
+From a source with change stamps (:class:`~pymk.ranking.source.ChangeStampSource`) only what moved since the
+entry's last read: the rows whose degree or activity changed (→ jaccard, degree columns, the tie key, the held
+activity), whose embedding changed (→ cosine) or whose profile changed (→ the profile columns), and the user's
+views and co-engagements when their stamps moved (the maps are kept on the entry while they stand). From a source
+without stamps: every candidate's degree, held activity and embedding, the co-engagements (another user's
+engagement moves them without touching this user), and the views when the user viewed or was viewed
+(:meth:`IncrementalLists.mark_views_changed`); the candidates' profiles are not re-read. The user's own degree or
+embedding moving re-reads that column for every row. After a change of the user's 2-hop maps
+(:meth:`IncrementalLists.mark_graph_changed`: an own connection, or a neighbour's, which moves the 2-hop set and
+the AA/RA weights) the maps, whole, as arrays by id (what Stage 1 reads): new 2-hop users get rows, rows that left
+the 2-hop set lose their ``graph`` source (and their row when it was their only one), CN/AA/RA follow. A dropped
+row (dismissed, now a connection) is removed. Rows stay in Stage 1's rough-score order, so the arrays are the full
+path's, row for row (the unshown-impressions sample follows).
 
-**What is re-scored**: the rows whose features changed, and the rows whose as-of columns (view recency, the
-activity columns) may have crossed one of the model's split thresholds since they were scored. A tree ensemble
-reads a feature only through ``x < threshold`` (in float32): while every such comparison keeps its outcome the
-row's leaves, hence its score, are bit for bit the same. For the as-of columns the time of the next crossing is
-closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly), so each row carries the as-of time
-before which its score stands (:func:`_valid_until`, with a margin that only makes it re-score earlier). The
-query-level as-of columns are compared by their bins. A row that is not re-scored keeps its old as-of column
-values in the matrix: :meth:`IncrementalLists.score` brings the top k rows to the as-of time (reasons read them),
-``exact_features=True`` all rows, and :meth:`IncrementalLists.exact_features` the rows a caller logs (the
-worker's sample of unshown candidates).
+**What is re-scored**: the rows where some feature crossed one of the model's split thresholds. A tree ensemble
+reads a feature only through ``x < threshold`` (in float32; NaN its own side): while every such comparison keeps
+its outcome the row's leaves, hence its score, are bit for bit the same, so a changed value re-scores its row only
+when its float32 left its bin (:func:`_bins_moved`; without split points, e.g. a ranker serving a heuristic
+floor, any change re-scores). For the as-of columns (view recency, the activity columns) the time of the next
+crossing is closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly), so each row carries the
+as-of time before which its score stands (:func:`_until_falling`, :func:`_until_growing`, with a margin that only
+makes it re-score earlier); the rows past it get their as-of columns anew (in one C pass of the evaluator's
+library, ``kept_rows_as_of``: libm's exp, the bits of ``math.exp``; numpy where the library is not loaded) and are
+re-scored. The query-level as-of columns are compared by their bins: a move re-scores every row (an own connection
+moves the user's activity, so a connection re-scores all rows). A row that is not re-scored keeps its old as-of
+column values in the matrix (within the same bins): :meth:`IncrementalLists.score` brings the top k rows to the
+as-of time (reasons read them), ``exact_features=True`` all rows, and :meth:`IncrementalLists.exact_features` the
+rows a caller logs (the worker's sample of unshown candidates).
 
 **A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
 model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
@@ -39,9 +48,9 @@ may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is activ
 embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
 
 What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
-neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), the
-candidates' profile columns (a candidate's profile edit is not re-read: a profile read per row cost more than the
-rest of the update), and, in the worker, what reaches it late from other partitions. The shadow check
+neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), with
+a source without stamps the candidates' profile columns (a profile read per row cost more than the rest of the
+update), and, in the worker, what reaches it late from other partitions. The shadow check
 (``shadow_fraction``) recomputes a sample of incremental lists fully and counts how often the top k is equal (ids
 in order).
 """
@@ -53,23 +62,20 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import Any
 
 import numpy as np
 
-from pymk.ranking.candidates import CandidateConfig, CandidateSet, default_filters
+from pymk.ranking.candidates import CandidateConfig, CandidateSet, default_filters, lookup_by_id, two_hop_by_id
 from pymk.ranking.features import (
-    ACTIVITY_FEATURES,
     COLUMN_GROUPS,
     DAY_MS,
     FEATURE_INDEX,
-    SEED_FEATURES,
     FeatureBuilder,
     activity_table_for,
-    candidate_activity_columns,
     implements,
     view_columns,
     view_recency_days,
@@ -80,6 +86,7 @@ from pymk.ranking.source import (
     ActivitySource,
     ActivityTable,
     ActivityTableSource,
+    ChangeStampSource,
     IdArraySource,
     PopularSource,
     RankingSource,
@@ -89,19 +96,27 @@ from pymk.ranking.source import (
 log = logging.getLogger(__name__)
 
 _AA_DECIMALS = 9  # Stage 1's rough order rounds AA + cosine so (candidates.py)
+# columns by name (FEATURE_INDEX), so that columns added to the matrix do not move these
 _DEGREE = FEATURE_INDEX["candidate_degree_log"]
 _RECENCY = FEATURE_INDEX["profile_view_recency_days"]
-_ACTIVITY = SEED_FEATURES  # the candidate's 3 decayed counts, then days since its latest change
-_DAYS_SINCE = SEED_FEATURES + 3
+_ACTIVITY = FEATURE_INDEX["candidate_activity_1d"]  # the candidate's 3 decayed counts, then days since its last change
+_DAYS_SINCE = FEATURE_INDEX["candidate_days_since_last_connection"]
 _QUERY_ACTIVITY = FEATURE_INDEX["query_activity_7d"]
 _QUERY_DAYS = FEATURE_INDEX["query_days_since_last_connection"]
 _ROW_AS_OF = (_RECENCY, *range(_ACTIVITY, _DAYS_SINCE + 1))  # the per-row as-of columns
-_BEHAVIOUR = (6, 8, 9)  # the behavioural columns that do not move with as-of
+# the behavioural columns that do not move with as-of (view_columns' three, in its order)
+_BEHAVIOUR = (FEATURE_INDEX["query_viewed_candidate_profile"], FEATURE_INDEX["mutual_profile_views"],
+              FEATURE_INDEX["co_engaged_with_content"])
 _NEVER = np.iinfo(np.int64).max
+# New rows' behaviour columns come from the held maps when the group is exactly these four (view_columns' three and
+# the recency); a group grown by new columns falls back to the matrix's own code
+_BEHAVIOUR_GROUP_KNOWN = sorted(COLUMN_GROUPS["behaviour"]) == sorted((*_BEHAVIOUR, _RECENCY))
+_GROUPS_BUT_BEHAVIOUR = [group for group in COLUMN_GROUPS if group != "behaviour"]
+_TAUS = np.asarray(ACTIVITY_TIME_CONSTANTS_MS, np.int64)
 ANN_SPARES = 16  # ANN neighbours kept past ann_k at a full build, to replace dropped ones (dismissed, connected)
 _MIX = 0x9E3779B97F4A7C15
 _MASK = 0xFFFFFFFFFFFFFFFF
-assert len(ACTIVITY_FEATURES) == 6 and _QUERY_ACTIVITY == SEED_FEATURES + 4
+assert _ACTIVITY + len(ACTIVITY_TIME_CONSTANTS_MS) == _DAYS_SINCE  # candidate_activity_columns' layout
 
 
 # ---- the model's split points -----------------------------------------------------------------------------------
@@ -187,6 +202,85 @@ def _until_growing(x: np.ndarray, base: np.ndarray, thresholds_below: np.ndarray
     return out
 
 
+def _bins_moved(points: SplitPoints | None, columns: Sequence[int], old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Per row of the blocks ``old`` and ``new`` (their columns are the matrix's ``columns``): whether some value
+    left its bin, i.e. some comparison ``x < threshold`` of the model (in float32; NaN its own bin) can have another
+    outcome, so the row's leaves, hence its score, can differ. Without split points: whether some value differs."""
+    differs = new != old
+    if np.isnan(old).any() or np.isnan(new).any():  # NaN == NaN is no change
+        differs &= ~(np.isnan(new) & np.isnan(old))
+    if points is None or not differs.any():
+        return differs.any(axis=1)
+    moved = np.zeros(len(old), bool)
+    for j in np.flatnonzero(differs.any(axis=0)).tolist():
+        thresholds = points.exact[columns[j]]
+        if not len(thresholds):
+            continue  # a column the model never splits on
+        rows = np.flatnonzero(differs[:, j])
+        moved[rows[_bins(thresholds, old[rows, j]) != _bins(thresholds, new[rows, j])]] = True
+    return moved
+
+
+def _bins(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """How many thresholds the float32 of each ``x`` is at or above (-1 for NaN, the default side)."""
+    bins = np.searchsorted(thresholds, x.astype(np.float32).astype(np.float64), side="right")
+    bins[np.isnan(x)] = -1
+    return bins
+
+
+class _AsOfKernel:
+    """``kept_rows_as_of`` of the tree evaluator's C library (tree_eval.c): the as-of columns of kept rows and their
+    validity in one call, bit for bit :meth:`IncrementalLists._as_of_columns` (tests/test_incremental_lists.py)."""
+
+    def __init__(self, function: Any, points: SplitPoints | None) -> None:
+        self.function = function
+        self.points = points
+        self.taus = np.ascontiguousarray(_TAUS)
+        runs = ([points.exact[_ACTIVITY + j] for j in range(len(_TAUS))] + [points.below[_DAYS_SINCE],
+                                                                            points.below[_RECENCY]]
+                if points is not None else [np.empty(0)] * 5)
+        self.thresholds = np.ascontiguousarray(np.concatenate(runs), np.float64)
+        self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in runs])]).astype(np.int64)
+
+    def run(self, e: ListEntry, rows: np.ndarray, as_of: int, points: SplitPoints | None) -> np.ndarray:
+        """Writes the as-of columns of ``rows`` at ``as_of`` into the matrix; returns their validity (``as_of``
+        without split points, as :meth:`IncrementalLists._validity`)."""
+        a = e.activity
+        m = len(rows)
+        values = np.ascontiguousarray(a.values[rows])
+        anchors, known = a.anchors[rows], a.known[rows]
+        latest, has_view = e.view_latest[rows], e.has_view[rows]
+        block = np.empty((m, 5))
+        validity = points is not None and points is self.points
+        until = np.empty(m, np.int64) if validity else None
+        self.function(m, values.ctypes.data, anchors.ctypes.data, known.ctypes.data, latest.ctypes.data,
+                      has_view.ctypes.data, as_of, self.taus.ctypes.data, self.thresholds.ctypes.data,
+                      self.offsets.ctypes.data, block.ctypes.data, None if until is None else until.ctypes.data)
+        X = e.features
+        X[rows, _ACTIVITY : _DAYS_SINCE + 1] = block[:, :4]
+        X[rows, _RECENCY] = block[:, 4]
+        return until if until is not None else np.full(m, as_of, np.int64)
+
+
+_KERNELS: dict[str, _AsOfKernel | None] = {}
+
+
+def _as_of_kernel(scorer: Scorer, points: SplitPoints | None) -> _AsOfKernel | None:
+    """The compiled as-of columns for a :class:`~pymk.ranking.model.Ranker` served by the compiled evaluator (by
+    model version); None otherwise (numpy and math.exp then, the same bits)."""
+    from pymk.ranking.model import Ranker
+
+    version = scorer.version
+    if version not in _KERNELS:
+        kernel = None
+        if type(scorer) is Ranker:
+            compiled = scorer._evaluator_or_none()  # noqa: SLF001 - the evaluator the ranker serves with
+            if compiled is not None:
+                kernel = _AsOfKernel(compiled.library.kept_rows_as_of, points)
+        _KERNELS[version] = kernel
+    return _KERNELS[version]
+
+
 # ---- the cache ----------------------------------------------------------------------------------------------------
 @dataclass
 class ListEntry:
@@ -221,6 +315,16 @@ class ListEntry:
     invalid: str | None = None  # a reason for a full build, set from outside (invalidate)
     nbytes: int = 0
     new_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of this update, scored at as-of
+    # ChangeStampSource: the source's stamp when the rows were last read (-1: the source has none), and the user's
+    # behaviour stamp then; without them every update re-reads every row
+    stamp: int = -1
+    views_stamp: int = -1
+    engagement_stamp: int = -1
+    query_degree: int = -1  # the user's degree the graph columns were computed with
+    id_order: np.ndarray | None = None  # np.argsort(candidates.ids), kept while the rows do not change
+    kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
+    maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
+    handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
 
     def measure(self) -> int:
         c = self.candidates
@@ -228,6 +332,9 @@ class ListEntry:
                   self.features, self.scores, self.valid_until, self.activity.values, self.activity.anchors,
                   self.activity.known, self.view_latest, self.has_view)
         total = sum(a.nbytes for a in arrays) + (0 if c.from_popular is None else c.from_popular.nbytes)
+        total += len(self.scores) * 16  # id_order and handles, kept once asked (int64 a row each)
+        if self.maps is not None:  # the user's views and co-engagements (~100 B an entry in a dict)
+            total += 100 * (len(self.maps[2]) + len(self.maps[3]))
         # the exclusion set and popular list (~60 B an int in a set), the fixed part
         self.nbytes = total + 60 * len(self.excluded) + 40 * len(self.popular) + 2048
         return self.nbytes
@@ -464,8 +571,13 @@ class IncrementalLists:
             graph_cut=config.graph_k <= stats.get("graph", 0),
             rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
         points = split_points(scorer, entry.features.shape[1])
-        entry.valid_until = self._validity(entry, np.arange(len(ids)), points, as_of_ms)
+        entry.kernel = _as_of_kernel(scorer, points)
+        entry.valid_until = self._fresh_validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
+        entry.query_degree = source.degree(user)
+        if implements(source, ChangeStampSource):
+            entry.stamp = source.change_stamp()
+            entry.views_stamp, entry.engagement_stamp = source.views_stamp(user), source.co_engagement_stamp(user)
         return entry
 
     # ---- the update ---------------------------------------------------------------------------------------------
@@ -527,47 +639,46 @@ class IncrementalLists:
             return "graph_cut" if e.graph_cut else "rough_cut"
         extras: list[int] = []  # ANN or popular users that are not rows yet (CN and AA 0: not 2-hop users)
         if ann_new is not None or popular != e.popular:
-            ids_now = c.ids.tolist()
-            n_now = len(ids_now)
             from_ann, ann_score = c.from_ann, c.ann_score
+            popular_ids = np.asarray(popular, np.int64)
             if ann_new is not None:
-                from_ann = np.fromiter(map(ann_new.__contains__, ids_now), bool, n_now)
-                ann_score = np.fromiter(map(ann_new.get, ids_now, repeat(math.nan)), np.float64, n_now)
-            in_popular = set(popular)
-            from_popular = np.fromiter(map(in_popular.__contains__, ids_now), bool, n_now)
+                ids_now = c.ids.tolist()
+                from_ann = np.fromiter(map(ann_new.__contains__, ids_now), bool, len(ids_now))
+                ann_score = np.fromiter(map(ann_new.get, ids_now, repeat(math.nan)), np.float64, len(ids_now))
+                held_ids = set(ids_now)
+                extras = [u for u in dict.fromkeys([*ann_new, *popular]) if u not in held_ids]
+            else:
+                extras = popular_ids[~np.isin(popular_ids, c.ids)].tolist()
+            from_popular = np.isin(c.ids, popular_ids)
             if not e.graph_changed:  # else the 2-hop maps decide below which rows still have a source
                 keep &= c.from_graph | from_ann | from_popular
             e.candidates = c = replace(c, from_ann=from_ann, ann_score=ann_score, from_popular=from_popular)
-            held_ids = set(ids_now)
-            extras = [u for u in dict.fromkeys([*(ann_new or {}), *popular]) if u not in held_ids]
             e.popular = popular
         graph_changed = e.graph_changed
-        counts_map: Any = None
-        scores_map: Any = None
-        added: list[int] = []
+        hop_ids = hop_counts = hop_aa = np.empty(0)
+        added = np.empty(0, np.int64)
         e.new_rows = np.empty(0, np.int64)
         if graph_changed:
             if e.graph_cut or e.rough_cut:
                 return "graph_cut" if e.graph_cut else "rough_cut"
-            counts_map, scores_map = source.two_hop(user)
-            pool = [w for w in counts_map if w not in excluded]
+            hop_ids, hop_counts, hop_aa = two_hop_by_id(user, source)  # by id, as Stage 1 reads them
+            excluded_ids = np.fromiter(excluded, np.int64, len(excluded))
+            pool = hop_ids[~np.isin(hop_ids, excluded_ids)] if len(excluded_ids) else hop_ids
             if len(pool) > config.graph_k:
                 return "graph_cut"
-            ids_now = c.ids.tolist()
-            in_pool = np.fromiter(map(counts_map.__contains__, ids_now), bool, len(ids_now)) & keep
+            in_pool = np.isin(c.ids, pool) & keep
             # a row that left the 2-hop set stays only for its other sources
             keep &= in_pool | c.from_ann | (c.from_popular if c.from_popular is not None else False)
-            held = set(ids_now)
-            added = [w for w in pool if w not in held]
+            added = pool[~np.isin(pool, c.ids)]
         n_old = len(c.ids)
         if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
             return "rough_cut"
         if not keep.all():
             self._keep_rows(e, np.flatnonzero(keep))
-        if extras:
+        cosine = ann_new or {}
+        in_popular = set(popular)
+        if extras and not graph_changed:
             m = len(extras)
-            cosine = ann_new or {}
-            in_popular = set(popular)
             self._add_rows(e, CandidateSet(user, np.asarray(extras, np.int64), np.zeros(m, np.int64), np.zeros(m),
                                            np.fromiter(map(cosine.get, extras, repeat(math.nan)), np.float64, m),
                                            np.zeros(m, bool), np.fromiter(map(cosine.__contains__, extras), bool, m),
@@ -577,58 +688,35 @@ class IncrementalLists:
             self._reorder(e)
         if graph_changed:
             c = e.candidates
-            id_list = c.ids.tolist()
-            n = len(id_list)
-            counts = np.fromiter(map(counts_map.get, id_list, repeat(0)), np.int64, n)
-            aa = np.fromiter(map(scores_map.get, id_list, repeat(0.0)), np.float64, n)
-            from_graph = np.fromiter(map(counts_map.__contains__, id_list), bool, n)
-            e.candidates = replace(c, common_neighbor_count=counts, adamic_adar_score=aa, from_graph=from_graph)
-            added = [w for w in added if w not in set(e.candidates.ids[e.new_rows].tolist())]  # promoted ANN rows
-            if added:
-                m = len(added)
-                self._add_rows(e, CandidateSet(user, np.asarray(added, np.int64),
-                                               np.fromiter(map(counts_map.__getitem__, added), np.int64, m),
-                                               np.fromiter(map(scores_map.__getitem__, added), np.float64, m),
-                                               np.full(m, np.nan), np.ones(m, bool), np.zeros(m, bool), {},
-                                               np.zeros(m, bool)),
+            e.candidates = replace(c, common_neighbor_count=lookup_by_id(hop_ids, hop_counts, c.ids, 0),
+                                   adamic_adar_score=lookup_by_id(hop_ids, hop_aa, c.ids, 0.0),
+                                   from_graph=np.isin(c.ids, hop_ids))
+            # the new 2-hop users and the ANN or popular users that are not rows yet, in one batch of new rows
+            fresh_ids = np.concatenate([added, np.asarray(extras, np.int64)])
+            fresh_ids = fresh_ids[np.sort(np.unique(fresh_ids, return_index=True)[1])]
+            if len(fresh_ids):
+                m = len(fresh_ids)
+                listed = fresh_ids.tolist()
+                self._add_rows(e, CandidateSet(user, fresh_ids, lookup_by_id(hop_ids, hop_counts, fresh_ids, 0),
+                                               lookup_by_id(hop_ids, hop_aa, fresh_ids, 0.0),
+                                               np.fromiter(map(cosine.get, listed, repeat(math.nan)), np.float64, m),
+                                               np.isin(fresh_ids, hop_ids),
+                                               np.fromiter(map(cosine.__contains__, listed), bool, m), {},
+                                               np.fromiter(map(in_popular.__contains__, listed), bool, m)),
                                user, source, builder, as_of, scorer)
             self._reorder(e)
         c = e.candidates
         n = len(c.ids)
         ids = c.ids
-        id_list = ids.tolist()
         X = e.features
+        points = split_points(scorer, X.shape[1])
         fresh = np.zeros(n, bool)  # rows whose as-of columns are as of now and whose score is exact (new rows)
         fresh[e.new_rows] = True
-        dirty = np.zeros(n, bool)
+        dirty = fresh.copy()  # new rows are scored with the rest
+        everything = np.arange(n)
 
-        scratch = np.empty((n, X.shape[1]))
-        groups = ["graph", "embedding"] + (["resource_allocation"] if graph_changed else [])
-        builder.columns(user, c, source, as_of, groups, scratch)
-        columns = [*COLUMN_GROUPS["graph"], *COLUMN_GROUPS["embedding"]]
-        if graph_changed:
-            columns += COLUMN_GROUPS["resource_allocation"]
-        if e.views_changed or len(e.new_rows) or graph_changed:
-            values, latest, has_view = view_columns(user, ids, source)
-        else:  # the views as held; the co-engagements re-read
-            values, latest, has_view = X[:, _BEHAVIOUR], e.view_latest, e.has_view
-            values[:, 2] = view_columns(user, ids, source, views=False)[0][:, 2]
-        scratch[:, _BEHAVIOUR] = values
-        columns += _BEHAVIOUR
-        block_new, block_old = scratch[:, columns], X[:, columns]
-        changed = ~((block_new == block_old) | (np.isnan(block_new) & np.isnan(block_old)))
-        dirty |= changed.any(axis=1)
-        X[:, columns] = block_new
-
-        # the held activity and the views: a change re-computes the row's as-of columns
-        table = activity_table_for(source, ids, id_list)
-        moved = (table.known != e.activity.known) | (table.anchors != e.activity.anchors) | (
-            table.values != e.activity.values).any(axis=1)
-        moved |= (has_view != e.has_view) | (latest != e.view_latest)
-        e.activity, e.view_latest, e.has_view = table, latest, has_view
-
-        points = split_points(scorer, X.shape[1])
-        # the query-level as-of columns: the same for every row; a bin change re-scores every row
+        # the query-level as-of columns: the same for every row; a bin change re-scores every row (then the other
+        # columns' bins need no comparing)
         query_activity, query_days = _query_columns(user, source, as_of)
         X[:, _QUERY_ACTIVITY] = query_activity
         X[:, _QUERY_DAYS] = query_days
@@ -637,11 +725,91 @@ class IncrementalLists:
             dirty[:] = True
         e.query_bins = bins
 
+        def refresh(groups: list[str], rows: np.ndarray) -> None:
+            """Recompute ``groups`` for ``rows`` into X; a row whose new values left a bin of the model is dirty."""
+            if not len(rows):
+                return
+            whole = len(rows) == n
+            scratch = np.empty((len(rows), X.shape[1]))
+            builder.columns(user, c if whole else c.subset(rows), source, as_of, groups, scratch)
+            columns = [column for group in groups for column in COLUMN_GROUPS[group]]
+            block_new = scratch[:, columns]
+            if not dirty.all():
+                block_old = X[:, columns] if whole else X[np.ix_(rows, columns)]
+                dirty[rows[_bins_moved(points, columns, block_old, block_new)]] = True
+            if whole:
+                X[:, columns] = block_new
+            else:
+                X[np.ix_(rows, columns)] = block_new
+
+        # Which rows' per-user reads may have moved: with change stamps the rows whose degree or activity
+        # (``read``), embedding or profile changed since the last read; without, every row (and the profile columns
+        # are not re-read: module doc).
+        stamped = implements(source, ChangeStampSource) and e.stamp >= 0
+        stamp_now = source.change_stamp() if stamped else -1
+        none = np.empty(0, np.int64)
+        if not stamped:
+            read = read_embedding = everything
+            read_profile = none
+        elif stamp_now == e.stamp:
+            read = read_embedding = read_profile = none
+        else:
+            if e.handles is None:
+                e.handles = source.stamp_handles(ids)
+            handles, unread = e.handles, ~fresh
+            read, read_embedding, read_profile = (np.flatnonzero(source.changed_since(handles, e.stamp, part) & unread)
+                                                  for part in ("graph", "embedding", "profile"))
+        query_degree = source.degree(user)
+        all_graph = graph_changed or query_degree != e.query_degree or not stamped
+        refresh(["graph"] + (["resource_allocation"] if graph_changed else []), everything if all_graph else read)
+        refresh(["embedding"], everything if query_moved else read_embedding)
+        refresh(["profile"], read_profile)
+        e.query_degree = query_degree
+
+        # the behavioural columns: the views when the user viewed or was viewed (or, with stamps, when the stamp
+        # says so), the co-engagements (another user's engagement moves them without touching this user) at every
+        # update without stamps, else when the user's co-engagement stamp moved
+        views_stamp = source.views_stamp(user) if stamped else -1
+        engagement_stamp = source.co_engagement_stamp(user) if stamped else -1
+        if stamped:
+            views_due = e.views_changed or views_stamp != e.views_stamp
+            engagements_due = engagement_stamp != e.engagement_stamp
+        else:
+            views_due, engagements_due = bool(e.views_changed or len(e.new_rows) or graph_changed), True
+        view_moved = np.zeros(n, bool)
+        if views_due or engagements_due:
+            if e.id_order is None:
+                e.id_order = np.argsort(ids, kind="stable")
+            parts = [0, 1, 2] if views_due and engagements_due else [0, 1] if views_due else [2]
+            columns = [_BEHAVIOUR[j] for j in parts]
+            views, engaged = _held_maps(e, user, source)
+            values, latest, has_view = _behaviour_of(ids, e.id_order, views if views_due else None,
+                                                     engaged if engagements_due else None)
+            values = values[:, parts]
+            if views_due:
+                view_moved = (has_view != e.has_view) | (latest != e.view_latest)
+                e.view_latest, e.has_view = latest, has_view
+            if not dirty.all():
+                dirty |= _bins_moved(points, columns, X[:, columns], values)
+            X[:, columns] = values
+        e.views_stamp, e.engagement_stamp = views_stamp, engagement_stamp
+
+        # the held activity: a change re-computes the row's as-of columns
+        if len(read):
+            table = activity_table_for(source, ids[read], ids[read].tolist())
+            held = e.activity
+            moved_read = (table.known != held.known[read]) | (table.anchors != held.anchors[read]) | (
+                table.values != held.values[read]).any(axis=1)
+            held.values[read], held.anchors[read], held.known[read] = table.values, table.anchors, table.known
+            view_moved[read[moved_read]] = True
+        moved = view_moved
+        if stamped:
+            e.stamp = stamp_now
+
         expired = (e.valid_until <= as_of) if points is not None else np.ones(n, bool)
         recompute = np.flatnonzero((moved | expired) & ~fresh)
-        if len(recompute):
-            self._as_of_columns(e, recompute, as_of)
-            e.valid_until[recompute] = self._validity(e, recompute, points, as_of)
+        if len(recompute):  # nearly all of them crossed a bin (valid_until is the first crossing): re-scored
+            e.valid_until[recompute] = self._fresh_validity(e, recompute, points, as_of)
             dirty[recompute] = True
         rescore = np.flatnonzero(dirty)  # a new row too, when the 2-hop maps gave it CN/AA after it was scored
         if len(rescore):
@@ -668,6 +836,7 @@ class IncrementalLists:
         e.activity = ActivityTable(e.activity.values[index], e.activity.anchors[index], e.activity.known[index])
         e.view_latest, e.has_view = e.view_latest[index], e.has_view[index]
         e.new_rows = np.empty(0, np.int64)
+        e.id_order = e.handles = None
 
     def _add_rows(self, e: ListEntry, new: CandidateSet, user: int, source: RankingSource, builder: FeatureBuilder,
                   as_of: int, scorer: Scorer) -> None:
@@ -676,7 +845,16 @@ class IncrementalLists:
         m = len(new)
         ids = new.ids
         added = ids.tolist()
-        features = builder.matrix(user, new, source, as_of)
+        order = np.argsort(ids, kind="stable")
+        views, engaged = _held_maps(e, user, source)
+        behaviour, latest, has_view = _behaviour_of(ids, order, views, engaged)
+        if _BEHAVIOUR_GROUP_KNOWN:  # the matrix's code for every other group; the behaviour from the held maps
+            features = np.zeros((m, e.features.shape[1]))
+            builder.columns(user, new, source, as_of, _GROUPS_BUT_BEHAVIOUR, features)
+            features[:, _BEHAVIOUR] = behaviour
+            features[:, _RECENCY] = view_recency_days(latest, has_view, as_of)
+        else:
+            features = builder.matrix(user, new, source, as_of)
         c = e.candidates
         n = len(c.ids)
         e.candidates = CandidateSet(
@@ -686,16 +864,16 @@ class IncrementalLists:
             dict(c.stats), np.concatenate([c.from_popular if c.from_popular is not None else np.zeros(n, bool),
                                            new.from_popular if new.from_popular is not None else np.zeros(m, bool)]))
         e.features = np.concatenate([e.features, features])
-        e.scores = np.concatenate([e.scores, np.asarray(scorer.predict(features), np.float64)])
+        e.scores = np.concatenate([e.scores, np.full(m, np.nan)])  # scored by the update with the other dirty rows
         table = activity_table_for(source, ids, added)
         e.activity = ActivityTable(np.concatenate([e.activity.values, table.values]),
                                    np.concatenate([e.activity.anchors, table.anchors]),
                                    np.concatenate([e.activity.known, table.known]))
-        _, latest, has_view = view_columns(user, ids, source)
         e.view_latest, e.has_view = np.concatenate([e.view_latest, latest]), np.concatenate([e.has_view, has_view])
         e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
+        e.id_order = e.handles = None
         e.valid_until = np.concatenate([e.valid_until, np.zeros(m, np.int64)])
-        e.valid_until[e.new_rows] = self._validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
+        e.valid_until[e.new_rows] = self._fresh_validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
 
     @staticmethod
     def _reorder(e: ListEntry) -> None:
@@ -711,40 +889,70 @@ class IncrementalLists:
         e.features, e.scores, e.valid_until = e.features[order], e.scores[order], e.valid_until[order]
         e.activity = ActivityTable(e.activity.values[order], e.activity.anchors[order], e.activity.known[order])
         e.view_latest, e.has_view = e.view_latest[order], e.has_view[order]
+        e.id_order = e.handles = None
         if len(e.new_rows):
             position = np.empty(len(order), np.int64)
             position[order] = np.arange(len(order))
             e.new_rows = position[e.new_rows]
 
     # ---- as-of columns ----------------------------------------------------------------------------------------------
+    @classmethod
+    def _fresh_validity(cls, e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int) -> np.ndarray:
+        """The as-of columns of ``rows`` brought to ``as_of`` (in the matrix), and their :meth:`_validity`."""
+        if e.kernel is not None:
+            return e.kernel.run(e, rows, as_of, points)
+        block = cls._as_of_columns(e, rows, as_of)
+        return cls._validity(e, rows, points, as_of, block)
+
     @staticmethod
-    def _as_of_columns(e: ListEntry, rows: np.ndarray, as_of: int) -> None:
-        """The per-row as-of columns of ``rows`` at ``as_of``, from the held activity and views (matrix's code)."""
+    def _as_of_columns(e: ListEntry, rows: np.ndarray, as_of: int) -> np.ndarray:
+        """The per-row as-of columns of ``rows`` at ``as_of``, from the held activity and views, written to the
+        matrix and returned ((m, 4) candidate activity columns): the arithmetic of candidate_activity_columns and
+        view_recency_days (features.py), fused: the same float64 operations in the same order, one pass of
+        math.exp over the rows' (age, τ) pairs (numpy's exp may differ from libm's in the last bit)."""
         a = e.activity
-        table = ActivityTable(a.values[rows], a.anchors[rows], a.known[rows])
-        e.features[np.ix_(rows, range(_ACTIVITY, _DAYS_SINCE + 1))] = candidate_activity_columns(table, as_of)
-        e.features[rows, _RECENCY] = view_recency_days(e.view_latest[rows], e.has_view[rows], as_of)
+        known, anchors = a.known[rows], a.anchors[rows]
+        m = len(rows)
+        block = np.empty((m, len(_TAUS) + 1))
+        ages = np.maximum(as_of - anchors, 0)
+        exponents = -ages[:, None] / _TAUS  # activity_at's int true division: exact operands, IEEE rounding
+        factors = np.fromiter(map(math.exp, exponents.ravel().tolist()), np.float64, exponents.size)
+        block[:, :-1] = np.where(known[:, None], a.values[rows] * factors.reshape(m, len(_TAUS)), 0.0)
+        block[:, -1] = np.maximum(0.0, as_of - np.where(known, anchors.astype(np.float64), np.nan)) / DAY_MS
+        X = e.features
+        X[rows, _ACTIVITY : _DAYS_SINCE + 1] = block
+        X[rows, _RECENCY] = view_recency_days(e.view_latest[rows], e.has_view[rows], as_of)
+        return block
 
     def _bring_to(self, e: ListEntry, rows: np.ndarray, as_of: int) -> None:
         """Make the as-of columns of ``rows`` exact at ``as_of`` (their scores stand: same bins)."""
-        if len(rows):
+        if not len(rows):
+            return
+        if e.kernel is not None:
+            e.kernel.run(e, np.asarray(rows, np.int64), as_of, None)
+        else:
             self._as_of_columns(e, np.asarray(rows, np.int64), as_of)
 
     @staticmethod
-    def _validity(e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int) -> np.ndarray:
-        """Per row of ``rows`` (whose as-of columns are as of ``as_of``): the as-of time before which no as-of
-        column crosses a threshold of the model; ``as_of`` itself (re-score next time) without split points."""
+    def _validity(e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int,
+                  block: np.ndarray | None = None) -> np.ndarray:
+        """Per row of ``rows`` (whose as-of columns are as of ``as_of``; ``block``: their activity columns when at
+        hand): the as-of time before which no as-of column crosses a threshold of the model; ``as_of`` itself
+        (re-score next time) without split points."""
         if points is None:
             return np.full(len(rows), as_of, np.int64)
         X = e.features
         a = e.activity
+        if block is None:
+            block = X[rows, _ACTIVITY : _DAYS_SINCE + 1]
         anchors = a.anchors[rows].astype(np.float64)
+        held = a.values[rows]
         until = np.full(len(rows), _NEVER, np.int64)
         for j, tau in enumerate(ACTIVITY_TIME_CONSTANTS_MS):
-            column = _ACTIVITY + j
-            until = np.minimum(until, _until_falling(X[rows, column], a.values[rows, j], anchors, float(tau),
-                                                     points.exact[column]))
-        until = np.minimum(until, _until_growing(X[rows, _DAYS_SINCE], anchors, points.below[_DAYS_SINCE]))
+            thresholds = points.exact[_ACTIVITY + j]
+            if len(thresholds):
+                until = np.minimum(until, _until_falling(block[:, j], held[:, j], anchors, float(tau), thresholds))
+        until = np.minimum(until, _until_growing(block[:, -1], anchors, points.below[_DAYS_SINCE]))
         until = np.minimum(until, _until_growing(X[rows, _RECENCY], e.view_latest[rows].astype(np.float64),
                                                  points.below[_RECENCY]))
         return until
@@ -791,6 +999,54 @@ def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, exclu
     return ids, cos
 
 
+def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[int, Any], Mapping[int, int]]:
+    """The user's views (other → (out, in, latest)) and co-engagements (other → count), read again only when the
+    source's stamps say they moved (kept on the entry, copies); read every time from a source without stamps."""
+    if not implements(source, ChangeStampSource):
+        return source.profile_views(user), source.co_engaged_counts(user)
+    views_stamp, engagement_stamp = source.views_stamp(user), source.co_engagement_stamp(user)
+    held = e.maps
+    if held is None or held[0] != views_stamp or held[1] != engagement_stamp:
+        views = held[2] if held is not None and held[0] == views_stamp else dict(source.profile_views(user))
+        engaged = (held[3] if held is not None and held[1] == engagement_stamp
+                   else dict(source.co_engaged_counts(user)))
+        held = e.maps = (views_stamp, engagement_stamp, views, engaged)
+    return held[2], held[3]
+
+
+def _behaviour_of(ids: np.ndarray, order: np.ndarray, views: Mapping[int, Any] | None,
+                  engaged: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """view_columns (features.py) from the maps at hand: (n, 3) views user → candidate, mutual views, co-engaged
+    items (0 for a map not given), and per row the latest view either way and whether there is one."""
+    n = len(ids)
+    values = np.zeros((n, 3))
+    latest = np.zeros(n, np.int64)
+    has_view = np.zeros(n, bool)
+    if not n:
+        return values, latest, has_view
+    sorted_ids = ids[order]
+
+    def rows_of(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        position = np.minimum(np.searchsorted(sorted_ids, keys), n - 1)
+        hit = sorted_ids[position] == keys
+        return np.flatnonzero(hit), order[position[hit]]
+
+    if views:
+        keys = np.fromiter(views.keys(), np.int64, len(views))
+        held = np.array(list(views.values()), np.int64).reshape(len(views), 3)
+        found, rows = rows_of(keys)
+        values[rows, 0] = held[found, 0]
+        values[rows, 1] = np.minimum(held[found, 0], held[found, 1])
+        latest[rows] = held[found, 2]
+        has_view[rows] = True
+    if engaged:
+        keys = np.fromiter(engaged.keys(), np.int64, len(engaged))
+        counts = np.fromiter(engaged.values(), np.int64, len(engaged))
+        found, rows = rows_of(keys)
+        values[rows, 2] = counts[found]
+    return values, latest, has_view
+
+
 def _incremental_source(source: RankingSource) -> bool:
     """The reads the update needs: activity (held, in one batch)."""
     return implements(source, ActivitySource) and (implements(source, ActivityTableSource)
@@ -799,10 +1055,16 @@ def _incremental_source(source: RankingSource) -> bool:
 
 def _excluded(user: int, source: RankingSource, config: CandidateConfig, as_of: int) -> frozenset[int]:
     """Stage 1's excluded users (the default filters)."""
+    filters = _FILTERS.get(config)
+    if filters is None:
+        filters = _FILTERS[config] = default_filters(config)  # stateless: made once per config
     excluded: set[int] = set()
-    for candidate_filter in default_filters(config):
+    for candidate_filter in filters:
         excluded.update(candidate_filter.excluded(user, source, as_of))
     return frozenset(excluded)
+
+
+_FILTERS: dict[CandidateConfig, tuple[Any, ...]] = {}
 
 
 def _popular(user: int, source: RankingSource, config: CandidateConfig, as_of: int,

@@ -36,6 +36,18 @@ AnnFunction = Callable[[int, int, Collection[int]], Sequence[tuple[int, float]]]
 _NO_NEIGHBOURS: frozenset[int] = frozenset()
 
 
+_AA_WEIGHTS = np.array([adamic_adar_weight(d) for d in range(1024)])
+
+
+def _adamic_adar_table(largest: int) -> np.ndarray:
+    """adamic_adar_weight(d) for d = 0..largest (math.log's bits, as the dict loop), grown on demand."""
+    global _AA_WEIGHTS
+    if largest >= len(_AA_WEIGHTS):
+        size = max(largest + 1, 2 * len(_AA_WEIGHTS))
+        _AA_WEIGHTS = np.concatenate([_AA_WEIGHTS, [adamic_adar_weight(d) for d in range(len(_AA_WEIGHTS), size)]])
+    return _AA_WEIGHTS
+
+
 class MemorySource:
     """Mutable in-memory state; every read implements the :class:`RankingSource` protocol exactly.
 
@@ -74,8 +86,7 @@ class MemorySource:
         self._resource_allocation: tuple[int, int, dict[int, float]] | None = None  # (user, version, RA)
         # two_hop_arrays: each middle user's neighbours as an array, kept while the graph does not change, and
         # the last user's arrays (user, version, arrays)
-        self._middle_ids: dict[int, np.ndarray] = {}
-        self._middle_version = -1
+        self._middle_ids: dict[int, np.ndarray] = {}  # user → its neighbours' rows; dropped when they change
         self._two_hop_held: tuple[int, int, TwoHopArrays] | None = None
         # Columns for IdArraySource: a dense row per user seen (row 0: nobody), found by a binary search over the
         # sorted ids, so 2,000 candidates cost a few gathers instead of a cold dict lookup each.
@@ -83,6 +94,13 @@ class MemorySource:
         self._degree_col = np.zeros(1024, np.int64)
         self._activity_slot_col = np.zeros(1024, np.int64)
         self._embedding_col: np.ndarray | None = None  # row → row of _embedding_matrix, -1 without one
+        # ChangeStampSource: a counter bumped by every change, and per user (row) the counter at its latest change of
+        # degree, activity, embedding or profile; per user and per item the latest change of views and engagements.
+        self._stamp = 0
+        self._stamp_cols = {part: np.zeros(1024, np.int64) for part in ("graph", "embedding", "profile")}
+        self._part_latest = dict.fromkeys(self._stamp_cols, 0)
+        self._views_stamp: dict[int, int] = {}
+        self._item_stamp: dict[int, int] = {}
 
     # ---- mutations -----------------------------------------------------------------------------------------------
     def _seen(self, ts: int | None) -> None:
@@ -98,11 +116,24 @@ class MemorySource:
                 self._degree_col = np.concatenate([self._degree_col, np.zeros_like(self._degree_col)])
                 self._activity_slot_col = np.concatenate([self._activity_slot_col,
                                                           np.zeros_like(self._activity_slot_col)])
+                self._stamp_cols = {part: np.concatenate([column, np.zeros_like(column)])
+                                    for part, column in self._stamp_cols.items()}
+            self._stamp += 1
+            for part, column in self._stamp_cols.items():
+                column[0] = self._part_latest[part] = self._stamp  # a handle taken before the row: changed
         return row
+
+    def _changed(self, user: int, part: str) -> None:
+        """The user's ``part`` changed: "graph" (degree, activity), "embedding" or "profile" (ChangeStampSource)."""
+        row = self._row(user)  # first: it may grow the columns
+        self._stamp += 1
+        self._stamp_cols[part][row] = self._part_latest[part] = self._stamp
 
     def _set_degree(self, user: int) -> None:
         row = self._row(user)  # first: it may grow the columns
         self._degree_col[row] = len(self.adjacency.get(user, _NO_NEIGHBOURS))
+        self._middle_ids.pop(user, None)
+        self._changed(user, "graph")
 
     def add_user(self, user: int) -> None:
         self.adjacency.setdefault(user, set())
@@ -160,6 +191,7 @@ class MemorySource:
         self.adjacency.setdefault(user, set())
         row = self._row(user)  # first: it may grow the columns
         self._activity_slot_col[row] = slot
+        self._changed(user, "graph")
         self.leaderboard.update(user, values, anchor, len(self.adjacency[user]))
 
     def add_view(self, viewer: int, viewed: int, ts: int) -> None:
@@ -168,6 +200,8 @@ class MemorySource:
         self._seen(ts)
         self.views_out.setdefault(viewer, {}).setdefault(viewed, set()).add(ts)
         self.views_in.setdefault(viewed, {}).setdefault(viewer, set()).add(ts)
+        self._stamp += 1
+        self._views_stamp[viewer] = self._views_stamp[viewed] = self._stamp
 
     def add_dismissal(self, user: int, candidate: int, ts: int) -> None:
         self._seen(ts)
@@ -179,11 +213,14 @@ class MemorySource:
         row = self.engaged.setdefault(user, {})
         row[item] = min(ts, row.get(item, ts))
         self.engagers.setdefault(item, set()).add(user)
+        self._stamp += 1
+        self._item_stamp[item] = self._stamp  # every engager's co-engagement counts may have moved
 
     def set_profile(self, user: int, profile: Profile, ts: int | None = None) -> None:
         """Merge ``profile`` into the user's (given fields replace, ``None`` fields are kept)."""
         self._seen(ts)
         self.profiles[user] = merge_profile(self.profiles.get(user), profile)
+        self._changed(user, "profile")
 
     def block(self, user: int, other: int) -> None:
         self.blocks.setdefault(user, set()).add(other)
@@ -192,6 +229,7 @@ class MemorySource:
         """Store the user's embedding, L2-normalised (None removes it)."""
         self._matrix = None
         self._embedding_col = None
+        self._changed(user, "embedding")
         if vector is None:
             self.vectors.pop(user, None)
             return
@@ -270,32 +308,39 @@ class MemorySource:
         held = self._two_hop_held
         if held is not None and held[0] == user and held[1] == version:
             return held[2]
-        if self._middle_version != version:
-            self._middle_ids.clear()
-            self._middle_version = version
         own = self.adjacency.get(user, _NO_NEIGHBOURS)
         if not own:
             arrays = TwoHopArrays.empty()
         else:
+            # Each middle user's neighbours as rows of the IdIndex (a user's row never changes), so the sums are
+            # np.bincount over rows (no sort of the 2-paths, which a hub neighbour makes tens of thousands long)
             middles = sorted(own)
-            rows = []
+            parts = []
             for middle in middles:
-                ids = self._middle_ids.get(middle)
-                if ids is None:
+                rows = self._middle_ids.get(middle)
+                if rows is None:
                     others = self.adjacency[middle]
-                    ids = self._middle_ids[middle] = np.fromiter(others, np.int64, len(others))
-                rows.append(ids)
-            sizes = np.fromiter(map(len, rows), np.int64, len(rows))
-            others = np.concatenate(rows)
-            keep = (others != user) & ~np.isin(others, np.fromiter(own, np.int64, len(own)))
-            weights = np.array([adamic_adar_weight(int(size)) for size in sizes.tolist()], np.float64)
+                    rows = self._middle_ids[middle] = self._rows.rows(np.fromiter(others, np.int64, len(others)))
+                parts.append(rows)
+            sizes = np.fromiter(map(len, parts), np.int64, len(parts))
+            others = np.concatenate(parts)
+            size = len(self._rows) + 1
+            mine = np.zeros(size, bool)
+            mine[self._rows.rows(np.fromiter(own, np.int64, len(own)))] = True
+            mine[self._rows.get(user) or 0] = True
+            keep = ~mine[others]
+            weights = _adamic_adar_table(int(sizes.max()))[sizes]
             adamic_adar = np.repeat(weights, sizes)[keep]
             allocation = np.repeat(1.0 / sizes, sizes)[keep]
-            ids, inverse = np.unique(others[keep], return_inverse=True)
-            n = len(ids)
-            arrays = TwoHopArrays(ids, np.bincount(inverse, minlength=n).astype(np.int64),
-                                  np.bincount(inverse, adamic_adar, minlength=n),
-                                  np.bincount(inverse, allocation, minlength=n))
+            kept = others[keep]
+            # in id order: the IdIndex's sorted ids and their rows
+            sorted_ids, sorted_rows = self._rows.sorted()
+            counts = np.bincount(kept, minlength=size)[sorted_rows]
+            found = np.flatnonzero(counts)
+            at = sorted_rows[found]
+            arrays = TwoHopArrays(sorted_ids[found], counts[found].astype(np.int64),
+                                  np.bincount(kept, adamic_adar, minlength=size)[at],
+                                  np.bincount(kept, allocation, minlength=size)[at])
         self._two_hop_held = (user, version, arrays)
         return arrays
 
@@ -361,6 +406,25 @@ class MemorySource:
         out[index < 0] = np.nan
         return out
 
+    # ---- ChangeStampSource ---------------------------------------------------------------------------------------
+    def change_stamp(self) -> int:
+        return self._stamp
+
+    def stamp_handles(self, ids: np.ndarray) -> np.ndarray:
+        return self._rows.rows(ids)  # rows stay a user's for the source's life (row 0: not seen yet)
+
+    def changed_since(self, handles: np.ndarray, stamp: int, part: str) -> np.ndarray:
+        if self._part_latest[part] <= stamp:  # nobody's part changed since (embeddings and profiles rarely do)
+            return np.zeros(len(handles), bool)
+        return self._stamp_cols[part][handles] > stamp
+
+    def views_stamp(self, user: int) -> int:
+        return self._views_stamp.get(user, 0)
+
+    def co_engagement_stamp(self, user: int) -> int:
+        items = self.engaged.get(user)
+        return max(map(self._item_stamp.__getitem__, items)) if items else 0
+
     # ---- PopularSource -------------------------------------------------------------------------------------------
     def most_active(self, k: int, as_of_ms: int) -> list[int]:
         return self.leaderboard.top(k)
@@ -417,7 +481,8 @@ class MemorySource:
         if query is None or k <= 0:
             return []
         ids, rows, _ = self._embedding_matrix()
-        scores = rows @ query
+        # einsum, not @: a BLAS matrix-vector product may spread over threads (CPU that a thread's clock misses)
+        scores = np.einsum("ij,j->i", rows, query)
         allowed = ids != user
         if exclude:
             allowed &= ~np.isin(ids, np.fromiter(exclude, np.int64, len(exclude)))

@@ -159,6 +159,38 @@ class TwoHopArraySource(Protocol):
 
 
 @runtime_checkable
+class ChangeStampSource(Protocol):
+    """Optional: what changed since an earlier read, so that a kept list (ranking/incremental.py) re-reads only the
+    rows that moved instead of every candidate's degree, activity and embedding at every event. A stamp is a
+    counter that every change of the state moves forward (never back)."""
+
+    def change_stamp(self) -> int:
+        """The stamp now: a later change has a larger one."""
+        ...
+
+    def stamp_handles(self, ids: np.ndarray) -> np.ndarray:
+        """Handles of the users ``ids`` for :meth:`changed_since` (looked up once; a kept list holds them while its
+        rows stay), valid for as long as the source lives."""
+        ...
+
+    def changed_since(self, handles: np.ndarray, stamp: int, part: str) -> np.ndarray:
+        """(len(handles),) bool: whether each user's ``part`` changed after ``stamp``: "graph" (its degree or
+        connection activity), "embedding" or "profile" (a user unknown when its handle was taken: whether any user
+        appeared since)."""
+        ...
+
+    def views_stamp(self, user: int) -> int:
+        """The stamp of the latest change of the user's :meth:`RankingSource.profile_views` (a view either way);
+        0 when none."""
+        ...
+
+    def co_engagement_stamp(self, user: int) -> int:
+        """The stamp of the latest change that can move the user's :meth:`RankingSource.co_engaged_counts` (an
+        engagement of an item the user engaged, the user's own included); 0 when none."""
+        ...
+
+
+@runtime_checkable
 class ResourceAllocationSource(Protocol):
     """Optional extension of :class:`RankingSource`: resource allocation over the 2-hop set, the best single
     heuristic on the reference graphs of random splits (ego-Facebook, CA-HepPh)."""

@@ -179,3 +179,76 @@ void tree_eval_contribs(const float *x, int64_t n, int32_t n_features, const int
         o[n_features] += base;
     }
 }
+
+/* ---- kept lists' as-of columns (ranking/incremental.py) ----------------------------------------------------------
+ * Not tree evaluation, but the other numeric loop of an incremental list, in the same library: for m kept rows,
+ * the candidate activity columns (3 decayed counts, days since the latest change) and the view recency at as_of,
+ * bit for bit the float64 operations of IncrementalLists._as_of_columns (and so of the feature matrix): exp is
+ * libm's, the function Python's math.exp calls (numpy's vectorised exp may differ in the last bit), and -std=c11
+ * without -ffast-math keeps every operation as written (no contraction). With until != NULL also the as-of time
+ * before which no column of a row crosses a split threshold (_until_falling / _until_growing there; log's last
+ * bit does not matter: the bound keeps a margin).
+ * values: m x 3 held counts at the anchors; block: m x 5 out (act 1d, 7d, 30d, days since, recency);
+ * thresholds: 5 sorted runs, offsets[c]..offsets[c+1] (the 3 counts' exact thresholds, then the two growing
+ * columns' thresholds lowered by one float32 step). */
+static int64_t count_at_or_below(const double *t, int64_t n, double x) {
+    if (x != x) return n; /* NaN sorts last, as in numpy */
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) >> 1;
+        if (t[mid] <= x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+static int64_t until_growing(const double *t, int64_t n, double x, double base, int64_t until) {
+    int64_t index = count_at_or_below(t, n, x);
+    if (index < n) {
+        double span = t[index] * 86400000.0;
+        int64_t at = (int64_t)floor(base + span - 1.0 - 1e-9 * span);
+        if (at < until) until = at;
+    }
+    return until;
+}
+
+void kept_rows_as_of(int64_t m, const double *values, const int64_t *anchors, const uint8_t *known,
+                     const int64_t *latest, const uint8_t *has_view, int64_t as_of, const int64_t *taus,
+                     const double *thresholds, const int64_t *offsets, double *block, int64_t *until) {
+    for (int64_t i = 0; i < m; i++) {
+        double *b = block + 5 * i;
+        const double *held = values + 3 * i;
+        int64_t age = as_of - anchors[i];
+        if (age < 0) age = 0;
+        for (int j = 0; j < 3; j++) {
+            double factor = exp((double)(-age) / (double)taus[j]);
+            b[j] = known[i] ? held[j] * factor : 0.0;
+        }
+        if (known[i]) {
+            double since = (double)as_of - (double)anchors[i];
+            b[3] = (since < 0.0 ? 0.0 : since) / 86400000.0;
+        } else {
+            b[3] = NAN;
+        }
+        int64_t lag = as_of - latest[i];
+        if (lag < 0) lag = 0;
+        b[4] = has_view[i] ? (double)lag / 86400000.0 : NAN;
+        if (until == NULL) continue;
+        int64_t u = INT64_MAX;
+        double anchor = (double)anchors[i];
+        for (int j = 0; j < 3; j++) {
+            const double *t = thresholds + offsets[j];
+            int64_t n = offsets[j + 1] - offsets[j];
+            if (n == 0) continue;
+            int64_t index = count_at_or_below(t, n, b[j]) - 1;
+            double below = t[index < 0 ? 0 : index];
+            if (index >= 0 && below > 0 && held[j] > 0) {
+                double span = (double)taus[j] * log(held[j] / below);
+                int64_t at = (int64_t)floor(anchor + span - 1.0 - 1e-9 * fabs(span));
+                if (at < u) u = at;
+            }
+        }
+        u = until_growing(thresholds + offsets[3], offsets[4] - offsets[3], b[3], anchor, u);
+        u = until_growing(thresholds + offsets[4], offsets[5] - offsets[4], b[4], (double)latest[i], u);
+        until[i] = u;
+    }
+}

@@ -263,6 +263,9 @@ def load_library(path: Path) -> ctypes.CDLL:
                 function.restype = None
             library.tree_eval_kernel.argtypes = [ctypes.c_int32]
             library.tree_eval_kernel.restype = ctypes.c_char_p
+            # m, values, anchors, known, latest, has_view, as_of, taus, thresholds, offsets, block, until
+            library.kept_rows_as_of.argtypes = [ctypes.c_int64, *[pointer] * 5, ctypes.c_int64, *[pointer] * 5]
+            library.kept_rows_as_of.restype = None
             _LIBRARIES[path] = library
         return library
 
@@ -288,6 +291,11 @@ class CompiledEvaluator:
         self._leaf, self._mean = self._buffers[2].ctypes.data, self._buffers[3].ctypes.data
         self._shape = (ctypes.c_int32(a.trees), ctypes.c_int32(a.depth), ctypes.c_float(a.base_margin))
         self.kernel = library.tree_eval_kernel(a.depth).decode()
+
+    @property
+    def library(self) -> ctypes.CDLL:
+        """The loaded C library (its other entry points: ``kept_rows_as_of``, for ranking/incremental.py)."""
+        return self._library
 
     def _rows(self, features: np.ndarray) -> np.ndarray:
         # XGBoost casts every value to float32 before comparing it: the same cast here.

@@ -15,6 +15,7 @@ from pymk.ranking.features import FeatureBuilder
 from pymk.ranking.incremental import (
     IncrementalLists,
     ListCacheConfig,
+    ListEntry,
     SplitPoints,
     _until_falling,
     _until_growing,
@@ -37,9 +38,20 @@ def ranker() -> Ranker:
     return Ranker.load(SHIPPED_RANKER)
 
 
-def small_source(seed: int) -> MemorySource:
+class UnstampedSource(MemorySource):
+    """A source without change stamps (ChangeStampSource), like a worker source that has none: every update then
+    re-reads every row."""
+
+    change_stamp = None  # type: ignore[assignment]
+    stamp_handles = None  # type: ignore[assignment]
+    changed_since = None  # type: ignore[assignment]
+    views_stamp = None  # type: ignore[assignment]
+    co_engagement_stamp = None  # type: ignore[assignment]
+
+
+def small_source(seed: int, stamped: bool = True) -> MemorySource:
     rng = np.random.default_rng(seed)
-    source = MemorySource(dim=8)
+    source = MemorySource(dim=8) if stamped else UnstampedSource(dim=8)
     ts = START - 40 * DAY
     for _ in range(45):
         u, v = (int(x) for x in rng.choice(USERS, 2, replace=False))
@@ -70,18 +82,20 @@ def assert_same(incremental, full) -> None:  # noqa: ANN001 - two ScoredCandidat
     assert np.array_equal(incremental.features, full.features, equal_nan=True)
 
 
-EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss", "embed", "idle"]),
+EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss", "embed", "profile", "idle"]),
                   st.integers(0, USERS - 1), st.integers(0, USERS - 1),
                   # as-of steps from a second to weeks: the activity and recency columns cross many thresholds
                   st.sampled_from([1_000, 60_000, 3_600_000, DAY, 9 * DAY]))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25))
-def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events: list) -> None:  # type: ignore[type-arg]
+@given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25), stamped=st.booleans())
+def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events: list,  # type: ignore[type-arg]
+                                               stamped: bool) -> None:
     """On random event sequences, every list served from the kept one equals the full path's at the same state and
-    as-of time: the same rows in the same order, every score bit for bit, the same top 20 and the same features."""
-    source = small_source(seed)
+    as-of time: the same rows in the same order, every score bit for bit, the same top 20 and the same features;
+    with change stamps (only the rows that moved are re-read, a candidate's profile edit included) and without."""
+    source = small_source(seed, stamped)
     builder = FeatureBuilder()
     lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, max_updates=1000, shadow_fraction=0.0))
     as_of = START
@@ -109,6 +123,13 @@ def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events
             # the other kept lists' ANN answers may move too: what only the age bound limits (module doc)
             lists.invalidate(set(range(USERS)) - {a})
             touched = {a}
+        elif kind == "profile":  # b's profile edit: in every kept list that holds b (the stamps tell), b's own full
+            source.set_profile(b, Profile(company=f"c{step % 3}", skills=(f"s{a % 4}",), title="data engineer"))
+            if stamped:
+                touched = set(range(USERS))  # every list that holds b re-reads b's profile columns
+            else:
+                lists.invalidate(set(range(USERS)) - {b})  # without stamps, a candidate's profile edit is not seen
+                touched = {b}
         for user in sorted(touched):
             incremental = lists.score(user, source, ranker, CONFIG, as_of, 20, builder, exact_features=True)
             served += lists.last_path == "incremental"
@@ -308,3 +329,39 @@ def test_a_moved_own_embedding_asks_the_ann_answer_again_in_place(ranker: Ranker
         incremental = lists.score(user, source, ranker, config, as_of, 20, builder, exact_features=True)
         assert lists.last_path == "incremental"
         assert_same(incremental, score_candidates(user, source, ranker, config, as_of, 20, builder=builder))
+
+
+def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> None:
+    """The C pass over kept rows (tree_eval.c's kept_rows_as_of) writes the as-of columns with the bits of the numpy
+    and math.exp code, and the same validity (to the millisecond: its log may differ in the last bit; the bound
+    keeps a margin)."""
+    from pymk.ranking.features import FEATURE_NAMES
+    from pymk.ranking.incremental import _as_of_kernel, split_points
+    from pymk.ranking.source import ActivityTable
+
+    points = split_points(ranker, len(FEATURE_NAMES))
+    kernel = _as_of_kernel(ranker, points)
+    assert kernel is not None and points is not None
+    rng = np.random.default_rng(7)
+    m, as_of = 5_000, START
+    known = rng.random(m) < 0.8
+    anchors = np.where(known, as_of - rng.integers(-DAY, 60 * DAY, m), 0).astype(np.int64)
+    values = np.where(known[:, None], rng.exponential(3.0, (m, 3)) * (rng.random((m, 3)) < 0.9), 0.0)
+    has_view = rng.random(m) < 0.5
+    latest = np.where(has_view, as_of - rng.integers(-DAY, 30 * DAY, m), 0).astype(np.int64)
+
+    def entry() -> ListEntry:
+        e = ListEntry.__new__(ListEntry)
+        e.features = np.full((m, len(FEATURE_NAMES)), -1.0)
+        e.activity = ActivityTable(values.copy(), anchors.copy(), known.copy())
+        e.view_latest, e.has_view = latest.copy(), has_view.copy()
+        return e
+
+    rows = rng.permutation(m)[: m // 2]
+    compiled, plain = entry(), entry()
+    until_compiled = kernel.run(compiled, rows, as_of, points)
+    block = IncrementalLists._as_of_columns(plain, rows, as_of)
+    until_plain = IncrementalLists._validity(plain, rows, points, as_of, block)
+    assert np.array_equal(compiled.features.view(np.int64), plain.features.view(np.int64))  # NaNs included
+    assert np.max(np.abs(until_compiled - until_plain)) <= 1
+    assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
