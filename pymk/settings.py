@@ -93,6 +93,9 @@ class Settings:
     # Re-embeddings per flush stop after this long (new users are embedded at once whatever it says); the rest
     # stay due, the longest due first at the next flush (at least one batch per flush, so none waits forever).
     embed_budget_ms: int = 100
+    # torch threads of the worker's GraphSAGE forward passes: its batches are small and its cores shared, where
+    # more than one thread mostly spin-waits (measured: docs/benchmarks.md, "Freshness at 200 events/s")
+    embed_threads: int = 1
     # The space Stage 1's ANN searches: "sage" (GraphSAGE neighbours of the user's embedding) or "two-tower"
     # (candidate-tower vectors searched with the user's query-tower vector; needs a two-tower model).
     ann_space: AnnSpace = "sage"

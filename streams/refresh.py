@@ -77,10 +77,12 @@ log = logging.getLogger(__name__)
 class RefreshStats:
     embedded: int = 0
     embed_seconds: float = 0.0
+    embed_cpu_seconds: float = 0.0  # the same in this thread's CPU time (wall time also counts the machine's load)
     refreshed: int = 0
     refreshed_stale: int = 0  # of which by the bounded-staleness lane
     lists_between_flushes: int = 0  # of which ranked between flushes (WorkerState.refresh_now)
     refresh_seconds: float = 0.0
+    refresh_cpu_seconds: float = 0.0  # the same in this thread's CPU time
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
     backlog: int = 0  # lists owed after the last flush
     oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
@@ -196,9 +198,8 @@ class Refresher:
         """One embedder per partition (its graph view), kept for its feature cache; new when the model changes."""
         held = self._embedders.get(state.partition)
         if held is None or held[0] != self.models.embedding_model or held[1].graph.graph is not state.graph:
-            embedder = self.models.embedder(PartitionGraphView(state), WorkerNodeFeatures(self.degree_of,
-                                                                                          self.profile_of),
-                                            cache=self._node_feature_cache)
+            features = WorkerNodeFeatures(self.degree_of, self.profile_of, self.facts)
+            embedder = self.models.embedder(PartitionGraphView(state), features, cache=self._node_feature_cache)
             held = self._embedders[state.partition] = (self.models.embedding_model, embedder)
         return held[1]
 
@@ -235,6 +236,16 @@ class Refresher:
         state.forced_refresh.clear()
         state.forced_reembed.clear()
 
+    def _observe_partitions(self, states: Sequence[PartitionState]) -> None:
+        """Drop what depends on which partitions are local when they change (before any read of this pass)."""
+        partitions = frozenset(state.partition for state in states)
+        if partitions != self._partitions:
+            if self.facts is not None:
+                self.facts.clear()  # a user now local was read from user-globals, or the other way round
+            if self.lists is not None:
+                self.lists.clear()  # a partition that comes back was changed elsewhere meanwhile
+        self._partitions = partitions
+
     # ---- 2. embeddings ---------------------------------------------------------------------------------------------
     def observe_input_backlog(self, backlog: int) -> bool:
         """Set this flush's lists budget from the input backlog (ListBudget); whether the input is so far behind
@@ -254,11 +265,13 @@ class Refresher:
         due (durable rows). ``new_only``: the new users only (before ranking between flushes: a new user's first
         list has its ANN candidates). ``chunk``: re-embeddings per embedder call (a slice between flushes takes
         a smaller one: at least one chunk is embedded, and the event loop waits for it)."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         if budget_s is None:
             budget_s = (0 if catching_up else
                         max(self.settings.embed_budget_ms, self.settings.refresh_idle_budget_ms // 2) if idle
                         else self.settings.embed_budget_ms) / 1000.0
+        states = list(states)
+        self._observe_partitions(states)  # the embedder reads the fact slots too
         salt = salt_for_version(self.models.embedding_model)
         out: list[EmbeddingRecord] = []
         again: list[tuple[int, int, PartitionState]] = []  # (due since, user, state) of known users
@@ -286,6 +299,7 @@ class Refresher:
         if new_only:
             self.stats.embedded += len(out)
             self.stats.embed_seconds += time.perf_counter() - started
+            self.stats.embed_cpu_seconds += time.thread_time() - cpu_started
             return out
         again.sort(key=lambda item: (item[0], item[1]))
         done = 0
@@ -299,6 +313,7 @@ class Refresher:
         self.stats.embedded += len(out)
         self._embed_spent_s = time.perf_counter() - started
         self.stats.embed_seconds += self._embed_spent_s
+        self.stats.embed_cpu_seconds += time.thread_time() - cpu_started
         return out
 
     def _embed_guarded(self, state: PartitionState, users: list[int], now_ms: int,
@@ -354,16 +369,10 @@ class Refresher:
         """The lists owed, as (list, its impressions), by lane (see the module doc) within the time budget.
         ``idle``: no input since the last flush, so the larger idle budget applies; ``catching_up``: the input
         is behind, one list only."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         settings = self.settings
         states = list(states)
-        partitions = frozenset(state.partition for state in states)
-        if partitions != self._partitions:
-            if self.facts is not None:
-                self.facts.clear()  # a user now local was read from user-globals, or the other way round
-            if self.lists is not None:
-                self.lists.clear()  # a partition that comes back was changed elsewhere meanwhile
-        self._partitions = partitions
+        self._observe_partitions(states)
         state_of: dict[int, PartitionState] = {}
         first_of: dict[int, int] = {}
         owed: list[tuple[int, int, int]] = []
@@ -413,6 +422,7 @@ class Refresher:
         self.stats.backlog = len(left)
         self.stats.oldest_owed_ms = now_ms - min(left) if left else 0
         self.stats.refresh_seconds += time.perf_counter() - started
+        self.stats.refresh_cpu_seconds += time.thread_time() - cpu_started
         return out
 
     def rank(self, state: PartitionState, user: int, now_ms: int) -> tuple[Recommendations, list[Impression]]:
