@@ -121,6 +121,8 @@ def _list_costs(refresh: dict[str, Any], flush: dict[str, Any]) -> dict[str, Any
             "refresh_cpu_seconds": round(float(refresh.get("refresh_cpu_seconds") or 0.0), 1),
             "embedded": refresh.get("embedded"), "embed_seconds": round(float(refresh.get("embed_seconds") or 0.0), 1),
             "embed_cpu_seconds": round(float(refresh.get("embed_cpu_seconds") or 0.0), 1),
+            # re-embeddings due but not done yet, and how long the longest-due has waited (lists go first)
+            "embed_deferred": refresh.get("embed_deferred"), "oldest_embed_due_ms": refresh.get("oldest_embed_due_ms"),
             "flushes": flush.get("flushes"), "flush_seconds": round(float(flush.get("seconds") or 0.0), 1),
             "messages_between_flushes": flush.get("messages_between_flushes")}
 

@@ -290,6 +290,9 @@ class SliceRefresher:
     def embed_due(self, states: Any, now_ms: int, **kwargs: Any) -> list[Any]:
         return []
 
+    def embed_alongside_lists(self, states: Any, now_ms: int) -> list[Any]:
+        return []
+
     def refresh_due(self, states: Any, now_ms: int, budget_s: float | None = None, **kwargs: Any) -> list[Any]:
         out = []
         for state in states:
@@ -409,3 +412,47 @@ def test_an_embedding_of_a_partition_taken_over_without_its_state_beats_the_prev
     records = refresher._embed(state, [5, 6, 9], now_ms=1_000, salt=0)  # type: ignore[arg-type]
     assert [(r.user, r.version) for r in records] == [(5, 8), (6, 3), (9, 1)]
     assert refresher.index.applied == records  # type: ignore[attr-defined]
+
+
+class ListsAndEmbeddings(EmbedCounting):
+    """Ranking that costs ``list_cost_s`` per list, embedding that costs ``cost_s`` per chunk."""
+
+    def __init__(self, settings_: Settings, cost_s: float, list_cost_s: float) -> None:
+        super().__init__(settings_, cost_s)
+        self.list_cost_s = list_cost_s
+        self.models = type("M", (), {"embedding_model": "sage-test"})()
+
+    def rank(self, state: Any, user: int, now_ms: int) -> Any:
+        self.ranked.append(user)
+        time.sleep(self.list_cost_s)
+        return (user, now_ms), []
+
+
+def test_reembeddings_get_their_share_of_the_time_while_lists_are_owed() -> None:
+    """Between flushes with lists owed, re-embeddings of known users run once the lists have earned them time
+    (``reembed_share`` of theirs), a chunk at a time, longest due first; with the share at 0 they wait."""
+    now = 50_000_000
+    state = EmbeddingState(0)
+    for user in range(40):
+        state.work.touch(user, now, now - 10 * user, False)  # known users, re-embedding due
+    for user in range(200, 260):
+        state.work.touch(user, now, None, True)  # lists owed
+    refresher = ListsAndEmbeddings(Settings(reembed_share=0.25), cost_s=0.001, list_cost_s=0.002)
+    assert refresher.embed_alongside_lists([state], now) == []  # no list ranked yet: nothing earned
+    refresher.refresh_due([state], now, budget_s=0.02)  # type: ignore[list-item]
+    assert refresher.ranked and refresher.embedded == []
+    refresher.embed_alongside_lists([state], now)  # type: ignore[list-item]
+    assert refresher.embedded[0] == list(range(39, 39 - EMBED_CHUNK, -1))  # one chunk, longest due first
+    for _ in range(30):
+        if not state.work.has_refreshes():
+            break
+        refresher.refresh_due([state], now, budget_s=0.02)  # type: ignore[list-item]
+        refresher.embed_alongside_lists([state], now)  # type: ignore[list-item]
+    assert sorted(u for batch in refresher.embedded for u in batch) == list(range(40))
+
+    idle = EmbeddingState(0)
+    idle.work.touch(1, now, now - 10, False)
+    idle.work.touch(200, now, None, True)
+    never = ListsAndEmbeddings(Settings(reembed_share=0.0), cost_s=0.0, list_cost_s=0.002)
+    never.refresh_due([idle], now, budget_s=0.02)  # type: ignore[list-item]
+    assert never.embed_alongside_lists([idle], now) == [] and never.embedded == []  # type: ignore[list-item]
