@@ -62,6 +62,12 @@ class PendingWork:
             self.rows[user] = row
             self._dirty.add(user)
 
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(users, rows as an (n, 4) int64 table) in the dict's order, in one pass in C."""
+        rows = self.rows
+        table = np.fromiter(chain.from_iterable(rows.values()), np.int64, 4 * len(rows)).reshape(-1, 4)
+        return np.fromiter(rows.keys(), np.int64, len(rows)), table
+
     def embeddings_due(self, now_ms: int) -> list[int]:
         return sorted(u for u, (due, _, _, _) in self.rows.items() if due != NO_EMBEDDING_DUE and due <= now_ms)
 
@@ -76,9 +82,7 @@ class PendingWork:
         """(first touched, last touched, user) int64 arrays of every user whose list is owed, in no set order:
         what :meth:`refreshes` holds without a Python sort (the lanes are ordered by
         :func:`pymk.streams.refresh.refresh_lanes` with numpy; this runs once per slice between flushes)."""
-        rows = self.rows
-        table = np.fromiter(chain.from_iterable(rows.values()), np.int64, 4 * len(rows)).reshape(-1, 4)
-        users = np.fromiter(rows.keys(), np.int64, len(rows))
+        users, table = self._table()
         owed = table[:, 1] != 0
         return table[owed, 2], table[owed, 3], users[owed]
 
