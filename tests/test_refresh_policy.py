@@ -67,6 +67,33 @@ def test_every_owed_user_is_in_exactly_one_lane(stamps: list[tuple[int, int]], n
     assert [lasts[u] for u in fresh] == sorted((lasts[u] for u in fresh), reverse=True)
 
 
+def reference_order(owed: list[tuple[int, int, int]], now_ms: int,
+                    max_staleness_ms: int) -> tuple[list[int], list[int]]:
+    """The lanes as refresh_order computed them with Python sorts (before refresh_lanes)."""
+    cut = now_ms - max_staleness_ms
+    stale = sorted((first, user) for first, _, user in owed if first <= cut)
+    fresh = sorted((-last, first, ((user ^ now_ms) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF, user)
+                   for first, last, user in owed if first > cut)
+    return [user for _, user in stale], [entry[3] for entry in fresh]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.integers(-2**63, 2**63 - 1) | st.integers(0, 40),
+                       st.tuples(st.sampled_from([0, 1, 500, STALE_MS - 1, STALE_MS, STALE_MS + 1])
+                                 | st.integers(0, 10**6),
+                                 st.sampled_from([0, 1, 100]) | st.integers(0, 10**6)), max_size=80),
+       st.integers(STALE_MS, 2**45))
+def test_the_numpy_lanes_equal_the_python_sorts(ages: dict[int, tuple[int, int]], now: int) -> None:
+    owed = [(now - first_age, now - min(first_age, last_age), user) for user, (first_age, last_age) in ages.items()]
+    assert refresh_order(owed, now, STALE_MS) == reference_order(owed, now, STALE_MS)
+    work = PendingWork(DictRowStore())
+    for first, last, user in owed:
+        work.touch(user, first, None, True)
+        work.touch(user, last, None, True)
+    first, last, users = work.owed_arrays()
+    assert sorted(zip(first.tolist(), last.tolist(), users.tolist(), strict=True)) == sorted(owed)
+
+
 def test_pending_rows_remember_first_and_last_touch_durably() -> None:
     store = DictRowStore()
     work = PendingWork(store)
