@@ -6,9 +6,12 @@ the model's arithmetic does not depend on the batch, so the same graph state and
 e.g. when a worker re-processes an event after a crash. Pass the same salt for every user of a model
 version (:func:`salt_for_version`), or one per user.
 
-Fast: per batch the only Python loops are one ``neighbours`` call per sampled node and one profile
-lookup per node; profile encodings are cached in an LRU (by ``(user, profile_version(user))`` when the
-feature source offers ``profile_version``, else by the profile value), degree features are vectorised.
+Fast: per batch the only Python loops are one ``neighbours`` call per sampled node (an array per node when the
+graph offers ``neighbour_array``) and one profile lookup per node (none when the feature source reads a batch's
+profiles and degrees at once, ``profiles_and_degrees``); profile encodings are cached in an LRU (by
+``(user, profile_version(user))`` when the feature source offers ``profile_version``, else by the profile value,
+and for batch reads first by the profile object's identity), degree features are vectorised. ``threads`` sets
+torch's threads for the forward pass (the worker uses one: its batches are small and its cores shared).
 """
 
 from __future__ import annotations

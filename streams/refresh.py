@@ -17,6 +17,11 @@ Lists owed are served within a time budget per flush, in two lanes (:func:`refre
 
 A flush after an interval without input uses ``refresh_idle_budget_ms``: when the load drops, the backlog drains.
 
+Embeddings: a new user is embedded before any list (its first list needs ANN candidates); a known user's
+re-embedding never precedes its list (the list uses the index as it stands). Between flushes, while lists are
+owed, re-embeddings get ``reembed_share`` of the lists' time (:meth:`Refresher.embed_alongside_lists`), else all
+the time when no list is owed; a flush that finds the input behind gives them ``embed_budget_ms``.
+
 The lists' budget follows the input (:class:`ListBudget`): while the input keeps up (at most
 ``refresh_keeping_up_backlog`` messages not applied at a flush), it grows by half per flush up to
 ``refresh_budget_max_ms``, so the time the input does not need goes to lists; above that it halves back toward
