@@ -88,8 +88,25 @@ def sample_neighbours(user: int, neighbours: Collection[int], fanout: int = DEFA
     return sampled[0, :counts[0]].tolist()
 
 
+class NeighbourArraySource(Protocol):
+    """Current neighbours of a user as an int64 array (any order), e.g. one the store keeps between changes."""
+
+    def neighbour_array(self, user: int) -> np.ndarray: ...
+
+
 def fetch_from_source(graph: NeighbourSource) -> NeighbourFetch:
-    """A :data:`NeighbourFetch` that asks ``graph`` for each node's neighbours."""
+    """A :data:`NeighbourFetch` that asks ``graph`` for each node's neighbours: as arrays when it offers
+    ``neighbour_array`` (:class:`NeighbourArraySource`; no Python object per neighbour), else as collections."""
+    arrays = getattr(graph, "neighbour_array", None)
+    if arrays is not None:
+
+        def fetch_arrays(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            held = list(map(arrays, nodes.tolist()))
+            lengths = np.fromiter(map(len, held), dtype=np.int64, count=len(held))
+            flat = np.concatenate(held).astype(np.int64, copy=False) if held else np.zeros(0, dtype=np.int64)
+            return lengths, flat
+
+        return fetch_arrays
 
     def fetch(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lists = [graph.neighbours(node) for node in nodes.tolist()]

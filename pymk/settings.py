@@ -104,6 +104,12 @@ class Settings:
     # Re-embeddings per flush stop after this long (new users are embedded at once whatever it says); the rest
     # stay due, the longest due first at the next flush (at least one batch per flush, so none waits forever).
     embed_budget_ms: int = 100
+    # torch threads of the worker's GraphSAGE forward passes: its batches are small and its cores shared, where
+    # more than one thread mostly spin-waits (measured: docs/benchmarks.md, "Freshness at 200 events/s")
+    embed_threads: int = 1
+    # While lists are owed between flushes, re-embeddings of known users get this share of the time spent on lists
+    # (new users are embedded before any list, whatever it says); 0: only when no list is owed or in a flush.
+    reembed_share: float = 0.1
     # The space Stage 1's ANN searches: "sage" (GraphSAGE neighbours of the user's embedding) or "two-tower"
     # (candidate-tower vectors searched with the user's query-tower vector; needs a two-tower model).
     ann_space: AnnSpace = "sage"

@@ -180,7 +180,7 @@ class Models:
         return self.apply(self.load_changed())
 
     def embedder(self, graph: Any, features: Any, cache: Any = None) -> Embedder:
-        return Embedder(self.sage, features, graph, cache=cache)
+        return Embedder(self.sage, features, graph, cache=cache, threads=self.settings.embed_threads)
 
     def describe(self) -> dict[str, Any]:
         ranker: dict[str, Any] = {"version": self.scorer.version,

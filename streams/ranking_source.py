@@ -41,17 +41,33 @@ class PartitionGraphView:
         row = self.graph.mirror_row(user)
         return [n for n, v in row.versions.items() if is_alive(v)]
 
+    def neighbour_array(self, user: int) -> np.ndarray:
+        """:meth:`neighbours` as the row's kept array (made once per change of the row, not per read)."""
+        return self.graph.mirror_row(user).alive_ids()
+
 
 class WorkerNodeFeatures:
-    def __init__(self, degree_of: DegreeOf, profile_of: ProfileOf) -> None:
+    """The embedder's reads of any user's degree and profile; with ``facts``, the nodes of a batch are read in
+    one gather from the worker's fact slots (streams/user_facts.py) instead of two calls per node. Facts are
+    valid for what the refresher collected (``Refresher.collect`` invalidates the users that changed)."""
+
+    def __init__(self, degree_of: DegreeOf, profile_of: ProfileOf, facts: UserFacts | None = None) -> None:
         self.degree_of = degree_of
         self.profile_of = profile_of
+        self.facts = facts
 
     def profile(self, user: int) -> Profile | None:
         return self.profile_of(user)
 
     def degree(self, user: int) -> int:
         return self.degree_of(user)
+
+    def profiles_and_degrees(self, ids: np.ndarray) -> tuple[list[Profile | None], np.ndarray]:
+        """The profiles and degrees of an int64 id array, in its order."""
+        if self.facts is not None:
+            return self.facts.profiles_and_degrees_of(ids)
+        users = ids.tolist()
+        return list(map(self.profile_of, users)), np.fromiter(map(self.degree_of, users), np.int64, len(users))
 
 
 class WorkerRankingSource:

@@ -17,6 +17,11 @@ Lists owed are served within a time budget per flush, in two lanes (:func:`refre
 
 A flush after an interval without input uses ``refresh_idle_budget_ms``: when the load drops, the backlog drains.
 
+Embeddings: a new user is embedded before any list (its first list needs ANN candidates); a known user's
+re-embedding never precedes its list (the list uses the index as it stands). Between flushes, while lists are
+owed, re-embeddings get ``reembed_share`` of the lists' time (:meth:`Refresher.embed_alongside_lists`), else all
+the time when no list is owed; a flush that finds the input behind gives them ``embed_budget_ms``.
+
 The lists' budget follows the input (:class:`ListBudget`): while the input keeps up (at most
 ``refresh_keeping_up_backlog`` messages not applied at a flush), it grows by half per flush up to
 ``refresh_budget_max_ms``, so the time the input does not need goes to lists; above that it halves back toward
@@ -77,10 +82,12 @@ log = logging.getLogger(__name__)
 class RefreshStats:
     embedded: int = 0
     embed_seconds: float = 0.0
+    embed_cpu_seconds: float = 0.0  # the same in this thread's CPU time (wall time also counts the machine's load)
     refreshed: int = 0
     refreshed_stale: int = 0  # of which by the bounded-staleness lane
     lists_between_flushes: int = 0  # of which ranked between flushes (WorkerState.refresh_now)
     refresh_seconds: float = 0.0
+    refresh_cpu_seconds: float = 0.0  # the same in this thread's CPU time
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
     backlog: int = 0  # lists owed after the last flush
     oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
@@ -102,20 +109,33 @@ def candidate_config(settings: Settings) -> CandidateConfig:
                            dismissal_expiry_ms=settings.dismissal_expiry_ms or None)
 
 
+MAX_EMBED_CREDIT_S = 0.05  # the most re-embedding time the lists' share can save up (embed_alongside_lists)
 EMBED_CHUNK = 16  # re-embeddings per embedder call between two looks at the clock (and at least per flush)
 _MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: a tie order that changes from flush to flush
 
 
+def refresh_lanes(first: np.ndarray, last: np.ndarray, users: np.ndarray, now_ms: int,
+                  max_staleness_ms: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two lanes of owed users given as int64 arrays (first touched, last touched, user), as positions into
+    them: (stale, oldest first touch first, ties by user; the others, newest last touch first). Ties among the
+    fresh (users touched in the same flush) go to the one waiting longer, then to an order that rotates with
+    ``now_ms`` (a multiplicative hash of user xor now, modulo 2^64), so no user id always loses them."""
+    stale = np.flatnonzero(first <= now_ms - max_staleness_ms)
+    fresh = np.flatnonzero(first > now_ms - max_staleness_ms)
+    stale = stale[np.lexsort((users[stale], first[stale]))]
+    with np.errstate(over="ignore"):  # the hash wraps modulo 2^64 by design
+        mixed = (users[fresh].view(np.uint64) ^ np.uint64(now_ms & 0xFFFFFFFFFFFFFFFF)) * np.uint64(_MIX)
+    fresh = fresh[np.lexsort((users[fresh], mixed, first[fresh], -last[fresh]))]
+    return stale, fresh
+
+
 def refresh_order(owed: Iterable[tuple[int, int, int]], now_ms: int,
                   max_staleness_ms: int) -> tuple[list[int], list[int]]:
-    """The two lanes of (first touched, last touched, user) entries: (stale users, oldest first touch first;
-    the others, newest last touch first). Ties among the fresh (users touched in the same flush) go to the one
-    waiting longer, then to an order that rotates with ``now_ms``, so no user id always loses them."""
-    cut = now_ms - max_staleness_ms
-    stale = sorted((first, user) for first, _, user in owed if first <= cut)
-    fresh = sorted((-last, first, ((user ^ now_ms) * _MIX) & 0xFFFFFFFFFFFFFFFF, user)
-                   for first, last, user in owed if first > cut)
-    return [user for _, user in stale], [entry[3] for entry in fresh]
+    """:func:`refresh_lanes` of (first touched, last touched, user) entries, as user lists."""
+    table = np.array(list(owed), dtype=np.int64).reshape(-1, 3)
+    users = table[:, 2]
+    stale, fresh = refresh_lanes(table[:, 0], table[:, 1], users, now_ms, max_staleness_ms)
+    return users[stale].tolist(), users[fresh].tolist()
 
 
 class ListBudget:
@@ -157,6 +177,8 @@ class Refresher:
 
     lists: IncrementalLists | None = None  # the kept lists (set in __init__ unless PYMK_LIST_CACHE_BYTES=0)
 
+    _embed_credit_s = 0.0  # re-embedding time earned by lists while lists are owed (embed_alongside_lists)
+
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
                  profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf,
                  facts: UserFacts | None = None) -> None:
@@ -196,9 +218,8 @@ class Refresher:
         """One embedder per partition (its graph view), kept for its feature cache; new when the model changes."""
         held = self._embedders.get(state.partition)
         if held is None or held[0] != self.models.embedding_model or held[1].graph.graph is not state.graph:
-            embedder = self.models.embedder(PartitionGraphView(state), WorkerNodeFeatures(self.degree_of,
-                                                                                          self.profile_of),
-                                            cache=self._node_feature_cache)
+            features = WorkerNodeFeatures(self.degree_of, self.profile_of, self.facts)
+            embedder = self.models.embedder(PartitionGraphView(state), features, cache=self._node_feature_cache)
             held = self._embedders[state.partition] = (self.models.embedding_model, embedder)
         return held[1]
 
@@ -235,6 +256,16 @@ class Refresher:
         state.forced_refresh.clear()
         state.forced_reembed.clear()
 
+    def _observe_partitions(self, states: Sequence[PartitionState]) -> None:
+        """Drop what depends on which partitions are local when they change (before any read of this pass)."""
+        partitions = frozenset(state.partition for state in states)
+        if partitions != self._partitions:
+            if self.facts is not None:
+                self.facts.clear()  # a user now local was read from user-globals, or the other way round
+            if self.lists is not None:
+                self.lists.clear()  # a partition that comes back was changed elsewhere meanwhile
+        self._partitions = partitions
+
     # ---- 2. embeddings ---------------------------------------------------------------------------------------------
     def observe_input_backlog(self, backlog: int) -> bool:
         """Set this flush's lists budget from the input backlog (ListBudget); whether the input is so far behind
@@ -254,16 +285,20 @@ class Refresher:
         due (durable rows). ``new_only``: the new users only (before ranking between flushes: a new user's first
         list has its ANN candidates). ``chunk``: re-embeddings per embedder call (a slice between flushes takes
         a smaller one: at least one chunk is embedded, and the event loop waits for it)."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         if budget_s is None:
             budget_s = (0 if catching_up else
                         max(self.settings.embed_budget_ms, self.settings.refresh_idle_budget_ms // 2) if idle
                         else self.settings.embed_budget_ms) / 1000.0
+        states = list(states)
+        self._observe_partitions(states)  # the embedder reads the fact slots too
         salt = salt_for_version(self.models.embedding_model)
         out: list[EmbeddingRecord] = []
         again: list[tuple[int, int, PartitionState]] = []  # (due since, user, state) of known users
         for state in states:
             due = state.work.embeddings_due(now_ms)
+            if new_only:  # the known users' re-embeddings (and deletions) wait for a pass that does them
+                due = [u for u in due if state.embeddings.get(u) is None]
             if not due:
                 continue
             users = [u for u in due if state.graph.degree(u) > 0 or state.profiles.profile(u) is not None]
@@ -286,6 +321,7 @@ class Refresher:
         if new_only:
             self.stats.embedded += len(out)
             self.stats.embed_seconds += time.perf_counter() - started
+            self.stats.embed_cpu_seconds += time.thread_time() - cpu_started
             return out
         again.sort(key=lambda item: (item[0], item[1]))
         done = 0
@@ -299,6 +335,20 @@ class Refresher:
         self.stats.embedded += len(out)
         self._embed_spent_s = time.perf_counter() - started
         self.stats.embed_seconds += self._embed_spent_s
+        self.stats.embed_cpu_seconds += time.thread_time() - cpu_started
+        return out
+
+    def embed_alongside_lists(self, states: Sequence[PartitionState], now_ms: int) -> list[EmbeddingRecord]:
+        """Re-embeddings while lists are owed (between flushes, after a slice's lists): up to
+        ``reembed_share`` of the time spent on lists (a credit that the lists' time fills and the re-embeddings
+        spend; at least one chunk once it is positive, so it may go below zero). Without it a known user's
+        re-embedding would wait until no list is owed, which under overload is never, and the index would
+        drift from the graph; with it, it never delays a list by more than a chunk (~6 ms for 16 users)."""
+        if self._embed_credit_s <= 0 or not any(state.work.has_embeddings_due(now_ms) for state in states):
+            return []
+        started = time.perf_counter()
+        out = self.embed_due(states, now_ms, budget_s=self._embed_credit_s)
+        self._embed_credit_s -= time.perf_counter() - started
         return out
 
     def _embed_guarded(self, state: PartitionState, users: list[int], now_ms: int,
@@ -354,38 +404,33 @@ class Refresher:
         """The lists owed, as (list, its impressions), by lane (see the module doc) within the time budget.
         ``idle``: no input since the last flush, so the larger idle budget applies; ``catching_up``: the input
         is behind, one list only."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         settings = self.settings
         states = list(states)
-        partitions = frozenset(state.partition for state in states)
-        if partitions != self._partitions:
-            if self.facts is not None:
-                self.facts.clear()  # a user now local was read from user-globals, or the other way round
-            if self.lists is not None:
-                self.lists.clear()  # a partition that comes back was changed elsewhere meanwhile
-        self._partitions = partitions
-        state_of: dict[int, PartitionState] = {}
-        first_of: dict[int, int] = {}
-        owed: list[tuple[int, int, int]] = []
-        for state in states:
-            for first, last, user in state.work.refreshes():
-                state_of[user], first_of[user] = state, first
-                owed.append((first, last, user))
-        stale, fresh = refresh_order(owed, now_ms, settings.refresh_max_staleness_ms)
+        self._observe_partitions(states)
+        # every owed user as arrays (a position each; its state by index): the lanes are ordered with numpy, since
+        # this runs once per slice between flushes and under overload every user of the partitions is owed
+        held = [state.work.owed_arrays() for state in states]
+        first_at = np.concatenate([first for first, _, _ in held]) if held else np.empty(0, np.int64)
+        last_at = np.concatenate([last for _, last, _ in held]) if held else np.empty(0, np.int64)
+        user_at = np.concatenate([users for _, _, users in held]) if held else np.empty(0, np.int64)
+        state_index_at = np.repeat(np.arange(len(states)), [len(users) for _, _, users in held])
+        stale, fresh = refresh_lanes(first_at, last_at, user_at, now_ms, settings.refresh_max_staleness_ms)
         if budget_s is None:
             budget_s = 0.0 if catching_up else self.list_budget.seconds
             if idle:  # the idle budget is for the whole flush: what this flush's embeddings left of it
                 budget_s = max(budget_s, settings.refresh_idle_budget_ms / 1000.0 - self._embed_spent_s)
         out: list[tuple[Recommendations, list[Impression]]] = []
-        done: set[int] = set()
+        done = np.zeros(len(user_at), bool)  # by position
 
-        def serve(users: list[int], until_s: float) -> None:
-            for user in users:
-                if user in done:
+        def serve(positions: np.ndarray, until_s: float) -> None:
+            for position in positions.tolist():
+                if done[position]:
                     continue
                 if out and time.perf_counter() - started > until_s:  # at least one list per flush
                     return
-                state = state_of[user]
+                user, state, first = int(user_at[position]), states[state_index_at[position]], int(first_at[position])
+                done[position] = True
                 try:
                     out.append(self.rank(state, user, now_ms))
                 except Exception as exc:
@@ -394,25 +439,27 @@ class Refresher:
                     # skipped: owed again at the user's next change (streams/errors.py)
                     self.on_user_error("ranking", exc, state, user)
                     state.work.refreshed(user)
-                    done.add(user)
                     continue
                 state.work.refreshed(user)
                 state.published.put(out[-1][0])
-                self.stats.last_delays_ms.append(now_ms - first_of[user])
-                self.delays.observe((now_ms - first_of[user]) / 1000.0)
-                done.add(user)
+                self.stats.last_delays_ms.append(now_ms - first)
+                self.delays.observe((now_ms - first) / 1000.0)
 
         serve(stale, budget_s * settings.refresh_stale_share)
         serve(fresh, budget_s)
         serve(stale, budget_s)  # what the fresh lane left
-        left = [first_of[u] for u in first_of if u not in done]
+        left = first_at[~done]
         self.stats.last_delays_ms = self.stats.last_delays_ms[-1000:]
         self.stats.refreshed += len(out)
-        self.stats.refreshed_stale += sum(1 for user in stale if user in done)
+        self.stats.refreshed_stale += int(done[stale].sum())
         self.stats.deferred += len(left)
         self.stats.backlog = len(left)
-        self.stats.oldest_owed_ms = now_ms - min(left) if left else 0
-        self.stats.refresh_seconds += time.perf_counter() - started
+        self.stats.oldest_owed_ms = now_ms - int(left.min()) if len(left) else 0
+        spent = time.perf_counter() - started
+        self.stats.refresh_seconds += spent
+        self.stats.refresh_cpu_seconds += time.thread_time() - cpu_started
+        # capped: a long run of lists with nothing to re-embed does not buy one long pause later
+        self._embed_credit_s = min(self._embed_credit_s + spent * settings.reembed_share, MAX_EMBED_CREDIT_S)
         return out
 
     def rank(self, state: PartitionState, user: int, now_ms: int) -> tuple[Recommendations, list[Impression]]:

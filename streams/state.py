@@ -383,6 +383,7 @@ class WorkerState:
                 out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, new_only=True))
                 lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
                 out.extend(self._list_outputs(lists))
+                out.extend(self._embedding_outputs(self.refresher.embed_alongside_lists(states, now_ms)))
             elif any(state.work.has_embeddings_due(now_ms) for state in states):
                 # no list owed: re-embeddings, at least one chunk (lists first: they are what users wait for)
                 out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, budget_s=budget_s,

@@ -112,6 +112,11 @@ class UserFacts:
         slots = self.slots(users)
         return ActivityTable(self._values[slots], self._anchor[slots], self._known[slots])
 
+    def profiles_and_degrees_of(self, ids: np.ndarray) -> tuple[list[Profile | None], np.ndarray]:
+        """The profiles and degrees of an id array (the GraphSAGE embedder's node reads)."""
+        slots = self.slots_of(ids)
+        return list(map(self._profile.__getitem__, slots.tolist())), self._degree[slots]
+
     def degrees_of(self, ids: np.ndarray) -> np.ndarray:
         slots = self.slots_of(ids)
         return self._degree[slots]

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
+from itertools import chain
+
+import numpy as np
 
 from pymk.events import Recommendations
 from pymk.features.keyspace import EMBEDDING, PENDING, PUBLISHED  # the rows: features/keyspace.py
@@ -59,6 +62,12 @@ class PendingWork:
             self.rows[user] = row
             self._dirty.add(user)
 
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(users, rows as an (n, 4) int64 table) in the dict's order, in one pass in C."""
+        rows = self.rows
+        table = np.fromiter(chain.from_iterable(rows.values()), np.int64, 4 * len(rows)).reshape(-1, 4)
+        return np.fromiter(rows.keys(), np.int64, len(rows)), table
+
     def embeddings_due(self, now_ms: int) -> list[int]:
         return sorted(u for u, (due, _, _, _) in self.rows.items() if due != NO_EMBEDDING_DUE and due <= now_ms)
 
@@ -68,6 +77,14 @@ class PendingWork:
     def refreshes(self) -> list[tuple[int, int, int]]:
         """(first touched, last touched, user) of every user whose list is owed, oldest first touch first."""
         return sorted((first, last, u) for u, (_, wanted, first, last) in self.rows.items() if wanted)
+
+    def owed_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first touched, last touched, user) int64 arrays of every user whose list is owed, in no set order:
+        what :meth:`refreshes` holds without a Python sort (the lanes are ordered by
+        :func:`pymk.streams.refresh.refresh_lanes` with numpy; this runs once per slice between flushes)."""
+        users, table = self._table()
+        owed = table[:, 1] != 0
+        return table[owed, 2], table[owed, 3], users[owed]
 
     def has_refreshes(self) -> bool:
         return any(wanted for _, wanted, _, _ in self.rows.values())

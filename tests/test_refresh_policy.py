@@ -67,6 +67,33 @@ def test_every_owed_user_is_in_exactly_one_lane(stamps: list[tuple[int, int]], n
     assert [lasts[u] for u in fresh] == sorted((lasts[u] for u in fresh), reverse=True)
 
 
+def reference_order(owed: list[tuple[int, int, int]], now_ms: int,
+                    max_staleness_ms: int) -> tuple[list[int], list[int]]:
+    """The lanes as refresh_order computed them with Python sorts (before refresh_lanes)."""
+    cut = now_ms - max_staleness_ms
+    stale = sorted((first, user) for first, _, user in owed if first <= cut)
+    fresh = sorted((-last, first, ((user ^ now_ms) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF, user)
+                   for first, last, user in owed if first > cut)
+    return [user for _, user in stale], [entry[3] for entry in fresh]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.integers(-2**63, 2**63 - 1) | st.integers(0, 40),
+                       st.tuples(st.sampled_from([0, 1, 500, STALE_MS - 1, STALE_MS, STALE_MS + 1])
+                                 | st.integers(0, 10**6),
+                                 st.sampled_from([0, 1, 100]) | st.integers(0, 10**6)), max_size=80),
+       st.integers(STALE_MS, 2**45))
+def test_the_numpy_lanes_equal_the_python_sorts(ages: dict[int, tuple[int, int]], now: int) -> None:
+    owed = [(now - first_age, now - min(first_age, last_age), user) for user, (first_age, last_age) in ages.items()]
+    assert refresh_order(owed, now, STALE_MS) == reference_order(owed, now, STALE_MS)
+    work = PendingWork(DictRowStore())
+    for first, last, user in owed:
+        work.touch(user, first, None, True)
+        work.touch(user, last, None, True)
+    first, last, users = work.owed_arrays()
+    assert sorted(zip(first.tolist(), last.tolist(), users.tolist(), strict=True)) == sorted(owed)
+
+
 def test_pending_rows_remember_first_and_last_touch_durably() -> None:
     store = DictRowStore()
     work = PendingWork(store)
@@ -290,6 +317,9 @@ class SliceRefresher:
     def embed_due(self, states: Any, now_ms: int, **kwargs: Any) -> list[Any]:
         return []
 
+    def embed_alongside_lists(self, states: Any, now_ms: int) -> list[Any]:
+        return []
+
     def refresh_due(self, states: Any, now_ms: int, budget_s: float | None = None, **kwargs: Any) -> list[Any]:
         out = []
         for state in states:
@@ -409,3 +439,47 @@ def test_an_embedding_of_a_partition_taken_over_without_its_state_beats_the_prev
     records = refresher._embed(state, [5, 6, 9], now_ms=1_000, salt=0)  # type: ignore[arg-type]
     assert [(r.user, r.version) for r in records] == [(5, 8), (6, 3), (9, 1)]
     assert refresher.index.applied == records  # type: ignore[attr-defined]
+
+
+class ListsAndEmbeddings(EmbedCounting):
+    """Ranking that costs ``list_cost_s`` per list, embedding that costs ``cost_s`` per chunk."""
+
+    def __init__(self, settings_: Settings, cost_s: float, list_cost_s: float) -> None:
+        super().__init__(settings_, cost_s)
+        self.list_cost_s = list_cost_s
+        self.models = type("M", (), {"embedding_model": "sage-test"})()
+
+    def rank(self, state: Any, user: int, now_ms: int) -> Any:
+        self.ranked.append(user)
+        time.sleep(self.list_cost_s)
+        return (user, now_ms), []
+
+
+def test_reembeddings_get_their_share_of_the_time_while_lists_are_owed() -> None:
+    """Between flushes with lists owed, re-embeddings of known users run once the lists have earned them time
+    (``reembed_share`` of theirs), a chunk at a time, longest due first; with the share at 0 they wait."""
+    now = 50_000_000
+    state = EmbeddingState(0)
+    for user in range(40):
+        state.work.touch(user, now, now - 10 * user, False)  # known users, re-embedding due
+    for user in range(200, 260):
+        state.work.touch(user, now, None, True)  # lists owed
+    refresher = ListsAndEmbeddings(Settings(reembed_share=0.25), cost_s=0.001, list_cost_s=0.002)
+    assert refresher.embed_alongside_lists([state], now) == []  # no list ranked yet: nothing earned
+    refresher.refresh_due([state], now, budget_s=0.02)  # type: ignore[list-item]
+    assert refresher.ranked and refresher.embedded == []
+    refresher.embed_alongside_lists([state], now)  # type: ignore[list-item]
+    assert refresher.embedded[0] == list(range(39, 39 - EMBED_CHUNK, -1))  # one chunk, longest due first
+    for _ in range(30):
+        if not state.work.has_refreshes():
+            break
+        refresher.refresh_due([state], now, budget_s=0.02)  # type: ignore[list-item]
+        refresher.embed_alongside_lists([state], now)  # type: ignore[list-item]
+    assert sorted(u for batch in refresher.embedded for u in batch) == list(range(40))
+
+    idle = EmbeddingState(0)
+    idle.work.touch(1, now, now - 10, False)
+    idle.work.touch(200, now, None, True)
+    never = ListsAndEmbeddings(Settings(reembed_share=0.0), cost_s=0.0, list_cost_s=0.002)
+    never.refresh_due([idle], now, budget_s=0.02)  # type: ignore[list-item]
+    assert never.embed_alongside_lists([idle], now) == [] and never.embedded == []  # type: ignore[list-item]

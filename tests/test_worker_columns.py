@@ -411,3 +411,58 @@ def test_impressions_of_a_list_equal_the_dataclass_built_ones() -> None:
     assert [i.to_json() for i in made] == [i.to_json() for i in expected]
     with pytest.raises(AttributeError):  # still frozen
         made[0].rank = 2  # type: ignore[misc]
+
+
+# ---- the worker's embedder ---------------------------------------------------------------------------------------
+class PerNodeNeighbours:
+    """The partition's neighbours as collections, one call per node (no ``neighbour_array``)."""
+
+    def __init__(self, world: WorkerWorld) -> None:
+        from pymk.streams.ranking_source import PartitionGraphView
+
+        self.view = PartitionGraphView(world.owned)
+
+    def neighbours(self, user: int) -> Sequence[int]:
+        return self.view.neighbours(user)
+
+
+def test_worker_embeddings_equal_the_per_node_reads_and_follow_changes(world: WorkerWorld) -> None:
+    """The refresher's embedder (neighbour arrays, the batch's profiles and degrees from the fact slots, profile
+    encodings by identity) gives the bytes of per-node reads, also after profiles and edges change."""
+    from pymk.bench.worker_list import _route
+    from pymk.events import ConnectionEvent, Profile, UserEvent
+    from pymk.index.embedder import Embedder, salt_for_version
+    from pymk.streams.ingest import apply_event
+    from pymk.streams.ranking_source import WorkerNodeFeatures
+
+    refresher = world.refresher()
+    model = refresher.models.sage
+    salt = salt_for_version(refresher.models.embedding_model)
+    local = local_users(world)
+
+    def assert_same(users: list[int]) -> np.ndarray:
+        fast = refresher.embedder(world.owned).embed(users, salt)
+        slow = Embedder(model, WorkerNodeFeatures(world.degree_of, world.profile_of), PerNodeNeighbours(world),
+                        threads=1).embed(users, salt)
+        assert fast.tobytes() == slow.tobytes()
+        return fast
+
+    before = assert_same(local[:16])
+    for start in (40, 80):
+        assert_same(local[start:start + 16])
+    assert refresher.facts is not None and refresher.facts.reads > 0
+    remote = sorted(world.states[1].graph.local_users())
+    ts = world.event_time_ms + 2
+    neighbour = next(iter(world.owned.graph.neighbours(local[5])))
+    events = [ConnectionEvent(local[0], remote[5], "add", ts), ConnectionEvent(local[1], local[2], "add", ts),
+              UserEvent(local[3], ts, Profile(company="Moved Co")), UserEvent(remote[6], ts, Profile(school="Far")),
+              ConnectionEvent(local[5], neighbour, "remove", ts)]
+    events.extend(ConnectionEvent(local[4], user, "add", ts) for user in remote[6:9])
+    for event in events:
+        key = event.src if isinstance(event, ConnectionEvent) else event.key
+        apply_event(world.states[world.partition_of(key)], event, b"", world.partition_of, lambda kind: kind)
+    _route(world.states, world.globals)
+    refresher.collect(world.owned, ts)
+    after = assert_same(local[:16])
+    assert all(not np.array_equal(before[i], after[i]) for i in (0, 1, 3, 4, 5))  # the changes reached them
+    assert_same([local[5], neighbour] if world.partition_of(neighbour) == 0 else [local[5]])
