@@ -109,17 +109,20 @@ FEATURE_NAMES: tuple[str, ...] = (
     "cn_share_of_query",
 )
 STRUCTURE_FEATURES: tuple[str, ...] = FEATURE_NAMES[24:34]
+_SHARE_OF_CANDIDATE, _SHARE_OF_QUERY = 32, 33
 SEED_FEATURES = 17  # the first 17 columns are the seed spec's, in its order
 # Which columns each part of :meth:`FeatureBuilder.matrix` writes (:meth:`FeatureBuilder.columns` recomputes by group)
 COLUMN_GROUPS: dict[str, tuple[int, ...]] = {
-    "graph": (0, 1, 2, 3, 4, 5),
+    # with the two CN shares of the structure columns: CN / deg c moves with the candidate's degree, which the
+    # incremental lists re-read at every update (with this group), not only when the user's 2-hop changed
+    "graph": (0, 1, 2, 3, 4, 5, 32, 33),
     "behaviour": (6, 7, 8, 9),
     "profile": (10, 11, 12, 13, 14, 15),
     "embedding": (16,),
     "activity": (17, 18, 19, 20, 21, 22),
     # the structure columns ride with resource allocation: both are functions of the 2-hop rows alone, and the
     # incremental lists re-read this group whenever the graph changed
-    "resource_allocation": (23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33),
+    "resource_allocation": (23, 24, 25, 26, 27, 28, 29, 30, 31),
 }
 # The columns whose value moves with the as-of time alone: the view recency and the activity columns
 AS_OF_COLUMNS: tuple[int, ...] = (7, 17, 18, 19, 20, 21, 22)
@@ -363,6 +366,8 @@ class FeatureBuilder:
         out[:, 3] = np.where(counts > 0, 2.0, 3.0)
         out[:, 4] = math.log1p(query_degree)
         out[:, 5] = _log1p_table(int(degrees.max()))[degrees.astype(np.int64)]
+        out[:, _SHARE_OF_CANDIDATE] = np.divide(counts, degrees, out=np.zeros(n), where=degrees > 0)
+        out[:, _SHARE_OF_QUERY] = counts / query_degree if query_degree > 0 else 0.0
 
     @staticmethod
     def _behaviour(user: int, id_list: list[int], source: RankingSource, as_of_ms: int, out: np.ndarray) -> None:
@@ -446,11 +451,11 @@ class FeatureBuilder:
     @staticmethod
     def _structure(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
         first = FEATURE_INDEX[STRUCTURE_FEATURES[0]]
+        width = len(STRUCTURE_FEATURES) - 2  # the CN shares are the graph group's (see COLUMN_GROUPS)
         if not implements(source, EgoAdjacencySource):
-            out[:, first : first + len(STRUCTURE_FEATURES)] = np.nan
+            out[:, first : first + width] = np.nan
             return
-        out[:, first : first + len(STRUCTURE_FEATURES)] = structure_columns(
-            source.ego_adjacency(user), ids, _candidate_degrees(ids, id_list, source))
+        out[:, first : first + width] = structure_columns(source.ego_adjacency(user), ids)
 
     @staticmethod
     def _activity(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, as_of_ms: int,
@@ -506,9 +511,10 @@ def _candidate_degrees(ids: np.ndarray, id_list: list[int], source: RankingSourc
 CN_DEGREE_BANDS: tuple[int, ...] = (4, 16, 64)
 
 
-def structure_columns(ego: EgoAdjacency, ids: np.ndarray, candidate_degrees: np.ndarray) -> np.ndarray:
-    """(len(ids), len(STRUCTURE_FEATURES)) structure of the query user's common neighbours z with each candidate
-    c, from the adjacency of the user's neighbours (``ego``), in :data:`STRUCTURE_FEATURES` order:
+def structure_columns(ego: EgoAdjacency, ids: np.ndarray) -> np.ndarray:
+    """(len(ids), 8) structure of the query user's common neighbours z with each candidate c, from the adjacency
+    of the user's neighbours (``ego``), in :data:`STRUCTURE_FEATURES` order (its last two, the CN shares, are
+    computed with the graph columns from the candidates' degrees):
 
     * ``cn_degree_1_4`` … ``cn_degree_over_64``: how many z have a degree in each band of
       :data:`CN_DEGREE_BANDS` (their sum is the common-neighbour count);
@@ -516,15 +522,14 @@ def structure_columns(ego: EgoAdjacency, ids: np.ndarray, candidate_degrees: np.
     * ``ego_three_path_count``: Σ_z |N(z) ∩ N(user)|, the paths user → a → z → c of length 3 whose middle
       users are both the user's friends: common neighbours inside the user's circle count more. (The full
       3-path count also needs the rows of users two hops away, which a partition does not hold.)
-    * ``cn_ego_embeddedness``: Σ_z |N(z) ∩ N(user)| / deg z, the share of each z's friends who are the user's;
-    * ``cn_share_of_candidate``, ``cn_share_of_query``: CN / deg c and CN / deg user (0 for a degree of 0).
+    * ``cn_ego_embeddedness``: Σ_z |N(z) ∩ N(user)| / deg z, the share of each z's friends who are the user's.
 
     Integer counts are exact; the two float sums add one term per common neighbour in the neighbours' id order
     (``np.bincount`` adds in input order), so every source that hands the same rows gets the same bits. Cost:
     a few numpy passes over the Σ deg z 2-paths, as Stage 1's traversal."""
     n = len(ids)
     bands = len(CN_DEGREE_BANDS) + 1
-    out = np.zeros((n, len(STRUCTURE_FEATURES)))
+    out = np.zeros((n, len(STRUCTURE_FEATURES) - 2))
     out[:, bands : bands + 2] = np.nan
     m = len(ego.middles)
     if n == 0 or m == 0:
@@ -552,8 +557,6 @@ def structure_columns(ego: EgoAdjacency, ids: np.ndarray, candidate_degrees: np.
     out[:, bands + 2] = np.bincount(rows, weights=in_circle[middles], minlength=n)
     share = np.divide(in_circle, degrees, out=np.zeros(m), where=degrees > 0)
     out[:, bands + 3] = np.bincount(rows, weights=share[middles], minlength=n)
-    out[:, bands + 4] = np.divide(counts, candidate_degrees, out=np.zeros(n), where=candidate_degrees > 0)
-    out[:, bands + 5] = counts / m
     return out
 
 
