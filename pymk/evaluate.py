@@ -5,7 +5,7 @@ Offline mode runs the product's ranking code over the past graph in memory (fast
 ``pymk.recommendations`` — the product as users get it (see :mod:`pymk.streams.evaluate_live`). Models are
 trained on the past only (see :mod:`pymk.ranking.product` for how), reproducibly (same inputs, same models:
 :mod:`pymk.reproducible`), and cached per data bytes, split, split seed, features and training configs
-(:func:`cache_inputs`).
+(:func:`cache_inputs`); a GraphSAGE model is reused across rankers of the same past (:func:`sage_cache_inputs`).
 """
 
 from __future__ import annotations
