@@ -5,7 +5,7 @@ Offline mode runs the product's ranking code over the past graph in memory (fast
 ``pymk.recommendations`` — the product as users get it (see :mod:`pymk.streams.evaluate_live`). Models are
 trained on the past only (see :mod:`pymk.ranking.product` for how), reproducibly (same inputs, same models:
 :mod:`pymk.reproducible`), and cached per data bytes, split, split seed, features and training configs
-(:func:`cache_inputs`).
+(:func:`cache_inputs`); a GraphSAGE model is reused across rankers of the same past (:func:`sage_cache_inputs`).
 """
 
 from __future__ import annotations
@@ -84,6 +84,39 @@ def cache_inputs(data: str | Path, split: EvaluationSplit) -> dict[str, Any]:
     }
 
 
+def sage_cache_inputs(data: str | Path, split: EvaluationSplit) -> dict[str, Any]:
+    """What the GraphSAGE model alone depends on: the file's bytes, the split (and its seed), its training
+    config, which past connections it sees (:func:`pymk.ranking.product.embedding_training_connections`: the
+    replay, the holdout share and its seed) and the libraries. Not the ranker's columns or configs: a change of
+    the ranker retrains the ranker only."""
+    import torch
+    import xgboost
+
+    configs = product_training_configs(split)
+    data_config = configs.ranker_data
+    return {
+        "data_sha256": file_sha256(data),
+        "split": split.kind,
+        "split_seed": split.seed if split.kind == "random" else None,
+        "embeddings": config_digest(configs.embeddings),
+        "connections": {"replay": data_config.replay, "holdout_fraction": data_config.holdout_fraction,
+                        "seed": data_config.seed},
+        "libraries": {"torch": torch.__version__, "xgboost": xgboost.__version__},
+    }
+
+
+def cached_sage(model_dir: Path, data: str | Path, split: EvaluationSplit) -> tuple[Path, str] | None:
+    """(directory, version) of a GraphSAGE model some earlier run trained on the same :func:`sage_cache_inputs`,
+    found through the markers of the evaluation cache; None when there is none."""
+    inputs = sage_cache_inputs(data, split)
+    for marker in sorted((model_dir / "evaluation").glob("*/models.json")):
+        saved = json.loads(marker.read_text())
+        sage_dir = Path(saved.get("sage_dir", ""))
+        if saved.get("sage_inputs") == inputs and (sage_dir / "metadata.json").exists():
+            return sage_dir, str(saved["sage_version"])
+    return None
+
+
 def _configs(configs: ProductTrainingConfigs) -> tuple[Any, ...]:
     return configs.embeddings, configs.ranker_data, configs.ranker
 
@@ -109,11 +142,14 @@ def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrai
                                  saved["ranker_version"]), 0.0
     started = time.perf_counter()
     cache_dir.mkdir(parents=True, exist_ok=True)
+    data_path = data if data is not None else history.path
+    sage = None if retrain else cached_sage(cache_dir.parent.parent, data_path, split)
     models = train_product_models(split, history, cache_dir, progress=progress,
-                                  configs=product_training_configs(split, progress=progress))
+                                  configs=product_training_configs(split, progress=progress), sage=sage)
     marker.write_text(json.dumps({"sage_dir": str(models.sage_dir), "ranker_dir": str(models.ranker_dir),
                                   "sage_version": models.sage_version, "ranker_version": models.ranker_version,
-                                  "schema": model_schema(), "inputs": inputs}))
+                                  "schema": model_schema(), "inputs": inputs,
+                                  "sage_inputs": sage_cache_inputs(data_path, split)}))
     return models, time.perf_counter() - started
 
 
@@ -171,6 +207,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     with paths["md"].open("a") as md:
         md.write(f"\nModels: GraphSAGE `{models.sage_version}`, ranker `{models.ranker_version}`.\n\n"
                  f"Ranker floor (chosen on validation inside the past): {floor['decision']}.\n\n"
+                 f"Structure columns: {(floor['structure_columns'] or {}).get('decision', 'n/a')}.\n\n"
                  f"No leakage: {LEAKAGE_NOTE}\n")
     return result, paths
 
@@ -184,7 +221,8 @@ def ranker_floor(ranker_dir: Path) -> dict[str, Any]:
             "decision": evidence.get("decision", "model (trained without a floor)"),
             "val_recall_at_20": metadata.get("val_recall_at_20"),
             "val_recall_at_20_trees": evidence.get("val_recall_at_20_trees"),
-            "val_recall_at_20_heuristics": evidence.get("val_recall_at_20_heuristics")}
+            "val_recall_at_20_heuristics": evidence.get("val_recall_at_20_heuristics"),
+            "structure_columns": metadata.get("structure_columns")}
 
 
 def summary_rows(result: EvaluationResult) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Stage 2 input: the feature matrix (the 17 seed features, then activity and RA) of (query user,
+"""Stage 2 input: the feature matrix (the 17 seed features, then activity, RA and structure) of (query user,
 candidate) pairs, built with numpy for up to 2,000 candidates at a time (the hot path of every recommendation).
 
 Columns, in :data:`FEATURE_NAMES` order:
@@ -25,6 +25,12 @@ Columns, in :data:`FEATURE_NAMES` order:
 * ``resource_allocation_score``: Σ 1/deg z over the common neighbours
   (:class:`~pymk.ranking.source.ResourceAllocationSource`; NaN for a source without it), the best single
   heuristic on the random-split reference graphs.
+* structure of the common neighbours beyond their count (:class:`~pymk.ranking.source.EgoAdjacencySource`,
+  :func:`structure_columns`; NaN for a source without it): how many common neighbours fall in each degree band
+  (1–4, 5–16, 17–64, over 64), their smallest and largest degree, the 3-paths through two of the user's friends,
+  each common neighbour's share of friends inside the user's circle, and CN / deg of either side. RA and AA
+  weigh common neighbours by one fixed function of their degree; the bands and the circle let the trees learn
+  the weighting each graph needs (the idea behind neural common-neighbour models), from rows the worker holds.
 
 Parsing a profile (normalising, tokenising) costs far more than comparing two, and the worker ranks the same
 candidates again and again, so :class:`ProfileCache` keeps every user's parsed profile in flat arrays (a
@@ -51,6 +57,8 @@ from pymk.ranking.source import (
     ActivityTable,
     ActivityTableSource,
     BatchReadSource,
+    EgoAdjacency,
+    EgoAdjacencySource,
     IdArraySource,
     RankingSource,
     ResourceAllocationSource,
@@ -88,16 +96,33 @@ FEATURE_NAMES: tuple[str, ...] = (
     "query_days_since_last_connection",
     # graph (ResourceAllocationSource)
     "resource_allocation_score",
+    # the common neighbours' structure beyond their count (EgoAdjacencySource, structure_columns)
+    "cn_degree_1_4",
+    "cn_degree_5_16",
+    "cn_degree_17_64",
+    "cn_degree_over_64",
+    "cn_min_degree",
+    "cn_max_degree",
+    "ego_three_path_count",
+    "cn_ego_embeddedness",
+    "cn_share_of_candidate",
+    "cn_share_of_query",
 )
+STRUCTURE_FEATURES: tuple[str, ...] = FEATURE_NAMES[24:34]
+_SHARE_OF_CANDIDATE, _SHARE_OF_QUERY = 32, 33
 SEED_FEATURES = 17  # the first 17 columns are the seed spec's, in its order
 # Which columns each part of :meth:`FeatureBuilder.matrix` writes (:meth:`FeatureBuilder.columns` recomputes by group)
 COLUMN_GROUPS: dict[str, tuple[int, ...]] = {
-    "graph": (0, 1, 2, 3, 4, 5),
+    # with the two CN shares of the structure columns: CN / deg c moves with the candidate's degree, which the
+    # incremental lists re-read at every update (with this group), not only when the user's 2-hop changed
+    "graph": (0, 1, 2, 3, 4, 5, 32, 33),
     "behaviour": (6, 7, 8, 9),
     "profile": (10, 11, 12, 13, 14, 15),
     "embedding": (16,),
     "activity": (17, 18, 19, 20, 21, 22),
-    "resource_allocation": (23,),
+    # the structure columns ride with resource allocation: both are functions of the 2-hop rows alone, and the
+    # incremental lists re-read this group whenever the graph changed
+    "resource_allocation": (23, 24, 25, 26, 27, 28, 29, 30, 31),
 }
 # The columns whose value moves with the as-of time alone: the view recency and the activity columns
 AS_OF_COLUMNS: tuple[int, ...] = (7, 17, 18, 19, 20, 21, 22)
@@ -273,7 +298,7 @@ class FeatureBuilder:
         self.profiles = profile_cache if profile_cache is not None else ProfileCache()
 
     def matrix(self, user: int, candidates: CandidateSet, source: RankingSource, as_of_ms: int) -> np.ndarray:
-        """(len(candidates), 17) float64 features of (user, each candidate) as of ``as_of_ms``."""
+        """(len(candidates), N_FEATURES) float64 features of (user, each candidate) as of ``as_of_ms``."""
         ids = candidates.ids
         n = len(ids)
         out = np.zeros((n, N_FEATURES))
@@ -286,6 +311,7 @@ class FeatureBuilder:
         self._embedding(user, ids, id_list, source, out)
         self._activity(user, ids, id_list, source, as_of_ms, out)
         self._resource_allocation(user, id_list, source, out)
+        self._structure(user, ids, id_list, source, out)
         return out
 
     def pair(self, user: int, candidate: int, source: RankingSource, as_of_ms: int) -> dict[str, float | None]:
@@ -321,6 +347,7 @@ class FeatureBuilder:
                 self._activity(user, ids, id_list, source, as_of_ms, out)
             elif group == "resource_allocation":
                 self._resource_allocation(user, id_list, source, out)
+                self._structure(user, ids, id_list, source, out)
             else:
                 raise ValueError(f"unknown column group {group!r}")
 
@@ -329,15 +356,9 @@ class FeatureBuilder:
     def _graph(user: int, candidates: CandidateSet, id_list: list[int], source: RankingSource,
                out: np.ndarray) -> None:
         n = len(id_list)
-        degree_of = source.degree
         counts = candidates.common_neighbor_count.astype(np.float64)
-        query_degree = float(degree_of(user))
-        if implements(source, IdArraySource):
-            degrees = source.degrees_of(candidates.ids).astype(np.float64)
-        elif implements(source, BatchReadSource):
-            degrees = np.asarray(source.many_degrees(id_list), np.float64)
-        else:
-            degrees = np.fromiter(map(degree_of, id_list), np.float64, n)
+        query_degree = float(source.degree(user))
+        degrees = _candidate_degrees(candidates.ids, id_list, source)
         union = query_degree + degrees - counts
         out[:, 0] = counts
         out[:, 1] = candidates.adamic_adar_score
@@ -345,6 +366,8 @@ class FeatureBuilder:
         out[:, 3] = np.where(counts > 0, 2.0, 3.0)
         out[:, 4] = math.log1p(query_degree)
         out[:, 5] = _log1p_table(int(degrees.max()))[degrees.astype(np.int64)]
+        out[:, _SHARE_OF_CANDIDATE] = np.divide(counts, degrees, out=np.zeros(n), where=degrees > 0)
+        out[:, _SHARE_OF_QUERY] = counts / query_degree if query_degree > 0 else 0.0
 
     @staticmethod
     def _behaviour(user: int, id_list: list[int], source: RankingSource, as_of_ms: int, out: np.ndarray) -> None:
@@ -426,6 +449,15 @@ class FeatureBuilder:
         out[:, column] = np.fromiter(map(get, id_list, repeat(0.0)), np.float64, len(id_list))
 
     @staticmethod
+    def _structure(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+        first = FEATURE_INDEX[STRUCTURE_FEATURES[0]]
+        width = len(STRUCTURE_FEATURES) - 2  # the CN shares are the graph group's (see COLUMN_GROUPS)
+        if not implements(source, EgoAdjacencySource):
+            out[:, first : first + width] = np.nan
+            return
+        out[:, first : first + width] = structure_columns(source.ego_adjacency(user), ids)
+
+    @staticmethod
     def _activity(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, as_of_ms: int,
                   out: np.ndarray) -> None:
         first = SEED_FEATURES
@@ -463,6 +495,69 @@ class FeatureBuilder:
         with np.errstate(invalid="ignore", divide="ignore"):
             cosine = np.einsum("ij,j->i", vectors, query) / norms
         out[:, 16] = np.clip(cosine, -1.0, 1.0)
+
+
+def _candidate_degrees(ids: np.ndarray, id_list: list[int], source: RankingSource) -> np.ndarray:
+    """The candidates' current degrees as float64, by the cheapest read the source offers."""
+    if implements(source, IdArraySource):
+        return source.degrees_of(ids).astype(np.float64)
+    if implements(source, BatchReadSource):
+        return np.asarray(source.many_degrees(id_list), np.float64)
+    return np.fromiter(map(source.degree, id_list), np.float64, len(id_list))
+
+
+# Upper ends of the common neighbours' degree bands of cn_degree_1_4 … cn_degree_over_64 (a factor 4 apart: a
+# friend with 3 friends says far more about two people than one with 300, which RA and AA weigh smoothly)
+CN_DEGREE_BANDS: tuple[int, ...] = (4, 16, 64)
+
+
+def structure_columns(ego: EgoAdjacency, ids: np.ndarray) -> np.ndarray:
+    """(len(ids), 8) structure of the query user's common neighbours z with each candidate c, from the adjacency
+    of the user's neighbours (``ego``), in :data:`STRUCTURE_FEATURES` order (its last two, the CN shares, are
+    computed with the graph columns from the candidates' degrees):
+
+    * ``cn_degree_1_4`` … ``cn_degree_over_64``: how many z have a degree in each band of
+      :data:`CN_DEGREE_BANDS` (their sum is the common-neighbour count);
+    * ``cn_min_degree``, ``cn_max_degree``: the smallest and largest deg z (NaN without a common neighbour);
+    * ``ego_three_path_count``: Σ_z |N(z) ∩ N(user)|, the paths user → a → z → c of length 3 whose middle
+      users are both the user's friends: common neighbours inside the user's circle count more. (The full
+      3-path count also needs the rows of users two hops away, which a partition does not hold.)
+    * ``cn_ego_embeddedness``: Σ_z |N(z) ∩ N(user)| / deg z, the share of each z's friends who are the user's.
+
+    Integer counts are exact; the two float sums add one term per common neighbour in the neighbours' id order
+    (``np.bincount`` adds in input order), so every source that hands the same rows gets the same bits. Cost:
+    a few numpy passes over the Σ deg z 2-paths, as Stage 1's traversal."""
+    n = len(ids)
+    bands = len(CN_DEGREE_BANDS) + 1
+    out = np.zeros((n, len(STRUCTURE_FEATURES) - 2))
+    out[:, bands : bands + 2] = np.nan
+    m = len(ego.middles)
+    if n == 0 or m == 0:
+        return out
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    position = np.minimum(np.searchsorted(sorted_ids, ego.others), n - 1)
+    hit = sorted_ids[position] == ego.others
+    middle_of = np.repeat(np.arange(m), ego.sizes)
+    rows, middles = order[position[hit]], middle_of[hit]  # one (candidate row, middle) per 2-path to a candidate
+    degrees = ego.sizes.astype(np.float64)
+    band = np.searchsorted(np.array(CN_DEGREE_BANDS), ego.sizes, side="left")
+    out[:, :bands] = np.bincount(rows * bands + band[middles], minlength=n * bands).reshape(n, bands)
+    counts = out[:, :bands].sum(axis=1)
+    present = counts > 0
+    smallest = np.full(n, np.inf)
+    largest = np.full(n, -np.inf)
+    np.minimum.at(smallest, rows, degrees[middles])
+    np.maximum.at(largest, rows, degrees[middles])
+    out[present, bands] = smallest[present]
+    out[present, bands + 1] = largest[present]
+    # |N(z) ∩ N(user)| per neighbour z: its neighbours that are among the user's (middles is sorted)
+    inside = np.minimum(np.searchsorted(ego.middles, ego.others), m - 1)
+    in_circle = np.bincount(middle_of, weights=(ego.middles[inside] == ego.others), minlength=m)
+    out[:, bands + 2] = np.bincount(rows, weights=in_circle[middles], minlength=n)
+    share = np.divide(in_circle, degrees, out=np.zeros(m), where=degrees > 0)
+    out[:, bands + 3] = np.bincount(rows, weights=share[middles], minlength=n)
+    return out
 
 
 _IMPLEMENTS: dict[tuple[type, type], bool] = {}

@@ -30,7 +30,7 @@ from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activ
 from pymk.features.graph import TwoHopArrays, adamic_adar_weight, edge_version, is_alive, version_ts
 from pymk.features.profile import merge_profile
 from pymk.ranking.id_index import IdIndex
-from pymk.ranking.source import EMBEDDING_DIM, ActivityTable
+from pymk.ranking.source import EMBEDDING_DIM, ActivityTable, EgoAdjacency
 
 AnnFunction = Callable[[int, int, Collection[int]], Sequence[tuple[int, float]]]
 _NO_NEIGHBOURS: frozenset[int] = frozenset()
@@ -343,6 +343,26 @@ class MemorySource:
                                   np.bincount(kept, allocation, minlength=size)[at])
         self._two_hop_held = (user, version, arrays)
         return arrays
+
+    def ego_adjacency(self, user: int) -> EgoAdjacency:
+        """:class:`~pymk.ranking.source.EgoAdjacencySource`: the user's neighbours by id and their neighbour
+        arrays (the ones :meth:`two_hop_arrays` keeps while the graph does not change)."""
+        if self._middle_version != self._graph_version:
+            self._middle_ids.clear()
+            self._middle_version = self._graph_version
+        own = self.adjacency.get(user, _NO_NEIGHBOURS)
+        if not own:
+            return EgoAdjacency.empty()
+        middles = sorted(own)
+        rows = []
+        for middle in middles:
+            ids = self._middle_ids.get(middle)
+            if ids is None:
+                others = self.adjacency[middle]
+                ids = self._middle_ids[middle] = np.fromiter(others, np.int64, len(others))
+            rows.append(ids)
+        return EgoAdjacency(np.array(middles, np.int64), np.fromiter(map(len, rows), np.int64, len(rows)),
+                            np.concatenate(rows))
 
     def two_hop_resource_allocation(self, user: int) -> dict[int, float]:
         arrays = self._two_hop_held

@@ -62,6 +62,10 @@ class RankerConfig:
     # "recall@20" (of the whole lists). AUC by default: on CollegeMsg's 335 validation lists Recall@20 is so
     # noisy that it stopped at 10 trees (future Recall@20 0.098 against 0.147 with AUC's 167 trees).
     stop_on: str = "auc"
+    # The common-neighbour structure columns (STRUCTURE_FEATURES): "validate" trains with and without them and
+    # keeps the model with the better Recall@20 on the validation lists (ties: without); "keep" / "drop" decide
+    # outright. Dropped columns are NaN in training, so no tree splits on them: the input width stays the same.
+    structure_columns: str = "validate"
     seed: int = 0
     train_threads: int = 2  # the machine's cores; training is offline
     predict_threads: int = 1  # the worker ranks on one thread per partition
@@ -69,6 +73,8 @@ class RankerConfig:
     def __post_init__(self) -> None:
         if self.stop_on not in ("auc", "recall@20"):
             raise ValueError(f"stop_on must be 'auc' or 'recall@20', not {self.stop_on!r}")
+        if self.structure_columns not in ("validate", "keep", "drop"):
+            raise ValueError(f"structure_columns must be 'validate', 'keep' or 'drop', not {self.structure_columns!r}")
 
     def params(self) -> dict[str, Any]:
         return {

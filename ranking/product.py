@@ -92,22 +92,26 @@ def product_training_configs(split: EvaluationSplit, epochs: int = 20, progress:
 
 
 def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: Path, progress: bool = False,
-                         epochs: int = 20, configs: ProductTrainingConfigs | None = None) -> ProductModels:
+                         epochs: int = 20, configs: ProductTrainingConfigs | None = None,
+                         sage: tuple[Path, str] | None = None) -> ProductModels:
     """GraphSAGE, then the ranker, on the split's past; the same inputs and configs give the same models (every
-    step is seeded and deterministic, see :mod:`pymk.reproducible`)."""
+    step is seeded and deterministic, see :mod:`pymk.reproducible`). ``sage``: (directory, version) of a
+    GraphSAGE model already trained on the same past and configs, so that only the ranker is trained."""
     from pymk.index.training import train_embeddings
     from pymk.ranking.training_data import embeddings_at_checkpoint, train_ranker
 
     configs = configs or product_training_configs(split, epochs, progress)
     past = past_history(split, history)
-    early = embedding_training_connections(past, configs.ranker_data)
-    # The version is stamped with the training data's end, not the wall clock: the embeddings' sampling salt is
-    # derived from the version, so a clock stamp alone made every retrained model embed (and rank) differently.
-    data_end = datetime.fromtimestamp(max((ts for _, _, ts in early), default=0) / 1000, UTC)
-    sage = train_embeddings(early, None, out_dir / "embeddings", configs.embeddings, version_time=data_end)
+    if sage is None:
+        early = embedding_training_connections(past, configs.ranker_data)
+        # The version is stamped with the training data's end, not the wall clock: the embeddings' sampling salt
+        # is derived from the version, so a clock stamp alone made every retrained model embed differently.
+        data_end = datetime.fromtimestamp(max((ts for _, _, ts in early), default=0) / 1000, UTC)
+        trained = train_embeddings(early, None, out_dir / "embeddings", configs.embeddings, version_time=data_end)
+        sage = (trained.model_dir, str(trained.metadata["version"]))
     ranker = train_ranker(past, out_dir / "ranker", configs.ranker_data, configs.ranker, progress=progress,
-                          report=None, embeddings_at=embeddings_at_checkpoint(sage.model_dir))
-    return ProductModels(sage.model_dir, out_dir / "ranker", str(sage.metadata["version"]), ranker.version)
+                          report=None, embeddings_at=embeddings_at_checkpoint(sage[0]))
+    return ProductModels(sage[0], out_dir / "ranker", sage[1], ranker.version)
 
 
 def past_source(split: EvaluationSplit, model: GraphSage, version: str, ann: AnnConfig) -> MemorySource:

@@ -201,6 +201,29 @@ class ResourceAllocationSource(Protocol):
         ...
 
 
+class EgoAdjacency(NamedTuple):
+    """What :class:`EgoAdjacencySource` returns: a user's neighbours and each one's alive neighbours, the rows a
+    2-hop traversal reads (the worker holds them as mirrors)."""
+
+    middles: np.ndarray  # (m,) int64, the user's neighbours, ascending
+    sizes: np.ndarray  # (m,) int64, each neighbour's degree (the length of its run in ``others``)
+    others: np.ndarray  # (Σ sizes,) int64, the neighbours' neighbours, neighbour after neighbour (any order within)
+
+    @classmethod
+    def empty(cls) -> EgoAdjacency:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+@runtime_checkable
+class EgoAdjacencySource(Protocol):
+    """Optional: the adjacency of the user's neighbours, from which the feature matrix computes the structure of
+    the common neighbours beyond their count (:func:`pymk.ranking.features.structure_columns`): how many of
+    each degree band, the smallest and largest degree, and the 3-paths that run inside the user's circle."""
+
+    def ego_adjacency(self, user: int) -> EgoAdjacency:
+        ...
+
+
 @runtime_checkable
 class PopularSource(Protocol):
     """Optional extension of :class:`RankingSource`: the most active users, a third Stage 1 source

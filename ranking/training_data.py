@@ -72,7 +72,7 @@ from pymk.datasets import UNTIMED_STEP_MS, EdgeHistory, load_edge_history
 from pymk.events import ConnectionEvent, InputEvent, ProfileViewEvent
 from pymk.learning import LeakageError, roc_auc
 from pymk.ranking.candidates import CandidateConfig
-from pymk.ranking.features import FEATURE_INDEX, N_FEATURES, FeatureBuilder
+from pymk.ranking.features import FEATURE_INDEX, N_FEATURES, STRUCTURE_FEATURES, FeatureBuilder
 from pymk.ranking.heuristic import REFERENCE_HEURISTIC_COLUMNS, HeuristicScorer
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import HeuristicFloor, Ranker, RankerConfig
@@ -364,6 +364,33 @@ def choose_floor(ranker: Ranker, lists: ValidationLists, train_features: np.ndar
         **evidence, "decision": f"fallback: {best} beats the trees and every blend on validation"}
 
 
+_STRUCTURE_COLUMNS = [FEATURE_INDEX[name] for name in STRUCTURE_FEATURES]
+
+
+def without_structure(features: np.ndarray) -> np.ndarray:
+    """A copy of ``features`` with the structure columns NaN: trees fitted on it never split on them."""
+    out = np.array(features, copy=True)
+    out[:, _STRUCTURE_COLUMNS] = np.nan
+    return out
+
+
+def choose_structure_columns(with_structure: Ranker, without: Ranker, lists: ValidationLists
+                             ) -> tuple[Ranker, dict[str, Any]]:
+    """The model trained with the structure columns if its validation Recall@20 is higher than the one trained
+    without them (ties: without, the simpler), and the evidence. Both score the same lists (the model trained
+    without the columns never reads them)."""
+    kept = lists.per_query(np.asarray(with_structure.margin(lists.features), np.float64))
+    dropped = lists.per_query(np.asarray(without.margin(lists.features), np.float64))
+    gain = kept - dropped
+    standard_error = float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else math.inf
+    keep = float(gain.mean()) > 0.0
+    return (with_structure if keep else without), {
+        "decision": "kept" if keep else "dropped", "chosen_by": "validation Recall@20",
+        "val_queries": len(lists), "val_recall_at_20_with": float(kept.mean()),
+        "val_recall_at_20_without": float(dropped.mean()), "gain": float(gain.mean()),
+        "gain_standard_error": standard_error}
+
+
 def build_training_data(events: Sequence[InputEvent] | EdgeHistory, config: TrainingDataConfig | None = None,
                         scorer: Scorer | None = None, embeddings_at: EmbeddingsAt | None = None,
                         timed: bool | None = None, progress: bool = False) -> TrainingData:
@@ -632,9 +659,20 @@ def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir:
         "heuristic_val_auc": _or_none(heuristic_auc),
     }
     lists = ValidationLists(data.val_cases, 20)
-    ranker = Ranker.train(train_x, train_y, val_x, val_y, ranker_config, metadata, weights=weights[~data.is_val],
-                          val_weights=weights[data.is_val],
-                          list_metric=lists if len(lists) and ranker_config.stop_on == "recall@20" else None)
+
+    def fit(drop_structure: bool) -> Ranker:
+        train, val = (without_structure(train_x), without_structure(val_x)) if drop_structure else (train_x, val_x)
+        return Ranker.train(train, train_y, val, val_y, ranker_config, metadata, weights=weights[~data.is_val],
+                            val_weights=weights[data.is_val],
+                            list_metric=lists if len(lists) and ranker_config.stop_on == "recall@20" else None)
+
+    if ranker_config.structure_columns == "validate" and len(lists):
+        ranker, evidence = choose_structure_columns(fit(False), fit(True), lists)
+        ranker.metadata["structure_columns"] = evidence
+    else:
+        drop = ranker_config.structure_columns == "drop"
+        ranker = fit(drop)
+        ranker.metadata["structure_columns"] = {"decision": "dropped" if drop else "kept", "chosen_by": "config"}
     if floor_enabled:
         floor, evidence = choose_floor(ranker, lists, train_x, train_y)
         ranker = ranker.with_floor(floor, evidence)

@@ -18,7 +18,7 @@ from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
 from pymk.features.graph import Registers, TwoHopArrays, is_alive
 from pymk.ranking.candidates import GRAPH, Candidate, CandidateSet
 from pymk.ranking.features import FeatureBuilder, feature_dict
-from pymk.ranking.source import ActivityTable
+from pymk.ranking.source import ActivityTable, EgoAdjacency
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
 from pymk.streams.user_facts import UserFacts
@@ -123,6 +123,15 @@ class WorkerRankingSource:
             held = self.two_hop_arrays(user)
             self._allocation = (user, dict(zip(held.ids.tolist(), held.resource_allocation.tolist(), strict=True)))
         return self._allocation[1]
+
+    # EgoAdjacencySource: the neighbours' mirrored rows, as the 2-hop traversal reads them
+    def ego_adjacency(self, user: int) -> EgoAdjacency:
+        rows = self.graph.neighbour_rows(user)
+        if not rows:
+            return EgoAdjacency.empty()
+        neighbours = [row.alive_ids() for _, row in rows]
+        return EgoAdjacency(np.fromiter((z for z, _ in rows), np.int64, len(rows)),
+                            np.fromiter(map(len, neighbours), np.int64, len(rows)), np.concatenate(neighbours))
 
     # PopularSource: from user-globals, every user's activity (the order does not depend on as_of)
     def most_active(self, k: int, as_of_ms: int) -> Sequence[int]:

@@ -61,8 +61,10 @@ def test_the_floor_falls_back_to_the_heuristic_validation_says_beats_the_trees(t
 
 def test_no_floor_when_validation_cannot_tell_the_trees_from_the_heuristic() -> None:
     ranker, x, y = noise_ranker()
-    # The partners are nearly random: RA's lead over chance-level trees is within the noise of 8 lists.
-    lists = lists_led_by(RA, queries=8, seed=2, noise=50.0)
+    # The partners are nearly random: RA's lead over chance-level trees is within the noise of 8 lists. (The best
+    # of four heuristics on 8 random lists is sometimes 2 standard errors ahead by chance: with the 34 columns,
+    # seed 2 draws such lists, AA ahead by 0.375 ± 0.076; seed 3 draws lists where no lead is significant.)
+    lists = lists_led_by(RA, queries=8, seed=3, noise=50.0)
     floor, evidence = choose_floor(ranker, lists, x, y)
     assert floor is None and evidence["decision"].startswith("model")
     assert ranker.with_floor(None, evidence).version == ranker.version

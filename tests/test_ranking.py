@@ -174,12 +174,33 @@ def expected_row(world: World, u: int, v: int) -> dict[str, float]:
         "query_activity_7d": expected_activity(world, u, 7),
         "query_days_since_last_connection": expected_days_since(world, u),
         "resource_allocation_score": sum(1 / g.degree(z) for z in common),
+        **expected_structure(world, u, v),
+    }
+
+
+def expected_structure(world: World, u: int, v: int) -> dict[str, float]:
+    """The common-neighbour structure columns of (u, v) by their definitions, from networkx."""
+    g = world.graph
+    common = sorted(world.common(u, v))
+    degrees = [g.degree(z) for z in common]
+    inside = [len(set(g[z]) & set(g[u])) for z in common]
+    return {
+        "cn_degree_1_4": sum(d <= 4 for d in degrees),
+        "cn_degree_5_16": sum(5 <= d <= 16 for d in degrees),
+        "cn_degree_17_64": sum(17 <= d <= 64 for d in degrees),
+        "cn_degree_over_64": sum(d > 64 for d in degrees),
+        "cn_min_degree": min(degrees, default=math.nan),
+        "cn_max_degree": max(degrees, default=math.nan),
+        "ego_three_path_count": sum(inside),
+        "cn_ego_embeddedness": sum(i / d for i, d in zip(inside, degrees, strict=True)),
+        "cn_share_of_candidate": len(common) / g.degree(v) if g.degree(v) else 0.0,
+        "cn_share_of_query": len(common) / g.degree(u) if g.degree(u) else 0.0,
     }
 
 
 # libm vs numpy in the last bit; sums of the same terms in another order
 APPROXIMATE = ("geo_distance_km", "adamic_adar_score", "resource_allocation_score", "candidate_activity_1d",
-               "candidate_activity_7d", "candidate_activity_30d", "query_activity_7d")
+               "candidate_activity_7d", "candidate_activity_30d", "query_activity_7d", "cn_ego_embeddedness")
 
 
 def assert_row_equal(row: np.ndarray, expected: dict[str, float], context: str) -> None:

@@ -104,9 +104,13 @@ def counted_training(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     trained: list[Path] = []
 
     def fake_train(split: object, history: object, out_dir: Path, progress: bool = False,
-                   configs: object = None) -> ProductModels:
+                   configs: object = None, sage: tuple[Path, str] | None = None) -> ProductModels:
         trained.append(out_dir)
-        return ProductModels(out_dir / "sage", out_dir / "ranker", f"sage-{len(trained)}", f"xgb-{len(trained)}")
+        if sage is None:  # "trains" GraphSAGE
+            (out_dir / "sage").mkdir(parents=True)
+            (out_dir / "sage" / "metadata.json").write_text("{}")
+            sage = (out_dir / "sage", f"sage-{len(trained)}")
+        return ProductModels(sage[0], out_dir / "ranker", sage[1], f"xgb-{len(trained)}")
 
     monkeypatch.setattr(evaluate, "train_product_models", fake_train)
     return trained
@@ -154,3 +158,22 @@ def test_the_cache_key_follows_the_features_and_the_training_configs(tmp_path: P
 
     monkeypatch.setattr(features, "FEATURE_NAMES", [*features.FEATURE_NAMES, "new_feature"])
     assert evaluate.cache_inputs(data, split)["features"] != base["features"]
+
+
+def test_a_new_ranker_reuses_the_graphsage_model_of_the_same_past(tmp_path: Path, counted_training: list[Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changing the ranker's columns or configs retrains the ranker only; other data or another split seed
+    retrain GraphSAGE too."""
+    data = community_edges(tmp_path / "g.txt")
+    first, first_dir = cached(tmp_path, data, "random", 0)
+    import pymk.ranking.features as features
+
+    monkeypatch.setattr(features, "FEATURE_NAMES", [*features.FEATURE_NAMES, "new_feature"])
+    other_ranker, other_dir = cached(tmp_path, data, "random", 0)
+    assert len(counted_training) == 2 and other_dir != first_dir
+    assert (other_ranker.sage_dir, other_ranker.sage_version) == (first.sage_dir, first.sage_version)
+    assert other_ranker.ranker_version != first.ranker_version
+
+    other_seed, _ = cached(tmp_path, data, "random", 1)
+    assert other_seed.sage_version not in (first.sage_version,)
+    assert other_seed.sage_dir != first.sage_dir

@@ -95,3 +95,17 @@ def test_feature_matrices_agree(sources: tuple[WorkerWorld, WorkerRankingSource,
                                        equal_nan=True, err_msg=f"user {user}, {name}")
         compared += len(candidates)
     assert compared > 1000
+
+
+def test_ego_adjacency_agrees(sources: tuple[WorkerWorld, WorkerRankingSource, MemorySource]) -> None:
+    """The neighbours' rows behind the structure columns: the same neighbours, degrees and neighbour sets (the
+    order inside one neighbour's run is the store's, and the structure columns do not depend on it)."""
+    world, worker, memory = sources
+    for user in local_users(world):
+        got, want = worker.ego_adjacency(user), memory.ego_adjacency(user)
+        assert got.middles.tolist() == want.middles.tolist(), user
+        assert got.sizes.tolist() == want.sizes.tolist(), user
+        starts = np.concatenate([[0], np.cumsum(want.sizes)])
+        for i in range(len(want.middles)):
+            run = slice(int(starts[i]), int(starts[i + 1]))
+            assert sorted(got.others[run].tolist()) == sorted(want.others[run].tolist()), (user, i)
