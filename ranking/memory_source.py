@@ -87,6 +87,7 @@ class MemorySource:
         # two_hop_arrays: each middle user's neighbours as an array, kept while the graph does not change, and
         # the last user's arrays (user, version, arrays)
         self._middle_ids: dict[int, np.ndarray] = {}  # user → its neighbours' rows; dropped when they change
+        self._middle_id_arrays: dict[int, np.ndarray] = {}  # user → its neighbours' ids (ego_adjacency), the same
         self._two_hop_held: tuple[int, int, TwoHopArrays] | None = None
         # Columns for IdArraySource: a dense row per user seen (row 0: nobody), found by a binary search over the
         # sorted ids, so 2,000 candidates cost a few gathers instead of a cold dict lookup each.
@@ -133,6 +134,7 @@ class MemorySource:
         row = self._row(user)  # first: it may grow the columns
         self._degree_col[row] = len(self.adjacency.get(user, _NO_NEIGHBOURS))
         self._middle_ids.pop(user, None)
+        self._middle_id_arrays.pop(user, None)
         self._changed(user, "graph")
 
     def add_user(self, user: int) -> None:
@@ -346,20 +348,17 @@ class MemorySource:
 
     def ego_adjacency(self, user: int) -> EgoAdjacency:
         """:class:`~pymk.ranking.source.EgoAdjacencySource`: the user's neighbours by id and their neighbour
-        arrays (the ones :meth:`two_hop_arrays` keeps while the graph does not change)."""
-        if self._middle_version != self._graph_version:
-            self._middle_ids.clear()
-            self._middle_version = self._graph_version
+        arrays (kept like :meth:`two_hop_arrays`' rows, until that middle user's connections change)."""
         own = self.adjacency.get(user, _NO_NEIGHBOURS)
         if not own:
             return EgoAdjacency.empty()
         middles = sorted(own)
         rows = []
         for middle in middles:
-            ids = self._middle_ids.get(middle)
+            ids = self._middle_id_arrays.get(middle)
             if ids is None:
                 others = self.adjacency[middle]
-                ids = self._middle_ids[middle] = np.fromiter(others, np.int64, len(others))
+                ids = self._middle_id_arrays[middle] = np.fromiter(others, np.int64, len(others))
             rows.append(ids)
         return EgoAdjacency(np.array(middles, np.int64), np.fromiter(map(len, rows), np.int64, len(rows)),
                             np.concatenate(rows))
