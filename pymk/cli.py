@@ -433,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--retrain", action="store_true", help="train the models again (default: cached)")
     evaluate.add_argument("--no-two-tower", action="store_true", help="skip the two-tower rows (faster)")
     evaluate.add_argument("--reranker", action="store_true",
-                          help="add the hybrid+XGBoost+cross-attention row (time split only; trains the re-ranker: "
-                               "minutes)")
+                          help="add the hybrid+XGBoost+cross-attention row (trains the re-ranker on the split's "
+                               "replay: minutes)")
     evaluate.add_argument("--seed-split", type=int, default=0, help="seed of the random split")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)

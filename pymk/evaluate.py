@@ -139,7 +139,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
                                                               progress)
         methods += two_tower_methods(split, models, tower_models, ann, source=source)
     rerank_seconds = 0.0
-    if reranker and split.kind == "time":  # trained on the temporal replay; the holdout replay is not supported yet
+    if reranker:  # trained on the split's replay: temporal (time split) or the holdout folds (random split)
         from pymk.ranking.cross_attention_eval import cached_reranker, reranker_method
 
         hybrid = next(m for m in methods if getattr(m, "name", "") == "hybrid+XGBoost")
