@@ -205,18 +205,33 @@ def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] 
     read = _Neighbours(source)
     query_nb = read(user)
     cand_nb = [read.of_candidate(user, c) for c in cands.tolist()]
-    # Edges of both endpoints of every pair, for "is v a neighbour of the other endpoint?"
-    lists = [nb for c_nb in cand_nb for nb in (query_nb, c_nb)]
-    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
-    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    # Segments 2p (query side of pair p, other endpoint = candidate p) and 2p+1 (candidate side, other = query).
-    owners = np.empty(2 * n_pairs, np.int64)
-    owners[0::2], owners[1::2] = user, cands
-    others = np.empty(2 * n_pairs, np.int64)
-    others[0::2], others[1::2] = cands, user
-    segment = np.repeat(np.arange(2 * n_pairs), lengths)
-    known = np.unique(np.concatenate([_edge_keys(np.full(len(query_nb), user), query_nb),
-                                      _edge_keys(owners[segment[segment % 2 == 1]], flat[segment % 2 == 1])]))
+    salt_key = mix64(np.array([salt], np.int64).view(np.uint64))
+
+    def hash_keys(owners: np.ndarray, ids: np.ndarray) -> np.ndarray:  # the sampler's bottom-k keys, per owner
+        return mix64(mix64(salt_key ^ owners.astype(np.int64).view(np.uint64)) ^ ids.view(np.uint64))
+
+    def first_per_pair(pair: np.ndarray, ids: np.ndarray, common: np.ndarray, keys: np.ndarray
+                       ) -> tuple[np.ndarray, ...]:
+        """Per pair, common neighbours first, then the rest, each by key: the first ``f1`` (and their ranks)."""
+        order = np.lexsort((keys, ~common, pair))
+        pair, ids, common = pair[order], ids[order], common[order]
+        starts = np.zeros(n_pairs + 1, np.int64)
+        np.cumsum(np.bincount(pair, minlength=n_pairs), out=starts[1:])
+        rank = np.arange(len(pair)) - starts[pair]
+        chosen = rank < f1
+        return pair[chosen], ids[chosen], common[chosen], rank[chosen]
+
+    # Candidate side: each candidate's neighbours; common = also a neighbour of the query.
+    c_len = np.fromiter(map(len, cand_nb), np.int64, n_pairs)
+    c_ids = np.concatenate(cand_nb) if n_pairs else np.zeros(0, np.int64)
+    c_pair = np.repeat(np.arange(n_pairs), c_len)
+    query_sorted = np.sort(query_nb)
+    c_common = np.zeros(len(c_ids), bool)
+    if len(query_sorted) and len(c_ids):
+        c_common = query_sorted[np.minimum(np.searchsorted(query_sorted, c_ids), len(query_sorted) - 1)] == c_ids
+    common_count = np.bincount(c_pair[c_common], minlength=n_pairs)
+    # The candidates' edges, for "is w a neighbour of candidate p?"
+    known = np.unique(_edge_keys(cands[c_pair], c_ids))
 
     def adjacent(owner_ids: np.ndarray, other_ids: np.ndarray) -> np.ndarray:
         if not len(known) or not len(other_ids):
@@ -225,18 +240,29 @@ def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] 
         pos = np.minimum(np.searchsorted(known, keys), len(known) - 1)
         return known[pos] == keys
 
-    common = adjacent(others[segment], flat)
-    # Common neighbours first, then the rest, each by the version-salted hash (the sampler's bottom-k keys).
-    keys = mix64(mix64(mix64(np.array([salt], np.int64).view(np.uint64)) ^ owners.view(np.uint64))[segment]
-                 ^ flat.view(np.uint64))
-    order = np.lexsort((keys, ~common, segment))
-    segment, flat, common = segment[order], flat[order], common[order]
-    starts = np.zeros(2 * n_pairs + 1, np.int64)
-    np.cumsum(np.bincount(segment, minlength=2 * n_pairs), out=starts[1:])
-    rank = np.arange(len(segment)) - starts[segment]
-    chosen = rank < f1
-    t_seg, t_node, t_common, t_rank = segment[chosen], flat[chosen], common[chosen], rank[chosen]
-    common_count = np.bincount(segment[common], minlength=2 * n_pairs)[0::2]
+    candidate_tokens = first_per_pair(c_pair, c_ids, c_common, hash_keys(cands[c_pair], c_ids))
+    # Query side: the pair's common neighbours, then the query's other neighbours in one key order shared by every
+    # pair. Its first f1 always hold enough non-common ones (at most k of them are common when k are taken
+    # first), so each pair needs only its commons and those f1, not the query's whole neighbourhood again.
+    query_keys = hash_keys(np.full(len(query_nb), user), query_nb)
+    head_at = np.argsort(query_keys, kind="stable")[:f1]
+    head, head_keys = query_nb[head_at], query_keys[head_at]
+    h_pair = np.repeat(np.arange(n_pairs), len(head))
+    h_ids, h_keys = np.tile(head, n_pairs), np.tile(head_keys, n_pairs)
+    h_rest = ~adjacent(cands[h_pair], h_ids)  # the pair's commons among them come with the commons below
+    com_ids = c_ids[c_common]
+    q_pair = np.concatenate([c_pair[c_common], h_pair[h_rest]])
+    q_ids = np.concatenate([com_ids, h_ids[h_rest]])
+    q_common = np.concatenate([np.ones(len(com_ids), bool), np.zeros(int(h_rest.sum()), bool)])
+    q_keys = np.concatenate([hash_keys(np.full(len(com_ids), user), com_ids), h_keys[h_rest]])
+    query_tokens = first_per_pair(q_pair, q_ids, q_common, q_keys)
+    # Segments 2p (query side of pair p, other endpoint = candidate p) and 2p+1 (candidate side, other = query).
+    others = np.empty(2 * n_pairs, np.int64)
+    others[0::2], others[1::2] = cands, user
+    t_seg = np.concatenate([2 * query_tokens[0], 2 * candidate_tokens[0] + 1])
+    t_node = np.concatenate([query_tokens[1], candidate_tokens[1]])
+    t_common = np.concatenate([query_tokens[2], candidate_tokens[2]])
+    t_rank = np.concatenate([query_tokens[3], candidate_tokens[3]])
     t_other = others[t_seg]
     query_side = t_seg % 2 == 0
 
@@ -298,36 +324,43 @@ def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] 
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Tensors of one or more lists stacked: ``node`` indexes the stacked ``inputs``."""
+    """Tensors of one or more lists stacked: ``node`` indexes the stacked ``inputs``; ``tag`` is each token's
+    structural tags as one index (:func:`tag_index`), so one embedding lookup adds them all."""
 
     inputs: torch.Tensor  # float32 [U, input_dim]
-    node: torch.Tensor  # int64 [P, T]
-    side: torch.Tensor
-    hop: torch.Tensor
-    common: torch.Tensor
-    distance: torch.Tensor
+    node: torch.Tensor  # int64 [P, T], -1 = padding
+    tag: torch.Tensor  # int64 [P, T] in [0, N_TAGS)
     scalar: torch.Tensor  # float32 [P, T]
 
 
+N_TAGS = 2 * 2 * 2 * N_DISTANCES  # side × hop × is-common × distance
+
+
+def tag_index(tokens: ListTokens) -> np.ndarray:
+    return ((tokens.side.astype(np.int64) * 2 + tokens.hop) * 2 + tokens.common) * N_DISTANCES + tokens.distance
+
+
 def make_batch(lists: Sequence[ListTokens]) -> TokenBatch:
+    if len(lists) == 1:  # serving: one list, no copies to stack
+        tokens = lists[0]
+        return TokenBatch(torch.from_numpy(tokens.inputs), torch.from_numpy(tokens.node.astype(np.int64)),
+                          torch.from_numpy(tag_index(tokens)), torch.from_numpy(tokens.scalar))
     offset = 0
     nodes = []
     for tokens in lists:
         nodes.append(np.where(tokens.node >= 0, tokens.node.astype(np.int64) + offset, -1))
         offset += len(tokens.nodes)
-
-    def cat(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([getattr(t, name) for t in lists]).astype(np.int64))
-
     return TokenBatch(torch.from_numpy(np.concatenate([t.inputs for t in lists]).astype(np.float32)),
-                      torch.from_numpy(np.concatenate(nodes)), cat("side"), cat("hop"), cat("common"),
-                      cat("distance"), torch.from_numpy(np.concatenate([t.scalar for t in lists])))
+                      torch.from_numpy(np.concatenate(nodes)), torch.from_numpy(np.concatenate([tag_index(t) for t in
+                                                                                                lists])),
+                      torch.from_numpy(np.concatenate([t.scalar for t in lists])))
 
 
 class EncoderBlock(nn.Module):
-    """A pre-norm transformer encoder layer (self-attention over all the pair's tokens, then a ReLU FFN), written
-    out on :func:`torch.nn.functional.scaled_dot_product_attention`: ``nn.TransformerEncoderLayer``'s inference
-    fast path spent a third of the forward in its masked softmax on CPU (measured: 2.0 → see docs/benchmarks.md)."""
+    """A pre-norm transformer encoder layer (self-attention over all of a pair's tokens, padding masked by an additive
+    bias, then a ReLU FFN) on plain matmuls: at 22 tokens per pair, ``nn.TransformerEncoderLayer``'s inference fast
+    path spent a third of the forward in its masked softmax on CPU, and torch's CPU flash-attention kernel
+    (``scaled_dot_product_attention``) took longer than the whole layer written out."""
 
     def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
@@ -357,10 +390,7 @@ class CrossAttentionRanker(nn.Module):
         self.version: str | None = None
         d = config.d_model
         self.input = nn.Linear(config.input_dim, d)
-        self.side = nn.Embedding(2, d)
-        self.hop = nn.Embedding(2, d)
-        self.common = nn.Embedding(2, d)
-        self.distance = nn.Embedding(N_DISTANCES, d)
+        self.tag = nn.Embedding(N_TAGS, d)  # side × hop × is-common × distance: one table, one lookup
         self.scalar = nn.Linear(1, d)
         self.norm = nn.LayerNorm(d)
         self.encoder = nn.ModuleList(EncoderBlock(d, config.heads, config.ffn_dim, config.dropout)
@@ -372,8 +402,7 @@ class CrossAttentionRanker(nn.Module):
         mask = batch.node >= 0
         projected = self.input(batch.inputs)
         x = projected[batch.node.clamp(min=0)]
-        x = x + self.side(batch.side) + self.hop(batch.hop) + self.common(batch.common)
-        x = x + self.distance(batch.distance) + self.scalar(batch.scalar.unsqueeze(-1))
+        x = x + self.tag(batch.tag) + self.scalar(batch.scalar.unsqueeze(-1))
         x = self.norm(x) * mask.unsqueeze(-1)
         # Padding as an additive bias on the attention logits (a finite minimum, not -inf: a row is never all
         # padding, as the roots are always there, but -inf arithmetic would still be a NaN trap).
