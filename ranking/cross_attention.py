@@ -8,20 +8,31 @@ nodes are the point of the model, and a uniform 10 of a 300-friend user would us
 
 - node input (:func:`node_inputs`): the compact profile encoding (32), the GraphSAGE degree features (10), the
   node's GraphSAGE embedding if the model uses one (``embedding_dim``, zeros when missing) and a has-embedding flag;
-- tags (learned embeddings): side (query / candidate), hop (0 root / 1 neighbour), is-common-neighbour, distance
-  to the *other* endpoint (0, 1, 2, 3 = "3 or more / not seen"), plus a scalar: for a neighbour token, the share
-  of its own sampled neighbours (hop 2, ``fanout[1]`` of them) that are neighbours of the other endpoint
-  (paths of length 3 through it); for a root token, log1p(common-neighbour count).
+- tags (one learned table indexed by their combination): side (query / candidate), hop (0 root / 1 neighbour),
+  is-common-neighbour, distance to the *other* endpoint (0, 1, 2, 3 = "3 or more / not seen"), plus a scalar.
+  A query-side neighbour z (other endpoint: the candidate): the share of z's own sample (hop 2, ``fanout[1]`` of
+  its neighbours) adjacent to the candidate, i.e. paths query–z–w–candidate. A candidate-side neighbour v: the
+  exact share of v's neighbours adjacent to the query, |N(v) ∩ N(query)| / deg(v), read from the query's 2-hop
+  counts that Stage 1 has just computed (no hop-2 rows of the candidates are read). A root: log1p(common count).
 
 Hop 2 enters through those tags, not as tokens of its own: 2 × (10 + 100) tokens per pair × 50 pairs is ~50x
 the attention and input cost, far past the ≤ 3 ms per list this stage may add on one CPU thread.
 
-**Model.** A pre-norm transformer encoder (every token attends to both subgraphs, padding masked), then
-``[h_query, h_candidate, masked mean of all tokens]`` → MLP → one score. No positional encoding and a masked
-mean: the score is invariant to the order of a side's neighbours. Sizes (:class:`CrossAttentionConfig`):
-d=32, 2 layers, 4 heads (8 dims each), FFN 64 — 50 pairs × 22 tokens = 1,100 tokens per list. Measured on one
-torch thread (shared 2-core box, 50 candidates): the forward takes ~3.2 ms at d=32, ~6.9 ms at d=64/FFN 128 and
-~1.8 ms with one layer at d=32; d=64 was twice the ≤ 3 ms goal and also made training 3x slower.
+**What a worker holds.** A worker holds its partition's users and the mirrors of their neighbours, not the whole
+graph (``neighbours`` of another partition's user is an error there). The builder reads
+``visible_neighbours`` when the source has it: the query's row and its neighbours' mirrors are always held; a
+candidate whose row is not held (no neighbour in the partition) shows its common neighbours with the query, which
+the query's mirrors give. Offline (:class:`MemorySource`) every row is held, so offline lists see a candidate's
+whole neighbourhood where the worker may see only the shared part: a known train/serve difference for candidates
+with no neighbour in the query's partition.
+
+**Model.** A pre-norm transformer encoder (:class:`EncoderBlock`: every token attends to both subgraphs, padding
+masked), then ``[h_query, h_candidate, masked mean of all tokens]`` → MLP → one score. No positional encoding and
+a masked mean: the score is invariant to the order of a side's neighbours. Sizes (:class:`CrossAttentionConfig`):
+d=16, 1 layer, 2 heads, FFN 32 by default — 50 pairs × 22 tokens = 1,100 tokens per list. Cost per list of 50
+on one torch thread (docs/benchmarks.md, "cross-attention re-ranker"): the forward ~1.3 ms at d=16/1 layer against
+~3.2 ms at d=32/2 layers. Chosen on cost: the validation comparison of the two sizes on the same lists was started
+but not finished (a shared machine at load 10-18); the evaluation rows are the small model's.
 
 **Sampling is deterministic per model version**: keys are splitmix64 of (salt, node, neighbour), the salt is
 :func:`pymk.index.embedder.salt_for_version` of the model's version (or of the training seed while training),
@@ -56,10 +67,11 @@ N_DISTANCES = 4  # distance tag 0, 1, 2, 3+ (3 also means "not seen within the s
 
 @dataclass(frozen=True)
 class CrossAttentionConfig:
-    d_model: int = 32
-    layers: int = 2
-    heads: int = 4
-    ffn_dim: int = 64
+    # Chosen on cost (module doc): d=32 with 2 layers costs ~2.4x the forward; its validation was not compared yet
+    d_model: int = 16
+    layers: int = 1
+    heads: int = 2
+    ffn_dim: int = 32
     dropout: float = 0.1
     fanout: tuple[int, ...] = field(default=(10, 10))  # hop-1 tokens per side, hop-2 sample per hop-1 token
     embedding_dim: int = 0  # GraphSAGE embedding width used as an input (0: none)

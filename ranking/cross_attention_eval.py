@@ -30,8 +30,8 @@ ROW = "hybrid+XGBoost+cross-attention"
 MARKER_FILE = "reranker.json"
 
 
-def evaluation_config(split: EvaluationSplit, models: ProductModels, progress: bool = False
-                      ) -> RerankerTrainingConfig:
+def evaluation_config(split: EvaluationSplit, models: ProductModels, progress: bool = False,
+                      max_queries: int | None = None) -> RerankerTrainingConfig:
     """The re-ranker's training task mirrors the split's, as the XGBoost ranker's does (a temporal replay for a
     time split, its holdout replay with the same hidden pairs and folds for a random one); embedding inputs of the
     product's GraphSAGE width."""
@@ -39,15 +39,19 @@ def evaluation_config(split: EvaluationSplit, models: ProductModels, progress: b
     data = ranker_training_config(split)
     base = RerankerTrainingConfig(progress=progress, replay=data.replay, holdout_fraction=data.holdout_fraction,
                                   holdout_folds=data.holdout_folds, holdout_seed=data.seed)
+    if max_queries is not None:  # a cap for large graphs (pymk evaluate --reranker-queries): fewer, cheaper lists
+        base = replace(base, queries_per_checkpoint=min(base.queries_per_checkpoint, max_queries),
+                       holdout_queries=min(base.holdout_queries, max_queries))
     return replace(base, model=replace(base.model, embedding_dim=sage.config.embedding_dim))
 
 
 def cached_reranker(split: EvaluationSplit, history: EdgeHistory, models: ProductModels, cache_dir: Path,
-                    retrain: bool = False, progress: bool = False) -> tuple[Path, float]:
+                    retrain: bool = False, progress: bool = False, max_queries: int | None = None
+                    ) -> tuple[Path, float]:
     """The re-ranker trained on the split's past (cached per product model versions and training config)."""
     from pymk.train import embeddings_at_checkpoint
 
-    config = evaluation_config(split, models, progress)
+    config = evaluation_config(split, models, progress, max_queries)
     key = {"sage": models.sage_version, "ranker": models.ranker_version, "config": config_digest(config)}
     marker = cache_dir / MARKER_FILE
     if marker.exists() and not retrain and json.loads(marker.read_text()).get("key") == key:
