@@ -96,7 +96,9 @@ class RerankerTrainingConfig:
     weight_decay: float = 1e-4
     lists_per_step: int = 16
     seed: int = 0
-    threads: int = 2  # fixed: BLAS splits float sums by thread count, so another count gives other weights
+    # Fixed: BLAS splits float sums by thread count, so another count gives other weights. One: on a shared
+    # machine (load 10+ on 2 cores) two threads made a step of this small model take ~3 s, waiting for each other.
+    threads: int = 1
     progress: bool = False
 
     def __post_init__(self) -> None:
