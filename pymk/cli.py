@@ -233,7 +233,7 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     out_dir = Path(args.out_dir)
     result, paths = run_evaluation(settings, args.data, args.split, out_dir, seed=args.seed_split, live=args.live,
                                    retrain=args.retrain, progress=not args.quiet, two_tower=not args.no_two_tower,
-                                   reranker=args.reranker)
+                                   reranker=args.reranker, reranker_queries=args.reranker_queries)
     if args.json:
         Path(args.json).write_text(paths["json"].read_text())
     print(paths["md"].read_text())
@@ -440,8 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--retrain", action="store_true", help="train the models again (default: cached)")
     evaluate.add_argument("--no-two-tower", action="store_true", help="skip the two-tower rows (faster)")
     evaluate.add_argument("--reranker", action="store_true",
-                          help="add the hybrid+XGBoost+cross-attention row (time split only; trains the re-ranker: "
-                               "minutes)")
+                          help="add the hybrid+XGBoost+cross-attention row (trains the re-ranker on the split's "
+                               "replay: minutes)")
+    evaluate.add_argument("--reranker-queries", type=int, default=None,
+                          help="cap the re-ranker's training queries (per checkpoint, or in all of a holdout's folds; "
+                               "default 400 / 2000): for large graphs")
     evaluate.add_argument("--seed-split", type=int, default=0, help="seed of the random split")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)

@@ -155,7 +155,8 @@ def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrai
 
 def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_dir: Path, seed: int = 0,
                    live: bool = False, retrain: bool = False, progress: bool = True,
-                   two_tower: bool = True, reranker: bool = False) -> tuple[EvaluationResult, dict[str, Path]]:
+                   two_tower: bool = True, reranker: bool = False, reranker_queries: int | None = None
+                   ) -> tuple[EvaluationResult, dict[str, Path]]:
     started = time.perf_counter()
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
@@ -175,12 +176,12 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
                                                               progress)
         methods += two_tower_methods(split, models, tower_models, ann, source=source)
     rerank_seconds = 0.0
-    if reranker and split.kind == "time":  # trained on the temporal replay; the holdout replay is not supported yet
+    if reranker:  # trained on the split's replay: temporal (time split) or the holdout folds (random split)
         from pymk.ranking.cross_attention_eval import cached_reranker, reranker_method
 
         hybrid = next(m for m in methods if getattr(m, "name", "") == "hybrid+XGBoost")
         rerank_dir, rerank_seconds = cached_reranker(split, history, models, cache_dir / "reranker", retrain,
-                                                     progress)
+                                                     progress, reranker_queries)
         methods.append(reranker_method(hybrid, rerank_dir))
     live_info: dict[str, Any] | None = None
     if live:

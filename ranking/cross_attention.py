@@ -8,20 +8,31 @@ nodes are the point of the model, and a uniform 10 of a 300-friend user would us
 
 - node input (:func:`node_inputs`): the compact profile encoding (32), the GraphSAGE degree features (10), the
   node's GraphSAGE embedding if the model uses one (``embedding_dim``, zeros when missing) and a has-embedding flag;
-- tags (learned embeddings): side (query / candidate), hop (0 root / 1 neighbour), is-common-neighbour, distance
-  to the *other* endpoint (0, 1, 2, 3 = "3 or more / not seen"), plus a scalar: for a neighbour token, the share
-  of its own sampled neighbours (hop 2, ``fanout[1]`` of them) that are neighbours of the other endpoint
-  (paths of length 3 through it); for a root token, log1p(common-neighbour count).
+- tags (one learned table indexed by their combination): side (query / candidate), hop (0 root / 1 neighbour),
+  is-common-neighbour, distance to the *other* endpoint (0, 1, 2, 3 = "3 or more / not seen"), plus a scalar.
+  A query-side neighbour z (other endpoint: the candidate): the share of z's own sample (hop 2, ``fanout[1]`` of
+  its neighbours) adjacent to the candidate, i.e. paths query–z–w–candidate. A candidate-side neighbour v: the
+  exact share of v's neighbours adjacent to the query, |N(v) ∩ N(query)| / deg(v), read from the query's 2-hop
+  counts that Stage 1 has just computed (no hop-2 rows of the candidates are read). A root: log1p(common count).
 
 Hop 2 enters through those tags, not as tokens of its own: 2 × (10 + 100) tokens per pair × 50 pairs is ~50x
 the attention and input cost, far past the ≤ 3 ms per list this stage may add on one CPU thread.
 
-**Model.** A pre-norm transformer encoder (every token attends to both subgraphs, padding masked), then
-``[h_query, h_candidate, masked mean of all tokens]`` → MLP → one score. No positional encoding and a masked
-mean: the score is invariant to the order of a side's neighbours. Sizes (:class:`CrossAttentionConfig`):
-d=32, 2 layers, 4 heads (8 dims each), FFN 64 — 50 pairs × 22 tokens = 1,100 tokens per list. Measured on one
-torch thread (shared 2-core box, 50 candidates): the forward takes ~3.2 ms at d=32, ~6.9 ms at d=64/FFN 128 and
-~1.8 ms with one layer at d=32; d=64 was twice the ≤ 3 ms goal and also made training 3x slower.
+**What a worker holds.** A worker holds its partition's users and the mirrors of their neighbours, not the whole
+graph (``neighbours`` of another partition's user is an error there). The builder reads
+``visible_neighbours`` when the source has it: the query's row and its neighbours' mirrors are always held; a
+candidate whose row is not held (no neighbour in the partition) shows its common neighbours with the query, which
+the query's mirrors give. Offline (:class:`MemorySource`) every row is held, so offline lists see a candidate's
+whole neighbourhood where the worker may see only the shared part: a known train/serve difference for candidates
+with no neighbour in the query's partition.
+
+**Model.** A pre-norm transformer encoder (:class:`EncoderBlock`: every token attends to both subgraphs, padding
+masked), then ``[h_query, h_candidate, masked mean of all tokens]`` → MLP → one score. No positional encoding and
+a masked mean: the score is invariant to the order of a side's neighbours. Sizes (:class:`CrossAttentionConfig`):
+d=16, 1 layer, 2 heads, FFN 32 by default — 50 pairs × 22 tokens = 1,100 tokens per list. Cost per list of 50
+on one torch thread (docs/benchmarks.md, "cross-attention re-ranker"): the forward ~1.3 ms at d=16/1 layer against
+~3.2 ms at d=32/2 layers. On the same CollegeMsg replay lists both validate at Recall@20 0.1419 (Stage 2's order
+0.1146); the small one trains 4x faster (82 s against 325 s), so it is the default.
 
 **Sampling is deterministic per model version**: keys are splitmix64 of (salt, node, neighbour), the salt is
 :func:`pymk.index.embedder.salt_for_version` of the model's version (or of the training seed while training),
@@ -45,6 +56,7 @@ from torch import nn
 
 from pymk import model_artifact
 from pymk.events import Profile
+from pymk.features.graph import TwoHopArrays
 from pymk.index.embedder import salt_for_version
 from pymk.index.node_features import DEGREE_DIM, PROFILE_FEATURE_DIM, encode_degrees, encode_profile_compact
 from pymk.index.sampling import bottom_k, mix64
@@ -55,10 +67,11 @@ N_DISTANCES = 4  # distance tag 0, 1, 2, 3+ (3 also means "not seen within the s
 
 @dataclass(frozen=True)
 class CrossAttentionConfig:
-    d_model: int = 32
-    layers: int = 2
-    heads: int = 4
-    ffn_dim: int = 64
+    # Module doc: d=32 with 2 layers costs ~2.4x the forward and validated no better on the same lists
+    d_model: int = 16
+    layers: int = 1
+    heads: int = 2
+    ffn_dim: int = 32
     dropout: float = 0.1
     fanout: tuple[int, ...] = field(default=(10, 10))  # hop-1 tokens per side, hop-2 sample per hop-1 token
     embedding_dim: int = 0  # GraphSAGE embedding width used as an input (0: none)
@@ -81,9 +94,17 @@ class CrossAttentionConfig:
 
 
 class GraphSource(Protocol):
-    """What the token builder reads (MemorySource and the worker's ranking source both provide it)."""
+    """What the token builder reads (MemorySource and the worker's ranking source both provide it). Read when
+    present: ``visible_neighbours(node)``, a node's neighbours as the reader holds them, empty when it does not
+    hold the node's row (a worker holds its partition's users and the mirrors of their neighbours, not the whole
+    graph: ``neighbours`` of another partition's user is an error there); ``degrees_of``, ``embeddings_of`` and
+    ``many_profiles`` (one gather for all of a list's nodes instead of a call each)."""
 
     def neighbours(self, user: int) -> Collection[int]: ...
+
+    def common_neighbors(self, user: int, candidate: int) -> Sequence[int]: ...
+
+    def two_hop_arrays(self, user: int) -> TwoHopArrays: ...
 
     def degree(self, user: int) -> int: ...
 
@@ -115,23 +136,40 @@ def _profile_code(profile: Profile | None) -> np.ndarray:
     return encode_profile_compact(profile)
 
 
-def node_inputs(nodes: np.ndarray, source: GraphSource, embedding_dim: int) -> np.ndarray:
+def node_inputs(nodes: np.ndarray, source: GraphSource, embedding_dim: int,
+                degrees: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[len(nodes), input_dim]``: compact profile, degree features, embedding (+ has-embedding flag)."""
     ids = nodes.tolist()
-    degrees = np.fromiter((source.degree(u) for u in ids), np.int64, len(ids))
-    parts = [np.stack([_profile_code(source.profile(u)) for u in ids]) if ids
+    if degrees is None:
+        degrees = node_degrees(nodes, source)
+    many_profiles = getattr(source, "many_profiles", None)
+    profiles = many_profiles(ids) if many_profiles is not None else [source.profile(u) for u in ids]
+    parts = [np.stack([_profile_code(p) for p in profiles]) if ids
              else np.zeros((0, PROFILE_FEATURE_DIM), np.float32), encode_degrees(degrees)]
-    if embedding_dim:
-        vectors = np.zeros((len(ids), embedding_dim + 1), np.float32)
-        for i, u in enumerate(ids):
-            vector = source.embedding(u)
-            if vector is not None and len(vector) == embedding_dim and np.all(np.isfinite(vector)):
-                vectors[i, :embedding_dim] = vector
-                vectors[i, embedding_dim] = 1.0
-        parts.append(vectors)
-    else:
-        parts.append(np.zeros((len(ids), 1), np.float32))
+    vectors = np.zeros((len(ids), embedding_dim + 1), np.float32)
+    if embedding_dim and ids:
+        embeddings_of = getattr(source, "embeddings_of", None)
+        if embeddings_of is not None:
+            held = np.asarray(embeddings_of(nodes), np.float32)
+            if held.ndim == 2 and held.shape[1] == embedding_dim:
+                usable = np.isfinite(held).all(axis=1)
+                vectors[usable, :embedding_dim] = held[usable]
+                vectors[usable, embedding_dim] = 1.0
+        else:
+            for i, u in enumerate(ids):
+                vector = source.embedding(u)
+                if vector is not None and len(vector) == embedding_dim and np.all(np.isfinite(vector)):
+                    vectors[i, :embedding_dim] = vector
+                    vectors[i, embedding_dim] = 1.0
+    parts.append(vectors if embedding_dim else vectors[:, :1])
     return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def node_degrees(nodes: np.ndarray, source: GraphSource) -> np.ndarray:
+    degrees_of = getattr(source, "degrees_of", None)
+    if degrees_of is not None:
+        return np.asarray(degrees_of(nodes), np.int64)
+    return np.fromiter((source.degree(u) for u in nodes.tolist()), np.int64, len(nodes))
 
 
 def _edge_keys(owners: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -140,70 +178,138 @@ def _edge_keys(owners: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 
 def _as_array(values: Collection[int]) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.int64, copy=False)
     return np.fromiter(values, np.int64, len(values))
+
+
+class _Neighbours:
+    """A node's neighbours as an int64 array, each read once per list. With ``visible_neighbours`` (the worker),
+    a candidate whose row the reader does not hold gets its common neighbours with the query (which the query's
+    mirrors do hold): the same rule offline, where every row is held, gives the full neighbourhood."""
+
+    def __init__(self, source: GraphSource) -> None:
+        self.source = source
+        self.read = getattr(source, "visible_neighbours", None) or source.neighbours
+        self.held: dict[int, np.ndarray] = {}
+
+    def __call__(self, node: int) -> np.ndarray:
+        ids = self.held.get(node)
+        if ids is None:
+            ids = self.held[node] = _as_array(self.read(node))
+        return ids
+
+    def of_candidate(self, user: int, candidate: int) -> np.ndarray:
+        ids = self(candidate)
+        if not len(ids) and self.source.degree(candidate) > 0:  # not held here: what the query's side shows
+            ids = _as_array(self.source.common_neighbors(user, candidate))
+        return ids
 
 
 def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] | np.ndarray, salt: int,
                       config: CrossAttentionConfig) -> ListTokens:
-    """The tokens of every (user, candidate) pair of one list, sampled with ``salt`` (see the module doc)."""
+    """The tokens of every (user, candidate) pair of one list, sampled with ``salt`` (see the module doc). Reads
+    the query's and the candidates' neighbours, the neighbours of the query-side tokens (the query's neighbours,
+    whose rows a worker mirrors) and the query's 2-hop counts (Stage 1's traversal, held by the source)."""
     cands = np.asarray(candidates, np.int64)
     n_pairs = len(cands)
     f1, f2 = config.fanout
-    query_nb = _as_array(source.neighbours(user))
-    cand_nb = [_as_array(source.neighbours(int(c))) for c in cands.tolist()]
-    # Edges of both endpoints of every pair, for "is v a neighbour of the other endpoint?"
-    known = np.concatenate([_edge_keys(np.full(len(query_nb), user), query_nb)]
-                           + [_edge_keys(np.full(len(nb), c), nb) for c, nb in zip(cands.tolist(), cand_nb,
-                                                                                    strict=True)])
-    known.sort()
+    read = _Neighbours(source)
+    query_nb = read(user)
+    cand_nb = [read.of_candidate(user, c) for c in cands.tolist()]
+    salt_key = mix64(np.array([salt], np.int64).view(np.uint64))
 
-    def adjacent(owners: np.ndarray, others: np.ndarray) -> np.ndarray:
-        if not len(known) or not len(others):
-            return np.zeros(len(others), bool)
-        keys = _edge_keys(owners, others)
+    def hash_keys(owners: np.ndarray, ids: np.ndarray) -> np.ndarray:  # the sampler's bottom-k keys, per owner
+        return mix64(mix64(salt_key ^ owners.astype(np.int64).view(np.uint64)) ^ ids.view(np.uint64))
+
+    def first_per_pair(pair: np.ndarray, ids: np.ndarray, common: np.ndarray, keys: np.ndarray
+                       ) -> tuple[np.ndarray, ...]:
+        """Per pair, common neighbours first, then the rest, each by key: the first ``f1`` (and their ranks)."""
+        order = np.lexsort((keys, ~common, pair))
+        pair, ids, common = pair[order], ids[order], common[order]
+        starts = np.zeros(n_pairs + 1, np.int64)
+        np.cumsum(np.bincount(pair, minlength=n_pairs), out=starts[1:])
+        rank = np.arange(len(pair)) - starts[pair]
+        chosen = rank < f1
+        return pair[chosen], ids[chosen], common[chosen], rank[chosen]
+
+    # Candidate side: each candidate's neighbours; common = also a neighbour of the query.
+    c_len = np.fromiter(map(len, cand_nb), np.int64, n_pairs)
+    c_ids = np.concatenate(cand_nb) if n_pairs else np.zeros(0, np.int64)
+    c_pair = np.repeat(np.arange(n_pairs), c_len)
+    query_sorted = np.sort(query_nb)
+    c_common = np.zeros(len(c_ids), bool)
+    if len(query_sorted) and len(c_ids):
+        c_common = query_sorted[np.minimum(np.searchsorted(query_sorted, c_ids), len(query_sorted) - 1)] == c_ids
+    common_count = np.bincount(c_pair[c_common], minlength=n_pairs)
+    # The candidates' edges, for "is w a neighbour of candidate p?"
+    known = np.unique(_edge_keys(cands[c_pair], c_ids))
+
+    def adjacent(owner_ids: np.ndarray, other_ids: np.ndarray) -> np.ndarray:
+        if not len(known) or not len(other_ids):
+            return np.zeros(len(other_ids), bool)
+        keys = _edge_keys(owner_ids, other_ids)
         pos = np.minimum(np.searchsorted(known, keys), len(known) - 1)
         return known[pos] == keys
 
+    candidate_tokens = first_per_pair(c_pair, c_ids, c_common, hash_keys(cands[c_pair], c_ids))
+    # Query side: the pair's common neighbours, then the query's other neighbours in one key order shared by every
+    # pair. Its first f1 always hold enough non-common ones (at most k of them are common when k are taken
+    # first), so each pair needs only its commons and those f1, not the query's whole neighbourhood again.
+    query_keys = hash_keys(np.full(len(query_nb), user), query_nb)
+    head_at = np.argsort(query_keys, kind="stable")[:f1]
+    head, head_keys = query_nb[head_at], query_keys[head_at]
+    h_pair = np.repeat(np.arange(n_pairs), len(head))
+    h_ids, h_keys = np.tile(head, n_pairs), np.tile(head_keys, n_pairs)
+    h_rest = ~adjacent(cands[h_pair], h_ids)  # the pair's commons among them come with the commons below
+    com_ids = c_ids[c_common]
+    q_pair = np.concatenate([c_pair[c_common], h_pair[h_rest]])
+    q_ids = np.concatenate([com_ids, h_ids[h_rest]])
+    q_common = np.concatenate([np.ones(len(com_ids), bool), np.zeros(int(h_rest.sum()), bool)])
+    q_keys = np.concatenate([hash_keys(np.full(len(com_ids), user), com_ids), h_keys[h_rest]])
+    query_tokens = first_per_pair(q_pair, q_ids, q_common, q_keys)
     # Segments 2p (query side of pair p, other endpoint = candidate p) and 2p+1 (candidate side, other = query).
-    owners = np.empty(2 * n_pairs, np.int64)
-    owners[0::2], owners[1::2] = user, cands
     others = np.empty(2 * n_pairs, np.int64)
     others[0::2], others[1::2] = cands, user
-    lists = [nb for c_nb in cand_nb for nb in (query_nb, c_nb)]
-    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
-    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    segment = np.repeat(np.arange(2 * n_pairs), lengths)
-    common = adjacent(others[segment], flat)
-    # Common neighbours first, then the rest, each by the version-salted hash (the sampler's bottom-k keys).
-    keys = mix64(mix64(mix64(np.array([salt], np.int64).view(np.uint64)) ^ owners.view(np.uint64))[segment]
-                 ^ flat.view(np.uint64))
-    order = np.lexsort((keys, ~common, segment))
-    segment, flat, common = segment[order], flat[order], common[order]
-    starts = np.zeros(2 * n_pairs + 1, np.int64)
-    np.cumsum(np.bincount(segment, minlength=2 * n_pairs), out=starts[1:])
-    rank = np.arange(len(segment)) - starts[segment]
-    chosen = rank < f1
-    t_seg, t_node, t_common, t_rank = segment[chosen], flat[chosen], common[chosen], rank[chosen]
-    common_count = np.bincount(segment[common], minlength=2 * n_pairs)[0::2]
-
-    # Hop 2: each hop-1 token's own sample; the share of it adjacent to the other endpoint = paths of length 3.
-    hop1 = np.unique(t_node)
-    h_lists = [_as_array(source.neighbours(int(v))) for v in hop1.tolist()]
-    h_len = np.fromiter(map(len, h_lists), np.int64, len(h_lists))
-    h_flat = np.concatenate(h_lists) if h_lists else np.zeros(0, np.int64)
-    sample2, count2 = bottom_k(hop1, h_len, h_flat, salt, f2)
-    rows2 = sample2[np.searchsorted(hop1, t_node)] if len(t_node) else np.zeros((0, f2), np.int64)
-    valid2 = rows2 >= 0
+    t_seg = np.concatenate([2 * query_tokens[0], 2 * candidate_tokens[0] + 1])
+    t_node = np.concatenate([query_tokens[1], candidate_tokens[1]])
+    t_common = np.concatenate([query_tokens[2], candidate_tokens[2]])
+    t_rank = np.concatenate([query_tokens[3], candidate_tokens[3]])
     t_other = others[t_seg]
-    bridge = np.zeros(rows2.shape, bool)
-    if valid2.any():
-        bridge[valid2] = adjacent(np.broadcast_to(t_other[:, None], rows2.shape)[valid2], rows2[valid2])
-    bridges = bridge.sum(axis=1)
-    t_distance = np.where(t_node == t_other, 0, np.where(t_common, 1, np.where(bridges > 0, 2, 3)))
-    t_scalar = bridges / max(f2, 1)
-    del count2
+    query_side = t_seg % 2 == 0
 
-    nodes = np.unique(np.concatenate([np.array([user], np.int64), cands, hop1]))
+    nodes = np.unique(np.concatenate([np.array([user], np.int64), cands, t_node]))
+    degrees = node_degrees(nodes, source)
+    t_row = np.searchsorted(nodes, t_node)
+    bridges = np.zeros(len(t_node), np.float64)
+    # Query side (a neighbour z of the query, other endpoint c): the share of z's own sample (``fanout[1]`` of its
+    # neighbours, the sampler's bottom-k) adjacent to c, i.e. 3-paths query–z–w–c.
+    hop1 = np.unique(t_node[query_side])
+    if len(hop1) and f2:
+        h_lists = [read(int(v)) for v in hop1.tolist()]
+        h_len = np.fromiter(map(len, h_lists), np.int64, len(h_lists))
+        sample2, _ = bottom_k(hop1, h_len, np.concatenate(h_lists), salt, f2)
+        rows2 = sample2[np.searchsorted(hop1, t_node[query_side])]
+        valid2 = rows2 >= 0
+        bridge = np.zeros(rows2.shape, bool)
+        if valid2.any():
+            bridge[valid2] = adjacent(np.broadcast_to(t_other[query_side][:, None], rows2.shape)[valid2],
+                                      rows2[valid2])
+        bridges[query_side] = bridge.sum(axis=1) / f2
+    # Candidate side (a neighbour v of the candidate, other endpoint the query): the exact share of v's neighbours
+    # adjacent to the query, |N(v) ∩ N(query)| / deg(v), from the query's 2-hop counts (Stage 1 computed them).
+    cand_side = ~query_side
+    if cand_side.any():
+        two_hop = source.two_hop_arrays(user)
+        v = t_node[cand_side]
+        counts = np.zeros(len(v), np.int64)
+        if len(two_hop.ids):
+            at = np.minimum(np.searchsorted(two_hop.ids, v), len(two_hop.ids) - 1)
+            hit = two_hop.ids[at] == v
+            counts[hit] = two_hop.counts[at[hit]]
+        bridges[cand_side] = np.minimum(counts / np.maximum(degrees[t_row[cand_side]], 1), 1.0)
+    t_distance = np.where(t_node == t_other, 0, np.where(t_common, 1, np.where(bridges > 0, 2, 3)))
+
     width = config.tokens
     node = np.full((n_pairs, width), -1, np.int32)
     side = np.zeros((n_pairs, width), np.int8)
@@ -211,52 +317,82 @@ def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] 
     is_common = np.zeros((n_pairs, width), np.int8)
     distance = np.full((n_pairs, width), 3, np.int8)
     scalar = np.zeros((n_pairs, width), np.float32)
-    pair = np.arange(n_pairs)
-    node[:, 0] = np.searchsorted(nodes, np.full(n_pairs, user))
+    node[:, 0] = np.searchsorted(nodes, user)
     node[:, 1] = np.searchsorted(nodes, cands)
     side[:, 1] = 1
-    root_distance = np.where(common_count > 0, 2, 3)
-    distance[:, 0] = distance[:, 1] = root_distance
+    distance[:, 0] = distance[:, 1] = np.where(common_count > 0, 2, 3)
     scalar[:, 0] = scalar[:, 1] = np.log1p(common_count) / math.log1p(max(f1, 1))
-    del pair
     p_of, s_of = t_seg // 2, t_seg % 2
     slot = 2 + s_of * f1 + t_rank
-    node[p_of, slot] = np.searchsorted(nodes, t_node)
+    node[p_of, slot] = t_row
     side[p_of, slot] = s_of
     hop[p_of, slot] = 1
     is_common[p_of, slot] = t_common
     distance[p_of, slot] = t_distance
-    scalar[p_of, slot] = t_scalar
-    return ListTokens(nodes, node_inputs(nodes, source, config.embedding_dim), node, side, hop, is_common,
+    scalar[p_of, slot] = bridges
+    return ListTokens(nodes, node_inputs(nodes, source, config.embedding_dim, degrees), node, side, hop, is_common,
                       distance, scalar)
 
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Tensors of one or more lists stacked: ``node`` indexes the stacked ``inputs``."""
+    """Tensors of one or more lists stacked: ``node`` indexes the stacked ``inputs``; ``tag`` is each token's
+    structural tags as one index (:func:`tag_index`), so one embedding lookup adds them all."""
 
     inputs: torch.Tensor  # float32 [U, input_dim]
-    node: torch.Tensor  # int64 [P, T]
-    side: torch.Tensor
-    hop: torch.Tensor
-    common: torch.Tensor
-    distance: torch.Tensor
+    node: torch.Tensor  # int64 [P, T], -1 = padding
+    tag: torch.Tensor  # int64 [P, T] in [0, N_TAGS)
     scalar: torch.Tensor  # float32 [P, T]
 
 
+N_TAGS = 2 * 2 * 2 * N_DISTANCES  # side × hop × is-common × distance
+
+
+def tag_index(tokens: ListTokens) -> np.ndarray:
+    return ((tokens.side.astype(np.int64) * 2 + tokens.hop) * 2 + tokens.common) * N_DISTANCES + tokens.distance
+
+
 def make_batch(lists: Sequence[ListTokens]) -> TokenBatch:
+    if len(lists) == 1:  # serving: one list, no copies to stack
+        tokens = lists[0]
+        return TokenBatch(torch.from_numpy(tokens.inputs), torch.from_numpy(tokens.node.astype(np.int64)),
+                          torch.from_numpy(tag_index(tokens)), torch.from_numpy(tokens.scalar))
     offset = 0
     nodes = []
     for tokens in lists:
         nodes.append(np.where(tokens.node >= 0, tokens.node.astype(np.int64) + offset, -1))
         offset += len(tokens.nodes)
-
-    def cat(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([getattr(t, name) for t in lists]).astype(np.int64))
-
     return TokenBatch(torch.from_numpy(np.concatenate([t.inputs for t in lists]).astype(np.float32)),
-                      torch.from_numpy(np.concatenate(nodes)), cat("side"), cat("hop"), cat("common"),
-                      cat("distance"), torch.from_numpy(np.concatenate([t.scalar for t in lists])))
+                      torch.from_numpy(np.concatenate(nodes)), torch.from_numpy(np.concatenate([tag_index(t) for t in
+                                                                                                lists])),
+                      torch.from_numpy(np.concatenate([t.scalar for t in lists])))
+
+
+class EncoderBlock(nn.Module):
+    """A pre-norm transformer encoder layer (self-attention over all of a pair's tokens, padding masked by an additive
+    bias, then a ReLU FFN) on plain matmuls: at 22 tokens per pair, ``nn.TransformerEncoderLayer``'s inference fast
+    path spent a third of the forward in its masked softmax on CPU, and torch's CPU flash-attention kernel
+    (``scaled_dot_product_attention``) took longer than the whole layer written out."""
+
+    def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = 1.0 / math.sqrt(d // heads)
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        pairs, tokens, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(pairs, tokens, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # Plain matmuls: at 22 tokens, torch's CPU flash-attention kernel took twice the whole layer's time.
+        weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias, dim=-1)
+        attended = torch.matmul(self.drop(weights), v)
+        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(pairs, tokens, d)))
+        return x + self.drop(self.ffn(self.norm2(x)))
 
 
 class CrossAttentionRanker(nn.Module):
@@ -266,17 +402,11 @@ class CrossAttentionRanker(nn.Module):
         self.version: str | None = None
         d = config.d_model
         self.input = nn.Linear(config.input_dim, d)
-        self.side = nn.Embedding(2, d)
-        self.hop = nn.Embedding(2, d)
-        self.common = nn.Embedding(2, d)
-        self.distance = nn.Embedding(N_DISTANCES, d)
+        self.tag = nn.Embedding(N_TAGS, d)  # side × hop × is-common × distance: one table, one lookup
         self.scalar = nn.Linear(1, d)
         self.norm = nn.LayerNorm(d)
-        layer = nn.TransformerEncoderLayer(d, config.heads, config.ffn_dim, config.dropout, batch_first=True,
-                                           norm_first=True)
-        # enable_nested_tensor off: the padded and nested paths round differently, and scores must not depend on
-        # which one a batch happened to take.
-        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.encoder = nn.ModuleList(EncoderBlock(d, config.heads, config.ffn_dim, config.dropout)
+                                     for _ in range(config.layers))
         self.head = nn.Sequential(nn.LayerNorm(3 * d), nn.Linear(3 * d, d), nn.ReLU(), nn.Linear(d, 1))
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
@@ -284,10 +414,14 @@ class CrossAttentionRanker(nn.Module):
         mask = batch.node >= 0
         projected = self.input(batch.inputs)
         x = projected[batch.node.clamp(min=0)]
-        x = x + self.side(batch.side) + self.hop(batch.hop) + self.common(batch.common)
-        x = x + self.distance(batch.distance) + self.scalar(batch.scalar.unsqueeze(-1))
+        x = x + self.tag(batch.tag) + self.scalar(batch.scalar.unsqueeze(-1))
         x = self.norm(x) * mask.unsqueeze(-1)
-        h = self.encoder(x, src_key_padding_mask=~mask)
+        # Padding as an additive bias on the attention logits (a finite minimum, not -inf: a row is never all
+        # padding, as the roots are always there, but -inf arithmetic would still be a NaN trap).
+        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(~mask, torch.finfo(x.dtype).min)[:, None, None, :]
+        h = x
+        for block in self.encoder:
+            h = block(h, bias)
         weights = mask.unsqueeze(-1).to(h.dtype)
         mean = (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(torch.cat([h[:, 0], h[:, 1], mean], dim=1)).squeeze(-1)
@@ -296,7 +430,7 @@ class CrossAttentionRanker(nn.Module):
         """The sampler's salt: a hash of the model version (so the same version samples the same tokens)."""
         return salt_for_version(self.version or "cross-attention-untrained")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_list(self, source: GraphSource, user: int, candidates: Sequence[int] | np.ndarray) -> np.ndarray:
         """Scores of ``candidates`` for ``user`` in one batched forward pass (float64 [n])."""
         if len(candidates) == 0:
@@ -386,17 +520,21 @@ def rerank_scored(user: int, scored: Any, source: GraphSource, model: CrossAtten
 def mark_reranked(ranked: Any, rerank_scores: dict[int, float], candidate_index: dict[int, int], version: str
                   ) -> Any:
     """The items of a :class:`pymk.ranking.recommend.RankedList` with ``reasons["placed_by"]`` (the re-ranker's
-    version, or "stage2" for an item below the re-ranked head) and ``reasons["rerank_score"]``; the reasons built
-    from the features and the mutual connections stay as they are."""
+    version, or "stage2" for an item below the re-ranked head). A re-ranked item's ``score`` becomes the re-ranker's
+    (the score that placed it, so a list's scores stay in descending order: with ``top_n`` ≥ k every published item
+    is in the head) and Stage 2's moves to ``reasons["stage2_score"]``; the reasons built from the features and the
+    mutual connections stay as they are."""
     import dataclasses
 
     items = []
     for item in ranked.items:
         index = candidate_index.get(item.candidate.user)
         reasons = dict(item.reasons)
+        score = item.score
         if index is not None and index in rerank_scores:
-            reasons.update(placed_by=version, rerank_score=round(rerank_scores[index], 6))
+            reasons.update(placed_by=version, stage2_score=item.score)
+            score = rerank_scores[index]
         else:
             reasons["placed_by"] = "stage2"
-        items.append(dataclasses.replace(item, reasons=reasons))
+        items.append(dataclasses.replace(item, score=score, reasons=reasons))
     return dataclasses.replace(ranked, items=tuple(items))

@@ -1,9 +1,10 @@
 """The row "hybrid+XGBoost+cross-attention" of ``pymk evaluate``: the product's hybrid+XGBoost order with its top
 50 re-ranked by the cross-attention model (:mod:`pymk.ranking.cross_attention`); the rest keeps XGBoost's order.
 
-No leakage: the re-ranker is trained on the split's past only, on the same temporal replay as the product's
-XGBoost ranker, with that ranker choosing each replay list's top 50 and the product's GraphSAGE model (trained on
-the first half of the past) giving the embedding inputs. The future is used only to score.
+No leakage: the re-ranker is trained on the split's past only, on the same replay as the product's XGBoost ranker
+(temporal for a time split, the holdout folds of the same hidden pairs for a random one), with that ranker
+choosing each replay list's top 50 and the product's GraphSAGE model (trained on the first half of the past, or on
+the visible 80 % of it) giving the embedding inputs. The future is used only to score.
 """
 
 from __future__ import annotations
@@ -22,25 +23,35 @@ from pymk.ranking.cross_attention import CrossAttentionRanker, load_cross_attent
 from pymk.ranking.cross_attention_training import RerankerTrainingConfig, train_reranker
 from pymk.ranking.evaluation import EvaluationSplit
 from pymk.ranking.model import Ranker
-from pymk.ranking.product import ProductMethod, ProductModels, past_history
+from pymk.ranking.product import ProductMethod, ProductModels, past_history, ranker_training_config
 from pymk.reproducible import config_digest
 
 ROW = "hybrid+XGBoost+cross-attention"
 MARKER_FILE = "reranker.json"
 
 
-def evaluation_config(models: ProductModels, progress: bool = False) -> RerankerTrainingConfig:
+def evaluation_config(split: EvaluationSplit, models: ProductModels, progress: bool = False,
+                      max_queries: int | None = None) -> RerankerTrainingConfig:
+    """The re-ranker's training task mirrors the split's, as the XGBoost ranker's does (a temporal replay for a
+    time split, its holdout replay with the same hidden pairs and folds for a random one); embedding inputs of the
+    product's GraphSAGE width."""
     sage, _ = load_model(models.sage_dir)
-    base = RerankerTrainingConfig(progress=progress)
+    data = ranker_training_config(split)
+    base = RerankerTrainingConfig(progress=progress, replay=data.replay, holdout_fraction=data.holdout_fraction,
+                                  holdout_folds=data.holdout_folds, holdout_seed=data.seed)
+    if max_queries is not None:  # a cap for large graphs (pymk evaluate --reranker-queries): fewer, cheaper lists
+        base = replace(base, queries_per_checkpoint=min(base.queries_per_checkpoint, max_queries),
+                       holdout_queries=min(base.holdout_queries, max_queries))
     return replace(base, model=replace(base.model, embedding_dim=sage.config.embedding_dim))
 
 
 def cached_reranker(split: EvaluationSplit, history: EdgeHistory, models: ProductModels, cache_dir: Path,
-                    retrain: bool = False, progress: bool = False) -> tuple[Path, float]:
+                    retrain: bool = False, progress: bool = False, max_queries: int | None = None
+                    ) -> tuple[Path, float]:
     """The re-ranker trained on the split's past (cached per product model versions and training config)."""
     from pymk.train import embeddings_at_checkpoint
 
-    config = evaluation_config(models, progress)
+    config = evaluation_config(split, models, progress, max_queries)
     key = {"sage": models.sage_version, "ranker": models.ranker_version, "config": config_digest(config)}
     marker = cache_dir / MARKER_FILE
     if marker.exists() and not retrain and json.loads(marker.read_text()).get("key") == key:

@@ -277,6 +277,18 @@ class MemorySource:
     def neighbours(self, user: int) -> Collection[int]:
         return self.adjacency.get(user, _NO_NEIGHBOURS)
 
+    def visible_neighbours(self, user: int) -> np.ndarray:
+        """:meth:`neighbours` as an int64 array (all are visible here), kept while the graph does not change: the
+        arrays :meth:`two_hop_arrays` keeps for its middle users (the cross-attention re-ranker reads the same ones)."""
+        if self._middle_version != self._graph_version:
+            self._middle_ids.clear()
+            self._middle_version = self._graph_version
+        ids = self._middle_ids.get(user)
+        if ids is None:
+            others = self.adjacency.get(user, _NO_NEIGHBOURS)
+            ids = self._middle_ids[user] = np.fromiter(others, np.int64, len(others))
+        return ids
+
     def two_hop(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
         adjacency = self.adjacency
         own = adjacency.get(user, _NO_NEIGHBOURS)

@@ -97,6 +97,11 @@ class WorkerRankingSource:
     def neighbours(self, user: int) -> Collection[int]:
         return self.graph.neighbours(user).keys()
 
+    def visible_neighbours(self, node: int) -> np.ndarray:
+        """``node``'s neighbours as this partition holds them (its own row, or the mirror of a local user's
+        neighbour; empty otherwise): the cross-attention re-ranker samples any node's, not only local users'."""
+        return self.graph.mirror_row(node).alive_ids()
+
     # TwoHopArraySource
     def two_hop_arrays(self, user: int) -> TwoHopArrays:
         """The users at distance exactly 2 (the contract of :meth:`RankingSource.two_hop`): the partition's

@@ -221,5 +221,59 @@ def test_rerank_scored_reorders_the_head_and_names_the_model() -> None:
     index_of = {int(reranked.candidates.ids[i]): int(i) for i in reranked.top.tolist()}
     marked = mark_reranked(ranked, scores, index_of, model.version)
     for item in marked.items:
-        assert item.reasons["placed_by"] == "xattn-test" and "rerank_score" in item.reasons
+        assert item.reasons["placed_by"] == "xattn-test"
+        assert item.score == scores[index_of[item.candidate.user]]  # the score that placed it
+        assert item.reasons["stage2_score"] == ranked.items[item.rank - 1].score
         assert set(ranked.items[item.rank - 1].reasons) <= set(item.reasons)  # feature/mutual reasons kept
+
+
+def test_holdout_replay_hides_its_fold_and_refuses_a_leaky_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random split's lists: each fold of the hidden pairs is hidden from the graph its lists are built on."""
+    import pymk.ranking.cross_attention_training as training
+
+    source = random_graph(5, users=50, edges=400)
+    events = [ConnectionEvent(u, v, "add", ts) for ts, (u, v) in enumerate(
+        sorted({(min(u, v), max(u, v)) for u in source.users() for v in source.neighbours(u)}))]
+    config = RerankerTrainingConfig(model=replace(SMALL, top_n=10), replay="holdout", holdout_queries=40)
+    data = build_rerank_data(events, config, salt=1)
+    assert data.train and data.val and data.stats["replay"] == "holdout"
+    assert len(data.stats["checkpoints"]) == config.holdout_folds
+    monkeypatch.setattr(training, "visible_events", lambda events, hidden: list(events))  # the fold stays visible
+    with pytest.raises(LeakageError):
+        build_rerank_data(events, config, salt=1)
+
+
+class PartitionView(MemorySource):
+    """What a worker holds: its users' rows and the mirrors of their neighbours; ``neighbours`` of any other
+    node is an error there (OwnershipError), ``visible_neighbours`` is empty."""
+
+    def __init__(self, full: MemorySource, local: set[int]) -> None:
+        super().__init__()
+        self.adjacency = full.adjacency
+        self.local = local
+        self.held = local | {n for u in local for n in full.neighbours(u)}
+
+    def neighbours(self, user: int) -> set[int]:
+        if user not in self.local:
+            raise AssertionError(f"read {user}'s row outside the partition")
+        return self.adjacency.get(user, set())
+
+    def visible_neighbours(self, node: int) -> np.ndarray:
+        return np.array(sorted(self.adjacency.get(node, ()) if node in self.held else ()), np.int64)
+
+    def common_neighbors(self, user: int, candidate: int) -> list[int]:  # from the query's neighbours' mirrors
+        return sorted(z for z in self.neighbours(user) if candidate in self.adjacency[z])
+
+
+def test_tokens_come_from_what_a_partition_holds() -> None:
+    full = random_graph(6, users=60, edges=260)
+    user = 0
+    view = PartitionView(full, local={user, 1, 2})
+    cands = [c for c in candidates_of(full, user, 30) if c not in view.held][:6]
+    assert cands
+    tokens = build_list_tokens(view, user, cands, salt=2, config=SMALL)  # no row read outside the partition
+    for p, candidate in enumerate(cands):
+        candidate_side = tokens.nodes[tokens.node[p, 2 + SMALL.fanout[0]:].clip(0)][tokens.node[p, 2 + SMALL.fanout[0]:]
+                                                                                      >= 0]
+        # a candidate whose row is not held shows its common neighbours with the query (the query's mirrors)
+        assert set(candidate_side.tolist()) <= set(full.neighbours(user)) & set(full.neighbours(candidate))
