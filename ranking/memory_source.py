@@ -278,15 +278,14 @@ class MemorySource:
         return self.adjacency.get(user, _NO_NEIGHBOURS)
 
     def visible_neighbours(self, user: int) -> np.ndarray:
-        """:meth:`neighbours` as an int64 array (all are visible here), kept while the graph does not change: the
-        arrays :meth:`two_hop_arrays` keeps for its middle users (the cross-attention re-ranker reads the same ones)."""
-        if self._middle_version != self._graph_version:
-            self._middle_ids.clear()
-            self._middle_version = self._graph_version
-        ids = self._middle_ids.get(user)
+        """:meth:`neighbours` as an int64 array (all are visible here), kept until the user's connections change:
+        the arrays :meth:`ego_adjacency` keeps (the cross-attention re-ranker reads the same ones)."""
+        ids = self._middle_id_arrays.get(user)
         if ids is None:
             others = self.adjacency.get(user, _NO_NEIGHBOURS)
-            ids = self._middle_ids[user] = np.fromiter(others, np.int64, len(others))
+            ids = np.fromiter(others, np.int64, len(others))
+            if user in self.adjacency:  # an unknown user's empty array is not kept: nothing would drop it
+                self._middle_id_arrays[user] = ids
         return ids
 
     def two_hop(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
@@ -367,11 +366,7 @@ class MemorySource:
         middles = sorted(own)
         rows = []
         for middle in middles:
-            ids = self._middle_id_arrays.get(middle)
-            if ids is None:
-                others = self.adjacency[middle]
-                ids = self._middle_id_arrays[middle] = np.fromiter(others, np.int64, len(others))
-            rows.append(ids)
+            rows.append(self.visible_neighbours(middle))
         return EgoAdjacency(np.array(middles, np.int64), np.fromiter(map(len, rows), np.int64, len(rows)),
                             np.concatenate(rows))
 
