@@ -93,6 +93,7 @@ def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, que
     ``reranker``: a cross-attention model re-ranking the top 50 inside the timed span (part "rerank"); its top 20
     then differs from XGBoost's by design, so the equality share says how often the re-ranker kept the order."""
     config = CandidateConfig(graph_k=n_candidates, ann_k=n_candidates, max_candidates=n_candidates)
+    builder.structure = ranker.reads_structure_columns  # as the worker builds the matrix for this ranker
     users: list[int] = []
     for user in order:
         if len(users) >= queries:
@@ -194,6 +195,7 @@ def _measure_incremental(kind: str, ranker: Ranker, runs: int, users: list[int],
     reasons of the 20 (``cpu_ms_with_reasons``: all three). Outside the timed span, the full path at the same state
     and as-of time: the top 20 (ids in order) is compared. Returns the config and the as-of time reached."""
     rng = np.random.default_rng(seed)
+    builder.structure = ranker.reads_structure_columns  # as the worker builds the matrix for this ranker
     lists = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
     items = sorted(item for item, engagers in source.engagers.items() if len(engagers) >= 3)
     cpu_ms: list[float] = []

@@ -296,6 +296,11 @@ class FeatureBuilder:
 
     def __init__(self, profile_cache: ProfileCache | None = None) -> None:
         self.profiles = profile_cache if profile_cache is not None else ProfileCache()
+        # Whether the matrix gets the common-neighbour structure columns (all but the two CN shares): False when
+        # the served ranker dropped them on validation (Ranker.reads_structure_columns), which then never reads
+        # them (NaN in, the same scores out) — ~1 ms of a worker's list. Rows that are logged for training get
+        # them anyway (:meth:`fill_structure`), so a retrained ranker can still choose them.
+        self.structure = True
 
     def matrix(self, user: int, candidates: CandidateSet, source: RankingSource, as_of_ms: int) -> np.ndarray:
         """(len(candidates), N_FEATURES) float64 features of (user, each candidate) as of ``as_of_ms``."""
@@ -448,14 +453,20 @@ class FeatureBuilder:
         # 0 for candidates without a common neighbour (not in the 2-hop set), as for AA.
         out[:, column] = np.fromiter(map(get, id_list, repeat(0.0)), np.float64, len(id_list))
 
-    @staticmethod
-    def _structure(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+    def _structure(self, user: int, ids: np.ndarray, id_list: list[int], source: RankingSource,
+                   out: np.ndarray, computed: bool | None = None) -> None:
         first = FEATURE_INDEX[STRUCTURE_FEATURES[0]]
         width = len(STRUCTURE_FEATURES) - 2  # the CN shares are the graph group's (see COLUMN_GROUPS)
-        if not implements(source, EgoAdjacencySource):
+        if not (self.structure if computed is None else computed) or not implements(source, EgoAdjacencySource):
             out[:, first : first + width] = np.nan
             return
         out[:, first : first + width] = structure_columns(source.ego_adjacency(user), ids)
+
+    def fill_structure(self, user: int, ids: np.ndarray, source: RankingSource, out: np.ndarray) -> None:
+        """The structure columns of the rows ``out`` (one per id), computed whatever :attr:`structure` says: for
+        the rows logged as impressions when the matrix went without them."""
+        if len(ids):
+            self._structure(user, ids, ids.tolist(), source, out, computed=True)
 
     @staticmethod
     def _activity(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource, as_of_ms: int,

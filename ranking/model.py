@@ -221,6 +221,12 @@ class Ranker:
         return str(self.metadata["version"])
 
     @property
+    def reads_structure_columns(self) -> bool:
+        """False when training dropped the common-neighbour structure columns (validation, or the config): the
+        trees were fitted with them missing, so no split reads them and the feature builder may skip them."""
+        return (self.metadata.get("structure_columns") or {}).get("decision") != "dropped"
+
+    @property
     def floor(self) -> HeuristicFloor | None:
         """The heuristic blended in or fallen back to (see :class:`HeuristicFloor`); None: the trees alone."""
         saved = self.metadata.get("floor")

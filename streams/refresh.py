@@ -472,12 +472,16 @@ class Refresher:
         scorer = self.models.scorer
         k = self.settings.recommendations_k
         reranker = self.models.reranker
+        # a ranker that dropped the structure columns never reads them: the matrix goes without, the logged rows
+        # get them (_with_structure), so the next ranker trained on this traffic can still choose them
+        self.features.structure = getattr(scorer, "reads_structure_columns", True)
         if self.lists is not None:  # incremental when the kept list allows it, else the full path (and kept)
             # the top k's features are exact; the rest only where they are logged (_unshown_sample) or re-ranked
             scored = self.lists.score(user, source, scorer, self.candidates, as_of, k, self.features,
                                       exact_features=reranker is not None, now_ms=now_ms)
         else:
             scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
+        scored = self._with_structure(user, scored, scored.top, source)
         if self.settings.ranker_kind != "xgboost" and len(scored.candidates):
             scored = self._two_tower_scores(user, scored, source, k)
         rerank_scores: dict[int, float] = {}
@@ -495,7 +499,7 @@ class Refresher:
             ranked = replace(ranked, model_version=self.models.ranker_version)
         logged = time.perf_counter()
         impressions = shown_impressions(ranked, now_ms, as_of)
-        impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms))
+        impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms, source))
         by_step = self.stats.rank_seconds_by_step
         for step, ms in ranked.timings.items():
             if step != "total":
@@ -530,8 +534,21 @@ class Refresher:
                             k)
         return replace(scored, scores=np.asarray(scores, dtype=np.float64), top=top)
 
+    def _with_structure(self, user: int, scored: ScoredCandidates, rows: np.ndarray,
+                        source: WorkerRankingSource) -> ScoredCandidates:
+        """``scored`` with the structure columns of ``rows`` computed, when the matrix went without them (a copy:
+        a kept list's matrix is not written)."""
+        if self.features.structure or not len(rows):
+            return scored
+        index = np.asarray(rows, np.int64)
+        features = scored.features.copy()
+        part = features[index]
+        self.features.fill_structure(user, scored.candidates.ids[index], source, part)
+        features[index] = part
+        return replace(scored, features=features)
+
     def _unshown_sample(self, user: int, scored: ScoredCandidates, model_version: str, as_of: int,
-                        now_ms: int) -> list[Impression]:
+                        now_ms: int, source: WorkerRankingSource) -> list[Impression]:
         """A sample of the candidates the model scored but did not show (``rank`` 0, weighted by how many they
         stand for; :func:`sample_unshown`), logged like the shown ones: a model retrained only on what its
         predecessor showed learns to re-order that top 20 and nothing about the other candidates it will have
@@ -541,4 +558,5 @@ class Refresher:
                                 self.settings.impressions_unshown_near_ranks, rng)
         if self.lists is not None and sample:  # a kept list's rows beyond the top k: as of now where logged
             scored = self.lists.exact_features(user, scored, as_of, [index for index, _ in sample])
+        scored = self._with_structure(user, scored, np.array([index for index, _ in sample], np.int64), source)
         return unshown_impressions(user, scored, sample, model_version, now_ms, as_of)

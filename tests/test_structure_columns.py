@@ -123,3 +123,28 @@ def test_validation_keeps_the_structure_columns_only_when_they_rank_better() -> 
     same = Ranker.train(x, y, config=config)
     chosen, evidence = choose_structure_columns(same, same, lists)  # a tie: the simpler model
     assert evidence["decision"] == "dropped" and evidence["gain"] == 0.0
+
+
+def test_a_ranker_that_dropped_the_columns_scores_the_same_without_them() -> None:
+    """The shipped ranker dropped them on validation: the worker then skips them (~1 ms a list), and the scores
+    are the same bits; fill_structure gives a logged row the values the full matrix would have."""
+    from pymk.paths import bundled_data
+    from pymk.ranking.recommend import score_candidates
+
+    ranker = Ranker.load(bundled_data("models/ranker"))
+    assert ranker.metadata["structure_columns"]["decision"] == "dropped" and not ranker.reads_structure_columns
+    source = random_graph(150, 1400, seed=5)
+    computed, skipped = FeatureBuilder(), FeatureBuilder()
+    skipped.structure = False
+    config = CandidateConfig(ann_k=0)
+    columns = [FEATURE_INDEX[name] for name in STRUCTURE_FEATURES[:-2]]
+    for user in range(0, 150, 7):
+        full = score_candidates(user, source, ranker, config, 0, k=20, builder=computed)
+        lean = score_candidates(user, source, ranker, config, 0, k=20, builder=skipped)
+        if not len(full.candidates):
+            continue
+        assert np.array_equal(full.scores, lean.scores) and np.array_equal(full.top, lean.top)
+        assert np.isnan(lean.features[:, columns]).all()
+        rows = lean.features[full.top].copy()
+        skipped.fill_structure(user, lean.candidates.ids[full.top], source, rows)
+        np.testing.assert_array_equal(rows, full.features[full.top])
