@@ -61,15 +61,14 @@ from pymk.ranking.source import Scorer
 from pymk.ranking.training_data import (
     DAY_MS,
     EmbeddingsAt,
-    LeakageError,
     TrainingDataConfig,
     check_no_leakage,
     history_events,
+    holdout_fold,
     holdout_folds,
     holdout_pairs,
     new_connections,
     replay_checkpoints,
-    visible_events,
 )
 from pymk.reproducible import config_digest, deterministic
 
@@ -198,18 +197,7 @@ def _holdout_lists(events: Sequence[InputEvent], connections: list[tuple[int, in
     per_fold_queries = math.ceil(config.holdout_queries / len(folds))
     bar = _bar(per_fold_queries * len(folds), config.progress, "holdout replay", "query")
     for fold in folds:
-        source = MemorySource()
-        source.apply_all(visible_events(events, fold))
-        as_of = (source.latest_event_ts or 0) + 1
-        if any(v in source.neighbours(u) for u, v in fold):
-            raise LeakageError("a hidden pair is connected in the visible graph")
-        if embeddings_at is not None:
-            source.set_embeddings(dict(embeddings_at(source, as_of)))
-        future: dict[int, set[int]] = {}
-        for u, v in fold:
-            if source.degree(u) and source.degree(v):  # a user unseen in the visible graph: cold start, not ours
-                future.setdefault(u, set()).add(v)
-                future.setdefault(v, set()).add(u)
+        source, as_of, future = holdout_fold(events, fold, embeddings_at)  # the ranker's, with its guards
         queries = rng.permutation(sorted(future))[:per_fold_queries].tolist()
         fold_val = set(rng.permutation(queries)[: round(config.holdout_val_share * len(queries))].tolist())
         kept = 0

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -524,6 +524,29 @@ def visible_events(events: Sequence[InputEvent], hidden: set[tuple[int, int]]) -
     return [event for event in events if pair_of(event) not in hidden]
 
 
+def holdout_fold(events: Sequence[InputEvent], fold: Collection[tuple[int, int]], embeddings_at: EmbeddingsAt | None
+                 ) -> tuple[MemorySource, int, dict[int, set[int]]]:
+    """One fold of a holdout replay: (the graph as it stands without the fold's pairs, as of just after its last
+    event, with embeddings of that graph; the as-of time; each user → its hidden partners, both seen in that
+    graph). Only this fold's pairs are hidden: the other folds' are visible, so degrees and counts are
+    (1 - fraction / folds) of the serving graph's, not (1 - fraction) of it. Guarded: nothing at or after the
+    as-of time, no hidden pair connected."""
+    source = MemorySource()
+    source.apply_all(visible_events(events, fold))
+    as_of = (source.latest_event_ts or 0) + 1
+    check_no_leakage(source, as_of)
+    if any(v in source.neighbours(u) for u, v in fold):
+        raise LeakageError("a hidden pair is connected in the visible graph")
+    if embeddings_at is not None:
+        source.set_embeddings(dict(embeddings_at(source, as_of)))
+    future: dict[int, set[int]] = {}
+    for u, v in fold:
+        if source.degree(u) and source.degree(v):  # a pair with a user unseen in the visible graph: cold start
+            future.setdefault(u, set()).add(v)
+            future.setdefault(v, set()).add(u)
+    return source, as_of, future
+
+
 def _holdout_training_data(events: Sequence[InputEvent], connections: list[tuple[int, int, int]],
                            config: TrainingDataConfig, scorer: Scorer, embeddings_at: EmbeddingsAt | None,
                            timed: bool, progress: bool) -> TrainingData:
@@ -542,21 +565,7 @@ def _holdout_training_data(events: Sequence[InputEvent], connections: list[tuple
     per_fold: list[dict[str, Any]] = []
     as_of = 0
     for fold in folds:
-        # The graph as it stands without this fold's pairs only: the other folds' are visible, so degrees and
-        # counts are (1 - fraction / folds) of the serving graph's, not (1 - fraction) of it.
-        source = MemorySource()
-        source.apply_all(visible_events(events, fold))
-        as_of = (source.latest_event_ts or 0) + 1
-        check_no_leakage(source, as_of)
-        if any(v in source.neighbours(u) for u, v in fold):
-            raise LeakageError("a hidden pair is connected in the visible graph")
-        if embeddings_at is not None:
-            source.set_embeddings(dict(embeddings_at(source, as_of)))
-        future: dict[int, set[int]] = {}
-        for u, v in fold:
-            if source.degree(u) and source.degree(v):  # a pair with a user unseen in the visible graph: cold start
-                future.setdefault(u, set()).add(v)
-                future.setdefault(v, set()).add(u)
+        source, as_of, future = holdout_fold(events, fold, embeddings_at)
         past_users = sorted(u for u in source.users() if source.degree(u) > 0)
         active = sorted(future)
         inactive = [u for u in past_users if u not in future]

@@ -229,7 +229,7 @@ def test_rerank_scored_reorders_the_head_and_names_the_model() -> None:
 
 def test_holdout_replay_hides_its_fold_and_refuses_a_leaky_source(monkeypatch: pytest.MonkeyPatch) -> None:
     """A random split's lists: each fold of the hidden pairs is hidden from the graph its lists are built on."""
-    import pymk.ranking.cross_attention_training as training
+    import pymk.ranking.training_data as training  # the fold's graph is the ranker's (holdout_fold)
 
     source = random_graph(5, users=50, edges=400)
     events = [ConnectionEvent(u, v, "add", ts) for ts, (u, v) in enumerate(
