@@ -43,7 +43,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import repeat
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -611,13 +611,23 @@ def view_columns(user: int, ids: np.ndarray, source: RankingSource, order: np.nd
     is one; the recency column is :func:`view_recency_days` of them. The user's view and engagement maps are
     looked up in the sorted ids (they are usually far smaller than the list). ``views=False``: the engagements
     only (the view parts stay 0)."""
+    if not len(ids):
+        return view_columns_of_maps(ids, ids, None, None)
+    order = np.argsort(ids, kind="stable") if order is None else order
+    return view_columns_of_maps(ids, order, source.profile_views(user) if views else None,
+                                source.co_engaged_counts(user))
+
+
+def view_columns_of_maps(ids: np.ndarray, order: np.ndarray, views: Mapping[int, Any] | None,
+                         engaged: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`view_columns` from the user's maps at hand (``order`` = ``np.argsort(ids)``; a map not given counts
+    as empty): a kept list holds the maps while they do not change (ranking/incremental.py)."""
     n = len(ids)
     values = np.zeros((n, 3))
     latest = np.zeros(n, np.int64)
     has_view = np.zeros(n, bool)
     if n == 0:
         return values, latest, has_view
-    order = np.argsort(ids, kind="stable") if order is None else order
     sorted_ids = ids[order]
 
     def rows_of(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -625,16 +635,14 @@ def view_columns(user: int, ids: np.ndarray, source: RankingSource, order: np.nd
         hit = sorted_ids[position] == keys
         return np.flatnonzero(hit), order[position[hit]]
 
-    viewed = source.profile_views(user) if views else {}
-    if viewed:
-        keys = np.fromiter(viewed.keys(), np.int64, len(viewed))
-        held = np.array(list(viewed.values()), np.int64).reshape(len(viewed), 3)
+    if views:
+        keys = np.fromiter(views.keys(), np.int64, len(views))
+        held = np.array(list(views.values()), np.int64).reshape(len(views), 3)
         found, rows = rows_of(keys)
         values[rows, 0] = held[found, 0]
         values[rows, 1] = np.minimum(held[found, 0], held[found, 1])
         latest[rows] = held[found, 2]
         has_view[rows] = True
-    engaged = source.co_engaged_counts(user)
     if engaged:
         keys = np.fromiter(engaged.keys(), np.int64, len(engaged))
         counts = np.fromiter(engaged.values(), np.int64, len(engaged))

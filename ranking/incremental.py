@@ -78,6 +78,7 @@ from pymk.ranking.features import (
     activity_table_for,
     implements,
     view_columns,
+    view_columns_of_maps,
     view_recency_days,
 )
 from pymk.ranking.recommend import ScoredCandidates, ranking_order, score_candidates
@@ -783,8 +784,8 @@ class IncrementalLists:
             parts = [0, 1, 2] if views_due and engagements_due else [0, 1] if views_due else [2]
             columns = [_BEHAVIOUR[j] for j in parts]
             views, engaged = _held_maps(e, user, source)
-            values, latest, has_view = _behaviour_of(ids, e.id_order, views if views_due else None,
-                                                     engaged if engagements_due else None)
+            values, latest, has_view = view_columns_of_maps(ids, e.id_order, views if views_due else None,
+                                                            engaged if engagements_due else None)
             values = values[:, parts]
             if views_due:
                 view_moved = (has_view != e.has_view) | (latest != e.view_latest)
@@ -847,7 +848,7 @@ class IncrementalLists:
         added = ids.tolist()
         order = np.argsort(ids, kind="stable")
         views, engaged = _held_maps(e, user, source)
-        behaviour, latest, has_view = _behaviour_of(ids, order, views, engaged)
+        behaviour, latest, has_view = view_columns_of_maps(ids, order, views, engaged)
         if _BEHAVIOUR_GROUP_KNOWN:  # the matrix's code for every other group; the behaviour from the held maps
             features = np.zeros((m, e.features.shape[1]))
             builder.columns(user, new, source, as_of, _GROUPS_BUT_BEHAVIOUR, features)
@@ -1012,39 +1013,6 @@ def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[
                    else dict(source.co_engaged_counts(user)))
         held = e.maps = (views_stamp, engagement_stamp, views, engaged)
     return held[2], held[3]
-
-
-def _behaviour_of(ids: np.ndarray, order: np.ndarray, views: Mapping[int, Any] | None,
-                  engaged: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """view_columns (features.py) from the maps at hand: (n, 3) views user → candidate, mutual views, co-engaged
-    items (0 for a map not given), and per row the latest view either way and whether there is one."""
-    n = len(ids)
-    values = np.zeros((n, 3))
-    latest = np.zeros(n, np.int64)
-    has_view = np.zeros(n, bool)
-    if not n:
-        return values, latest, has_view
-    sorted_ids = ids[order]
-
-    def rows_of(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        position = np.minimum(np.searchsorted(sorted_ids, keys), n - 1)
-        hit = sorted_ids[position] == keys
-        return np.flatnonzero(hit), order[position[hit]]
-
-    if views:
-        keys = np.fromiter(views.keys(), np.int64, len(views))
-        held = np.array(list(views.values()), np.int64).reshape(len(views), 3)
-        found, rows = rows_of(keys)
-        values[rows, 0] = held[found, 0]
-        values[rows, 1] = np.minimum(held[found, 0], held[found, 1])
-        latest[rows] = held[found, 2]
-        has_view[rows] = True
-    if engaged:
-        keys = np.fromiter(engaged.keys(), np.int64, len(engaged))
-        counts = np.fromiter(engaged.values(), np.int64, len(engaged))
-        found, rows = rows_of(keys)
-        values[rows, 2] = counts[found]
-    return values, latest, has_view
 
 
 def _incremental_source(source: RankingSource) -> bool:
