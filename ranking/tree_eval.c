@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 64
@@ -251,4 +252,98 @@ void kept_rows_as_of(int64_t m, const double *values, const int64_t *anchors, co
         u = until_growing(thresholds + offsets[4], offsets[5] - offsets[4], b[4], (double)latest[i], u);
         until[i] = u;
     }
+}
+
+/* The common neighbours' structure columns of one list (ranking/features.py structure_columns, whose docstring
+ * defines them), in one pass over the user's 2-paths instead of numpy's sorts and scatter passes: ~0.4 ms of a
+ * 2,000-row list there. Bit for bit numpy's: the counts are integers, min and max exact, and the two float sums
+ * add one term per 2-path in the order of `others`, as np.bincount does. A candidate id listed twice gets its
+ * paths on its first row (numpy's stable argsort + searchsorted do the same).
+ * ids: n candidates; middles (ascending), sizes: the user's m neighbours and their degrees; others: their
+ * neighbours, run after run; band_upper: the degree bands' upper ends; out: n rows of `stride` doubles, the
+ * 4 + 4 columns written from column 0 (the caller points it at the first structure column).
+ * Returns 0, or -1 when the scratch memory could not be allocated (the caller then computes them in numpy). */
+static inline uint64_t id_hash(int64_t id, int shift) {
+    return ((uint64_t)id * 0x9E3779B97F4A7C15ULL) >> shift;
+}
+
+/* An open-addressing table id -> first row holding it (linear probing, at most half full). */
+static int64_t *id_table(const int64_t *keys, int64_t n, int64_t **rows_out, int *shift_out, int64_t *mask_out) {
+    int bits = 4;
+    while (((int64_t)1 << bits) < 2 * n) bits++;
+    int64_t size = (int64_t)1 << bits, mask = size - 1;
+    int64_t *table = malloc(sizeof(int64_t) * 2 * size); /* key, row (-1: empty) */
+    if (table == NULL) return NULL;
+    for (int64_t s = 0; s < size; s++) table[2 * s + 1] = -1;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = (int64_t)id_hash(keys[i], 64 - bits);
+        while (table[2 * s + 1] >= 0 && table[2 * s] != keys[i]) s = (s + 1) & mask;
+        if (table[2 * s + 1] < 0) { table[2 * s] = keys[i]; table[2 * s + 1] = i; }
+    }
+    *rows_out = table;
+    *shift_out = 64 - bits;
+    *mask_out = mask;
+    return table;
+}
+
+static inline int64_t id_row(const int64_t *table, int shift, int64_t mask, int64_t key) {
+    int64_t s = (int64_t)id_hash(key, shift);
+    while (table[2 * s + 1] >= 0) {
+        if (table[2 * s] == key) return table[2 * s + 1];
+        s = (s + 1) & mask;
+    }
+    return -1;
+}
+
+int structure_columns(int64_t n, const int64_t *ids, int64_t m, const int64_t *middles, const int64_t *sizes,
+                      const int64_t *others, const int64_t *band_upper, int32_t n_upper, double *out, int64_t stride) {
+    const int bands = n_upper + 1;
+    for (int64_t i = 0; i < n; i++) {
+        double *row = out + i * stride;
+        for (int c = 0; c < bands + 4; c++) row[c] = 0.0;
+        row[bands] = INFINITY;
+        row[bands + 1] = -INFINITY;
+    }
+    int64_t *candidates = NULL, *circle = NULL;
+    int candidate_shift = 0, circle_shift = 0;
+    int64_t candidate_mask = 0, circle_mask = 0;
+    double *in_circle = malloc(sizeof(double) * (m > 0 ? m : 1));
+    if (in_circle == NULL || id_table(ids, n, &candidates, &candidate_shift, &candidate_mask) == NULL
+        || id_table(middles, m, &circle, &circle_shift, &circle_mask) == NULL) {
+        free(in_circle); free(candidates); free(circle);
+        return -1;
+    }
+    /* |N(z) and N(user)| for every neighbour z: its neighbours that are the user's */
+    int64_t start = 0;
+    for (int64_t z = 0; z < m; z++) {
+        double count = 0.0;
+        for (int64_t p = start; p < start + sizes[z]; p++)
+            count += id_row(circle, circle_shift, circle_mask, others[p]) >= 0 ? 1.0 : 0.0;
+        in_circle[z] = count;
+        start += sizes[z];
+    }
+    start = 0;
+    for (int64_t z = 0; z < m; z++) {
+        double degree = (double)sizes[z];
+        double share = sizes[z] > 0 ? in_circle[z] / degree : 0.0;
+        int band = 0;
+        while (band < n_upper && band_upper[band] < sizes[z]) band++;
+        for (int64_t p = start; p < start + sizes[z]; p++) {
+            int64_t r = id_row(candidates, candidate_shift, candidate_mask, others[p]);
+            if (r < 0) continue;
+            double *row = out + r * stride;
+            row[band] += 1.0;
+            if (degree < row[bands]) row[bands] = degree;
+            if (degree > row[bands + 1]) row[bands + 1] = degree;
+            row[bands + 2] += in_circle[z];
+            row[bands + 3] += share;
+        }
+        start += sizes[z];
+    }
+    for (int64_t i = 0; i < n; i++) {
+        double *row = out + i * stride;
+        if (row[bands] == INFINITY) { row[bands] = NAN; row[bands + 1] = NAN; }
+    }
+    free(in_circle); free(candidates); free(circle);
+    return 0;
 }

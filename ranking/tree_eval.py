@@ -266,8 +266,35 @@ def load_library(path: Path) -> ctypes.CDLL:
             # m, values, anchors, known, latest, has_view, as_of, taus, thresholds, offsets, block, until
             library.kept_rows_as_of.argtypes = [ctypes.c_int64, *[pointer] * 5, ctypes.c_int64, *[pointer] * 5]
             library.kept_rows_as_of.restype = None
+            # n, ids, m, middles, sizes, others, band_upper, n_upper, out, stride
+            library.structure_columns.argtypes = [ctypes.c_int64, pointer, ctypes.c_int64, *[pointer] * 4,
+                                                  ctypes.c_int32, pointer, ctypes.c_int64]
+            library.structure_columns.restype = ctypes.c_int
             _LIBRARIES[path] = library
         return library
+
+
+_FEATURE_KERNELS: list[ctypes.CDLL | None] = []
+
+
+def feature_kernels() -> ctypes.CDLL | None:
+    """The library for the feature matrix's compiled passes (``structure_columns``), compiled with the
+    environment's evaluator options; None when it cannot be built here (no compiler, PYMK_TREE_EVALUATOR=xgboost):
+    the callers then run their numpy version, which gives the same bits. Tried once per process."""
+    with _LOCK:
+        if _FEATURE_KERNELS:
+            return _FEATURE_KERNELS[0]
+    library = None
+    options = EvaluatorOptions.from_env()
+    if options.mode == "auto":
+        try:
+            library = load_library(compile_library(options))
+        except (Unsupported, OSError):
+            library = None
+    with _LOCK:
+        if not _FEATURE_KERNELS:
+            _FEATURE_KERNELS.append(library)
+        return _FEATURE_KERNELS[0]
 
 
 # ---- the evaluator -----------------------------------------------------------------------------------------------
@@ -362,4 +389,4 @@ def build_evaluator(booster: xgb.Booster, options: EvaluatorOptions) -> tuple[Co
 
 
 __all__ = ["COMPILED_C", "MAX_DEPTH", "CompiledEvaluator", "EvaluatorOptions", "TreeArrays", "Unsupported",
-           "build_evaluator", "compile_library", "convert_booster", "library_path", "load_library"]
+           "build_evaluator", "compile_library", "convert_booster", "feature_kernels", "library_path", "load_library"]

@@ -14,11 +14,13 @@ from pymk.ranking.features import (
     STRUCTURE_FEATURES,
     FeatureBuilder,
     structure_columns,
+    structure_columns_numpy,
 )
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker, RankerConfig
 from pymk.ranking.source import EgoAdjacency
 from pymk.ranking.training_data import RankingCase, ValidationLists, choose_structure_columns, without_structure
+from pymk.ranking.tree_eval import feature_kernels
 
 
 def random_graph(users: int, edges: int, seed: int) -> MemorySource:
@@ -87,6 +89,26 @@ def test_no_neighbours_and_no_candidates() -> None:
     assert empty.shape == (2, 8)
     assert np.isnan(empty[:, 4:6]).all() and not np.isnan(np.delete(empty, [4, 5], axis=1)).any()
     assert structure_columns(EgoAdjacency.empty(), np.empty(0, np.int64)).shape == (0, 8)
+
+
+def test_the_compiled_pass_gives_numpy_bits() -> None:
+    """The C pass (tree_eval.c) against the numpy reference, bit for bit, on awkward inputs too: ids listed twice,
+    ids far apart (hash collisions), 2-paths that reach no candidate, neighbours of degree 0, the query's own
+    friends among the candidates (their in-circle paths)."""
+    assert feature_kernels() is not None, "gcc is there in CI: the compiled pass must be the one tested"
+    rng = np.random.default_rng(7)
+    for case in range(300):
+        m = int(rng.integers(0, 40))
+        universe = rng.choice(2**62, size=200, replace=False) if case % 3 == 0 else np.arange(200, dtype=np.int64)
+        middles = np.sort(rng.choice(universe, size=m, replace=False)).astype(np.int64)
+        sizes = rng.integers(0, 90, size=m).astype(np.int64) * (rng.random(m) > 0.1)
+        others = rng.choice(universe, size=int(sizes.sum())).astype(np.int64)
+        ids = rng.choice(universe, size=int(rng.integers(0, 120))).astype(np.int64)  # with repeats
+        ego = EgoAdjacency(middles, sizes, others)
+        expected = structure_columns_numpy(ego, ids)
+        got = structure_columns(ego, ids)
+        assert got.shape == expected.shape
+        assert np.array_equal(got.view(np.int64), expected.view(np.int64)), case  # NaN payloads included
 
 
 def lists_and_rows(signal_column: int, queries: int = 60, per_query: int = 40, seed: int = 0
