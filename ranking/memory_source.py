@@ -12,8 +12,9 @@ training-data replay checks against the as-of time of every feature it computes 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from itertools import repeat
+from types import MappingProxyType
 
 import numpy as np
 
@@ -65,6 +66,9 @@ class MemorySource:
         self.profiles: dict[int, Profile] = {}
         self.views_out: dict[int, dict[int, set[int]]] = {}  # viewer → viewed → {ts}
         self.views_in: dict[int, dict[int, set[int]]] = {}  # viewed → viewer → {ts}
+        # user → other → (views out, views in, latest either way): profile_views' answer, kept up to date by
+        # add_view instead of rebuilt from the stamp sets at every read (a kept list's view update reads it)
+        self._view_summary: dict[int, dict[int, tuple[int, int, int]]] = {}
         self.dismissals: dict[int, dict[int, int]] = {}  # user → candidate → latest ts
         self.blocks: dict[int, set[int]] = {}
         self.engaged: dict[int, dict[int, int]] = {}  # user → item → first ts
@@ -200,8 +204,15 @@ class MemorySource:
         if viewer == viewed:
             return
         self._seen(ts)
-        self.views_out.setdefault(viewer, {}).setdefault(viewed, set()).add(ts)
-        self.views_in.setdefault(viewed, {}).setdefault(viewer, set()).add(ts)
+        out = self.views_out.setdefault(viewer, {}).setdefault(viewed, set())
+        back = self.views_in.setdefault(viewed, {}).setdefault(viewer, set())
+        out.add(ts)
+        back.add(ts)
+        # the pair's summary from both ends: the viewer's view out is the viewed user's view in
+        latest = max(ts, self._view_summary.get(viewer, {}).get(viewed, (0, 0, ts))[2])
+        returned = len(self.views_out.get(viewed, {}).get(viewer, ()))
+        self._view_summary.setdefault(viewer, {})[viewed] = (len(out), returned, latest)
+        self._view_summary.setdefault(viewed, {})[viewer] = (returned, len(out), latest)
         self._stamp += 1
         self._views_stamp[viewer] = self._views_stamp[viewed] = self._stamp
 
@@ -455,14 +466,8 @@ class MemorySource:
     def most_active(self, k: int, as_of_ms: int) -> list[int]:
         return self.leaderboard.top(k)
 
-    def profile_views(self, user: int) -> dict[int, tuple[int, int, int]]:
-        out = self.views_out.get(user, {})
-        back = self.views_in.get(user, {})
-        views: dict[int, tuple[int, int, int]] = {}
-        for other in out.keys() | back.keys():
-            stamps_out, stamps_in = out.get(other, set()), back.get(other, set())
-            views[other] = (len(stamps_out), len(stamps_in), max(stamps_out | stamps_in))
-        return views
+    def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
+        return MappingProxyType(self._view_summary.get(user, {}))  # read-only: the held summary itself
 
     def co_engaged_counts(self, user: int) -> dict[int, int]:
         counts: dict[int, int] = {}
