@@ -1,0 +1,170 @@
+"""The ANN index sharded by partition (PYMK_ANN_MODE=sharded), without Kafka: the merge of per-shard top k, the
+vector store, a GlobalIndex following its partitions, and the scatter-gather over in-process shards."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pymk.index.ann import AnnConfig, AnnIndex, merge_top_k
+from pymk.index.records import EmbeddingRecord
+from pymk.index.vector_store import VectorStore
+from pymk.settings import Settings
+from pymk.streams.ann_shards import (
+    ShardedAnn,
+    decode_answer,
+    decode_request,
+    encode_answer,
+    encode_request,
+    search_shard,
+)
+from pymk.streams.global_index import GlobalIndex
+from pymk.streams.partitioning import partition_for_user
+
+DIM = 8
+PARTITIONS = 12
+
+
+def unit_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_merging_exact_shard_top_k_equals_the_global_top_k_ties_by_id() -> None:
+    """Shards searched exactly (brute force), merged: the global exact top k, ties broken by id as one index does.
+    Half the users share their vector with another user (exact ties), spread over different shards."""
+    base = unit_vectors(60, seed=1)
+    vectors = np.concatenate([base, base[:30]])  # users 60..89 tie with users 0..29
+    users = np.arange(len(vectors), dtype=np.int64) * 7 + 3  # non-contiguous ids
+    whole = AnnIndex(AnnConfig(dim=DIM))
+    whole.upsert(users, vectors)
+    shards = [AnnIndex(AnnConfig(dim=DIM)) for _ in range(3)]
+    for shard_number, shard in enumerate(shards):
+        mine = users % 3 == shard_number
+        shard.upsert(users[mine], vectors[mine])
+    for query in unit_vectors(20, seed=2):
+        for k in (1, 5, 17, 90, 200):
+            exclude = {int(users[0]), int(users[61])}
+            expected = whole.exact_search(query, k, exclude)
+            merged = merge_top_k([shard.exact_search(query, k, exclude) for shard in shards], k)
+            assert merged == expected
+    # a user answered by two shards (a partition held by both during a rebalance) counts once, at its best
+    assert merge_top_k([[(5, 0.9), (2, 0.5)], [(5, 0.9), (1, 0.5)]], 3) == [(5, 0.9), (1, 0.5), (2, 0.5)]
+    with pytest.raises(ValueError):
+        merge_top_k([], -1)
+
+
+def test_vector_store_reuses_rows_and_round_trips_through_its_arrays() -> None:
+    store = VectorStore(DIM)
+    vectors = unit_vectors(5, seed=3)
+    for user in range(5):
+        store.put(user * 10, vectors[user], user % 2)
+    assert store.delete(20) and not store.delete(20)
+    store.put(99, vectors[2], 1)  # takes the freed row
+    assert len(store) == 5 and 20 not in store and 99 in store
+    got = store.get_many([0, 20, 99])
+    assert np.array_equal(got[0], vectors[0]) and np.isnan(got[1]).all() and np.array_equal(got[2], vectors[2])
+    users, held = store.in_partitions({1})
+    assert sorted(users.tolist()) == [10, 30, 99]
+    again = VectorStore.from_arrays(DIM, store.arrays())
+    assert sorted(again.users().tolist()) == sorted(store.users().tolist())
+    assert np.array_equal(again.get_many([0, 10, 30, 40, 99]), store.get_many([0, 10, 30, 40, 99]))
+
+
+def test_wire_format_round_trips_exactly() -> None:
+    queries = unit_vectors(3, seed=4)
+    body = encode_request(queries, 7, [{1, 2}, set(), {9}])
+    got_queries, k, excludes = decode_request(body)
+    assert np.array_equal(got_queries, queries) and k == 7
+    assert [sorted(e.tolist()) for e in excludes] == [[1, 2], [], [9]]
+    ids = np.array([[4, -1]], np.int64)
+    scores = np.array([[0.123456789012345, -np.inf]])
+    got_ids, got_scores, partitions = decode_answer(encode_answer(ids, scores, {3, 5}))
+    assert np.array_equal(got_ids, ids) and np.array_equal(got_scores, scores) and partitions == {3, 5}
+
+
+def settings(mode: str) -> Settings:
+    return Settings(partitions=PARTITIONS, ann_mode=mode, ann_ef_search=256)  # type: ignore[arg-type]
+
+
+def records(n: int, seed: int) -> list[EmbeddingRecord]:
+    vectors = unit_vectors(n, seed, dim=128)
+    return [EmbeddingRecord(user, 1, 1000, "m", vectors[user]) for user in range(n)]
+
+
+def test_a_sharded_index_holds_its_partitions_follows_assignments_and_snapshots(tmp_path: Path) -> None:
+    index = GlobalIndex(settings("sharded"), tmp_path / "a")
+    for record in records(200, seed=5):
+        index.apply(record, partition_for_user(record.user, PARTITIONS))
+    # before any assignment: every vector readable, none in the graph
+    assert len(index.index) == 0 and len(index.users()) == 200 and index.vector(7) is not None
+    index.assign({0, 1, 2, 3})
+    mine = {u for u in range(200) if partition_for_user(u, PARTITIONS) in {0, 1, 2, 3}}
+    assert set(index.index.users().tolist()) == mine
+    index.assign({3, 4})  # a rebalance: 0-2 revoked, 4 assigned
+    mine = {u for u in range(200) if partition_for_user(u, PARTITIONS) in {3, 4}}
+    assert set(index.index.users().tolist()) == mine
+    deleted = next(iter(mine))
+    index.apply(EmbeddingRecord(deleted, 2, 2000, "m", np.empty(0, np.float32)))
+    assert deleted not in index and deleted not in index.index
+    index.offsets = {p: 10 for p in range(PARTITIONS)}
+    index.snapshot()
+    again = GlobalIndex(settings("sharded"), tmp_path / "a")
+    assert again.offsets == index.offsets and sorted(again.users()) == sorted(index.users())
+    assert set(again.index.users().tolist()) == mine - {deleted}
+    # the same snapshot read by a replicated worker: every vector back in its graph
+    replicated = GlobalIndex(settings("replicated"), tmp_path / "a")
+    assert len(replicated.index) == 199 and replicated.store is None
+
+
+def test_scatter_gather_over_three_shards_equals_one_replicated_index_and_survives_a_dead_peer(
+        tmp_path: Path) -> None:
+    """Three workers' shards (4 partitions each) answer through the wire format; the merged answer equals one
+    replicated index's search (ef_search ≥ shard size: each shard's search is exact). A peer that fails:
+    the answer comes from the others, and the stats say which partitions were missing."""
+    events = records(240, seed=6)
+    one = GlobalIndex(settings("replicated"), tmp_path / "one")
+    workers = [GlobalIndex(settings("sharded"), tmp_path / f"w{i}") for i in range(3)]
+    for record in events:
+        one.apply(record)
+        for worker in workers:
+            worker.apply(record, partition_for_user(record.user, PARTITIONS))
+    for i, worker in enumerate(workers):
+        worker.assign({p for p in range(PARTITIONS) if p % 3 == i})
+    dead: set[str] = set()
+
+    async def post(url: str, body: bytes, timeout_s: float) -> bytes:
+        peer = int(url.split("/")[2])
+        if str(peer) in dead:
+            raise TimeoutError("no answer")
+        queries, k, excludes = decode_request(body)
+        ids, scores = await search_shard(workers[peer].index, queries, k, excludes)
+        return encode_answer(ids, scores, workers[peer].shard_partitions or ())
+
+    client = ShardedAnn(workers[0], PARTITIONS, lambda: ["http://1", "http://2"], post, timeout_s=1.0)
+    wanted = [(user, frozenset({(user + 1) % 240, (user + 7) % 240})) for user in range(0, 240, 17)]
+
+    async def gather(k: int) -> None:
+        await client.prefetch(wanted, k)
+
+    for k in (5, 50, 300):
+        asyncio.run(gather(k))
+        for user, exclude in wanted:
+            assert client.ann(user, k, exclude) == one.neighbours(user, k, set(exclude)), (user, k)
+            assert client.ann(user, min(k, 3), exclude) == one.neighbours(user, min(k, 3), set(exclude))
+    assert client.stats.partial_searches == 0 and client.stats.prefetch_misses == 0
+    # asked with more exclusions than prefetched, or a user not prefetched: the local shard's answer, counted
+    client.ann(wanted[0][0], 5, set(wanted[0][1]) | {1})
+    client.ann(1, 5, ())
+    assert client.stats.prefetch_misses == 1  # the first is answered from the prefetch (filtered), not the second
+    dead.add("2")
+    asyncio.run(gather(50))
+    assert client.stats.partial_searches == 1 and client.stats.peer_failures == 1
+    assert client.stats.missing_partitions == tuple(p for p in range(PARTITIONS) if p % 3 == 2)
+    user, exclude = wanted[0]
+    alive = {u for u in range(240) if partition_for_user(u, PARTITIONS) % 3 != 2}
+    assert client.ann(user, 50, exclude) == [hit for hit in one.neighbours(user, 240, set(exclude))
+                                             if hit[0] in alive][:50]
