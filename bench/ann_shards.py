@@ -31,6 +31,7 @@ import numpy as np
 
 from pymk.bench.ann import clustered_unit_vectors
 from pymk.index.ann import AnnConfig, AnnIndex, set_threads
+from pymk.index.vector_store import VectorStore
 from pymk.ranking.incremental import ANN_SPARES
 from pymk.settings import Settings
 from pymk.streams.ann_shards import (
@@ -101,6 +102,24 @@ class _LocalShard:
         return self.index.search(self._vector_of[user], k, exclude | {user})
 
 
+def vector_store_bytes_per_user(users: np.ndarray, vectors: np.ndarray, partitions: np.ndarray) -> dict[str, float]:
+    """What the replicated vector store costs per user (traced allocations: arrays with their growth slack, and the
+    dict), next to its arrays alone."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = VectorStore(vectors.shape[1])
+        for user, vector, partition in zip(users.tolist(), vectors, partitions.tolist(), strict=True):
+            store.put(user, vector, partition)
+        traced = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    arrays = sum(array.nbytes for array in store.arrays().values())
+    return {"traced": round(traced / len(users), 1), "arrays": round(arrays / len(users), 1)}
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -156,6 +175,11 @@ def run_sharded_benchmark(n: int = 20_000, shards: int = 3, clusters: int = 300,
         "exclude_per_query": exclude, "config": asdict(config),
         "local_shard_users": len(local_index), "replicated_users": len(replicated),
         "build_seconds": {"replicated": round(build_replicated_s, 2), "local_shard": round(build_local_s, 2)},
+        # per user of each structure: the local shard's graph (FAISS codes and links, numpy copies) on one worker
+        # only; the vector store on every worker
+        "bytes_per_user": {"shard_graph": round(sum(v for key, v in local_index.memory_bytes().items()
+                                                    if key != "slots") / len(local_index), 1),
+                           "vector_store": vector_store_bytes_per_user(users, vectors, partitions)},
         "load_average": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
     })
     return report

@@ -785,6 +785,23 @@ def _inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", vectors, query)
 
 
+def merge_top_k_arrays(ids: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`merge_top_k` of shards' answers given as arrays (ids int64 padded with -1, scores float64): one
+    sort of their concatenation, best first, ties by id, each user once at its best score."""
+    _check_k(k)
+    all_ids = np.concatenate([np.asarray(i, np.int64).reshape(-1) for i in ids]) if ids else np.empty(0, np.int64)
+    all_scores = (np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in scores]) if scores
+                  else np.empty(0, np.float64))
+    real = all_ids >= 0
+    all_ids, all_scores = all_ids[real], all_scores[real]
+    order = np.lexsort((all_ids, -all_scores))
+    all_ids, all_scores = all_ids[order], all_scores[order]
+    _, first = np.unique(all_ids, return_index=True)  # a user's first place in the order is its best score
+    keep = np.sort(first)[:k]
+    return all_ids[keep], all_scores[keep]
+
+
 def merge_top_k(shard_hits: Iterable[Sequence[tuple[int, float]]], k: int) -> list[tuple[int, float]]:
     """The top k of several shards' answers to one query, best first, ties by user id (the order of
     :meth:`AnnIndex.search`). A user answered by two shards (a partition held by both during a rebalance) counts

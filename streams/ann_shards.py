@@ -6,7 +6,7 @@ of a slice of owed lists, :meth:`ShardedAnn.prefetch` asks every shard for those
 request per peer with every query of the slice, and the local shard — and awaits the answers together with a
 timeout, so the event loop keeps serving the peers' own requests meanwhile (a synchronous call inside the flush
 would deadlock two workers that query each other). Each query's hits are merged by score, ties by id
-(:func:`pymk.index.ann.merge_top_k`), and ranking reads them through :meth:`ShardedAnn.ann`.
+(:func:`pymk.index.ann.merge_top_k_arrays`), and ranking reads them through :meth:`ShardedAnn.ann`.
 
 A peer that does not answer in time: the lists are built from the shards that did (waiting would stall every
 list of every worker for as long as the group takes to notice a dead member: its session timeout), and
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pymk.index.ann import AnnIndex, merge_top_k
+from pymk.index.ann import AnnIndex, merge_top_k_arrays
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class ShardStats:
     missing_partitions: tuple[int, ...] = ()  # of the last gather
     prefetch_misses: int = 0  # ANN asked by ranking that the prefetch did not answer: the local shard's only
     gather_seconds: float = 0.0  # summed wall time of the gathers
+    merge_seconds: float = 0.0  # of which merging the shards' answers
     last_gather_ms: float = 0.0
 
 
@@ -165,8 +166,12 @@ class ShardedAnn:
         answers.extend(answer for answer in await asyncio.gather(*requests) if answer is not None)
         covered = set().union(*(partitions for _, _, partitions in answers))
         missing = set(range(self.partitions)) - covered
-        merged = [merge_top_k([hits_of(ids[row], scores[row]) for ids, scores, _ in answers], k)
-                  for row in range(len(queries))]
+        merge_started = time.perf_counter()
+        merged = []
+        for row in range(len(queries)):
+            ids, scores = merge_top_k_arrays([a[0][row] for a in answers], [a[1][row] for a in answers], k)
+            merged.append(list(zip(ids.tolist(), scores.tolist(), strict=True)))
+        self.stats.merge_seconds += time.perf_counter() - merge_started
         seconds = time.perf_counter() - started
         self.stats.gathers += 1
         self.stats.queries += len(queries)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pymk.index.ann import AnnConfig, AnnIndex, merge_top_k
+from pymk.index.ann import AnnConfig, AnnIndex, merge_top_k, merge_top_k_arrays
 from pymk.index.records import EmbeddingRecord
 from pymk.index.vector_store import VectorStore
 from pymk.settings import Settings
@@ -49,10 +49,16 @@ def test_merging_exact_shard_top_k_equals_the_global_top_k_ties_by_id() -> None:
         for k in (1, 5, 17, 90, 200):
             exclude = {int(users[0]), int(users[61])}
             expected = whole.exact_search(query, k, exclude)
-            merged = merge_top_k([shard.exact_search(query, k, exclude) for shard in shards], k)
-            assert merged == expected
+            answers = [shard.exact_search(query, k, exclude) for shard in shards]
+            assert merge_top_k(answers, k) == expected
+            ids, scores = merge_top_k_arrays([np.array([u for u, _ in a] + [-1], np.int64) for a in answers],
+                                             [np.array([x for _, x in a] + [-np.inf]) for a in answers], k)
+            assert list(zip(ids.tolist(), scores.tolist(), strict=True)) == expected
     # a user answered by two shards (a partition held by both during a rebalance) counts once, at its best
     assert merge_top_k([[(5, 0.9), (2, 0.5)], [(5, 0.9), (1, 0.5)]], 3) == [(5, 0.9), (1, 0.5), (2, 0.5)]
+    ids, scores = merge_top_k_arrays([np.array([5, 2]), np.array([5, 1])],
+                                     [np.array([0.9, 0.5]), np.array([0.8, 0.5])], 3)
+    assert ids.tolist() == [5, 1, 2] and scores.tolist() == [0.9, 0.5, 0.5]
     with pytest.raises(ValueError):
         merge_top_k([], -1)
 
