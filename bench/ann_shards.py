@@ -138,9 +138,10 @@ def _recall(found: Sequence[tuple[int, float]], exact: Sequence[tuple[int, float
 
 def run_sharded_benchmark(n: int = 20_000, shards: int = 3, clusters: int = 300, batches: int = 30,
                           batch: int = 16, k: int | None = None, exclude: int = 100, seed: int = 0,
-                          config: AnnConfig | None = None) -> dict[str, Any]:
+                          config: AnnConfig | None = None, sigmas: float | None = None) -> dict[str, Any]:
     config = config or AnnConfig()
     k = k if k is not None else Settings().candidates_ann_k + ANN_SPARES
+    sigmas = sigmas if sigmas is not None else Settings().ann_shard_k_sigmas
     set_threads(1)
     context = multiprocessing.get_context("spawn")
     ports = [_free_port() for _ in range(shards - 1)]
@@ -165,7 +166,7 @@ def run_sharded_benchmark(n: int = 20_000, shards: int = 3, clusters: int = 300,
         time.sleep(0.5)  # the servers bind after setting ready
         local = _LocalShard(local_index, mine, dict(zip(users.tolist(), vectors, strict=True)))
         rng = np.random.default_rng(seed + 1)
-        report = asyncio.run(_measure(local, replicated, users, ports, shards, batches, batch, k, exclude, rng))
+        report = asyncio.run(_measure(local, replicated, users, ports, batches, batch, k, exclude, sigmas, rng))
     finally:
         for child in children:
             child.terminate()
@@ -185,8 +186,8 @@ def run_sharded_benchmark(n: int = 20_000, shards: int = 3, clusters: int = 300,
     return report
 
 
-async def _measure(local: _LocalShard, replicated: AnnIndex, users: np.ndarray, ports: list[int], shards: int,
-                   batches: int, batch: int, k: int, exclude: int, rng: np.random.Generator) -> dict[str, Any]:
+async def _measure(local: _LocalShard, replicated: AnnIndex, users: np.ndarray, ports: list[int], batches: int,
+                   batch: int, k: int, exclude: int, sigmas: float, rng: np.random.Generator) -> dict[str, Any]:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -196,7 +197,7 @@ async def _measure(local: _LocalShard, replicated: AnnIndex, users: np.ndarray, 
                 return await response.read()
 
         client = ShardedAnn(local, PARTITIONS, lambda: [f"http://127.0.0.1:{port}" for port in ports], post,
-                            timeout_s=60.0)
+                            timeout_s=60.0, sigmas=sigmas)
         timings: dict[str, list[float]] = {"replicated": [], "local_shard": [], "scatter_gather": []}
         recalls: dict[str, list[float]] = {"replicated": [], "sharded": []}
         await client.prefetch([(int(users[0]), frozenset())], k)  # connections opened, code warmed
@@ -223,7 +224,7 @@ async def _measure(local: _LocalShard, replicated: AnnIndex, users: np.ndarray, 
         "recall_at_k": {name: round(float(np.mean(values)), 5) for name, values in recalls.items()},
         "recall_at_k_min": {name: round(float(np.min(values)), 5) for name, values in recalls.items()},
         "shard_stats": client.describe(),
-        "peers": shards - 1,
+        "peers": len(ports), "shard_k_sigmas": sigmas,
     }
 
 
@@ -236,9 +237,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--k", type=int, default=None, help="default: the worker's ann_k + ANN_SPARES")
     parser.add_argument("--exclude", type=int, default=100)
+    parser.add_argument("--sigmas", type=float, default=None,
+                        help="the first round's margin (PYMK_ANN_SHARD_K_SIGMAS, default 4); 0: full k per shard")
     args = parser.parse_args(argv)
     print(json.dumps(run_sharded_benchmark(args.n, args.shards, args.clusters, args.batches, args.batch, args.k,
-                                           args.exclude), indent=2))
+                                           args.exclude, sigmas=args.sigmas), indent=2))
 
 
 if __name__ == "__main__":

@@ -785,6 +785,30 @@ def _inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", vectors, query)
 
 
+def shard_k(k: int, shards: int, sigmas: float) -> int:
+    """How many of a query's top k to ask each of ``shards`` shards for: the mean share k/S plus ``sigmas``
+    standard deviations of a binomial share (users are hashed to partitions, so the global top k falls on a shard
+    like Binomial(k, 1/S)), at most k. ``sigmas`` ≤ 0: k (every shard its full top k). Not an approximation by
+    itself: :func:`truncated_shards` finds the shards whose cut may have dropped a global top-k user, which are
+    asked again for k."""
+    if sigmas <= 0 or shards <= 1:
+        return k
+    share = k / shards
+    return min(k, math.ceil(share + sigmas * math.sqrt(share * (1 - 1 / shards))))
+
+
+def truncated_shards(answer_counts: Sequence[int], last_scores: Sequence[float], asked: int,
+                     merged_scores: np.ndarray, k: int) -> list[int]:
+    """The shards whose answer (``asked`` hits, cut there) may hide a user of the merged top k: a shard that
+    returned all ``asked`` hits and whose last hit scores at least the merged k-th score (or the merge has fewer
+    than k). A shard that returned fewer than asked had no more eligible users; one whose last hit is below the
+    merged k-th score has nothing further above it. With exact shard searches, the merge is exact once these are
+    asked again for k."""
+    kth = merged_scores[k - 1] if len(merged_scores) >= k else -np.inf
+    return [shard for shard, (count, last) in enumerate(zip(answer_counts, last_scores, strict=True))
+            if count >= asked and asked < k and last >= kth]
+
+
 def merge_top_k_arrays(ids: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int
                        ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`merge_top_k` of shards' answers given as arrays (ids int64 padded with -1, scores float64): one

@@ -124,6 +124,10 @@ class Settings:
     # sharded: the ANN answers of this many owed users are fetched from the shards in one request per peer,
     # before a slice (or flush) ranks them; the users not fetched wait for the next slice
     ann_shard_batch: int = 16
+    # sharded: each shard is first asked for its likely share of a query's top k, k/S plus this many standard
+    # deviations of a binomial share; a shard whose cut may hide a top-k user is asked again for the full k, so
+    # the merge stays what asking every shard for k gives. 0: every shard asked for the full k at once.
+    ann_shard_k_sigmas: float = 4.0
     ann_m: int = 32
     ann_ef_construction: int = 200
     ann_ef_search: int = 128

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pymk.index.ann import AnnIndex, merge_top_k_arrays
+from pymk.index.ann import AnnIndex, merge_top_k_arrays, shard_k, truncated_shards
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ class ShardStats:
     prefetch_misses: int = 0  # ANN asked by ranking that the prefetch did not answer: the local shard's only
     gather_seconds: float = 0.0  # summed wall time of the gathers
     merge_seconds: float = 0.0  # of which merging the shards' answers
+    shard_k: int = 0  # hits asked of each shard in the last gather's first round (shard_k)
+    second_rounds: int = 0  # gathers that asked some shard again for the full k (truncated_shards)
+    queries_asked_again: int = 0  # (shard, query) pairs asked again
     last_gather_ms: float = 0.0
 
 
@@ -135,51 +138,83 @@ class ShardedAnn:
     ``peers()``: the other workers' URLs; ``post``: one HTTP POST (the worker's aiohttp client)."""
 
     def __init__(self, local: Any, partitions: int, peers: Callable[[], Sequence[str]], post: PostBytes,
-                 timeout_s: float) -> None:
+                 timeout_s: float, sigmas: float = 0.0) -> None:
         self.local = local
         self.partitions = partitions
         self.peers = peers
         self.post = post
         self.timeout_s = timeout_s
+        self.sigmas = sigmas  # the first round's margin (shard_k); 0: every shard asked for the full k
         self.ready: dict[int, Prefetched] = {}
         self.stats = ShardStats()
 
+    async def _ask(self, url: str | None, queries: np.ndarray, k: int, excludes: Sequence[Collection[int]]
+                   ) -> tuple[np.ndarray, np.ndarray, set[int]] | None:
+        """One shard's answer (None: the local one); None when a peer failed or timed out."""
+        if url is None:
+            ids, scores = await search_shard(self.local.index, queries, k, excludes)
+            return ids, scores, set(self.local.shard_partitions or ())
+        self.stats.peer_requests += 1
+        try:
+            return decode_answer(await self.post(url + SHARD_PATH, encode_request(queries, k, excludes),
+                                                 self.timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a dead or slow peer: its partitions are missing
+            log.warning("ANN shard %s did not answer: %s", url, exc)
+            self.stats.peer_failures += 1
+            return None
+
     async def search(self, queries: np.ndarray, k: int, excludes: Sequence[Collection[int]]
                      ) -> tuple[list[Hits], set[int]]:
-        """Each query's merged top k over every shard that answered, and the partitions no shard answered for."""
+        """Each query's merged top k over every shard that answered, and the partitions no shard answered for.
+
+        Each shard is first asked for :func:`shard_k` of the k (its likely share of the global top k, with
+        ``sigmas`` standard deviations of margin); a shard whose cut may hide a user of a query's merged top k
+        (:func:`truncated_shards`) is asked again for that query's full k. With exact shard searches the answer
+        is the exact global top k either way; the first round only makes it cheaper."""
         started = time.perf_counter()
-        body = encode_request(queries, k, excludes)
-        urls = list(self.peers())
-
-        async def ask(url: str) -> tuple[np.ndarray, np.ndarray, set[int]] | None:
-            try:
-                return decode_answer(await self.post(url + SHARD_PATH, body, self.timeout_s))
-            except Exception as exc:  # noqa: BLE001 - a dead or slow peer: its partitions are missing
-                log.warning("ANN shard %s did not answer: %s", url, exc)
-                self.stats.peer_failures += 1
-                return None
-
-        requests = [asyncio.ensure_future(ask(url)) for url in urls]
-        self.stats.peer_requests += len(urls)
-        local_ids, local_scores = await search_shard(self.local.index, queries, k, excludes)
-        answers = [(local_ids, local_scores, set(self.local.shard_partitions or ()))]
-        answers.extend(answer for answer in await asyncio.gather(*requests) if answer is not None)
-        covered = set().union(*(partitions for _, _, partitions in answers))
-        missing = set(range(self.partitions)) - covered
+        shards: list[str | None] = [None, *self.peers()]
+        n = len(queries)
+        asked = shard_k(k, len(shards), self.sigmas)
+        first = await asyncio.gather(*(self._ask(url, queries, asked, excludes) for url in shards))
+        # per query, per shard that answered: its (ids, scores) row
+        answered = [(url, answer) for url, answer in zip(shards, first, strict=True) if answer is not None]
+        rows = [[(answer[0][row], answer[1][row]) for _, answer in answered] for row in range(n)]
+        covered = set().union(*(answer[2] for _, answer in answered))
         merge_started = time.perf_counter()
-        merged = []
-        for row in range(len(queries)):
-            ids, scores = merge_top_k_arrays([a[0][row] for a in answers], [a[1][row] for a in answers], k)
-            merged.append(list(zip(ids.tolist(), scores.tolist(), strict=True)))
+        merged = [merge_top_k_arrays([i for i, _ in rows[row]], [x for _, x in rows[row]], k) for row in range(n)]
         self.stats.merge_seconds += time.perf_counter() - merge_started
-        seconds = time.perf_counter() - started
+        if asked < k:
+            again: dict[int, list[int]] = {}  # shard position (in answered) → the queries to ask it again
+            for row in range(n):
+                counts = [int((ids >= 0).sum()) for ids, _ in rows[row]]
+                lasts = [float(scores[count - 1]) if count else -np.inf
+                         for (_, scores), count in zip(rows[row], counts, strict=True)]
+                for shard in truncated_shards(counts, lasts, asked, merged[row][1], k):
+                    again.setdefault(shard, []).append(row)
+            if again:
+                self.stats.second_rounds += 1
+                self.stats.queries_asked_again += sum(map(len, again.values()))
+                seconds = await asyncio.gather(*(
+                    self._ask(answered[shard][0], queries[asked_rows], k, [excludes[row] for row in asked_rows])
+                    for shard, asked_rows in again.items()))
+                for (shard, asked_rows), answer in zip(again.items(), seconds, strict=True):
+                    if answer is None:  # the cut answer stays; its partitions count as missing (not exact)
+                        covered -= answered[shard][1][2]
+                        continue
+                    for position, row in enumerate(asked_rows):
+                        rows[row][shard] = (answer[0][position], answer[1][position])
+                for row in sorted({row for asked_rows in again.values() for row in asked_rows}):
+                    merged[row] = merge_top_k_arrays([i for i, _ in rows[row]], [x for _, x in rows[row]], k)
+        missing = set(range(self.partitions)) - covered
+        seconds_spent = time.perf_counter() - started
         self.stats.gathers += 1
-        self.stats.queries += len(queries)
+        self.stats.queries += n
+        self.stats.shard_k = asked
         self.stats.partial_searches += bool(missing)
         self.stats.missing_partitions = tuple(sorted(missing))
-        self.stats.gather_seconds += seconds
-        self.stats.last_gather_ms = round(1000 * seconds, 3)
-        return merged, missing
+        self.stats.gather_seconds += seconds_spent
+        self.stats.last_gather_ms = round(1000 * seconds_spent, 3)
+        return [list(zip(ids.tolist(), scores.tolist(), strict=True)) for ids, scores in merged], missing
 
     async def prefetch(self, wanted: Sequence[tuple[int, frozenset[int]]], k: int) -> None:
         """The ANN answers of these (user, excluded users) for ``k``, ready for :meth:`ann` until :meth:`clear`.

@@ -114,7 +114,7 @@ class PymkApp:
             self.globals.listeners.append(lambda user: facts.invalidate((user,)))
         if self.refresher is not None and settings.ann_mode == "sharded":
             self.refresher.shards = ShardedAnn(self.index, partitions, self._shard_peers, self._post_bytes,
-                                               settings.ann_shard_timeout_ms / 1000.0)
+                                               settings.ann_shard_timeout_ms / 1000.0, settings.ann_shard_k_sigmas)
         if self.refresher is not None:
             self.refresher.on_user_error = self._user_failed
             self.refresher.delays = self.metrics.list_refresh_seconds

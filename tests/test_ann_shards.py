@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pymk.index.ann import AnnConfig, AnnIndex, merge_top_k, merge_top_k_arrays
+from pymk.index.ann import AnnConfig, AnnIndex, merge_top_k, merge_top_k_arrays, shard_k, truncated_shards
 from pymk.index.records import EmbeddingRecord
 from pymk.index.vector_store import VectorStore
 from pymk.settings import Settings
@@ -61,6 +61,17 @@ def test_merging_exact_shard_top_k_equals_the_global_top_k_ties_by_id() -> None:
     assert ids.tolist() == [5, 1, 2] and scores.tolist() == [0.9, 0.5, 0.5]
     with pytest.raises(ValueError):
         merge_top_k([], -1)
+
+
+def test_the_first_rounds_share_and_the_shards_to_ask_again() -> None:
+    assert shard_k(1016, 3, 4.0) == 399  # 338.7 + 4 · 15.0
+    assert shard_k(1016, 1, 4.0) == shard_k(1016, 3, 0.0) == 1016 and shard_k(10, 2, 100.0) == 10
+    merged = np.array([0.9, 0.8, 0.7])
+    # shard 0 was cut (3 of 3) at 0.75 ≥ the merged 3rd 0.7: asked again; shard 1 cut below it; shard 2 not cut
+    assert truncated_shards([3, 3, 2], [0.75, 0.6, 0.95], 3, merged, k=3) == []  # asked == k: nothing was cut
+    assert truncated_shards([2, 2, 1], [0.75, 0.6, 0.95], 2, merged, k=3) == [0]
+    assert truncated_shards([2, 2], [0.7, 0.1], 2, merged, k=3) == [0]  # a tie with the k-th: its id may win
+    assert truncated_shards([2, 2], [0.7, 0.1], 2, merged[:2], k=3) == [0, 1]  # fewer than k merged
 
 
 def test_vector_store_reuses_rows_and_round_trips_through_its_arrays() -> None:
@@ -151,17 +162,24 @@ def test_scatter_gather_over_three_shards_equals_one_replicated_index_and_surviv
         return encode_answer(ids, scores, workers[peer].shard_partitions or ())
 
     client = ShardedAnn(workers[0], PARTITIONS, lambda: ["http://1", "http://2"], post, timeout_s=1.0)
+    # a first round asking each shard for its share k/3 plus half a standard deviation: often cut short, so the
+    # second round (the full k of the shards whose cut may hide a top-k user) is exercised
+    narrow = ShardedAnn(workers[0], PARTITIONS, lambda: ["http://1", "http://2"], post, timeout_s=1.0, sigmas=0.5)
     wanted = [(user, frozenset({(user + 1) % 240, (user + 7) % 240})) for user in range(0, 240, 17)]
 
-    async def gather(k: int) -> None:
-        await client.prefetch(wanted, k)
+    async def gather(k: int, sharded: ShardedAnn = client) -> None:
+        await sharded.prefetch(wanted, k)
 
     for k in (5, 50, 300):
-        asyncio.run(gather(k))
-        for user, exclude in wanted:
-            assert client.ann(user, k, exclude) == one.neighbours(user, k, set(exclude)), (user, k)
-            assert client.ann(user, min(k, 3), exclude) == one.neighbours(user, min(k, 3), set(exclude))
+        for sharded in (client, narrow):
+            asyncio.run(gather(k, sharded))
+            for user, exclude in wanted:
+                assert sharded.ann(user, k, exclude) == one.neighbours(user, k, set(exclude)), (user, k)
+                assert sharded.ann(user, min(k, 3), exclude) == one.neighbours(user, min(k, 3), set(exclude))
     assert client.stats.partial_searches == 0 and client.stats.prefetch_misses == 0
+    assert client.stats.second_rounds == 0 and client.stats.shard_k == 300
+    assert narrow.stats.second_rounds > 0 and narrow.stats.queries_asked_again > 0
+    assert narrow.stats.partial_searches == 0 and narrow.stats.prefetch_misses == 0
     # asked with more exclusions than prefetched, or a user not prefetched: the local shard's answer, counted
     client.ann(wanted[0][0], 5, set(wanted[0][1]) | {1})
     client.ann(1, 5, ())
