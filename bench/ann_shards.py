@@ -92,7 +92,7 @@ class _LocalShard:
 
     def __init__(self, index: AnnIndex, partitions: set[int], vector_of: dict[int, np.ndarray]) -> None:
         self.index = index
-        self.shard_partitions = partitions
+        self.graph_partitions = partitions
         self._vector_of = vector_of
 
     def vector(self, user: int) -> np.ndarray | None:

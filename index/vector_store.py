@@ -62,6 +62,14 @@ class VectorStore:
             out[found] = self._vectors[rows[found]]
         return out
 
+    def partitions_of(self, users: Sequence[int]) -> np.ndarray:
+        """Each user's partition (int64), -1 for a user without a vector."""
+        rows = np.fromiter(map(self._row_of.get, users, repeat(-1)), np.int64, len(users))
+        out = np.full(len(users), -1, np.int64)
+        found = rows >= 0
+        out[found] = self._partitions[rows[found]]
+        return out
+
     def users(self) -> np.ndarray:
         return np.fromiter(self._row_of, np.int64, len(self._row_of))
 

@@ -153,7 +153,7 @@ class ShardedAnn:
         """One shard's answer (None: the local one); None when a peer failed or timed out."""
         if url is None:
             ids, scores = await search_shard(self.local.index, queries, k, excludes)
-            return ids, scores, set(self.local.shard_partitions or ())
+            return ids, scores, set(self.local.graph_partitions)
         self.stats.peer_requests += 1
         try:
             return decode_answer(await self.post(url + SHARD_PATH, encode_request(queries, k, excludes),

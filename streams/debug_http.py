@@ -213,7 +213,7 @@ class DebugViews:
             async def post(self, request: Any) -> Any:
                 queries, k, excludes = decode_request(await request.read())
                 ids, scores = await search_shard(index.index, queries, k, excludes)
-                held = index.shard_partitions or () if index.sharded else range(partitions)
+                held = index.graph_partitions if index.sharded else range(partitions)
                 return self.bytes(encode_answer(ids, scores, held), content_type="application/octet-stream")
 
         self.app.page(SHARD_PATH)(ShardSearch)
@@ -320,6 +320,7 @@ class DebugViews:
                                        "ann_mode": self.settings.ann_mode,
                                        "shard_partitions": (sorted(self.index.shard_partitions)
                                                             if self.index.shard_partitions is not None else None),
+                                       "graph_partitions": sorted(self.index.graph_partitions),
                                        "vector_store_users": (len(self.index.store)
                                                               if self.index.store is not None else None)},
                              # sharded: the scatter-gathers, their peers' failures and partial answers

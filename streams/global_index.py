@@ -20,8 +20,11 @@ Sharded (``PYMK_ANN_MODE=sharded``): the HNSW graph holds only the users of the 
 worker. The embeddings topic is keyed by user and partitioned like the inputs (the owner produces a user's
 record to ``partition_for_user``), so a record's topic partition is its user's partition. The whole topic is
 still read: every vector goes to a :class:`VectorStore` (the cosine columns read any candidate's vector), and
-only the assigned partitions' users also go into the graph. :meth:`assign` follows rebalances from the store: a
-newly assigned partition's users are added to the graph, a revoked one's dropped, with no topic re-read. The
+only the assigned partitions' users also go into the graph. :meth:`assign` follows rebalances from the store
+(itself read from the compacted topic, so no re-read is needed): a revoked partition's users are dropped at once,
+a newly assigned one's added in chunks between which the event loop runs (``ASSIGN_CHUNK``: HNSW insertions of a
+large partition take minutes), and the partitions a shard search answers for (``graph_partitions``) are the
+ones whose users are all in. The
 snapshot holds the graph and the store (its ``arrays``) with the offsets of every partition, so a start
 resumes the topic where the snapshot was taken in either mode. Stage 1 then searches every worker's shard
 (streams/ann_shards.py).
@@ -47,6 +50,8 @@ from pymk.streams.partitioning import partition_for_user
 
 log = logging.getLogger(__name__)
 
+ASSIGN_CHUNK = 256  # users added to the graph per step of a rebalance's fill (~50–100 ms of HNSW insertions)
+
 
 def ann_config(settings: Settings) -> AnnConfig:
     return AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction, ef_search=settings.ann_ef_search,
@@ -66,6 +71,10 @@ class GlobalIndex:
         # sharded: the partitions whose users the graph holds; None until the first assignment (then the graph
         # is the snapshot's, and only users already in it are updated in it)
         self.shard_partitions: set[int] | None = None
+        # sharded: the partitions whose users are all in the graph (what a shard search answers for): the assigned
+        # ones once a rebalance's fill is done
+        self.graph_partitions: set[int] = set()
+        self._filling: asyncio.Task[None] | None = None
         self._load_store(arrays)
         # rebuilds run on a thread (maybe_rebuild): on the event loop one stopped the worker for 0.3 s at 2,500
         # users, and would for minutes at millions
@@ -174,18 +183,49 @@ class GlobalIndex:
         partitions = set(partitions)
         if partitions == self.shard_partitions:
             return
-        started = time.perf_counter()
+        if self._filling is not None:  # a previous assignment's fill: this one's replaces it
+            self._filling.cancel()
+            self._filling = None
         self.shard_partitions = partitions
-        users, vectors = self.store.in_partitions(partitions)
         held = self.index.users()
-        gone = held[~np.isin(held, users)]
+        held_partitions = self.store.partitions_of(held.tolist())
+        gone = held[~np.isin(held_partitions, np.fromiter(partitions, np.int64, len(partitions)))]
         if len(gone):
             self.index.delete(gone)
-        new = ~np.isin(users, held)
-        if new.any():
-            self.index.upsert(users[new], vectors[new])
-        log.info("index shard: partitions %s, %d users added, %d dropped in %.2f s", sorted(partitions),
-                 int(new.sum()), len(gone), time.perf_counter() - started)
+        self.graph_partitions &= partitions
+        users, _ = self.store.in_partitions(partitions)
+        new = users[~np.isin(users, held)]
+        log.info("index shard: partitions %s, %d users to add, %d dropped", sorted(partitions), len(new), len(gone))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in a worker (tests, tools): at once
+            loop = None
+        if loop is None or len(new) <= ASSIGN_CHUNK:
+            self._add_to_shard(new)
+            self.graph_partitions = set(partitions)
+        else:
+            self._filling = loop.create_task(self._fill(new, partitions))
+
+    def _add_to_shard(self, users: np.ndarray) -> None:
+        """Add these users' current vectors (from the store) when their partition is still assigned and the graph
+        does not have them yet (a record since may have put a newer one there, or deleted them)."""
+        assert self.store is not None and self.shard_partitions is not None
+        users = np.array([u for u in users.tolist() if u not in self.index], dtype=np.int64)
+        if not len(users):
+            return
+        partitions = self.store.partitions_of(users.tolist())
+        users = users[np.isin(partitions, np.fromiter(self.shard_partitions, np.int64, len(self.shard_partitions)))]
+        if len(users):
+            self.index.upsert(users, self.store.get_many(users.tolist()))
+
+    async def _fill(self, users: np.ndarray, partitions: set[int]) -> None:
+        started = time.perf_counter()
+        for start in range(0, len(users), ASSIGN_CHUNK):
+            self._add_to_shard(users[start:start + ASSIGN_CHUNK])
+            await asyncio.sleep(0)
+        self.graph_partitions = set(partitions)
+        self._filling = None
+        log.info("index shard: %d users added in %.2f s", len(users), time.perf_counter() - started)
 
     def maybe_rebuild(self) -> None:
         """Start a rebuild on a thread if the index's tombstones call for one and none is under way."""

@@ -159,7 +159,7 @@ def test_scatter_gather_over_three_shards_equals_one_replicated_index_and_surviv
             raise TimeoutError("no answer")
         queries, k, excludes = decode_request(body)
         ids, scores = await search_shard(workers[peer].index, queries, k, excludes)
-        return encode_answer(ids, scores, workers[peer].shard_partitions or ())
+        return encode_answer(ids, scores, workers[peer].graph_partitions)
 
     client = ShardedAnn(workers[0], PARTITIONS, lambda: ["http://1", "http://2"], post, timeout_s=1.0)
     # a first round asking each shard for its share k/3 plus half a standard deviation: often cut short, so the
@@ -192,3 +192,41 @@ def test_scatter_gather_over_three_shards_equals_one_replicated_index_and_surviv
     alive = {u for u in range(240) if partition_for_user(u, PARTITIONS) % 3 != 2}
     assert client.ann(user, 50, exclude) == [hit for hit in one.neighbours(user, 240, set(exclude))
                                              if hit[0] in alive][:50]
+
+
+def test_a_rebalance_fills_the_shard_in_chunks_between_which_the_loop_runs(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a worker (an event loop runs), a newly assigned partition's users go into the graph a chunk at a time;
+    the shard answers for the new partitions only once they are all in; a deletion read meanwhile stays deleted;
+    a newer assignment replaces an unfinished fill."""
+    import pymk.streams.global_index as global_index
+
+    monkeypatch.setattr(global_index, "ASSIGN_CHUNK", 8)
+    index = GlobalIndex(settings("sharded"), tmp_path / "fill")
+    for record in records(200, seed=7):
+        index.apply(record, partition_for_user(record.user, PARTITIONS))
+    first = {u for u in range(200) if partition_for_user(u, PARTITIONS) in {0, 1, 2}}
+    second = {u for u in range(200) if partition_for_user(u, PARTITIONS) in {2, 3}}
+    ticks: list[int] = []
+
+    async def scenario() -> None:
+        async def tick() -> None:
+            while True:
+                ticks.append(len(index.index))
+                await asyncio.sleep(0)
+
+        ticker = asyncio.get_running_loop().create_task(tick())
+        index.assign({0, 1, 2})
+        assert index.graph_partitions == set() and len(index.index) < len(first)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        index.assign({2, 3})  # before the first fill is done
+        deleted = sorted(second)[-1]
+        index.apply(EmbeddingRecord(deleted, 2, 2000, "m", np.empty(0, np.float32)))
+        while index.graph_partitions != {2, 3}:
+            await asyncio.sleep(0)
+        ticker.cancel()
+        assert set(index.index.users().tolist()) == second - {deleted}
+
+    asyncio.run(scenario())
+    assert len(set(ticks)) > 3  # the loop ran between chunks: the ticker saw the graph grow step by step

@@ -65,7 +65,8 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
         shards = worker_stats["ann_shards"]
         assert worker_stats["index"]["ann_mode"] == "sharded"
         # the graph holds the worker's own partitions only; the vector store every user with a vector
-        assert worker_stats["index"]["shard_partitions"] == worker_stats["state"]["partitions"]
+        assert (worker_stats["index"]["shard_partitions"] == worker_stats["index"]["graph_partitions"]
+                == worker_stats["state"]["partitions"])
         assert worker_stats["index"]["users"] < worker_stats["index"]["vector_store_users"]
         assert shards["gathers"] > 0 and shards["peer_requests"] >= 2 * shards["gathers"]
         # every gather had every shard (events were sent once the three workers held their partitions)
