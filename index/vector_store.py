@@ -89,9 +89,13 @@ class VectorStore:
     @classmethod
     def from_arrays(cls, dim: int, arrays: dict[str, np.ndarray]) -> VectorStore:
         store = cls(dim)
-        for user, partition, vector in zip(arrays["store_users"].tolist(), arrays["store_partitions"].tolist(),
-                                           arrays["store_vectors"], strict=True):
-            store.put(user, vector, partition)
+        users = np.asarray(arrays["store_users"], np.int64)
+        n = len(users)
+        store._users = users.copy()
+        store._partitions = np.asarray(arrays["store_partitions"], np.int16).copy()
+        store._vectors = np.asarray(arrays["store_vectors"], np.float32).reshape(n, dim).copy()
+        store._rows = n
+        store._row_of = dict(zip(users.tolist(), range(n), strict=True))
         return store
 
     def nbytes(self) -> int:

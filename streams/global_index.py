@@ -24,10 +24,9 @@ only the assigned partitions' users also go into the graph. :meth:`assign` follo
 (itself read from the compacted topic, so no re-read is needed): a revoked partition's users are dropped at once,
 a newly assigned one's added in chunks between which the event loop runs (``ASSIGN_CHUNK``: HNSW insertions of a
 large partition take minutes), and the partitions a shard search answers for (``graph_partitions``) are the
-ones whose users are all in. The
-snapshot holds the graph and the store (its ``arrays``) with the offsets of every partition, so a start
-resumes the topic where the snapshot was taken in either mode. Stage 1 then searches every worker's shard
-(streams/ann_shards.py).
+ones whose users are all in. The snapshot holds the graph and the store (its ``arrays``) with the offsets of
+every partition, so a start resumes the topic where the snapshot was taken in either mode. Stage 1 then searches
+every worker's shard (streams/ann_shards.py).
 """
 
 from __future__ import annotations

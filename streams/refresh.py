@@ -312,7 +312,7 @@ class Refresher:
             for u in sorted(set(due) - set(users)):
                 state.work.embedded(u)
                 previous = state.embeddings.get(u)
-                if (previous is not None and previous.vector.size) or (previous is None and u in self.index.index):
+                if (previous is not None and previous.vector.size) or (previous is None and u in self.index):
                     deletion = EmbeddingRecord(u, self._next_version(state, u), now_ms, self.models.embedding_model,
                                                np.empty(0, dtype=np.float32))
                     state.embeddings.put(deletion)
