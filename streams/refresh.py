@@ -35,6 +35,7 @@ once the input has caught up).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
@@ -404,7 +405,7 @@ class Refresher:
 
     # ---- 3. lists -----------------------------------------------------------------------------------------------
     async def prefetch_ann(self, states: Sequence[PartitionState], now_ms: int) -> None:
-        """Sharded ANN: the ANN answers of the next ``ann_shard_batch`` owed users (stale lane, then fresh),
+        """Sharded ANN: the ANN answers of the next ``ann_shard_batch`` owed users (in the lanes' order),
         gathered from every shard and awaited, so the event loop serves the peers' requests meanwhile; then
         :meth:`refresh_due` ranks only users prefetched (the others wait for the next slice). Asked with
         Stage 1's exclusions, for ann_k + ANN_SPARES (what the kept lists may ask)."""
@@ -421,7 +422,10 @@ class Refresher:
                                      self.settings.refresh_max_staleness_ms)
         filters = default_filters(self.candidates)
         wanted = []
-        for position in np.concatenate([stale, fresh])[: self.settings.ann_shard_batch].tolist():
+        # the order refresh_due serves them in: the stale lane's share, the fresh lane, then the rest of the stale
+        batch = self.settings.ann_shard_batch
+        share = math.ceil(batch * self.settings.refresh_stale_share)
+        for position in np.concatenate([stale[:share], fresh, stale[share:]])[:batch].tolist():
             user, state = int(users[position]), states[state_at[position]]
             source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of,
                                          self.most_active_of, facts=self.facts)

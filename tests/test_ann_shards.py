@@ -230,3 +230,47 @@ def test_a_rebalance_fills_the_shard_in_chunks_between_which_the_loop_runs(tmp_p
 
     asyncio.run(scenario())
     assert len(set(ticks)) > 3  # the loop ran between chunks: the ticker saw the graph grow step by step
+
+
+def test_a_slice_ranks_only_the_users_whose_answers_were_gathered_in_the_lanes_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefetch asks for the next ann_shard_batch owed users in the order refresh_due serves them (the stale
+    lane's share, the fresh lane, the rest of the stale one); refresh_due then ranks those and leaves the others
+    owed for the next slice, none dropped."""
+    from test_refresh_policy import STALE_MS, CountingRefresher, owed_state
+
+    import pymk.streams.refresh as refresh
+
+    monkeypatch.setattr(refresh, "default_filters", lambda config: ())  # no graph in the fake state: no exclusions
+
+    class GatheredShards:
+        def __init__(self) -> None:
+            self.ready: dict[int, object] = {}
+            self.asked: list[list[int]] = []
+
+        async def prefetch(self, wanted: list[tuple[int, frozenset[int]]], k: int) -> None:
+            self.asked.append([user for user, _ in wanted])
+            self.ready = {user: object() for user, _ in wanted}
+
+        def clear(self) -> None:
+            self.ready = {}
+
+    now = 10_000_000
+    state = owed_state(now)  # users 0..9 fresh (0 newest), 99 stale
+    state.graph = state.behaviour = None  # type: ignore[attr-defined]
+    state.event_time_ms = now  # type: ignore[attr-defined]
+    settings_ = Settings(refresh_max_staleness_ms=STALE_MS, refresh_stale_share=0.5, ann_shard_batch=4)
+    refresher = CountingRefresher(settings_, cost_s=0.0)
+    refresher.tower_index = None
+    refresher.index = refresher.degree_of = refresher.profile_of = None  # type: ignore[assignment]
+    refresher.activity_of = refresher.most_active_of = None  # type: ignore[assignment]
+    refresher.candidates = refresh.candidate_config(settings_)
+    refresher.shards = GatheredShards()  # type: ignore[assignment]
+    slices = 0
+    while state.work.refreshes():
+        asyncio.run(refresher.prefetch_ann([state], now))  # type: ignore[list-item]
+        refresher.refresh_due([state], now, budget_s=10.0)  # type: ignore[list-item]
+        slices += 1
+        assert slices < 10
+    assert refresher.shards.asked[0] == [99, 0, 1, 2]  # type: ignore[union-attr]
+    assert refresher.ranked == [99, *range(10)] and slices == 3  # 4 a slice, in the lanes' order
