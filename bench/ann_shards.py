@@ -120,6 +120,35 @@ def vector_store_bytes_per_user(users: np.ndarray, vectors: np.ndarray, partitio
     return {"traced": round(traced / len(users), 1), "arrays": round(arrays / len(users), 1)}
 
 
+def rebalance_fill(users: np.ndarray, vectors: np.ndarray, partitions: np.ndarray, held: set[int]) -> dict[str, float]:
+    """A worker's rebalance: a GlobalIndex with every vector in its store is assigned ``held``; its graph is filled
+    in chunks on the event loop. The fill's wall time and the longest the loop waited between two of its turns."""
+    import tempfile
+    from pathlib import Path
+
+    from pymk.index.records import EmbeddingRecord
+    from pymk.streams.global_index import GlobalIndex
+
+    with tempfile.TemporaryDirectory() as folder:
+        index = GlobalIndex(Settings(partitions=PARTITIONS, ann_mode="sharded"), Path(folder))
+        for user, vector, partition in zip(users.tolist(), vectors, partitions.tolist(), strict=True):
+            index.apply(EmbeddingRecord(user, 1, 0, "bench", vector), partition)
+
+        async def fill() -> dict[str, float]:
+            gaps: list[float] = []
+            started = last = time.perf_counter()
+            index.assign(held)
+            while index.graph_partitions != held:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+            return {"users": len(index.index), "seconds": round(time.perf_counter() - started, 3),
+                    "longest_loop_wait_ms": round(1000 * max(gaps, default=0.0), 2)}
+
+        return asyncio.run(fill())
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -181,6 +210,8 @@ def run_sharded_benchmark(n: int = 20_000, shards: int = 3, clusters: int = 300,
         "bytes_per_user": {"shard_graph": round(sum(v for key, v in local_index.memory_bytes().items()
                                                     if key != "slots") / len(local_index), 1),
                            "vector_store": vector_store_bytes_per_user(users, vectors, partitions)},
+        # a rebalance assigning the local shard's partitions to a worker that has every vector in its store
+        "rebalance_fill": rebalance_fill(users, vectors, partitions, mine),
         "load_average": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
     })
     return report
