@@ -172,7 +172,9 @@ class ShardedAnn:
         (:func:`truncated_shards`) is asked again for that query's full k. With exact shard searches the answer
         is the exact global top k either way; the first round only makes it cheaper."""
         started = time.perf_counter()
-        shards: list[str | None] = [None, *self.peers()]
+        # the peers first: their requests are on the wire before the local search takes the loop (it yields only
+        # every SEARCH_SLICE_S)
+        shards: list[str | None] = [*self.peers(), None]
         n = len(queries)
         asked = shard_k(k, len(shards), self.sigmas)
         first = await asyncio.gather(*(self._ask(url, queries, asked, excludes) for url in shards))
