@@ -1,7 +1,8 @@
 """Benchmarks of the ANN index: recall against brute force, query latency, and add rates.
 
 ``pymk bench index`` (:mod:`pymk.bench.index`) uses the pieces on a trained model's embeddings. ``python -m
-pymk.bench.ann`` runs :func:`run_index_benchmarks` stand-alone (no model needed) and prints the JSON.
+pymk.bench.ann`` runs :func:`run_index_benchmarks` stand-alone (no model needed) and prints the JSON;
+``--sharded`` runs the sharded index's benchmark instead (:mod:`pymk.bench.ann_shards`).
 
 Data: until trained GraphSAGE embeddings exist, two stand-ins. :func:`clustered_unit_vectors` mimics embeddings
 that group users into communities (a few hundred gaussian clusters on the sphere); and
@@ -296,7 +297,16 @@ def run_index_benchmarks(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sharded" in argv:  # the sharded index's scatter-gather against one replicated index (bench/ann_shards.py)
+        from pymk.bench.ann_shards import main as sharded_main
+
+        sharded_main([arg for arg in argv if arg != "--sharded"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sharded", action="store_true", help="see pymk.bench.ann_shards")
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--clusters", type=int, default=300)
     parser.add_argument("--queries", type=int, default=200)

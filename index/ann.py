@@ -73,6 +73,7 @@ SNAPSHOT_PREFIX = "snapshot-"
 TEMP_PREFIX = ".tmp-snapshot-"
 INDEX_FILE = "index.faiss"
 STATE_FILE = "state.npz"
+ARRAYS_FILE = "arrays.npz"  # the owner's extra arrays (snapshot(arrays=...)), committed with the index
 MANIFEST_FILE = "manifest.json"
 
 # Config fields that only steer searches and rebuild timing: changing them needs no new HNSW graph.
@@ -426,11 +427,13 @@ class AnnIndex:
 
     # ----------------------------------------------------------------------------------- persistence
 
-    def snapshot(self, directory: str | Path, watermark: dict[str, Any], *, retain: int = 1) -> Path:
+    def snapshot(self, directory: str | Path, watermark: dict[str, Any], *, retain: int = 1,
+                 arrays: dict[str, np.ndarray] | None = None) -> Path:
         """Write the index atomically under ``directory``; returns the snapshot's folder.
 
         Files go to a temporary folder, are fsynced, and the folder is renamed to ``snapshot-<generation>``
-        (the commit point), then the root is fsynced. Older generations are removed only after that, keeping
+        (the commit point), then the root is fsynced. ``arrays``: the owner's own arrays, committed in the same
+        folder (:meth:`load_with_arrays` gives them back). Older generations are removed only after that, keeping
         the newest ``retain``, so a crash at any point leaves the last good snapshot loadable. One writer per
         directory is assumed (leftover temporary folders are taken for crash debris and removed).
         """
@@ -456,6 +459,11 @@ class AnnIndex:
                 state["live_vectors"] = self._vectors[live_slots]
             with open(temp / STATE_FILE, "wb") as handle:
                 np.savez(handle, **state)  # type: ignore[arg-type]
+            files = [INDEX_FILE, STATE_FILE]
+            if arrays is not None:
+                with open(temp / ARRAYS_FILE, "wb") as handle:
+                    np.savez(handle, **arrays)  # type: ignore[arg-type]
+                files.append(ARRAYS_FILE)
             manifest = {
                 "format": SNAPSHOT_FORMAT,
                 "generation": generation,
@@ -465,7 +473,7 @@ class AnnIndex:
                 "slots": self._n_slots,
                 "tombstones": self._tombstones,
                 "rebuilds": self.rebuilds,
-                "files": {name: _fsync_and_hash(temp / name) for name in (INDEX_FILE, STATE_FILE)},
+                "files": {name: _fsync_and_hash(temp / name) for name in files},
             }
             _write_manifest(temp / MANIFEST_FILE, manifest)
             _fsync_directory(temp)
@@ -481,6 +489,13 @@ class AnnIndex:
 
     @classmethod
     def load(cls, directory: str | Path, config: AnnConfig | None = None) -> tuple[AnnIndex, dict[str, Any]]:
+        """:meth:`load_with_arrays` without the arrays."""
+        index, watermark, _ = cls.load_with_arrays(directory, config)
+        return index, watermark
+
+    @classmethod
+    def load_with_arrays(cls, directory: str | Path, config: AnnConfig | None = None
+                         ) -> tuple[AnnIndex, dict[str, Any], dict[str, np.ndarray]]:
         """The newest complete snapshot under ``directory`` and its watermark; an empty index and ``{}`` when
         there is none. A snapshot that fails verification (torn or corrupt) is skipped for the one before.
 
@@ -492,13 +507,17 @@ class AnnIndex:
         for generation, path in reversed(generations):
             try:
                 index, watermark = cls._read_snapshot(path)
+                arrays: dict[str, np.ndarray] = {}
+                if (path / ARRAYS_FILE).exists():
+                    with np.load(path / ARRAYS_FILE) as stored:
+                        arrays = {name: np.asarray(stored[name]) for name in stored.files}
             except Exception as error:  # any damage means: not a usable snapshot, try the previous one
                 log.warning("skipping snapshot generation %d at %s: %s", generation, path, error)
                 continue
             if config is not None and config != index.config:
                 index.reconfigure(config)
-            return index, watermark
-        return cls(config), {}
+            return index, watermark, arrays
+        return cls(config), {}, {}
 
     # -------------------------------------------------------------------------------------- internals
 
@@ -641,7 +660,10 @@ class AnnIndex:
         else:
             scores = _inner_products(self._vectors_of(slots), query)
         if len(slots) > k:
-            best = np.argpartition(-scores, k - 1)[:k]
+            # every user tied with the k-th score stays in, so _top breaks the tie by id (an argpartition's
+            # first k would keep an arbitrary one of them: the oracle must not depend on slot order)
+            kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+            best = scores >= kth
             slots, scores = slots[best], scores[best]
         return self._top(slots, scores, k)
 
@@ -761,3 +783,60 @@ def _inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     got scores a few ulps apart from a search that gathered them in another order, or from an index whose slots
     were numbered otherwise (a worker that took over a partition, a rebuild). einsum sums each row alike."""
     return np.einsum("ij,j->i", vectors, query)
+
+
+def shard_k(k: int, shards: int, sigmas: float) -> int:
+    """How many of a query's top k to ask each of ``shards`` shards for: the mean share k/S plus ``sigmas``
+    standard deviations of a binomial share (users are hashed to partitions, so the global top k falls on a shard
+    like Binomial(k, 1/S)), at most k. ``sigmas`` ≤ 0: k (every shard its full top k). Not an approximation by
+    itself: :func:`truncated_shards` finds the shards whose cut may have dropped a global top-k user, which are
+    asked again for k."""
+    if sigmas <= 0 or shards <= 1:
+        return k
+    share = k / shards
+    return min(k, math.ceil(share + sigmas * math.sqrt(share * (1 - 1 / shards))))
+
+
+def truncated_shards(answer_counts: Sequence[int], last_scores: Sequence[float], asked: int,
+                     merged_scores: np.ndarray, k: int) -> list[int]:
+    """The shards whose answer (``asked`` hits, cut there) may hide a user of the merged top k: a shard that
+    returned all ``asked`` hits and whose last hit scores at least the merged k-th score (or the merge has fewer
+    than k). A shard that returned fewer than asked had no more eligible users; one whose last hit is below the
+    merged k-th score has nothing further above it. With exact shard searches, the merge is exact once these are
+    asked again for k."""
+    kth = merged_scores[k - 1] if len(merged_scores) >= k else -np.inf
+    return [shard for shard, (count, last) in enumerate(zip(answer_counts, last_scores, strict=True))
+            if count >= asked and asked < k and last >= kth]
+
+
+def merge_top_k_arrays(ids: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`merge_top_k` of shards' answers given as arrays (ids int64 padded with -1, scores float64): one
+    sort of their concatenation, best first, ties by id, each user once at its best score."""
+    _check_k(k)
+    all_ids = np.concatenate([np.asarray(i, np.int64).reshape(-1) for i in ids]) if ids else np.empty(0, np.int64)
+    all_scores = (np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in scores]) if scores
+                  else np.empty(0, np.float64))
+    real = all_ids >= 0
+    all_ids, all_scores = all_ids[real], all_scores[real]
+    order = np.lexsort((all_ids, -all_scores))
+    all_ids, all_scores = all_ids[order], all_scores[order]
+    _, first = np.unique(all_ids, return_index=True)  # a user's first place in the order is its best score
+    keep = np.sort(first)[:k]
+    return all_ids[keep], all_scores[keep]
+
+
+def merge_top_k(shard_hits: Iterable[Sequence[tuple[int, float]]], k: int) -> list[tuple[int, float]]:
+    """The top k of several shards' answers to one query, best first, ties by user id (the order of
+    :meth:`AnnIndex.search`). A user answered by two shards (a partition held by both during a rebalance) counts
+    once, with its best score. When every shard's answer is its exact top k over disjoint users, the merge is
+    the exact top k over their union: any user of the global top k is in its own shard's top k, since fewer
+    than k users of that shard rank above it."""
+    _check_k(k)
+    best: dict[int, float] = {}
+    for hits in shard_hits:
+        for user, score in hits:
+            held = best.get(user)
+            if held is None or score > held:
+                best[user] = score
+    return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]

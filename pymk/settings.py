@@ -22,6 +22,7 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # The enumerated settings: a value outside its choices is refused when the settings are built (from the
 # environment or in code), so a typo never falls back to a default silently.
 AnnSpace = Literal["sage", "two-tower"]
+AnnMode = Literal["replicated", "sharded"]
 AnnQuantization = Literal["flat", "sq8"]
 RankerKind = Literal["xgboost", "two-tower", "blend"]
 RerankerKind = Literal["none", "cross-attention"]
@@ -113,6 +114,20 @@ class Settings:
     # The space Stage 1's ANN searches: "sage" (GraphSAGE neighbours of the user's embedding) or "two-tower"
     # (candidate-tower vectors searched with the user's query-tower vector; needs a two-tower model).
     ann_space: AnnSpace = "sage"
+    # "replicated": every worker's HNSW graph holds every user (one local search per list; the small-deployment
+    # default). "sharded": a worker's graph holds the users of its own partitions only; Stage 1 asks every
+    # worker's shard and merges (streams/ann_shards.py). Vectors stay replicated either way (the cosine columns).
+    ann_mode: AnnMode = "replicated"
+    # sharded: a peer's shard answer is awaited this long; without it the list is built from the shards that
+    # answered (counted in /stats "ann_shards")
+    ann_shard_timeout_ms: int = 2_000
+    # sharded: the ANN answers of this many owed users are fetched from the shards in one request per peer,
+    # before a slice (or flush) ranks them; the users not fetched wait for the next slice
+    ann_shard_batch: int = 16
+    # sharded: each shard is first asked for its likely share of a query's top k, k/S plus this many standard
+    # deviations of a binomial share; a shard whose cut may hide a top-k user is asked again for the full k, so
+    # the merge stays what asking every shard for k gives. 0: every shard asked for the full k at once.
+    ann_shard_k_sigmas: float = 4.0
     ann_m: int = 32
     ann_ef_construction: int = 200
     ann_ef_search: int = 128

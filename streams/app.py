@@ -22,11 +22,14 @@ import time
 from functools import lru_cache
 from typing import Any
 
+import aiohttp
 import faust
+from yarl import URL
 
 from pymk.events import MAX_USER_ID, UNSHOWN_KIND
 from pymk.features.storage import RocksMemory
 from pymk.settings import INPUT_KINDS, Settings
+from pymk.streams.ann_shards import ShardedAnn
 from pymk.streams.codec import decode_partition_batch
 from pymk.streams.debug_http import DebugViews
 from pymk.streams.gc_pauses import GcPauses
@@ -109,6 +112,9 @@ class PymkApp:
         if self.refresher is not None and self.refresher.facts is not None:
             facts = self.refresher.facts
             self.globals.listeners.append(lambda user: facts.invalidate((user,)))
+        if self.refresher is not None and settings.ann_mode == "sharded":
+            self.refresher.shards = ShardedAnn(self.index, partitions, self._shard_peers, self._post_bytes,
+                                               settings.ann_shard_timeout_ms / 1000.0, settings.ann_shard_k_sigmas)
         if self.refresher is not None:
             self.refresher.on_user_error = self._user_failed
             self.refresher.delays = self.metrics.list_refresh_seconds
@@ -163,6 +169,27 @@ class PymkApp:
 
     async def _on_assigned(self, sender: Any, assigned: set[Any], **kwargs: Any) -> None:
         self.state.open_partitions(self._our_partitions(assigned))
+        # sharded ANN: the graph holds the assigned partitions' users (revoked ones are dropped here, not at the
+        # revocation: faust revokes every partition before assigning, and most come back)
+        self.index.assign(set(self.state.owned))
+
+    # ---- sharded ANN (streams/ann_shards.py) ------------------------------------------------------------------
+    def _shard_peers(self) -> list[str]:
+        """The other workers owning partitions, in the group's last assignment."""
+        routing = self.input_topics["connections"].get_topic_name()
+        me = self.app.conf.canonical_url
+        out = []
+        for url, topics in self.app.router.external_topics_metadata().items():
+            peer = URL(url)
+            if topics.get(routing) and (peer.host, peer.port) != (me.host, me.port):
+                out.append(str(peer.with_path("")).rstrip("/"))
+        return out
+
+    async def _post_bytes(self, url: str, body: bytes, timeout_s: float) -> bytes:
+        async with self.app.http_client.post(url, data=body,
+                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            response.raise_for_status()
+            return await response.read()
 
     async def _on_revoked(self, sender: Any, revoked: set[Any], **kwargs: Any) -> None:
         await self.state.close_partitions(self._our_partitions(revoked))

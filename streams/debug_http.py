@@ -20,6 +20,7 @@ from pymk.features.pair import FeatureValue, graph_pair_features
 from pymk.features.profile import profile_feature_timestamps, profile_features
 from pymk.process_memory import malloc_bytes, pymalloc_bytes, rss_bytes
 from pymk.ranking.features import FEATURE_NAMES
+from pymk.streams.ann_shards import SHARD_PATH, decode_request, encode_answer, search_shard
 from pymk.streams.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pymk.streams.ranking_source import WorkerRankingSource, pair_feature_row
 from pymk.streams.state import PartitionState
@@ -201,6 +202,22 @@ class DebugViews:
             return state.profiles.profile(user), state.profiles.field_timestamps(user)
         return self.globals.profile(user)
 
+    def register_shard_search(self) -> None:
+        """``POST /ann/shard`` (streams/ann_shards.py): several query vectors, k and each query's excluded ids →
+        each query's top k in this worker's HNSW graph and the partitions it holds (all when replicated)."""
+        from faust.web import View
+
+        index, partitions = self.index, self.settings.partitions
+
+        class ShardSearch(View):
+            async def post(self, request: Any) -> Any:
+                queries, k, excludes = decode_request(await request.read())
+                ids, scores = await search_shard(index.index, queries, k, excludes)
+                held = index.graph_partitions if index.sharded else range(partitions)
+                return self.bytes(encode_answer(ids, scores, held), content_type="application/octet-stream")
+
+        self.app.page(SHARD_PATH)(ShardSearch)
+
     def register(self) -> None:
         """Add the pages to the faust app's web server."""
         app, metrics, routing_topic = self.app, self.metrics, self.input_topics["connections"].get_topic_name()
@@ -298,7 +315,17 @@ class DebugViews:
                              "globals_offsets": self.globals.offsets,
                              "index": {"users": len(self.index.index), "records_applied": self.index.records_applied,
                                        "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets,
-                                       "ann_space": self.settings.ann_space, **tower},
+                                       "ann_space": self.settings.ann_space, **tower,
+                                       # sharded: this worker's partitions in the graph, and every user's vector
+                                       "ann_mode": self.settings.ann_mode,
+                                       "shard_partitions": (sorted(self.index.shard_partitions)
+                                                            if self.index.shard_partitions is not None else None),
+                                       "graph_partitions": sorted(self.index.graph_partitions),
+                                       "vector_store_users": (len(self.index.store)
+                                                              if self.index.store is not None else None)},
+                             # sharded: the scatter-gathers, their peers' failures and partial answers
+                             "ann_shards": (self.refresher.shards.describe() if self.refresher is not None
+                                            and self.refresher.shards is not None else None),
                              "refresh": refresh, "models": self.models.describe() if self.models else None,
                              # kept lists (bytes, entries, hits, misses, evictions, full builds by reason) and the
                              # shadow check of incremental lists (checked, equal, equal_share)
@@ -380,6 +407,7 @@ class DebugViews:
 
                 return await routed(web, request, u, local)
 
+        self.register_shard_search()
         owner_page("/users/{u}", self.user_view)
         # the debug page of one user (streams/debug_page.py), for people who would rather look than read
         owner_page("/users/{u}/page", self.user_page, html=True)

@@ -15,6 +15,18 @@ searchable on its worker before the topic round trip.
 Persistence: a snapshot (index + the topic offsets it includes) is written on a schedule and at shutdown; a
 start loads it and reads the topic from those offsets, so every embedding published before a crash is back.
 Records are applied by version (the newest wins), which makes re-reading a record harmless.
+
+Sharded (``PYMK_ANN_MODE=sharded``): the HNSW graph holds only the users of the partitions assigned to this
+worker. The embeddings topic is keyed by user and partitioned like the inputs (the owner produces a user's
+record to ``partition_for_user``), so a record's topic partition is its user's partition. The whole topic is
+still read: every vector goes to a :class:`VectorStore` (the cosine columns read any candidate's vector), and
+only the assigned partitions' users also go into the graph. :meth:`assign` follows rebalances from the store
+(itself read from the compacted topic, so no re-read is needed): a revoked partition's users are dropped at once,
+a newly assigned one's added in chunks between which the event loop runs (``ASSIGN_CHUNK``: HNSW insertions of a
+large partition take minutes), and the partitions a shard search answers for (``graph_partitions``) are the
+ones whose users are all in. The snapshot holds the graph and the store (its ``arrays``) with the offsets of
+every partition, so a start resumes the topic where the snapshot was taken in either mode. Stage 1 then searches
+every worker's shard (streams/ann_shards.py).
 """
 
 from __future__ import annotations
@@ -30,10 +42,14 @@ import numpy as np
 
 from pymk.index.ann import AnnConfig, AnnIndex
 from pymk.index.records import EmbeddingRecord
+from pymk.index.vector_store import VectorStore
 from pymk.settings import Settings
 from pymk.streams.globals import table_consumer
+from pymk.streams.partitioning import partition_for_user
 
 log = logging.getLogger(__name__)
+
+ASSIGN_CHUNK = 256  # users added to the graph per step of a rebalance's fill (~50–100 ms of HNSW insertions)
 
 
 def ann_config(settings: Settings) -> AnnConfig:
@@ -47,7 +63,18 @@ class GlobalIndex:
         self.settings = settings
         self.topic = settings.topic("embeddings")
         self.snapshot_dir = snapshot_dir
-        self.index, watermark = AnnIndex.load(snapshot_dir, ann_config(settings))
+        self.index, watermark, arrays = AnnIndex.load_with_arrays(snapshot_dir, ann_config(settings))
+        self.sharded = settings.ann_mode == "sharded"
+        # sharded: every user's vector (the graph holds the shard's); None when replicated (the graph holds all)
+        self.store: VectorStore | None = None
+        # sharded: the partitions whose users the graph holds; None until the first assignment (then the graph
+        # is the snapshot's, and only users already in it are updated in it)
+        self.shard_partitions: set[int] | None = None
+        # sharded: the partitions whose users are all in the graph (what a shard search answers for): the assigned
+        # ones once a rebalance's fill is done
+        self.graph_partitions: set[int] = set()
+        self._filling: asyncio.Task[None] | None = None
+        self._load_store(arrays)
         # rebuilds run on a thread (maybe_rebuild): on the event loop one stopped the worker for 0.3 s at 2,500
         # users, and would for minutes at millions
         self.index.rebuild_in_background = True
@@ -64,20 +91,60 @@ class GlobalIndex:
         if self.versions:
             log.info("index snapshot loaded: %d users, offsets %s", len(self.index), self.offsets)
 
+    def _load_store(self, arrays: dict[str, np.ndarray]) -> None:
+        """The vector store from a snapshot's arrays, in either direction of a mode change: a replicated
+        snapshot's graph holds every vector (the store is made from it); a sharded one's graph holds a shard (a
+        replicated start adds the store's other users to it)."""
+        dim = self.index.config.dim
+        if self.sharded:
+            if arrays:
+                self.store = VectorStore.from_arrays(dim, arrays)
+            else:
+                self.store = VectorStore(dim)
+                users = self.index.users()
+                for user, vector in zip(users.tolist(), self.index.get_many(users.tolist()), strict=True):
+                    self.store.put(user, vector, self.partition_of(user))
+        elif arrays:
+            held = VectorStore.from_arrays(dim, arrays)
+            missing = np.array([u for u in held.users().tolist() if u not in self.index], dtype=np.int64)
+            if len(missing):
+                self.index.upsert(missing, held.get_many(missing.tolist()))
+
+    def partition_of(self, user: int) -> int:
+        return partition_for_user(user, self.settings.partitions)
+
+    def _in_shard(self, user: int, partition: int | None) -> bool:
+        """Whether the user's vector belongs in this worker's graph."""
+        if not self.sharded:
+            return True
+        if self.shard_partitions is None:
+            return user in self.index
+        return (self.partition_of(user) if partition is None else partition) in self.shard_partitions
+
     # ---- applying -------------------------------------------------------------------------------------------
-    def apply(self, record: EmbeddingRecord) -> bool:
-        """Apply one record if it is not older than what the index holds; return whether it changed anything."""
+    def apply(self, record: EmbeddingRecord, partition: int | None = None) -> bool:
+        """Apply one record if it is not older than what the index holds; return whether it changed anything.
+        ``partition``: the user's (the record's topic partition), computed when not given."""
         current = self.versions.get(record.user)
         if current is not None and record.version < current:
             return False
+        in_shard = self._in_shard(record.user, partition)
         if record.vector.size == 0:
+            if self.store is not None:
+                self.store.delete(record.user)
             self.index.delete(np.array([record.user], dtype=np.int64))
         else:
             if current == record.version:
-                held = self.index.get(record.user)
+                held = self.vector(record.user)
                 if held is not None and np.array_equal(held, record.vector):
                     return False
-            self.index.upsert(np.array([record.user], dtype=np.int64), record.vector.reshape(1, -1))
+            if self.store is not None:
+                self.store.put(record.user, record.vector,
+                               self.partition_of(record.user) if partition is None else partition)
+            if in_shard:
+                self.index.upsert(np.array([record.user], dtype=np.int64), record.vector.reshape(1, -1))
+            else:  # a user whose partition moved away since its last vector: not in this graph any more
+                self.index.delete(np.array([record.user], dtype=np.int64))
         self.versions[record.user] = record.version
         self.times[record.user] = record.ts
         self.model_versions[record.user] = record.model_version
@@ -91,8 +158,12 @@ class GlobalIndex:
         fresh = [r for r in records if r.vector.size and r.version >= self.versions.get(r.user, -1)]
         if fresh:
             latest = {r.user: r for r in fresh}  # one per user: the last
-            users = np.fromiter(latest, dtype=np.int64, count=len(latest))
-            self.index.upsert(users, np.stack([latest[int(u)].vector for u in users]))
+            if self.store is not None:
+                for record in latest.values():
+                    self.store.put(record.user, record.vector, self.partition_of(record.user))
+            users = np.fromiter((u for u in latest if self._in_shard(u, None)), dtype=np.int64)
+            if len(users):
+                self.index.upsert(users, np.stack([latest[int(u)].vector for u in users]))
             for record in latest.values():
                 self.versions[record.user] = record.version
                 self.times[record.user] = record.ts
@@ -102,6 +173,58 @@ class GlobalIndex:
         for record in records:
             if not record.vector.size:
                 self.apply(record)
+
+    def assign(self, partitions: set[int]) -> None:
+        """Sharded: the graph follows this worker's partitions (a rebalance): the users of newly assigned
+        partitions are added from the store, the others dropped. Replicated: nothing to do."""
+        if self.store is None:
+            return
+        partitions = set(partitions)
+        if partitions == self.shard_partitions:
+            return
+        if self._filling is not None:  # a previous assignment's fill: this one's replaces it
+            self._filling.cancel()
+            self._filling = None
+        self.shard_partitions = partitions
+        held = self.index.users()
+        held_partitions = self.store.partitions_of(held.tolist())
+        gone = held[~np.isin(held_partitions, np.fromiter(partitions, np.int64, len(partitions)))]
+        if len(gone):
+            self.index.delete(gone)
+        self.graph_partitions &= partitions
+        users, _ = self.store.in_partitions(partitions)
+        new = users[~np.isin(users, held)]
+        log.info("index shard: partitions %s, %d users to add, %d dropped", sorted(partitions), len(new), len(gone))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in a worker (tests, tools): at once
+            loop = None
+        if loop is None or len(new) <= ASSIGN_CHUNK:
+            self._add_to_shard(new)
+            self.graph_partitions = set(partitions)
+        else:
+            self._filling = loop.create_task(self._fill(new, partitions))
+
+    def _add_to_shard(self, users: np.ndarray) -> None:
+        """Add these users' current vectors (from the store) when their partition is still assigned and the graph
+        does not have them yet (a record since may have put a newer one there, or deleted them)."""
+        assert self.store is not None and self.shard_partitions is not None
+        users = np.array([u for u in users.tolist() if u not in self.index], dtype=np.int64)
+        if not len(users):
+            return
+        partitions = self.store.partitions_of(users.tolist())
+        users = users[np.isin(partitions, np.fromiter(self.shard_partitions, np.int64, len(self.shard_partitions)))]
+        if len(users):
+            self.index.upsert(users, self.store.get_many(users.tolist()))
+
+    async def _fill(self, users: np.ndarray, partitions: set[int]) -> None:
+        started = time.perf_counter()
+        for start in range(0, len(users), ASSIGN_CHUNK):
+            self._add_to_shard(users[start:start + ASSIGN_CHUNK])
+            await asyncio.sleep(0)
+        self.graph_partitions = set(partitions)
+        self._filling = None
+        log.info("index shard: %d users added in %.2f s", len(users), time.perf_counter() - started)
 
     def maybe_rebuild(self) -> None:
         """Start a rebuild on a thread if the index's tombstones call for one and none is under way."""
@@ -127,26 +250,31 @@ class GlobalIndex:
         log.info("index rebuilt on a thread: %d users in %.2f s", len(pending.users), time.perf_counter() - started)
 
     # ---- reads ----------------------------------------------------------------------------------------------
+    def __contains__(self, user: int) -> bool:
+        """Whether the user has a vector (in any shard)."""
+        return user in (self.index if self.store is None else self.store)
+
     def users(self) -> list[int]:
-        """Every user with a vector in the index."""
-        return [user for user in self.versions if user in self.index]
+        """Every user with a vector (in any shard)."""
+        return [user for user in self.versions if user in self]
 
     def vector(self, user: int) -> np.ndarray | None:
-        return self.index.get(user)
+        return self.index.get(user) if self.store is None else self.store.get(user)
 
     def vectors(self, users: Sequence[int]) -> np.ndarray:
         """(len(users), dim); a row of NaN for a user without an embedding."""
-        return self.index.get_many(users)
+        return self.index.get_many(users) if self.store is None else self.store.get_many(users)
 
     def describe(self, user: int) -> dict[str, Any] | None:
         version = self.versions.get(user)
-        if version is None or user not in self.index:
+        if version is None or user not in self:
             return None
         return {"version": version, "computed_at": self.times.get(user),
                 "model_version": self.model_versions.get(user)}
 
     def neighbours(self, user: int, k: int, exclude: set[int] | None = None) -> list[tuple[int, float]]:
-        vector = self.index.get(user)
+        """The user's top k in this worker's graph: every user's when replicated, this shard's when sharded."""
+        vector = self.vector(user)
         if vector is None:
             return []
         return self.index.search(vector, k, exclude={user} | (exclude or set()))
@@ -158,7 +286,7 @@ class GlobalIndex:
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "versions": {str(u): v for u, v in self.versions.items()},
             "times": {str(u): t for u, t in self.times.items()},
-        })
+        }, arrays=self.store.arrays() if self.store is not None else None)
         self.last_snapshot = time.monotonic()
         log.info("index snapshot: %d users in %.2f s", len(self.index), time.perf_counter() - started)
 
@@ -177,7 +305,7 @@ class GlobalIndex:
                 for tp, records in batches.items():
                     for record in records:
                         if record.value is not None:
-                            self.apply(EmbeddingRecord.decode(record.value))
+                            self.apply(EmbeddingRecord.decode(record.value), tp.partition)
                         self.offsets[tp.partition] = record.offset + 1
                 if not self.caught_up.is_set() and all(self.offsets.get(tp.partition, 0) >= end
                                                        for tp, end in ends.items()):

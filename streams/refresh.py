@@ -35,6 +35,7 @@ once the input has caught up).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
@@ -47,10 +48,10 @@ from pymk.events import Impression, Recommendations
 from pymk.index.embedder import Embedder, salt_for_version
 from pymk.index.records import EmbeddingRecord
 from pymk.index.tower_index import TowerSpaceIndex
-from pymk.ranking.candidates import CandidateConfig
+from pymk.ranking.candidates import CandidateConfig, default_filters
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder
 from pymk.ranking.impressions import shown_impressions, unshown_impressions
-from pymk.ranking.incremental import IncrementalLists, ListCacheConfig
+from pymk.ranking.incremental import ANN_SPARES, IncrementalLists, ListCacheConfig
 from pymk.ranking.recommend import (
     ScoredCandidates,
     rank_scored,
@@ -60,6 +61,7 @@ from pymk.ranking.recommend import (
 )
 from pymk.ranking.two_tower import blend_scores
 from pymk.settings import Settings
+from pymk.streams.ann_shards import ShardedAnn
 from pymk.streams.global_index import GlobalIndex, ann_config
 from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
@@ -178,6 +180,9 @@ class Refresher:
     lists: IncrementalLists | None = None  # the kept lists (set in __init__ unless PYMK_LIST_CACHE_BYTES=0)
 
     _embed_credit_s = 0.0  # re-embedding time earned by lists while lists are owed (embed_alongside_lists)
+
+    # PYMK_ANN_MODE=sharded: Stage 1's ANN gathered from every worker's shard (streams/ann_shards.py); set by the app
+    shards: ShardedAnn | None = None
 
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
                  profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf,
@@ -308,7 +313,7 @@ class Refresher:
             for u in sorted(set(due) - set(users)):
                 state.work.embedded(u)
                 previous = state.embeddings.get(u)
-                if (previous is not None and previous.vector.size) or (previous is None and u in self.index.index):
+                if (previous is not None and previous.vector.size) or (previous is None and u in self.index):
                     deletion = EmbeddingRecord(u, self._next_version(state, u), now_ms, self.models.embedding_model,
                                                np.empty(0, dtype=np.float32))
                     state.embeddings.put(deletion)
@@ -399,6 +404,35 @@ class Refresher:
         return records
 
     # ---- 3. lists -----------------------------------------------------------------------------------------------
+    async def prefetch_ann(self, states: Sequence[PartitionState], now_ms: int) -> None:
+        """Sharded ANN: the ANN answers of the next ``ann_shard_batch`` owed users (in the lanes' order),
+        gathered from every shard and awaited, so the event loop serves the peers' requests meanwhile; then
+        :meth:`refresh_due` ranks only users prefetched (the others wait for the next slice). Asked with
+        Stage 1's exclusions, for ann_k + ANN_SPARES (what the kept lists may ask)."""
+        if self.shards is None or self.tower_index is not None:
+            return
+        states = list(states)
+        held = [state.work.owed_arrays() for state in states]
+        if not held or not sum(len(users) for _, _, users in held):
+            return
+        users = np.concatenate([users for _, _, users in held])
+        state_at = np.repeat(np.arange(len(states)), [len(users) for _, _, users in held])
+        stale, fresh = refresh_lanes(np.concatenate([first for first, _, _ in held]),
+                                     np.concatenate([last for _, last, _ in held]), users, now_ms,
+                                     self.settings.refresh_max_staleness_ms)
+        filters = default_filters(self.candidates)
+        wanted = []
+        # the order refresh_due serves them in: the stale lane's share, the fresh lane, then the rest of the stale
+        batch = self.settings.ann_shard_batch
+        share = math.ceil(batch * self.settings.refresh_stale_share)
+        for position in np.concatenate([stale[:share], fresh, stale[share:]])[:batch].tolist():
+            user, state = int(users[position]), states[state_at[position]]
+            source = WorkerRankingSource(state, self.index, self.degree_of, self.profile_of, self.activity_of,
+                                         self.most_active_of, facts=self.facts)
+            as_of = state.event_time_ms or now_ms
+            wanted.append((user, frozenset().union(*(f.excluded(user, source, as_of) for f in filters))))
+        await self.shards.prefetch(wanted, self.candidates.ann_k + ANN_SPARES)
+
     def refresh_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
                     idle: bool = False, catching_up: bool = False) -> list[tuple[Recommendations, list[Impression]]]:
         """The lists owed, as (list, its impressions), by lane (see the module doc) within the time budget.
@@ -422,6 +456,7 @@ class Refresher:
                 budget_s = max(budget_s, settings.refresh_idle_budget_ms / 1000.0 - self._embed_spent_s)
         out: list[tuple[Recommendations, list[Impression]]] = []
         done = np.zeros(len(user_at), bool)  # by position
+        sharded = self.shards is not None and self.tower_index is None
 
         def serve(positions: np.ndarray, until_s: float) -> None:
             for position in positions.tolist():
@@ -430,6 +465,8 @@ class Refresher:
                 if out and time.perf_counter() - started > until_s:  # at least one list per flush
                     return
                 user, state, first = int(user_at[position]), states[state_index_at[position]], int(first_at[position])
+                if sharded and user not in self.shards.ready:  # type: ignore[union-attr]
+                    continue  # its ANN answer was not gathered: the next slice's prefetch asks for it
                 done[position] = True
                 try:
                     out.append(self.rank(state, user, now_ms))
@@ -448,6 +485,8 @@ class Refresher:
         serve(stale, budget_s * settings.refresh_stale_share)
         serve(fresh, budget_s)
         serve(stale, budget_s)  # what the fresh lane left
+        if self.shards is not None:
+            self.shards.clear()  # a later slice asks again: the shards move meanwhile
         left = first_at[~done]
         self.stats.last_delays_ms = self.stats.last_delays_ms[-1000:]
         self.stats.refreshed += len(out)
@@ -467,6 +506,8 @@ class Refresher:
                                      self.most_active_of, facts=self.facts)
         if self.tower_index is not None:
             source.ann = self._tower_space_search(source)
+        elif self.shards is not None:
+            source.ann = self.shards.ann
         # ranked as of the partition's event time (a replay ranks as live traffic did); published now
         as_of = state.event_time_ms or now_ms
         scorer = self.models.scorer

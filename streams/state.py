@@ -321,7 +321,11 @@ class WorkerState:
                 # While the input keeps up, the slices between flushes embed and rank (refresh_now): the flush only
                 # sends and writes, so it blocks the event loop for tens of milliseconds, not for a budget of lists.
                 if self.between_flushes_max_backlog is None or backlog > self.between_flushes_max_backlog:
-                    outgoing.extend(self._refresh_outputs(idle=not self.unacked, backlog=backlog))
+                    try:
+                        outgoing.extend(await self._refresh_outputs(idle=not self.unacked, backlog=backlog))
+                    except BaseException:  # cancelled while gathering ANN shards: what was taken goes next time
+                        self.unsent[:0] = outgoing
+                        raise
             refreshed_at, refresh_records = time.perf_counter(), len(outgoing)
             # 1. outboxes
             outgoing.extend(self._take_outboxes(self.owned.values()))
@@ -381,6 +385,11 @@ class WorkerState:
                 self.refresher.collect(state, now_ms)
             if any(state.work.has_refreshes() for state in states):
                 out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, new_only=True))
+                try:  # sharded ANN: awaited, so the loop serves the peers' shard searches (streams/ann_shards.py)
+                    await self.refresher.prefetch_ann(states, now_ms)
+                except BaseException:
+                    self.unsent.extend(messages + out)
+                    raise
                 lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
                 out.extend(self._list_outputs(lists))
                 out.extend(self._embedding_outputs(self.refresher.embed_alongside_lists(states, now_ms)))
@@ -486,7 +495,7 @@ class WorkerState:
             state.forward.clear()
         return outgoing
 
-    def _refresh_outputs(self, idle: bool, backlog: int) -> list[Outgoing]:
+    async def _refresh_outputs(self, idle: bool, backlog: int) -> list[Outgoing]:
         """``idle``: nothing was applied since the last flush (the budgets may grow); ``backlog``: input not
         applied yet (past a limit the budgets shrink, see streams/refresh.py)."""
         assert self.refresher is not None and self.topics is not None
@@ -496,6 +505,11 @@ class WorkerState:
             self.refresher.collect(state, now_ms)
         catching_up = self.refresher.observe_input_backlog(backlog)
         out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, idle=idle, catching_up=catching_up))
+        try:
+            await self.refresher.prefetch_ann(states, now_ms)
+        except BaseException:
+            self.unsent.extend(out)
+            raise
         out.extend(self._list_outputs(self.refresher.refresh_due(states, now_ms, idle=idle, catching_up=catching_up)))
         return out
 

@@ -320,6 +320,9 @@ class SliceRefresher:
     def embed_alongside_lists(self, states: Any, now_ms: int) -> list[Any]:
         return []
 
+    async def prefetch_ann(self, states: Any, now_ms: int) -> None:
+        pass
+
     def refresh_due(self, states: Any, now_ms: int, budget_s: float | None = None, **kwargs: Any) -> list[Any]:
         out = []
         for state in states:
