@@ -47,6 +47,11 @@ may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is activ
 (``rough_cut``); the source lacks the batch reads this path needs (``source``). A moved popular list or own
 embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
 
+**Memory**: an entry holds its feature matrix packed between updates (:class:`PackedMatrix`: constant columns
+once, float32-exact columns as float32, bits compared per column, so the matrix unpacked is the same bits); an
+update unpacks it, and the served :class:`ScoredCandidates` takes the unpacked matrix (no copy). The cache is LRU
+by these bytes (:meth:`ListEntry.measure`).
+
 What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
 neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), with
 a source without stamps the candidates' profile columns (a profile read per row cost more than the rest of the
@@ -283,6 +288,51 @@ def _as_of_kernel(scorer: Scorer, points: SplitPoints | None) -> _AsOfKernel | N
 
 
 # ---- the cache ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedMatrix:
+    """A kept feature matrix at rest, bit for bit and in fewer bytes: a column whose every value has the same bits is
+    held once (the query-level columns, the structure columns a ranker without them leaves at 0), a column whose
+    every value survives float64 → float32 → float64 with its bits (counts, flags, the float32 cosine) as float32,
+    the others as float64. Decided per column by comparing bits, so :meth:`unpack` gives back the very matrix."""
+
+    shape: tuple[int, int]
+    constant: np.ndarray  # column indices
+    constant_values: np.ndarray  # (len(constant),) float64
+    narrow: np.ndarray
+    narrow_values: np.ndarray  # (n, len(narrow)) float32
+    wide: np.ndarray
+    wide_values: np.ndarray  # (n, len(wide)) float64
+
+    @classmethod
+    def of(cls, X: np.ndarray) -> PackedMatrix:
+        n, m = X.shape
+        if n == 0:
+            none = np.empty(0, np.int64)
+            return cls((n, m), none, np.empty(0), none, np.empty((0, 0), np.float32), none, np.empty((0, 0)))
+        bits = X.view(np.int64)
+        same = (bits == bits[0]).all(axis=0)
+        narrow_all = X.astype(np.float32)
+        exact32 = (narrow_all.astype(np.float64).view(np.int64) == bits).all(axis=0)
+        constant = np.flatnonzero(same)
+        narrow = np.flatnonzero(~same & exact32)
+        wide = np.flatnonzero(~same & ~exact32)
+        return cls((n, m), constant, X[0, constant].copy(), narrow, np.ascontiguousarray(narrow_all[:, narrow]), wide,
+                   np.ascontiguousarray(X[:, wide]))
+
+    def unpack(self) -> np.ndarray:
+        out = np.empty(self.shape)
+        if self.shape[0]:
+            out[:, self.constant] = self.constant_values
+            out[:, self.narrow] = self.narrow_values
+            out[:, self.wide] = self.wide_values
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return (self.constant_values.nbytes + self.narrow_values.nbytes + self.wide_values.nbytes
+                + 8 * (len(self.constant) + len(self.narrow) + len(self.wide)))
+
+
 @dataclass
 class ListEntry:
     """One user's kept list (see the module doc). Per-row arrays are in the candidates' row order."""
@@ -293,7 +343,9 @@ class ListEntry:
     built_at: int  # wall clock (ms) of the full build: the age bound's clock
     as_of: int  # of the last update
     candidates: CandidateSet
-    features: np.ndarray  # (n, N_FEATURES); the as-of columns of a row not re-scored are as of an older time
+    # (n, N_FEATURES) while an update works on it, else None and ``packed`` holds it; the as-of columns of a row not
+    # re-scored are as of an older time
+    features: np.ndarray | None
     scores: np.ndarray  # (n,) float64
     valid_until: np.ndarray  # (n,) int64: the row's score stands for as-of times below this
     activity: ActivityTable  # the candidates' held activity, as last read
@@ -326,13 +378,30 @@ class ListEntry:
     kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
     maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
     handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
+    packed: PackedMatrix | None = None  # the feature matrix at rest (between updates)
+
+    def pack(self) -> None:
+        """The matrix to its packed form (kept lists hold it so; an update unpacks it)."""
+        if self.features is not None:
+            self.packed = PackedMatrix.of(self.features)
+            self.features = None
+
+    def unpack(self) -> np.ndarray:
+        """The full matrix, to work on (the entry holds it until :meth:`pack`)."""
+        if self.features is None:
+            assert self.packed is not None
+            self.features = self.packed.unpack()
+            self.packed = None
+        return self.features
 
     def measure(self) -> int:
         c = self.candidates
         arrays = (c.ids, c.common_neighbor_count, c.adamic_adar_score, c.ann_score, c.from_graph, c.from_ann,
-                  self.features, self.scores, self.valid_until, self.activity.values, self.activity.anchors,
+                  self.scores, self.valid_until, self.activity.values, self.activity.anchors,
                   self.activity.known, self.view_latest, self.has_view)
         total = sum(a.nbytes for a in arrays) + (0 if c.from_popular is None else c.from_popular.nbytes)
+        total += self.features.nbytes if self.features is not None else 0
+        total += self.packed.nbytes if self.packed is not None else 0
         total += len(self.scores) * 16  # id_order and handles, kept once asked (int64 a row each)
         if self.maps is not None:  # the user's views and co-engagements (~100 B an entry in a dict)
             total += 100 * (len(self.maps[2]) + len(self.maps[3]))
@@ -422,6 +491,7 @@ class IncrementalLists:
     def describe(self) -> dict[str, Any]:
         s = self.stats
         return {"bytes": self.bytes, "max_bytes": self.config.max_bytes, "entries": len(self.entries),
+                "bytes_per_entry": round(self.bytes / len(self.entries)) if self.entries else None,
                 "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
                 "full_builds": dict(sorted(s.full_builds.items())),
                 "hit_share": round(s.hits / (s.hits + sum(s.full_builds.values())), 4)
@@ -456,14 +526,18 @@ class IncrementalLists:
         if reason is None:
             assert entry is not None
             self.entries.move_to_end(user)
+            entry.unpack()
             result = self._update(entry, source, scorer, config, as_of_ms, k, builder)
             if isinstance(result, str):
                 reason = result
             else:
                 if exact_features:
                     self._bring_to(entry, np.arange(len(entry.scores)), as_of_ms)
+                features = entry.features
+                assert features is not None
+                self._repack(entry)  # the entry keeps its packed copy; the caller gets the matrix
                 spent = time.perf_counter() - started
-                scored = ScoredCandidates(entry.candidates, entry.features.copy(), entry.scores.copy(), result,
+                scored = ScoredCandidates(entry.candidates, features, entry.scores.copy(), result,
                                           {"incremental": spent * 1e3})
         if scored is None:
             assert reason is not None
@@ -487,13 +561,14 @@ class IncrementalLists:
         entry = self.entries.get(user)
         if entry is None or self.last_path != "incremental" or entry.as_of != as_of_ms:
             return scored  # a full build's matrix is exact
-        if rows is None:
-            self._bring_to(entry, np.arange(len(entry.scores)), as_of_ms)
-            return replace(scored, features=entry.features.copy())
-        index = np.asarray(rows, np.int64)
-        self._bring_to(entry, index, as_of_ms)
+        # on a copy of the served matrix: the kept one stays as it is (these rows' scores stand, bins unchanged)
         features = scored.features.copy()
-        features[index] = entry.features[index]
+        entry.features, entry.packed, packed = features, None, entry.packed
+        try:
+            self._bring_to(entry, np.arange(len(entry.scores)) if rows is None else np.asarray(rows, np.int64),
+                           as_of_ms)
+        finally:
+            entry.features, entry.packed = None, packed
         return replace(scored, features=features)
 
     def _shadow(self, user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer,
@@ -671,7 +746,6 @@ class IncrementalLists:
             # a row that left the 2-hop set stays only for its other sources
             keep &= in_pool | c.from_ann | (c.from_popular if c.from_popular is not None else False)
             added = pool[~np.isin(pool, c.ids)]
-        n_old = len(c.ids)
         if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
             return "rough_cut"
         if not keep.all():
@@ -822,11 +896,14 @@ class IncrementalLists:
         e.as_of = as_of
         e.updates += 1
         e.graph_changed = e.views_changed = False
-        if n != n_old or graph_changed:
-            self.bytes -= e.nbytes
-            self.bytes += e.measure()
-            self._evict()
         return top
+
+    def _repack(self, e: ListEntry) -> None:
+        """Pack the entry's matrix again after an update and account for its bytes (rows may have come and gone)."""
+        e.pack()
+        self.bytes -= e.nbytes
+        self.bytes += e.measure()
+        self._evict()
 
     @staticmethod
     def _keep_rows(e: ListEntry, index: np.ndarray) -> None:
@@ -961,6 +1038,7 @@ class IncrementalLists:
     # ---- memory ------------------------------------------------------------------------------------------------
     def _keep(self, entry: ListEntry) -> None:
         self._drop(entry.user)
+        entry.pack()
         size = entry.measure()
         if size > self.config.max_bytes:
             return

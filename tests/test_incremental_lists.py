@@ -365,3 +365,27 @@ def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> 
     assert np.array_equal(compiled.features.view(np.int64), plain.features.view(np.int64))  # NaNs included
     assert np.max(np.abs(until_compiled - until_plain)) <= 1
     assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
+
+
+def test_a_packed_matrix_unpacks_bit_for_bit_in_fewer_bytes() -> None:
+    """Constant columns once, float32-exact columns as float32, the rest float64: the same bits back (NaN, -0.0,
+    values one float32 step off included), and no more bytes than the matrix."""
+    from pymk.ranking.incremental import PackedMatrix
+
+    rng = np.random.default_rng(5)
+    n = 300
+    X = np.column_stack([
+        np.full(n, 0.25), np.zeros(n), np.full(n, np.nan),  # constant (a query-level column, an unread one, NaN)
+        rng.integers(0, 40, n).astype(np.float64),  # counts: float32-exact
+        rng.normal(size=n).astype(np.float32).astype(np.float64),  # a float32 cosine
+        rng.normal(size=n),  # float64
+        np.where(rng.random(n) < 0.5, np.nan, rng.exponential(size=n)),  # NaN and float64
+        np.where(rng.random(n) < 0.5, -0.0, 0.0),  # same value, other bits: not constant
+    ])
+    X[7, 4] = np.nextafter(X[7, 4], np.inf)  # one value off float32: the column goes wide
+    packed = PackedMatrix.of(X)
+    assert np.array_equal(packed.unpack().view(np.int64), X.view(np.int64))
+    assert packed.constant.tolist() == [0, 1, 2] and packed.narrow.tolist() == [3, 7]
+    assert packed.nbytes < X.nbytes * 0.7
+    empty = PackedMatrix.of(np.empty((0, 5)))
+    assert empty.unpack().shape == (0, 5)
