@@ -47,10 +47,11 @@ may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is activ
 (``rough_cut``); the source lacks the batch reads this path needs (``source``). A moved popular list or own
 embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
 
-**Memory**: an entry holds its feature matrix packed between updates (:class:`PackedMatrix`: constant columns
-once, float32-exact columns as float32, bits compared per column, so the matrix unpacked is the same bits); an
-update unpacks it, and the served :class:`ScoredCandidates` takes the unpacked matrix (no copy). The cache is LRU
-by these bytes (:meth:`ListEntry.measure`).
+**Memory**: the cache is LRU by bytes (:meth:`ListEntry.measure`). Past its budget it first packs the feature
+matrices of the least recently used entries (:class:`PackedMatrix`: constant columns once, float32-exact columns as
+float32, decided by comparing bits, so the matrix unpacked is the same bits; ~2/3 of the bytes of a list), and
+evicts entries only when every entry is packed. An update unpacks its entry's matrix (~0.1 ms); packing (~0.3 ms)
+is paid only under memory pressure, so a cache with room keeps every matrix as it is.
 
 What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
 neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), with
@@ -381,7 +382,7 @@ class ListEntry:
     packed: PackedMatrix | None = None  # the feature matrix at rest (between updates)
 
     def pack(self) -> None:
-        """The matrix to its packed form (kept lists hold it so; an update unpacks it)."""
+        """The matrix to its packed form (under memory pressure; an update unpacks it)."""
         if self.features is not None:
             self.packed = PackedMatrix.of(self.features)
             self.features = None
@@ -416,6 +417,7 @@ class ListCacheStats:
     misses: int = 0  # lists with no entry
     full_builds: dict[str, int] = field(default_factory=dict)  # full Stage 1 runs by reason (miss included)
     evictions: int = 0
+    packs: int = 0  # feature matrices packed under memory pressure (PackedMatrix)
     rows_rescored: int = 0  # rows predicted again by incremental updates
     rows_kept: int = 0  # rows whose score stood
     shadow_checked: int = 0
@@ -456,6 +458,7 @@ class IncrementalLists:
     def __init__(self, config: ListCacheConfig | None = None) -> None:
         self.config = config or ListCacheConfig()
         self.entries: OrderedDict[int, ListEntry] = OrderedDict()
+        self._unpacked: OrderedDict[int, None] = OrderedDict()  # the entries whose matrix is not packed, LRU first
         self.bytes = 0
         self.stats = ListCacheStats()
         self.last_path = ""  # "incremental" or "full:<reason>" of the last score() (benches, logs)
@@ -486,12 +489,14 @@ class IncrementalLists:
 
     def clear(self) -> None:
         self.entries.clear()
+        self._unpacked.clear()
         self.bytes = 0
 
     def describe(self) -> dict[str, Any]:
         s = self.stats
         return {"bytes": self.bytes, "max_bytes": self.config.max_bytes, "entries": len(self.entries),
                 "bytes_per_entry": round(self.bytes / len(self.entries)) if self.entries else None,
+                "packed_entries": len(self.entries) - len(self._unpacked), "packs": s.packs,
                 "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
                 "full_builds": dict(sorted(s.full_builds.items())),
                 "hit_share": round(s.hits / (s.hits + sum(s.full_builds.values())), 4)
@@ -527,15 +532,17 @@ class IncrementalLists:
             assert entry is not None
             self.entries.move_to_end(user)
             entry.unpack()
+            self._unpacked[user] = None
+            self._unpacked.move_to_end(user)
             result = self._update(entry, source, scorer, config, as_of_ms, k, builder)
             if isinstance(result, str):
                 reason = result
             else:
                 if exact_features:
                     self._bring_to(entry, np.arange(len(entry.scores)), as_of_ms)
-                features = entry.features
-                assert features is not None
-                self._repack(entry)  # the entry keeps its packed copy; the caller gets the matrix
+                assert entry.features is not None
+                features = entry.features.copy()
+                self._remeasure(entry)  # rows may have come and gone; past the budget, others are packed
                 spent = time.perf_counter() - started
                 scored = ScoredCandidates(entry.candidates, features, entry.scores.copy(), result,
                                           {"incremental": spent * 1e3})
@@ -561,14 +568,16 @@ class IncrementalLists:
         entry = self.entries.get(user)
         if entry is None or self.last_path != "incremental" or entry.as_of != as_of_ms:
             return scored  # a full build's matrix is exact
-        # on a copy of the served matrix: the kept one stays as it is (these rows' scores stand, bins unchanged)
+        # on a copy of the served matrix: the kept one (maybe packed since) stays as it is (these rows' scores
+        # stand, their bins unchanged)
         features = scored.features.copy()
-        entry.features, entry.packed, packed = features, None, entry.packed
+        held = entry.features, entry.packed
+        entry.features, entry.packed = features, None
         try:
             self._bring_to(entry, np.arange(len(entry.scores)) if rows is None else np.asarray(rows, np.int64),
                            as_of_ms)
         finally:
-            entry.features, entry.packed = None, packed
+            entry.features, entry.packed = held
         return replace(scored, features=features)
 
     def _shadow(self, user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer,
@@ -898,9 +907,8 @@ class IncrementalLists:
         e.graph_changed = e.views_changed = False
         return top
 
-    def _repack(self, e: ListEntry) -> None:
-        """Pack the entry's matrix again after an update and account for its bytes (rows may have come and gone)."""
-        e.pack()
+    def _remeasure(self, e: ListEntry) -> None:
+        """Account for the entry's bytes again after an update; within the budget again."""
         self.bytes -= e.nbytes
         self.bytes += e.measure()
         self._evict()
@@ -1038,22 +1046,38 @@ class IncrementalLists:
     # ---- memory ------------------------------------------------------------------------------------------------
     def _keep(self, entry: ListEntry) -> None:
         self._drop(entry.user)
-        entry.pack()
         size = entry.measure()
         if size > self.config.max_bytes:
-            return
+            entry.pack()
+            size = entry.measure()
+            if size > self.config.max_bytes:
+                return
         self.entries[entry.user] = entry
+        if entry.features is not None:
+            self._unpacked[entry.user] = None
         self.bytes += size
         self._evict()
 
     def _drop(self, user: int) -> None:
         old = self.entries.pop(user, None)
+        self._unpacked.pop(user, None)
         if old is not None:
             self.bytes -= old.nbytes
 
     def _evict(self) -> None:
-        while self.bytes > self.config.max_bytes and len(self.entries) > 1:
-            _, old = self.entries.popitem(last=False)
+        """Past the budget: pack the least recently used unpacked matrices, then evict the least recent entries."""
+        while self.bytes > self.config.max_bytes:
+            if self._unpacked:
+                user, _ = self._unpacked.popitem(last=False)
+                entry = self.entries[user]
+                before = entry.nbytes
+                entry.pack()
+                self.bytes += entry.measure() - before
+                self.stats.packs += 1
+                continue
+            if len(self.entries) <= 1:
+                return
+            user, old = self.entries.popitem(last=False)
             self.bytes -= old.nbytes
             self.stats.evictions += 1
 

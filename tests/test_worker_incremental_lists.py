@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_incremental_lists import assert_same
+from test_incremental_lists import assert_same, squeeze
 
 from pymk.bench.rank import SHIPPED_RANKER
 from pymk.bench.worker_list import WorkerWorld, _route, build_world
@@ -61,14 +61,16 @@ EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss",
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 1_000), events=st.lists(EVENT, min_size=1, max_size=12), config=st.sampled_from(CONFIGS))
+@given(seed=st.integers(0, 1_000), events=st.lists(EVENT, min_size=1, max_size=12), config=st.sampled_from(CONFIGS),
+       tight=st.booleans())
 def test_worker_incremental_lists_equal_the_full_path(ranker: Ranker, tmp_path_factory: pytest.TempPathFactory,
-                                                      seed: int, events: list, config: CandidateConfig) -> None:  # type: ignore[type-arg]
+                                                      seed: int, events: list, config: CandidateConfig,  # type: ignore[type-arg]
+                                                      tight: bool) -> None:
     """Events of local and remote users (connections, views, engagements, dismissals, profile edits, embedding
     records of anyone) reach the worker as they do live: applied at their partition, the partitions' messages and
     user-globals records carried, the refresher's collect; after each, every kept list of a set of local users,
     served by the update through the worker's source and its stamps, equals the full path over the state read
-    directly (no fact slots), row for row and bit for bit."""
+    directly (no fact slots), row for row and bit for bit; ``tight``: with the kept matrices packed between updates."""
     world = build_world(tmp_path_factory.mktemp("world"), USERS, partitions=2, seed=seed % 7)
     refresher = world.refresher()
     assert isinstance(source_of(world, refresher), ChangeStampSource)
@@ -80,6 +82,8 @@ def test_worker_incremental_lists_equal_the_full_path(ranker: Ranker, tmp_path_f
     as_of = world.event_time_ms
     for user in watched:
         lists.score(user, source_of(world, refresher), ranker, config, as_of, 20, builder)
+    if tight:
+        squeeze(lists)
     served = 0
     for kind, a, b, step in events:
         as_of += step
