@@ -93,6 +93,7 @@ from pymk.ranking.source import (
     ActivitySource,
     ActivityTable,
     ActivityTableSource,
+    AnnStampSource,
     ChangeStampSource,
     IdArraySource,
     PopularSource,
@@ -372,6 +373,7 @@ class ListEntry:
     # ChangeStampSource: the source's stamp when the rows were last read (-1: the source has none), and the user's
     # behaviour stamp then; without them every update re-reads every row
     stamp: int = -1
+    ann_stamp: int = -1  # AnnStampSource's stamp when the ANN answer was last asked (-1: the source has none)
     views_stamp: int = -1
     engagement_stamp: int = -1
     query_degree: int = -1  # the user's degree the graph columns were computed with
@@ -660,6 +662,8 @@ class IncrementalLists:
         entry.valid_until = self._fresh_validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
         entry.query_degree = source.degree(user)
+        if implements(source, AnnStampSource):
+            entry.ann_stamp = source.ann_stamp()
         if implements(source, ChangeStampSource):
             entry.stamp = source.change_stamp()
             entry.views_stamp, entry.engagement_stamp = source.views_stamp(user), source.co_engagement_stamp(user)
@@ -680,20 +684,31 @@ class IncrementalLists:
         vector = None if vector is None else np.asarray(vector, np.float32)
         query_moved = (vector is None) != (e.query_embedding is None) or (
             vector is not None and not np.array_equal(vector, e.query_embedding))
-        if (popular != e.popular or query_moved) and (e.graph_cut or e.rough_cut):
+        # some embedding moved since the ANN answer was asked (AnnStampSource): asked again, and when it differs
+        # from the kept ANN rows it changes them in place as a moved own embedding does
+        ann_stamp = source.ann_stamp() if implements(source, AnnStampSource) else -1
+        answer: list[tuple[int, float]] | None = None
+        if query_moved or (config.ann_k and ann_stamp >= 0 and ann_stamp != e.ann_stamp):
+            answer = list(source.ann_neighbours(user, config.ann_k, excluded))[: config.ann_k] if config.ann_k else []
+        ann_moved = query_moved or (answer is not None and not _same_ann(answer, c))
+        if (popular != e.popular or ann_moved) and (e.graph_cut or e.rough_cut):
             # a new popular or ANN user may be a 2-hop user below the cut, or fall to the rough cut
-            return "popular" if popular != e.popular else "query_embedding"
+            return ("popular" if popular != e.popular else "query_embedding" if query_moved else "ann_moved")
+        if answer is not None:  # the spares kept past ann_k were asked of the index as it was
+            e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
+        e.ann_stamp = ann_stamp
         newly = excluded - e.excluded
         keep = (~np.isin(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
                 else np.ones(len(c.ids), bool))
         dropped = ~keep
         ann_new: dict[int, float] | None = None  # the ANN answer now, when it moved
-        if query_moved:  # the user's own embedding moved: its ANN answer is asked again
-            answer = list(source.ann_neighbours(user, config.ann_k, excluded))[: config.ann_k] if config.ann_k else []
+        if ann_moved:  # the user's own embedding, or others', moved: the ANN answer asked again
+            assert answer is not None
             ann_new = {int(u): float(x) for u, x in answer}
             e.ann_full = config.ann_k > 0 and len(answer) >= config.ann_k
             e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
-            e.query_embedding = None if vector is None else vector.copy()
+            if query_moved:
+                e.query_embedding = None if vector is None else vector.copy()
         promoted: list[tuple[int, float]] = []  # ANN neighbours that come in for dropped ANN rows
         if dropped.any() and ann_new is None:
             if e.graph_cut and (dropped & c.from_graph).any():
@@ -1100,6 +1115,21 @@ def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, exclu
     if not np.array_equal(c.ann_score[rows], cos[: config.ann_k]):
         return np.empty(0, np.int64), np.empty(0)
     return ids, cos
+
+
+def _same_ann(answer: Sequence[tuple[int, float]], c: CandidateSet) -> bool:
+    """Whether ``answer`` (an ANN answer, best first) is the kept ANN rows with their cosines."""
+    mine = c.ids[c.from_ann]
+    if len(answer) != len(mine):
+        return False
+    ids = np.fromiter((int(u) for u, _ in answer), np.int64, len(answer))
+    cos = np.fromiter((float(x) for _, x in answer), np.float64, len(answer))
+    order = np.argsort(ids)
+    if not np.array_equal(ids[order], np.sort(mine)):
+        return False
+    row_of = np.argsort(c.ids)
+    rows = row_of[np.searchsorted(c.ids[row_of], ids)]
+    return bool(np.array_equal(c.ann_score[rows], cos))
 
 
 def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[int, Any], Mapping[int, int]]:

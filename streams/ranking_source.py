@@ -262,6 +262,9 @@ class WorkerRankingSource:
             return np.ones(len(handles), bool)
         return self.facts.changed_since(handles, stamp, part)
 
+    def ann_stamp(self) -> int:  # AnnStampSource: the index's latest change, as the fact slots heard it
+        return self.facts.embeddings_stamp if self.facts is not None else CHANGE_CLOCK.tick()
+
     def views_stamp(self, user: int) -> int:
         return self.behaviour.views_stamp(user)
 

@@ -48,6 +48,7 @@ class UserFacts:
         self.facts_of = facts_of
         self.reads = 0  # users read from the state (misses), for tests and /stats
         self.clock = clock
+        self.embeddings_stamp = clock.tick()  # of the latest change of any user's embedding (embeddings_changed)
         self._capacity = capacity
         self.clear()
 
@@ -83,13 +84,12 @@ class UserFacts:
         """The index's listener (:attr:`pymk.streams.global_index.GlobalIndex.listeners`): these users' vectors
         changed (or were deleted)."""
         slot_of, column = self._index.get, self._stamp["embedding"]
-        stamp = 0
+        stamp = self.embeddings_stamp = self.clock.tick()  # any ANN answer may move (AnnStampSource)
         for user in users:
             slot = slot_of(user)
             if slot is not None:
-                column[slot] = stamp = stamp or self.clock.tick()
-        if stamp:
-            self._part_latest["embedding"] = stamp
+                column[slot] = stamp
+                self._part_latest["embedding"] = stamp
 
     def _grow(self) -> None:
         size = 2 * len(self._valid)

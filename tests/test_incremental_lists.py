@@ -49,6 +49,7 @@ class UnstampedSource(MemorySource):
     changed_since = None  # type: ignore[assignment]
     views_stamp = None  # type: ignore[assignment]
     co_engagement_stamp = None  # type: ignore[assignment]
+    ann_stamp = None  # type: ignore[assignment]
 
 
 def small_source(seed: int, stamped: bool = True) -> MemorySource:
@@ -126,9 +127,11 @@ def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events
             source.add_dismissal(a, b, as_of)
         elif kind == "embed":  # a's own embedding moves: its ANN answer is asked again, in place
             source.set_embedding(a, np.random.default_rng(b + step).normal(size=8).astype(np.float32))
-            # the other kept lists' ANN answers may move too: what only the age bound limits (module doc)
-            lists.invalidate(set(range(USERS)) - {a})
-            touched = {a}
+            if stamped:  # the other kept lists ask their ANN answer again (AnnStampSource) and follow it in place
+                touched = set(range(USERS))
+            else:  # without stamps, their ANN answers may move: what only the age bound limits (module doc)
+                lists.invalidate(set(range(USERS)) - {a})
+                touched = {a}
         elif kind == "profile":  # b's profile edit: in every kept list that holds b (the stamps tell), b's own full
             source.set_profile(b, Profile(company=f"c{step % 3}", skills=(f"s{a % 4}",), title="data engineer"))
             if stamped:

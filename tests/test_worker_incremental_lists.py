@@ -33,7 +33,7 @@ USERS = 150
 DAY = 86_400_000
 ITEMS = 6
 # without ANN (every candidate's embedding change must then reach the kept lists through the stamps), and with a
-# small graph_k and ANN slots (cuts, spares and the ANN answer's own staleness, bounded by invalidation below)
+# small graph_k and ANN slots (cuts, spares, and ANN answers that move with anyone's embedding)
 CONFIGS = [CandidateConfig(graph_k=400, ann_k=0, popular_k=3, max_candidates=600),
            CandidateConfig(graph_k=12, ann_k=6, popular_k=3, max_candidates=200)]
 
@@ -105,9 +105,8 @@ def test_worker_incremental_lists_equal_the_full_path(ranker: Ranker, tmp_path_f
                       np.empty(0, np.float32))
             if vector.size:
                 vector /= np.linalg.norm(vector)
+            # every kept ANN answer may move: the lists ask again (AnnStampSource) and follow it in place
             world.index.apply(EmbeddingRecord(u, world.index.versions.get(u, 0) + 1, as_of, "test", vector))
-            if config.ann_k:  # the kept ANN answers may move: what only the age bound limits (incremental.py doc)
-                lists.invalidate(set(watched) - {u})
         _route(world.states, world.globals)
         for state in world.states.values():
             state.event_time_ms = max(state.event_time_ms, as_of)
