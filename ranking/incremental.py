@@ -53,8 +53,14 @@ float32, decided by comparing bits, so the matrix unpacked is the same bits; ~2/
 evicts entries only when every entry is packed. An update unpacks its entry's matrix (~0.1 ms); packing (~0.3 ms)
 is paid only under memory pressure, so a cache with room keeps every matrix as it is.
 
-What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
-neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), with
+**Other users' embeddings**: from a source with :class:`~pymk.ranking.source.AnnStampSource`, an update whose
+source says some embedding moved since the entry's ANN answer asks it again (the full path's call, with the same
+exclusions) and, when it differs from the kept ANN rows, changes them in place as a moved own embedding does
+(``ann_moved`` when a cut is active: a full build).
+
+What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: from a source without ``AnnStampSource``
+the ANN answer of a user whose ANN neighbours' embeddings moved and the candidates' ANN cosines (``ann_score``:
+sources and reasons, not features), with
 a source without stamps the candidates' profile columns (a profile read per row cost more than the rest of the
 update), and, in the worker, what reaches it late from other partitions. The shadow check
 (``shadow_fraction``) recomputes a sample of incremental lists fully and counts how often the top k is equal (ids
