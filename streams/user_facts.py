@@ -15,9 +15,9 @@ out, right after that collect, so nothing changes between the invalidation and t
 
 Change stamps (:class:`~pymk.ranking.source.ChangeStampSource`, for the kept lists of ranking/incremental.py): each
 slot has a stamp per part — "graph" (degree, activity), "profile", "embedding" — of the process's
-:data:`~pymk.features.change_clock.CHANGE_CLOCK`. An invalidation takes a stamp; the re-read compares the new facts
-with the held ones and moves the stamp of each part that differs to the invalidation's (so a kept list that read
-the slot before the invalidation sees the change, one that read it after does not). The index's listener
+:data:`~pymk.features.change_clock.CHANGE_CLOCK`. An invalidation takes a stamp; the re-read gives it to the slot's
+graph part, and to its profile part when the profile differs from the held one (so a kept list that read the slot
+before the invalidation sees the change, one that read it after does not). The index's listener
 (:meth:`UserFacts.embeddings_changed`) stamps the users whose vector changed. A slot is the handle a kept list
 holds; :meth:`clear` drops the slots, and the worker clears the kept lists with them.
 """
@@ -38,6 +38,7 @@ from pymk.ranking.source import ActivityTable
 Activity = tuple[tuple[float, ...], int] | None  # (values at the anchor, anchor); None: never connected
 FactsOf = Callable[[int], tuple[int, Activity, Profile | None]]  # user → (degree, activity, profile)
 STAMP_PARTS = ("graph", "profile", "embedding")  # ChangeStampSource.changed_since's parts
+_NO_ACTIVITY = (0.0,) * len(TIME_CONSTANTS_MS)
 
 
 class UserFacts:
@@ -114,25 +115,26 @@ class UserFacts:
             self._user[slot] = user
         degree, activity, profile = self.facts_of(user)
         self.reads += 1
-        known, values, anchor = (False, (0.0,) * len(TIME_CONSTANTS_MS), 0) if activity is None else (
-            True, activity[0], activity[1])
-        if new:  # no kept list holds this slot yet: a fresh stamp, to be safe
-            graph_moved = profile_moved = True
-            self._invalidated[slot] = self.clock.tick()
+        if activity is None:
+            known, values, anchor = False, _NO_ACTIVITY, 0
         else:
-            graph_moved = bool(self._degree[slot] != degree or self._known[slot] != known
-                               or self._anchor[slot] != anchor or (self._values[slot] != values).any())
-            profile_moved = self._profile[slot] != profile
-        stamp = int(self._invalidated[slot])
-        if graph_moved:
+            known, values, anchor = True, activity[0], activity[1]
+        if new:  # no kept list holds this slot yet: a fresh stamp, to be safe
+            stamp = self._invalidated[slot] = self.clock.tick()
+            for part, column in self._stamp.items():
+                column[slot] = self._part_latest[part] = stamp
+        else:
+            # re-read after an invalidation: the graph part takes its stamp (nearly every invalidation is a degree or
+            # activity record; comparing the values doubled the cost of a read), the profile only when it differs
+            stamp = self._invalidated.item(slot)
             self._stamp["graph"][slot] = stamp
-            self._part_latest["graph"] = max(self._part_latest["graph"], stamp)
-        if profile_moved:
-            self._stamp["profile"][slot] = stamp
-            self._part_latest["profile"] = max(self._part_latest["profile"], stamp)
-        if new:
-            self._stamp["embedding"][slot] = stamp
-            self._part_latest["embedding"] = max(self._part_latest["embedding"], stamp)
+            if stamp > self._part_latest["graph"]:
+                self._part_latest["graph"] = stamp
+            held = self._profile[slot]
+            if held is not profile and held != profile:
+                self._stamp["profile"][slot] = stamp
+                if stamp > self._part_latest["profile"]:
+                    self._part_latest["profile"] = stamp
         self._degree[slot] = degree
         self._profile[slot] = profile
         self._known[slot], self._values[slot], self._anchor[slot] = known, values, anchor
