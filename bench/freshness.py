@@ -151,6 +151,8 @@ def _list_cache(stats: list[dict[str, Any]]) -> dict[str, Any] | None:
             "hit_share": round(hits / (hits + full), 4) if hits + full else None,
             "entries": sum(int(cache.get("entries") or 0) for cache in caches),
             "bytes": sum(int(cache.get("bytes") or 0) for cache in caches),
+            "max_bytes": sum(int(cache.get("max_bytes") or 0) for cache in caches),
+            "bytes_per_entry": [cache.get("bytes_per_entry") for cache in caches],
             "evictions": sum(int(cache.get("evictions") or 0) for cache in caches),
             "ms_per_incremental_list": [cache.get("ms_per_incremental_list") for cache in caches],
             "ms_per_full_list": [cache.get("ms_per_full_list") for cache in caches]}

@@ -43,11 +43,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 
 from pymk.events import DismissalEvent, EngagementEvent, ProfileViewEvent
+from pymk.features.change_clock import CHANGE_CLOCK, ChangeClock
 from pymk.features.keyspace import (  # the rows: features/keyspace.py
     DISMISSALS,
     ENGAGEMENTS,
@@ -186,7 +187,8 @@ class PartitionBehaviour:
     engagers hubs, which are no longer mirrored or counted (co-engagement becomes a lower bound)."""
 
     def __init__(self, partition: int, partitions: int, store: RowStore, partition_of: Callable[[int], int],
-                 max_item_fanout: int | None = None, max_cached_rows: int = 2_000_000) -> None:
+                 max_item_fanout: int | None = None, max_cached_rows: int = 2_000_000,
+                 clock: ChangeClock = CHANGE_CLOCK) -> None:
         if max_item_fanout is not None and max_item_fanout < 0:
             raise ValueError(f"max_item_fanout must be None or >= 0, got {max_item_fanout}")
         self.partition = partition
@@ -202,6 +204,13 @@ class PartitionBehaviour:
         self._dirty: set[tuple[bytes, int]] = set()
         self._changed: set[int] = set()  # local users changed since the refresher's last take (see graph.py)
         self._outbox = _Outbox()
+        # change stamps for the kept lists (views_stamp, co_engagement_stamp), in memory: the latest change of a
+        # local user's views either way, and of an item's engagers (or an engager's own item set). A stamp taken at
+        # opening is the floor, so a partition opened again never answers a stamp a kept list saw before.
+        self.clock = clock
+        self._opened_stamp = clock.tick()
+        self._view_stamp: dict[int, int] = {}
+        self._item_stamp: dict[int, int] = {}
 
     # ---- row access (write-back cache over the store) -------------------------------------------------
     def _stamp_row(self, kind: bytes, user: int) -> dict[int, set[int]]:
@@ -256,6 +265,8 @@ class PartitionBehaviour:
         stamps.add(ts)
         self._dirty.add((kind, user))
         self._changed.add(user)
+        if kind != DISMISSALS:
+            self._view_stamp[user] = self.clock.tick()
         return True
 
     def _require_local(self, user: int, what: str) -> None:
@@ -305,6 +316,7 @@ class PartitionBehaviour:
         row[item] = ts
         self._dirty.add((ENGAGEMENTS, user))
         self._changed.add(user)
+        self._item_stamp[item] = self.clock.tick()  # the user's own co-engagements may move
         self.stats.engagements += 1
         if not self.item_row(item).hub:  # a known hub drops engagers: don't send them
             self._route(item, ItemEngagement(item, user, ts))
@@ -335,6 +347,7 @@ class PartitionBehaviour:
             return False
         self.stats.item_changes += 1
         self._dirty.add((ITEM, item))
+        self._item_stamp[item] = self.clock.tick()  # its engagers' co-engagements move
         targets = (before | {partition_of(user)}) - {self.partition}
         if self.max_item_fanout is not None and len(row.engagers) > self.max_item_fanout:
             row.make_hub()
@@ -362,6 +375,7 @@ class PartitionBehaviour:
         if changed:
             self.stats.mirror_changes += 1
             self._dirty.add((ITEM_MIRROR, item))
+            self._item_stamp[item] = self.clock.tick()
         else:
             self.stats.duplicates += 1
         return changed
@@ -528,6 +542,17 @@ class PartitionBehaviour:
                 both = max(ts, other)
                 last = both if last is None or both > last else last
         return count, last
+
+    def views_stamp(self, user: int) -> int:
+        """The stamp of the latest change of the local ``user``'s views either way (:meth:`profile_view_counts`,
+        :meth:`last_view_between`); the opening's when none since."""
+        return max(self._view_stamp.get(user, 0), self._opened_stamp)
+
+    def co_engagement_stamp(self, user: int) -> int:
+        """The stamp of the latest change that can move :meth:`co_engaged_counts` of ``user``: of one of its items'
+        engagers (a mirror included), or of its own items; the opening's when none since."""
+        stamp_of = self._item_stamp.get
+        return max(max(map(stamp_of, self._engaged_row(user), repeat(0)), default=0), self._opened_stamp)
 
     def co_engaged_counts(self, user: int) -> dict[int, int]:
         """Every other user sharing an item with ``user`` → the number of shared (non-hub) items."""

@@ -170,8 +170,10 @@ class Settings:
     # next change instead of a new Stage 1; a full Stage 1 runs when the entry is older than list_cache_max_age_ms
     # (wall clock) or had list_cache_max_updates updates (what reaches it late, e.g. other users' embeddings,
     # is stale at most that long). shadow_fraction of the incremental lists (sampled by user and as-of time) are
-    # recomputed fully and compared (the top k, ids in order): /stats lists.shadow.
-    list_cache_bytes: int = 256 * 2**20
+    # recomputed fully and compared (the top k, ids in order): /stats lists.shadow. 1 GiB, the state cache's size
+    # (state_cache_mb): a list of the default Stage 1 (~1,400 rows, at most 2,100) takes ~350 KB packed, ~530 KB
+    # not, so it holds the lists of the ~2,000-3,000 users refreshed last; 256 MiB held ~600 (/memory list_cache).
+    list_cache_bytes: int = 2**30
     list_cache_max_age_ms: int = 300_000
     list_cache_max_updates: int = 64
     shadow_fraction: float = 0.02

@@ -47,8 +47,20 @@ may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is activ
 (``rough_cut``); the source lacks the batch reads this path needs (``source``). A moved popular list or own
 embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
 
-What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: the ANN answer of a user whose ANN
-neighbours' embeddings moved, the candidates' ANN cosines (``ann_score``: sources and reasons, not features), with
+**Memory**: the cache is LRU by bytes (:meth:`ListEntry.measure`). Past its budget it first packs the feature
+matrices of the least recently used entries (:class:`PackedMatrix`: constant columns once, float32-exact columns as
+float32, decided by comparing bits, so the matrix unpacked is the same bits; ~2/3 of the bytes of a list), and
+evicts entries only when every entry is packed. An update unpacks its entry's matrix (~0.1 ms); packing (~0.3 ms)
+is paid only under memory pressure, so a cache with room keeps every matrix as it is.
+
+**Other users' embeddings**: from a source with :class:`~pymk.ranking.source.AnnStampSource`, an update whose
+source says some embedding moved since the entry's ANN answer asks it again (the full path's call, with the same
+exclusions) and, when it differs from the kept ANN rows, changes them in place as a moved own embedding does
+(``ann_moved`` when a cut is active: a full build).
+
+What can then be stale, bounded by ``max_age_ms`` / ``max_updates``: from a source without ``AnnStampSource``
+the ANN answer of a user whose ANN neighbours' embeddings moved and the candidates' ANN cosines (``ann_score``:
+sources and reasons, not features), with
 a source without stamps the candidates' profile columns (a profile read per row cost more than the rest of the
 update), and, in the worker, what reaches it late from other partitions. The shadow check
 (``shadow_fraction``) recomputes a sample of incremental lists fully and counts how often the top k is equal (ids
@@ -87,6 +99,7 @@ from pymk.ranking.source import (
     ActivitySource,
     ActivityTable,
     ActivityTableSource,
+    AnnStampSource,
     ChangeStampSource,
     IdArraySource,
     PopularSource,
@@ -283,6 +296,51 @@ def _as_of_kernel(scorer: Scorer, points: SplitPoints | None) -> _AsOfKernel | N
 
 
 # ---- the cache ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedMatrix:
+    """A kept feature matrix at rest, bit for bit and in fewer bytes: a column whose every value has the same bits is
+    held once (the query-level columns, the structure columns a ranker without them leaves at 0), a column whose
+    every value survives float64 → float32 → float64 with its bits (counts, flags, the float32 cosine) as float32,
+    the others as float64. Decided per column by comparing bits, so :meth:`unpack` gives back the very matrix."""
+
+    shape: tuple[int, int]
+    constant: np.ndarray  # column indices
+    constant_values: np.ndarray  # (len(constant),) float64
+    narrow: np.ndarray
+    narrow_values: np.ndarray  # (n, len(narrow)) float32
+    wide: np.ndarray
+    wide_values: np.ndarray  # (n, len(wide)) float64
+
+    @classmethod
+    def of(cls, X: np.ndarray) -> PackedMatrix:
+        n, m = X.shape
+        if n == 0:
+            none = np.empty(0, np.int64)
+            return cls((n, m), none, np.empty(0), none, np.empty((0, 0), np.float32), none, np.empty((0, 0)))
+        bits = X.view(np.int64)
+        same = (bits == bits[0]).all(axis=0)
+        narrow_all = X.astype(np.float32)
+        exact32 = (narrow_all.astype(np.float64).view(np.int64) == bits).all(axis=0)
+        constant = np.flatnonzero(same)
+        narrow = np.flatnonzero(~same & exact32)
+        wide = np.flatnonzero(~same & ~exact32)
+        return cls((n, m), constant, X[0, constant].copy(), narrow, np.ascontiguousarray(narrow_all[:, narrow]), wide,
+                   np.ascontiguousarray(X[:, wide]))
+
+    def unpack(self) -> np.ndarray:
+        out = np.empty(self.shape)
+        if self.shape[0]:
+            out[:, self.constant] = self.constant_values
+            out[:, self.narrow] = self.narrow_values
+            out[:, self.wide] = self.wide_values
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return (self.constant_values.nbytes + self.narrow_values.nbytes + self.wide_values.nbytes
+                + 8 * (len(self.constant) + len(self.narrow) + len(self.wide)))
+
+
 @dataclass
 class ListEntry:
     """One user's kept list (see the module doc). Per-row arrays are in the candidates' row order."""
@@ -293,7 +351,9 @@ class ListEntry:
     built_at: int  # wall clock (ms) of the full build: the age bound's clock
     as_of: int  # of the last update
     candidates: CandidateSet
-    features: np.ndarray  # (n, N_FEATURES); the as-of columns of a row not re-scored are as of an older time
+    # (n, N_FEATURES) while an update works on it, else None and ``packed`` holds it; the as-of columns of a row not
+    # re-scored are as of an older time
+    features: np.ndarray | None
     scores: np.ndarray  # (n,) float64
     valid_until: np.ndarray  # (n,) int64: the row's score stands for as-of times below this
     activity: ActivityTable  # the candidates' held activity, as last read
@@ -319,6 +379,7 @@ class ListEntry:
     # ChangeStampSource: the source's stamp when the rows were last read (-1: the source has none), and the user's
     # behaviour stamp then; without them every update re-reads every row
     stamp: int = -1
+    ann_stamp: int = -1  # AnnStampSource's stamp when the ANN answer was last asked (-1: the source has none)
     views_stamp: int = -1
     engagement_stamp: int = -1
     query_degree: int = -1  # the user's degree the graph columns were computed with
@@ -326,13 +387,30 @@ class ListEntry:
     kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
     maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
     handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
+    packed: PackedMatrix | None = None  # the feature matrix at rest (between updates)
+
+    def pack(self) -> None:
+        """The matrix to its packed form (under memory pressure; an update unpacks it)."""
+        if self.features is not None:
+            self.packed = PackedMatrix.of(self.features)
+            self.features = None
+
+    def unpack(self) -> np.ndarray:
+        """The full matrix, to work on (the entry holds it until :meth:`pack`)."""
+        if self.features is None:
+            assert self.packed is not None
+            self.features = self.packed.unpack()
+            self.packed = None
+        return self.features
 
     def measure(self) -> int:
         c = self.candidates
         arrays = (c.ids, c.common_neighbor_count, c.adamic_adar_score, c.ann_score, c.from_graph, c.from_ann,
-                  self.features, self.scores, self.valid_until, self.activity.values, self.activity.anchors,
+                  self.scores, self.valid_until, self.activity.values, self.activity.anchors,
                   self.activity.known, self.view_latest, self.has_view)
         total = sum(a.nbytes for a in arrays) + (0 if c.from_popular is None else c.from_popular.nbytes)
+        total += self.features.nbytes if self.features is not None else 0
+        total += self.packed.nbytes if self.packed is not None else 0
         total += len(self.scores) * 16  # id_order and handles, kept once asked (int64 a row each)
         if self.maps is not None:  # the user's views and co-engagements (~100 B an entry in a dict)
             total += 100 * (len(self.maps[2]) + len(self.maps[3]))
@@ -347,6 +425,7 @@ class ListCacheStats:
     misses: int = 0  # lists with no entry
     full_builds: dict[str, int] = field(default_factory=dict)  # full Stage 1 runs by reason (miss included)
     evictions: int = 0
+    packs: int = 0  # feature matrices packed under memory pressure (PackedMatrix)
     rows_rescored: int = 0  # rows predicted again by incremental updates
     rows_kept: int = 0  # rows whose score stood
     shadow_checked: int = 0
@@ -387,6 +466,7 @@ class IncrementalLists:
     def __init__(self, config: ListCacheConfig | None = None) -> None:
         self.config = config or ListCacheConfig()
         self.entries: OrderedDict[int, ListEntry] = OrderedDict()
+        self._unpacked: OrderedDict[int, None] = OrderedDict()  # the entries whose matrix is not packed, LRU first
         self.bytes = 0
         self.stats = ListCacheStats()
         self.last_path = ""  # "incremental" or "full:<reason>" of the last score() (benches, logs)
@@ -417,11 +497,14 @@ class IncrementalLists:
 
     def clear(self) -> None:
         self.entries.clear()
+        self._unpacked.clear()
         self.bytes = 0
 
     def describe(self) -> dict[str, Any]:
         s = self.stats
         return {"bytes": self.bytes, "max_bytes": self.config.max_bytes, "entries": len(self.entries),
+                "bytes_per_entry": round(self.bytes / len(self.entries)) if self.entries else None,
+                "packed_entries": len(self.entries) - len(self._unpacked), "packs": s.packs,
                 "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
                 "full_builds": dict(sorted(s.full_builds.items())),
                 "hit_share": round(s.hits / (s.hits + sum(s.full_builds.values())), 4)
@@ -456,14 +539,20 @@ class IncrementalLists:
         if reason is None:
             assert entry is not None
             self.entries.move_to_end(user)
+            entry.unpack()
+            self._unpacked[user] = None
+            self._unpacked.move_to_end(user)
             result = self._update(entry, source, scorer, config, as_of_ms, k, builder)
             if isinstance(result, str):
                 reason = result
             else:
                 if exact_features:
                     self._bring_to(entry, np.arange(len(entry.scores)), as_of_ms)
+                assert entry.features is not None
+                features = entry.features.copy()
+                self._remeasure(entry)  # rows may have come and gone; past the budget, others are packed
                 spent = time.perf_counter() - started
-                scored = ScoredCandidates(entry.candidates, entry.features.copy(), entry.scores.copy(), result,
+                scored = ScoredCandidates(entry.candidates, features, entry.scores.copy(), result,
                                           {"incremental": spent * 1e3})
         if scored is None:
             assert reason is not None
@@ -487,13 +576,16 @@ class IncrementalLists:
         entry = self.entries.get(user)
         if entry is None or self.last_path != "incremental" or entry.as_of != as_of_ms:
             return scored  # a full build's matrix is exact
-        if rows is None:
-            self._bring_to(entry, np.arange(len(entry.scores)), as_of_ms)
-            return replace(scored, features=entry.features.copy())
-        index = np.asarray(rows, np.int64)
-        self._bring_to(entry, index, as_of_ms)
+        # on a copy of the served matrix: the kept one (maybe packed since) stays as it is (these rows' scores
+        # stand, their bins unchanged)
         features = scored.features.copy()
-        features[index] = entry.features[index]
+        held = entry.features, entry.packed
+        entry.features, entry.packed = features, None
+        try:
+            self._bring_to(entry, np.arange(len(entry.scores)) if rows is None else np.asarray(rows, np.int64),
+                           as_of_ms)
+        finally:
+            entry.features, entry.packed = held
         return replace(scored, features=features)
 
     def _shadow(self, user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer,
@@ -576,6 +668,8 @@ class IncrementalLists:
         entry.valid_until = self._fresh_validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
         entry.query_degree = source.degree(user)
+        if implements(source, AnnStampSource):
+            entry.ann_stamp = source.ann_stamp()
         if implements(source, ChangeStampSource):
             entry.stamp = source.change_stamp()
             entry.views_stamp, entry.engagement_stamp = source.views_stamp(user), source.co_engagement_stamp(user)
@@ -596,20 +690,31 @@ class IncrementalLists:
         vector = None if vector is None else np.asarray(vector, np.float32)
         query_moved = (vector is None) != (e.query_embedding is None) or (
             vector is not None and not np.array_equal(vector, e.query_embedding))
-        if (popular != e.popular or query_moved) and (e.graph_cut or e.rough_cut):
+        # some embedding moved since the ANN answer was asked (AnnStampSource): asked again, and when it differs
+        # from the kept ANN rows it changes them in place as a moved own embedding does
+        ann_stamp = source.ann_stamp() if implements(source, AnnStampSource) else -1
+        answer: list[tuple[int, float]] | None = None
+        if query_moved or (config.ann_k and ann_stamp >= 0 and ann_stamp != e.ann_stamp):
+            answer = list(source.ann_neighbours(user, config.ann_k, excluded))[: config.ann_k] if config.ann_k else []
+        ann_moved = query_moved or (answer is not None and not _same_ann(answer, c))
+        if (popular != e.popular or ann_moved) and (e.graph_cut or e.rough_cut):
             # a new popular or ANN user may be a 2-hop user below the cut, or fall to the rough cut
-            return "popular" if popular != e.popular else "query_embedding"
+            return ("popular" if popular != e.popular else "query_embedding" if query_moved else "ann_moved")
+        if answer is not None:  # the spares kept past ann_k were asked of the index as it was
+            e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
+        e.ann_stamp = ann_stamp
         newly = excluded - e.excluded
         keep = (~np.isin(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
                 else np.ones(len(c.ids), bool))
         dropped = ~keep
         ann_new: dict[int, float] | None = None  # the ANN answer now, when it moved
-        if query_moved:  # the user's own embedding moved: its ANN answer is asked again
-            answer = list(source.ann_neighbours(user, config.ann_k, excluded))[: config.ann_k] if config.ann_k else []
+        if ann_moved:  # the user's own embedding, or others', moved: the ANN answer asked again
+            assert answer is not None
             ann_new = {int(u): float(x) for u, x in answer}
             e.ann_full = config.ann_k > 0 and len(answer) >= config.ann_k
             e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
-            e.query_embedding = None if vector is None else vector.copy()
+            if query_moved:
+                e.query_embedding = None if vector is None else vector.copy()
         promoted: list[tuple[int, float]] = []  # ANN neighbours that come in for dropped ANN rows
         if dropped.any() and ann_new is None:
             if e.graph_cut and (dropped & c.from_graph).any():
@@ -671,7 +776,6 @@ class IncrementalLists:
             # a row that left the 2-hop set stays only for its other sources
             keep &= in_pool | c.from_ann | (c.from_popular if c.from_popular is not None else False)
             added = pool[~np.isin(pool, c.ids)]
-        n_old = len(c.ids)
         if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
             return "rough_cut"
         if not keep.all():
@@ -822,11 +926,13 @@ class IncrementalLists:
         e.as_of = as_of
         e.updates += 1
         e.graph_changed = e.views_changed = False
-        if n != n_old or graph_changed:
-            self.bytes -= e.nbytes
-            self.bytes += e.measure()
-            self._evict()
         return top
+
+    def _remeasure(self, e: ListEntry) -> None:
+        """Account for the entry's bytes again after an update; within the budget again."""
+        self.bytes -= e.nbytes
+        self.bytes += e.measure()
+        self._evict()
 
     @staticmethod
     def _keep_rows(e: ListEntry, index: np.ndarray) -> None:
@@ -963,19 +1069,36 @@ class IncrementalLists:
         self._drop(entry.user)
         size = entry.measure()
         if size > self.config.max_bytes:
-            return
+            entry.pack()
+            size = entry.measure()
+            if size > self.config.max_bytes:
+                return
         self.entries[entry.user] = entry
+        if entry.features is not None:
+            self._unpacked[entry.user] = None
         self.bytes += size
         self._evict()
 
     def _drop(self, user: int) -> None:
         old = self.entries.pop(user, None)
+        self._unpacked.pop(user, None)
         if old is not None:
             self.bytes -= old.nbytes
 
     def _evict(self) -> None:
-        while self.bytes > self.config.max_bytes and len(self.entries) > 1:
-            _, old = self.entries.popitem(last=False)
+        """Past the budget: pack the least recently used unpacked matrices, then evict the least recent entries."""
+        while self.bytes > self.config.max_bytes:
+            if self._unpacked:
+                user, _ = self._unpacked.popitem(last=False)
+                entry = self.entries[user]
+                before = entry.nbytes
+                entry.pack()
+                self.bytes += entry.measure() - before
+                self.stats.packs += 1
+                continue
+            if len(self.entries) <= 1:
+                return
+            user, old = self.entries.popitem(last=False)
             self.bytes -= old.nbytes
             self.stats.evictions += 1
 
@@ -998,6 +1121,21 @@ def _ann_spares(user: int, source: RankingSource, config: CandidateConfig, exclu
     if not np.array_equal(c.ann_score[rows], cos[: config.ann_k]):
         return np.empty(0, np.int64), np.empty(0)
     return ids, cos
+
+
+def _same_ann(answer: Sequence[tuple[int, float]], c: CandidateSet) -> bool:
+    """Whether ``answer`` (an ANN answer, best first) is the kept ANN rows with their cosines."""
+    mine = c.ids[c.from_ann]
+    if len(answer) != len(mine):
+        return False
+    ids = np.fromiter((int(u) for u, _ in answer), np.int64, len(answer))
+    cos = np.fromiter((float(x) for _, x in answer), np.float64, len(answer))
+    order = np.argsort(ids)
+    if not np.array_equal(ids[order], np.sort(mine)):
+        return False
+    row_of = np.argsort(c.ids)
+    rows = row_of[np.searchsorted(c.ids[row_of], ids)]
+    return bool(np.array_equal(c.ann_score[rows], cos))
 
 
 def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[int, Any], Mapping[int, int]]:

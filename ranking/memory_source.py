@@ -455,6 +455,9 @@ class MemorySource:
             return np.zeros(len(handles), bool)
         return self._stamp_cols[part][handles] > stamp
 
+    def ann_stamp(self) -> int:  # AnnStampSource: any embedding's latest change moves every ANN answer
+        return self._part_latest["embedding"]
+
     def views_stamp(self, user: int) -> int:
         return self._views_stamp.get(user, 0)
 

@@ -170,7 +170,8 @@ class ChangeStampSource(Protocol):
 
     def stamp_handles(self, ids: np.ndarray) -> np.ndarray:
         """Handles of the users ``ids`` for :meth:`changed_since` (looked up once; a kept list holds them while its
-        rows stay), valid for as long as the source lives."""
+        rows stay), valid for as long as the state behind the source lives (the worker makes a source per list; its
+        handles are fact slots, dropped with the kept lists when its partitions change)."""
         ...
 
     def changed_since(self, handles: np.ndarray, stamp: int, part: str) -> np.ndarray:
@@ -187,6 +188,17 @@ class ChangeStampSource(Protocol):
     def co_engagement_stamp(self, user: int) -> int:
         """The stamp of the latest change that can move the user's :meth:`RankingSource.co_engaged_counts` (an
         engagement of an item the user engaged, the user's own included); 0 when none."""
+        ...
+
+
+@runtime_checkable
+class AnnStampSource(Protocol):
+    """Optional, with :class:`ChangeStampSource`: whether an ANN answer may have moved. Any user's embedding moving
+    (inserted, moved, deleted) may change anyone's :meth:`RankingSource.ann_neighbours`; a kept list asks again
+    when this stamp moved since its last ask and changes its ANN rows in place when the answer differs."""
+
+    def ann_stamp(self) -> int:
+        """The stamp of the latest change of any embedding (0 when none)."""
         ...
 
 

@@ -349,7 +349,8 @@ class DebugViews:
                     rocksdb_properties[name] = rocksdb_properties.get(name, 0) + value
             kept = self.refresher.lists if self.refresher is not None else None
             list_cache = ({key: value for key, value in kept.describe().items()
-                           if key in ("bytes", "max_bytes", "entries", "hits", "misses", "evictions")}
+                           if key in ("bytes", "max_bytes", "entries", "bytes_per_entry", "hits", "misses",
+                                      "evictions")}
                           if kept is not None else None)
             answer: dict[str, Any] = {"rss_bytes": rss_bytes(),
                                       "row_cache_bytes": sum(s.cache_budget.estimated_bytes

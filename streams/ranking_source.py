@@ -4,6 +4,14 @@ local query user, and the neighbour / node-feature sources of the GraphSAGE embe
 Everything read here is local to the worker: the user's own rows in its partition's RocksDB, mirrors of its
 neighbours' adjacency (so 2-hop traversal is local), every user's degree and profile from ``user-globals``,
 and every user's embedding from the worker's copy of the global index.
+
+Change stamps (:class:`~pymk.ranking.source.ChangeStampSource`), so that a kept list (ranking/incremental.py)
+re-reads only the candidates whose facts moved: a candidate's degree, activity and profile are stamped by the
+worker's fact slots (streams/user_facts.py: invalidated by ``Refresher.collect`` for local users and by every
+``user-globals`` record for the others), its embedding by the index's listener (every apply, upsert and delete of
+streams/global_index.py), the owner's views and co-engagements by its partition's behaviour store
+(features/behaviour.py). The handles are fact slots, which outlive a source (one per list) until the worker drops
+its slots, and its kept lists with them, at a change of partitions. Without fact slots every row reads as changed.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import numpy as np
 
 from pymk.events import Profile
 from pymk.features.activity import TIME_CONSTANTS_MS, activity_at
+from pymk.features.change_clock import CHANGE_CLOCK
 from pymk.features.graph import Registers, TwoHopArrays, is_alive
 from pymk.ranking.candidates import GRAPH, Candidate, CandidateSet
 from pymk.ranking.features import FeatureBuilder, feature_dict
@@ -238,6 +247,29 @@ class WorkerRankingSource:
         if self.ann is not None:
             return self.ann(user, k, exclude)
         return self.index.neighbours(user, k, set(exclude))
+
+    # ChangeStampSource (module doc)
+    def change_stamp(self) -> int:
+        return CHANGE_CLOCK.now()
+
+    def stamp_handles(self, ids: np.ndarray) -> np.ndarray:
+        if self.facts is None:
+            return np.zeros(len(ids), np.int64)
+        return self.facts.slots_of(np.asarray(ids, np.int64)).copy()
+
+    def changed_since(self, handles: np.ndarray, stamp: int, part: str) -> np.ndarray:
+        if self.facts is None:  # nothing stamps the reads: every row may have moved
+            return np.ones(len(handles), bool)
+        return self.facts.changed_since(handles, stamp, part)
+
+    def ann_stamp(self) -> int:  # AnnStampSource: the index's latest change, as the fact slots heard it
+        return self.facts.embeddings_stamp if self.facts is not None else CHANGE_CLOCK.tick()
+
+    def views_stamp(self, user: int) -> int:
+        return self.behaviour.views_stamp(user)
+
+    def co_engagement_stamp(self, user: int) -> int:
+        return self.behaviour.co_engagement_stamp(user)
 
     def describe(self) -> dict[str, Any]:
         return {"partition": self.state.partition}

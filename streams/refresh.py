@@ -191,7 +191,9 @@ class Refresher:
         # Stage 2's per-candidate reads (streams/user_facts.py); its owner invalidates remote users, collect()
         # the local ones
         self.facts = facts
-        self._partitions: frozenset[int] = frozenset()
+        if facts is not None:  # the candidates' embedding stamps (ChangeStampSource, streams/user_facts.py)
+            index.listeners.append(facts.embeddings_changed)
+        self._partitions: dict[int, PartitionState] = {}
         self._embed_spent_s = 0.0  # the last embed_due's time (an idle flush's budget is shared)
         self.most_active_of = most_active_of
         # Stage 1's ANN in the two-tower space (PYMK_ANN_SPACE=two-tower): candidate-tower vectors follow the index
@@ -263,8 +265,10 @@ class Refresher:
 
     def _observe_partitions(self, states: Sequence[PartitionState]) -> None:
         """Drop what depends on which partitions are local when they change (before any read of this pass)."""
-        partitions = frozenset(state.partition for state in states)
-        if partitions != self._partitions:
+        # by state object too: a partition closed and opened again between two passes was changed elsewhere
+        partitions = {state.partition: state for state in states}
+        if partitions.keys() != self._partitions.keys() or any(
+                held is not partitions[p] for p, held in self._partitions.items()):
             if self.facts is not None:
                 self.facts.clear()  # a user now local was read from user-globals, or the other way round
             if self.lists is not None:

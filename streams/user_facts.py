@@ -12,6 +12,14 @@ adjacency or profile changed (before any list is ranked, by a flush or between f
 :meth:`pymk.streams.refresh.Refresher.collect`) and for every user whose ``user-globals`` record changed — and
 everything is dropped when the worker's partitions change. Lists are ranked under the lock that keeps events
 out, right after that collect, so nothing changes between the invalidation and the reads.
+
+Change stamps (:class:`~pymk.ranking.source.ChangeStampSource`, for the kept lists of ranking/incremental.py): each
+slot has a stamp per part — "graph" (degree, activity), "profile", "embedding" — of the process's
+:data:`~pymk.features.change_clock.CHANGE_CLOCK`. An invalidation takes a stamp; the re-read gives it to the slot's
+graph part, and to its profile part when the profile differs from the held one (so a kept list that read the slot
+before the invalidation sees the change, one that read it after does not). The index's listener
+(:meth:`UserFacts.embeddings_changed`) stamps the users whose vector changed. A slot is the handle a kept list
+holds; :meth:`clear` drops the slots, and the worker clears the kept lists with them.
 """
 
 from __future__ import annotations
@@ -23,20 +31,25 @@ import numpy as np
 
 from pymk.events import Profile
 from pymk.features.activity import TIME_CONSTANTS_MS
+from pymk.features.change_clock import CHANGE_CLOCK, ChangeClock
 from pymk.ranking.id_index import IdIndex
 from pymk.ranking.source import ActivityTable
 
 Activity = tuple[tuple[float, ...], int] | None  # (values at the anchor, anchor); None: never connected
 FactsOf = Callable[[int], tuple[int, Activity, Profile | None]]  # user → (degree, activity, profile)
+STAMP_PARTS = ("graph", "profile", "embedding")  # ChangeStampSource.changed_since's parts
+_NO_ACTIVITY = (0.0,) * len(TIME_CONSTANTS_MS)
 
 
 class UserFacts:
     """Slots 1, 2, … in order of first sight (:class:`~pymk.ranking.id_index.IdIndex`: an id array is looked up
     with one binary search); slot 0 is never valid, so an id never seen reads as stale."""
 
-    def __init__(self, facts_of: FactsOf, capacity: int = 1024) -> None:
+    def __init__(self, facts_of: FactsOf, capacity: int = 1024, clock: ChangeClock = CHANGE_CLOCK) -> None:
         self.facts_of = facts_of
         self.reads = 0  # users read from the state (misses), for tests and /stats
+        self.clock = clock
+        self.embeddings_stamp = clock.tick()  # of the latest change of any user's embedding (embeddings_changed)
         self._capacity = capacity
         self.clear()
 
@@ -49,40 +62,82 @@ class UserFacts:
         self._anchor = np.zeros(capacity, np.int64)
         self._known = np.zeros(capacity, bool)
         self._profile: list[Profile | None] = [None]  # slot 0: no user
+        self._user = np.zeros(capacity, np.int64)  # slot → user
+        # change stamps (module doc): by part, the stamp of the slot's latest change; the stamp of its latest
+        # invalidation (what a re-read that finds other facts stamps them with); the latest stamp of each part
+        self._stamp = {part: np.zeros(capacity, np.int64) for part in STAMP_PARTS}
+        self._invalidated = np.zeros(capacity, np.int64)
+        self._part_latest = dict.fromkeys(STAMP_PARTS, 0)
 
     def __len__(self) -> int:
         return len(self._index)
 
     def invalidate(self, users: Iterable[int]) -> None:
-        slot_of, valid = self._index.get, self._valid
+        slot_of, valid, invalidated = self._index.get, self._valid, self._invalidated
+        stamp = 0
         for user in users:
             slot = slot_of(user)
             if slot is not None:
                 valid[slot] = False
+                invalidated[slot] = stamp = stamp or self.clock.tick()
+
+    def embeddings_changed(self, users: Sequence[int], deleted: bool = False) -> None:
+        """The index's listener (:attr:`pymk.streams.global_index.GlobalIndex.listeners`): these users' vectors
+        changed (or were deleted)."""
+        slot_of, column = self._index.get, self._stamp["embedding"]
+        stamp = self.embeddings_stamp = self.clock.tick()  # any ANN answer may move (AnnStampSource)
+        for user in users:
+            slot = slot_of(user)
+            if slot is not None:
+                column[slot] = stamp
+                self._part_latest["embedding"] = stamp
 
     def _grow(self) -> None:
         size = 2 * len(self._valid)
-        for name in ("_valid", "_degree", "_values", "_anchor", "_known"):
-            old = getattr(self, name)
+
+        def grown(old: np.ndarray) -> np.ndarray:
             new = np.zeros((size, *old.shape[1:]), old.dtype)
             new[: len(old)] = old
-            setattr(self, name, new)
+            return new
+
+        for name in ("_valid", "_degree", "_values", "_anchor", "_known", "_user", "_invalidated"):
+            setattr(self, name, grown(getattr(self, name)))
+        self._stamp = {part: grown(column) for part, column in self._stamp.items()}
 
     def _read(self, user: int) -> int:
         """Read the user's facts into its slot (assigned when new); the slot."""
         slot = self._index.add(user)
-        if slot == len(self._profile):
+        new = slot == len(self._profile)
+        if new:
             self._profile.append(None)
             if slot >= len(self._valid):
                 self._grow()
+            self._user[slot] = user
         degree, activity, profile = self.facts_of(user)
         self.reads += 1
+        if activity is None:
+            known, values, anchor = False, _NO_ACTIVITY, 0
+        else:
+            known, values, anchor = True, activity[0], activity[1]
+        if new:  # no kept list holds this slot yet: a fresh stamp, to be safe
+            stamp = self._invalidated[slot] = self.clock.tick()
+            for part, column in self._stamp.items():
+                column[slot] = self._part_latest[part] = stamp
+        else:
+            # re-read after an invalidation: the graph part takes its stamp (nearly every invalidation is a degree or
+            # activity record; comparing the values doubled the cost of a read), the profile only when it differs
+            stamp = self._invalidated.item(slot)
+            self._stamp["graph"][slot] = stamp
+            if stamp > self._part_latest["graph"]:
+                self._part_latest["graph"] = stamp
+            held = self._profile[slot]
+            if held is not profile and held != profile:
+                self._stamp["profile"][slot] = stamp
+                if stamp > self._part_latest["profile"]:
+                    self._part_latest["profile"] = stamp
         self._degree[slot] = degree
         self._profile[slot] = profile
-        if activity is None:
-            self._known[slot], self._values[slot], self._anchor[slot] = False, 0.0, 0
-        else:
-            self._known[slot], self._values[slot], self._anchor[slot] = True, activity[0], activity[1]
+        self._known[slot], self._values[slot], self._anchor[slot] = known, values, anchor
         self._valid[slot] = True
         return slot
 
@@ -124,3 +179,19 @@ class UserFacts:
     def activity_of(self, ids: np.ndarray) -> ActivityTable:
         slots = self.slots_of(ids)
         return ActivityTable(self._values[slots], self._anchor[slots], self._known[slots])
+
+    # ---- change stamps (module doc) --------------------------------------------------------------------------
+    def stamp(self) -> int:
+        return self.clock.now()
+
+    def changed_since(self, slots: np.ndarray, stamp: int, part: str) -> np.ndarray:
+        """(len(slots),) bool: whether each slot's ``part`` ("graph", "profile", "embedding") changed after
+        ``stamp``; invalid slots are read again first (that is when a change is known)."""
+        stale = np.flatnonzero(~self._valid[slots])
+        for slot in slots[stale].tolist():
+            if not self._valid[slot]:
+                self._read(int(self._user[slot]))
+        if self._part_latest[part] <= stamp:  # nobody's part changed since (profiles and embeddings rarely do)
+            return np.zeros(len(slots), bool)
+        return self._stamp[part][slots] > stamp
+

@@ -3,6 +3,8 @@ by their byte budget, and checked by the shadow."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -47,6 +49,7 @@ class UnstampedSource(MemorySource):
     changed_since = None  # type: ignore[assignment]
     views_stamp = None  # type: ignore[assignment]
     co_engagement_stamp = None  # type: ignore[assignment]
+    ann_stamp = None  # type: ignore[assignment]
 
 
 def small_source(seed: int, stamped: bool = True) -> MemorySource:
@@ -89,18 +92,22 @@ EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss",
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25), stamped=st.booleans())
+@given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25), stamped=st.booleans(),
+       tight=st.booleans())
 def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events: list,  # type: ignore[type-arg]
-                                               stamped: bool) -> None:
+                                               stamped: bool, tight: bool) -> None:
     """On random event sequences, every list served from the kept one equals the full path's at the same state and
     as-of time: the same rows in the same order, every score bit for bit, the same top 20 and the same features;
-    with change stamps (only the rows that moved are re-read, a candidate's profile edit included) and without."""
+    with change stamps (only the rows that moved are re-read, a candidate's profile edit included) and without;
+    ``tight``: under a byte budget that packs the kept matrices (PackedMatrix) between updates."""
     source = small_source(seed, stamped)
     builder = FeatureBuilder()
     lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, max_updates=1000, shadow_fraction=0.0))
     as_of = START
     for user in range(USERS):
         lists.score(user, source, ranker, CONFIG, as_of, 20, builder)
+    if tight:
+        squeeze(lists)
     served = 0
     for kind, a, b, step in events:
         as_of += step
@@ -120,9 +127,11 @@ def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events
             source.add_dismissal(a, b, as_of)
         elif kind == "embed":  # a's own embedding moves: its ANN answer is asked again, in place
             source.set_embedding(a, np.random.default_rng(b + step).normal(size=8).astype(np.float32))
-            # the other kept lists' ANN answers may move too: what only the age bound limits (module doc)
-            lists.invalidate(set(range(USERS)) - {a})
-            touched = {a}
+            if stamped:  # the other kept lists ask their ANN answer again (AnnStampSource) and follow it in place
+                touched = set(range(USERS))
+            else:  # without stamps, their ANN answers may move: what only the age bound limits (module doc)
+                lists.invalidate(set(range(USERS)) - {a})
+                touched = {a}
         elif kind == "profile":  # b's profile edit: in every kept list that holds b (the stamps tell), b's own full
             source.set_profile(b, Profile(company=f"c{step % 3}", skills=(f"s{a % 4}",), title="data engineer"))
             if stamped:
@@ -135,6 +144,13 @@ def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events
             served += lists.last_path == "incremental"
             assert_same(incremental, score_candidates(user, source, ranker, CONFIG, as_of, 20, builder=builder))
     assert lists.stats.hits == served
+
+
+def squeeze(lists: IncrementalLists) -> None:
+    """A budget below what the kept lists take unpacked: their matrices get packed (few or no evictions)."""
+    lists.config = replace(lists.config, max_bytes=int(lists.bytes * 0.9))
+    lists._evict()  # noqa: SLF001 - what the next keep would do
+    assert lists.stats.packs > 0
 
 
 def test_most_lists_of_a_sequence_are_incremental(ranker: Ranker) -> None:
@@ -205,7 +221,7 @@ def test_the_cache_stays_within_its_bytes_and_evicts_the_least_recent(ranker: Ra
         lists.score(user, source, ranker, CONFIG, START, 20, builder)
         assert lists.bytes <= budget
         assert lists.bytes == sum(entry.nbytes for entry in lists.entries.values())
-    assert lists.stats.evictions >= 6
+    assert lists.stats.evictions >= 6 and lists.stats.packs >= 1  # packed before any is evicted
     assert 3 <= len(lists.entries) <= 5
     assert list(lists.entries)[-1] == 11 and 0 not in lists.entries
     # a hit moves its user to the most recent end
@@ -365,3 +381,27 @@ def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> 
     assert np.array_equal(compiled.features.view(np.int64), plain.features.view(np.int64))  # NaNs included
     assert np.max(np.abs(until_compiled - until_plain)) <= 1
     assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
+
+
+def test_a_packed_matrix_unpacks_bit_for_bit_in_fewer_bytes() -> None:
+    """Constant columns once, float32-exact columns as float32, the rest float64: the same bits back (NaN, -0.0,
+    values one float32 step off included), and no more bytes than the matrix."""
+    from pymk.ranking.incremental import PackedMatrix
+
+    rng = np.random.default_rng(5)
+    n = 300
+    X = np.column_stack([
+        np.full(n, 0.25), np.zeros(n), np.full(n, np.nan),  # constant (a query-level column, an unread one, NaN)
+        rng.integers(0, 40, n).astype(np.float64),  # counts: float32-exact
+        rng.normal(size=n).astype(np.float32).astype(np.float64),  # a float32 cosine
+        rng.normal(size=n),  # float64
+        np.where(rng.random(n) < 0.5, np.nan, rng.exponential(size=n)),  # NaN and float64
+        np.where(rng.random(n) < 0.5, -0.0, 0.0),  # same value, other bits: not constant
+    ])
+    X[7, 4] = np.nextafter(X[7, 4], np.inf)  # one value off float32: the column goes wide
+    packed = PackedMatrix.of(X)
+    assert np.array_equal(packed.unpack().view(np.int64), X.view(np.int64))
+    assert packed.constant.tolist() == [0, 1, 2] and packed.narrow.tolist() == [3, 7]
+    assert packed.nbytes < X.nbytes * 0.7
+    empty = PackedMatrix.of(np.empty((0, 5)))
+    assert empty.unpack().shape == (0, 5)

@@ -144,7 +144,7 @@ class CountingRefresher(Refresher):
         self.settings = settings_
         self.stats = RefreshStats()
         self.facts = None
-        self._partitions = frozenset()
+        self._partitions = {}
         self._embed_spent_s = 0.0
         self.list_budget = ListBudget(settings_)
         self.cost_s = cost_s
