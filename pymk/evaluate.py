@@ -209,6 +209,10 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     report["mode"] = "live (lists consumed from the recommendations topic)" if live else "offline"
     if live_info is not None:
         report["live"] = live_info
+    if rerank_dir is not None:
+        from pymk.ranking.cross_attention_eval import reranker_validation
+
+        report["models"]["reranker"] = reranker_validation(rerank_dir)
     paths["json"].write_text(json.dumps(report, indent=2))
     with paths["md"].open("a") as md:
         md.write(f"\nModels: GraphSAGE `{models.sage_version}`, ranker `{models.ranker_version}`.\n\n"
