@@ -189,8 +189,12 @@ def node_inputs(nodes: np.ndarray, source: GraphSource, embedding_dim: int,
             held = np.asarray(embeddings_of(nodes), np.float32)
             if held.ndim == 2 and held.shape[1] == embedding_dim:
                 usable = np.isfinite(held).all(axis=1)
-                out[usable, start:start + embedding_dim] = held[usable]
-                out[usable, start + embedding_dim] = 1.0
+                if usable.all():  # the usual case: plain slices, no masked copies
+                    out[:, start:start + embedding_dim] = held
+                    out[:, start + embedding_dim] = 1.0
+                else:
+                    out[usable, start:start + embedding_dim] = held[usable]
+                    out[usable, start + embedding_dim] = 1.0
         else:
             for i, u in enumerate(ids):
                 vector = source.embedding(u)
