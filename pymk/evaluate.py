@@ -176,6 +176,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
                                                               progress)
         methods += two_tower_methods(split, models, tower_models, ann, source=source)
     rerank_seconds = 0.0
+    rerank_dir: Path | None = None
     if reranker:  # trained on the split's replay: temporal (time split) or the holdout folds (random split)
         from pymk.ranking.cross_attention_eval import cached_reranker, reranker_method
 
@@ -190,6 +191,10 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
         live_result = live_method(settings, split, history, models)
         methods.append(live_result.method)
         live_info = live_result.info
+        if rerank_dir is not None:  # a second replay into a worker that re-ranks each list's top 50 with the same model
+            reranked = live_method(settings, split, history, models, reranker_dir=rerank_dir)
+            methods.append(reranked.method)
+            live_info = {**live_info, "reranker": reranked.info}
     result = evaluate_methods(split, methods, candidate_sets=sets,
                               timings={"train_models": train_seconds, "train_two_tower": tower_seconds,
                                        "train_reranker": rerank_seconds})
@@ -204,6 +209,10 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     report["mode"] = "live (lists consumed from the recommendations topic)" if live else "offline"
     if live_info is not None:
         report["live"] = live_info
+    if rerank_dir is not None:
+        from pymk.ranking.cross_attention_eval import reranker_validation
+
+        report["models"]["reranker"] = reranker_validation(rerank_dir)
     paths["json"].write_text(json.dumps(report, indent=2))
     with paths["md"].open("a") as md:
         md.write(f"\nModels: GraphSAGE `{models.sage_version}`, ranker `{models.ranker_version}`.\n\n"

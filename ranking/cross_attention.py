@@ -132,8 +132,41 @@ class ListTokens:
 
 
 @lru_cache(maxsize=1 << 16)
-def _profile_code(profile: Profile | None) -> np.ndarray:
+def _encoded_profile(profile: Profile | None) -> np.ndarray:
+    """By content: a source that builds a new Profile object per read still encodes each distinct one once."""
     return encode_profile_compact(profile)
+
+
+class ProfileCodes:
+    """Compact profile codes (:func:`encode_profile_compact`), one row of a matrix per node, reused while the
+    source hands out the *same* Profile object for the node (Profile is frozen; sources return the objects they
+    hold, so identity means unchanged). The entry keeps its Profile alive, so an id() is never reused while
+    cached. Hashing each Profile's fields for an lru_cache lookup was ~70 % of :func:`node_inputs`."""
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self.capacity = capacity
+        self.rows: dict[int, tuple[Profile | None, int]] = {}
+        self.codes = np.zeros((1024, PROFILE_FEATURE_DIM), np.float32)
+
+    def gather(self, ids: list[int], profiles: Sequence[Profile | None]) -> np.ndarray:
+        """float32 ``[len(ids), PROFILE_FEATURE_DIM]``: the codes of ``profiles`` (one per id)."""
+        rows = self.rows
+        if len(rows) + len(ids) > self.capacity:  # full: start over (never mid-call, so rows below stay valid)
+            rows.clear()
+        at = np.empty(len(ids), np.int64)
+        for i, (node, profile) in enumerate(zip(ids, profiles, strict=True)):
+            held = rows.get(node)
+            if held is None or held[0] is not profile:
+                row = len(rows) if held is None else held[1]
+                if row >= len(self.codes):
+                    self.codes = np.concatenate([self.codes, np.zeros_like(self.codes)])
+                self.codes[row] = _encoded_profile(profile)
+                held = rows[node] = (profile, row)
+            at[i] = held[1]
+        return self.codes[at]
+
+
+_PROFILE_CODES = ProfileCodes()
 
 
 def node_inputs(nodes: np.ndarray, source: GraphSource, embedding_dim: int,
@@ -144,25 +177,31 @@ def node_inputs(nodes: np.ndarray, source: GraphSource, embedding_dim: int,
         degrees = node_degrees(nodes, source)
     many_profiles = getattr(source, "many_profiles", None)
     profiles = many_profiles(ids) if many_profiles is not None else [source.profile(u) for u in ids]
-    parts = [np.stack([_profile_code(p) for p in profiles]) if ids
-             else np.zeros((0, PROFILE_FEATURE_DIM), np.float32), encode_degrees(degrees)]
-    vectors = np.zeros((len(ids), embedding_dim + 1), np.float32)
-    if embedding_dim and ids:
+    start = PROFILE_FEATURE_DIM + DEGREE_DIM  # the embedding's first column
+    out = np.zeros((len(ids), start + embedding_dim + 1), np.float32)  # one array filled in place, no concatenate
+    if not ids:
+        return out
+    out[:, :PROFILE_FEATURE_DIM] = _PROFILE_CODES.gather(ids, profiles)
+    out[:, PROFILE_FEATURE_DIM:start] = encode_degrees(degrees)
+    if embedding_dim:
         embeddings_of = getattr(source, "embeddings_of", None)
         if embeddings_of is not None:
             held = np.asarray(embeddings_of(nodes), np.float32)
             if held.ndim == 2 and held.shape[1] == embedding_dim:
                 usable = np.isfinite(held).all(axis=1)
-                vectors[usable, :embedding_dim] = held[usable]
-                vectors[usable, embedding_dim] = 1.0
+                if usable.all():  # the usual case: plain slices, no masked copies
+                    out[:, start:start + embedding_dim] = held
+                    out[:, start + embedding_dim] = 1.0
+                else:
+                    out[usable, start:start + embedding_dim] = held[usable]
+                    out[usable, start + embedding_dim] = 1.0
         else:
             for i, u in enumerate(ids):
                 vector = source.embedding(u)
                 if vector is not None and len(vector) == embedding_dim and np.all(np.isfinite(vector)):
-                    vectors[i, :embedding_dim] = vector
-                    vectors[i, embedding_dim] = 1.0
-    parts.append(vectors if embedding_dim else vectors[:, :1])
-    return np.concatenate(parts, axis=1).astype(np.float32)
+                    out[i, start:start + embedding_dim] = vector
+                    out[i, start + embedding_dim] = 1.0
+    return out
 
 
 def node_degrees(nodes: np.ndarray, source: GraphSource) -> np.ndarray:
@@ -172,9 +211,37 @@ def node_degrees(nodes: np.ndarray, source: GraphSource) -> np.ndarray:
     return np.fromiter((source.degree(u) for u in nodes.tolist()), np.int64, len(nodes))
 
 
-def _edge_keys(owners: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """A uint64 key per (owner, neighbour) for set membership (a 64-bit hash; collisions ~2^-64 per pair)."""
-    return mix64(owners.astype(np.int64).view(np.uint64)) ^ others.astype(np.int64).view(np.uint64)
+def _may_be_first(group: np.ndarray, keys: np.ndarray, groups: int, first: int,
+                  always: np.ndarray | None = None) -> np.ndarray:
+    """A mask of entries that holds every entry among the ``first`` smallest ``keys`` of its group (and every
+    ``always`` entry), so that a sort of the kept entries picks exactly what a sort of all would. Keys are
+    uniform 64-bit hashes: a group of n keeps those below ~3·first/n of the key range, ~3·first entries; a group
+    where fewer than ``first`` of its other entries pass (p ~1e-5 each) keeps all of them. Sorting the kept few
+    instead of every neighbour of 50 candidates was the token builder's largest sort."""
+    sizes = np.bincount(group, minlength=groups)
+    # threshold in the top 53 bits (exact in float64): 2^53 · min(1, 3·first / n)
+    limit = np.minimum(1.0, 3.0 * first / np.maximum(sizes, 1)) * float(1 << 53)
+    kept = (keys >> np.uint64(11)).astype(np.float64) < limit[group]
+    if always is not None:
+        kept |= always
+        others = ~always
+        need = np.minimum(np.bincount(group[others], minlength=groups), first)
+        passed = np.bincount(group[kept & others], minlength=groups)
+    else:
+        need, passed = np.minimum(sizes, first), np.bincount(group[kept], minlength=groups)
+    short = passed < need
+    if short.any():
+        kept |= short[group]
+    return kept
+
+
+def _by_group_then_key(group: np.ndarray, groups: int, keys: np.ndarray) -> np.ndarray:
+    """``np.lexsort((keys, group))``: one sort of the keys, then a stable (radix, for ≤ 16-bit ints) sort by
+    group. Equal to lexsort whenever no two entries of one group share a key (true here: a group's keys hash
+    distinct node ids with one owner through a bijection, and a repeated id is a repeated entry)."""
+    by_key = np.argsort(keys)
+    small = np.int16 if groups < np.iinfo(np.int16).max else np.int64
+    return by_key[np.argsort(group[by_key].astype(small), kind="stable")]
 
 
 def _as_array(values: Collection[int]) -> np.ndarray:
@@ -219,13 +286,15 @@ def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] 
     cand_nb = [read.of_candidate(user, c) for c in cands.tolist()]
     salt_key = mix64(np.array([salt], np.int64).view(np.uint64))
 
-    def hash_keys(owners: np.ndarray, ids: np.ndarray) -> np.ndarray:  # the sampler's bottom-k keys, per owner
-        return mix64(mix64(salt_key ^ owners.astype(np.int64).view(np.uint64)) ^ ids.view(np.uint64))
+    def owner_keys(owners: np.ndarray) -> np.ndarray:  # the owner's half of the sampler's key, once per owner
+        return mix64(salt_key ^ owners.astype(np.int64).view(np.uint64))
 
     def first_per_pair(pair: np.ndarray, ids: np.ndarray, common: np.ndarray, keys: np.ndarray
                        ) -> tuple[np.ndarray, ...]:
         """Per pair, common neighbours first, then the rest, each by key: the first ``f1`` (and their ranks)."""
-        order = np.lexsort((keys, ~common, pair))
+        kept = np.flatnonzero(_may_be_first(pair, keys, n_pairs, f1, common))
+        pair, ids, common = pair[kept], ids[kept], common[kept]
+        order = _by_group_then_key(pair * 2 + ~common, 2 * n_pairs, keys[kept])
         pair, ids, common = pair[order], ids[order], common[order]
         starts = np.zeros(n_pairs + 1, np.int64)
         np.cumsum(np.bincount(pair, minlength=n_pairs), out=starts[1:])
@@ -242,31 +311,36 @@ def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] 
     if len(query_sorted) and len(c_ids):
         c_common = query_sorted[np.minimum(np.searchsorted(query_sorted, c_ids), len(query_sorted) - 1)] == c_ids
     common_count = np.bincount(c_pair[c_common], minlength=n_pairs)
-    # The candidates' edges, for "is w a neighbour of candidate p?"
-    known = np.unique(_edge_keys(cands[c_pair], c_ids))
+    # The candidates' edges, for "is w a neighbour of candidate p?" (sorted keys; a repeated candidate's repeats
+    # do not change a membership test)
+    cand_edge_key = mix64(cands.view(np.uint64))
+    known = np.sort(cand_edge_key[c_pair] ^ c_ids.view(np.uint64))
 
-    def adjacent(owner_ids: np.ndarray, other_ids: np.ndarray) -> np.ndarray:
+    def adjacent(pair_of: np.ndarray, other_ids: np.ndarray) -> np.ndarray:
+        """Whether ``other_ids[i]`` is a neighbour of candidate ``pair_of[i]``."""
         if not len(known) or not len(other_ids):
             return np.zeros(len(other_ids), bool)
-        keys = _edge_keys(owner_ids, other_ids)
+        keys = cand_edge_key[pair_of] ^ other_ids.view(np.uint64)
         pos = np.minimum(np.searchsorted(known, keys), len(known) - 1)
         return known[pos] == keys
 
-    candidate_tokens = first_per_pair(c_pair, c_ids, c_common, hash_keys(cands[c_pair], c_ids))
+    c_keys = mix64(owner_keys(cands)[c_pair] ^ c_ids.view(np.uint64))
+    candidate_tokens = first_per_pair(c_pair, c_ids, c_common, c_keys)
     # Query side: the pair's common neighbours, then the query's other neighbours in one key order shared by every
     # pair. Its first f1 always hold enough non-common ones (at most k of them are common when k are taken
     # first), so each pair needs only its commons and those f1, not the query's whole neighbourhood again.
-    query_keys = hash_keys(np.full(len(query_nb), user), query_nb)
+    user_key = owner_keys(np.array([user], np.int64))
+    query_keys = mix64(user_key ^ query_nb.view(np.uint64))
     head_at = np.argsort(query_keys, kind="stable")[:f1]
     head, head_keys = query_nb[head_at], query_keys[head_at]
     h_pair = np.repeat(np.arange(n_pairs), len(head))
     h_ids, h_keys = np.tile(head, n_pairs), np.tile(head_keys, n_pairs)
-    h_rest = ~adjacent(cands[h_pair], h_ids)  # the pair's commons among them come with the commons below
+    h_rest = ~adjacent(h_pair, h_ids)  # the pair's commons among them come with the commons below
     com_ids = c_ids[c_common]
     q_pair = np.concatenate([c_pair[c_common], h_pair[h_rest]])
     q_ids = np.concatenate([com_ids, h_ids[h_rest]])
     q_common = np.concatenate([np.ones(len(com_ids), bool), np.zeros(int(h_rest.sum()), bool)])
-    q_keys = np.concatenate([hash_keys(np.full(len(com_ids), user), com_ids), h_keys[h_rest]])
+    q_keys = np.concatenate([mix64(user_key ^ com_ids.view(np.uint64)), h_keys[h_rest]])
     query_tokens = first_per_pair(q_pair, q_ids, q_common, q_keys)
     # Segments 2p (query side of pair p, other endpoint = candidate p) and 2p+1 (candidate side, other = query).
     others = np.empty(2 * n_pairs, np.int64)
@@ -286,14 +360,18 @@ def build_list_tokens(source: GraphSource, user: int, candidates: Sequence[int] 
     # neighbours, the sampler's bottom-k) adjacent to c, i.e. 3-paths query–z–w–c.
     hop1 = np.unique(t_node[query_side])
     if len(hop1) and f2:
-        h_lists = [read(int(v)) for v in hop1.tolist()]
+        h_lists = [read(v) for v in hop1.tolist()]
         h_len = np.fromiter(map(len, h_lists), np.int64, len(h_lists))
-        sample2, _ = bottom_k(hop1, h_len, np.concatenate(h_lists), salt, f2)
+        h_flat = np.concatenate(h_lists)
+        h_seg = np.repeat(np.arange(len(hop1)), h_len)
+        # bottom_k's own sample, given only the entries that can be in it (its keys, computed once per owner here)
+        h_keys = mix64(owner_keys(hop1)[h_seg] ^ h_flat.view(np.uint64))
+        sample2, _ = bottom_k(hop1, h_len, h_flat, salt, f2, keep=_may_be_first(h_seg, h_keys, len(hop1), f2))
         rows2 = sample2[np.searchsorted(hop1, t_node[query_side])]
         valid2 = rows2 >= 0
         bridge = np.zeros(rows2.shape, bool)
         if valid2.any():
-            bridge[valid2] = adjacent(np.broadcast_to(t_other[query_side][:, None], rows2.shape)[valid2],
+            bridge[valid2] = adjacent(np.broadcast_to((t_seg[query_side] // 2)[:, None], rows2.shape)[valid2],
                                       rows2[valid2])
         bridges[query_side] = bridge.sum(axis=1) / f2
     # Candidate side (a neighbour v of the candidate, other endpoint the query): the exact share of v's neighbours
@@ -436,12 +514,13 @@ class CrossAttentionRanker(nn.Module):
         if len(candidates) == 0:
             return np.empty(0)
         tokens = build_list_tokens(source, user, candidates, self.sampling_salt(), self.config)
-        was_training = self.training
+        if not self.training:  # serving: already in eval mode (a train()/eval() pair walks every module, ~0.1 ms)
+            return self(make_batch([tokens])).double().numpy()
         self.eval()
         try:
             return self(make_batch([tokens])).double().numpy()
         finally:
-            self.train(was_training)
+            self.train()
 
 
 def listwise_loss(scores: torch.Tensor, labels: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
@@ -505,11 +584,13 @@ def rerank_scored(user: int, scored: Any, source: GraphSource, model: CrossAtten
     head = ranking_order(scored.scores, scored.features[:, FEATURE_INDEX["candidate_degree_log"]], ids,
                          model.config.top_n)
     previous = torch.get_num_threads()
-    torch.set_num_threads(SERVING_THREADS)
+    if previous != SERVING_THREADS:
+        torch.set_num_threads(SERVING_THREADS)
     try:
         scores = model.score_list(source, user, ids[head])
     finally:
-        torch.set_num_threads(previous)
+        if previous != SERVING_THREADS:
+            torch.set_num_threads(previous)
     order = rerank_top(head, scores, len(head))
     timings = dict(scored.timings)
     timings["rerank"] = (time.perf_counter() - started) * 1e3

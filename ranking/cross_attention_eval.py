@@ -97,6 +97,19 @@ class RerankedMethod:
         return None
 
 
+def reranker_validation(model_dir: Path) -> dict[str, object]:
+    """What the re-ranker's own validation (inside the past) says: Recall@20 of Stage 2's order and of the
+    re-ranked one on the validation lists, and the default it would pick ("cross-attention" only on a gain)."""
+    metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
+    before, after = metadata.get("stage2_val_recall_at_20"), metadata.get("val_recall_at_20")
+    stats = metadata.get("data_stats") or {}
+    gain = before is not None and after is not None and after > before
+    return {"version": metadata.get("version"), "val_recall_at_20_stage2": before, "val_recall_at_20": after,
+            "best_epoch": metadata.get("best_epoch"), "epochs_run": metadata.get("epochs_run"),
+            "train_lists": stats.get("train_lists"), "val_lists": stats.get("val_lists"),
+            "validation_picks": "cross-attention" if gain else "none"}
+
+
 def reranker_method(base: ProductMethod, model_dir: Path) -> RerankedMethod:
     model, _ = load_cross_attention(model_dir)
     return RerankedMethod(base, model)

@@ -65,7 +65,10 @@ def partition_as_of(connections: Sequence[tuple[int, int, int]], partitions: int
 
 
 def replay_past(settings: Settings, split: EvaluationSplit, models: ProductModels, k: int = LIVE_K,
-                timeout_s: float = 1800.0, log_dir: Path | None = None) -> LiveResult:
+                timeout_s: float = 1800.0, log_dir: Path | None = None, reranker_dir: Path | None = None
+                ) -> LiveResult:
+    """``reranker_dir``: a cross-attention model the worker serves (``PYMK_RERANKER=cross-attention``), re-ranking
+    each list's top 50; without it the worker serves none, whatever the environment says."""
     from pymk.kafka_broker import LocalBroker
     from pymk.streams.consumer import latest_per_user, read_recommendations
     from pymk.streams.lag import wait_idle
@@ -79,7 +82,9 @@ def replay_past(settings: Settings, split: EvaluationSplit, models: ProductModel
     home = Path(tempfile.mkdtemp(prefix="pymk-evaluate-"))
     live = replace(settings, topic_prefix=tag, app_id=f"{tag}-worker", home=home, web_port=settings.web_port + 23,
                    embedding_model=str(models.sage_dir), ranker_model=str(models.ranker_dir),
-                   recommendations_k=k, reembed_min_interval_ms=0, recommend=True)
+                   recommendations_k=k, reembed_min_interval_ms=0, recommend=True,
+                   reranker="none" if reranker_dir is None else "cross-attention",
+                   reranker_model="" if reranker_dir is None else str(reranker_dir))
     events = [ConnectionEvent(u, v, "add", ts) for u, v, ts in split.past_connections]
     url = f"http://{live.web_host}:{live.web_port}"
     started = time.perf_counter()
@@ -105,8 +110,10 @@ def replay_past(settings: Settings, split: EvaluationSplit, models: ProductModel
     info = {"events_replayed": len(events), "lists_consumed": len(lists), "k": k,
             "replay_seconds": round(replayed - started, 1),
             "refresh_seconds": round(time.perf_counter() - replayed, 1)}
-    return LiveResult(PublishedListMethod("hybrid+XGBoost (live)", lists), lists, info)
+    name = "hybrid+XGBoost (live)" if reranker_dir is None else "hybrid+XGBoost+cross-attention (live)"
+    return LiveResult(PublishedListMethod(name, lists), lists, info)
 
 
-def live_method(settings: Settings, split: EvaluationSplit, history: Any, models: ProductModels) -> LiveResult:
-    return replay_past(settings, split, models)
+def live_method(settings: Settings, split: EvaluationSplit, history: Any, models: ProductModels,
+                reranker_dir: Path | None = None) -> LiveResult:
+    return replay_past(settings, split, models, reranker_dir=reranker_dir)

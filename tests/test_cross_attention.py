@@ -277,3 +277,17 @@ def test_tokens_come_from_what_a_partition_holds() -> None:
                                                                                       >= 0]
         # a candidate whose row is not held shows its common neighbours with the query (the query's mirrors)
         assert set(candidate_side.tolist()) <= set(full.neighbours(user)) & set(full.neighbours(candidate))
+
+
+def test_reranker_validation_picks_it_only_on_a_gain(tmp_path: Path) -> None:
+    import json
+
+    from pymk.ranking.cross_attention_eval import reranker_validation
+
+    for before, after, picks in ((0.10, 0.12, "cross-attention"), (0.12, 0.12, "none"), (0.12, 0.10, "none")):
+        (tmp_path / "metadata.json").write_text(json.dumps(
+            {"version": "xattn-x", "stage2_val_recall_at_20": before, "val_recall_at_20": after, "best_epoch": 2,
+             "epochs_run": 5, "data_stats": {"train_lists": 30, "val_lists": 10}}))
+        summary = reranker_validation(tmp_path)
+        assert summary["validation_picks"] == picks
+        assert (summary["val_recall_at_20_stage2"], summary["val_recall_at_20"]) == (before, after)

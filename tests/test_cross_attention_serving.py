@@ -11,9 +11,14 @@ from pathlib import Path
 
 from test_stream_recommendations import assert_list_valid
 
+from conftest import BUNDLED_DATA
+from pymk.datasets import EdgeHistory, load_edge_history
 from pymk.ranking.cross_attention import CrossAttentionConfig, CrossAttentionRanker, save_model
+from pymk.ranking.evaluation import make_split
+from pymk.ranking.product import train_product_models
 from pymk.reproducible import deterministic
 from pymk.settings import Settings
+from pymk.streams.evaluate_live import replay_past
 from pymk.streams.topics import ensure_topics
 from stream_helpers import dismissals, final_graph, latest_lists, send, settle, small_network
 from workers import http_get, running_worker
@@ -56,3 +61,23 @@ def test_worker_reranks_the_head_and_says_which_model_placed_each_item(kafka_set
     # the top 20 of a list comes from its re-ranked top 30; lists shorter than that are all re-ranked
     assert placed_by_model > 0 and placed_by_stage2 == 0
     assert with_mutuals > 0  # the reasons still name mutual connections where there are some
+
+
+def test_live_evaluation_replays_into_a_reranking_worker(kafka_settings: Settings, tmp_path: Path) -> None:
+    """``pymk evaluate --live --reranker``'s second replay: the worker serves the given re-ranker, so every
+    published list is re-ranked by it, under the row's own name."""
+    full = load_edge_history(BUNDLED_DATA / "collegemsg" / "CollegeMsg.txt")
+    history = EdgeHistory(full.path, full.timed, full.connections[:2500], [], 0, 2500)  # a few hundred users
+    split = make_split(history, "time")
+    models = train_product_models(split, history, tmp_path / "models", epochs=3)
+    with deterministic(0, threads=1):
+        model = CrossAttentionRanker(CrossAttentionConfig(dropout=0.0))  # untrained: the path, not the quality
+    model.version = "xattn-live-test"
+    save_model(model, tmp_path / "reranker")
+    live = replay_past(replace(kafka_settings, partitions=4), split, models, k=50, timeout_s=600, log_dir=tmp_path,
+                       reranker_dir=tmp_path / "reranker")
+    assert live.method.name == "hybrid+XGBoost+cross-attention (live)"
+    assert live.lists
+    for recs in live.lists.values():
+        assert recs.model_version.endswith(f"+{model.version}")
+        assert all(item.reasons["placed_by"] == model.version for item in recs.items)  # k = top_n = 50
