@@ -10,6 +10,7 @@ the visible 80 % of it) giving the embedding inputs. The future is used only to 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Collection
 from dataclasses import replace
@@ -52,7 +53,9 @@ def cached_reranker(split: EvaluationSplit, history: EdgeHistory, models: Produc
     from pymk.train import embeddings_at_checkpoint
 
     config = evaluation_config(split, models, progress, max_queries)
-    key = {"sage": models.sage_version, "ranker": models.ranker_version, "config": config_digest(config)}
+    # "metadata": 2 since the metadata holds the validation gain's standard error (an older model is retrained)
+    key = {"sage": models.sage_version, "ranker": models.ranker_version, "config": config_digest(config),
+           "metadata": 2}
     marker = cache_dir / MARKER_FILE
     if marker.exists() and not retrain and json.loads(marker.read_text()).get("key") == key:
         return cache_dir / "model", 0.0
@@ -97,17 +100,25 @@ class RerankedMethod:
         return None
 
 
+# A validation gain counts only this many paired standard errors clear of zero (as the heuristic floor's rule)
+GAIN_STANDARD_ERRORS = 2.0
+
+
 def reranker_validation(model_dir: Path) -> dict[str, object]:
     """What the re-ranker's own validation (inside the past) says: Recall@20 of Stage 2's order and of the
-    re-ranked one on the validation lists, and the default it would pick ("cross-attention" only on a gain)."""
+    re-ranked one on the validation lists, and the default it would pick: "cross-attention" only on a gain of more
+    than :data:`GAIN_STANDARD_ERRORS` paired standard errors over the lists (the best epoch was itself picked on
+    these lists; a model saved before the error was recorded needs only a gain)."""
     metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
     before, after = metadata.get("stage2_val_recall_at_20"), metadata.get("val_recall_at_20")
+    error = metadata.get("val_gain_standard_error")
     stats = metadata.get("data_stats") or {}
-    gain = before is not None and after is not None and after > before
+    margin = GAIN_STANDARD_ERRORS * error if isinstance(error, float) and math.isfinite(error) else 0.0
+    gain = before is not None and after is not None and after - before > margin
     return {"version": metadata.get("version"), "val_recall_at_20_stage2": before, "val_recall_at_20": after,
-            "best_epoch": metadata.get("best_epoch"), "epochs_run": metadata.get("epochs_run"),
-            "train_lists": stats.get("train_lists"), "val_lists": stats.get("val_lists"),
-            "validation_picks": "cross-attention" if gain else "none"}
+            "val_gain_standard_error": error, "best_epoch": metadata.get("best_epoch"),
+            "epochs_run": metadata.get("epochs_run"), "train_lists": stats.get("train_lists"),
+            "val_lists": stats.get("val_lists"), "validation_picks": "cross-attention" if gain else "none"}
 
 
 def reranker_method(base: ProductMethod, model_dir: Path) -> RerankedMethod:

@@ -19,7 +19,9 @@ and GraphSAGE, trained on the visible 80 %, never saw one.
 
 **Validation**: the lists of the last checkpoint (temporal) or of a random share of each fold's query users
 (holdout); the number is Recall@20 over the full future partner set (the replay's definition), top 20 of the
-re-ranked top 50, next to Stage 2's own top 20 on the same lists. Early stopping on it (best epoch kept).
+re-ranked top 50, next to Stage 2's own top 20 on the same lists. Early stopping on it (best epoch kept). The
+metadata keeps the best epoch's gain over Stage 2 and its paired standard error over the lists: the best of several
+epochs on the same lists is an optimistic pick, so a gain counts only when it is clear of that noise.
 
 Stage 2's top 50 comes from the product's XGBoost ranker, which was trained on the same replay: on training
 queries its top 50 holds more positives than on unseen ones (the lists are easier than the future's); the
@@ -220,13 +222,28 @@ def _stats(train: list[RerankList], val: list[RerankList], per_step: list[dict[s
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def recall_at(lists: Sequence[RerankList], scores: Sequence[np.ndarray] | None, k: int = 20) -> float:
-    """Mean Recall@k of the lists re-ranked by ``scores`` (None: Stage 2's order)."""
+def recall_values(lists: Sequence[RerankList], scores: Sequence[np.ndarray] | None, k: int = 20) -> np.ndarray:
+    """Recall@k of each list re-ranked by ``scores`` (None: Stage 2's order)."""
     values = []
     for i, item in enumerate(lists):
         order = np.arange(len(item.ids)) if scores is None else np.argsort(-scores[i], kind="stable")
         values.append(float(item.labels[order[:k]].sum()) / item.partners)
-    return float(np.mean(values)) if values else math.nan
+    return np.asarray(values, np.float64)
+
+
+def recall_at(lists: Sequence[RerankList], scores: Sequence[np.ndarray] | None, k: int = 20) -> float:
+    """Mean Recall@k of the lists re-ranked by ``scores`` (None: Stage 2's order)."""
+    values = recall_values(lists, scores, k)
+    return float(values.mean()) if len(values) else math.nan
+
+
+def paired_gain(after: np.ndarray, before: np.ndarray) -> tuple[float, float]:
+    """(mean gain, its standard error) of per-list values on the same lists: the gain is judged against the
+    list-to-list spread of the differences, not against zero (NaN error with fewer than two lists)."""
+    differences = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    if len(differences) < 2:
+        return (float(differences.mean()) if len(differences) else math.nan), math.nan
+    return float(differences.mean()), float(differences.std(ddof=1) / math.sqrt(len(differences)))
 
 
 @torch.no_grad()
@@ -307,10 +324,15 @@ def train_reranker(events: Sequence[InputEvent] | EdgeHistory, out_dir: Path | s
         model.load_state_dict(best[2])
         model.eval()
     model.version = version
-    stage2 = recall_at(data.val, None)
+    stage2_values = recall_values(data.val, None)
+    stage2 = float(stage2_values.mean())
+    # the best epoch's gain and its paired standard error over the validation lists (the pick's rule: see
+    # cross_attention_eval.reranker_validation)
+    gain, gain_error = paired_gain(recall_values(data.val, score_lists(model, data.val)), stage2_values)
     png = out_dir / "curve.png"
     metadata = {"version": version, "best_epoch": best[1], "epochs_run": len(curve), "curve": curve,
                 "val_recall_at_20": best[0], "stage2_val_recall_at_20": stage2,
+                "val_gain_at_20": gain, "val_gain_standard_error": gain_error,
                 "data_stats": data.stats, "train_seconds": round(time.perf_counter() - started, 2),
                 "seed": config.seed, "training_config": config_digest(config), "curve_png": str(png),
                 "leakage": "tokens built at each checkpoint from a source holding only events before it"}

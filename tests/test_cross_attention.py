@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,10 +285,27 @@ def test_reranker_validation_picks_it_only_on_a_gain(tmp_path: Path) -> None:
 
     from pymk.ranking.cross_attention_eval import reranker_validation
 
-    for before, after, picks in ((0.10, 0.12, "cross-attention"), (0.12, 0.12, "none"), (0.12, 0.10, "none")):
-        (tmp_path / "metadata.json").write_text(json.dumps(
-            {"version": "xattn-x", "stage2_val_recall_at_20": before, "val_recall_at_20": after, "best_epoch": 2,
-             "epochs_run": 5, "data_stats": {"train_lists": 30, "val_lists": 10}}))
+    # (before, after, the gain's standard error (None: a model saved before it was recorded), the pick)
+    for before, after, error, picks in ((0.10, 0.12, None, "cross-attention"), (0.12, 0.12, None, "none"),
+                                        (0.12, 0.10, None, "none"), (0.10, 0.12, 0.005, "cross-attention"),
+                                        (0.10, 0.12, 0.0125, "none"), (0.12, 0.10, 0.001, "none")):
+        metadata = {"version": "xattn-x", "stage2_val_recall_at_20": before, "val_recall_at_20": after,
+                    "best_epoch": 2, "epochs_run": 5, "data_stats": {"train_lists": 30, "val_lists": 10}}
+        if error is not None:
+            metadata["val_gain_standard_error"] = error
+        (tmp_path / "metadata.json").write_text(json.dumps(metadata))
         summary = reranker_validation(tmp_path)
-        assert summary["validation_picks"] == picks
+        assert summary["validation_picks"] == picks, (before, after, error)
         assert (summary["val_recall_at_20_stage2"], summary["val_recall_at_20"]) == (before, after)
+
+
+def test_paired_gain_is_the_mean_difference_and_its_standard_error() -> None:
+    from pymk.ranking.cross_attention_training import paired_gain
+
+    after, before = np.array([0.5, 0.2, 0.0, 1.0]), np.array([0.25, 0.2, 0.0, 0.75])
+    gain, error = paired_gain(after, before)
+    differences = after - before
+    assert gain == pytest.approx(differences.mean())
+    assert error == pytest.approx(differences.std(ddof=1) / 2.0)
+    assert paired_gain(np.ones(3), np.ones(3)) == (0.0, 0.0)
+    assert math.isnan(paired_gain(np.ones(1), np.zeros(1))[1])
