@@ -8,17 +8,15 @@ the lists must be equal, item for item."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from conftest import free_port
-from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 from pymk.streams.partitioning import partition_for_user
 from pymk.streams.topics import ensure_topics
 from stream_helpers import final_refresh, latest_lists, list_content, send, small_network, users_of
-from workers import http_get, running_worker, wait_until
+from workers import http_get, running_worker, workers_beside_a_reference
 
 PARTITIONS = 12
 
@@ -42,24 +40,12 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
             final_refresh(reference, [reference])
         return {user: list_content(recs) for user, recs in latest_lists(reference).items()}
 
-    def owned(worker: Settings) -> list[int]:
-        return list(http_get(worker, "/health")["partitions"])
-
-    with ThreadPoolExecutor(1) as pool:
-        expected_run = pool.submit(single_worker)
-        ensure_topics(base)
-        processes = [start_worker_process(w, tmp_path / f"worker{i}.log") for i, w in enumerate(workers)]
-        try:
-            wait_until(lambda: sorted(p for w in workers for p in owned(w)) == list(range(PARTITIONS))
-                       and all(owned(w) for w in workers), 120, what="three workers share the 12 partitions")
-            send(base, events)
-            final_refresh(base, workers)
-            stats = [http_get(w, "/stats") for w in workers]
-        finally:
-            for process in processes:
-                stop_process(process)
-        got = {user: list_content(recs) for user, recs in latest_lists(base).items()}
-        expected = expected_run.result()
+    with workers_beside_a_reference(base, workers, tmp_path, single_worker) as (_, expected_run):
+        send(base, events)
+        final_refresh(base, workers)
+        stats = [http_get(w, "/stats") for w in workers]
+    got = {user: list_content(recs) for user, recs in latest_lists(base).items()}
+    expected = expected_run.result()
 
     for worker_stats in stats:
         shards = worker_stats["ann_shards"]

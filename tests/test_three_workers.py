@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from conftest import free_port
-from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
 from pymk.streams.producer import send_commands
 from pymk.streams.topics import ensure_topics
 from stream_helpers import differences, final_refresh, send, settle, small_network, state_view, users_of
-from workers import http_get, running_worker, wait_until
+from workers import owned_partitions, running_worker, wait_until_shared, workers_beside_a_reference
 
 PARTITIONS = 12
 SESSION_TIMEOUT_S = 6.0
-
-
-def _owned(worker: Settings) -> list[int]:
-    return list(http_get(worker, "/health")["partitions"])
 
 
 def test_three_workers_on_twelve_partitions_equal_one_and_take_over_a_killed_one(kafka_settings: Settings,
@@ -44,34 +38,24 @@ def test_three_workers_on_twelve_partitions_equal_one_and_take_over_a_killed_one
             final_refresh(reference, [reference])
             return state_view([reference], users)
 
-    with ThreadPoolExecutor(1) as pool:
-        expected_run = pool.submit(single_worker)
-        ensure_topics(base)
-        processes = [start_worker_process(w, tmp_path / f"worker{i}.log") for i, w in enumerate(workers)]
-        try:
-            wait_until(lambda: sorted(p for w in workers for p in _owned(w)) == list(range(PARTITIONS))
-                       and all(_owned(w) for w in workers), 120, what="three workers share the 12 partitions")
-            send(base, events[:half])
+    with workers_beside_a_reference(base, workers, tmp_path, single_worker) as (processes, expected_run):
+        send(base, events[:half])
+        settle(base, workers)
+        # the first owners re-embed everyone a few times: their records' versions run ahead of what a new
+        # owner, replaying without their state, would number its own from
+        for _ in range(3):
+            send_commands(base, reembed=True, rank=False)
             settle(base, workers)
-            # the first owners re-embed everyone a few times: their records' versions run ahead of what a new
-            # owner, replaying without their state, would number its own from
-            for _ in range(3):
-                send_commands(base, reembed=True, rank=False)
-                settle(base, workers)
-            killed = _owned(workers[0])
-            os.killpg(processes[0].pid, signal.SIGKILL)
-            processes[0].wait()
-            survivors = workers[1:]
-            send(base, events[half:])
-            wait_until(lambda: sorted(p for w in survivors for p in _owned(w)) == list(range(PARTITIONS)), 120,
-                       what="the two survivors own every partition")
-            settle(base, survivors)
-            final_refresh(base, survivors)
-            got = state_view(survivors, users)
-        finally:
-            for process in processes:
-                stop_process(process)
-        expected = expected_run.result()
+        killed = owned_partitions(workers[0])
+        os.killpg(processes[0].pid, signal.SIGKILL)
+        processes[0].wait()
+        survivors = workers[1:]
+        send(base, events[half:])
+        wait_until_shared(survivors, PARTITIONS, "the two survivors own every partition", every_worker=False)
+        settle(base, survivors)
+        final_refresh(base, survivors)
+        got = state_view(survivors, users)
+    expected = expected_run.result()
 
     assert len(killed) >= 2  # the killed worker held its share of the 12
     assert expected.keys() == got.keys() == users

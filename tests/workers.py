@@ -6,13 +6,17 @@ import json
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pymk.processes import start_worker_process, stop_process
 from pymk.settings import Settings
+from pymk.streams.topics import ensure_topics
+
+T = TypeVar("T")
 
 
 def http_get(settings: Settings, path: str, timeout: float = 5.0) -> Any:
@@ -45,6 +49,22 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.3, what: str 
     raise TimeoutError(f"{what} not reached within {timeout} s (last error: {last_error!r})")
 
 
+def owned_partitions(settings: Settings) -> list[int]:
+    """The partitions the worker says it owns (``/health``)."""
+    return list(http_get(settings, "/health")["partitions"])
+
+
+def wait_until_shared(workers: list[Settings], partitions: int, what: str, every_worker: bool = True,
+                      timeout: float = 120.0) -> None:
+    """Until ``workers`` own all ``partitions`` between them (and, with ``every_worker``, each owns some)."""
+    def shared() -> bool:
+        owned = [owned_partitions(w) for w in workers]
+        return (sorted(p for part in owned for p in part) == list(range(partitions))
+                and (not every_worker or all(owned)))
+
+    wait_until(shared, timeout, what=what)
+
+
 @contextmanager
 def running_worker(settings: Settings, log_path: Path, ready_timeout: float = 90.0, python: str | None = None,
                    cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
@@ -58,3 +78,22 @@ def running_worker(settings: Settings, log_path: Path, ready_timeout: float = 90
         yield proc
     finally:
         stop_process(proc)
+
+
+@contextmanager
+def workers_beside_a_reference(base: Settings, workers: list[Settings], log_dir: Path,
+                               reference_run: Callable[[], T]) -> Iterator[tuple[list[subprocess.Popen], Future[T]]]:
+    """``reference_run`` (one worker on its own topics) in a thread while ``workers`` start as processes on
+    ``base``'s topics; yields (their processes, the reference's future) once they share every partition, and
+    stops them on the way out."""
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(reference_run)
+        ensure_topics(base)
+        processes = [start_worker_process(w, log_dir / f"worker{i}.log") for i, w in enumerate(workers)]
+        try:
+            wait_until_shared(workers, base.partitions,
+                              f"{len(workers)} workers share the {base.partitions} partitions")
+            yield processes, reference
+        finally:
+            for process in processes:
+                stop_process(process)
