@@ -315,6 +315,14 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         result = bench_hubs([(Path(args.data), args.split)] if args.data else HUB_GRAPHS)
         print(json.dumps(result, indent=None if args.json else 2))
         return 0
+    if args.what == "ann-shards":  # the sharded index's scatter-gather against one replicated index
+        from pymk.bench.ann_shards import run_sharded_benchmark
+        from pymk.streams.global_index import ann_config
+
+        result = run_sharded_benchmark(args.users or 20_000, args.shards, config=ann_config(settings),
+                                       sigmas=settings.ann_shard_k_sigmas)
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
     if args.what == "capacity":
         from pymk.bench.capacity import DEFAULT_GRAPHS, DEFAULT_PARTITIONS, bench_capacity
         from pymk.streams.global_index import ann_config
@@ -344,7 +352,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from pymk.bench.freshness import bench_freshness
 
-        result = bench_freshness(settings, rate=args.rate, seconds=args.seconds, users=args.users,
+        result = bench_freshness(settings, rate=args.rate, seconds=args.seconds, users=args.users or 3000,
                                  timeout_s=args.timeout, workers=args.workers)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
@@ -482,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     soak.set_defaults(func=_cmd_soak)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
-    bench.add_argument("what", choices=["ingest", "index", "rank", "freshness", "capacity", "hubs"])
+    bench.add_argument("what", choices=["ingest", "index", "rank", "freshness", "capacity", "hubs", "ann-shards"])
     bench.add_argument("--data", default=None,
                        help=FORMATS_HELP + " (default: ego-Facebook; capacity: ego-Facebook and CA-HepPh)")
     bench.add_argument("--partitions", type=int, default=None, help="capacity: partitions of the replay (12)")
@@ -494,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, default=1800.0)
     bench.add_argument("--rate", type=float, default=1000.0, help="freshness: events per second")
     bench.add_argument("--seconds", type=float, default=30.0, help="freshness: how long to produce at that rate")
-    bench.add_argument("--users", type=int, default=3000, help="freshness: users of the synthetic network")
+    bench.add_argument("--users", type=int, default=None,
+                       help="freshness: users of the synthetic network (3,000); ann-shards: vectors (20,000)")
+    bench.add_argument("--shards", type=int, default=3,
+                       help="ann-shards: shard processes, each serving its partitions' users over HTTP")
     bench.add_argument("--workers", type=int, default=1,
                        help="freshness: worker processes in the consumer group (they share the partitions)")
     bench.add_argument("--ranker", default=None,

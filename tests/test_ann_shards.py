@@ -274,3 +274,18 @@ def test_a_slice_ranks_only_the_users_whose_answers_were_gathered_in_the_lanes_o
         assert slices < 10
     assert refresher.shards.asked[0] == [99, 0, 1, 2]  # type: ignore[union-attr]
     assert refresher.ranked == [99, *range(10)] and slices == 3  # 4 a slice, in the lanes' order
+
+
+def test_pymk_bench_ann_shards_prints_the_scatter_gather_against_one_index(capsys: pytest.CaptureFixture[str]
+                                                                           ) -> None:
+    import json
+
+    from pymk.cli import main
+
+    assert main(["bench", "ann-shards", "--users", "1200", "--shards", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"] == 2 and report["n"] == 1200 and report["peers"] == 1
+    assert set(report["per_batch"]) == {"replicated", "local_shard", "scatter_gather"}
+    assert report["shard_stats"]["peer_failures"] == 0 and report["shard_stats"]["missing_partitions"] == []
+    # both are HNSW answers checked against the exact top k; merging shards must not lose what one index finds
+    assert report["recall_at_k"]["sharded"] >= report["recall_at_k"]["replicated"] - 0.01
