@@ -79,6 +79,8 @@ class CandidateSet:
     from_ann: np.ndarray  # bool: returned by ANN
     stats: dict[str, int] = field(default_factory=dict)  # pool sizes, for logs and metrics
     from_popular: np.ndarray | None = None  # bool: among the most active users (None: nobody)
+    # ids whose place at the graph cut their degrees decided (top_k_graph_and_ties), whether or not they got in
+    graph_ties: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,7 +109,8 @@ class CandidateSet:
         return CandidateSet(self.user, self.ids[mask_or_indices], self.common_neighbor_count[mask_or_indices],
                             self.adamic_adar_score[mask_or_indices], self.ann_score[mask_or_indices],
                             self.from_graph[mask_or_indices], self.from_ann[mask_or_indices], dict(self.stats),
-                            None if self.from_popular is None else self.from_popular[mask_or_indices])
+                            None if self.from_popular is None else self.from_popular[mask_or_indices],
+                            self.graph_ties)
 
     @classmethod
     def from_candidates(cls, user: int, candidates: Sequence[Candidate]) -> CandidateSet:
@@ -193,7 +196,16 @@ def _top_k_graph(ids: np.ndarray, counts: np.ndarray, scores: np.ndarray, k: int
                  source: RankingSource) -> np.ndarray:
     """Indices of the top k by (count desc, AA desc, degree desc, id asc), in no particular order (the merge
     orders candidates by rough score)."""
+    return top_k_graph_and_ties(ids, counts, scores, k, source)[0]
+
+
+def top_k_graph_and_ties(ids: np.ndarray, counts: np.ndarray, scores: np.ndarray, k: int,
+                         source: RankingSource) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_top_k_graph`'s indices, and the ids of the users whose place at the cut their degrees decided (tied
+    with the k-th on count and AA, more of them than slots left; empty when no degree decided): a kept list
+    (ranking/incremental.py) must rebuild when one of their degrees moves."""
     n = len(ids)
+    ties = np.empty(0, np.int64)
     if n > k:
         rounded = np.round(scores, _AA_DECIMALS)
         # Everything strictly better than the k-th (count, AA) is in; the rest of the k slots go to the users
@@ -208,10 +220,11 @@ def _top_k_graph(ids: np.ndarray, counts: np.ndarray, scores: np.ndarray, k: int
         boundary = tied[tied_scores == score_at_k]
         need -= len(better)
         if need < len(boundary):
-            degrees = np.fromiter((source.degree(int(u)) for u in ids[boundary]), np.int64, len(boundary))
-            boundary = boundary[np.lexsort((ids[boundary], -degrees))[:need]]
-        return np.concatenate([np.flatnonzero(above), better, boundary])
-    return np.arange(n)
+            ties = ids[boundary]
+            degrees = np.fromiter((source.degree(int(u)) for u in ties), np.int64, len(boundary))
+            boundary = boundary[np.lexsort((ties, -degrees))[:need]]
+        return np.concatenate([np.flatnonzero(above), better, boundary]), ties
+    return np.arange(n), ties
 
 
 def two_hop_by_id(user: int, source: RankingSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,13 +275,13 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     # final order is total).
     two_hop_ids, two_hop_counts, two_hop_scores = two_hop_by_id(user, source)
     pool = len(two_hop_ids)
-    graph_ids = np.empty(0, np.int64)
+    graph_ids = graph_ties = np.empty(0, np.int64)
     graph_counts = np.empty(0, np.int64)
     graph_scores = np.empty(0, np.float64)
     if config.graph_k > 0 and pool:
         allowed = ~np.isin(two_hop_ids, excluded_ids) if len(excluded_ids) else np.ones(pool, bool)
         ids, counts, scores = two_hop_ids[allowed], two_hop_counts[allowed], two_hop_scores[allowed]
-        top = _top_k_graph(ids, counts, scores, config.graph_k, source)
+        top, graph_ties = top_k_graph_and_ties(ids, counts, scores, config.graph_k, source)
         graph_ids, graph_counts, graph_scores = ids[top], counts[top], scores[top]
 
     ann = list(source.ann_neighbours(user, config.ann_k, excluded)) if config.ann_k > 0 else []
@@ -306,7 +319,7 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     from_popular = np.isin(ids, popular_ids)
     candidates = CandidateSet(user, ids, counts, scores, ann_scores, from_graph, from_ann,
                               {"two_hop": pool, "graph": n_graph, "ann": len(ann), "popular": len(popular),
-                               "merged": len(ids), "ann_only": n_ann_only}, from_popular)
+                               "merged": len(ids), "ann_only": n_ann_only}, from_popular, graph_ties)
 
     if not others:  # each ExclusionFilter's keep() would be "not in its excluded()": all at once
         keep = ~np.isin(candidates.ids, excluded_ids) if len(excluded_ids) else np.ones(len(candidates), bool)

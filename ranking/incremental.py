@@ -43,7 +43,8 @@ excluded (``unexcluded``: an expired dismissal, a removed connection; the ANN an
 dropped row came from an ANN answer that had filled its ``ann_k`` slots and the spare neighbours kept past it ran
 out (``ann_fill``); the 2-hop set is or becomes larger than ``graph_k`` and the change touches it, or the popular
 list or the user's own embedding moved while it is (``graph_cut``, ``popular``, ``query_embedding``: a new user
-may be a 2-hop user below the cut); the rough cut to ``max_candidates`` is active and rows change
+may be a 2-hop user below the cut); the degree of a user tied at the graph cut moved (``graph_tie``: ties on count
+and AA at the cut are broken by degree); the rough cut to ``max_candidates`` is active and rows change
 (``rough_cut``); the source lacks the batch reads this path needs (``source``). A moved popular list or own
 embedding (a new ANN answer, asked again) otherwise changes rows in place: sources, cosines, rows added or dropped.
 
@@ -383,6 +384,9 @@ class ListEntry:
     views_stamp: int = -1
     engagement_stamp: int = -1
     query_degree: int = -1  # the user's degree the graph columns were computed with
+    # the users whose place at the graph cut their degrees decided, and those degrees (a move: a full build)
+    graph_tie_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    graph_tie_degrees: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     id_order: np.ndarray | None = None  # np.argsort(candidates.ids), kept while the rows do not change
     kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
     maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
@@ -668,6 +672,9 @@ class IncrementalLists:
         entry.valid_until = self._fresh_validity(entry, np.arange(len(ids)), points, as_of_ms)
         entry.query_bins = _query_bins(entry.features, points)
         entry.query_degree = source.degree(user)
+        if c.graph_ties is not None and len(c.graph_ties):
+            entry.graph_tie_ids = c.graph_ties
+            entry.graph_tie_degrees = _degrees_of(source, c.graph_ties)
         if implements(source, AnnStampSource):
             entry.ann_stamp = source.ann_stamp()
         if implements(source, ChangeStampSource):
@@ -684,6 +691,10 @@ class IncrementalLists:
         excluded = _excluded(user, source, config, as_of)
         if not excluded >= e.excluded:
             return "unexcluded"
+        # a tie at the graph cut is broken by degree: a tied user's degree move may swap who is in (the 2-hop maps
+        # did not change, so nothing else would tell)
+        if len(e.graph_tie_ids) and not np.array_equal(_degrees_of(source, e.graph_tie_ids), e.graph_tie_degrees):
+            return "graph_tie"
         c = e.candidates
         popular = _popular(user, source, config, as_of, excluded)
         vector = source.embedding(user)
@@ -1151,6 +1162,13 @@ def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[
                    else dict(source.co_engaged_counts(user)))
         held = e.maps = (views_stamp, engagement_stamp, views, engaged)
     return held[2], held[3]
+
+
+def _degrees_of(source: RankingSource, ids: np.ndarray) -> np.ndarray:
+    """The users' degrees, in one batch read where the source has one."""
+    if implements(source, IdArraySource):
+        return np.asarray(source.degrees_of(ids), np.int64)
+    return np.fromiter(map(source.degree, ids.tolist()), np.int64, len(ids))
 
 
 def _incremental_source(source: RankingSource) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_incremental_lists import assert_same, squeeze
 
@@ -61,6 +61,8 @@ EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss",
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# found in CI: a removal lowers a candidate's degree, which breaks a tie at the graph cut the other way
+@example(seed=555, events=[("remove", 391, 0, 1000)], config=CONFIGS[1], tight=False)
 @given(seed=st.integers(0, 1_000), events=st.lists(EVENT, min_size=1, max_size=12), config=st.sampled_from(CONFIGS),
        tight=st.booleans())
 def test_worker_incremental_lists_equal_the_full_path(ranker: Ranker, tmp_path_factory: pytest.TempPathFactory,
