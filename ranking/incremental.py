@@ -415,6 +415,7 @@ class ListEntry:
         total = sum(a.nbytes for a in arrays) + (0 if c.from_popular is None else c.from_popular.nbytes)
         total += self.features.nbytes if self.features is not None else 0
         total += self.packed.nbytes if self.packed is not None else 0
+        total += self.graph_tie_ids.nbytes + self.graph_tie_degrees.nbytes
         total += len(self.scores) * 16  # id_order and handles, kept once asked (int64 a row each)
         if self.maps is not None:  # the user's views and co-engagements (~100 B an entry in a dict)
             total += 100 * (len(self.maps[2]) + len(self.maps[3]))
