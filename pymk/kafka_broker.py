@@ -216,7 +216,7 @@ class LocalBroker:
     def _format_storage(self, libs: Path) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         result = subprocess.run(
             self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_file)),
             capture_output=True, text=True, timeout=120,
@@ -274,6 +274,16 @@ class LocalBroker:
             if path.exists():
                 return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: a UUID in URL-safe base64, as ``kafka-storage random-uuid`` makes them, and like
+    Kafka's ``Uuid.randomUuid`` never starting with "-" (one in 64 would: the storage tool's argument parser reads
+    such an id as an option and formatting fails)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _alive(pid: int) -> bool:
