@@ -137,7 +137,12 @@ def test_sigkills_with_lists_and_index_end_like_an_uninterrupted_run(kafka_setti
         try:
             for chunk in chunks:
                 send(crashed, chunk)
-                time.sleep(rng.uniform(0.2, 2.0))
+                # at a random point of the chunk's work: wait until the worker is on it (a faster worker finished
+                # some chunks before a fixed delay ran out), then a random part of a second
+                started = time.monotonic()
+                while not busy(crashed) and time.monotonic() - started < 10.0:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 0.6))
                 interrupted += busy(crashed)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
