@@ -386,7 +386,7 @@ class FeatureBuilder:
         n = len(id_list)
         counts = candidates.common_neighbor_count.astype(np.float64)
         query_degree = float(source.degree(user))
-        degrees = _candidate_degrees(candidates.ids, id_list, source)
+        degrees = candidate_degrees(candidates.ids, id_list, source)
         union = query_degree + degrees - counts
         out[:, 0] = counts
         out[:, 1] = candidates.adamic_adar_score
@@ -531,7 +531,7 @@ class FeatureBuilder:
         out[:, 16] = np.clip(cosine, -1.0, 1.0)
 
 
-def _candidate_degrees(ids: np.ndarray, id_list: list[int], source: RankingSource) -> np.ndarray:
+def candidate_degrees(ids: np.ndarray, id_list: list[int], source: RankingSource) -> np.ndarray:
     """The candidates' current degrees as float64, by the cheapest read the source offers."""
     if implements(source, IdArraySource):
         return source.degrees_of(ids).astype(np.float64)

@@ -89,6 +89,7 @@ from pymk.ranking.features import (
     FEATURE_INDEX,
     FeatureBuilder,
     activity_table_for,
+    candidate_degrees,
     implements,
     view_columns,
     view_columns_of_maps,
@@ -386,7 +387,7 @@ class ListEntry:
     query_degree: int = -1  # the user's degree the graph columns were computed with
     # the users whose place at the graph cut their degrees decided, and those degrees (a move: a full build)
     graph_tie_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    graph_tie_degrees: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    graph_tie_degrees: np.ndarray = field(default_factory=lambda: np.empty(0))
     id_order: np.ndarray | None = None  # np.argsort(candidates.ids), kept while the rows do not change
     kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
     maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
@@ -675,7 +676,7 @@ class IncrementalLists:
         entry.query_degree = source.degree(user)
         if c.graph_ties is not None and len(c.graph_ties):
             entry.graph_tie_ids = c.graph_ties
-            entry.graph_tie_degrees = _degrees_of(source, c.graph_ties)
+            entry.graph_tie_degrees = candidate_degrees(c.graph_ties, c.graph_ties.tolist(), source)
         if implements(source, AnnStampSource):
             entry.ann_stamp = source.ann_stamp()
         if implements(source, ChangeStampSource):
@@ -694,7 +695,8 @@ class IncrementalLists:
             return "unexcluded"
         # a tie at the graph cut is broken by degree: a tied user's degree move may swap who is in (the 2-hop maps
         # did not change, so nothing else would tell)
-        if len(e.graph_tie_ids) and not np.array_equal(_degrees_of(source, e.graph_tie_ids), e.graph_tie_degrees):
+        ties = e.graph_tie_ids
+        if len(ties) and not np.array_equal(candidate_degrees(ties, ties.tolist(), source), e.graph_tie_degrees):
             return "graph_tie"
         c = e.candidates
         popular = _popular(user, source, config, as_of, excluded)
@@ -1163,13 +1165,6 @@ def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[
                    else dict(source.co_engaged_counts(user)))
         held = e.maps = (views_stamp, engagement_stamp, views, engaged)
     return held[2], held[3]
-
-
-def _degrees_of(source: RankingSource, ids: np.ndarray) -> np.ndarray:
-    """The users' degrees, in one batch read where the source has one."""
-    if implements(source, IdArraySource):
-        return np.asarray(source.degrees_of(ids), np.int64)
-    return np.fromiter(map(source.degree, ids.tolist()), np.int64, len(ids))
 
 
 def _incremental_source(source: RankingSource) -> bool:
