@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import sys
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -56,6 +57,8 @@ import numpy as np
 from pymk.features.activity import activity_values
 from pymk.features.keyspace import ADJACENCY, COMMON, GRAPH_MODE, MIRROR, REVERSE  # the rows: features/keyspace.py
 from pymk.features.storage import RowStore, evict_oldest_rows, row_cache_bytes, row_key
+
+_UINT32 = next(code for code in "IL" if array(code).itemsize == 4)  # "I" on every platform we know
 
 
 def edge_version(ts: int, action: str) -> int:
@@ -193,48 +196,78 @@ def _decode_ids(raw: bytes) -> set[int]:
     return set(np.frombuffer(raw, dtype=np.uint64).tolist())
 
 
-@dataclass(slots=True)
 class CommonRow:
-    """One user's materialised common-neighbour row: 2-hop candidate → count, and → the ts of the event that last
-    changed it. Two dicts with the same keys in the same order (inserted and popped together), so a row is
-    written at a flush by three ``np.fromiter`` over them; one dict of packed ``ts << 32 | count`` values (wider
-    than 64 bits) went through object arrays and took ~11 % of a worker's time at 200 events/s (py-spy)."""
+    """One user's materialised common-neighbour row: 2-hop candidate → count, and the ts of the event that last
+    changed it. Columns in ``array`` buffers (ids, counts, stamps; a candidate's position in ``position``), so that
+    the row a flush writes is three buffer copies. Rewriting it from Python values at every flush took ~11 % of a
+    worker's time at 200 events/s (py-spy; one dict of packed ``ts << 32 | count`` ints through object arrays), and
+    ~7 % as two dicts through ``np.fromiter``: every touched row is written whole, and 2-hop rows are long.
+    A dropped candidate's slot takes the last one (the order of the columns means nothing)."""
 
-    counts: dict[int, int] = field(default_factory=dict)
-    stamps: dict[int, int] = field(default_factory=dict)
+    __slots__ = ("position", "ids", "counts", "stamps")
+
+    def __init__(self) -> None:
+        self.position: dict[int, int] = {}
+        self.ids = array("Q")
+        self.counts = array(_UINT32)
+        self.stamps = array("Q")
 
     def __len__(self) -> int:
-        return len(self.counts)
+        return len(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CommonRow) and self.as_dict() == other.as_dict()
+
+    def as_dict(self) -> dict[int, tuple[int, int]]:
+        """candidate → (count, ts)."""
+        return dict(zip(self.ids, zip(self.counts, self.stamps, strict=True), strict=True))
+
+    def count_by_candidate(self) -> dict[int, int]:
+        return dict(zip(self.ids, self.counts, strict=True))
 
     def get(self, candidate: int) -> tuple[int, int] | None:
         """(count, ts) of a candidate with at least one common neighbour, else None."""
-        count = self.counts.get(candidate)
-        return None if count is None else (count, self.stamps[candidate])
+        i = self.position.get(candidate)
+        return None if i is None else (self.counts[i], self.stamps[i])
 
     def add(self, candidate: int, sign: int, ts: int) -> int:
-        """The count moved by ``sign`` at ``ts`` (the candidate dropped at 0); the new count."""
-        count = self.counts.get(candidate, 0) + sign
-        if count == 0:
-            del self.counts[candidate], self.stamps[candidate]
-        elif count > 0:
-            self.counts[candidate] = count
-            self.stamps[candidate] = ts
+        """The count moved by ``sign`` at ``ts`` (the candidate dropped at 0); the new count (negative: unchanged,
+        an invariant broken)."""
+        i = self.position.get(candidate)
+        if i is None:
+            if sign > 0:
+                self.position[candidate] = len(self.ids)
+                self.ids.append(candidate)
+                self.counts.append(sign)
+                self.stamps.append(ts)
+            return sign
+        count = self.counts[i] + sign
+        if count > 0:
+            self.counts[i] = count
+            self.stamps[i] = ts
+        elif count == 0:
+            del self.position[candidate]
+            last_id, last_count, last_stamp = self.ids.pop(), self.counts.pop(), self.stamps.pop()
+            if i < len(self.ids):  # the last row fills the hole
+                self.ids[i], self.counts[i], self.stamps[i] = last_id, last_count, last_stamp
+                self.position[last_id] = i
         return count
 
     def encode(self) -> bytes:
-        """n (uint32), ids (uint64 × n), stamps (uint64 × n), counts (uint32 × n)."""
-        n = len(self.counts)
-        return (np.uint32(n).tobytes() + np.fromiter(self.counts.keys(), np.uint64, n).tobytes()
-                + np.fromiter(self.stamps.values(), np.uint64, n).tobytes()
-                + np.fromiter(self.counts.values(), np.uint32, n).tobytes())
+        """n (uint32), ids (uint64 × n), stamps (uint64 × n), counts (uint32 × n), in the machine's byte order (as
+        the other rows' numpy buffers)."""
+        return (len(self.ids).to_bytes(4, sys.byteorder) + self.ids.tobytes() + self.stamps.tobytes()
+                + self.counts.tobytes())
 
     @classmethod
     def decode(cls, raw: bytes) -> CommonRow:
-        n = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
-        ids = np.frombuffer(raw, dtype=np.uint64, count=n, offset=4).tolist()
-        stamps = np.frombuffer(raw, dtype=np.uint64, count=n, offset=4 + 8 * n).tolist()
-        counts = np.frombuffer(raw, dtype=np.uint32, count=n, offset=4 + 16 * n).tolist()
-        return cls(dict(zip(ids, counts, strict=True)), dict(zip(ids, stamps, strict=True)))
+        row = cls()
+        n = int.from_bytes(raw[:4], sys.byteorder)
+        row.ids.frombytes(raw[4 : 4 + 8 * n])
+        row.stamps.frombytes(raw[4 + 8 * n : 4 + 16 * n])
+        row.counts.frombytes(raw[4 + 16 * n : 4 + 20 * n])
+        row.position = dict(zip(row.ids, range(n), strict=True))
+        return row
 
 
 @dataclass
@@ -348,7 +381,7 @@ class PartitionGraph:
                 row = CommonRow()
                 for candidate in self.two_hop_arrays(user).ids.tolist():
                     count, ts = self._count_on_read(user, candidate)
-                    row.counts[candidate], row.stamps[candidate] = count, ts or 0
+                    row.add(candidate, count, ts or 0)
                 if row:
                     puts[row_key(COMMON, user)] = row.encode()
         elif not self.materialise_common:  # materialised → on-read
@@ -608,7 +641,7 @@ class PartitionGraph:
             self._check_local(user)
             found = self.two_hop_arrays(user)
             return dict(zip(found.ids.tolist(), found.counts.tolist(), strict=True))
-        return dict(self.common_row(user).counts)
+        return self.common_row(user).count_by_candidate()
 
     def common_neighbors(self, user: int, candidate: int) -> list[int]:
         """The common neighbours themselves (for reasons), from the local adjacency and the mirrors."""
