@@ -30,7 +30,6 @@ class GcPauses:
     by_generation: dict[int, GenerationPauses] = field(
         default_factory=lambda: {generation: GenerationPauses() for generation in range(3)})
     unfreeze_interval_s: float | None = None  # None: never freeze
-    frozen_objects: int = 0
     unfreezes: int = 0
     _started: float | None = None
     _full_seen: int = 0
@@ -65,18 +64,18 @@ class GcPauses:
         now = time.monotonic() if now is None else now
         if now - self._unfrozen_at >= self.unfreeze_interval_s:
             gc.unfreeze()
-            self._unfrozen_at, self.frozen_objects = now, 0
+            self._unfrozen_at = now
             self.unfreezes += 1
             return
         full = self.by_generation[2].collections
         if full != self._full_seen:
             self._full_seen = full
-            gc.freeze()
-            self.frozen_objects = gc.get_freeze_count()
+            gc.freeze()  # O(1); counting the frozen objects walks them all, so only /stats does (snapshot)
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"gen{g}": {"collections": p.collections, "ms": round(1000 * p.seconds, 1),
                                            "max_ms": round(1000 * p.max_seconds, 1)}
                                for g, p in sorted(self.by_generation.items())}
-        out.update(frozen_objects=self.frozen_objects, unfreezes=self.unfreezes)
+        frozen = gc.get_freeze_count() if self.unfreeze_interval_s is not None else 0
+        out.update(frozen_objects=frozen, unfreezes=self.unfreezes)
         return out
