@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pymk.index.ann import AnnConfig
+from pymk.index.ann import ann_config
 from pymk.ranking.two_tower_eval import cached_two_tower_models, two_tower_methods
 
 
@@ -49,8 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     models, product_seconds = product_models(split, history, cache_dir, args.retrain, progress=True, data=args.data)
     tower_models, tower_seconds = cached_two_tower_models(split, models, args.tower_cache or cache_dir / "two-tower",
                                                           args.retrain, progress=True)
-    ann = AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction,
-                    ef_search=settings.ann_ef_search, quantization=settings.ann_quantization)  # type: ignore[arg-type]
+    ann = ann_config(settings)
     product = [] if args.without_xgboost else product_methods(split, models, ann)
     source = getattr(product[-1], "source", None) if product else None
     methods: list[Any] = [*reference_methods(split), *product, *two_tower_methods(

@@ -53,10 +53,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
 import numpy as np
+
+if TYPE_CHECKING:
+    from pymk.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,11 @@ class AnnConfig:
     keep_vectors: bool = True
     # SQ8 with the float copy fetches this many times k candidates and re-scores them exactly.
     sq8_rerank_factor: float = 2.0
+    # A search whose beam times this is at least the users it may return is answered by brute force over the kept
+    # float vectors: the exact top k, and cheaper there than the graph walk (k = 1,000 over 100,000 unit vectors:
+    # 3.0 ms against HNSW's 6.4, whose beam then visits a large part of the graph; docs/benchmarks.md). 0: always
+    # the graph. Needs keep_vectors (without them brute force would decode every vector).
+    exact_search_factor: int = 64
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.m < 2 or self.ef_construction <= 0 or self.ef_search <= 0:
@@ -101,6 +109,20 @@ class AnnConfig:
             raise ValueError(f"rebuild_tombstone_fraction must be in (0, 1], got {self.rebuild_tombstone_fraction}")
         if self.sq8_rerank_factor < 1.0:
             raise ValueError(f"sq8_rerank_factor must be ≥ 1, got {self.sq8_rerank_factor}")
+        if self.exact_search_factor < 0:
+            raise ValueError(f"exact_search_factor must be ≥ 0, got {self.exact_search_factor}")
+
+    def brute_force(self, eligible: int, beam: int) -> bool:
+        """Whether a search with this beam over ``eligible`` users goes by brute force (see exact_search_factor)."""
+        return self.keep_vectors and eligible <= self.exact_search_factor * beam
+
+
+def ann_config(settings: Settings) -> AnnConfig:
+    """The index's config from the settings: one place, so the worker, the evaluation and the benches search alike."""
+    return AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction, ef_search=settings.ann_ef_search,
+                     quantization=settings.ann_quantization,
+                     rebuild_tombstone_fraction=settings.ann_rebuild_tombstone_fraction,
+                     exact_search_factor=settings.ann_exact_search_factor)
 
 
 @dataclass(frozen=True)
@@ -155,6 +177,7 @@ class AnnIndex:
         self._vectors = np.empty((0, self._config.dim), dtype=np.float32)
         self.rebuilds = 0
         self.exact_fallbacks = 0  # searches the HNSW beam could not fill (see search)
+        self.brute_force_searches = 0  # searches answered by brute force: few users for the beam (AnnConfig)
         # True: a rebuild is not done inline when tombstones reach the fraction; the owner sees rebuild_due() and
         # builds the new graph off its thread (begin_rebuild / build_graph / finish_rebuild)
         self.rebuild_in_background = False
@@ -216,6 +239,7 @@ class AnnIndex:
             "tombstones": self._tombstones,
             "rebuilds": self.rebuilds,
             "exact_fallbacks": self.exact_fallbacks,
+            "brute_force_searches": self.brute_force_searches,
             "vector_copy_bytes": int(self._vectors.nbytes),
             "quantization": self._config.quantization,
         }
@@ -377,6 +401,9 @@ class AnnIndex:
             return []
         fetch = min(eligible, self._fetch_size(k))
         beam = max(ef_search or self._config.ef_search, fetch)
+        if self._config.brute_force(eligible, beam):
+            self.brute_force_searches += 1
+            return self._exact(query, k, excluded_slots)
 
         self._set_bits(excluded_slots, False)
         try:
@@ -407,7 +434,15 @@ class AnnIndex:
         if n == 0 or wanted <= 0:
             return users, scores
         fetch = min(len(self._slot_of), self._fetch_size(k))
-        slots = self._hnsw_search(queries, fetch, max(ef_search or self._config.ef_search, fetch))
+        beam = max(ef_search or self._config.ef_search, fetch)
+        if self._config.brute_force(len(self._slot_of), beam):
+            self.brute_force_searches += n
+            for row in range(n):
+                pairs = self._exact(queries[row], k, np.empty(0, dtype=np.int64))
+                users[row, : len(pairs)] = [user for user, _ in pairs]
+                scores[row, : len(pairs)] = [score for _, score in pairs]
+            return users, scores
+        slots = self._hnsw_search(queries, fetch, beam)
         self._check_results(slots[slots >= 0], np.empty(0, dtype=np.int64))
         for row in range(n):
             found = slots[row][slots[row] >= 0]

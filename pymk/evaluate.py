@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pymk.datasets import load_edge_history
-from pymk.index.ann import AnnConfig
+from pymk.index.ann import ann_config
 from pymk.ranking.evaluation import (
     EvaluationResult,
     EvaluationSplit,
@@ -163,8 +163,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     name = f"{Path(str(data).removesuffix('.gz')).stem.lower()}-{kind}"  # a gzipped graph reports as itself
     cache_dir = model_cache_dir(settings.model_dir, data, split)
     models, train_seconds = product_models(split, history, cache_dir, retrain, progress, data=data)
-    ann = AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction,
-                    ef_search=settings.ann_ef_search, quantization=settings.ann_quantization)  # type: ignore[arg-type]
+    ann = ann_config(settings)
     methods: list[Any] = [*reference_methods(split), *product_methods(split, models, ann)]
     sets = candidate_sets(methods[len(methods) - 3:])
     tower_seconds = 0.0

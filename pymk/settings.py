@@ -131,6 +131,9 @@ class Settings:
     ann_m: int = 32
     ann_ef_construction: int = 200
     ann_ef_search: int = 128
+    # A search whose beam (ef_search, or k when larger) times this is at least the users it may return is answered
+    # by brute force: exact, and cheaper than the graph walk there (index/ann.py AnnConfig). 0: always HNSW.
+    ann_exact_search_factor: int = 64
     # "flat" (float32 vectors in the graph) or "sq8" (int8 scalar quantisation: a quarter of the memory)
     ann_quantization: AnnQuantization = "flat"
     # Rebuild the HNSW graph when this share of its slots hold replaced or deleted vectors.

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from pymk.index.ann import AnnConfig, AnnIndex
+from pymk.index.ann import AnnIndex, ann_config
 from pymk.index.records import EmbeddingRecord
 from pymk.index.vector_store import VectorStore
 from pymk.settings import Settings
@@ -50,12 +50,6 @@ from pymk.streams.partitioning import partition_for_user
 log = logging.getLogger(__name__)
 
 ASSIGN_CHUNK = 256  # users added to the graph per step of a rebalance's fill (~50–100 ms of HNSW insertions)
-
-
-def ann_config(settings: Settings) -> AnnConfig:
-    return AnnConfig(m=settings.ann_m, ef_construction=settings.ann_ef_construction, ef_search=settings.ann_ef_search,
-                     quantization=settings.ann_quantization,
-                     rebuild_tombstone_fraction=settings.ann_rebuild_tombstone_fraction)
 
 
 class GlobalIndex:

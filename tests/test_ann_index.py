@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -25,6 +26,12 @@ DIM = 128
 MAX_USER = 2**63 - 1
 
 
+def hnsw(**fields: Any) -> AnnConfig:
+    """A config whose searches walk the graph at any size: these tests are about HNSW (the brute-force rule for
+    small indexes has its own test below)."""
+    return AnnConfig(exact_search_factor=0, **fields)
+
+
 def unit_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
     vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -33,7 +40,7 @@ def unit_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
 def filled_index(n: int, config: AnnConfig | None = None, seed: int = 0) -> tuple[AnnIndex, np.ndarray, np.ndarray]:
     users = np.random.default_rng(seed + 1).choice(2**40, size=n, replace=False).astype(np.int64) * 7919
     vectors = unit_vectors(n, seed)
-    index = AnnIndex(config)
+    index = AnnIndex(config or hnsw())
     index.upsert(users, vectors)
     return index, users, vectors
 
@@ -83,7 +90,7 @@ def test_added_user_is_its_own_nearest_neighbour() -> None:
 
 def test_replaced_vector_is_never_found_only_the_new_one() -> None:
     # No rebuild, so the old vectors stay in the HNSW graph as tombstones: the selector alone must hide them.
-    index, users, vectors = filled_index(400, AnnConfig(rebuild_tombstone_fraction=1.0))
+    index, users, vectors = filled_index(400, hnsw(rebuild_tombstone_fraction=1.0))
     replaced = users[:300]
     new_vectors = unit_vectors(300, seed=99)
     index.upsert(replaced, new_vectors)
@@ -111,7 +118,7 @@ def test_unchanged_vector_is_not_a_replacement() -> None:
 
 
 def test_repeated_user_in_one_batch_keeps_its_last_vector() -> None:
-    index = AnnIndex()
+    index = AnnIndex(hnsw())
     vectors = unit_vectors(3, seed=5)
     index.upsert(np.array([7, 7, 8]), vectors)
     assert len(index) == 2 and index.n_slots == 2
@@ -121,7 +128,7 @@ def test_repeated_user_in_one_batch_keeps_its_last_vector() -> None:
 
 
 def test_delete() -> None:
-    index, users, vectors = filled_index(300, AnnConfig(rebuild_tombstone_fraction=1.0))
+    index, users, vectors = filled_index(300, hnsw(rebuild_tombstone_fraction=1.0))
     gone = {int(user) for user in users[:100]}
     assert index.delete(list(gone) + [424242]) == 100
     assert index.delete(users[:100]) == 0
@@ -152,7 +159,7 @@ def test_exclusions_are_filtered_inside_the_search() -> None:
 
 
 def test_k_larger_than_live_count_and_empty_index() -> None:
-    assert AnnIndex().search(unit_vectors(1, 0)[0], 10) == []
+    assert AnnIndex(hnsw()).search(unit_vectors(1, 0)[0], 10) == []
     index, users, vectors = filled_index(30)
     index.delete(users[:5])
     results = index.search(vectors[10], 1000)
@@ -176,7 +183,7 @@ def test_search_batch_pads_and_matches_single_search() -> None:
 
 
 def test_rebuild_triggered_by_tombstones_keeps_oracle_results() -> None:
-    index, users, _ = filled_index(300, AnnConfig(rebuild_tombstone_fraction=0.2))
+    index, users, _ = filled_index(300, hnsw(rebuild_tombstone_fraction=0.2))
     rng = np.random.default_rng(3)
     for step in range(6):
         chosen = rng.choice(users, size=40, replace=False)
@@ -190,7 +197,7 @@ def test_rebuild_triggered_by_tombstones_keeps_oracle_results() -> None:
 
 
 def test_sq8_scores_are_exact_and_recall_is_high() -> None:
-    index, users, vectors = filled_index(1000, AnnConfig(quantization="sq8"))
+    index, users, vectors = filled_index(1000, hnsw(quantization="sq8"))
     index.upsert(users[:200], unit_vectors(200, seed=7))
     assert index.config.quantization == "sq8"
     assert index.search(vectors[500], 1)[0] == (int(users[500]), pytest.approx(1.0, abs=1e-5))
@@ -204,7 +211,7 @@ def test_sq8_scores_are_exact_and_recall_is_high() -> None:
 
 
 def test_sq8_without_float_copy_scores_the_quantised_vector() -> None:
-    index, users, vectors = filled_index(300, AnnConfig(quantization="sq8", keep_vectors=False))
+    index, users, vectors = filled_index(300, hnsw(quantization="sq8", keep_vectors=False))
     decoded = index.get(int(users[0]))
     assert decoded is not None and np.abs(decoded - vectors[0]).max() <= 1.0 / 255 + 1e-6
     results = index.search(vectors[0], 5)
@@ -216,7 +223,7 @@ def test_sq8_without_float_copy_scores_the_quantised_vector() -> None:
     np.testing.assert_array_equal(index.get(int(users[200])), filled_index(300, index.config)[0].get(int(users[200])))
 
 
-@pytest.mark.parametrize("config", [AnnConfig(), AnnConfig(quantization="sq8", keep_vectors=False)])
+@pytest.mark.parametrize("config", [hnsw(), hnsw(quantization="sq8", keep_vectors=False)])
 def test_get_many_is_get_for_each_user(config: AnnConfig) -> None:
     index, users, _ = filled_index(300, config)
     index.upsert(users[:50], unit_vectors(50, seed=11))  # replaced vectors: the current one is returned
@@ -231,7 +238,7 @@ def test_get_many_is_get_for_each_user(config: AnnConfig) -> None:
 
 
 def test_flat_without_float_copy_is_still_exact() -> None:
-    index, users, vectors = filled_index(200, AnnConfig(keep_vectors=False, rebuild_tombstone_fraction=0.3))
+    index, users, vectors = filled_index(200, hnsw(keep_vectors=False, rebuild_tombstone_fraction=0.3))
     index.upsert(users[:100], unit_vectors(100, seed=9))
     assert index.stats()["vector_copy_bytes"] == 0
     for seed in range(5):
@@ -239,7 +246,7 @@ def test_flat_without_float_copy_is_still_exact() -> None:
 
 
 def test_input_validation() -> None:
-    index = AnnIndex()
+    index = AnnIndex(hnsw())
     vector = unit_vectors(1, 0)
     index.upsert(np.array([MAX_USER, 0]), unit_vectors(2, 1))
     assert MAX_USER in index and 0 in index
@@ -262,7 +269,7 @@ def test_input_validation() -> None:
 
 
 def test_snapshot_roundtrip(tmp_path: Path) -> None:
-    for config in (AnnConfig(rebuild_tombstone_fraction=0.9), AnnConfig(quantization="sq8", keep_vectors=False)):
+    for config in (hnsw(rebuild_tombstone_fraction=0.9), hnsw(quantization="sq8", keep_vectors=False)):
         index, users, vectors = filled_index(300, config)
         index.upsert(users[:40], unit_vectors(40, seed=11))
         index.delete(users[40:60])
@@ -286,7 +293,7 @@ def test_snapshot_roundtrip(tmp_path: Path) -> None:
 
 
 def test_load_without_snapshot_and_with_a_new_config(tmp_path: Path) -> None:
-    empty, watermark = AnnIndex.load(tmp_path / "nothing-here", AnnConfig(m=16))
+    empty, watermark = AnnIndex.load(tmp_path / "nothing-here", hnsw(m=16))
     assert len(empty) == 0 and watermark == {} and empty.config.m == 16
     empty.snapshot(tmp_path / "empty", {"offset": 0})
     reloaded, watermark = AnnIndex.load(tmp_path / "empty")
@@ -295,9 +302,9 @@ def test_load_without_snapshot_and_with_a_new_config(tmp_path: Path) -> None:
     assert reloaded.search(unit_vectors(1, seed=3)[0], 5) == [(9, pytest.approx(1.0, abs=1e-5))]
     index, users, vectors = filled_index(200)
     index.snapshot(tmp_path, {"offset": 5})
-    searched, _ = AnnIndex.load(tmp_path, AnnConfig(ef_search=300))
+    searched, _ = AnnIndex.load(tmp_path, hnsw(ef_search=300))
     assert searched.config.ef_search == 300 and searched.rebuilds == 0
-    quantised, _ = AnnIndex.load(tmp_path, AnnConfig(quantization="sq8"))
+    quantised, _ = AnnIndex.load(tmp_path, hnsw(quantization="sq8"))
     assert quantised.config.quantization == "sq8" and quantised.rebuilds == 1
     assert quantised.search(vectors[3], 1)[0][0] == users[3]
 
@@ -393,7 +400,7 @@ def test_random_streams_match_brute_force(
     if quantization == "sq8":
         keep_vectors = True  # without the float copy SQ8 scores are approximate by design (tested above)
     index = AnnIndex(
-        AnnConfig(quantization=quantization, rebuild_tombstone_fraction=fraction, keep_vectors=keep_vectors)  # type: ignore[arg-type]
+        hnsw(quantization=quantization, rebuild_tombstone_fraction=fraction, keep_vectors=keep_vectors)  # type: ignore[arg-type]
     )
     current: dict[int, np.ndarray] = {}  # the model: each live user's current vector
     past_vectors: list[np.ndarray] = []  # every vector ever added, the dangerous queries
@@ -449,7 +456,7 @@ def test_scores_do_not_depend_on_the_order_vectors_were_inserted_in() -> None:
     rng = np.random.default_rng(7)
     vectors = unit_vectors(301, seed=7)
     users = np.arange(301, dtype=np.int64) * 3
-    first, second = AnnIndex(AnnConfig(ef_search=64)), AnnIndex(AnnConfig(ef_search=64))
+    first, second = AnnIndex(hnsw(ef_search=64)), AnnIndex(hnsw(ef_search=64))
     first.upsert(users, vectors)
     order = rng.permutation(301)
     for chunk in np.array_split(order, 7):
@@ -468,7 +475,7 @@ def test_a_rebuild_built_off_the_owner_thread_keeps_what_changed_meanwhile() -> 
     n = 400
     users = np.arange(n, dtype=np.int64) * 5 + 1
     vectors = unit_vectors(n, seed=3)
-    index = AnnIndex(AnnConfig(ef_search=64, rebuild_tombstone_fraction=0.2))
+    index = AnnIndex(hnsw(ef_search=64, rebuild_tombstone_fraction=0.2))
     index.rebuild_in_background = True
     index.upsert(users, vectors)
     replaced = unit_vectors(120, seed=4)
@@ -494,7 +501,7 @@ def test_a_rebuild_built_off_the_owner_thread_keeps_what_changed_meanwhile() -> 
     final[9_999_999] = newcomer[0]
 
     assert index.rebuilds == 1 and index.tombstones == 12 + 5  # replaced and deleted in between
-    fresh = AnnIndex(AnnConfig(ef_search=64))
+    fresh = AnnIndex(hnsw(ef_search=64))
     fresh.upsert(np.array(list(final), dtype=np.int64), np.stack(list(final.values())))
     assert sorted(index.users().tolist()) == sorted(final)
     for user in [1, 1001, 1051, 9_999_999]:
@@ -505,7 +512,7 @@ def test_a_rebuild_built_off_the_owner_thread_keeps_what_changed_meanwhile() -> 
 
 def test_a_rebuild_abandoned_or_overtaken_by_a_reconfiguration_leaves_the_index_whole() -> None:
     users = np.arange(50, dtype=np.int64)
-    index = AnnIndex(AnnConfig(ef_search=64))
+    index = AnnIndex(hnsw(ef_search=64))
     index.rebuild_in_background = True
     index.upsert(users, unit_vectors(50, seed=8))
     index.upsert(users[:20], unit_vectors(20, seed=9))
@@ -513,6 +520,31 @@ def test_a_rebuild_abandoned_or_overtaken_by_a_reconfiguration_leaves_the_index_
     index.abandon_rebuild()
     assert index.rebuild_due() and len(index) == 50
     pending = index.begin_rebuild()
-    index.reconfigure(AnnConfig(ef_search=64, m=16))  # a new graph now, from the current vectors
+    index.reconfigure(hnsw(ef_search=64, m=16))  # a new graph now, from the current vectors
     index.finish_rebuild(pending, AnnIndex.build_graph(pending))  # stale: ignored
     assert index.config.m == 16 and len(index) == 50 and index.tombstones == 0
+
+
+def test_small_indexes_are_searched_by_brute_force_which_is_the_exact_top_k() -> None:
+    # beam × exact_search_factor ≥ the eligible users: the exact answer (ties by id), not the graph's
+    index, users, vectors = filled_index(500, AnnConfig(ef_search=16, exact_search_factor=64))
+    excluded = users[:20].tolist()
+    for row in range(20, 60, 5):
+        assert index.search(vectors[row], 100, excluded) == index.exact_search(vectors[row], 100, excluded)
+    assert index.brute_force_searches == 8 and index.stats()["brute_force_searches"] == 8
+    batch_users, batch_scores = index.search_batch(vectors[:3], 10)
+    for row in range(3):
+        exact = index.exact_search(vectors[row], 10)
+        assert batch_users[row].tolist() == [user for user, _ in exact]
+        np.testing.assert_allclose(batch_scores[row], [score for _, score in exact], rtol=1e-6)
+    assert index.brute_force_searches == 11
+    # past the rule (16 × 8 < 500): the graph
+    walked, _, _ = filled_index(500, AnnConfig(ef_search=16, exact_search_factor=8))
+    walked.search(vectors[0], 10)
+    assert walked.brute_force_searches == 0
+    # without the kept float vectors brute force would decode every vector: always the graph
+    decoded, _, _ = filled_index(200, AnnConfig(quantization="sq8", keep_vectors=False))
+    decoded.search(vectors[0], 10)
+    assert decoded.brute_force_searches == 0
+    with pytest.raises(ValueError, match="exact_search_factor"):
+        AnnConfig(exact_search_factor=-1)
