@@ -179,6 +179,8 @@ class Settings:
     list_cache_bytes: int = 2**30
     list_cache_max_age_ms: int = 300_000
     list_cache_max_updates: int = 64
+    # a kept list is built anew instead of updated when more than this share of its rows' reads moved (1: never)
+    list_cache_max_changed_share: float = 0.5
     shadow_fraction: float = 0.02
     # Which users a change refreshes: "touched" (users whose own rows changed: both endpoints of a connection,
     # viewer and viewed, dismisser, engager, profile owner) or "two-hop" (also every user whose common-neighbour

@@ -215,6 +215,7 @@ class Refresher:
             IncrementalLists(ListCacheConfig(max_bytes=settings.list_cache_bytes,
                                              max_age_ms=settings.list_cache_max_age_ms,
                                              max_updates=settings.list_cache_max_updates,
+                                             max_changed_share=settings.list_cache_max_changed_share,
                                              shadow_fraction=settings.shadow_fraction))
             if settings.list_cache_bytes > 0 else None)
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)

@@ -80,7 +80,9 @@ def test_worker_incremental_lists_equal_the_full_path(ranker: Ranker, tmp_path_f
     local = sorted(world.owned.graph.local_users())
     watched = local[:: max(1, len(local) // 10)]
     builder = FeatureBuilder()
-    lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, max_updates=1000, shadow_fraction=0.0))
+    # updates however many rows moved (the default builds anew past half of them: tested below)
+    lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, max_updates=1000, shadow_fraction=0.0,
+                                             max_changed_share=1.0))
     as_of = world.event_time_ms
     for user in watched:
         lists.score(user, source_of(world, refresher), ranker, config, as_of, 20, builder)
@@ -165,3 +167,30 @@ def test_stamps_name_the_changed_users_only(tmp_path: Path) -> None:
     apply(world, EngagementEvent(remote[6], item, ts + 3))  # another user's engagement of the owner's item
     _route(world.states, world.globals)
     assert source.co_engagement_stamp(owner) > engaged
+
+
+@pytest.mark.parametrize("max_changed_share", [0.5, 1.0])
+def test_a_list_whose_rows_mostly_moved_is_built_anew(ranker: Ranker, tmp_path: Path, max_changed_share: float) -> None:
+    """Re-embedding most of a kept list's candidates moves most rows' stamps: past ``max_changed_share`` the list is
+    built anew (the update would re-read every row and cost more), below it updated; equal to the full path both
+    ways."""
+    world = build_world(tmp_path / "world", USERS, partitions=2, seed=3)
+    refresher = world.refresher()
+    config = CONFIGS[0]  # no ANN slots: the embeddings reach the list through the rows' stamps only
+    lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, shadow_fraction=0.0,
+                                             max_changed_share=max_changed_share))
+    builder = FeatureBuilder()
+    user = sorted(world.owned.graph.local_users())[0]
+    as_of = world.event_time_ms
+    first = lists.score(user, source_of(world, refresher), ranker, config, as_of, 20, builder)
+    ids = first.candidates.ids.tolist()
+    moved = ids[: int(0.8 * len(ids))]
+    rng = np.random.default_rng(0)
+    for candidate in moved:
+        vector = rng.normal(size=128).astype(np.float32)
+        world.index.apply(EmbeddingRecord(candidate, world.index.versions.get(candidate, 0) + 1, as_of, "test",
+                                          vector / np.linalg.norm(vector)))
+    as_of += 1000
+    again = lists.score(user, source_of(world, refresher), ranker, config, as_of, 20, builder, exact_features=True)
+    assert lists.last_path == ("full:changed_rows" if max_changed_share < 0.8 else "incremental")
+    assert_same(again, score_candidates(user, source_of(world, None), ranker, config, as_of, 20, builder=builder))
