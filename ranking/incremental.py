@@ -357,7 +357,7 @@ class ListEntry:
     # re-scored are as of an older time
     features: np.ndarray | None
     scores: np.ndarray  # (n,) float64
-    valid_until: np.ndarray  # (n,) int64: the row's score stands for as-of times below this
+    valid_until: np.ndarray  # (n,) int64: the row's score stands for as-of times below this (see validity_due)
     activity: ActivityTable  # the candidates' held activity, as last read
     view_latest: np.ndarray  # (n,) int64, latest view either way (0 without)
     has_view: np.ndarray  # (n,) bool
@@ -393,6 +393,9 @@ class ListEntry:
     maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
     handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
     packed: PackedMatrix | None = None  # the feature matrix at rest (between updates)
+    # valid_until not computed yet: a build leaves it to the first update, as most kept lists of a busy stream are
+    # built anew before one (changed_rows) and it is a pass over every row
+    validity_due: bool = False
 
     def pack(self) -> None:
         """The matrix to its packed form (under memory pressure; an update unpacks it)."""
@@ -675,7 +678,7 @@ class IncrementalLists:
             rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
         points = split_points(scorer, entry.features.shape[1])
         entry.kernel = _as_of_kernel(scorer, points)
-        entry.valid_until = self._fresh_validity(entry, np.arange(len(ids)), points, as_of_ms)
+        entry.validity_due = True  # valid_until at as_of_ms, computed by the first update (_update)
         entry.query_bins = _query_bins(entry.features, points)
         entry.query_degree = source.degree(user)
         if c.graph_ties is not None and len(c.graph_ties):
@@ -705,6 +708,11 @@ class IncrementalLists:
         c = e.candidates
         if self.config.max_changed_share < 1.0 and _changed_share(e, source) > self.config.max_changed_share:
             return "changed_rows"
+        if e.validity_due:  # as the build would have: every row, at the entry's as-of time (nothing moved it yet)
+            assert e.features is not None
+            e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), split_points(scorer, e.features.shape[1]),
+                                                 e.as_of)
+            e.validity_due = False
         popular = _popular(user, source, config, as_of, excluded)
         vector = source.embedding(user)
         vector = None if vector is None else np.asarray(vector, np.float32)
