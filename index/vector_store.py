@@ -57,6 +57,8 @@ class VectorStore:
         """(len(users), dim) float32, a row of NaN for a user without a vector (as AnnIndex.get_many)."""
         rows = np.fromiter(map(self._row_of.get, users, repeat(-1)), np.int64, len(users))
         found = rows >= 0
+        if found.all():  # one gather (as AnnIndex.get_many)
+            return self._vectors[rows]
         out = np.full((len(users), self.dim), np.nan, dtype=np.float32)
         if found.any():
             out[found] = self._vectors[rows[found]]
