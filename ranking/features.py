@@ -275,7 +275,8 @@ class ProfileCache:
         if len(self._slot_of) + len(users) > self.max_users:
             self._reset()
         slot_of, profiles = self._slot_of, self._profiles
-        current = (source.many_profiles(users) if implements(source, BatchReadSource)
+        current = (source.profiles_of(ids) if ids is not None and implements(source, IdArraySource)
+                   else source.many_profiles(users) if implements(source, BatchReadSource)
                    else list(map(source.profile, users)))
         n = len(users)
         held = (self._slot_of.rows(ids) if ids is not None

@@ -428,6 +428,9 @@ class MemorySource:
     def degrees_of(self, ids: np.ndarray) -> np.ndarray:
         return self._degree_col[self._rows.rows(ids)]
 
+    def profiles_of(self, ids: np.ndarray) -> list[Profile | None]:
+        return self.many_profiles(ids.tolist())
+
     def activity_table_of(self, ids: np.ndarray) -> ActivityTable:
         slots = self._activity_slot_col[self._rows.rows(ids)]
         return ActivityTable(self._activity_values[slots], self._activity_anchors[slots], slots > 0)

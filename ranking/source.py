@@ -133,12 +133,16 @@ class BatchReadSource(Protocol):
 @runtime_checkable
 class IdArraySource(Protocol):
     """Optional: the batch reads of the feature matrix keyed by an int64 id array, the same values as
-    :meth:`BatchReadSource.many_degrees`, :meth:`ActivityTableSource.activity_table` and
-    :meth:`RankingSource.embeddings`. Right after Stage 1's traversal a dict lookup per candidate mostly waits on
-    cold memory; a source holding its users in columns answers with a binary search and a gather instead."""
+    :meth:`BatchReadSource.many_degrees`, :meth:`BatchReadSource.many_profiles`,
+    :meth:`ActivityTableSource.activity_table` and :meth:`RankingSource.embeddings`. Right after Stage 1's
+    traversal a dict lookup per candidate mostly waits on cold memory; a source holding its users in columns
+    answers with a binary search and a gather instead."""
 
     def degrees_of(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids),) int64."""
+        ...
+
+    def profiles_of(self, ids: np.ndarray) -> list[Profile | None]:
         ...
 
     def activity_table_of(self, ids: np.ndarray) -> ActivityTable:

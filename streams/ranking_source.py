@@ -180,6 +180,11 @@ class WorkerRankingSource:
             return self.facts.degrees_of(ids)
         return self.many_degrees(ids.tolist())
 
+    def profiles_of(self, ids: np.ndarray) -> list[Profile | None]:
+        if self.facts is not None:
+            return self.facts.profiles_of(ids)
+        return self.many_profiles(ids.tolist())
+
     def activity_table_of(self, ids: np.ndarray) -> ActivityTable:
         if self.facts is not None:
             return self.facts.activity_of(ids)

@@ -176,6 +176,9 @@ class UserFacts:
         slots = self.slots_of(ids)
         return self._degree[slots]
 
+    def profiles_of(self, ids: np.ndarray) -> list[Profile | None]:
+        return list(map(self._profile.__getitem__, self.slots_of(ids).tolist()))
+
     def activity_of(self, ids: np.ndarray) -> ActivityTable:
         slots = self.slots_of(ids)
         return ActivityTable(self._values[slots], self._anchor[slots], self._known[slots])

@@ -754,6 +754,7 @@ def test_id_array_reads_equal_the_per_user_reads_through_mutations(seed: int) ->
         ids = rng.choice(np.array([*range(-3, 260), 2**40 + 7, -(2**40)], np.int64), size=200)
         id_list = ids.tolist()
         assert np.array_equal(source.degrees_of(ids), source.many_degrees(id_list))
+        assert source.profiles_of(ids) == source.many_profiles(id_list)
         columnar, plain = source.activity_table_of(ids), source.activity_table(id_list)
         for a, b in zip(columnar, plain, strict=True):
             assert a.tobytes() == b.tobytes()

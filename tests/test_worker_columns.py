@@ -129,6 +129,7 @@ class LegacySource(WorkerRankingSource):
 
     two_hop_arrays = None  # type: ignore[assignment]
     degrees_of = None  # type: ignore[assignment]
+    profiles_of = None  # type: ignore[assignment]
     activity_table_of = None  # type: ignore[assignment]
     embeddings_of = None  # type: ignore[assignment]
 
@@ -274,6 +275,7 @@ def assert_columns_equal_per_user_reads(world: WorkerWorld, source: WorkerRankin
     per_user = make_source(world, LegacySource)  # no facts: every read goes to the state or user-globals
     users = ids.tolist()
     assert source.degrees_of(ids).tolist() == [world.degree_of(u) for u in users]
+    assert source.profiles_of(ids) == [world.profile_of(u) for u in users]
     table = source.activity_table_of(ids)
     held = [per_user._activity(u) for u in users]
     assert table.known.tolist() == [h is not None for h in held]
