@@ -300,7 +300,10 @@ def test_the_worker_serves_incremental_lists_and_reports_the_cache_and_the_shado
     from stream_helpers import latest_lists, send, settle, small_network
     from workers import http_get, running_worker
 
-    settings = replace(kafka_settings, shadow_fraction=1.0)
+    # every kept list updated however many of its rows moved: re-embeddings late in the replay can move most rows'
+    # embeddings, and by default (max_changed_share 0.5) such a list is built anew, which is tested in tier 2
+    # (test_worker_incremental_lists.py); in one CI run 5 of 24 lists were then served from their kept lists
+    settings = replace(kafka_settings, shadow_fraction=1.0, list_cache_max_changed_share=1.0)
     ensure_topics(settings)
     events = small_network(120, seed=5)
     send(settings, events)
@@ -319,7 +322,7 @@ def test_the_worker_serves_incremental_lists_and_reports_the_cache_and_the_shado
         settle(settings, [settings])
         stats = http_get(settings, "/stats")["lists"]
         cache, shadow = stats["cache"], stats["shadow"]
-        assert cache["hits"] >= len(users) // 2, cache
+        assert cache["hits"] >= len(users) // 2, cache["full_builds"]
         assert cache["entries"] >= len(users) and cache["bytes"] > 0
         assert cache["bytes"] <= cache["max_bytes"] == settings.list_cache_bytes
         assert shadow["checked"] == cache["hits"] and shadow["equal"] == shadow["checked"], shadow
