@@ -215,13 +215,6 @@ class CommonRow:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CommonRow) and self.as_dict() == other.as_dict()
-
-    def as_dict(self) -> dict[int, tuple[int, int]]:
-        """candidate → (count, ts)."""
-        return dict(zip(self.ids, zip(self.counts, self.stamps, strict=True), strict=True))
-
     def count_by_candidate(self) -> dict[int, int]:
         return dict(zip(self.ids, self.counts, strict=True))
 

@@ -437,19 +437,14 @@ class AnnIndex:
             return users, scores
         fetch = min(len(self._slot_of), self._fetch_size(k))
         beam = max(ef_search or self._config.ef_search, fetch)
-        if self._config.brute_force(len(self._slot_of), beam):
-            self.brute_force_searches += n
-            for row in range(n):
-                pairs = self._exact(queries[row], k, np.empty(0, dtype=np.int64))
-                users[row, : len(pairs)] = [user for user, _ in pairs]
-                scores[row, : len(pairs)] = [score for _, score in pairs]
-            return users, scores
-        slots = self._hnsw_search(queries, fetch, beam)
+        brute_force = self._config.brute_force(len(self._slot_of), beam)
+        slots = np.empty((n, 0), np.int64) if brute_force else self._hnsw_search(queries, fetch, beam)
         self._check_results(slots[slots >= 0], np.empty(0, dtype=np.int64))
         for row in range(n):
             found = slots[row][slots[row] >= 0]
-            if len(found) < wanted:
-                self.exact_fallbacks += 1
+            if brute_force or len(found) < wanted:
+                self.brute_force_searches += brute_force
+                self.exact_fallbacks += not brute_force
                 pairs = self._exact(queries[row], k, np.empty(0, dtype=np.int64))
             else:
                 pairs = self._ranked(found, queries[row], k)
