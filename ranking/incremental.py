@@ -205,12 +205,14 @@ def _until_falling(x: np.ndarray, held: np.ndarray, anchor: np.ndarray, tau: flo
 
 def _until_growing(x: np.ndarray, base: np.ndarray, thresholds_below: np.ndarray) -> np.ndarray:
     """As-of times (int64) before which ``max(0, as_of − base) / DAY``, now ``x``, keeps its side of every
-    threshold: it reaches the smallest lowered threshold t' > x at base + t'·DAY. NaN (no view, never connected)
-    stays NaN."""
+    threshold: it reaches the smallest lowered threshold t' ≥ float32(x) at base + t'·DAY. NaN (no view, never
+    connected) stays NaN."""
     out = np.full(len(x), _NEVER, np.int64)
     if not len(thresholds_below) or not len(x):
         return out
-    index = np.searchsorted(thresholds_below, x, side="right")  # NaN sorts last: never
+    # x within a float32 step under a threshold is past its lowered value but not yet on its side: the threshold
+    # is still ahead (its time already past, so the row re-scores at its next update), not the next one up
+    index = np.searchsorted(thresholds_below, x.astype(np.float32).astype(np.float64), side="left")  # NaN: never
     live = index < len(thresholds_below)
     if live.any():
         span = thresholds_below[index[live]] * DAY_MS

@@ -408,3 +408,33 @@ def test_a_packed_matrix_unpacks_bit_for_bit_in_fewer_bytes() -> None:
     assert packed.nbytes < X.nbytes * 0.7
     empty = PackedMatrix.of(np.empty((0, 5)))
     assert empty.unpack().shape == (0, 5)
+
+
+def test_a_days_since_within_a_float32_step_under_a_threshold_re_scores_at_once(ranker: Ranker) -> None:
+    """A "days since" past a threshold's float32 step below but still rounding down to it is on the threshold's left
+    side until it rounds up: its bound is that threshold's (already due, so the row re-scores now), never the next
+    threshold's (which left a stale score in place until then), in the C pass and in numpy alike."""
+    from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
+    from pymk.ranking.incremental import _as_of_kernel, split_points
+    from pymk.ranking.source import ActivityTable
+
+    points = split_points(ranker, len(FEATURE_NAMES))
+    kernel = _as_of_kernel(ranker, points)
+    assert kernel is not None and points is not None
+    column = FEATURE_INDEX["candidate_days_since_last_connection"]
+    thresholds = points.exact[column][points.exact[column] >= 5.0]  # float32 steps of 0.4 ms and more
+    assert len(thresholds)
+    as_of = START
+    lowered = np.nextafter(thresholds.astype(np.float32), np.float32(-np.inf)).astype(np.float64)
+    ages = np.ceil(lowered * DAY).astype(np.int64) + 1  # just past the lowered value
+    x = ages / DAY
+    assert np.all(x > lowered) and np.all(x.astype(np.float32) < thresholds.astype(np.float32))  # still left of it
+    m = len(thresholds)
+    e = ListEntry.__new__(ListEntry)
+    e.features = np.full((m, len(FEATURE_NAMES)), -1.0)
+    e.activity = ActivityTable(np.zeros((m, 3)), as_of - ages, np.ones(m, bool))
+    e.view_latest, e.has_view = np.zeros(m, np.int64), np.zeros(m, bool)
+    rows = np.arange(m)
+    assert np.all(kernel.run(e, rows, as_of, points) <= as_of)
+    block = IncrementalLists._as_of_columns(e, rows, as_of)
+    assert np.all(IncrementalLists._validity(e, rows, points, as_of, block) <= as_of)
