@@ -112,9 +112,13 @@ class PymkApp:
         if self.refresher is not None and self.refresher.facts is not None:
             facts = self.refresher.facts
             self.globals.listeners.append(lambda user: facts.invalidate((user,)))
+        # sharded: Stage 1 gathers every shard's answer; so does /neighbours, with its own gatherer (its counts in
+        # /stats stay the lists')
+        self.debug_shards: ShardedAnn | None = None
+        if settings.ann_mode == "sharded":
+            self.debug_shards = self._shard_gatherer()
         if self.refresher is not None and settings.ann_mode == "sharded":
-            self.refresher.shards = ShardedAnn(self.index, partitions, self._shard_peers, self._post_bytes,
-                                               settings.ann_shard_timeout_ms / 1000.0, settings.ann_shard_k_sigmas)
+            self.refresher.shards = self._shard_gatherer()
         if self.refresher is not None:
             self.refresher.on_user_error = self._user_failed
             self.refresher.delays = self.metrics.list_refresh_seconds
@@ -174,6 +178,11 @@ class PymkApp:
         self.index.assign(set(self.state.owned))
 
     # ---- sharded ANN (streams/ann_shards.py) ------------------------------------------------------------------
+    def _shard_gatherer(self) -> ShardedAnn:
+        settings = self.settings
+        return ShardedAnn(self.index, settings.partitions, self._shard_peers, self._post_bytes,
+                          settings.ann_shard_timeout_ms / 1000.0, settings.ann_shard_k_sigmas)
+
     def _shard_peers(self) -> list[str]:
         """The other workers owning partitions, in the group's last assignment."""
         routing = self.input_topics["connections"].get_topic_name()

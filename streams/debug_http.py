@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import numpy as np
 from yarl import URL
 
 from pymk.events import MAX_USER_ID
@@ -48,6 +49,7 @@ class DebugViews:
         self.state = worker.state
         self.partition_of = worker.partition_of
         self.index = worker.index
+        self.shards = worker.debug_shards  # sharded ANN: /neighbours gathers every shard's answer
         self.globals = worker.globals
         self.models = worker.models
         self.refresher = worker.refresher
@@ -141,11 +143,22 @@ class DebugViews:
             return {"user": user, "generated_at": None, "model_version": None, "items": []}
         return published.to_dict()
 
-    def neighbours_view(self, user: int, k: int, with_vector: bool = False) -> dict[str, Any]:
-        """ANN neighbours from this worker's copy of the global index (every worker holds every user)."""
-        found = self.index.neighbours(user, k)
-        body: dict[str, Any] = {"user": user, "k": k, "embedding": self.index.describe(user),
-                                "neighbours": [{"user": v, "cosine": float(score)} for v, score in found]}
+    async def neighbours_view(self, user: int, k: int, with_vector: bool = False) -> dict[str, Any]:
+        """ANN neighbours: from this worker's copy of the global index (replicated: every worker holds every user),
+        or gathered from every shard and merged, as Stage 1 asks them (sharded; ``missing_partitions``: those no
+        shard answered for, whose users the answer lacks)."""
+        body: dict[str, Any] = {"user": user, "k": k, "embedding": self.index.describe(user)}
+        if self.shards is None:
+            found = self.index.neighbours(user, k)
+        else:
+            vector = self.index.vector(user)  # the vector store holds every user's, whichever shard indexes it
+            found, missing = [], set()
+            if vector is not None:
+                answers, missing = await self.shards.search(np.asarray(vector, np.float32)[None, :], k, [{user}])
+                found = answers[0]
+            body["missing_partitions"] = sorted(missing)
+        body["ann_mode"] = self.settings.ann_mode
+        body["neighbours"] = [{"user": v, "cosine": float(score)} for v, score in found]
         if with_vector:
             vector = self.index.vector(user)
             body["vector"] = None if vector is None else [float(x) for x in vector]
@@ -424,4 +437,4 @@ class DebugViews:
                 return web.json({"error": BAD_USER_ID}, status=400)
             if not (k_text.isascii() and k_text.isdigit()) or not 0 < int(k_text) <= 10_000:
                 return web.json({"error": "usage: /neighbours/{user id}?k=1..10000"}, status=400)
-            return web.json(self.neighbours_view(user, int(k_text), request.query.get("vector") == "1"))
+            return web.json(await self.neighbours_view(user, int(k_text), request.query.get("vector") == "1"))

@@ -1,5 +1,5 @@
 """Tier 3: three workers on 12 partitions with the ANN index sharded by partition (PYMK_ANN_MODE=sharded) publish
-the lists one replicated worker publishes on the same events.
+the lists one replicated worker publishes on the same events, and answer ``/neighbours`` as its one index does.
 
 Each sharded worker's HNSW graph holds its own partitions' users (about a third); Stage 1 gathers every shard's
 top k over HTTP and merges them. On this small network a shard's search with ef_search ≥ its size returns its
@@ -33,19 +33,33 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
     workers = [replace(base, ann_mode="sharded", ann_shard_timeout_ms=15_000, home=tmp_path / f"worker{i}",
                        web_port=free_port()) for i in range(3)]
 
-    def single_worker() -> dict:
+    asked = sorted(users)[:40]  # /neighbours of these, from each deployment
+
+    def neighbours_of(settings: Settings) -> dict[int, list]:
+        return {u: [(n["user"], n["cosine"]) for n in http_get(settings, f"/neighbours/{u}?k=10")["neighbours"]]
+                for u in asked}
+
+    def single_worker() -> tuple[dict, dict]:
         ensure_topics(reference)
         with running_worker(reference, tmp_path / "one.log"):
             send(reference, events)
             final_refresh(reference, [reference])
-        return {user: list_content(recs) for user, recs in latest_lists(reference).items()}
+            neighbours = neighbours_of(reference)
+        return {user: list_content(recs) for user, recs in latest_lists(reference).items()}, neighbours
 
     with workers_beside_a_reference(base, workers, tmp_path, single_worker) as (_, expected_run):
         send(base, events)
         final_refresh(base, workers)
         stats = [http_get(w, "/stats") for w in workers]
+        # any worker answers for any user: every shard's hits, merged (a shard alone holds about a third)
+        sharded_neighbours = [neighbours_of(w) for w in workers]
+        sample = http_get(workers[0], f"/neighbours/{asked[0]}?k=10")
     got = {user: list_content(recs) for user, recs in latest_lists(base).items()}
-    expected = expected_run.result()
+    expected, expected_neighbours = expected_run.result()
+    assert sum(len(hits) == 10 for hits in expected_neighbours.values()) > len(asked) // 2
+    for answers in sharded_neighbours:
+        assert answers == expected_neighbours
+    assert sample["ann_mode"] == "sharded" and sample["missing_partitions"] == []
 
     for worker_stats in stats:
         shards = worker_stats["ann_shards"]
