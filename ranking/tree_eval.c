@@ -63,8 +63,10 @@ static void block_margin(const float *xb, const int32_t *key, const float *thres
 /* groups: how many of the block's 16-row groups hold rows (a short block, as an incremental list's few re-scored
  * rows, skips the rest: 30 rows of a 149-tree model 24 us instead of 33). Inlined at each call: a full block's
  * constant 4 keeps the groups' nodes and sums in registers (a runtime count cost full blocks 7 %). */
-static inline __attribute__((always_inline)) void block_margin_avx512(const float *xb, const int32_t *key, const float *threshold, const float *leaf,
-                                int32_t n_trees, int32_t depth, float *acc, int groups) {
+static inline __attribute__((always_inline)) void block_margin_avx512(const float *xb, const int32_t *key,
+                                                                      const float *threshold, const float *leaf,
+                                                                      int32_t n_trees, int32_t depth, float *acc,
+                                                                      int groups) {
     const int32_t n_internal = (1 << depth) - 1;
     const int32_t n_leaves = 1 << depth;
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
