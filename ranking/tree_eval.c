@@ -202,23 +202,13 @@ void tree_eval_contribs(const float *x, int64_t n, int32_t n_features, const int
  * values: m x 3 held counts at the anchors; block: m x 5 out (act 1d, 7d, 30d, days since, recency);
  * thresholds: 5 sorted runs, offsets[c]..offsets[c+1] (the 3 counts' exact thresholds, then the two growing
  * columns' thresholds lowered by one float32 step). */
-static int64_t count_at_or_below(const double *t, int64_t n, double x) {
-    if (x != x) return n; /* NaN sorts last, as in numpy */
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-        int64_t mid = (lo + hi) >> 1;
-        if (t[mid] <= x) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-}
-
-/* How many of the sorted t are below x (n for NaN). */
-static int64_t count_below(const double *t, int64_t n, double x) {
+/* How many of the sorted t are at or below x (inclusive) or below it; n for NaN (it sorts last, as in numpy). */
+static int64_t count_sorted(const double *t, int64_t n, double x, int inclusive) {
     if (x != x) return n;
     int64_t lo = 0, hi = n;
     while (lo < hi) {
         int64_t mid = (lo + hi) >> 1;
-        if (t[mid] < x) lo = mid + 1; else hi = mid;
+        if (t[mid] < x || (inclusive && t[mid] == x)) lo = mid + 1; else hi = mid;
     }
     return lo;
 }
@@ -227,7 +217,7 @@ static int64_t count_below(const double *t, int64_t n, double x) {
  * it: for x within a float32 step under a threshold (past its lowered value, not yet rounding up to it) that is
  * the threshold itself, whose time is then already past: the row re-scores at its next update. */
 static int64_t until_growing(const double *t, int64_t n, double x, double base, int64_t until) {
-    int64_t index = count_below(t, n, (double)(float)x);
+    int64_t index = count_sorted(t, n, (double)(float)x, 0);
     if (index < n) {
         double span = t[index] * 86400000.0;
         int64_t at = (int64_t)floor(base + span - 1.0 - 1e-9 * span);
@@ -264,7 +254,7 @@ void kept_rows_as_of(int64_t m, const double *values, const int64_t *anchors, co
             const double *t = thresholds + offsets[j];
             int64_t n = offsets[j + 1] - offsets[j];
             if (n == 0) continue;
-            int64_t index = count_at_or_below(t, n, b[j]) - 1;
+            int64_t index = count_sorted(t, n, b[j], 1) - 1;
             double below = t[index < 0 ? 0 : index];
             if (index >= 0 && below > 0 && held[j] > 0) {
                 double span = (double)taus[j] * log(held[j] / below);

@@ -117,8 +117,8 @@ class PymkApp:
         self.debug_shards: ShardedAnn | None = None
         if settings.ann_mode == "sharded":
             self.debug_shards = self._shard_gatherer()
-        if self.refresher is not None and settings.ann_mode == "sharded":
-            self.refresher.shards = self._shard_gatherer()
+            if self.refresher is not None:
+                self.refresher.shards = self._shard_gatherer()
         if self.refresher is not None:
             self.refresher.on_user_error = self._user_failed
             self.refresher.delays = self.metrics.list_refresh_seconds
