@@ -557,7 +557,13 @@ class IncrementalLists:
             entry.unpack()
             self._unpacked[user] = None
             self._unpacked.move_to_end(user)
-            result = self._update(entry, source, scorer, config, as_of_ms, k, builder)
+            try:
+                result = self._update(entry, source, scorer, config, as_of_ms, k, builder)
+            except BaseException:
+                # an update stopped part way (e.g. SourceNotReady from the ANN) leaves a half-updated entry: gone,
+                # so the user's next list is a full build
+                self._drop(user)
+                raise
             if isinstance(result, str):
                 reason = result
             else:

@@ -23,6 +23,12 @@ EMBEDDING_DIM = 128
 ACTIVITY_TIME_CONSTANTS_MS: tuple[int, ...] = TIME_CONSTANTS_MS
 
 
+class SourceNotReady(Exception):  # noqa: N818 - a state, not a failure: "ask again later"
+    """A source cannot answer a question of ranking yet (e.g. a sharded ANN answer gathered for other exclusions
+    or another query vector than the user's now): the caller leaves the list owed and asks again later, rather
+    than ranking from a partial answer."""
+
+
 @runtime_checkable
 class RankingSource(Protocol):
     def neighbours(self, user: int) -> Collection[int]:
@@ -68,7 +74,8 @@ class RankingSource(Protocol):
         ...
 
     def ann_neighbours(self, user: int, k: int, exclude: Collection[int]) -> Sequence[tuple[int, float]]:
-        """Up to k (user, cosine) pairs, best first, none in ``exclude``; [] when the user has no embedding."""
+        """Up to k (user, cosine) pairs, best first, none in ``exclude``; [] when the user has no embedding. May
+        raise :class:`SourceNotReady`."""
         ...
 
 

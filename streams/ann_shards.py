@@ -7,6 +7,10 @@ request per peer with every query of the slice, and the local shard — and awai
 timeout, so the event loop keeps serving the peers' own requests meanwhile (a synchronous call inside the flush
 would deadlock two workers that query each other). Each query's hits are merged by score, ties by id
 (:func:`pymk.index.ann.merge_top_k_arrays`), and ranking reads them through :meth:`ShardedAnn.ann`.
+Between flushes the gather is awaited with the state's lock released (``WorkerState.refresh_now``), so ingest
+does not wait for the slowest peer; each answer carries the query vector and exclusions it was asked with, and
+:meth:`ShardedAnn.ann` serves it only while they still hold (exclusions may have grown: the hits are filtered and
+the ANN_SPARES asked past ann_k fill in) — else :class:`AnnNotGathered`, and that list waits for the next slice.
 
 A peer that does not answer in time: the lists are built from the shards that did (waiting would stall every
 list of every worker for as long as the group takes to notice a dead member: its session timeout), and
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pymk.index.ann import AnnIndex, merge_top_k_arrays, shard_k, truncated_shards
+from pymk.ranking.source import SourceNotReady
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,9 @@ class ShardStats:
     peer_failures: int = 0  # requests that failed or timed out
     partial_searches: int = 0  # gathers that lacked some partition's shard (their lists built without it)
     missing_partitions: tuple[int, ...] = ()  # of the last gather
-    prefetch_misses: int = 0  # ANN asked by ranking that the prefetch did not answer: the local shard's only
+    # ANN asked by ranking that the gathered answers do not answer (the user's vector or exclusions moved while
+    # the gather was awaited, or it was not asked): that list waits for the next slice (AnnNotGathered)
+    prefetch_misses: int = 0
     gather_seconds: float = 0.0  # summed wall time of the gathers
     merge_seconds: float = 0.0  # of which merging the shards' answers
     shard_k: int = 0  # hits asked of each shard in the last gather's first round (shard_k)
@@ -129,6 +136,14 @@ class Prefetched:
     k: int
     hits: Hits
     complete: bool  # every partition's shard answered
+    vector: np.ndarray | None  # the query vector asked with (None: the user had none)
+
+
+class AnnNotGathered(SourceNotReady):
+    """Ranking asked the ANN a question the gathered answers do not answer: the list waits for the next slice."""
+
+
+Gathered = dict[int, Prefetched]
 
 
 class ShardedAnn:
@@ -145,7 +160,7 @@ class ShardedAnn:
         self.post = post
         self.timeout_s = timeout_s
         self.sigmas = sigmas  # the first round's margin (shard_k); 0: every shard asked for the full k
-        self.ready: dict[int, Prefetched] = {}
+        self.ready: Gathered = {}
         self.stats = ShardStats()
 
     async def _ask(self, url: str | None, queries: np.ndarray, k: int, excludes: Sequence[Collection[int]]
@@ -218,32 +233,47 @@ class ShardedAnn:
         self.stats.last_gather_ms = round(1000 * seconds_spent, 3)
         return [list(zip(ids.tolist(), scores.tolist(), strict=True)) for ids, scores in merged], missing
 
-    async def prefetch(self, wanted: Sequence[tuple[int, frozenset[int]]], k: int) -> None:
-        """The ANN answers of these (user, excluded users) for ``k``, ready for :meth:`ann` until :meth:`clear`.
-        A user without a vector gets none (as with one index)."""
-        self.ready = {}
+    async def gather(self, wanted: Sequence[tuple[int, frozenset[int]]], k: int) -> Gathered:
+        """The ANN answers of these (user, excluded users) for ``k``, each with the query vector it was asked with.
+        A user without a vector gets none (as with one index). Reads the vectors first, then only awaits: the
+        caller need not hold the state's lock while it waits (streams/state.py, ``refresh_now``)."""
+        gathered: Gathered = {}
         asked = [(user, exclude, vector) for user, exclude in wanted
                  if (vector := self.local.vector(user)) is not None]
         for user, exclude in wanted:
-            self.ready[user] = Prefetched(exclude, k, [], True)
+            gathered[user] = Prefetched(exclude, k, [], True, None)
         if not asked:
-            return
+            return gathered
         # the user itself is always excluded (as AnnIndex.search is asked by GlobalIndex.neighbours)
         excludes = [exclude | {user} for user, exclude, _ in asked]
-        merged, missing = await self.search(np.stack([vector for _, _, vector in asked]), k, excludes)
-        for (user, _, _), exclude, hits in zip(asked, excludes, merged, strict=True):
-            self.ready[user] = Prefetched(frozenset(exclude), k, hits, not missing)
+        vectors = np.stack([vector for _, _, vector in asked]).astype(np.float32)  # a copy: the store moves on
+        merged, missing = await self.search(vectors, k, excludes)
+        for row, ((user, _, _), exclude, hits) in enumerate(zip(asked, excludes, merged, strict=True)):
+            gathered[user] = Prefetched(frozenset(exclude), k, hits, not missing, vectors[row])
+        return gathered
+
+    async def prefetch(self, wanted: Sequence[tuple[int, frozenset[int]]], k: int) -> None:
+        """:meth:`gather`, ready for :meth:`ann` until :meth:`clear`."""
+        self.ready = await self.gather(wanted, k)
 
     def ann(self, user: int, k: int, exclude: Collection[int]) -> Hits:
-        """Stage 1's ANN (``WorkerRankingSource.ann``): the prefetched answer when it answers this question (asked
-        with no more exclusions, for at least k or all there were), else the local shard's and a miss counted."""
+        """Stage 1's ANN (``WorkerRankingSource.ann``): the gathered answer when it answers this question (asked
+        with the user's vector as it is now, with no more exclusions, for at least k or all there were); else
+        :class:`AnnNotGathered` — the list waits for the next slice's gather rather than being ranked from the
+        local shard alone (a third of the users at 3 workers)."""
         held = self.ready.get(user)
-        if held is not None and held.exclude <= ({user} | set(exclude)):
+        if held is not None and held.exclude <= ({user} | set(exclude)) and self._same_vector(user, held):
             hits = [hit for hit in held.hits if hit[0] not in exclude]
             if len(hits) >= k or len(held.hits) < held.k:
                 return hits[:k]
         self.stats.prefetch_misses += 1
-        return self.local.neighbours(user, k, set(exclude))
+        raise AnnNotGathered(f"user {user}: no gathered ANN answer for its vector and exclusions now")
+
+    def _same_vector(self, user: int, held: Prefetched) -> bool:
+        vector = self.local.vector(user)
+        if vector is None or held.vector is None:
+            return vector is None and held.vector is None
+        return bool(np.array_equal(np.asarray(vector, np.float32), held.vector))
 
     def clear(self) -> None:
         self.ready = {}

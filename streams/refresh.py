@@ -59,9 +59,10 @@ from pymk.ranking.recommend import (
     sample_unshown,
     score_candidates,
 )
+from pymk.ranking.source import SourceNotReady
 from pymk.ranking.two_tower import blend_scores
 from pymk.settings import Settings
-from pymk.streams.ann_shards import ShardedAnn
+from pymk.streams.ann_shards import Gathered, ShardedAnn
 from pymk.streams.global_index import GlobalIndex, ann_config
 from pymk.streams.models import Models
 from pymk.streams.ranking_source import (
@@ -91,6 +92,8 @@ class RefreshStats:
     refresh_seconds: float = 0.0
     refresh_cpu_seconds: float = 0.0  # the same in this thread's CPU time
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
+    # lists left for the next slice because their gathered ANN answer no longer fit (SourceNotReady; sharded ANN)
+    not_ready: int = 0
     backlog: int = 0  # lists owed after the last flush
     oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
     input_backlog: int = 0  # input messages not applied yet, at the last flush
@@ -410,16 +413,22 @@ class Refresher:
 
     # ---- 3. lists -----------------------------------------------------------------------------------------------
     async def prefetch_ann(self, states: Sequence[PartitionState], now_ms: int) -> None:
-        """Sharded ANN: the ANN answers of the next ``ann_shard_batch`` owed users (in the lanes' order),
-        gathered from every shard and awaited, so the event loop serves the peers' requests meanwhile; then
-        :meth:`refresh_due` ranks only users prefetched (the others wait for the next slice). Asked with
-        Stage 1's exclusions, for ann_k + ANN_SPARES (what the kept lists may ask)."""
+        """Sharded ANN: :meth:`ann_wanted`, :meth:`gather_ann` and :meth:`install_ann` in one (the flush's way, under
+        the state's lock; between flushes ``WorkerState.refresh_now`` releases the lock for the gather)."""
+        wanted = self.ann_wanted(states, now_ms)
+        if wanted:
+            self.install_ann(await self.gather_ann(wanted))
+
+    def ann_wanted(self, states: Sequence[PartitionState], now_ms: int) -> list[tuple[int, frozenset[int]]]:
+        """Sharded ANN: the next ``ann_shard_batch`` owed users (in the lanes' order) with Stage 1's exclusions,
+        whose answers :meth:`refresh_due` will need; [] without sharding or owed lists. :meth:`refresh_due` ranks
+        only users whose answers were gathered (the others wait for the next slice)."""
         if self.shards is None or self.tower_index is not None:
-            return
+            return []
         states = list(states)
         held = [state.work.owed_arrays() for state in states]
         if not held or not sum(len(users) for _, _, users in held):
-            return
+            return []
         users = np.concatenate([users for _, _, users in held])
         state_at = np.repeat(np.arange(len(states)), [len(users) for _, _, users in held])
         stale, fresh = refresh_lanes(np.concatenate([first for first, _, _ in held]),
@@ -436,7 +445,19 @@ class Refresher:
                                          self.most_active_of, facts=self.facts)
             as_of = state.event_time_ms or now_ms
             wanted.append((user, frozenset().union(*(f.excluded(user, source, as_of) for f in filters))))
-        await self.shards.prefetch(wanted, self.candidates.ann_k + ANN_SPARES)
+        return wanted
+
+    async def gather_ann(self, wanted: Sequence[tuple[int, frozenset[int]]]) -> Gathered:
+        """Every shard's answer for ``wanted`` (for ann_k + ANN_SPARES: what the kept lists may ask), merged. Only
+        awaits after reading the query vectors: it may run without the state's lock, since each answer carries the
+        vector and exclusions it was asked with and ranking uses it only while they still hold."""
+        assert self.shards is not None
+        return await self.shards.gather(wanted, self.candidates.ann_k + ANN_SPARES)
+
+    def install_ann(self, gathered: Gathered) -> None:
+        """The answers the next :meth:`refresh_due` ranks from (it clears them when done)."""
+        assert self.shards is not None
+        self.shards.ready = gathered
 
     def refresh_due(self, states: Iterable[PartitionState], now_ms: int, budget_s: float | None = None,
                     idle: bool = False, catching_up: bool = False) -> list[tuple[Recommendations, list[Impression]]]:
@@ -475,6 +496,10 @@ class Refresher:
                 done[position] = True
                 try:
                     out.append(self.rank(state, user, now_ms))
+                except SourceNotReady:  # its ANN answer no longer fits its vector or exclusions: the next slice
+                    done[position] = False
+                    self.stats.not_ready += 1
+                    continue
                 except Exception as exc:
                     if self.on_user_error is None:
                         raise

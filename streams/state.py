@@ -369,7 +369,11 @@ class WorkerState:
 
     async def refresh_now(self, budget_s: float) -> int:
         """Work between flushes (module doc): the outboxes sent, new users embedded, then owed lists ranked for
-        about ``budget_s`` (at least one), everything sent now; how many messages and lists."""
+        about ``budget_s`` (at least one), everything sent now; how many messages and lists.
+
+        Sharded ANN: the shards' answers for the lists about to be ranked are gathered with the lock released
+        (ingest and a flush go on while the peers answer) and the lists ranked after it is taken again; a list
+        whose user's vector or exclusions moved meanwhile waits for the next slice (streams/ann_shards.py)."""
         if self.refresher is None or self.topics is None:
             return 0
         async with self.lock:
@@ -381,44 +385,59 @@ class WorkerState:
             messages = self._take_outboxes(states)
             lists: list[tuple[Recommendations, list[Impression]]] = []
             out: list[Outgoing] = []
+            wanted: list[tuple[int, frozenset[int]]] = []
             for state in states:
                 self.refresher.collect(state, now_ms)
             if any(state.work.has_refreshes() for state in states):
                 out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, new_only=True))
-                try:  # sharded ANN: awaited, so the loop serves the peers' shard searches (streams/ann_shards.py)
-                    await self.refresher.prefetch_ann(states, now_ms)
-                except BaseException:
-                    self.unsent.extend(messages + out)
-                    raise
-                lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
-                out.extend(self._list_outputs(lists))
-                out.extend(self._embedding_outputs(self.refresher.embed_alongside_lists(states, now_ms)))
+                wanted = self.refresher.ann_wanted(states, now_ms)
+                if not wanted:  # one index on this worker: ranked now
+                    lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
+                    out.extend(self._list_outputs(lists))
+                    out.extend(self._embedding_outputs(self.refresher.embed_alongside_lists(states, now_ms)))
             elif any(state.work.has_embeddings_due(now_ms) for state in states):
                 # no list owed: re-embeddings, at least one chunk (lists first: they are what users wait for)
                 out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, budget_s=budget_s,
                                                                        chunk=EMBED_CHUNK_BETWEEN_FLUSHES))
-            outputs = messages + out
-            sent = 0
-            try:
-                for topic, key, value, partition in outputs:
-                    future = await self._send_one(topic, key, value, partition)
-                    if future is not None:
-                        self.in_flight.append(future)
-                        self._in_flight_about.append((topic, key, len(value)))
-                    sent += 1
-            except BaseException:
-                # Cancelled (the worker is stopping) or failed between two sends: what was not sent goes with the
-                # next flush, first. It was taken out of the outboxes, and its users are marked embedded and
-                # refreshed: the flush would otherwise write that down with nothing sent.
-                self.unsent.extend(outputs[sent:])
-                raise
-            self.refresher.stats.lists_between_flushes += len(lists)
-            self.stats.messages_between_flushes += len(messages)
-            seconds = time.perf_counter() - started
-            if seconds >= SLOW_FLUSH_S:
-                log.info("slow slice between flushes: %.0f ms (%d outbox messages, %d lists, %d other records)",
-                         1000 * seconds, len(messages), len(lists), len(out) - len(lists))
-            return len(messages) + len(out)
+            sent = await self._send_between_flushes(messages + out)
+        if wanted:
+            gathered = await self.refresher.gather_ann(wanted)  # the lock released: the peers' answers awaited
+            async with self.lock:
+                now_ms = int(time.time() * 1000)
+                states = [state for p, state in self.owned.items() if p not in self.closing]
+                if states:
+                    for state in states:  # what ingest applied meanwhile: owed, and marked in the kept lists
+                        self.refresher.collect(state, now_ms)
+                    self.refresher.install_ann(gathered)
+                    lists = self.refresher.refresh_due(states, now_ms, budget_s=budget_s)
+                    out = self._list_outputs(lists)
+                    out.extend(self._embedding_outputs(self.refresher.embed_alongside_lists(states, now_ms)))
+                    sent += await self._send_between_flushes(out)
+        self.refresher.stats.lists_between_flushes += len(lists)
+        self.stats.messages_between_flushes += len(messages)
+        seconds = time.perf_counter() - started
+        if seconds >= SLOW_FLUSH_S:
+            log.info("slow slice between flushes: %.0f ms (%d outbox messages, %d lists, %d sent in all)",
+                     1000 * seconds, len(messages), len(lists), sent)
+        return sent
+
+    async def _send_between_flushes(self, outputs: list[Outgoing]) -> int:
+        """Send a slice's outputs now (under the lock); how many were sent."""
+        sent = 0
+        try:
+            for topic, key, value, partition in outputs:
+                future = await self._send_one(topic, key, value, partition)
+                if future is not None:
+                    self.in_flight.append(future)
+                    self._in_flight_about.append((topic, key, len(value)))
+                sent += 1
+        except BaseException:
+            # Cancelled (the worker is stopping) or failed between two sends: what was not sent goes with the
+            # next flush, first. It was taken out of the outboxes, and its users are marked embedded and
+            # refreshed: the flush would otherwise write that down with nothing sent.
+            self.unsent.extend(outputs[sent:])
+            raise
+        return sent
 
     # ---- sending (steps 2 of the flush and of the slices between flushes) -----------------------------------
     async def _send_one(self, topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:

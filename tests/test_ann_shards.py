@@ -14,6 +14,7 @@ from pymk.index.records import EmbeddingRecord
 from pymk.index.vector_store import VectorStore
 from pymk.settings import Settings
 from pymk.streams.ann_shards import (
+    AnnNotGathered,
     ShardedAnn,
     decode_answer,
     decode_request,
@@ -180,10 +181,25 @@ def test_scatter_gather_over_three_shards_equals_one_replicated_index_and_surviv
     assert client.stats.second_rounds == 0 and client.stats.shard_k == 300
     assert narrow.stats.second_rounds > 0 and narrow.stats.queries_asked_again > 0
     assert narrow.stats.partial_searches == 0 and narrow.stats.prefetch_misses == 0
-    # asked with more exclusions than prefetched, or a user not prefetched: the local shard's answer, counted
-    client.ann(wanted[0][0], 5, set(wanted[0][1]) | {1})
-    client.ann(1, 5, ())
-    assert client.stats.prefetch_misses == 1  # the first is answered from the prefetch (filtered), not the second
+    # asked with more exclusions than gathered: the gathered answer, filtered; a user not gathered, or asked with
+    # fewer exclusions (one the gather left out may be in the top k): no answer, the list waits (not the local
+    # shard's third of the users)
+    user, exclude = wanted[0]
+    grown = set(exclude) | {one.neighbours(user, 1, set(exclude))[0][0]}
+    assert client.ann(user, 5, grown) == one.neighbours(user, 5, grown)
+    with pytest.raises(AnnNotGathered):
+        client.ann(1, 5, ())
+    with pytest.raises(AnnNotGathered):
+        client.ann(user, 5, set(list(exclude)[:1]))
+    assert client.stats.prefetch_misses == 2
+    # the user's vector moved after the gather (re-embedded while it was awaited): its answer no longer holds
+    moved = EmbeddingRecord(user, 2, 2000, "m", unit_vectors(1, 99, dim=128)[0])
+    workers[0].apply(moved, partition_for_user(user, PARTITIONS))
+    with pytest.raises(AnnNotGathered):
+        client.ann(user, 5, exclude)
+    one.apply(moved)
+    asyncio.run(gather(300))
+    assert client.ann(user, 5, exclude) == one.neighbours(user, 5, set(exclude))
     dead.add("2")
     asyncio.run(gather(50))
     assert client.stats.partial_searches == 1 and client.stats.peer_failures == 1
@@ -248,9 +264,9 @@ def test_a_slice_ranks_only_the_users_whose_answers_were_gathered_in_the_lanes_o
             self.ready: dict[int, object] = {}
             self.asked: list[list[int]] = []
 
-        async def prefetch(self, wanted: list[tuple[int, frozenset[int]]], k: int) -> None:
+        async def gather(self, wanted: list[tuple[int, frozenset[int]]], k: int) -> dict[int, object]:
             self.asked.append([user for user, _ in wanted])
-            self.ready = {user: object() for user, _ in wanted}
+            return {user: object() for user, _ in wanted}
 
         def clear(self) -> None:
             self.ready = {}

@@ -27,6 +27,7 @@ from pymk.ranking.incremental import (
 from pymk.ranking.memory_source import MemorySource
 from pymk.ranking.model import Ranker
 from pymk.ranking.recommend import score_candidates
+from pymk.ranking.source import SourceNotReady
 
 USERS = 24
 DAY = 86_400_000
@@ -348,6 +349,32 @@ def test_a_moved_own_embedding_asks_the_ann_answer_again_in_place(ranker: Ranker
         incremental = lists.score(user, source, ranker, config, as_of, 20, builder, exact_features=True)
         assert lists.last_path == "incremental"
         assert_same(incremental, score_candidates(user, source, ranker, config, as_of, 20, builder=builder))
+
+
+def test_an_update_stopped_by_a_source_not_ready_drops_the_kept_list(ranker: Ranker) -> None:
+    """A sharded ANN that cannot answer yet (SourceNotReady) stops an update part way: the exception reaches the
+    caller (the list waits) and the half-updated entry is gone, so the next list is a full build, equal to the
+    full path."""
+    source = small_source(5)
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(shadow_fraction=0.0))
+    config = CandidateConfig(graph_k=50, ann_k=6, popular_k=3, max_candidates=200)
+    user, as_of = 1, START
+    lists.score(user, source, ranker, config, as_of, 20, builder)
+    assert user in lists.entries
+
+    def not_ready(who: int, k: int, exclude: object) -> list[tuple[int, float]]:
+        raise SourceNotReady(f"no ANN answer for {who} yet")
+
+    source.ann = not_ready  # type: ignore[assignment]
+    source.set_embedding(user, np.random.default_rng(1).normal(size=8).astype(np.float32))  # the update asks ANN
+    with pytest.raises(SourceNotReady):
+        lists.score(user, source, ranker, config, as_of + 1_000, 20, builder)
+    assert user not in lists.entries and user not in lists._unpacked
+    source.ann = None  # type: ignore[assignment]
+    served = lists.score(user, source, ranker, config, as_of + 2_000, 20, builder)
+    assert lists.last_path == "full:miss"
+    assert_same(served, score_candidates(user, source, ranker, config, as_of + 2_000, 20, builder=builder))
 
 
 def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> None:

@@ -323,6 +323,9 @@ class SliceRefresher:
     async def prefetch_ann(self, states: Any, now_ms: int) -> None:
         pass
 
+    def ann_wanted(self, states: Any, now_ms: int) -> list[tuple[int, frozenset[int]]]:
+        return []  # one index on the worker: nothing to gather
+
     def refresh_due(self, states: Any, now_ms: int, budget_s: float | None = None, **kwargs: Any) -> list[Any]:
         out = []
         for state in states:
@@ -364,6 +367,67 @@ def test_lists_ranked_between_flushes_but_not_sent_go_with_the_next_flush(tmp_pa
         await worker.flush()
         assert sends == [b"5", b"6", b"6"]  # the slice's list of 6, then the flush's newer one
         assert worker.unsent == [] and state.work.refreshes() == []
+
+    asyncio.run(scenario())
+    state.store.close()
+
+
+class GatheringRefresher(SliceRefresher):
+    """A sharded worker's refresher: the owed users' ANN answers gathered from peers that answer when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gathering = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.installed: list[Any] = []
+        self.collects = 0
+
+    def collect(self, state: Any, now_ms: int) -> None:
+        self.collects += 1
+
+    def ann_wanted(self, states: Any, now_ms: int) -> list[tuple[int, frozenset[int]]]:
+        return [(user, frozenset()) for state in states for _, _, user in state.work.refreshes()]
+
+    async def gather_ann(self, wanted: list[tuple[int, frozenset[int]]]) -> dict[int, Any]:
+        self.gathering.set()
+        await self.answer.wait()
+        return {user: "answer" for user, _ in wanted}
+
+    def install_ann(self, gathered: dict[int, Any]) -> None:
+        self.installed.append(gathered)
+
+
+def test_a_sharded_gather_between_flushes_is_awaited_without_the_state_lock(tmp_path: Any) -> None:
+    """Between flushes the shards' answers are awaited with the lock released: ingest (and a flush) go on while
+    the peers answer; the lists are ranked after the lock is taken again, from the gathered answers, with the
+    state changes applied meanwhile collected first (the kept lists must hear of them before they are updated)."""
+    sends: list[bytes] = []
+
+    async def send(topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
+        sends.append(key or b"")
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    refresher = GatheringRefresher()
+    worker = WorkerState(tmp_path, 1, lambda user: 0, "m", "g", "d", send,
+                         refresher=refresher, topics=OutputTopics("e", "r", "i", "u"))  # type: ignore[arg-type]
+    worker.open_partitions([0])
+    state = worker.owned[0]
+    state.work.touch(5, 1_000, None, True)
+
+    async def scenario() -> None:
+        slice_ = asyncio.create_task(worker.refresh_now(0.01))
+        await asyncio.wait_for(refresher.gathering.wait(), 5)
+        assert not worker.lock.locked()  # the peers are awaited without the lock
+        async with worker.lock:  # ingest meanwhile: another user's change
+            state.work.touch(6, 2_000, None, True)
+        collected = refresher.collects
+        refresher.answer.set()
+        assert await asyncio.wait_for(slice_, 5) == 2
+        assert refresher.installed == [{5: "answer"}]
+        assert refresher.collects == collected + 1  # collected again before ranking
+        assert sends == [b"5", b"6"] and state.work.refreshes() == []
 
     asyncio.run(scenario())
     state.store.close()

@@ -71,7 +71,9 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
         assert shards["gathers"] > 0 and shards["peer_requests"] >= 2 * shards["gathers"]
         # every gather had every shard (events were sent once the three workers held their partitions)
         assert shards["partial_searches"] == 0 and shards["peer_failures"] == 0, shards
-        assert shards["prefetch_misses"] == 0, shards
+        # a user whose vector or exclusions moved while its answer was gathered (the lock is released for the
+        # gather between flushes) was not ranked from it: its list waited for the next slice's gather
+        assert shards["prefetch_misses"] == worker_stats["refresh"]["not_ready"], (shards, worker_stats["refresh"])
     assert got.keys() == expected.keys() and len(got) > len(users) // 2
     different = sorted(user for user in got if got[user] != expected[user])
     owners = {p: i for i, worker_stats in enumerate(stats) for p in worker_stats["state"]["partitions"]}
