@@ -127,6 +127,19 @@ def _list_costs(refresh: dict[str, Any], flush: dict[str, Any]) -> dict[str, Any
             "messages_between_flushes": flush.get("messages_between_flushes")}
 
 
+def _ann_gathers(shards: dict[str, Any] | None, refresh: dict[str, Any]) -> dict[str, Any]:
+    """Sharded ANN (``PYMK_ANN_MODE=sharded``): the shards' gathers, their wall time and how much of it the state's
+    lock was held for (input waits meanwhile), and the lists that waited for another gather; {} otherwise."""
+    if not shards:
+        return {}
+    locked = refresh.get("ann_gather_seconds_locked")
+    return {"ann_gathers": {"gathers": shards.get("gathers"),
+                            "seconds": round(float(shards.get("gather_seconds") or 0.0), 2),
+                            "seconds_with_state_lock": None if locked is None else round(float(locked), 2),
+                            "lists_not_ready": refresh.get("not_ready"),
+                            "peer_failures": shards.get("peer_failures")}}
+
+
 def _lists_per_core_second(refresh_stats: list[tuple[dict[str, Any], dict[str, Any], Any]],
                            clock: str = "refresh_seconds") -> float | None:
     """Lists per second of the refresher's time: wall (``refresh_seconds``, which also counts the waits for a core
@@ -301,8 +314,9 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
                            "between_flushes_ms": settings.refresh_between_flushes_ms},
         "window_grace_s": window_grace_s,
         **in_window,
-        "per_worker_at_window_end": [{**_list_costs(refresh, flush), "gc_pauses": gc}
-                                     for refresh, flush, gc in refresh_stats],
+        "per_worker_at_window_end": [{**_list_costs(refresh, flush), "gc_pauses": gc,
+                                      **_ann_gathers(page.get("ann_shards"), refresh)}
+                                     for (refresh, flush, gc), page in zip(refresh_stats, stats, strict=True)],
         # lists ranked per second of ranking time, summed over the workers (warm-up included): ranking runs on the
         # event loop's one thread, so this is lists per core-second as the worker serves them
         "lists_per_core_second": _lists_per_core_second(refresh_stats),

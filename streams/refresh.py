@@ -94,6 +94,10 @@ class RefreshStats:
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
     # lists left for the next slice because their gathered ANN answer no longer fit (SourceNotReady; sharded ANN)
     not_ready: int = 0
+    # sharded ANN: the seconds of the gathers awaited with the state's lock held (the flush's; input waits
+    # meanwhile) and without it (between flushes)
+    ann_gather_seconds_locked: float = 0.0
+    ann_gather_seconds_unlocked: float = 0.0
     backlog: int = 0  # lists owed after the last flush
     oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
     input_backlog: int = 0  # input messages not applied yet, at the last flush
@@ -417,7 +421,7 @@ class Refresher:
         the state's lock; between flushes ``WorkerState.refresh_now`` releases the lock for the gather)."""
         wanted = self.ann_wanted(states, now_ms)
         if wanted:
-            self.install_ann(await self.gather_ann(wanted))
+            self.install_ann(await self.gather_ann(wanted, locked=True))
 
     def ann_wanted(self, states: Sequence[PartitionState], now_ms: int) -> list[tuple[int, frozenset[int]]]:
         """Sharded ANN: the next ``ann_shard_batch`` owed users (in the lanes' order) with Stage 1's exclusions,
@@ -447,12 +451,20 @@ class Refresher:
             wanted.append((user, frozenset().union(*(f.excluded(user, source, as_of) for f in filters))))
         return wanted
 
-    async def gather_ann(self, wanted: Sequence[tuple[int, frozenset[int]]]) -> Gathered:
+    async def gather_ann(self, wanted: Sequence[tuple[int, frozenset[int]]], locked: bool = False) -> Gathered:
         """Every shard's answer for ``wanted`` (for ann_k + ANN_SPARES: what the kept lists may ask), merged. Only
         awaits after reading the query vectors: it may run without the state's lock, since each answer carries the
-        vector and exclusions it was asked with and ranking uses it only while they still hold."""
+        vector and exclusions it was asked with and ranking uses it only while they still hold. ``locked``: whether
+        the caller holds the state's lock (counted apart in the stats)."""
         assert self.shards is not None
-        return await self.shards.gather(wanted, self.candidates.ann_k + ANN_SPARES)
+        started = time.perf_counter()
+        try:
+            return await self.shards.gather(wanted, self.candidates.ann_k + ANN_SPARES)
+        finally:
+            if locked:
+                self.stats.ann_gather_seconds_locked += time.perf_counter() - started
+            else:
+                self.stats.ann_gather_seconds_unlocked += time.perf_counter() - started
 
     def install_ann(self, gathered: Gathered) -> None:
         """The answers the next :meth:`refresh_due` ranks from (it clears them when done)."""

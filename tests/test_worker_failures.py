@@ -312,3 +312,13 @@ def test_the_freshness_bench_reports_lists_per_core_second() -> None:
                                                                      None)]
     assert _lists_per_core_second(stats) == 100.0
     assert _lists_per_core_second([({}, {}, None)]) is None
+
+
+def test_the_freshness_bench_says_how_long_sharded_gathers_held_the_state_lock() -> None:
+    from pymk.bench.freshness import _ann_gathers
+
+    assert _ann_gathers(None, {}) == {}  # one index on each worker: nothing to say
+    shards = {"gathers": 10, "gather_seconds": 2.504, "peer_failures": 0}
+    refresh = {"ann_gather_seconds_locked": 0.126, "not_ready": 3}
+    assert _ann_gathers(shards, refresh) == {"ann_gathers": {
+        "gathers": 10, "seconds": 2.5, "seconds_with_state_lock": 0.13, "lists_not_ready": 3, "peer_failures": 0}}
