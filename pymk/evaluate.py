@@ -213,10 +213,13 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
 
         report["models"]["reranker"] = reranker_validation(rerank_dir)
     paths["json"].write_text(json.dumps(report, indent=2))
+    regularisation = floor["regularisation"] or {}
     with paths["md"].open("a") as md:
         md.write(f"\nModels: GraphSAGE `{models.sage_version}`, ranker `{models.ranker_version}`.\n\n"
                  f"Ranker floor (chosen on validation inside the past): {floor['decision']}.\n\n"
                  f"Structure columns: {(floor['structure_columns'] or {}).get('decision', 'n/a')}.\n\n"
+                 f"Leaf regularisation: min_child_weight {regularisation.get('min_child_weight', 'n/a')} "
+                 f"({regularisation.get('chosen_by', 'n/a')}).\n\n"
                  f"No leakage: {LEAKAGE_NOTE}\n")
     return result, paths
 
@@ -231,7 +234,7 @@ def ranker_floor(ranker_dir: Path) -> dict[str, Any]:
             "val_recall_at_20": metadata.get("val_recall_at_20"),
             "val_recall_at_20_trees": evidence.get("val_recall_at_20_trees"),
             "val_recall_at_20_heuristics": evidence.get("val_recall_at_20_heuristics"),
-            "structure_columns": metadata.get("structure_columns")}
+            "structure_columns": metadata.get("structure_columns"), "regularisation": metadata.get("regularisation")}
 
 
 def summary_rows(result: EvaluationResult) -> list[dict[str, Any]]:

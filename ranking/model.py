@@ -66,6 +66,11 @@ class RankerConfig:
     # keeps the model with the better Recall@20 on the validation lists (ties: without); "keep" / "drop" decide
     # outright. Dropped columns are NaN in training, so no tree splits on them: the input width stays the same.
     structure_columns: str = "validate"
+    # The leaves' least hessian mass, chosen on the validation lists' Recall@20 among these (train_ranker; ties:
+    # the first); () or no validation lists: min_child_weight. Positives are few (a few thousand rows), and how
+    # much a leaf must hold before it may say something differs by graph: on Digg replies 50 validated better than
+    # 1 (0.0356 vs 0.0327), on CollegeMsg and ego-Facebook 1 did (docs/evaluation.md).
+    min_child_weight_choices: tuple[float, ...] = (1.0, 50.0)
     seed: int = 0
     train_threads: int = 2  # the machine's cores; training is offline
     predict_threads: int = 1  # the worker ranks on one thread per partition
@@ -75,6 +80,8 @@ class RankerConfig:
             raise ValueError(f"stop_on must be 'auc' or 'recall@20', not {self.stop_on!r}")
         if self.structure_columns not in ("validate", "keep", "drop"):
             raise ValueError(f"structure_columns must be 'validate', 'keep' or 'drop', not {self.structure_columns!r}")
+        if any(not weight >= 0 for weight in (self.min_child_weight, *self.min_child_weight_choices)):
+            raise ValueError("min_child_weight and its choices must be non-negative")
 
     def params(self) -> dict[str, Any]:
         return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -288,3 +289,37 @@ def test_sampled_negatives_are_weighted_by_how_many_they_stand_for(data) -> None
             assert weights[unshown][0] >= weights[shown][0]
             checked += 1
     assert checked > 0
+
+
+def test_the_leaf_regularisation_is_chosen_on_the_validation_lists() -> None:
+    """choose_min_child_weight keeps the choice whose model ranks the validation lists best (ties: the first
+    listed) and says why; a min_child_weight no leaf can meet is a constant model, and loses to one that splits."""
+    from test_structure_columns import lists_and_rows
+
+    from pymk.ranking.features import FEATURE_INDEX
+    from pymk.ranking.training_data import choose_min_child_weight
+
+    x, y, lists = lists_and_rows(FEATURE_INDEX["common_neighbor_count"])
+    config = RankerConfig(n_estimators=30, early_stopping_rounds=None)
+    splits = Ranker.train(x, y, config=replace(config, min_child_weight=1.0))
+    constant = Ranker.train(x, y, config=replace(config, min_child_weight=1e9))
+    chosen, evidence = choose_min_child_weight({1e9: constant, 1.0: splits}, lists)
+    assert chosen == 1.0 and evidence["chosen_by"] == "validation Recall@20"
+    assert evidence["val_recall_at_20"]["1"] > evidence["val_recall_at_20"]["1e+09"]
+    assert evidence["lead"] > 0 and evidence["lead_standard_error"] > 0
+    chosen, evidence = choose_min_child_weight({50.0: splits, 1.0: splits}, lists)  # a tie: the first listed
+    assert chosen == 50.0 and evidence["lead"] == 0.0
+
+
+def test_train_ranker_records_the_regularisation_it_chose(tmp_path, network: list) -> None:
+    config = TrainingDataConfig(horizon_days=7, queries_per_checkpoint=60, unshown_negatives=20)
+    choices = replace(SMALL_RANKER, min_child_weight_choices=(1.0, 50.0))
+    chosen = train_ranker(network, tmp_path / "chosen", config, choices, report=None)
+    regularisation = chosen.metadata["regularisation"]
+    assert regularisation["chosen_by"] == "validation Recall@20"
+    assert set(regularisation["val_recall_at_20"]) == {"1", "50"}
+    assert chosen.metadata["config"]["min_child_weight"] == regularisation["min_child_weight"]
+    fixed = train_ranker(network, tmp_path / "fixed", config, replace(SMALL_RANKER, min_child_weight_choices=()),
+                         report=None)
+    assert fixed.metadata["regularisation"] == {"min_child_weight": SMALL_RANKER.min_child_weight,
+                                                "chosen_by": "config"}
