@@ -67,9 +67,9 @@ class RankerConfig:
     # outright. Dropped columns are NaN in training, so no tree splits on them: the input width stays the same.
     structure_columns: str = "validate"
     # The leaves' least hessian mass, chosen on the validation lists' Recall@20 among these (train_ranker; ties:
-    # the first); () or no validation lists: min_child_weight. Positives are few (a few thousand rows), and how
-    # much a leaf must hold before it may say something differs by graph: on Digg replies 50 validated better than
-    # 1 (0.0356 vs 0.0327), on CollegeMsg and ego-Facebook 1 did (docs/evaluation.md).
+    # the first); one choice: that one; () or no validation lists: min_child_weight. Positives are few (a few
+    # thousand rows), and how much a leaf must hold before it may say something differs by graph: on Digg replies
+    # 50 validated better than 1 (0.0294 vs 0.0242), on CollegeMsg and ego-Facebook 1 did (docs/evaluation.md).
     min_child_weight_choices: tuple[float, ...] = (1.0, 50.0)
     seed: int = 0
     train_threads: int = 2  # the machine's cores; training is offline

@@ -705,7 +705,7 @@ def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir:
         ranker_config = replace(ranker_config, min_child_weight=chosen)
         first = fitted[chosen]
     else:
-        if ranker_config.min_child_weight_choices:
+        if len(ranker_config.min_child_weight_choices) == 1:  # one choice is no choice; none: min_child_weight
             ranker_config = replace(ranker_config, min_child_weight=ranker_config.min_child_weight_choices[0])
         regularisation = {"min_child_weight": ranker_config.min_child_weight, "chosen_by": "config"}
         first = fit(drop_outright, ranker_config)
