@@ -95,9 +95,8 @@ class RefreshStats:
     # lists left for the next slice because their gathered ANN answer no longer fit (SourceNotReady; sharded ANN)
     not_ready: int = 0
     # sharded ANN: the seconds of the gathers awaited with the state's lock held (the flush's; input waits
-    # meanwhile) and without it (between flushes)
+    # meanwhile); the rest of ann_shards.gather_seconds was awaited without it (between flushes)
     ann_gather_seconds_locked: float = 0.0
-    ann_gather_seconds_unlocked: float = 0.0
     backlog: int = 0  # lists owed after the last flush
     oldest_owed_ms: int = 0  # age of the oldest unanswered change after the last flush (wall ms)
     input_backlog: int = 0  # input messages not applied yet, at the last flush
@@ -463,8 +462,6 @@ class Refresher:
         finally:
             if locked:
                 self.stats.ann_gather_seconds_locked += time.perf_counter() - started
-            else:
-                self.stats.ann_gather_seconds_unlocked += time.perf_counter() - started
 
     def install_ann(self, gathered: Gathered) -> None:
         """The answers the next :meth:`refresh_due` ranks from (it clears them when done)."""
