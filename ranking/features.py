@@ -339,7 +339,7 @@ class FeatureBuilder:
         self._profile(user, ids, id_list, source, out)
         self._embedding(user, ids, id_list, source, out)
         self._activity(user, ids, id_list, source, as_of_ms, out)
-        self._resource_allocation(user, id_list, source, out)
+        self._resource_allocation(user, ids, id_list, source, out)
         self._structure(user, ids, id_list, source, out)
         return out
 
@@ -375,7 +375,7 @@ class FeatureBuilder:
             elif group == "activity":
                 self._activity(user, ids, id_list, source, as_of_ms, out)
             elif group == "resource_allocation":
-                self._resource_allocation(user, id_list, source, out)
+                self._resource_allocation(user, ids, id_list, source, out)
                 self._structure(user, ids, id_list, source, out)
             else:
                 raise ValueError(f"unknown column group {group!r}")
@@ -458,14 +458,15 @@ class FeatureBuilder:
             out[:, 15] = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.minimum(1.0, h)))
 
     @staticmethod
-    def _resource_allocation(user: int, id_list: list[int], source: RankingSource, out: np.ndarray) -> None:
+    def _resource_allocation(user: int, ids: np.ndarray, id_list: list[int], source: RankingSource,
+                             out: np.ndarray) -> None:
         column = FEATURE_INDEX["resource_allocation_score"]
         if not implements(source, ResourceAllocationSource):
             out[:, column] = np.nan
             return
         if implements(source, TwoHopArraySource):  # the arrays Stage 1 just read: a binary search, no dict
             held = source.two_hop_arrays(user)
-            ids = np.asarray(id_list, np.int64)
+            ids = np.asarray(ids, np.int64)
             if not len(held.ids):
                 out[:, column] = 0.0
                 return

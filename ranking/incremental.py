@@ -70,6 +70,7 @@ in order).
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -127,7 +128,12 @@ _NEVER = np.iinfo(np.int64).max
 # New rows' behaviour columns come from the held maps when the group is exactly these four (view_columns' three and
 # the recency); a group grown by new columns falls back to the matrix's own code
 _BEHAVIOUR_GROUP_KNOWN = sorted(COLUMN_GROUPS["behaviour"]) == sorted((*_BEHAVIOUR, _RECENCY))
-_GROUPS_BUT_BEHAVIOUR = [group for group in COLUMN_GROUPS if group != "behaviour"]
+# the groups a new row's features are computed with by the matrix's code (_add_rows): the behaviour comes from the
+# held maps, the candidate's as-of activity columns from the as-of pass and the query's from the update
+_GROUPS_ADDED = [group for group in COLUMN_GROUPS if group not in ("behaviour", "activity")]
+assert set(COLUMN_GROUPS["activity"]) == {*range(_ACTIVITY, _DAYS_SINCE + 1), _QUERY_ACTIVITY, _QUERY_DAYS}
+_GROUPS_ADDED_BUT_GRAPH = [group for group in _GROUPS_ADDED if group not in ("graph", "resource_allocation")]
+_FEW_ROWS = 32  # up to this many rows, a row's behaviour columns by its map entries rather than by both maps
 _TAUS = np.asarray(ACTIVITY_TIME_CONSTANTS_MS, np.int64)
 ANN_SPARES = 16  # ANN neighbours kept past ann_k at a full build, to replace dropped ones (dismissed, connected)
 _MIX = 0x9E3779B97F4A7C15
@@ -144,19 +150,21 @@ class SplitPoints:
 
     exact: tuple[np.ndarray, ...]
     below: tuple[np.ndarray, ...]
+    exact_lists: tuple[list[float], ...]  # ``exact`` as lists, for one value's bin (bisect: no numpy call)
 
     @classmethod
     def of(cls, per_feature: list[np.ndarray]) -> SplitPoints:
         exact = tuple(np.unique(np.asarray(t, np.float32)).astype(np.float64) for t in per_feature)
         below = tuple(np.unique(np.nextafter(t.astype(np.float32), np.float32(-np.inf))).astype(np.float64)
                       for t in exact)
-        return cls(exact, below)
+        return cls(exact, below, tuple(t.tolist() for t in exact))
 
     def bin(self, column: int, value: float) -> float:
-        """Which side of every threshold of ``column`` the float32 of ``value`` is on (NaN: its own bin)."""
+        """Which side of every threshold of ``column`` the float32 of ``value`` is on (NaN: its own bin): the
+        number of thresholds at or below it, as ``np.searchsorted(..., side="right")`` counts them."""
         if math.isnan(value):
             return math.nan
-        return float(np.searchsorted(self.exact[column], np.float64(np.float32(value)), side="right"))
+        return float(bisect.bisect_right(self.exact_lists[column], float(np.float32(value))))
 
 
 _SPLIT_POINTS: dict[str, SplitPoints | None] = {}
@@ -230,13 +238,30 @@ def _bins_moved(points: SplitPoints | None, columns: Sequence[int], old: np.ndar
     if points is None or not differs.any():
         return differs.any(axis=1)
     moved = np.zeros(len(old), bool)
-    for j in np.flatnonzero(differs.any(axis=0)).tolist():
+    if len(columns) <= _FEW_COLUMNS:
+        for j in np.flatnonzero(differs.any(axis=0)).tolist():
+            thresholds = points.exact[columns[j]]
+            if len(thresholds):  # else a column the model never splits on
+                rows = np.flatnonzero(differs[:, j])
+                moved[rows[_bins(thresholds, old[rows, j]) != _bins(thresholds, new[rows, j])]] = True
+        return moved
+    # a wide block (the graph columns): the columns that moved in most rows first (a query-level one, e.g. the
+    # query's degree, moves in all); once every row is known to have moved, no other column needs a look
+    differing = differs.sum(axis=0)
+    for j in np.argsort(-differing, kind="stable")[: int(np.count_nonzero(differing))].tolist():
         thresholds = points.exact[columns[j]]
         if not len(thresholds):
-            continue  # a column the model never splits on
-        rows = np.flatnonzero(differs[:, j])
+            continue
+        rows = np.flatnonzero(differs[:, j] & ~moved)  # a row already moved needs no other column's word
+        if not len(rows):
+            continue
         moved[rows[_bins(thresholds, old[rows, j]) != _bins(thresholds, new[rows, j])]] = True
+        if moved.all():
+            break
     return moved
+
+
+_FEW_COLUMNS = 4  # up to this many columns (the behaviour block), every differing column is looked at
 
 
 def _bins(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -392,6 +417,7 @@ class ListEntry:
     graph_tie_degrees: np.ndarray = field(default_factory=lambda: np.empty(0))
     id_order: np.ndarray | None = None  # np.argsort(candidates.ids), kept while the rows do not change
     kernel: _AsOfKernel | None = None  # the compiled as-of columns, when the scorer's C library is loaded
+    points: SplitPoints | None = None  # the scorer's split points (the entry's key holds its version)
     maps: tuple[int, int, Mapping[int, Any], Mapping[int, int]] | None = None  # see _held_maps
     handles: np.ndarray | None = None  # the source's stamp handles of the rows, kept while the rows do not change
     packed: PackedMatrix | None = None  # the feature matrix at rest (between updates)
@@ -686,6 +712,7 @@ class IncrementalLists:
             rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
         points = split_points(scorer, entry.features.shape[1])
         entry.kernel = _as_of_kernel(scorer, points)
+        entry.points = points
         entry.validity_due = True  # valid_until at as_of_ms, computed by the first update (_update)
         entry.query_bins = _query_bins(entry.features, points)
         entry.query_degree = source.degree(user)
@@ -705,6 +732,7 @@ class IncrementalLists:
         """The update of the module doc: the top k rows, or the reason it cannot be exact (the entry may then be
         half updated: the caller replaces it by a full build)."""
         user = e.user
+        held_before = e.maps  # the maps the kept rows' behaviour columns come from (_add_rows may move e.maps)
         excluded = _excluded(user, source, config, as_of)
         if not excluded >= e.excluded:
             return "unexcluded"
@@ -714,12 +742,12 @@ class IncrementalLists:
         if len(ties) and not np.array_equal(candidate_degrees(ties, ties.tolist(), source), e.graph_tie_degrees):
             return "graph_tie"
         c = e.candidates
-        if self.config.max_changed_share < 1.0 and _changed_share(e, source) > self.config.max_changed_share:
+        moved_parts = _moved_parts(e, source)  # kept for the reads below while the source's stamp holds
+        if self.config.max_changed_share < 1.0 and _changed_share(moved_parts) > self.config.max_changed_share:
             return "changed_rows"
         if e.validity_due:  # as the build would have: every row, at the entry's as-of time (nothing moved it yet)
             assert e.features is not None
-            e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), split_points(scorer, e.features.shape[1]),
-                                                 e.as_of)
+            e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), e.points, e.as_of)
             e.validity_due = False
         popular = _popular(user, source, config, as_of, excluded)
         vector = source.embedding(user)
@@ -814,8 +842,14 @@ class IncrementalLists:
             added = pool[~np.isin(pool, c.ids)]
         if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
             return "rough_cut"
+        # the rows kept: gathered by the reorder when one follows (one pass over the arrays), else here
+        kept_rows: np.ndarray | None = None
         if not keep.all():
-            self._keep_rows(e, np.flatnonzero(keep))
+            if graph_changed or ann_new is not None or extras:
+                kept_rows = np.flatnonzero(keep)
+            else:
+                self._keep_rows(e, np.flatnonzero(keep))
+        rows_before_added = len(e.candidates.ids)
         cosine = ann_new or {}
         in_popular = set(popular)
         if extras and not graph_changed:
@@ -826,7 +860,7 @@ class IncrementalLists:
                                            {}, np.fromiter(map(in_popular.__contains__, extras), bool, m)),
                            user, source, builder, as_of, scorer)
         if (ann_new is not None or extras) and not graph_changed:
-            self._reorder(e)
+            self._reorder(e, kept_rows, rows_before_added)
         if graph_changed:
             c = e.candidates
             e.candidates = replace(c, common_neighbor_count=lookup_by_id(hop_ids, hop_counts, c.ids, 0),
@@ -844,13 +878,13 @@ class IncrementalLists:
                                                np.isin(fresh_ids, hop_ids),
                                                np.fromiter(map(cosine.__contains__, listed), bool, m), {},
                                                np.fromiter(map(in_popular.__contains__, listed), bool, m)),
-                               user, source, builder, as_of, scorer)
-            self._reorder(e)
+                               user, source, builder, as_of, scorer, graph_later=True)
+            self._reorder(e, kept_rows, rows_before_added)
         c = e.candidates
         n = len(c.ids)
         ids = c.ids
         X = e.features
-        points = split_points(scorer, X.shape[1])
+        points = e.points
         fresh = np.zeros(n, bool)  # rows whose as-of columns are as of now and whose score is exact (new rows)
         fresh[e.new_rows] = True
         dirty = fresh.copy()  # new rows are scored with the rest
@@ -871,6 +905,9 @@ class IncrementalLists:
             if not len(rows):
                 return
             whole = len(rows) == n
+            if whole and dirty.all():  # no bins to compare: straight into the matrix (the groups write only theirs)
+                builder.columns(user, c, source, as_of, groups, X)
+                return
             scratch = np.empty((len(rows), X.shape[1]))
             builder.columns(user, c if whole else c.subset(rows), source, as_of, groups, scratch)
             columns = [column for group in groups for column in COLUMN_GROUPS[group]]
@@ -898,8 +935,10 @@ class IncrementalLists:
             if e.handles is None:
                 e.handles = source.stamp_handles(ids)
             handles, unread = e.handles, ~fresh
-            read, read_embedding, read_profile = (np.flatnonzero(source.changed_since(handles, e.stamp, part) & unread)
-                                                  for part in ("graph", "embedding", "profile"))
+            held_parts = (moved_parts[2:] if moved_parts is not None and moved_parts[0] == stamp_now
+                          and moved_parts[1] is handles else
+                          [source.changed_since(handles, e.stamp, part) for part in ("graph", "embedding", "profile")])
+            read, read_embedding, read_profile = (np.flatnonzero(moved & unread) for moved in held_parts)
         query_degree = source.degree(user)
         all_graph = graph_changed or query_degree != e.query_degree or not stamped
         refresh(["graph"] + (["resource_allocation"] if graph_changed else []), everything if all_graph else read)
@@ -921,18 +960,36 @@ class IncrementalLists:
         if views_due or engagements_due:
             if e.id_order is None:
                 e.id_order = np.argsort(ids, kind="stable")
-            parts = [0, 1, 2] if views_due and engagements_due else [0, 1] if views_due else [2]
-            columns = [_BEHAVIOUR[j] for j in parts]
             views, engaged = _held_maps(e, user, source)
-            values, latest, has_view = view_columns_of_maps(ids, e.id_order, views if views_due else None,
-                                                            engaged if engagements_due else None)
-            values = values[:, parts]
-            if views_due:
-                view_moved = (has_view != e.has_view) | (latest != e.view_latest)
-                e.view_latest, e.has_view = latest, has_view
-            if not dirty.all():
-                dirty |= _bins_moved(points, columns, X[:, columns], values)
-            X[:, columns] = values
+            if views_due and stamped and held_before is not None:
+                # a user's view map is small and a view moves one entry of it: only the rows of the users whose
+                # entries moved (a new row's columns are already those of the map now)
+                rows = _rows_of_ids(ids, e.id_order, _changed_keys(held_before[2], views))
+                if len(rows):
+                    columns = list(_BEHAVIOUR[:2])
+                    values, latest, has_view = _view_columns_of(ids[rows].tolist(), views, {})
+                    values = values[:, :2]
+                    view_moved[rows] = (has_view != e.has_view[rows]) | (latest != e.view_latest[rows])
+                    e.view_latest[rows], e.has_view[rows] = latest, has_view
+                    block = np.ix_(rows, columns)
+                    if not dirty.all():
+                        dirty[rows[_bins_moved(points, columns, X[block], values)]] = True
+                    X[block] = values
+                views_due = False
+            # the co-engagements (the map grows with the items engaged: one engagement moves many entries), and the
+            # views on an entry's first update or from a source without stamps: every row from the maps
+            parts = [0, 1] * views_due + [2] * engagements_due
+            if parts:
+                columns = [_BEHAVIOUR[j] for j in parts]
+                values, latest, has_view = view_columns_of_maps(ids, e.id_order, views if views_due else None,
+                                                                engaged if engagements_due else None)
+                values = values[:, parts]
+                if views_due:
+                    view_moved = (has_view != e.has_view) | (latest != e.view_latest)
+                    e.view_latest, e.has_view = latest, has_view
+                if not dirty.all():
+                    dirty |= _bins_moved(points, columns, X[:, columns], values)
+                X[:, columns] = values
         e.views_stamp, e.engagement_stamp = views_stamp, engagement_stamp
 
         # the held activity: a change re-computes the row's as-of columns
@@ -982,18 +1039,22 @@ class IncrementalLists:
         e.id_order = e.handles = None
 
     def _add_rows(self, e: ListEntry, new: CandidateSet, user: int, source: RankingSource, builder: FeatureBuilder,
-                  as_of: int, scorer: Scorer) -> None:
+                  as_of: int, scorer: Scorer, graph_later: bool = False) -> None:
         """Append the rows of ``new`` (new 2-hop users, promoted ANN neighbours), their features computed whole at
-        ``as_of`` and scored."""
+        ``as_of`` and scored. ``graph_later``: the update recomputes the graph and resource-allocation groups of
+        every row after this (the user's 2-hop changed), so they are not computed here."""
         m = len(new)
         ids = new.ids
         added = ids.tolist()
         order = np.argsort(ids, kind="stable")
         views, engaged = _held_maps(e, user, source)
-        behaviour, latest, has_view = view_columns_of_maps(ids, order, views, engaged)
+        behaviour, latest, has_view = (_view_columns_of(added, views, engaged) if m <= _FEW_ROWS
+                                       else view_columns_of_maps(ids, order, views, engaged))
         if _BEHAVIOUR_GROUP_KNOWN:  # the matrix's code for every other group; the behaviour from the held maps
             features = np.zeros((m, e.features.shape[1]))
-            builder.columns(user, new, source, as_of, _GROUPS_BUT_BEHAVIOUR, features)
+            # not the activity group: its as-of columns are _fresh_validity's below, the query's the update's
+            builder.columns(user, new, source, as_of, _GROUPS_ADDED_BUT_GRAPH if graph_later else _GROUPS_ADDED,
+                            features)
             features[:, _BEHAVIOUR] = behaviour
             features[:, _RECENCY] = view_recency_days(latest, has_view, as_of)
         else:
@@ -1016,25 +1077,34 @@ class IncrementalLists:
         e.new_rows = np.concatenate([e.new_rows, np.arange(n, n + m)])
         e.id_order = e.handles = None
         e.valid_until = np.concatenate([e.valid_until, np.zeros(m, np.int64)])
-        e.valid_until[e.new_rows] = self._fresh_validity(e, e.new_rows, split_points(scorer, features.shape[1]), as_of)
+        e.valid_until[e.new_rows] = self._fresh_validity(e, e.new_rows, e.points, as_of)
 
     @staticmethod
-    def _reorder(e: ListEntry) -> None:
-        """Rows in Stage 1's rough order (candidates.py: AA + ann_weight·max(cos, 0) rounded, count, id)."""
+    def _reorder(e: ListEntry, kept: np.ndarray | None = None, added_from: int = 0) -> None:
+        """Rows in Stage 1's rough order (candidates.py: AA + ann_weight·max(cos, 0) rounded, count, id); with
+        ``kept``, only those rows below ``added_from`` stay (the rows from ``added_from`` on, added by this update,
+        all do): the keep and the reorder in one gather."""
         c = e.candidates
         config: CandidateConfig = e.key[1]
-        rough = c.adamic_adar_score + config.ann_weight * np.nan_to_num(np.maximum(c.ann_score, 0.0), nan=0.0)
-        order = np.lexsort((c.ids, -c.common_neighbor_count, -np.round(rough, _AA_DECIMALS)))
-        if np.array_equal(order, np.arange(len(order))):
+        rows = None if kept is None else np.concatenate([kept, np.arange(added_from, len(c.ids))])
+        ids, counts, adamic_adar, ann_score = ((c.ids, c.common_neighbor_count, c.adamic_adar_score, c.ann_score)
+                                               if rows is None else
+                                               (c.ids[rows], c.common_neighbor_count[rows], c.adamic_adar_score[rows],
+                                                c.ann_score[rows]))
+        rough = adamic_adar + config.ann_weight * np.nan_to_num(np.maximum(ann_score, 0.0), nan=0.0)
+        order = np.lexsort((ids, -counts, -np.round(rough, _AA_DECIMALS)))
+        if rows is None and np.array_equal(order, np.arange(len(order))):
             return
+        if rows is not None:
+            order = rows[order]
         stats = dict(c.stats)
         e.candidates = replace(c.subset(order), stats=stats)
         e.features, e.scores, e.valid_until = e.features[order], e.scores[order], e.valid_until[order]
         e.activity = ActivityTable(e.activity.values[order], e.activity.anchors[order], e.activity.known[order])
         e.view_latest, e.has_view = e.view_latest[order], e.has_view[order]
         e.id_order = e.handles = None
-        if len(e.new_rows):
-            position = np.empty(len(order), np.int64)
+        if len(e.new_rows):  # all of them at or past added_from: kept
+            position = np.empty(len(c.ids), np.int64)
             position[order] = np.arange(len(order))
             e.new_rows = position[e.new_rows]
 
@@ -1189,19 +1259,62 @@ def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[
     return held[2], held[3]
 
 
-def _changed_share(e: ListEntry, source: RankingSource) -> float:
-    """The share of the kept rows whose per-user reads (degree or activity, embedding, profile) the change stamps
-    say moved since the entry's last update; 0 without stamps (nothing tells)."""
-    if not implements(source, ChangeStampSource) or e.stamp < 0 or source.change_stamp() == e.stamp:
-        return 0.0
+def _view_columns_of(users: list[int], views: Mapping[int, Any],
+                     engaged: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`~pymk.ranking.features.view_columns_of_maps` for a few ``users`` (the same integers, so the same
+    float64 values): a pass over the users instead of over both maps."""
+    m = len(users)
+    values = np.zeros((m, 3))
+    latest = np.zeros(m, np.int64)
+    has_view = np.zeros(m, bool)
+    for row, other in enumerate(users):
+        held = views.get(other)
+        if held is not None:
+            values[row, 0], values[row, 1] = held[0], min(held[0], held[1])
+            latest[row], has_view[row] = held[2], True
+        values[row, 2] = engaged.get(other, 0)
+    return values, latest, has_view
+
+
+def _changed_keys(before: Mapping[int, Any], now: Mapping[int, Any]) -> np.ndarray:
+    """The keys (sorted) whose entry differs between two maps (added, removed or changed)."""
+    if before is now:
+        return np.empty(0, np.int64)  # held again: the stamp did not move
+    changed = [k for k, v in now.items() if before.get(k) != v]
+    changed.extend(k for k in before if k not in now)
+    return np.unique(np.asarray(changed, np.int64))
+
+
+def _rows_of_ids(ids: np.ndarray, order: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The rows (ascending) of ``ids`` (``order`` = ``np.argsort(ids)``) that hold one of the sorted ``keys``."""
+    if not len(keys) or not len(ids):
+        return np.empty(0, np.int64)
+    sorted_ids = ids[order]
+    position = np.minimum(np.searchsorted(sorted_ids, keys), len(ids) - 1)
+    hit = sorted_ids[position] == keys
+    return np.sort(order[position[hit]])
+
+
+def _moved_parts(e: ListEntry, source: RankingSource) -> tuple[Any, ...] | None:
+    """(the source's stamp, the entry's handles, then per part — degree or activity, embedding, profile — which
+    kept rows the change stamps say moved since the entry's last update); None without stamps or when nothing
+    moved."""
+    if not implements(source, ChangeStampSource) or e.stamp < 0:
+        return None
+    stamp = source.change_stamp()
+    if stamp == e.stamp:
+        return None
     if e.handles is None:
         e.handles = source.stamp_handles(e.candidates.ids)
-    if not len(e.handles):
+    return (stamp, e.handles, *(source.changed_since(e.handles, e.stamp, part)
+                                for part in ("graph", "embedding", "profile")))
+
+
+def _changed_share(moved_parts: tuple[Any, ...] | None) -> float:
+    """The share of the kept rows whose per-user reads moved (:func:`_moved_parts`); 0 without stamps."""
+    if moved_parts is None or not len(moved_parts[1]):
         return 0.0
-    moved = source.changed_since(e.handles, e.stamp, "graph")
-    for part in ("embedding", "profile"):
-        moved |= source.changed_since(e.handles, e.stamp, part)
-    return float(moved.mean())
+    return float((moved_parts[2] | moved_parts[3] | moved_parts[4]).mean())
 
 
 def _incremental_source(source: RankingSource) -> bool:
