@@ -41,6 +41,7 @@ its value (``max(A[k-1], B[k-1])`` of the sorted sets, k the minimum); for co-en
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -556,11 +557,9 @@ class PartitionBehaviour:
 
     def co_engaged_counts(self, user: int) -> dict[int, int]:
         """Every other user sharing an item with ``user`` → the number of shared (non-hub) items."""
-        counts: dict[int, int] = {}
-        for item in self._engaged_row(user):
-            for v in self.item_row(item).engagers:
-                if v != user:
-                    counts[v] = counts.get(v, 0) + 1
+        # Counter counts an iterable in C (the same integers, keys in first-seen order as a loop would add them)
+        counts = Counter(chain.from_iterable(self.item_row(item).engagers for item in self._engaged_row(user)))
+        counts.pop(user, None)
         return counts
 
     # ---- all features of a pair --------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ training-data replay checks against the as-of time of every feature it computes 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from types import MappingProxyType
 
 import numpy as np
@@ -476,14 +477,12 @@ class MemorySource:
         return MappingProxyType(self._view_summary.get(user, {}))  # read-only: the held summary itself
 
     def co_engaged_counts(self, user: int) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for item in self.engaged.get(user, {}):
-            engagers = self.engagers[item]
-            if self.max_item_fanout is not None and len(engagers) > self.max_item_fanout:
-                continue  # a hub item says little about two people (the worker's rule)
-            for other in engagers:
-                if other != user:
-                    counts[other] = counts.get(other, 0) + 1
+        fanout = self.max_item_fanout
+        # a hub item says little about two people (the worker's rule); Counter counts in C, keys in first-seen order
+        counts = Counter(chain.from_iterable(
+            engagers for engagers in map(self.engagers.__getitem__, self.engaged.get(user, {}))
+            if fanout is None or len(engagers) <= fanout))
+        counts.pop(user, None)
         return counts
 
     def dismissed(self, user: int) -> dict[int, int]:
