@@ -232,6 +232,8 @@ def _bins_moved(points: SplitPoints | None, columns: Sequence[int], old: np.ndar
     """Per row of the blocks ``old`` and ``new`` (their columns are the matrix's ``columns``): whether some value
     left its bin, i.e. some comparison ``x < threshold`` of the model (in float32; NaN its own bin) can have another
     outcome, so the row's leaves, hence its score, can differ. Without split points: whether some value differs."""
+    if old.size <= _SMALL_BLOCK:
+        return _bins_moved_small(points, columns, old, new)
     differs = new != old
     if np.isnan(old).any() or np.isnan(new).any():  # NaN == NaN is no change
         differs &= ~(np.isnan(new) & np.isnan(old))
@@ -262,6 +264,31 @@ def _bins_moved(points: SplitPoints | None, columns: Sequence[int], old: np.ndar
 
 
 _FEW_COLUMNS = 4  # up to this many columns (the behaviour block), every differing column is looked at
+_SMALL_BLOCK = 16  # up to this many values (a view's row or two), :func:`_bins_moved` value by value
+
+
+def _bins_moved_small(points: SplitPoints | None, columns: Sequence[int], old: np.ndarray,
+                      new: np.ndarray) -> np.ndarray:
+    """:func:`_bins_moved` of a small block, value by value (bisect on the thresholds' list, as
+    :meth:`SplitPoints.bin`): a dozen numpy calls cost more than the few values."""
+    moved = np.zeros(len(old), bool)
+    for i, (row_old, row_new) in enumerate(zip(old.tolist(), new.tolist(), strict=True)):
+        for column, a, b in zip(columns, row_old, row_new, strict=True):
+            if a == b or (math.isnan(a) and math.isnan(b)):
+                continue
+            if points is None:
+                moved[i] = True
+                break
+            thresholds = points.exact_lists[column]
+            if thresholds and _bin(thresholds, a) != _bin(thresholds, b):
+                moved[i] = True
+                break
+    return moved
+
+
+def _bin(thresholds: list[float], x: float) -> int:
+    """:func:`_bins` of one value: how many thresholds its float32 is at or above (-1 for NaN)."""
+    return -1 if math.isnan(x) else bisect.bisect_right(thresholds, float(np.float32(x)))
 
 
 def _bins(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -1280,15 +1307,20 @@ def _changed_keys(before: Mapping[int, Any], now: Mapping[int, Any]) -> np.ndarr
     """The keys (sorted) whose entry differs between two maps (added, removed or changed)."""
     if before is now:
         return np.empty(0, np.int64)  # held again: the stamp did not move
-    changed = [k for k, v in now.items() if before.get(k) != v]
-    changed.extend(k for k in before if k not in now)
-    return np.unique(np.asarray(changed, np.int64))
+    changed = {k for k, v in now.items() if before.get(k) != v}
+    changed.update(k for k in before if k not in now)
+    return np.asarray(sorted(changed), np.int64)
+
+
+_FEW_KEYS = 4
 
 
 def _rows_of_ids(ids: np.ndarray, order: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """The rows (ascending) of ``ids`` (``order`` = ``np.argsort(ids)``) that hold one of the sorted ``keys``."""
     if not len(keys) or not len(ids):
         return np.empty(0, np.int64)
+    if len(keys) <= _FEW_KEYS:  # a view's one or two users: a comparison per key beats a gather of every id
+        return np.sort(np.concatenate([np.flatnonzero(ids == key) for key in keys.tolist()]))
     sorted_ids = ids[order]
     position = np.minimum(np.searchsorted(sorted_ids, keys), len(ids) - 1)
     hit = sorted_ids[position] == keys

@@ -19,6 +19,8 @@ from pymk.ranking.incremental import (
     ListCacheConfig,
     ListEntry,
     SplitPoints,
+    _bins_moved,
+    _bins_moved_small,
     _until_falling,
     _until_growing,
     connection_touches,
@@ -465,3 +467,20 @@ def test_a_days_since_within_a_float32_step_under_a_threshold_re_scores_at_once(
     assert np.all(kernel.run(e, rows, as_of, points) <= as_of)
     block = IncrementalLists._as_of_columns(e, rows, as_of)
     assert np.all(IncrementalLists._validity(e, rows, points, as_of, block) <= as_of)
+
+
+def test_the_small_block_bins_check_agrees_with_the_vectorised_one() -> None:
+    """A view's row or two are checked value by value (bisect); the same answers as the numpy pass over a block:
+    values on a threshold, a float32 step under it, NaN on either side, a column the model never splits on."""
+    points = SplitPoints.of([np.array([0.5, 1.0, 2.0]), np.array([]), np.array([0.1, 7.0])])
+    under = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+    pool = np.array([0.5, 1.0, under, 0.7, np.nan, 2.0, 3.0, 0.1, 7.0, 1.0 + 1e-12, 1.0 - 1e-12])
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        old = rng.choice(pool, size=(int(rng.integers(1, 5)), 3))
+        new = np.where(rng.random(old.shape) < 0.5, rng.choice(pool, size=old.shape), old)
+        for split in (points, None):
+            small = _bins_moved_small(split, [0, 1, 2], old, new)
+            # the same rows repeated past the small-block size take the vectorised pass; a row's answer is its own
+            vectorised = _bins_moved(split, [0, 1, 2], np.tile(old, (10, 1)), np.tile(new, (10, 1)))[: len(old)]
+            assert small.tolist() == vectorised.tolist()
