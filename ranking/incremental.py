@@ -300,10 +300,12 @@ def _bins(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 class _AsOfKernel:
     """``kept_rows_as_of`` of the tree evaluator's C library (tree_eval.c): the as-of columns of kept rows and their
-    validity in one call, bit for bit :meth:`IncrementalLists._as_of_columns` (tests/test_incremental_lists.py)."""
+    validity in one call, bit for bit :meth:`IncrementalLists._as_of_columns` (tests/test_incremental_lists.py).
+    ``kept_rows_as_of_at`` reads the rows of the entry's arrays and writes the matrix in place (no gathers)."""
 
-    def __init__(self, function: Any, points: SplitPoints | None) -> None:
+    def __init__(self, function: Any, points: SplitPoints | None, function_at: Any = None) -> None:
         self.function = function
+        self.function_at = function_at
         self.points = points
         self.taus = np.ascontiguousarray(_TAUS)
         runs = ([points.exact[_ACTIVITY + j] for j in range(len(_TAUS))] + [points.below[_DAYS_SINCE],
@@ -311,27 +313,39 @@ class _AsOfKernel:
                 if points is not None else [np.empty(0)] * 5)
         self.thresholds = np.ascontiguousarray(np.concatenate(runs), np.float64)
         self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in runs])]).astype(np.int64)
+        self._constants = (self.taus.ctypes.data, self.thresholds.ctypes.data, self.offsets.ctypes.data)
 
     def run(self, e: ListEntry, rows: np.ndarray, as_of: int, points: SplitPoints | None) -> np.ndarray:
         """Writes the as-of columns of ``rows`` at ``as_of`` into the matrix; returns their validity (``as_of``
         without split points, as :meth:`IncrementalLists._validity`)."""
         a = e.activity
         m = len(rows)
-        values = np.ascontiguousarray(a.values[rows])
-        anchors, known = a.anchors[rows], a.known[rows]
-        latest, has_view = e.view_latest[rows], e.has_view[rows]
-        block = np.empty((m, 5))
         validity = points is not None and points is self.points
         until = np.empty(m, np.int64) if validity else None
-        self.function(m, values.ctypes.data, anchors.ctypes.data, known.ctypes.data, latest.ctypes.data,
-                      has_view.ctypes.data, as_of, self.taus.ctypes.data, self.thresholds.ctypes.data,
-                      self.offsets.ctypes.data, block.ctypes.data, None if until is None else until.ctypes.data)
         X = e.features
-        X[rows, _ACTIVITY : _DAYS_SINCE + 1] = block[:, :4]
-        X[rows, _RECENCY] = block[:, 4]
+        arrays = (a.values, a.anchors, a.known, e.view_latest, e.has_view)
+        if (self.function_at is not None and X.flags.c_contiguous and X.dtype == np.float64
+                and all(array.flags.c_contiguous and array.dtype == dtype
+                        for array, dtype in zip(arrays, _HELD_DTYPES, strict=True))):
+            rows = np.ascontiguousarray(rows, np.int64)
+            self.function_at(m, rows.ctypes.data, *(array.ctypes.data for array in arrays), as_of, *self._constants,
+                             X.ctypes.data, X.shape[1], _ACTIVITY, _RECENCY,
+                             None if until is None else until.ctypes.data)
+        else:
+            values = np.ascontiguousarray(a.values[rows])
+            anchors, known = a.anchors[rows], a.known[rows]
+            latest, has_view = e.view_latest[rows], e.has_view[rows]
+            block = np.empty((m, 5))
+            self.function(m, values.ctypes.data, anchors.ctypes.data, known.ctypes.data, latest.ctypes.data,
+                          has_view.ctypes.data, as_of, *self._constants, block.ctypes.data,
+                          None if until is None else until.ctypes.data)
+            X[rows, _ACTIVITY : _DAYS_SINCE + 1] = block[:, :4]
+            X[rows, _RECENCY] = block[:, 4]
         return until if until is not None else np.full(m, as_of, np.int64)
 
 
+# what the C pass reads: values (n, 3) float64, anchors int64, known bool, latest view int64, has a view bool
+_HELD_DTYPES = (np.dtype(np.float64), np.dtype(np.int64), np.dtype(bool), np.dtype(np.int64), np.dtype(bool))
 _KERNELS: dict[str, _AsOfKernel | None] = {}
 
 
@@ -346,7 +360,8 @@ def _as_of_kernel(scorer: Scorer, points: SplitPoints | None) -> _AsOfKernel | N
         if type(scorer) is Ranker:
             compiled = scorer._evaluator_or_none()  # noqa: SLF001 - the evaluator the ranker serves with
             if compiled is not None:
-                kernel = _AsOfKernel(compiled.library.kept_rows_as_of, points)
+                kernel = _AsOfKernel(compiled.library.kept_rows_as_of, points,
+                                     getattr(compiled.library, "kept_rows_as_of_at", None))
         _KERNELS[version] = kernel
     return _KERNELS[version]
 

@@ -266,6 +266,11 @@ def load_library(path: Path) -> ctypes.CDLL:
             # m, values, anchors, known, latest, has_view, as_of, taus, thresholds, offsets, block, until
             library.kept_rows_as_of.argtypes = [ctypes.c_int64, *[pointer] * 5, ctypes.c_int64, *[pointer] * 5]
             library.kept_rows_as_of.restype = None
+            # m, rows, values, anchors, known, latest, has_view, as_of, taus, thresholds, offsets, x, stride,
+            # col_activity, col_recency, until
+            library.kept_rows_as_of_at.argtypes = [ctypes.c_int64, *[pointer] * 6, ctypes.c_int64, *[pointer] * 4,
+                                                   *[ctypes.c_int64] * 3, pointer]
+            library.kept_rows_as_of_at.restype = None
             # n, ids, m, middles, sizes, others, band_upper, n_upper, out, stride
             library.structure_columns.argtypes = [ctypes.c_int64, pointer, ctypes.c_int64, *[pointer] * 4,
                                                   ctypes.c_int32, pointer, ctypes.c_int64]

@@ -384,7 +384,7 @@ def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> 
     and math.exp code, and the same validity (to the millisecond: its log may differ in the last bit; the bound
     keeps a margin)."""
     from pymk.ranking.features import FEATURE_NAMES
-    from pymk.ranking.incremental import _as_of_kernel, split_points
+    from pymk.ranking.incremental import _as_of_kernel, _AsOfKernel, split_points
     from pymk.ranking.source import ActivityTable
 
     points = split_points(ranker, len(FEATURE_NAMES))
@@ -406,13 +406,17 @@ def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> 
         return e
 
     rows = rng.permutation(m)[: m // 2]
-    compiled, plain = entry(), entry()
-    until_compiled = kernel.run(compiled, rows, as_of, points)
+    plain = entry()
     block = IncrementalLists._as_of_columns(plain, rows, as_of)
     until_plain = IncrementalLists._validity(plain, rows, points, as_of, block)
-    assert np.array_equal(compiled.features.view(np.int64), plain.features.view(np.int64))  # NaNs included
-    assert np.max(np.abs(until_compiled - until_plain)) <= 1
-    assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
+    assert kernel.function_at is not None
+    # in place (kept_rows_as_of_at, what an update runs) and through gathered blocks (kept_rows_as_of)
+    for variant in (kernel, _AsOfKernel(kernel.function, points)):
+        compiled = entry()
+        until_compiled = variant.run(compiled, rows, as_of, points)
+        assert np.array_equal(compiled.features.view(np.int64), plain.features.view(np.int64))  # NaNs included
+        assert np.max(np.abs(until_compiled - until_plain)) <= 1
+        assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
 
 
 def test_a_packed_matrix_unpacks_bit_for_bit_in_fewer_bytes() -> None:
