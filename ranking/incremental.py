@@ -1334,7 +1334,9 @@ def _rows_of_ids(ids: np.ndarray, order: np.ndarray, keys: np.ndarray) -> np.nda
     """The rows (ascending) of ``ids`` (``order`` = ``np.argsort(ids)``) that hold one of the sorted ``keys``."""
     if not len(keys) or not len(ids):
         return np.empty(0, np.int64)
-    if len(keys) <= _FEW_KEYS:  # a view's one or two users: a comparison per key beats a gather of every id
+    if len(keys) == 1:  # a view's other user: a comparison beats a gather of every id
+        return np.flatnonzero(ids == keys[0])
+    if len(keys) <= _FEW_KEYS:
         return np.sort(np.concatenate([np.flatnonzero(ids == key) for key in keys.tolist()]))
     sorted_ids = ids[order]
     position = np.minimum(np.searchsorted(sorted_ids, keys), len(ids) - 1)
@@ -1361,7 +1363,9 @@ def _changed_share(moved_parts: tuple[Any, ...] | None) -> float:
     """The share of the kept rows whose per-user reads moved (:func:`_moved_parts`); 0 without stamps."""
     if moved_parts is None or not len(moved_parts[1]):
         return 0.0
-    return float((moved_parts[2] | moved_parts[3] | moved_parts[4]).mean())
+    moved = moved_parts[2] | moved_parts[3]
+    moved |= moved_parts[4]
+    return np.count_nonzero(moved) / len(moved)  # not .mean(): its reduction machinery costs more than the count
 
 
 def _incremental_source(source: RankingSource) -> bool:
