@@ -1018,8 +1018,20 @@ class IncrementalLists:
                         dirty[rows[_bins_moved(points, columns, X[block], values)]] = True
                     X[block] = values
                 views_due = False
-            # the co-engagements (the map grows with the items engaged: one engagement moves many entries), and the
-            # views on an entry's first update or from a source without stamps: every row from the maps
+            if engagements_due and not views_due:
+                # the co-engagements (the map grows with the items engaged: one engagement moves many entries): the
+                # column from the whole map, then only the rows whose count moved are written and checked
+                column = _BEHAVIOUR[2]
+                counts = _co_engaged_column(ids, e.id_order, engaged)
+                rows = np.flatnonzero(counts != X[:, column])
+                if len(rows):
+                    if not dirty.all():
+                        old, now = X[rows, column][:, None], counts[rows][:, None]
+                        dirty[rows[_bins_moved(points, [column], old, now)]] = True
+                    X[rows, column] = counts[rows]
+                engagements_due = False
+            # the views on an entry's first update or from a source without stamps (with the co-engagements when
+            # both are due): every row from the maps
             parts = [0, 1] * views_due + [2] * engagements_due
             if parts:
                 columns = [_BEHAVIOUR[j] for j in parts]
@@ -1328,6 +1340,21 @@ def _changed_keys(before: Mapping[int, Any], now: Mapping[int, Any]) -> np.ndarr
 
 
 _FEW_KEYS = 4
+
+
+def _co_engaged_column(ids: np.ndarray, order: np.ndarray, engaged: Mapping[int, int]) -> np.ndarray:
+    """Per row of ``ids`` (``order`` = ``np.argsort(ids)``) the co-engaged count as float64 (0 without), as
+    :func:`~pymk.ranking.features.view_columns_of_maps` writes its third column."""
+    out = np.zeros(len(ids))
+    if not engaged or not len(ids):
+        return out
+    keys = np.fromiter(engaged.keys(), np.int64, len(engaged))
+    counts = np.fromiter(engaged.values(), np.int64, len(engaged))
+    sorted_ids = ids[order]
+    position = np.minimum(np.searchsorted(sorted_ids, keys), len(ids) - 1)
+    hit = sorted_ids[position] == keys
+    out[order[position[hit]]] = counts[hit]
+    return out
 
 
 def _rows_of_ids(ids: np.ndarray, order: np.ndarray, keys: np.ndarray) -> np.ndarray:
