@@ -900,7 +900,7 @@ class IncrementalLists:
                                            np.fromiter(map(cosine.get, extras, repeat(math.nan)), np.float64, m),
                                            np.zeros(m, bool), np.fromiter(map(cosine.__contains__, extras), bool, m),
                                            {}, np.fromiter(map(in_popular.__contains__, extras), bool, m)),
-                           user, source, builder, as_of, scorer)
+                           user, source, builder, as_of)
         if (ann_new is not None or extras) and not graph_changed:
             self._reorder(e, kept_rows, rows_before_added)
         if graph_changed:
@@ -920,7 +920,7 @@ class IncrementalLists:
                                                np.isin(fresh_ids, hop_ids),
                                                np.fromiter(map(cosine.__contains__, listed), bool, m), {},
                                                np.fromiter(map(in_popular.__contains__, listed), bool, m)),
-                               user, source, builder, as_of, scorer, graph_later=True)
+                               user, source, builder, as_of, graph_later=True)
             self._reorder(e, kept_rows, rows_before_added)
         c = e.candidates
         n = len(c.ids)
@@ -1093,7 +1093,7 @@ class IncrementalLists:
         e.id_order = e.handles = None
 
     def _add_rows(self, e: ListEntry, new: CandidateSet, user: int, source: RankingSource, builder: FeatureBuilder,
-                  as_of: int, scorer: Scorer, graph_later: bool = False) -> None:
+                  as_of: int, graph_later: bool = False) -> None:
         """Append the rows of ``new`` (new 2-hop users, promoted ANN neighbours), their features computed whole at
         ``as_of`` and scored. ``graph_later``: the update recomputes the graph and resource-allocation groups of
         every row after this (the user's 2-hop changed), so they are not computed here."""
