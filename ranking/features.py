@@ -672,6 +672,14 @@ def view_columns_of_maps(ids: np.ndarray, order: np.ndarray, views: Mapping[int,
     has_view = np.zeros(n, bool)
     if n == 0:
         return values, latest, has_view
+    if n <= _FEW_IDS:  # a few rows (an update's new or moved ones): their map entries, not a pass over both maps
+        for row, other in enumerate(ids.tolist()):
+            held = views.get(other) if views else None
+            if held is not None:
+                values[row, 0], values[row, 1] = held[0], min(held[0], held[1])
+                latest[row], has_view[row] = held[2], True
+            values[row, 2] = engaged.get(other, 0) if engaged else 0
+        return values, latest, has_view
     sorted_ids = ids[order]
 
     def rows_of(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -693,6 +701,9 @@ def view_columns_of_maps(ids: np.ndarray, order: np.ndarray, views: Mapping[int,
         found, rows = rows_of(keys)
         values[rows, 2] = counts[found]
     return values, latest, has_view
+
+
+_FEW_IDS = 32  # up to this many ids, view_columns_of_maps reads their map entries (the same integers)
 
 
 def view_recency_days(latest: np.ndarray, has_view: np.ndarray, as_of_ms: int) -> np.ndarray:

@@ -133,7 +133,6 @@ _BEHAVIOUR_GROUP_KNOWN = sorted(COLUMN_GROUPS["behaviour"]) == sorted((*_BEHAVIO
 _GROUPS_ADDED = [group for group in COLUMN_GROUPS if group not in ("behaviour", "activity")]
 assert set(COLUMN_GROUPS["activity"]) == {*range(_ACTIVITY, _DAYS_SINCE + 1), _QUERY_ACTIVITY, _QUERY_DAYS}
 _GROUPS_ADDED_BUT_GRAPH = [group for group in _GROUPS_ADDED if group not in ("graph", "resource_allocation")]
-_FEW_ROWS = 32  # up to this many rows, a row's behaviour columns by its map entries rather than by both maps
 _TAUS = np.asarray(ACTIVITY_TIME_CONSTANTS_MS, np.int64)
 ANN_SPARES = 16  # ANN neighbours kept past ann_k at a full build, to replace dropped ones (dismissed, connected)
 _MIX = 0x9E3779B97F4A7C15
@@ -269,8 +268,8 @@ _SMALL_BLOCK = 16  # up to this many values (a view's row or two), :func:`_bins_
 
 def _bins_moved_small(points: SplitPoints | None, columns: Sequence[int], old: np.ndarray,
                       new: np.ndarray) -> np.ndarray:
-    """:func:`_bins_moved` of a small block, value by value (bisect on the thresholds' list, as
-    :meth:`SplitPoints.bin`): a dozen numpy calls cost more than the few values."""
+    """:func:`_bins_moved` of a small block, value by value (:meth:`SplitPoints.bin`: bisect on the thresholds'
+    list): a dozen numpy calls cost more than the few values."""
     moved = np.zeros(len(old), bool)
     for i, (row_old, row_new) in enumerate(zip(old.tolist(), new.tolist(), strict=True)):
         for column, a, b in zip(columns, row_old, row_new, strict=True):
@@ -279,16 +278,10 @@ def _bins_moved_small(points: SplitPoints | None, columns: Sequence[int], old: n
             if points is None:
                 moved[i] = True
                 break
-            thresholds = points.exact_lists[column]
-            if thresholds and _bin(thresholds, a) != _bin(thresholds, b):
+            if points.exact_lists[column] and points.bin(column, a) != points.bin(column, b):
                 moved[i] = True
                 break
     return moved
-
-
-def _bin(thresholds: list[float], x: float) -> int:
-    """:func:`_bins` of one value: how many thresholds its float32 is at or above (-1 for NaN)."""
-    return -1 if math.isnan(x) else bisect.bisect_right(thresholds, float(np.float32(x)))
 
 
 def _bins(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -1009,7 +1002,8 @@ class IncrementalLists:
                 rows = _rows_of_ids(ids, e.id_order, _changed_keys(held_before[2], views))
                 if len(rows):
                     columns = list(_BEHAVIOUR[:2])
-                    values, latest, has_view = _view_columns_of(ids[rows].tolist(), views, {})
+                    moved_ids = ids[rows]
+                    values, latest, has_view = view_columns_of_maps(moved_ids, np.argsort(moved_ids), views, None)
                     values = values[:, :2]
                     view_moved[rows] = (has_view != e.has_view[rows]) | (latest != e.view_latest[rows])
                     e.view_latest[rows], e.has_view[rows] = latest, has_view
@@ -1102,8 +1096,7 @@ class IncrementalLists:
         added = ids.tolist()
         order = np.argsort(ids, kind="stable")
         views, engaged = _held_maps(e, user, source)
-        behaviour, latest, has_view = (_view_columns_of(added, views, engaged) if m <= _FEW_ROWS
-                                       else view_columns_of_maps(ids, order, views, engaged))
+        behaviour, latest, has_view = view_columns_of_maps(ids, order, views, engaged)
         if _BEHAVIOUR_GROUP_KNOWN:  # the matrix's code for every other group; the behaviour from the held maps
             features = np.zeros((m, e.features.shape[1]))
             # not the activity group: its as-of columns are _fresh_validity's below, the query's the update's
@@ -1313,23 +1306,6 @@ def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[
     return held[2], held[3]
 
 
-def _view_columns_of(users: list[int], views: Mapping[int, Any],
-                     engaged: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`~pymk.ranking.features.view_columns_of_maps` for a few ``users`` (the same integers, so the same
-    float64 values): a pass over the users instead of over both maps."""
-    m = len(users)
-    values = np.zeros((m, 3))
-    latest = np.zeros(m, np.int64)
-    has_view = np.zeros(m, bool)
-    for row, other in enumerate(users):
-        held = views.get(other)
-        if held is not None:
-            values[row, 0], values[row, 1] = held[0], min(held[0], held[1])
-            latest[row], has_view[row] = held[2], True
-        values[row, 2] = engaged.get(other, 0)
-    return values, latest, has_view
-
-
 def _changed_keys(before: Mapping[int, Any], now: Mapping[int, Any]) -> np.ndarray:
     """The keys (sorted) whose entry differs between two maps (added, removed or changed)."""
     if before is now:
@@ -1343,8 +1319,8 @@ _FEW_KEYS = 4
 
 
 def _co_engaged_column(ids: np.ndarray, order: np.ndarray, engaged: Mapping[int, int]) -> np.ndarray:
-    """Per row of ``ids`` (``order`` = ``np.argsort(ids)``) the co-engaged count as float64 (0 without), as
-    :func:`~pymk.ranking.features.view_columns_of_maps` writes its third column."""
+    """Per row of ``ids`` (``order`` = ``np.argsort(ids)``, which the entry holds) the co-engaged count as float64
+    (0 without), as view_columns_of_maps writes its third column: the map's keys found among the sorted ids."""
     out = np.zeros(len(ids))
     if not engaged or not len(ids):
         return out
@@ -1361,9 +1337,7 @@ def _rows_of_ids(ids: np.ndarray, order: np.ndarray, keys: np.ndarray) -> np.nda
     """The rows (ascending) of ``ids`` (``order`` = ``np.argsort(ids)``) that hold one of the sorted ``keys``."""
     if not len(keys) or not len(ids):
         return np.empty(0, np.int64)
-    if len(keys) == 1:  # a view's other user: a comparison beats a gather of every id
-        return np.flatnonzero(ids == keys[0])
-    if len(keys) <= _FEW_KEYS:
+    if len(keys) <= _FEW_KEYS:  # a view's one or two users: a comparison per key beats a gather of every id
         return np.sort(np.concatenate([np.flatnonzero(ids == key) for key in keys.tolist()]))
     sorted_ids = ids[order]
     position = np.minimum(np.searchsorted(sorted_ids, keys), len(ids) - 1)
