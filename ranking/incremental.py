@@ -201,7 +201,9 @@ def _until_falling(x: np.ndarray, held: np.ndarray, anchor: np.ndarray, tau: flo
     out = np.full(len(x), _NEVER, np.int64)
     if not len(thresholds) or not len(x):
         return out
-    index = np.searchsorted(thresholds, x, side="right") - 1
+    # the value's float32, as the trees compare it: a value just under a threshold that rounds onto it is on its
+    # right side, so that threshold is still ahead (its time may be past: the row re-scores at once)
+    index = np.searchsorted(thresholds, x.astype(np.float32).astype(np.float64), side="right") - 1
     t = thresholds[np.maximum(index, 0)]
     live = (index >= 0) & (t > 0) & (held > 0)
     if live.any():
@@ -803,6 +805,9 @@ class IncrementalLists:
             e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
         e.ann_stamp = ann_stamp
         newly = excluded - e.excluded
+        # held for the next update's "unexcluded" check: a user this update excludes (a connection, a dismissal)
+        # and a later one lets back in (the connection removed, the dismissal expired) must come back
+        e.excluded = excluded
         keep = (~np.isin(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
                 else np.ones(len(c.ids), bool))
         dropped = ~keep

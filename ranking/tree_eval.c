@@ -252,7 +252,9 @@ static inline void as_of_row(const double *held, int64_t anchor_ms, uint8_t is_k
         const double *t = thresholds + offsets[j];
         int64_t n = offsets[j + 1] - offsets[j];
         if (n == 0) continue;
-        int64_t index = count_sorted(t, n, b[j], 1) - 1;
+        /* the value's float32, as the trees compare it: a value just under a threshold that rounds onto it is
+         * on its right side, and the threshold is still ahead (its time may be past: the row re-scores now) */
+        int64_t index = count_sorted(t, n, (double)(float)b[j], 1) - 1;
         double below = t[index < 0 ? 0 : index];
         if (index >= 0 && below > 0 && held[j] > 0) {
             double span = (double)taus[j] * log(held[j] / below);

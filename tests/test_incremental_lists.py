@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pymk.bench.rank import SHIPPED_RANKER
@@ -97,6 +97,9 @@ EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss",
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), events=st.lists(EVENT, min_size=1, max_size=25), stamped=st.booleans(),
        tight=st.booleans())
+# found at 400 examples: a connection an update excluded and the next one removed (the update kept the exclusions
+# of the build, so user 2 never came back into user 1's ANN slots)
+@example(seed=5, events=[("add", 1, 2, 1_000), ("remove", 1, 2, 1_000)], stamped=False, tight=False)
 def test_incremental_lists_equal_the_full_path(ranker: Ranker, seed: int, events: list,  # type: ignore[type-arg]
                                                stamped: bool, tight: bool) -> None:
     """On random event sequences, every list served from the kept one equals the full path's at the same state and
