@@ -35,6 +35,7 @@ import xgboost as xgb
 from pymk.datasets import load_edge_history
 from pymk.paths import bundled_data
 from pymk.ranking.candidates import CandidateConfig, CandidateSet, generate_candidates
+from pymk.ranking.cascade import CascadeConfig, ListSample, attach_cascade, list_scores
 from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder
 from pymk.ranking.incremental import IncrementalLists, ListCacheConfig, connection_touches
 from pymk.ranking.memory_source import MemorySource
@@ -72,9 +73,9 @@ def _one_list(user: int, source: MemorySource, config: CandidateConfig, as_of: i
     candidates, t_stage1 = _timed(lambda: generate_candidates(user, source, config, as_of))
     cpu_started = time.thread_time()
     features, t_features = _timed(lambda: builder.matrix(user, candidates, source, as_of))
-    scores, t_predict = _timed(lambda: ranker.predict(features))
+    (scores, pre), t_predict = _timed(lambda: list_scores(ranker, features, candidates.ids))
     top, t_order = _timed(lambda: ranking_order(scores, features[:, _DEGREE_COLUMN], candidates.ids, 20))
-    scored = ScoredCandidates(candidates, features, np.asarray(scores, np.float64), top, {})
+    scored = ScoredCandidates(candidates, features, scores, top, {}, pre)
     # the incremental configs' span (Stage 1 through the ordered top 20 and its scores), in CPU ms, as a "part"
     parts = {"stage1": t_stage1, "features": t_features, "predict": t_predict, "order": t_order,
              "cpu_stage1_to_top20": (time.thread_time() - stage1_started) * 1e3}
@@ -138,6 +139,7 @@ def _measure_config(name: str, ranker: Ranker, n_candidates: int, runs: int, que
     cpu = _percentiles(cpu_ms)
     result = {"name": name, "path": "full", "candidates": n_candidates, "trees": int(ranker.metadata["trees"]),
               "model": ranker.version, "evaluator": ranker.evaluator, "evaluator_kernel": ranker.evaluator_kernel,
+              "cascade_candidates": ranker.prefilter.candidates if ranker.prefilter is not None else None,
               "runs": runs, "query_users": len(users),
               "cpu_ms": {"p50": cpu["p50"], "p99": cpu["p99"], "mean": cpu["mean"]},
               "lists_per_core_second": round(1000.0 / cpu["p50"], 1),
@@ -327,8 +329,10 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
 
     # Training rows: every held-out partner among the candidates, plus random negatives.
     rows, labels = [], []
+    whole_lists: list[ListSample] = []  # the training queries' whole lists: the cascade's check (not the timed users)
     for candidates in train_sets:
         features = builder.matrix(candidates.user, candidates, source, as_of)
+        whole_lists.append(ListSample(features, candidates.ids, features[:, _DEGREE_COLUMN]))
         partners = future_partners.get(candidates.user, set())
         positive = np.isin(candidates.ids, np.fromiter(partners, np.int64, len(partners)))
         negatives = rng.choice(np.flatnonzero(~positive), min(negatives_per_query, int((~positive).sum())),
@@ -345,6 +349,11 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
         ranker, train_seconds = Ranker.load(ranker_path), 0.0
         ranker.booster.set_param({"nthread": 1})
         depth = int(ranker.metadata.get("config", {}).get("max_depth", depth))
+    without_cascade = ranker
+    if ranker_path is None:  # the design's model serves through a cascade where it holds (ranking/cascade.py)
+        ranker, cascade = attach_cascade(ranker, train_x[:split], whole_lists, CascadeConfig())
+    else:
+        cascade = ranker.metadata.get("cascade") or {"decision": "off"}
     holdout_auc = roc_auc(train_y[split:], ranker.predict(train_x[split:]))
     leaves = sum(tree.count("leaf=") for tree in ranker.booster.get_dump())
     say(f"trained {ranker.metadata['trees']} trees (depth {depth}, {leaves / max(1, ranker.metadata['trees']):.1f} "
@@ -378,11 +387,18 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
     served = Ranker.load(SHIPPED_RANKER) if ranker_path is None else ranker
     served.booster.set_param({"nthread": 1})
     # With --ranker the served model was timed above: the 500-tree one is trained for its config.
-    many_trees = ranker if ranker_path is None else Ranker.train(train_x[:split], train_y[:split], config=ranker_config)
+    if ranker_path is None:
+        many_trees = ranker
+    else:
+        without_cascade = Ranker.train(train_x[:split], train_y[:split], config=ranker_config)
+        many_trees, cascade = attach_cascade(without_cascade, train_x[:split], whole_lists, CascadeConfig())
     configs = [_measure_config("full-served-1000", served, 1000, config_runs, queries, source, builder, as_of, order,
                                say),
                _measure_config(f"full-{many_trees.metadata['trees']}trees-2000", many_trees, 2000, config_runs,
                                queries, source, builder, as_of, order, say),
+               # the same trees without the cascade: what it saves, and the exact figure
+               _measure_config(f"full-{many_trees.metadata['trees']}trees-2000-without-cascade", without_cascade, 2000,
+                               config_runs, queries, source, builder, as_of, order, say),
                _measure_config("full-served-1000-rerank50", served, 1000, config_runs, queries, source, builder, as_of,
                                order, say, reranker=_bench_reranker(source))]
 
@@ -429,7 +445,7 @@ def bench_rank(path: str | Path = DEFAULT_GRAPH, n_candidates: int = 1000, runs:
                   "leaves_per_tree": round(leaves / max(1, ranker.metadata["trees"]), 1),
                   "train_rows": int(split), "train_seconds": round(train_seconds / 1e3, 2),
                   "holdout_row_auc": round(holdout_auc, 4), "evaluator": ranker.evaluator,
-                  "evaluator_kernel": ranker.evaluator_kernel},
+                  "evaluator_kernel": ranker.evaluator_kernel, "cascade": cascade},
         "latency_ms": latency,
         "configs": configs,
         "total_cpu_ms": _percentiles(cpu_ms),

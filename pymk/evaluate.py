@@ -205,6 +205,10 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     floor = ranker_floor(models.ranker_dir)
     report["models"] = {"embeddings": models.sage_version, "ranker": models.ranker_version,
                         "ranker_floor": floor, "no_leakage": LEAKAGE_NOTE}
+    product = next((m for m in methods if hasattr(m, "cascade_fidelity") and m.name == "hybrid+XGBoost"), None)
+    report["models"]["cascade"] = {**(json.loads((models.ranker_dir / "metadata.json").read_text()).get("cascade")
+                                      or {"decision": "off", "why": "trained without one"}),
+                                   "test": product.cascade_fidelity() if product is not None else None}
     report["mode"] = "live (lists consumed from the recommendations topic)" if live else "offline"
     if live_info is not None:
         report["live"] = live_info
@@ -220,8 +224,22 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
                  f"Structure columns: {(floor['structure_columns'] or {}).get('decision', 'n/a')}.\n\n"
                  f"Leaf regularisation: min_child_weight {regularisation.get('min_child_weight', 'n/a')} "
                  f"({regularisation.get('chosen_by', 'n/a')}).\n\n"
+                 f"Cascade: {cascade_line(report['models']['cascade'])}.\n\n"
                  f"No leakage: {LEAKAGE_NOTE}\n")
     return result, paths
+
+
+def cascade_line(cascade: dict[str, Any]) -> str:
+    """The cascade's decision in words: its validation share, and the share measured on this evaluation's lists."""
+    test = cascade.get("test") or {}
+    measured = (f"; on this evaluation's {test['lists_through_cascade']} lists it shortened, top 20 equal to the "
+                f"full model's in {test['top20_equal_share']:.4f}" if test.get("lists_through_cascade") else "")
+    if cascade.get("decision") != "on":
+        return f"off ({cascade.get('why', 'n/a')}){measured}"
+    config = cascade["config"]
+    return (f"on, {config['trees']} depth-{config['max_depth']} trees pass {cascade['candidates']} rows to the full "
+            f"model (validation: top 20 equal in {cascade['top20_equal_share']:.4f} of "
+            f"{cascade['lists_longer_than_m']} lists){measured}")
 
 
 def ranker_floor(ranker_dir: Path) -> dict[str, Any]:

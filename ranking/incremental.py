@@ -84,6 +84,7 @@ from typing import Any
 import numpy as np
 
 from pymk.ranking.candidates import CandidateConfig, CandidateSet, default_filters, lookup_by_id, two_hop_by_id
+from pymk.ranking.cascade import Prefilter, compose, passed_rows
 from pymk.ranking.features import (
     COLUMN_GROUPS,
     DAY_MS,
@@ -180,13 +181,16 @@ def split_points(scorer: Scorer, n_features: int) -> SplitPoints | None:
     version = scorer.version
     if version not in _SPLIT_POINTS:
         try:
-            learner = json.loads(bytes(scorer.booster.save_raw("json")))["learner"]
+            # a cascade's pre-ranker reads thresholds of its own: a row whose bins hold keeps both models' leaves
+            boosters = [scorer.booster] + ([scorer.prefilter.booster] if scorer.prefilter is not None else [])
             per_feature: list[list[float]] = [[] for _ in range(n_features)]
-            for tree in learner["gradient_booster"]["model"]["trees"]:
-                for left, feature, condition in zip(tree["left_children"], tree["split_indices"],
-                                                    tree["split_conditions"], strict=True):
-                    if left != -1:
-                        per_feature[int(feature)].append(float(condition))
+            for booster in boosters:
+                learner = json.loads(bytes(booster.save_raw("json")))["learner"]
+                for tree in learner["gradient_booster"]["model"]["trees"]:
+                    for left, feature, condition in zip(tree["left_children"], tree["split_indices"],
+                                                        tree["split_conditions"], strict=True):
+                        if left != -1:
+                            per_feature[int(feature)].append(float(condition))
             _SPLIT_POINTS[version] = SplitPoints.of([np.asarray(t, np.float64) for t in per_feature])
         except (KeyError, ValueError, IndexError):  # a model shape we do not read: no shortcut
             _SPLIT_POINTS[version] = None
@@ -461,6 +465,10 @@ class ListEntry:
     # valid_until not computed yet: a build leaves it to the first update, as most kept lists of a busy stream are
     # built anew before one (changed_rows) and it is a pass over every row
     validity_due: bool = False
+    # a scorer with a cascade (ranking/cascade.py): every row's pre-ranker margin, and its full model score where
+    # computed (NaN: not passed since its features last moved); ``scores`` is then their composition
+    pre: np.ndarray | None = None
+    full: np.ndarray | None = None
 
     def pack(self) -> None:
         """The matrix to its packed form (under memory pressure; an update unpacks it)."""
@@ -486,6 +494,7 @@ class ListEntry:
         total += self.packed.nbytes if self.packed is not None else 0
         total += self.graph_tie_ids.nbytes + self.graph_tie_degrees.nbytes
         total += len(self.scores) * 16  # id_order and handles, kept once asked (int64 a row each)
+        total += sum(a.nbytes for a in (self.pre, self.full) if a is not None)
         if self.maps is not None:  # the user's views and co-engagements (~100 B an entry in a dict)
             total += 100 * (len(self.maps[2]) + len(self.maps[3]))
         # the exclusion set and popular list (~60 B an int in a set), the fixed part
@@ -637,7 +646,8 @@ class IncrementalLists:
                 self._remeasure(entry)  # rows may have come and gone; past the budget, others are packed
                 spent = time.perf_counter() - started
                 scored = ScoredCandidates(entry.candidates, features, entry.scores.copy(), result,
-                                          {"incremental": spent * 1e3})
+                                          {"incremental": spent * 1e3},
+                                          None if entry.pre is None else entry.pre.copy())
         if scored is None:
             assert reason is not None
             self.stats.full_builds[reason] = self.stats.full_builds.get(reason, 0) + 1
@@ -747,6 +757,14 @@ class IncrementalLists:
             ann_full=config.ann_k > 0 and stats.get("ann", 0) >= config.ann_k,
             graph_cut=config.graph_k <= stats.get("graph", 0),
             rough_cut=stats.get("merged", 0) - stats.get("filtered", 0) > len(ids))
+        prefilter: Prefilter | None = getattr(scorer, "prefilter", None)
+        if prefilter is not None:  # which rows hold a full score: those the cascade passed (all, for a short list)
+            entry.pre = (scored.prefilter_margins.copy() if scored.prefilter_margins is not None
+                         else prefilter.margin(entry.features))
+            entry.full = np.full(len(ids), np.nan)
+            passed = (passed_rows(entry.pre, ids, prefilter.candidates) if scored.prefilter_margins is not None
+                      else np.arange(len(ids)))
+            entry.full[passed] = entry.scores[passed]
         points = split_points(scorer, entry.features.shape[1])
         entry.kernel = _as_of_kernel(scorer, points)
         entry.points = points
@@ -1063,8 +1081,21 @@ class IncrementalLists:
             e.valid_until[recompute] = self._fresh_validity(e, recompute, points, as_of)
             dirty[recompute] = True
         rescore = np.flatnonzero(dirty)  # a new row too, when the 2-hop maps gave it CN/AA after it was scored
-        if len(rescore):
-            e.scores[rescore] = np.asarray(scorer.predict(X[rescore]), np.float64)
+        prefilter: Prefilter | None = getattr(scorer, "prefilter", None)
+        if prefilter is None or e.pre is None or e.full is None:
+            if len(rescore):
+                e.scores[rescore] = np.asarray(scorer.predict(X[rescore]), np.float64)
+        else:
+            # the cascade: the moved rows' pre-ranker margins, the selection again, the full model for the passed
+            # rows without a standing full score (a row's score depends only on its bins: a held one stands)
+            if len(rescore):
+                e.pre[rescore] = prefilter.margin(X[rescore])
+                e.full[rescore] = np.nan
+            passed = passed_rows(e.pre, ids, prefilter.candidates)
+            missing = passed[np.isnan(e.full[passed])]
+            if len(missing):
+                e.full[missing] = np.asarray(scorer.predict(X[missing]), np.float64)
+            e.scores = compose(e.full, e.pre, passed)
         self.stats.rows_rescored += len(rescore)
         self.stats.rows_kept += n - len(rescore)
         top = ranking_order(e.scores, X[:, _DEGREE], ids, k)
@@ -1086,6 +1117,8 @@ class IncrementalLists:
         stats = dict(e.candidates.stats)
         e.candidates = replace(e.candidates.subset(index), stats=stats)
         e.features, e.scores, e.valid_until = e.features[index], e.scores[index], e.valid_until[index]
+        if e.pre is not None and e.full is not None:
+            e.pre, e.full = e.pre[index], e.full[index]
         e.activity = ActivityTable(e.activity.values[index], e.activity.anchors[index], e.activity.known[index])
         e.view_latest, e.has_view = e.view_latest[index], e.has_view[index]
         e.new_rows = np.empty(0, np.int64)
@@ -1121,6 +1154,9 @@ class IncrementalLists:
                                            new.from_popular if new.from_popular is not None else np.zeros(m, bool)]))
         e.features = np.concatenate([e.features, features])
         e.scores = np.concatenate([e.scores, np.full(m, np.nan)])  # scored by the update with the other dirty rows
+        if e.pre is not None and e.full is not None:
+            e.pre = np.concatenate([e.pre, np.full(m, np.nan, e.pre.dtype)])
+            e.full = np.concatenate([e.full, np.full(m, np.nan)])
         table = activity_table_for(source, ids, added)
         e.activity = ActivityTable(np.concatenate([e.activity.values, table.values]),
                                    np.concatenate([e.activity.anchors, table.anchors]),
@@ -1152,6 +1188,8 @@ class IncrementalLists:
         stats = dict(c.stats)
         e.candidates = replace(c.subset(order), stats=stats)
         e.features, e.scores, e.valid_until = e.features[order], e.scores[order], e.valid_until[order]
+        if e.pre is not None and e.full is not None:
+            e.pre, e.full = e.pre[order], e.full[order]
         e.activity = ActivityTable(e.activity.values[order], e.activity.anchors[order], e.activity.known[order])
         e.view_latest, e.has_view = e.view_latest[order], e.has_view[order]
         e.id_order = e.handles = None

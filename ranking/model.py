@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ import xgboost as xgb
 
 from pymk.learning import roc_auc
 from pymk.model_artifact import read_metadata, write_artifact
+from pymk.ranking.cascade import PREFILTER_FILE, CascadeConfig, Prefilter
 from pymk.ranking.features import FEATURE_NAMES, N_FEATURES
 from pymk.ranking.tree_eval import CompiledEvaluator, EvaluatorOptions, build_evaluator
 
@@ -74,6 +75,9 @@ class RankerConfig:
     seed: int = 0
     train_threads: int = 2  # the machine's cores; training is offline
     predict_threads: int = 1  # the worker ranks on one thread per partition
+    # the pre-ranker that passes a long list's best rows to the full model (ranking/cascade.py; train_ranker fits
+    # it and keeps it only where the validation lists' top 20 hold)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def __post_init__(self) -> None:
         if self.stop_on not in ("auc", "recall@20"):
@@ -187,9 +191,12 @@ class Ranker:
     """A trained booster with its version and metadata; implements :class:`~pymk.ranking.source.Scorer`."""
 
     def __init__(self, booster: xgb.Booster, metadata: Mapping[str, Any],
-                 evaluator_options: EvaluatorOptions | None = None) -> None:
+                 evaluator_options: EvaluatorOptions | None = None, prefilter: Prefilter | None = None) -> None:
         self.booster = booster
         self.metadata = dict(metadata)
+        # the cascade's pre-ranker (ranking/cascade.py): lists longer than its M are scored through it by
+        # cascade.list_scores; None: every row by the full model
+        self.prefilter = prefilter
         self.approximate_explanations = True  # see explain()
         self.booster.set_param({"nthread": int(self.metadata.get("predict_threads", 1))})
         self.evaluator_options = evaluator_options  # None: the PYMK_* environment's, read at prepare()
@@ -250,8 +257,17 @@ class Ranker:
         base_version = str(self.metadata.get("trees_version", self.metadata["version"]))
         metadata["trees_version"] = base_version
         metadata["version"] = base_version if floor is None else f"{base_version}-{floor.decision}-{floor.heuristic}"
+        metadata.pop("cascade", None)  # a pre-ranker fitted to the margins without the floor: fitted again after
         ranker = Ranker(self.booster, metadata, self.evaluator_options)
         return ranker
+
+    def with_prefilter(self, prefilter: Prefilter, evidence: Mapping[str, Any]) -> Ranker:
+        """This model serving through the cascade of ``prefilter`` (a new object sharing the booster); its version
+        says so (``-cascade<M>``), since a list longer than M then gets other scores (ranking/cascade.py)."""
+        metadata = {**self.metadata, "cascade": dict(evidence)}
+        metadata["trees_version"] = self.metadata.get("trees_version", self.metadata["version"])
+        metadata["version"] = f"{self.metadata['version']}-cascade{prefilter.candidates}"
+        return Ranker(self.booster, metadata, self.evaluator_options, prefilter)
 
     def _trees_margin(self, features: np.ndarray) -> np.ndarray:
         compiled = self._evaluator_or_none()
@@ -419,6 +435,14 @@ class Ranker:
         ]
         if "label_horizon" in meta:
             lines.append(f"label horizon {meta['label_horizon']}")
+        cascade = meta.get("cascade") or {}
+        if cascade:
+            config = cascade.get("config") or {}
+            share = cascade.get("top20_equal_share")
+            lines.append(f"cascade {cascade.get('decision')}: {config.get('trees')} depth-{config.get('max_depth')} "
+                         f"trees pass {cascade.get('candidates', 'no')} rows; validation top 20 equal in "
+                         f"{'n/a' if share is None else f'{share:.4f}'} of {cascade.get('lists_longer_than_m')} lists"
+                         + (f" ({cascade['why']})" if cascade.get("why") else ""))
         importances = self.feature_importances()
         total = sum(importances.values()) or 1.0
         lines.append("feature importance (gain, as a share of the sum over features):")
@@ -430,8 +454,10 @@ class Ranker:
     def save(self, directory: str | Path) -> Path:
         """Write the model and its metadata into ``directory`` (created when missing); returns it."""
         # the layout of every saved model (pymk/model_artifact.py): atomic writes, the metadata (its version) last
-        return write_artifact(directory, {MODEL_FILE: bytes(self.booster.save_raw("ubj"))}, self.metadata,
-                              sort_keys=False)
+        files = {MODEL_FILE: bytes(self.booster.save_raw("ubj"))}
+        if self.prefilter is not None:
+            files[PREFILTER_FILE] = self.prefilter.raw()
+        return write_artifact(directory, files, self.metadata, sort_keys=False)
 
     @classmethod
     def load(cls, directory: str | Path, evaluator_options: EvaluatorOptions | None = None) -> Ranker:
@@ -442,6 +468,11 @@ class Ranker:
             raise ValueError(f"{directory}: the model was trained on other features: {metadata.get('feature_names')}")
         booster = xgb.Booster()
         booster.load_model(bytearray((directory / MODEL_FILE).read_bytes()))
-        ranker = cls(booster, metadata, evaluator_options)
+        prefilter = None
+        cascade = metadata.get("cascade") or {}
+        if cascade.get("decision") == "on":
+            prefilter = Prefilter.from_raw((directory / PREFILTER_FILE).read_bytes(), cascade["candidates"],
+                                           evaluator_options)
+        ranker = cls(booster, metadata, evaluator_options, prefilter)
         ranker.prepare()
         return ranker

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -184,11 +185,25 @@ class ProductMethod(OrderedCandidatesMethod):
         self.config = config
         self.as_of_ms = as_of_ms
         self.builder = FeatureBuilder()
+        # the cascade's fidelity on these lists (ranking/cascade.py): lists it shortened, and of them those whose
+        # top 20 equal the full model's
+        self.cascade_lists = self.cascade_top20_equal = 0
 
     def scored(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         as_of = self.as_of_ms(user) if callable(self.as_of_ms) else self.as_of_ms
-        scored = score_candidates(user, self.source, self.scorer, self.config, as_of, k=1, builder=self.builder)
-        return scored.candidates.ids, scored.scores, scored.features[:, FEATURE_INDEX["candidate_degree_log"]]
+        scored = score_candidates(user, self.source, self.scorer, self.config, as_of, k=20, builder=self.builder)
+        degree = scored.features[:, FEATURE_INDEX["candidate_degree_log"]]
+        if scored.prefilter_margins is not None:
+            exact = np.asarray(self.scorer.predict(scored.features), np.float64)
+            self.cascade_lists += 1
+            self.cascade_top20_equal += bool(np.array_equal(
+                scored.top, ranking_order(exact, degree, scored.candidates.ids, 20)))
+        return scored.candidates.ids, scored.scores, degree
+
+    def cascade_fidelity(self) -> dict[str, Any]:
+        """How many lists the cascade scored and the share whose top 20 equal the full model's."""
+        return {"lists_through_cascade": self.cascade_lists,
+                "top20_equal_share": self.cascade_top20_equal / self.cascade_lists if self.cascade_lists else None}
 
 
 class AnnOnlyMethod:

@@ -20,6 +20,7 @@ import numpy as np
 
 from pymk.events import RecommendationItem, Recommendations
 from pymk.ranking.candidates import Candidate, CandidateConfig, CandidateFilter, CandidateSet, generate_candidates
+from pymk.ranking.cascade import list_scores
 from pymk.ranking.features import FEATURE_INDEX, FeatureBuilder, feature_dict
 from pymk.ranking.reasons import ListEvidence, MutualDegrees, build_reasons
 from pymk.ranking.source import RankingSource, Scorer
@@ -80,6 +81,7 @@ class ScoredCandidates:
     scores: np.ndarray  # (n,)
     top: np.ndarray  # indices of the top k in final order
     timings: dict[str, float]
+    prefilter_margins: np.ndarray | None = None  # the cascade's pre-ranker margins of every row (ranking/cascade.py)
 
 
 def ranking_order(scores: np.ndarray, degree_key: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
@@ -132,12 +134,12 @@ def score_candidates(user: int, source: RankingSource, scorer: Scorer, candidate
     generated = time.perf_counter()
     features = builder.matrix(user, candidates, source, as_of_ms)
     built = time.perf_counter()
-    scores = np.asarray(scorer.predict(features), np.float64) if len(candidates) else np.empty(0)
+    scores, pre = list_scores(scorer, features, candidates.ids) if len(candidates) else (np.empty(0), None)
     predicted = time.perf_counter()
     top = ranking_order(scores, features[:, _DEGREE_COLUMN], candidates.ids, k)
     timings = {"candidates": (generated - started) * 1e3, "features": (built - generated) * 1e3,
                "predict": (predicted - built) * 1e3, "order": (time.perf_counter() - predicted) * 1e3}
-    return ScoredCandidates(candidates, features, scores, top, timings)
+    return ScoredCandidates(candidates, features, scores, top, timings, pre)
 
 
 def rank_scored(user: int, scored: ScoredCandidates, source: RankingSource, scorer: Scorer, as_of_ms: int,

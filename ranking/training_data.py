@@ -72,6 +72,7 @@ from pymk.datasets import UNTIMED_STEP_MS, EdgeHistory, load_edge_history
 from pymk.events import ConnectionEvent, InputEvent, ProfileViewEvent
 from pymk.learning import LeakageError, roc_auc
 from pymk.ranking.candidates import CandidateConfig
+from pymk.ranking.cascade import ListSample, attach_cascade, list_scores
 from pymk.ranking.features import FEATURE_INDEX, N_FEATURES, STRUCTURE_FEATURES, FeatureBuilder
 from pymk.ranking.heuristic import REFERENCE_HEURISTIC_COLUMNS, HeuristicScorer
 from pymk.ranking.memory_source import MemorySource
@@ -282,7 +283,7 @@ def recall_at_k(scorer: Scorer, cases: Sequence[RankingCase], k: int = 20) -> fl
     for case in cases:
         if case.partners == 0:
             continue
-        scores = np.asarray(scorer.predict(case.features), np.float64) if len(case.ids) else np.empty(0)
+        scores = list_scores(scorer, case.features, case.ids)[0] if len(case.ids) else np.empty(0)
         top = ranking_order(scores, case.features[:, _DEGREE_COLUMN], case.ids, k)
         recalls.append(int(case.positive[top].sum()) / case.partners)
     return float(np.mean(recalls)) if recalls else math.nan
@@ -720,6 +721,10 @@ def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir:
     if floor_enabled:
         floor, evidence = choose_floor(ranker, lists, train_x, train_y)
         ranker = ranker.with_floor(floor, evidence)
+    # the cascade last: its pre-ranker is fitted to the margins the ranker serves (floor included), and kept only
+    # when the validation lists' top 20 through it equal the full model's (ranking/cascade.py)
+    ranker, _ = attach_cascade(ranker, train_x, [ListSample(case.features, case.ids, case.features[:, _DEGREE_COLUMN])
+                                                 for case in data.val_cases], ranker_config.cascade)
     ranker.metadata["val_recall_at_20"] = _or_none(recall_at_k(ranker, data.val_cases, 20))
     ranker.metadata["heuristic_val_recall_at_20"] = _or_none(recall_at_k(heuristic, data.val_cases, 20))
     ranker.metadata["val_ranking_queries"] = len(data.val_cases)

@@ -17,6 +17,7 @@ from typing import Any
 from pymk.index.embedder import Embedder
 from pymk.index.sage import load_model
 from pymk.paths import bundled_data
+from pymk.ranking.cascade import cascade_description
 from pymk.ranking.heuristic import HeuristicScorer
 from pymk.ranking.model import Ranker
 from pymk.ranking.tree_eval import EvaluatorOptions
@@ -188,6 +189,8 @@ class Models:
         if isinstance(self.scorer, Ranker):  # "compiled-c", or "xgboost (why not)"
             ranker["evaluator"] = self.scorer.evaluator
             ranker["evaluator_kernel"] = self.scorer.evaluator_kernel
+            # whether long lists go through a pre-ranker first (ranking/cascade.py), and how it was validated
+            ranker["cascade"] = cascade_description(self.scorer.metadata)
         out = {"embeddings": {"version": self.embedding_model, "path": str(self.sage_path)}, "ranker": ranker}
         if self.reranker is not None:
             out["reranker"] = {"version": self.reranker.version, "path": str(self.reranker_path)}
