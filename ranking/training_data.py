@@ -377,6 +377,16 @@ def without_structure(features: np.ndarray) -> np.ndarray:
     return out
 
 
+def cascade_inputs(ranker: Ranker, train_x: np.ndarray, val_cases: Sequence[RankingCase]
+                   ) -> tuple[np.ndarray, list[ListSample]]:
+    """The rows a cascade's pre-ranker is fitted on and the validation lists it is judged on, as the worker will
+    score them: without the structure columns when the ranker dropped them (its lists then leave them NaN)."""
+    if ranker.reads_structure_columns:
+        return train_x, [ListSample(case.features, case.ids, case.features[:, _DEGREE_COLUMN]) for case in val_cases]
+    return without_structure(train_x), [ListSample(without_structure(case.features), case.ids,
+                                                   case.features[:, _DEGREE_COLUMN]) for case in val_cases]
+
+
 def choose_structure_columns(with_structure: Ranker, without: Ranker, lists: ValidationLists
                              ) -> tuple[Ranker, dict[str, Any]]:
     """The model trained with the structure columns if its validation Recall@20 is higher than the one trained
@@ -723,8 +733,7 @@ def train_ranker(path: str | Path | EdgeHistory | Sequence[InputEvent], out_dir:
         ranker = ranker.with_floor(floor, evidence)
     # the cascade last: its pre-ranker is fitted to the margins the ranker serves (floor included), and kept only
     # when the validation lists' top 20 through it equal the full model's (ranking/cascade.py)
-    ranker, _ = attach_cascade(ranker, train_x, [ListSample(case.features, case.ids, case.features[:, _DEGREE_COLUMN])
-                                                 for case in data.val_cases], ranker_config.cascade)
+    ranker, _ = attach_cascade(ranker, *cascade_inputs(ranker, train_x, data.val_cases), ranker_config.cascade)
     ranker.metadata["val_recall_at_20"] = _or_none(recall_at_k(ranker, data.val_cases, 20))
     ranker.metadata["heuristic_val_recall_at_20"] = _or_none(recall_at_k(heuristic, data.val_cases, 20))
     ranker.metadata["val_ranking_queries"] = len(data.val_cases)

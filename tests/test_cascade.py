@@ -130,3 +130,23 @@ def test_a_saved_cascade_loads_with_the_same_scores_and_a_floor_drops_it(ranker:
     floored = attached.with_floor(HeuristicFloor("RA", "resource_allocation_score", 1.0, 0.5))
     assert floored.prefilter is None and "cascade" not in floored.metadata
     assert "cascade" not in floored.version
+
+
+def test_a_ranker_without_the_structure_columns_gets_a_pre_ranker_fitted_and_judged_without_them(
+        ranker: Ranker) -> None:
+    """The worker leaves those columns NaN for such a ranker: a pre-ranker fitted on them would split on values it
+    never gets, and the validation lists would judge it on rows it never sees."""
+    from pymk.ranking.features import STRUCTURE_FEATURES
+    from pymk.ranking.training_data import RankingCase, cascade_inputs
+
+    x = rows(500, 30)
+    case = RankingCase(1, np.arange(400, dtype=np.int64), rows(400, 31).astype(np.float32), np.zeros(400, bool), 1)
+    columns = [FEATURE_INDEX[name] for name in STRUCTURE_FEATURES]
+    fit, lists = cascade_inputs(ranker, x, [case])
+    assert fit is x and lists[0].features is case.features
+    dropped = Ranker(ranker.booster, {**ranker.metadata, "structure_columns": {"decision": "dropped"}})
+    fit, lists = cascade_inputs(dropped, x, [case])
+    assert np.isnan(fit[:, columns]).all() and np.isnan(lists[0].features[:, columns]).all()
+    others = [j for j in range(N_FEATURES) if j not in columns]
+    assert np.array_equal(fit[:, others], x[:, others])
+    assert np.array_equal(lists[0].degree_key, case.features[:, _DEGREE])
