@@ -823,6 +823,7 @@ class IncrementalLists:
             e.ann_ids, e.ann_cos = np.empty(0, np.int64), np.empty(0)
         e.ann_stamp = ann_stamp
         newly = excluded - e.excluded
+        chosen_under = e.excluded  # the exclusions the kept ANN rows were chosen under (the spares are asked so)
         # held for the next update's "unexcluded" check: a user this update excludes (a connection, a dismissal)
         # and a later one lets back in (the connection removed, the dismissal expired) must come back
         e.excluded = excluded
@@ -845,7 +846,7 @@ class IncrementalLists:
                 return "rough_cut"
             if e.ann_full and (dropped & c.from_ann).any():
                 if not len(e.ann_ids):  # asked once, when first needed (an ANN search of ann_k + spares)
-                    e.ann_ids, e.ann_cos = _ann_spares(user, source, config, e.excluded, c)
+                    e.ann_ids, e.ann_cos = _ann_spares(user, source, config, chosen_under, c)
                     if not len(e.ann_ids):
                         e.ann_ids = np.full(1, -1, np.int64)  # none to be had: not asked again
                         e.ann_cos = np.zeros(1)
