@@ -16,8 +16,8 @@ rows only, by the full model's scores and the contract's tie rule.
 It is an approximation, so it is attached only where it holds: :func:`attach_cascade` fits the pre-ranker on the
 training rows and keeps it, with the smallest M that holds, when the top 20 of the validation lists equal the full
 model's in at least ``min_top20_equal_share`` (99 %) of them less two standard errors; the model's metadata says
-which, with the shares. Every caller scores a
-list through :func:`list_scores` (the worker's full builds, its kept lists, offline evaluation), so they agree.
+which, with the shares. Every caller scores a list through :func:`list_scores` (the worker's full builds, its kept
+lists, offline evaluation), so they agree.
 The kept lists (ranking/incremental.py) hold both the pre-ranker's margins and the full scores of the rows, and
 re-select at every update (see :func:`passed_rows`).
 
@@ -190,8 +190,8 @@ def attach_cascade(ranker: Any, train_features: np.ndarray, lists: Sequence[List
     """``ranker`` with a pre-ranker fitted on ``train_features`` and the smallest M of ``config.candidates`` whose
     top 20 on ``lists`` (validation lists the fit never saw; those longer than M) equal the full model's in a share
     whose lower bound (less two standard errors) is at least ``config.min_top20_equal_share``; else ``ranker`` as
-    it is. Returns the ranker and the evidence
-    (also put in its metadata under ``cascade``: every M's share, the choice, ``candidates`` the M served)."""
+    it is. Returns the ranker and the evidence (also put in its metadata under ``cascade``: every M's share and
+    bound, the decision, ``candidates`` the M served)."""
     evidence: dict[str, Any] = {"config": asdict(config)}
     smallest = config.candidates[0] if config.candidates else 0
     longer = [sample for sample in lists if len(sample.ids) > smallest]
@@ -207,8 +207,9 @@ def attach_cascade(ranker: Any, train_features: np.ndarray, lists: Sequence[List
         shares, counts = top20_equal_shares(ranker, prefilter, longer, config.candidates)
         bounds = {m: share - 2.0 * math.sqrt(share * (1.0 - share) / counts[m]) if counts[m] else math.nan
                   for m, share in shares.items()}
-        evidence["top20_equal_share_by_m"] = {str(m): share for m, share in shares.items()}
-        evidence["lower_bound_by_m"] = {str(m): bound for m, bound in bounds.items()}
+        # None for an M no list is longer than (JSON has no NaN)
+        evidence["top20_equal_share_by_m"] = {str(m): None if math.isnan(x) else x for m, x in shares.items()}
+        evidence["lower_bound_by_m"] = {str(m): None if math.isnan(x) else x for m, x in bounds.items()}
         evidence["lists_by_m"] = {str(m): counts[m] for m in counts}
         evidence["fit_rows"] = int(min(len(train_features), config.fit_rows))
         # an M no list is longer than was not measured (NaN), and would change nothing on lists like these
@@ -220,7 +221,7 @@ def attach_cascade(ranker: Any, train_features: np.ndarray, lists: Sequence[List
                                          evidence), evidence
         best = max((m for m in shares if not math.isnan(shares[m])), key=lambda m: bounds[m], default=None)
         evidence["decision"] = "off"
-        evidence["top20_equal_share"] = shares[best] if best is not None else math.nan
+        evidence["top20_equal_share"] = shares[best] if best is not None else None
         evidence["why"] = ("no validation list is longer than M" if best is None else
                            f"at best (M {best}) top 20 equal in {shares[best]:.4f} of {counts[best]} validation "
                            f"lists, {bounds[best]:.4f} less two standard errors: under {config.min_top20_equal_share}")
