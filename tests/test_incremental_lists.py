@@ -44,15 +44,19 @@ def ranker() -> Ranker:
     return Ranker.load(SHIPPED_RANKER)
 
 
-@pytest.fixture(scope="module")
-def cascade_ranker(ranker: Ranker) -> Ranker:
-    """The shipped ranker behind a pre-ranker that passes only 8 rows, so that in these small lists (up to 23 rows)
-    the selection moves at nearly every update and the top 20 holds rows the full model did not score."""
+def with_small_cascade(ranker: Ranker, passed: int) -> Ranker:
+    """``ranker`` behind a pre-ranker (fitted on these small sources' lists) that passes only ``passed`` rows, so
+    that the selection moves at nearly every update and the top 20 holds rows the full model did not score."""
     builder = FeatureBuilder()
     rows = [score_candidates(user, source, ranker, CONFIG, START, 20, builder=builder).features
             for source in (small_source(seed) for seed in range(6)) for user in range(USERS)]
     fitted = Prefilter.fit(ranker.margin, np.concatenate(rows), CascadeConfig(trees=20, max_depth=3))
-    return ranker.with_prefilter(Prefilter(fitted.booster, 8), {"decision": "on", "test": "8 rows"})
+    return ranker.with_prefilter(Prefilter(fitted.booster, passed), {"decision": "on", "test": f"{passed} rows"})
+
+
+@pytest.fixture(scope="module")
+def cascade_ranker(ranker: Ranker) -> Ranker:
+    return with_small_cascade(ranker, 8)  # these lists hold up to 23 rows
 
 
 class UnstampedSource(MemorySource):
