@@ -54,6 +54,13 @@ float32, decided by comparing bits, so the matrix unpacked is the same bits; ~2/
 evicts entries only when every entry is packed. An update unpacks its entry's matrix (~0.1 ms); packing (~0.3 ms)
 is paid only under memory pressure, so a cache with room keeps every matrix as it is.
 
+**A cascade** (a scorer with a :class:`~pymk.ranking.cascade.Prefilter`): the entry also holds every row's
+pre-ranker margin and, where computed, its full-model score. An update gives the moved rows new margins (and
+forgets their full scores), selects the passed rows again (:func:`~pymk.ranking.cascade.passed_rows`), asks the
+full model only for passed rows without a standing score, and composes the list's scores as the full path does
+(:func:`~pymk.ranking.cascade.compose`); the split points are both models' thresholds, so a row whose bins hold
+keeps both scores.
+
 **Other users' embeddings**: from a source with :class:`~pymk.ranking.source.AnnStampSource`, an update whose
 source says some embedding moved since the entry's ANN answer asks it again (the full path's call, with the same
 exclusions) and, when it differs from the kept ANN rows, changes them in place as a moved own embedding does
