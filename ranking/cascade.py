@@ -144,10 +144,18 @@ def list_scores(scorer: Any, features: np.ndarray, ids: np.ndarray) -> tuple[np.
     if prefilter is None or len(features) <= prefilter.candidates:
         return np.asarray(scorer.predict(features), np.float64), None
     pre = prefilter.margin(features)
-    passed = passed_rows(pre, ids, prefilter.candidates)
-    full = np.full(len(features), np.nan)
-    full[passed] = np.asarray(scorer.predict(features[passed]), np.float64)
-    return compose(full, pre, passed), pre
+    return cascade_scores(pre, ids, prefilter.candidates,
+                          lambda rows: np.asarray(scorer.predict(features[rows]), np.float64)), pre
+
+
+def cascade_scores(pre: np.ndarray, ids: np.ndarray, m: int, full_of: Callable[[np.ndarray], np.ndarray]
+                   ) -> np.ndarray:
+    """A list's scores through a cascade passing ``m`` rows: ``full_of(rows)`` gives the full model's scores of the
+    passed rows (indices), :func:`compose` the rest."""
+    passed = passed_rows(pre, ids, m)
+    full = np.full(len(pre), np.nan)
+    full[passed] = full_of(passed)
+    return compose(full, pre, passed)
 
 
 @dataclass(frozen=True)
@@ -177,10 +185,9 @@ def top20_equal_shares(scorer: Any, prefilter: Prefilter, lists: Sequence[ListSa
             if len(sample.ids) <= m:
                 continue
             counted[m] += 1
-            passed = passed_rows(pre, sample.ids, m)
-            mixed = np.full(len(full), np.nan)
-            mixed[passed] = full[passed]  # the same rows' full scores: bit for bit what list_scores computes
-            top = ranking_order(compose(mixed, pre, passed), sample.degree_key, sample.ids, TOP_K)
+            # the passed rows' full scores from the whole list's: bit for bit what list_scores computes
+            mixed = cascade_scores(pre, sample.ids, m, lambda rows, full=full: full[rows])
+            top = ranking_order(mixed, sample.degree_key, sample.ids, TOP_K)
             equal[m] += bool(np.array_equal(top, exact))
     return {m: equal[m] / counted[m] if counted[m] else math.nan for m in choices}, counted
 
@@ -239,4 +246,4 @@ def cascade_description(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["PREFILTER_FILE", "CascadeConfig", "ListSample", "Prefilter", "attach_cascade", "cascade_description",
-           "compose", "list_scores", "passed_rows", "top20_equal_shares"]
+           "cascade_scores", "compose", "list_scores", "passed_rows", "top20_equal_shares"]
