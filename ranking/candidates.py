@@ -32,6 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pymk.ranking.id_index import ids_in
 from pymk.ranking.source import PopularSource, RankingSource, TwoHopArraySource
 
 GRAPH = "graph"
@@ -148,7 +149,7 @@ class ExclusionFilter:
         excluded = self.excluded(user, source, as_of_ms)
         if not excluded:
             return np.ones(len(ids), dtype=bool)
-        return ~np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
+        return ~ids_in(ids, np.fromiter(excluded, np.int64, len(excluded)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -279,7 +280,7 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     graph_counts = np.empty(0, np.int64)
     graph_scores = np.empty(0, np.float64)
     if config.graph_k > 0 and pool:
-        allowed = ~np.isin(two_hop_ids, excluded_ids) if len(excluded_ids) else np.ones(pool, bool)
+        allowed = ~ids_in(two_hop_ids, excluded_ids) if len(excluded_ids) else np.ones(pool, bool)
         ids, counts, scores = two_hop_ids[allowed], two_hop_counts[allowed], two_hop_scores[allowed]
         top, graph_ties = top_k_graph_and_ties(ids, counts, scores, config.graph_k, source)
         graph_ids, graph_counts, graph_scores = ids[top], counts[top], scores[top]
@@ -296,7 +297,7 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     ann_ids = np.array([u for u, _ in ann], np.int64)
     ann_cosines = np.array([c for _, c in ann], np.float64)
     graph_cos = np.full(len(graph_ids), np.nan)
-    in_graph = np.isin(ann_ids, graph_ids)
+    in_graph = ids_in(ann_ids, graph_ids)
     hits = np.flatnonzero(in_graph & ~np.isnan(ann_cosines))
     if len(hits):
         hits = hits[_first_occurrences(ann_ids[hits])]
@@ -306,7 +307,7 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     ann_only = ann_only[_first_occurrences(ann_ids[ann_only])]
     n_ann_only = len(ann_only)
     popular_ids = np.array(popular, np.int64)
-    popular_new = popular_ids[~np.isin(popular_ids, np.concatenate([graph_ids, ann_ids]))]
+    popular_new = popular_ids[~ids_in(popular_ids, np.concatenate([graph_ids, ann_ids]))]
     popular_new = popular_new[_first_occurrences(popular_new)]
     extra_ids = np.concatenate([ann_ids[ann_only], popular_new])
     n_graph = len(graph_ids)
@@ -316,13 +317,13 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     ann_scores = np.concatenate([graph_cos, ann_cosines[ann_only], np.full(len(popular_new), np.nan)])
     from_graph = np.concatenate([np.ones(n_graph, bool), np.zeros(len(extra_ids), bool)])
     from_ann = ~np.isnan(ann_scores)
-    from_popular = np.isin(ids, popular_ids)
+    from_popular = ids_in(ids, popular_ids)
     candidates = CandidateSet(user, ids, counts, scores, ann_scores, from_graph, from_ann,
                               {"two_hop": pool, "graph": n_graph, "ann": len(ann), "popular": len(popular),
                                "merged": len(ids), "ann_only": n_ann_only}, from_popular, graph_ties)
 
     if not others:  # each ExclusionFilter's keep() would be "not in its excluded()": all at once
-        keep = ~np.isin(candidates.ids, excluded_ids) if len(excluded_ids) else np.ones(len(candidates), bool)
+        keep = ~ids_in(candidates.ids, excluded_ids) if len(excluded_ids) else np.ones(len(candidates), bool)
         if not keep.all():
             candidates = candidates.subset(keep)
     else:

@@ -104,6 +104,7 @@ from pymk.ranking.features import (
     view_columns_of_maps,
     view_recency_days,
 )
+from pymk.ranking.id_index import ids_in
 from pymk.ranking.recommend import ScoredCandidates, ranking_order, score_candidates
 from pymk.ranking.source import (
     ACTIVITY_TIME_CONSTANTS_MS,
@@ -834,7 +835,7 @@ class IncrementalLists:
         # held for the next update's "unexcluded" check: a user this update excludes (a connection, a dismissal)
         # and a later one lets back in (the connection removed, the dismissal expired) must come back
         e.excluded = excluded
-        keep = (~np.isin(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
+        keep = (~ids_in(c.ids, np.fromiter(newly, np.int64, len(newly))) if newly
                 else np.ones(len(c.ids), bool))
         dropped = ~keep
         ann_new: dict[int, float] | None = None  # the ANN answer now, when it moved
@@ -858,12 +859,12 @@ class IncrementalLists:
                         e.ann_ids = np.full(1, -1, np.int64)  # none to be had: not asked again
                         e.ann_cos = np.zeros(1)
                 # the full path asks ann_k neighbours not excluded: the first ann_k of the kept answer
-                allowed = ~np.isin(e.ann_ids, np.fromiter(excluded, np.int64, len(excluded)))
+                allowed = ~ids_in(e.ann_ids, np.fromiter(excluded, np.int64, len(excluded)))
                 if int(allowed.sum()) < config.ann_k:
                     return "ann_fill"
                 answer = np.flatnonzero(allowed)[: config.ann_k]
                 held = c.ids[c.from_ann & keep]
-                fresh_ann = answer[~np.isin(e.ann_ids[answer], held)]
+                fresh_ann = answer[~ids_in(e.ann_ids[answer], held)]
                 promoted = list(zip(e.ann_ids[fresh_ann].tolist(), e.ann_cos[fresh_ann].tolist(), strict=True))
                 if promoted and e.graph_cut:
                     return "graph_cut"  # a promoted user may be a 2-hop user below the cut
@@ -884,8 +885,8 @@ class IncrementalLists:
                 held_ids = set(ids_now)
                 extras = [u for u in dict.fromkeys([*ann_new, *popular]) if u not in held_ids]
             else:
-                extras = popular_ids[~np.isin(popular_ids, c.ids)].tolist()
-            from_popular = np.isin(c.ids, popular_ids)
+                extras = popular_ids[~ids_in(popular_ids, c.ids)].tolist()
+            from_popular = ids_in(c.ids, popular_ids)
             if not e.graph_changed:  # else the 2-hop maps decide below which rows still have a source
                 keep &= c.from_graph | from_ann | from_popular
             e.candidates = c = replace(c, from_ann=from_ann, ann_score=ann_score, from_popular=from_popular)
@@ -899,13 +900,13 @@ class IncrementalLists:
                 return "graph_cut" if e.graph_cut else "rough_cut"
             hop_ids, hop_counts, hop_aa = two_hop_by_id(user, source)  # by id, as Stage 1 reads them
             excluded_ids = np.fromiter(excluded, np.int64, len(excluded))
-            pool = hop_ids[~np.isin(hop_ids, excluded_ids)] if len(excluded_ids) else hop_ids
+            pool = hop_ids[~ids_in(hop_ids, excluded_ids)] if len(excluded_ids) else hop_ids
             if len(pool) > config.graph_k:
                 return "graph_cut"
-            in_pool = np.isin(c.ids, pool) & keep
+            in_pool = ids_in(c.ids, pool, wanted_sorted=True) & keep
             # a row that left the 2-hop set stays only for its other sources
             keep &= in_pool | c.from_ann | (c.from_popular if c.from_popular is not None else False)
-            added = pool[~np.isin(pool, c.ids)]
+            added = pool[~ids_in(pool, c.ids)]
         if len(c.ids) - int((~keep).sum()) + len(added) + len(extras) > config.max_candidates:
             return "rough_cut"
         # the rows kept: gathered by the reorder when one follows (one pass over the arrays), else here
@@ -931,7 +932,7 @@ class IncrementalLists:
             c = e.candidates
             e.candidates = replace(c, common_neighbor_count=lookup_by_id(hop_ids, hop_counts, c.ids, 0),
                                    adamic_adar_score=lookup_by_id(hop_ids, hop_aa, c.ids, 0.0),
-                                   from_graph=np.isin(c.ids, hop_ids))
+                                   from_graph=ids_in(c.ids, hop_ids, wanted_sorted=True))
             # the new 2-hop users and the ANN or popular users that are not rows yet, in one batch of new rows
             fresh_ids = np.concatenate([added, np.asarray(extras, np.int64)])
             fresh_ids = fresh_ids[np.sort(np.unique(fresh_ids, return_index=True)[1])]
@@ -941,7 +942,7 @@ class IncrementalLists:
                 self._add_rows(e, CandidateSet(user, fresh_ids, lookup_by_id(hop_ids, hop_counts, fresh_ids, 0),
                                                lookup_by_id(hop_ids, hop_aa, fresh_ids, 0.0),
                                                np.fromiter(map(cosine.get, listed, repeat(math.nan)), np.float64, m),
-                                               np.isin(fresh_ids, hop_ids),
+                                               ids_in(fresh_ids, hop_ids, wanted_sorted=True),
                                                np.fromiter(map(cosine.__contains__, listed), bool, m), {},
                                                np.fromiter(map(in_popular.__contains__, listed), bool, m)),
                                user, source, builder, as_of, graph_later=True)

@@ -31,7 +31,7 @@ from pymk.events import (
 from pymk.features.activity import TIME_CONSTANTS_MS, ActivityLeaderboard, activity_at, activity_values
 from pymk.features.graph import TwoHopArrays, adamic_adar_weight, edge_version, is_alive, version_ts
 from pymk.features.profile import merge_profile
-from pymk.ranking.id_index import IdIndex
+from pymk.ranking.id_index import IdIndex, ids_in
 from pymk.ranking.source import EMBEDDING_DIM, ActivityTable, EgoAdjacency
 
 AnnFunction = Callable[[int, int, Collection[int]], Sequence[tuple[int, float]]]
@@ -521,7 +521,7 @@ class MemorySource:
         scores = np.einsum("ij,j->i", rows, query)
         allowed = ids != user
         if exclude:
-            allowed &= ~np.isin(ids, np.fromiter(exclude, np.int64, len(exclude)))
+            allowed &= ~ids_in(ids, np.fromiter(exclude, np.int64, len(exclude)))
         index = np.flatnonzero(allowed)
         if len(index) > k:
             index = index[np.argpartition(-scores[index], k - 1)[:k]]

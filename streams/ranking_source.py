@@ -27,6 +27,7 @@ from pymk.features.change_clock import CHANGE_CLOCK
 from pymk.features.graph import Registers, TwoHopArrays, is_alive
 from pymk.ranking.candidates import GRAPH, Candidate, CandidateSet
 from pymk.ranking.features import FeatureBuilder, feature_dict
+from pymk.ranking.id_index import ids_in
 from pymk.ranking.source import ActivityTable, EgoAdjacency
 from pymk.streams.global_index import GlobalIndex
 from pymk.streams.state import PartitionState
@@ -119,7 +120,7 @@ class WorkerRankingSource:
             held = self.graph.two_hop_arrays(user)
             if len(held.ids):
                 neighbours = self.graph.adjacency_row(user).alive_ids()
-                keep = ~np.isin(held.ids, neighbours, assume_unique=True) if len(neighbours) else None
+                keep = ~ids_in(held.ids, neighbours) if len(neighbours) else None
                 if keep is not None and not keep.all():
                     held = TwoHopArrays(held.ids[keep], held.counts[keep], held.adamic_adar[keep],
                                         held.resource_allocation[keep])

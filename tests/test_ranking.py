@@ -820,6 +820,24 @@ def test_id_index_rows_equal_a_dict_lookup() -> None:
             rows[:] = -1  # the caller's copy
 
 
+_ID = st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.one_of(_ID, st.integers(-3, 12)), max_size=40),
+       wanted=st.lists(st.one_of(_ID, st.integers(-3, 12)), max_size=12))
+def test_ids_in_equals_numpy_isin(values: list[int], wanted: list[int]) -> None:
+    """ids_in (a comparison pass per id for a few, else a sort and a binary search) gives np.isin's booleans:
+    empty sides, duplicates, the 64-bit extremes, and a wanted array the caller says is sorted."""
+    from pymk.ranking.id_index import ids_in
+
+    values_array, wanted_array = np.array(values, np.int64), np.array(wanted, np.int64)
+    expected = np.isin(values_array, wanted_array)
+    assert ids_in(values_array, wanted_array).tolist() == expected.tolist()
+    assert ids_in(values_array, np.sort(wanted_array), wanted_sorted=True).tolist() == expected.tolist()
+    assert ids_in(values_array, np.empty(0)).tolist() == [False] * len(values)  # Stage 1's empty float arrays
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_memory_two_hop_arrays_equal_the_dict_traversal_bit_for_bit(seed: int) -> None:
     """MemorySource's TwoHopArraySource against its dict traversal, through additions and removals (its kept
