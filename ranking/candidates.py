@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import filterfalse, islice
 from typing import Protocol
 
 import numpy as np
@@ -290,7 +291,8 @@ def generate_candidates(user: int, source: RankingSource, config: CandidateConfi
     popular: list[int] = []
     if config.popular_k > 0 and isinstance(source, PopularSource):
         asked = source.most_active(config.popular_k + len(excluded), as_of_ms)
-        popular = [int(u) for u in asked if u not in excluded][: config.popular_k]
+        # the first popular_k not excluded: the walk stops there (asked holds popular_k + every excluded user)
+        popular = list(islice(filterfalse(excluded.__contains__, map(int, asked)), config.popular_k))
 
     # Merge: graph candidates first (their order), then ANN-only ones (first hit of each, in ANN order), then
     # popular ones the others did not bring. A graph candidate takes the cosine of its first ANN hit with one.

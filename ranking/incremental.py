@@ -85,7 +85,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import repeat
+from itertools import filterfalse, islice, repeat
 from typing import Any
 
 import numpy as np
@@ -1447,7 +1447,8 @@ def _popular(user: int, source: RankingSource, config: CandidateConfig, as_of: i
     if config.popular_k <= 0 or not implements(source, PopularSource):
         return ()
     asked = source.most_active(config.popular_k + len(excluded), as_of)
-    return tuple([int(u) for u in asked if u not in excluded][: config.popular_k])
+    # the first popular_k not excluded: the walk stops there (asked holds popular_k + every excluded user)
+    return tuple(islice(filterfalse(excluded.__contains__, map(int, asked)), config.popular_k))
 
 
 def _query_columns(user: int, source: RankingSource, as_of: int) -> tuple[float, float]:
