@@ -128,7 +128,10 @@ def build_world(directory: Path, n_users: int, partitions: int = 2, seed: int = 
     settings = settings or Settings(home=directory / "home")
     # cached, as the worker's is (streams/app.py): a murmur2 hash per read would dominate the profile
     partition_of: Callable[[int], int] = lru_cache(maxsize=1_000_000)(lambda user: partition_for_user(user, partitions))
-    states = {p: PartitionState.open(p, partitions, directory / f"partition-{p}", partition_of)
+    # the settings' counts mode and hub degree, as the worker opens its partitions (streams/state.py)
+    states = {p: PartitionState.open(p, partitions, directory / f"partition-{p}", partition_of,
+                                     materialise_common=settings.common_counts != "on-read",
+                                     hub_degree=settings.hub_degree)
               for p in range(partitions)}
     user_globals = UserGlobals(settings)
     events = synthetic_events(n_users, seed=seed)

@@ -4,7 +4,10 @@ replays, tests and offline evaluation.
 It computes what the worker's state computes, from scratch at read time: exact common-neighbour counts and
 Adamic-Adar by a 2-hop traversal with the current degrees (a degree-1 neighbour contributes 0), distinct
 views as sets of ts (a repeated identical event changes nothing), co-engagement over items with at most
-``max_item_fanout`` engagers (the worker's hub rule), the latest dismissal per candidate.
+``max_item_fanout`` engagers (the worker's hub rule), the latest dismissal per candidate. With ``hub_degree``
+H > 0 (the worker's ``PYMK_HUB_DEGREE``), no 2-path runs through a user of more than H connections: not in the
+2-hop candidates, counts, Adamic-Adar, resource allocation, the ego adjacency nor the mutual connections, as the
+worker's partitions read them (features/graph.py), so the offline evaluation measures the product under a cap.
 
 It also remembers the latest event ts it has applied (:attr:`MemorySource.latest_event_ts`), which the
 training-data replay checks against the as-of time of every feature it computes (no leakage).
@@ -59,8 +62,11 @@ class MemorySource:
     """
 
     def __init__(self, ann: AnnFunction | None = None, max_item_fanout: int | None = None,
-                 dim: int = EMBEDDING_DIM) -> None:
+                 dim: int = EMBEDDING_DIM, hub_degree: int = 0) -> None:
+        if hub_degree < 0:
+            raise ValueError("hub_degree must be 0 (no hubs) or positive")
         self.ann = ann
+        self.hub_degree = hub_degree
         self.max_item_fanout = max_item_fanout
         self.dim = dim
         self.adjacency: dict[int, set[int]] = {}
@@ -300,6 +306,15 @@ class MemorySource:
                 self._middle_id_arrays[user] = ids
         return ids
 
+    def is_hub(self, user: int) -> bool:
+        """More connections than ``hub_degree`` (never without one): no 2-path runs through the user."""
+        return 0 < self.hub_degree < len(self.adjacency.get(user, _NO_NEIGHBOURS))
+
+    def _middles(self, own: Collection[int]) -> list[int]:
+        """The user's neighbours a 2-path may run through, by id (hubs left out)."""
+        middles = sorted(own)
+        return [middle for middle in middles if not self.is_hub(middle)] if self.hub_degree else middles
+
     def two_hop(self, user: int) -> tuple[dict[int, int], dict[int, float]]:
         adjacency = self.adjacency
         own = adjacency.get(user, _NO_NEIGHBOURS)
@@ -308,7 +323,7 @@ class MemorySource:
         allocation: dict[int, float] = {}
         # in neighbour-id order, like the worker (PartitionGraph.two_hop_with_allocation): float sums then have
         # the same bits, so offline and live lists do not swap near-ties
-        for middle in sorted(own):
+        for middle in self._middles(own):
             others = adjacency[middle]
             weight = adamic_adar_weight(len(others))
             share = 1.0 / len(others)
@@ -334,12 +349,12 @@ class MemorySource:
         if held is not None and held[0] == user and held[1] == version:
             return held[2]
         own = self.adjacency.get(user, _NO_NEIGHBOURS)
-        if not own:
+        middles = self._middles(own)
+        if not middles:
             arrays = TwoHopArrays.empty()
         else:
             # Each middle user's neighbours as rows of the IdIndex (a user's row never changes), so the sums are
             # np.bincount over rows (no sort of the 2-paths, which a hub neighbour makes tens of thousands long)
-            middles = sorted(own)
             parts = []
             for middle in middles:
                 rows = self._middle_ids.get(middle)
@@ -372,10 +387,9 @@ class MemorySource:
     def ego_adjacency(self, user: int) -> EgoAdjacency:
         """:class:`~pymk.ranking.source.EgoAdjacencySource`: the user's neighbours by id and their neighbour
         arrays (kept like :meth:`two_hop_arrays`' rows, until that middle user's connections change)."""
-        own = self.adjacency.get(user, _NO_NEIGHBOURS)
-        if not own:
+        middles = self._middles(self.adjacency.get(user, _NO_NEIGHBOURS))
+        if not middles:
             return EgoAdjacency.empty()
-        middles = sorted(own)
         rows = []
         for middle in middles:
             rows.append(self.visible_neighbours(middle))
@@ -394,7 +408,8 @@ class MemorySource:
         return held[2]
 
     def common_neighbors(self, user: int, candidate: int) -> list[int]:
-        return sorted(self.neighbours(user) & self.neighbours(candidate))  # type: ignore[operator]
+        common = sorted(self.neighbours(user) & self.neighbours(candidate))  # type: ignore[operator]
+        return [z for z in common if not self.is_hub(z)] if self.hub_degree else common
 
     def degree(self, user: int) -> int:
         return len(self.adjacency.get(user, _NO_NEIGHBOURS))

@@ -838,12 +838,13 @@ def test_ids_in_equals_numpy_isin(values: list[int], wanted: list[int]) -> None:
     assert ids_in(values_array, np.empty(0)).tolist() == [False] * len(values)  # Stage 1's empty float arrays
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_memory_two_hop_arrays_equal_the_dict_traversal_bit_for_bit(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "hub_degree"), [(0, 0), (1, 0), (2, 0), (3, 12)])
+def test_memory_two_hop_arrays_equal_the_dict_traversal_bit_for_bit(seed: int, hub_degree: int) -> None:
     """MemorySource's TwoHopArraySource against its dict traversal, through additions and removals (its kept
-    per-user arrays must follow every change)."""
+    per-user arrays must follow every change); with a hub degree, users crossing it both ways (a 60-user graph of
+    ~600 additions has degrees around it), and no 2-path through a hub in either."""
     rng = np.random.default_rng(seed)
-    source = MemorySource(dim=4)
+    source = MemorySource(dim=4, hub_degree=hub_degree)
     users = list(range(60))
     for step in range(600):
         u, v = (int(x) for x in rng.choice(users, 2, replace=False))
@@ -862,3 +863,11 @@ def test_memory_two_hop_arrays_equal_the_dict_traversal_bit_for_bit(seed: int) -
             assert arrays.adamic_adar.tobytes() == np.array([scores[i] for i in ids], np.float64).tobytes()
             assert arrays.resource_allocation.tobytes() == np.array([allocation[i] for i in ids]).tobytes()
             assert source.two_hop_resource_allocation(user) == allocation
+            if hub_degree:  # the oracle: 2-paths through non-hubs only
+                expected: dict[int, int] = defaultdict(int)
+                for middle in source.neighbours(user):
+                    if len(source.neighbours(middle)) <= hub_degree:
+                        for other in source.neighbours(middle):
+                            if other != user and other not in source.neighbours(user):
+                                expected[other] += 1
+                assert counts == expected

@@ -17,6 +17,7 @@ from pymk.bench.worker_list import WorkerWorld, build_world
 from pymk.ranking.candidates import CandidateConfig, generate_candidates
 from pymk.ranking.features import FEATURE_NAMES, FeatureBuilder
 from pymk.ranking.memory_source import MemorySource
+from pymk.settings import Settings
 from pymk.streams.producer import synthetic_events
 from pymk.streams.ranking_source import WorkerRankingSource
 
@@ -24,11 +25,24 @@ USERS = 400
 SEED = 5
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[WorkerWorld, WorkerRankingSource, MemorySource]:
-    world = build_world(Path(tmp_path_factory.mktemp("contract")), USERS, partitions=2, seed=SEED)
+@pytest.fixture(scope="module", params=["no hubs", "hubs"])
+def sources(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[WorkerWorld, WorkerRankingSource, MemorySource]:
+    """Both sides after the same events; with ``hubs`` both under the same hub degree (PYMK_HUB_DEGREE: the users
+    above the 80th percentile of degrees are hubs, and no 2-path runs through them on either side)."""
     memory = MemorySource()
     memory.apply_all(synthetic_events(USERS, seed=SEED))
+    hub_degree = 0
+    if request.param == "hubs":
+        uncapped = memory
+        hub_degree = int(np.percentile([uncapped.degree(u) for u in uncapped.users()], 80))
+        memory = MemorySource(hub_degree=hub_degree)
+        memory.apply_all(synthetic_events(USERS, seed=SEED))
+        assert 0 < sum(memory.is_hub(u) for u in memory.users()) < USERS // 4
+        assert any(memory.two_hop(u)[0] != uncapped.two_hop(u)[0] for u in memory.users())  # the cap bites
+    home = Path(tmp_path_factory.mktemp("contract"))
+    settings = Settings(home=home / "home", common_counts="on-read", hub_degree=hub_degree) if hub_degree else None
+    world = build_world(home, USERS, partitions=2, seed=SEED, settings=settings)
     memory.set_embeddings({u: world.index.vector(u) for u in world.index.users()})
     refresher = world.refresher()
     worker = WorkerRankingSource(world.owned, world.index, world.degree_of, world.profile_of, world.globals.activity,
