@@ -43,21 +43,6 @@ DEFAULT_GRAPHS: tuple[tuple[Path, SplitKind], ...] = (
 DEFAULT_CAPS = (0, 1000, 300, 100, 50, 20)  # 0: no cap
 
 
-def _capped(kind: type, cap: int) -> type:
-    """A heuristic whose hub neighbours (past degree above ``cap``) contribute nothing."""
-
-    class Capped(kind):  # type: ignore[misc, valid-type]
-        name = kind.name
-
-        def neighbour_weights(self, degree: np.ndarray) -> np.ndarray:
-            weights = np.asarray(super().neighbour_weights(degree), dtype=np.float64).copy()
-            if cap:
-                weights[degree > cap] = 0.0
-            return weights
-
-    return Capped
-
-
 def _reachable_share(split: EvaluationSplit, cap: int) -> float:
     """Future (query, target) pairs with a 2-path through a non-hub in the past graph."""
     arrays = split.arrays
@@ -116,7 +101,7 @@ def bench_hubs(graphs: Sequence[tuple[Path, SplitKind]] = DEFAULT_GRAPHS,
         degrees = split.arrays.degree
         rows = []
         for cap in caps:
-            methods = [_capped(method, cap)(split) for method in (CommonNeighbours, AdamicAdar, ResourceAllocation)]
+            methods = [method(split, cap) for method in (CommonNeighbours, AdamicAdar, ResourceAllocation)]
             scores = {m.name: score_method(split, m, ks=(20,)) for m in methods}
             rows.append({
                 "hub_degree": cap or None,

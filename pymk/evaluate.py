@@ -64,7 +64,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_inputs(data: str | Path, split: EvaluationSplit) -> dict[str, Any]:
+def cache_inputs(data: str | Path, split: EvaluationSplit, hub_degree: int = 0) -> dict[str, Any]:
     """Everything the evaluation's models depend on; a cached model is reused only when all of it matches. The
     file's bytes, not its name (an edited file is other data); the split seed of a random split (models trained
     on seed 0's past have seen ~80 % of seed 1's future); the ranker's columns; the training configs; and the
@@ -79,7 +79,7 @@ def cache_inputs(data: str | Path, split: EvaluationSplit) -> dict[str, Any]:
         "split": split.kind,
         "split_seed": split.seed if split.kind == "random" else None,  # the time split uses no seed
         "features": hashlib.sha256(json.dumps(list(features.FEATURE_NAMES)).encode()).hexdigest(),
-        "training": config_digest(*_configs(product_training_configs(split))),
+        "training": config_digest(*_configs(product_training_configs(split, hub_degree=hub_degree))),
         "libraries": {"torch": torch.__version__, "xgboost": xgboost.__version__},
     }
 
@@ -121,19 +121,21 @@ def _configs(configs: ProductTrainingConfigs) -> tuple[Any, ...]:
     return configs.embeddings, configs.ranker_data, configs.ranker
 
 
-def model_cache_dir(model_dir: Path, data: str | Path, split: EvaluationSplit) -> Path:
+def model_cache_dir(model_dir: Path, data: str | Path, split: EvaluationSplit, hub_degree: int = 0) -> Path:
     """``<model_dir>/evaluation/<stem>-<split>-<16 hex of the cache inputs>``: one folder per set of inputs, so
     runs on other inputs never overwrite (or read) each other's models."""
-    key = hashlib.sha256(json.dumps(cache_inputs(data, split), sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(cache_inputs(data, split, hub_degree), sort_keys=True).encode()).hexdigest()[:16]
     stem = Path(str(data).removesuffix(".gz")).stem.lower()  # a gzipped graph is named as itself
     return model_dir / "evaluation" / f"{stem}-{split.kind}-{key}"
 
 
 def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrain: bool,
-                   progress: bool, data: str | Path | None = None) -> tuple[ProductModels, float]:
+                   progress: bool, data: str | Path | None = None, hub_degree: int = 0
+                   ) -> tuple[ProductModels, float]:
     """Trained models for this split, from the cache when its marker records the same inputs
-    (:func:`cache_inputs`), else trained and recorded. ``data``: the edge-list file (default: the history's)."""
-    inputs = cache_inputs(data if data is not None else history.path, split)
+    (:func:`cache_inputs`), else trained and recorded. ``data``: the edge-list file (default: the history's).
+    ``hub_degree``: the ranker's rows under that cap (GraphSAGE does not depend on it)."""
+    inputs = cache_inputs(data if data is not None else history.path, split, hub_degree)
     marker = cache_dir / "models.json"
     if marker.exists() and not retrain:
         saved = json.loads(marker.read_text())
@@ -145,7 +147,8 @@ def product_models(split: EvaluationSplit, history: Any, cache_dir: Path, retrai
     data_path = data if data is not None else history.path
     sage = None if retrain else cached_sage(cache_dir.parent.parent, data_path, split)
     models = train_product_models(split, history, cache_dir, progress=progress,
-                                  configs=product_training_configs(split, progress=progress), sage=sage)
+                                  configs=product_training_configs(split, progress=progress, hub_degree=hub_degree),
+                                  sage=sage)
     marker.write_text(json.dumps({"sage_dir": str(models.sage_dir), "ranker_dir": str(models.ranker_dir),
                                   "sage_version": models.sage_version, "ranker_version": models.ranker_version,
                                   "schema": model_schema(), "inputs": inputs,
@@ -161,10 +164,17 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
     history = load_edge_history(data)
     split = make_split(history, kind, seed)
     name = f"{Path(str(data).removesuffix('.gz')).stem.lower()}-{kind}"  # a gzipped graph reports as itself
-    cache_dir = model_cache_dir(settings.model_dir, data, split)
-    models, train_seconds = product_models(split, history, cache_dir, retrain, progress, data=data)
+    # PYMK_HUB_DEGREE: the ranker trained and the lists served under the worker's cap, the heuristics capped alike
+    hub_degree = settings.hub_degree
+    if hub_degree and reranker:
+        raise ValueError("the cross-attention re-ranker is not trained under a hub degree: run --reranker without "
+                         "PYMK_HUB_DEGREE")
+    cache_dir = model_cache_dir(settings.model_dir, data, split, hub_degree)
+    models, train_seconds = product_models(split, history, cache_dir, retrain, progress, data=data,
+                                           hub_degree=hub_degree)
     ann = ann_config(settings)
-    methods: list[Any] = [*reference_methods(split), *product_methods(split, models, ann)]
+    methods: list[Any] = [*reference_methods(split, hub_degree), *product_methods(split, models, ann,
+                                                                                   hub_degree=hub_degree)]
     sets = candidate_sets(methods[len(methods) - 3:])
     tower_seconds = 0.0
     if two_tower:
@@ -210,6 +220,7 @@ def run_evaluation(settings: Settings, data: str | Path, kind: SplitKind, out_di
                                       or {"decision": "off", "why": "trained without one"}),
                                    "test": product.cascade_fidelity() if product is not None else None}
     report["mode"] = "live (lists consumed from the recommendations topic)" if live else "offline"
+    report["hub_degree"] = hub_degree or None  # PYMK_HUB_DEGREE: no 2-path through a user of more connections
     if live_info is not None:
         report["live"] = live_info
     if rerank_dir is not None:

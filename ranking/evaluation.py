@@ -267,10 +267,12 @@ class NeighbourhoodHeuristic:
 
     name = "neighbourhood"
 
-    def __init__(self, split: EvaluationSplit) -> None:
+    def __init__(self, split: EvaluationSplit, hub_degree: int = 0) -> None:
         self.split = split
         self.arrays = split.arrays
         self.weights = self.neighbour_weights(self.arrays.degree)
+        if hub_degree and self.weights is not None:  # the worker's PYMK_HUB_DEGREE: no 2-path through a hub
+            self.weights = np.where(self.arrays.degree > hub_degree, 0.0, self.weights)
         self._cached_user: int | None = None
         self._cached: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -377,8 +379,11 @@ class Popularity(NeighbourhoodHeuristic):
         return None
 
 
-def reference_methods(split: EvaluationSplit) -> list[NeighbourhoodHeuristic]:
-    return [CommonNeighbours(split), AdamicAdar(split), ResourceAllocation(split), Popularity(split)]
+def reference_methods(split: EvaluationSplit, hub_degree: int = 0) -> list[NeighbourhoodHeuristic]:
+    """The heuristics the product is judged against; with ``hub_degree`` (PYMK_HUB_DEGREE) no 2-path through a
+    user of more past connections counts, as in the product's sources under the same cap."""
+    return [CommonNeighbours(split, hub_degree), AdamicAdar(split, hub_degree), ResourceAllocation(split, hub_degree),
+            Popularity(split)]
 
 
 def two_hop_candidates(split: EvaluationSplit) -> Callable[[int], set[int]]:

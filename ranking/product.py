@@ -57,10 +57,11 @@ def past_history(split: EvaluationSplit, history: EdgeHistory) -> EdgeHistory:
     return EdgeHistory(f"{history.path} (past)", history.timed, past, repeats, 0, len(past))
 
 
-def ranker_training_config(split: EvaluationSplit) -> TrainingDataConfig:
+def ranker_training_config(split: EvaluationSplit, hub_degree: int = 0) -> TrainingDataConfig:
     """The ranker's training task mirrors the split's: a temporal replay for a time split (who connects
-    next?), a holdout replay for a random split (which edges are missing?)."""
-    return TrainingDataConfig(replay="temporal" if split.kind == "time" else "holdout")
+    next?), a holdout replay for a random split (which edges are missing?). ``hub_degree``: the worker's
+    PYMK_HUB_DEGREE, so the rows are computed under the cap the product will serve with."""
+    return TrainingDataConfig(replay="temporal" if split.kind == "time" else "holdout", hub_degree=hub_degree)
 
 
 def embedding_training_connections(past: EdgeHistory, config: TrainingDataConfig) -> list[tuple[int, int, int]]:
@@ -86,10 +87,10 @@ class ProductTrainingConfigs:
     ranker: RankerConfig
 
 
-def product_training_configs(split: EvaluationSplit, epochs: int = 20, progress: bool = False
-                             ) -> ProductTrainingConfigs:
+def product_training_configs(split: EvaluationSplit, epochs: int = 20, progress: bool = False,
+                             hub_degree: int = 0) -> ProductTrainingConfigs:
     return ProductTrainingConfigs(EmbeddingTrainingConfig(epochs=epochs, progress=progress, threads=TRAINING_THREADS),
-                                  ranker_training_config(split), RankerConfig())
+                                  ranker_training_config(split, hub_degree), RankerConfig())
 
 
 def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: Path, progress: bool = False,
@@ -115,10 +116,13 @@ def train_product_models(split: EvaluationSplit, history: EdgeHistory, out_dir: 
     return ProductModels(sage[0], out_dir / "ranker", sage[1], ranker.version)
 
 
-def past_source(split: EvaluationSplit, model: GraphSage, version: str, ann: AnnConfig) -> MemorySource:
-    """The past graph as the workers would hold it after replaying it: every user embedded and indexed."""
+def past_source(split: EvaluationSplit, model: GraphSage, version: str, ann: AnnConfig,
+                hub_degree: int = 0) -> MemorySource:
+    """The past graph as the workers would hold it after replaying it: every user embedded and indexed
+    (``hub_degree``: the workers' PYMK_HUB_DEGREE; GraphSAGE's neighbour sampling is not capped, as in the worker)."""
     index = AnnIndex(ann)
-    source = MemorySource(ann=lambda user, k, exclude: _search(index, source, user, k, exclude))
+    source = MemorySource(ann=lambda user, k, exclude: _search(index, source, user, k, exclude),
+                          hub_degree=hub_degree)
     for u, v, ts in split.past_connections:
         source.add_connection(u, v, ts)
     users = sorted(source.users())
@@ -227,10 +231,10 @@ class AnnOnlyMethod:
 
 
 def product_methods(split: EvaluationSplit, models: ProductModels, ann: AnnConfig,
-                    candidate_config: CandidateConfig | None = None) -> list[object]:
+                    candidate_config: CandidateConfig | None = None, hub_degree: int = 0) -> list[object]:
     config = candidate_config or CandidateConfig()
     model, _ = load_model(models.sage_dir)
-    source = past_source(split, model, models.sage_version, ann)
+    source = past_source(split, model, models.sage_version, ann, hub_degree)
     ranker = Ranker.load(models.ranker_dir)
     as_of = max(ts for _, _, ts in split.past_connections)  # the event time of the end of the past
     graph_only = CandidateConfig(graph_k=config.graph_k, ann_k=0, popular_k=0, max_candidates=config.max_candidates)

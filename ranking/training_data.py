@@ -141,6 +141,9 @@ class TrainingDataConfig:
     # are computed on a graph of nearly the serving graph's scale (95 % of it with 4 folds, 80 % with 1): the
     # same rows and labels in total, the degrees and counts the model will see when serving.
     holdout_folds: int = 4
+    # the worker's PYMK_HUB_DEGREE: no 2-path through a user of more connections (0: none), so the rows' graph
+    # columns are those the worker serves under the cap (MemorySource's hub_degree)
+    hub_degree: int = 0
 
     def __post_init__(self) -> None:
         if self.horizon_days <= 0 or (self.horizon_steps is not None and self.horizon_steps < 1):
@@ -153,6 +156,8 @@ class TrainingDataConfig:
             raise ValueError(f"replay must be 'auto', 'temporal' or 'holdout', not {self.replay!r}")
         if self.holdout_folds < 1:
             raise ValueError("holdout_folds must be at least 1")
+        if self.hub_degree < 0:
+            raise ValueError("hub_degree must be 0 (no hubs) or positive")
         if not 0.0 < self.holdout_fraction < 1.0 or not 0.0 < self.holdout_val_share < 1.0:
             raise ValueError("holdout_fraction and holdout_val_share must be in (0, 1)")
 
@@ -465,7 +470,8 @@ def build_training_data(events: Sequence[InputEvent] | EdgeHistory, config: Trai
     per_checkpoint: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = _progress(len(checkpoints), progress)
-    for t, source, future in replay_checkpoints(events, connections, checkpoints, horizon_ms, embeddings_at):
+    for t, source, future in replay_checkpoints(events, connections, checkpoints, horizon_ms, embeddings_at,
+                                                hub_degree=config.hub_degree):
         past_users = [u for u in source.users() if source.degree(u) > 0]
         active = sorted(u for u in past_users if u in future)
         inactive = sorted(u for u in past_users if u not in future)
@@ -504,13 +510,13 @@ def build_training_data(events: Sequence[InputEvent] | EdgeHistory, config: Trai
 
 
 def replay_checkpoints(events: Sequence[InputEvent], connections: Sequence[tuple[int, int, int]],
-                       checkpoints: Sequence[int], horizon_ms: int, embeddings_at: EmbeddingsAt | None = None
-                       ) -> Iterator[tuple[int, MemorySource, dict[int, set[int]]]]:
+                       checkpoints: Sequence[int], horizon_ms: int, embeddings_at: EmbeddingsAt | None = None,
+                       hub_degree: int = 0) -> Iterator[tuple[int, MemorySource, dict[int, set[int]]]]:
     """The temporal replay: at each checkpoint t (ascending), one source holding exactly the events before t
     (checked: :func:`check_no_leakage`), its embeddings as of t when ``embeddings_at`` is given, and each user's
     future partners — pairs that connect in [t, t + ``horizon_ms``) and are not connected at t. The source is the
-    same object throughout, advanced from one checkpoint to the next."""
-    source = MemorySource()
+    same object throughout, advanced from one checkpoint to the next. ``hub_degree``: MemorySource's."""
+    source = MemorySource(hub_degree=hub_degree)
     next_event = 0
     for t in checkpoints:
         while next_event < len(events) and events[next_event].ts < t:
@@ -556,14 +562,14 @@ def visible_events(events: Sequence[InputEvent], hidden: set[tuple[int, int]]) -
     return [event for event in events if pair_of(event) not in hidden]
 
 
-def holdout_fold(events: Sequence[InputEvent], fold: Collection[tuple[int, int]], embeddings_at: EmbeddingsAt | None
-                 ) -> tuple[MemorySource, int, dict[int, set[int]]]:
+def holdout_fold(events: Sequence[InputEvent], fold: Collection[tuple[int, int]], embeddings_at: EmbeddingsAt | None,
+                 hub_degree: int = 0) -> tuple[MemorySource, int, dict[int, set[int]]]:
     """One fold of a holdout replay: (the graph as it stands without the fold's pairs, as of just after its last
     event, with embeddings of that graph; the as-of time; each user → its hidden partners, both seen in that
     graph). Only this fold's pairs are hidden: the other folds' are visible, so degrees and counts are
     (1 - fraction / folds) of the serving graph's, not (1 - fraction) of it. Guarded: nothing at or after the
-    as-of time, no hidden pair connected."""
-    source = MemorySource()
+    as-of time, no hidden pair connected. ``hub_degree``: MemorySource's."""
+    source = MemorySource(hub_degree=hub_degree)
     source.apply_all(visible_events(events, fold))
     as_of = (source.latest_event_ts or 0) + 1
     check_no_leakage(source, as_of)
@@ -597,7 +603,7 @@ def _holdout_training_data(events: Sequence[InputEvent], connections: list[tuple
     per_fold: list[dict[str, Any]] = []
     as_of = 0
     for fold in folds:
-        source, as_of, future = holdout_fold(events, fold, embeddings_at)
+        source, as_of, future = holdout_fold(events, fold, embeddings_at, hub_degree=config.hub_degree)
         past_users = sorted(u for u in source.users() if source.degree(u) > 0)
         active = sorted(future)
         inactive = [u for u in past_users if u not in future]

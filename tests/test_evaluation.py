@@ -65,6 +65,16 @@ def test_time_split_sizes_query_users_and_cold_start(tiny_split: EvaluationSplit
     assert sizes["evaluated_user_pairs"] == 4
 
 
+def test_a_hub_degree_drops_the_2_paths_through_hubs_from_the_heuristics(tiny_split: EvaluationSplit) -> None:
+    """PYMK_HUB_DEGREE in the evaluation: with hubs above degree 2 (users 1, 4 and 7), CN counts only the paths
+    through users of at most 2 past connections, as the product's sources do under the same cap."""
+    capped = CommonNeighbours(tiny_split, hub_degree=2)
+    assert capped.scores(0) == {3: 1.0}  # via 2 only: the path 0-1-3 and 0-1-4 run through the hub 1
+    assert capped.candidates(5) == set()  # 5's one neighbour, 4, is a hub
+    assert CommonNeighbours(tiny_split).scores(0) == {3: 2.0, 4: 1.0}  # no cap: as before
+    assert Popularity(tiny_split, hub_degree=2).rank(0, 3) == Popularity(tiny_split).rank(0, 3)
+
+
 def test_time_split_orders_ties_by_smaller_then_larger_id_and_cuts_at_floor() -> None:
     connections = [(5, 9, 100), (7, 2, 100), (2, 6, 100), (1, 3, 50), (4, 8, 200), (3, 4, 300), (1, 9, 300)]
     past, future = split_connections(connections, "time")

@@ -150,7 +150,10 @@ def test_the_cache_key_follows_the_features_and_the_training_configs(tmp_path: P
     split = make_split(load_edge_history(data), "time", 0)
     base = evaluate.cache_inputs(data, split)
     assert evaluate.cache_inputs(data, split) == base
-    monkeypatch.setattr(evaluate, "product_training_configs", lambda split, epochs=20, progress=False:
+    # a hub degree (PYMK_HUB_DEGREE) trains the ranker on other rows: another cache folder
+    assert evaluate.cache_inputs(data, split, hub_degree=2)["training"] != base["training"]
+    assert evaluate.model_cache_dir(tmp_path, data, split, 2) != evaluate.model_cache_dir(tmp_path, data, split)
+    monkeypatch.setattr(evaluate, "product_training_configs", lambda split, epochs=20, progress=False, hub_degree=0:
                         tiny_configs("time"))
     assert evaluate.cache_inputs(data, split)["training"] != base["training"]
     monkeypatch.undo()
