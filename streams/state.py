@@ -13,6 +13,10 @@ event processing out:
 3. write each partition's dirty rows + applied offsets in one RocksDB WriteBatch;
 4. ack the events to faust, which commits their offsets to Kafka on its next commit.
 
+With a sharded ANN index the owed lists' answers from the other shards are gathered *before* step 0, with the
+lock released (ingest goes on while the peers answer); step 0 then ranks from them, and a list whose user's
+vector or exclusions moved meanwhile waits for the next slice (streams/ann_shards.py).
+
 Between two flushes, :meth:`WorkerState.refresh_now` takes the outboxes (step 1) and ranks owed lists in
 short slices under the same lock, and sends them at once: a list is out a few milliseconds after it is ranked
 instead of at the end of a flush that ranks dozens, and the other user of a connection, in another partition,
@@ -56,6 +60,7 @@ from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
 
 if TYPE_CHECKING:
     from pymk.index.records import EmbeddingRecord
+    from pymk.streams.ann_shards import Gathered
     from pymk.streams.refresh import Refresher
 
 log = logging.getLogger(__name__)
@@ -309,6 +314,7 @@ class WorkerState:
 
     # ---- the commit protocol -------------------------------------------------------------------------------
     async def flush(self) -> None:
+        gathered = await self._gather_for_flush()  # sharded ANN: the peers awaited without the lock
         async with self.lock:
             started = time.perf_counter()
             # what a slice between flushes took but could not send goes first: before a newer list or embedding
@@ -322,7 +328,8 @@ class WorkerState:
                 # sends and writes, so it blocks the event loop for tens of milliseconds, not for a budget of lists.
                 if self.between_flushes_max_backlog is None or backlog > self.between_flushes_max_backlog:
                     try:
-                        outgoing.extend(await self._refresh_outputs(idle=not self.unacked, backlog=backlog))
+                        outgoing.extend(await self._refresh_outputs(idle=not self.unacked, backlog=backlog,
+                                                                    gathered=gathered))
                     except BaseException:  # cancelled while gathering ANN shards: what was taken goes next time
                         self.unsent[:0] = outgoing
                         raise
@@ -514,9 +521,29 @@ class WorkerState:
             state.forward.clear()
         return outgoing
 
-    async def _refresh_outputs(self, idle: bool, backlog: int) -> list[Outgoing]:
+    async def _gather_for_flush(self) -> Gathered | None:
+        """Sharded ANN: the answers the flush's lists will rank from, gathered with the lock released (the owed
+        users and their exclusions read under it); None when the flush ranks no list or nothing is to be gathered
+        (then :meth:`_refresh_outputs` asks under the lock, which finds nothing in one index on this worker)."""
+        if self.refresher is None or self.topics is None:
+            return None
+        backlog = self.backlog_of() if self.backlog_of is not None else 0
+        if self.between_flushes_max_backlog is not None and backlog <= self.between_flushes_max_backlog:
+            return None  # the slices between flushes rank: this flush ranks nothing
+        async with self.lock:
+            now_ms = int(time.time() * 1000)
+            states = list(self.owned.values())
+            for state in states:
+                self.refresher.collect(state, now_ms)
+            wanted = self.refresher.ann_wanted(states, now_ms)
+        if not wanted:
+            return None
+        return await self.refresher.gather_ann(wanted)
+
+    async def _refresh_outputs(self, idle: bool, backlog: int, gathered: Gathered | None = None) -> list[Outgoing]:
         """``idle``: nothing was applied since the last flush (the budgets may grow); ``backlog``: input not
-        applied yet (past a limit the budgets shrink, see streams/refresh.py)."""
+        applied yet (past a limit the budgets shrink, see streams/refresh.py); ``gathered``: the sharded index's
+        answers gathered before the lock was taken (:meth:`_gather_for_flush`), else they are gathered here."""
         assert self.refresher is not None and self.topics is not None
         now_ms = int(time.time() * 1000)
         states = list(self.owned.values())
@@ -525,7 +552,10 @@ class WorkerState:
         catching_up = self.refresher.observe_input_backlog(backlog)
         out = self._embedding_outputs(self.refresher.embed_due(states, now_ms, idle=idle, catching_up=catching_up))
         try:
-            await self.refresher.prefetch_ann(states, now_ms)
+            if gathered is not None:  # what ingest applied since is collected above: a moved user waits
+                self.refresher.install_ann(gathered)
+            else:
+                await self.refresher.prefetch_ann(states, now_ms)
         except BaseException:
             self.unsent.extend(out)
             raise

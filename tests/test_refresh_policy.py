@@ -433,6 +433,44 @@ def test_a_sharded_gather_between_flushes_is_awaited_without_the_state_lock(tmp_
     state.store.close()
 
 
+def test_a_flush_awaits_the_sharded_gather_without_the_state_lock(tmp_path: Any) -> None:
+    """A flush that ranks (the input behind) gathers the shards' answers before it takes the lock, so ingest goes
+    on while the peers answer; the commit then ranks from them, with what was applied meanwhile collected first,
+    and the list of a user touched meanwhile is in the same flush."""
+    sends: list[bytes] = []
+
+    async def send(topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
+        sends.append(key or b"")
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    refresher = GatheringRefresher()
+    worker = WorkerState(tmp_path, 1, lambda user: 0, "m", "g", "d", send,
+                         refresher=refresher, topics=OutputTopics("e", "r", "i", "u"))  # type: ignore[arg-type]
+    worker.open_partitions([0])
+    worker.between_flushes_max_backlog = None  # the flush ranks
+    state = worker.owned[0]
+    state.work.touch(5, 1_000, None, True)
+
+    async def scenario() -> None:
+        flush = asyncio.create_task(worker.flush())
+        await asyncio.wait_for(refresher.gathering.wait(), 5)
+        assert not worker.lock.locked()  # the peers are awaited without the lock
+        async with worker.lock:  # ingest meanwhile: another user's change
+            state.work.touch(6, 2_000, None, True)
+        collected = refresher.collects
+        refresher.answer.set()
+        await asyncio.wait_for(flush, 5)
+        assert refresher.installed == [{5: "answer"}]
+        assert refresher.collects == collected + 1  # collected again under the lock before ranking
+        assert sends == [b"5", b"6"] and state.work.refreshes() == []
+        assert worker.stats.flushes == 1
+
+    asyncio.run(scenario())
+    state.store.close()
+
+
 def test_outboxes_are_sent_between_flushes_and_what_was_not_sent_goes_with_the_flush(tmp_path: Any) -> None:
     """A connection's other half (another partition) leaves between flushes; a slice interrupted before sending it
     hands it to the next flush, which would otherwise write the connection down with its other half lost."""
