@@ -397,10 +397,13 @@ class GatheringRefresher(SliceRefresher):
         self.installed.append(gathered)
 
 
-def test_a_sharded_gather_between_flushes_is_awaited_without_the_state_lock(tmp_path: Any) -> None:
-    """Between flushes the shards' answers are awaited with the lock released: ingest (and a flush) go on while
-    the peers answer; the lists are ranked after the lock is taken again, from the gathered answers, with the
-    state changes applied meanwhile collected first (the kept lists must hear of them before they are updated)."""
+@pytest.mark.parametrize("when", ["between flushes", "in a flush"])
+def test_a_sharded_gather_is_awaited_without_the_state_lock(tmp_path: Any, when: str) -> None:
+    """The shards' answers are awaited with the lock released — by a slice between flushes, and by a flush that
+    ranks (the input behind) before it takes the lock for the commit: ingest (and a flush) go on while the peers
+    answer; the lists are ranked after the lock is taken again, from the gathered answers, with the state changes
+    applied meanwhile collected first (the kept lists must hear of them before they are updated), and the list of
+    a user touched meanwhile goes out with them."""
     sends: list[bytes] = []
 
     async def send(topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
@@ -413,59 +416,23 @@ def test_a_sharded_gather_between_flushes_is_awaited_without_the_state_lock(tmp_
     worker = WorkerState(tmp_path, 1, lambda user: 0, "m", "g", "d", send,
                          refresher=refresher, topics=OutputTopics("e", "r", "i", "u"))  # type: ignore[arg-type]
     worker.open_partitions([0])
+    worker.between_flushes_max_backlog = None  # a flush ranks
     state = worker.owned[0]
     state.work.touch(5, 1_000, None, True)
 
     async def scenario() -> None:
-        slice_ = asyncio.create_task(worker.refresh_now(0.01))
+        task = asyncio.create_task(worker.refresh_now(0.01) if when == "between flushes" else worker.flush())
         await asyncio.wait_for(refresher.gathering.wait(), 5)
         assert not worker.lock.locked()  # the peers are awaited without the lock
         async with worker.lock:  # ingest meanwhile: another user's change
             state.work.touch(6, 2_000, None, True)
         collected = refresher.collects
         refresher.answer.set()
-        assert await asyncio.wait_for(slice_, 5) == 2
+        await asyncio.wait_for(task, 5)
         assert refresher.installed == [{5: "answer"}]
         assert refresher.collects == collected + 1  # collected again before ranking
         assert sends == [b"5", b"6"] and state.work.refreshes() == []
-
-    asyncio.run(scenario())
-    state.store.close()
-
-
-def test_a_flush_awaits_the_sharded_gather_without_the_state_lock(tmp_path: Any) -> None:
-    """A flush that ranks (the input behind) gathers the shards' answers before it takes the lock, so ingest goes
-    on while the peers answer; the commit then ranks from them, with what was applied meanwhile collected first,
-    and the list of a user touched meanwhile is in the same flush."""
-    sends: list[bytes] = []
-
-    async def send(topic: str, key: bytes | None, value: bytes, partition: int | None) -> Any:
-        sends.append(key or b"")
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    refresher = GatheringRefresher()
-    worker = WorkerState(tmp_path, 1, lambda user: 0, "m", "g", "d", send,
-                         refresher=refresher, topics=OutputTopics("e", "r", "i", "u"))  # type: ignore[arg-type]
-    worker.open_partitions([0])
-    worker.between_flushes_max_backlog = None  # the flush ranks
-    state = worker.owned[0]
-    state.work.touch(5, 1_000, None, True)
-
-    async def scenario() -> None:
-        flush = asyncio.create_task(worker.flush())
-        await asyncio.wait_for(refresher.gathering.wait(), 5)
-        assert not worker.lock.locked()  # the peers are awaited without the lock
-        async with worker.lock:  # ingest meanwhile: another user's change
-            state.work.touch(6, 2_000, None, True)
-        collected = refresher.collects
-        refresher.answer.set()
-        await asyncio.wait_for(flush, 5)
-        assert refresher.installed == [{5: "answer"}]
-        assert refresher.collects == collected + 1  # collected again under the lock before ranking
-        assert sends == [b"5", b"6"] and state.work.refreshes() == []
-        assert worker.stats.flushes == 1
+        assert worker.stats.flushes == (when == "in a flush")
 
     asyncio.run(scenario())
     state.store.close()
