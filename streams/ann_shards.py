@@ -8,9 +8,10 @@ timeout, so the event loop keeps serving the peers' own requests meanwhile (a sy
 would deadlock two workers that query each other). Each query's hits are merged by score, ties by id
 (:func:`pymk.index.ann.merge_top_k_arrays`), and ranking reads them through :meth:`ShardedAnn.ann`.
 The gather is awaited with the state's lock released, between flushes (``WorkerState.refresh_now``) and before a
-flush's commit (``WorkerState._gather_for_flush``), so ingest does not wait for the slowest peer; each answer carries the query vector and exclusions it was asked with, and
-:meth:`ShardedAnn.ann` serves it only while they still hold (exclusions may have grown: the hits are filtered and
-the ANN_SPARES asked past ann_k fill in) — else :class:`AnnNotGathered`, and that list waits for the next slice.
+flush's commit (``WorkerState._gather_for_flush``), so ingest does not wait for the slowest peer; each answer
+carries the query vector and exclusions it was asked with, and :meth:`ShardedAnn.ann` serves it only while they
+still hold (exclusions may have grown: the hits are filtered and the ANN_SPARES asked past ann_k fill in) — else
+:class:`AnnNotGathered`, and that list waits for the next slice.
 
 A peer that does not answer in time: the lists are built from the shards that did (waiting would stall every
 list of every worker for as long as the group takes to notice a dead member: its session timeout), and
