@@ -323,10 +323,10 @@ class WorkerState:
             self.unsent = []
             # 0. embeddings and lists of the users whose state changed (they go out with the other outputs)
             if self.refresher is not None:
-                backlog = self.backlog_of() if self.backlog_of is not None else 0
+                backlog = self._input_backlog()
                 # While the input keeps up, the slices between flushes embed and rank (refresh_now): the flush only
                 # sends and writes, so it blocks the event loop for tens of milliseconds, not for a budget of lists.
-                if self.between_flushes_max_backlog is None or backlog > self.between_flushes_max_backlog:
+                if self._flush_ranks(backlog):
                     try:
                         outgoing.extend(await self._refresh_outputs(idle=not self.unacked, backlog=backlog,
                                                                     gathered=gathered))
@@ -521,14 +521,20 @@ class WorkerState:
             state.forward.clear()
         return outgoing
 
+    def _input_backlog(self) -> int:
+        return self.backlog_of() if self.backlog_of is not None else 0
+
+    def _flush_ranks(self, backlog: int) -> bool:
+        """Whether a flush embeds and ranks: only while the input is behind (else the slices between flushes do)."""
+        return self.between_flushes_max_backlog is None or backlog > self.between_flushes_max_backlog
+
     async def _gather_for_flush(self) -> Gathered | None:
         """Sharded ANN: the answers the flush's lists will rank from, gathered with the lock released (the owed
         users and their exclusions read under it); None when the flush ranks no list or nothing is to be gathered
         (then :meth:`_refresh_outputs` asks under the lock, which finds nothing in one index on this worker)."""
         if self.refresher is None or self.topics is None:
             return None
-        backlog = self.backlog_of() if self.backlog_of is not None else 0
-        if self.between_flushes_max_backlog is not None and backlog <= self.between_flushes_max_backlog:
+        if not self._flush_ranks(self._input_backlog()):
             return None  # the slices between flushes rank: this flush ranks nothing
         async with self.lock:
             now_ms = int(time.time() * 1000)
