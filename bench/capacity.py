@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import numpy as np
 
 from pymk.datasets import load_edge_history
 from pymk.events import UserEvent
+from pymk.features.activity import DAY_MS, ActivityLeaderboard
 from pymk.features.graph import DegreeUpdate, PartitionGraph
 from pymk.features.keyspace import ADJACENCY, COMMON, MIRROR, REVERSE
 from pymk.features.storage import DictRowStore, row_user
@@ -207,6 +209,35 @@ def _per_user_records(ann: AnnConfig, n_vectors: int = 20_000, seed: int = 0) ->
     }
 
 
+def _popular_query_cost(populations: Sequence[int] = (100_000, 1_000_000), k: int = 200, queries: int = 200,
+                        seed: int = 0) -> dict[str, Any]:
+    """The popular source's order on every worker (features/activity.py, ActivityLeaderboard): the cost of a
+    query that follows an update (what each slice of lists pays while records arrive), and the board's bytes
+    per user (its arrays and its id → slot dict, with the ids' int objects)."""
+    out: dict[str, Any] = {"k": k, "queries": queries, "rows": []}
+    for users in populations:
+        rng = np.random.default_rng(seed)
+        board = ActivityLeaderboard()
+        weekly, anchor_days = rng.integers(1, 50, users).astype(float), rng.integers(0, 30, users)
+        for user in range(users):
+            board.update(user, (1.0, float(weekly[user]), 1.0), int(anchor_days[user]) * DAY_MS, 5)
+        board.top(k)
+        seconds = []
+        for step in range(queries):  # each query after one user's newer activity (as records arrive)
+            user = int(rng.integers(0, users))
+            board.update(user, (1.0, float(rng.integers(1, 50)), 1.0), (30 + step) * DAY_MS, 6)
+            started = time.perf_counter()
+            board.top(k)
+            seconds.append(time.perf_counter() - started)
+        held = board._ids.nbytes + board._keys.nbytes + board._degrees.nbytes + sys.getsizeof(board._slot)
+        held += sum(sys.getsizeof(user) for user in board._slot)
+        out["rows"].append({"users": users, "query_us_p50": round(1e6 * float(np.median(seconds)), 1),
+                            "query_us_p99": round(1e6 * float(np.percentile(seconds, 99)), 1),
+                            "full_scans": board.full_scans, "leaders": len(board._leaders),
+                            "bytes_per_user": round(held / users, 1)})
+    return out
+
+
 def bench_capacity(graphs: Sequence[Path] = DEFAULT_GRAPHS, partitions: int = DEFAULT_PARTITIONS,
                    ann: AnnConfig | None = None, lists_per_core_second: float = 300.0,
                    plot: Path | None = None) -> dict[str, Any]:
@@ -218,6 +249,7 @@ def bench_capacity(graphs: Sequence[Path] = DEFAULT_GRAPHS, partitions: int = DE
         "graphs": [_with_on_read(_graph_state(Path(g), partitions), _graph_state(Path(g), partitions, False))
                    for g in graphs],
         "per_user_records": _per_user_records(ann or AnnConfig()),
+        "popular_order": _popular_query_cost(),
         "note": "RocksDB bytes are encoded key + value before RocksDB's compression; see docs/capacity.md"}
     measured["projection"] = {
         "lists_per_core_second": lists_per_core_second, "machine": MACHINE,

@@ -45,8 +45,21 @@ def activity_rank_key(values: Sequence[float], anchor_ms: int) -> float:
 
 class ActivityLeaderboard:
     """Every user's weekly-activity key and degree in flat arrays, for "the k most active users" (the
-    ``popular`` Stage 1 source) in one vectorised pass: O(1) per update, O(users) per query, no sort of the
-    whole population. Order: key desc, then degree desc, then id asc; users without activity are left out."""
+    ``popular`` Stage 1 source). Order: key desc, then degree desc, then id asc; users without activity are left
+    out. O(1) per update.
+
+    A query does not scan the population: the board keeps the *leaders*, every user whose key is at or above a
+    threshold (the ``margin``·k-th largest key when it was last set), and answers from them alone, which is
+    exact because every other user's key is below every leader's. Updates keep the set exact (a user is in it
+    iff its key ≥ the threshold); a key only rises as its user connects (the anchor moves forward), so the
+    set grows, and is cut back to its best ``margin``·k when it passes ``SLACK`` times that (a partition of the
+    leaders only: the users outside stay below the raised threshold). It shrinks when a leader's key falls (a
+    removed connection) or a query asks for more than it holds: then, and only then, one pass over every user
+    sets a new threshold. A scan of 10⁸ keys per query would take a second; the leaders are a few hundred."""
+
+    MARGIN = 2  # leaders kept at a reset: this many times the k asked (at least MIN_LEADERS)
+    MIN_LEADERS = 256
+    SLACK = 4  # the leaders are cut back to MARGIN·k when they are this many times that
 
     def __init__(self) -> None:
         self._slot: dict[int, int] = {}
@@ -55,6 +68,12 @@ class ActivityLeaderboard:
         self._degrees = np.zeros(1024, np.int64)
         self._version = 0
         self._cached: tuple[int, int, list[int]] | None = None  # (version, k, answer)
+        # the leaders (slots) and their threshold; +inf: none chosen yet. At −inf the leaders are every user with
+        # activity (fewer than asked at the last reset).
+        self._threshold = math.inf
+        self._leaders: set[int] = set()
+        self._wanted = 0  # leaders to keep at a cut (MARGIN · the largest k asked)
+        self.full_scans = 0  # passes over every user (tests, /stats)
 
     def __len__(self) -> int:
         return len(self._slot)
@@ -69,26 +88,54 @@ class ActivityLeaderboard:
                 self._keys = np.concatenate([self._keys, np.full(grow, -math.inf)])
                 self._degrees = np.concatenate([self._degrees, np.zeros(grow, np.int64)])
             self._ids[slot] = user
-        self._keys[slot] = activity_rank_key(values, anchor_ms)
+        key = activity_rank_key(values, anchor_ms)
+        self._keys[slot] = key
         self._degrees[slot] = degree
         self._version += 1
+        if key >= self._threshold and key > -math.inf:
+            self._leaders.add(slot)
+            if len(self._leaders) > self.SLACK * self._wanted:
+                self._cut_leaders()
+        else:
+            self._leaders.discard(slot)
 
     def top(self, k: int) -> list[int]:
         """The k most active users, best first."""
         cached = self._cached
         if cached is not None and cached[0] == self._version and cached[1] >= k:
             return cached[2][:k]
-        n = len(self._slot)
-        keys = self._keys[:n]
-        if k <= 0 or n == 0:
+        if k <= 0 or not self._slot:
             return []
-        if k < n:  # everything at or above the k-th largest key (ties at the boundary included)
-            threshold = np.partition(keys, n - k)[n - k]
-            chosen = np.flatnonzero(keys >= threshold)
-        else:
-            chosen = np.arange(n)
-        chosen = chosen[np.isfinite(keys[chosen])]
-        order = np.lexsort((self._ids[chosen], -self._degrees[chosen], -keys[chosen]))
+        if len(self._leaders) < k and self._threshold > -math.inf:  # too few known to be ahead of the rest
+            self._reset_leaders(k)
+        chosen = np.fromiter(self._leaders, np.int64, len(self._leaders))
+        keys = self._keys[chosen]
+        if k < len(chosen):  # everything at or above the k-th largest key (ties at the boundary included)
+            keep = keys >= np.partition(keys, len(chosen) - k)[len(chosen) - k]
+            chosen, keys = chosen[keep], keys[keep]
+        order = np.lexsort((self._ids[chosen], -self._degrees[chosen], -keys))
         answer = self._ids[chosen[order[:k]]].tolist()
         self._cached = (self._version, k, answer)
         return answer
+
+    def _reset_leaders(self, k: int) -> None:
+        """One pass over every user: the leaders become the users at or above the (MARGIN·k)-th largest key."""
+        self.full_scans += 1
+        self._wanted = max(self._wanted, self.MARGIN * k, self.MIN_LEADERS)
+        n = len(self._slot)
+        keys = self._keys[:n]
+        at = n - self._wanted  # the threshold's position in ascending order; none when all are wanted
+        threshold = float(np.partition(keys, at)[at]) if at > 0 else -math.inf
+        chosen = np.flatnonzero((keys >= threshold) & (keys > -math.inf))
+        self._threshold = threshold
+        self._leaders = set(chosen.tolist())
+
+    def _cut_leaders(self) -> None:
+        """The leaders back to their best ``_wanted`` (ties at the new threshold kept): everyone dropped is below
+        it, as everyone outside already was below the old one."""
+        chosen = np.fromiter(self._leaders, np.int64, len(self._leaders))
+        keys = self._keys[chosen]
+        at = len(chosen) - self._wanted
+        threshold = float(np.partition(keys, at)[at])
+        self._threshold = threshold
+        self._leaders = set(chosen[keys >= threshold].tolist())
