@@ -229,7 +229,8 @@ def _popular_query_cost(populations: Sequence[int] = (100_000, 1_000_000), k: in
             started = time.perf_counter()
             board.top(k)
             seconds.append(time.perf_counter() - started)
-        held = board._ids.nbytes + board._keys.nbytes + board._degrees.nbytes + sys.getsizeof(board._slot)
+        held = sum(column.nbytes for column in (board._ids, board._keys, board._degrees, board._versions))
+        held += sys.getsizeof(board._slot)
         held += sum(sys.getsizeof(user) for user in board._slot)
         out["rows"].append({"users": users, "query_us_p50": round(1e6 * float(np.median(seconds)), 1),
                             "query_us_p99": round(1e6 * float(np.percentile(seconds, 99)), 1),

@@ -66,6 +66,7 @@ class ActivityLeaderboard:
         self._ids = np.zeros(1024, np.int64)
         self._keys = np.full(1024, -math.inf)
         self._degrees = np.zeros(1024, np.int64)
+        self._versions = np.full(1024, -1, np.int64)  # of each user's latest record (update's version)
         self._version = 0
         self._cached: tuple[int, int, list[int]] | None = None  # (version, k, answer)
         # the leaders (slots) and their threshold; +inf: none chosen yet. At −inf the leaders are every user with
@@ -78,7 +79,9 @@ class ActivityLeaderboard:
     def __len__(self) -> int:
         return len(self._slot)
 
-    def update(self, user: int, values: Sequence[float], anchor_ms: int, degree: int) -> None:
+    def update(self, user: int, values: Sequence[float], anchor_ms: int, degree: int, version: int = -1) -> None:
+        """``version``: of the record these come from; an update older than the one held is ignored (records
+        arrive in any order)."""
         slot = self._slot.get(user)
         if slot is None:
             slot = self._slot[user] = len(self._slot)
@@ -87,7 +90,11 @@ class ActivityLeaderboard:
                 self._ids = np.concatenate([self._ids, np.zeros(grow, np.int64)])
                 self._keys = np.concatenate([self._keys, np.full(grow, -math.inf)])
                 self._degrees = np.concatenate([self._degrees, np.zeros(grow, np.int64)])
+                self._versions = np.concatenate([self._versions, np.full(grow, -1, np.int64)])
             self._ids[slot] = user
+        elif version < self._versions[slot]:
+            return
+        self._versions[slot] = version
         key = activity_rank_key(values, anchor_ms)
         self._keys[slot] = key
         self._degrees[slot] = degree

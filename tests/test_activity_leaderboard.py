@@ -77,3 +77,15 @@ def test_a_user_arriving_exactly_at_the_threshold_is_a_leader() -> None:
     assert board.top(1) == [9]
     board.update(20, (1.0, 1.0, 1.0), DAY_MS, 100)
     assert board.top(1) == [20]
+
+
+def test_an_older_record_does_not_move_a_user() -> None:
+    """Records arrive in any order (a replay, two owners across a rebalance): the newest version wins."""
+    board = ActivityLeaderboard()
+    board.update(1, (1.0, 1.0, 1.0), DAY_MS, 3, version=10)
+    board.update(2, (1.0, 2.0, 1.0), DAY_MS, 3, version=4)
+    assert board.top(2) == [2, 1]
+    board.update(1, (1.0, 9.0, 1.0), DAY_MS, 3, version=9)  # older than what it holds: ignored
+    assert board.top(2) == [2, 1]
+    board.update(1, (1.0, 9.0, 1.0), DAY_MS, 3, version=11)
+    assert board.top(2) == [1, 2]
