@@ -23,6 +23,7 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # environment or in code), so a typo never falls back to a default silently.
 AnnSpace = Literal["sage", "two-tower"]
 AnnMode = Literal["replicated", "sharded"]
+GlobalsMode = Literal["replicated", "reachable"]
 AnnQuantization = Literal["flat", "sq8"]
 RankerKind = Literal["xgboost", "two-tower", "blend"]
 RerankerKind = Literal["none", "cross-attention"]
@@ -128,6 +129,16 @@ class Settings:
     # deviations of a binomial share; a shard whose cut may hide a top-k user is asked again for the full k, so
     # the merge stays what asking every shard for k gives. 0: every shard asked for the full k at once.
     ann_shard_k_sigmas: float = 4.0
+    # "replicated": every worker keeps every user's degree, activity and profile from the compacted user-globals
+    # topic. "reachable": only those of the remote users its lists and embeddings have read, each fetched once
+    # from its owner (POST /facts) and then kept current by the topic; a list that reads a user not yet held waits
+    # for the next slice (streams/remote_facts.py). The topic is still read in full (the popular order).
+    globals_mode: GlobalsMode = "replicated"
+    # reachable: the owners' answers are awaited this long; the users not answered are asked again next slice
+    globals_fetch_timeout_ms: int = 2_000
+    # reachable: at most this many remote users held (the ones answered longest ago are dropped, and fetched again
+    # when read); 0: no bound. Keep it well above one slice's candidates (thousands), or lists wait on each other.
+    globals_held_max_users: int = 0
     ann_m: int = 32
     ann_ef_construction: int = 200
     ann_ef_search: int = 128

@@ -41,6 +41,7 @@ from pymk.streams.metrics import WorkerMetrics
 from pymk.streams.models import Models
 from pymk.streams.partitioning import partition_for_user
 from pymk.streams.refresh import Refresher
+from pymk.streams.remote_facts import RemoteFacts
 from pymk.streams.state import OutputTopics, PartitionState, WorkerState
 from pymk.streams.user_facts import UserFacts
 from pymk.validation import Invalid
@@ -119,6 +120,14 @@ class PymkApp:
             self.debug_shards = self._shard_gatherer()
             if self.refresher is not None:
                 self.refresher.shards = self._shard_gatherer()
+        # reachable globals: remote users' facts asked of their owners (streams/remote_facts.py)
+        self.remote_facts: RemoteFacts | None = None
+        if settings.globals_mode == "reachable":
+            self.remote_facts = RemoteFacts(self.globals, lambda user: self.state.state_for(self.partition_of(user)),
+                                            self._shard_peers, self._post_bytes,
+                                            settings.globals_fetch_timeout_ms / 1000.0)
+            if self.refresher is not None:
+                self.refresher.remote_facts = self.remote_facts
         if self.refresher is not None:
             self.refresher.on_user_error = self._user_failed
             self.refresher.delays = self.metrics.list_refresh_seconds

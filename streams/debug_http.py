@@ -24,6 +24,9 @@ from pymk.ranking.features import FEATURE_NAMES
 from pymk.streams.ann_shards import SHARD_PATH, decode_request, encode_answer, search_shard
 from pymk.streams.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pymk.streams.ranking_source import WorkerRankingSource, pair_feature_row
+from pymk.streams.remote_facts import FACTS_PATH, facts_answer
+from pymk.streams.remote_facts import decode_request as decode_facts_request
+from pymk.streams.remote_facts import encode_answer as encode_facts_answer
 from pymk.streams.state import PartitionState
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ class DebugViews:
         self.partition_of = worker.partition_of
         self.index = worker.index
         self.shards = worker.debug_shards  # sharded ANN: /neighbours gathers every shard's answer
+        self.remote_facts = worker.remote_facts  # reachable globals: the pages fetch what they miss
         self.globals = worker.globals
         self.models = worker.models
         self.refresher = worker.refresher
@@ -231,6 +235,23 @@ class DebugViews:
 
         self.app.page(SHARD_PATH)(ShardSearch)
 
+    def register_facts(self) -> None:
+        """``POST /facts`` (streams/remote_facts.py): user ids → those of this worker's partitions and their
+        ``user-globals`` records as of now (what a worker in ``PYMK_GLOBALS_MODE=reachable`` asks its peers)."""
+        from faust.web import View
+
+        state_for = self.state_for_user
+
+        class Facts(View):
+            async def post(self, request: Any) -> Any:
+                answered, records = facts_answer(decode_facts_request(await request.read()), state_for)
+                return self.bytes(encode_facts_answer(answered, records), content_type="application/json")
+
+        self.app.page(FACTS_PATH)(Facts)
+
+    def state_for_user(self, user: int) -> Any:
+        return self.state.state_for(self.partition_of(user))
+
     def register(self) -> None:
         """Add the pages to the faust app's web server."""
         app, metrics, routing_topic = self.app, self.metrics, self.input_topics["connections"].get_topic_name()
@@ -326,6 +347,8 @@ class DebugViews:
             return web.json({**metrics.snapshot(), "internal_errors": dict(self.state.errors.by_stage),
                              "state": self.state.describe(), "globals_users": len(self.globals),
                              "globals_offsets": self.globals.offsets,
+                             "globals": (self.remote_facts.describe() if self.remote_facts is not None
+                                         else self.globals.describe_held()),
                              "index": {"users": len(self.index.index), "records_applied": self.index.records_applied,
                                        "caught_up": self.index.caught_up.is_set(), "offsets": self.index.offsets,
                                        "ann_space": self.settings.ann_space, **tower,
@@ -412,7 +435,12 @@ class DebugViews:
                             return moving(web, partition, "its state is catching up with its input")
                         return web.json({"error": f"user {unknown[0]} is unknown: no event has named it "
                                                   "(in this worker's partitions)", "user": unknown[0]}, status=404)
+                    misses = self.globals.misses
                     body = view(*ids)
+                    if self.globals.misses != misses and self.remote_facts is not None:
+                        # reachable globals: a remote user read was not held: asked of its owner, then read again
+                        await self.remote_facts.fetch()
+                        body = view(*ids)
                     if body is None:
                         return moving(web, self.partition_of(ids[0]), "not open here")
                     if html:
@@ -422,6 +450,7 @@ class DebugViews:
                 return await routed(web, request, u, local)
 
         self.register_shard_search()
+        self.register_facts()
         owner_page("/users/{u}", self.user_view)
         # the debug page of one user (streams/debug_page.py), for people who would rather look than read
         owner_page("/users/{u}/page", self.user_page, html=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -55,11 +55,28 @@ class UserGlobals:
         self.leaderboard = ActivityLeaderboard()  # the most active users (Stage 1's "popular" source)
         self.offsets: dict[int, int] = {}  # partition → next offset to read (shown by /stats: how far it has read)
         self.listeners: list[Callable[[int], None]] = []  # called with the user of every record that changed
+        # PYMK_GLOBALS_MODE=reachable (streams/remote_facts.py): the records kept are those of the held users, the
+        # remote users read since the start, each fetched once from its owner; a read of any other is a miss
+        self.reachable_only = settings.globals_mode == "reachable"
+        self._held: set[int] = set()  # asked or answered: their topic records are kept
+        # an owner's answer covered them: their reads are exact (in the order answered: the oldest go first)
+        self._answered: dict[int, None] = {}
+        self.held_max_users = settings.globals_held_max_users  # past it the oldest answered are dropped (0: never)
+        self.evicted = 0
+        self.wanted: set[int] = set()  # read, not answered yet: the next fetch asks for them
+        self.misses = 0  # reads of a user not answered yet
+        self.records_dropped = 0  # records of users not held, dropped as read (the popular order took them)
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def merge_record(self, raw: bytes) -> bool:
         data = json.loads(raw)
         user, version = int(data["user"]), int(data["version"])
+        if self.reachable_only and user not in self._held:
+            if data["kind"] == "degree" and "last_ts" in data:  # every user's, for the popular order
+                self.leaderboard.update(user, tuple(float(x) for x in data["activity"]), int(data["last_ts"]),
+                                        int(data["degree"]), version)
+            self.records_dropped += 1
+            return False
         if data["kind"] == "degree":
             current = self._degrees.get(user)
             if current is not None and current[1] >= version:
@@ -68,7 +85,7 @@ class UserGlobals:
             if "last_ts" in data:
                 values, anchor = tuple(float(x) for x in data["activity"]), int(data["last_ts"])
                 self._activity[user] = (values, anchor)
-                self.leaderboard.update(user, values, anchor, int(data["degree"]))
+                self.leaderboard.update(user, values, anchor, int(data["degree"]), version)
         else:
             current_profile = self._profiles.get(user)
             if current_profile is not None and current_profile[2] >= version:
@@ -78,14 +95,77 @@ class UserGlobals:
             listener(user)
         return True
 
+    def merge_answer(self, answered: Sequence[int], records: Sequence[bytes]) -> int:
+        """An owner's answer (streams/remote_facts.py): its records merged by version, as the topic's are, and its
+        users held and answered from now on; how many records changed something."""
+        self._held.update(answered)
+        merged = sum(self.merge_record(raw) for raw in records)
+        new = [user for user in answered if user not in self._answered]
+        self._answered.update(dict.fromkeys(new))
+        self.wanted.difference_update(answered)
+        for user in new:  # what was read of them before (unknowns) is read again, whatever merged
+            for listener in self.listeners:
+                listener(user)
+        if self.held_max_users and len(self._answered) > self.held_max_users:
+            self._evict(len(self._answered) - self.held_max_users, set(new))
+        return merged
+
+    def want(self, users: Iterable[int]) -> None:
+        """Reachable: ask for these users at the next fetch unless held (the sharded ANN's hits, known before the
+        lists that read them are ranked)."""
+        if self.reachable_only:
+            for user in users:
+                if user not in self._held:
+                    self._held.add(user)
+                    self.wanted.add(user)
+
+    def _evict(self, count: int, keep: set[int]) -> None:
+        """Drop the ``count`` users answered longest ago (never those of the answer just merged: the lists about to
+        be ranked read them); their next read is a miss, and a fetch."""
+        gone = []
+        for user in self._answered:
+            if len(gone) == count:
+                break
+            if user not in keep:
+                gone.append(user)
+        for user in gone:
+            del self._answered[user]
+            self._held.discard(user)
+            self._degrees.pop(user, None)
+            self._activity.pop(user, None)
+            self._profiles.pop(user, None)
+            for listener in self.listeners:  # what was read of them is not kept current any more
+                listener(user)
+        self.evicted += len(gone)
+
+    def _missing(self, user: int) -> bool:
+        """Reachable: whether the user's facts are not here yet; if so it is asked for (and its records kept)."""
+        if not self.reachable_only or user in self._answered:
+            return False
+        self.misses += 1
+        if user not in self._held:
+            self._held.add(user)
+            self.wanted.add(user)
+        return True
+
+    def describe_held(self) -> dict[str, Any]:
+        return {"mode": "reachable" if self.reachable_only else "replicated", "held_users": len(self._held),
+                "answered_users": len(self._answered), "wanted_users": len(self.wanted), "misses": self.misses,
+                "records_dropped": self.records_dropped, "evicted_users": self.evicted,
+                "records_kept": len(self._degrees) + len(self._profiles), "popular_order_users": len(self.leaderboard)}
+
     # ---- reads ------------------------------------------------------------------------------------------------
     def degree(self, user: int) -> tuple[int, int | None]:
-        """(degree, ts of its last change); (0, None) for a user never seen."""
+        """(degree, ts of its last change); (0, None) for a user never seen (reachable: or not held yet)."""
+        if self._missing(user):
+            return 0, None
         entry = self._degrees.get(user)
         return (entry[0], entry[2]) if entry is not None else (0, None)
 
     def activity(self, user: int) -> tuple[tuple[float, ...], int] | None:
         """(decayed connection activity at the anchor, anchor = last connection ts); None for a user never seen."""
+        if self._missing(user):
+            return None
         return self._activity.get(user)
 
     def most_active(self, k: int) -> list[int]:
@@ -93,6 +173,8 @@ class UserGlobals:
         return self.leaderboard.top(k)
 
     def profile(self, user: int) -> tuple[Profile | None, dict[str, int]]:
+        if self._missing(user):
+            return None, {}
         entry = self._profiles.get(user)
         return (entry[0], entry[1]) if entry is not None else (None, {})
 

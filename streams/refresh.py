@@ -75,6 +75,7 @@ from pymk.streams.ranking_source import (
     WorkerNodeFeatures,
     WorkerRankingSource,
 )
+from pymk.streams.remote_facts import RemoteFacts
 from pymk.streams.state import PartitionState
 from pymk.streams.user_facts import UserFacts
 
@@ -94,6 +95,10 @@ class RefreshStats:
     deferred: int = 0  # refreshes left for a later flush by the time budget (summed over flushes)
     # lists left for the next slice because their gathered ANN answer no longer fit (SourceNotReady; sharded ANN)
     not_ready: int = 0
+    # PYMK_GLOBALS_MODE=reachable: lists and embeddings not published because they read a remote user whose facts
+    # were not here yet (asked of the owners before the next slice; streams/remote_facts.py)
+    lists_waiting_for_facts: int = 0
+    embeddings_waiting_for_facts: int = 0
     # sharded ANN: the seconds of the gathers awaited with the state's lock held (the flush's; input waits
     # meanwhile); the rest of ann_shards.gather_seconds was awaited without it (between flushes)
     ann_gather_seconds_locked: float = 0.0
@@ -189,6 +194,9 @@ class Refresher:
 
     # PYMK_ANN_MODE=sharded: Stage 1's ANN gathered from every worker's shard (streams/ann_shards.py); set by the app
     shards: ShardedAnn | None = None
+    # PYMK_GLOBALS_MODE=reachable: remote users' facts fetched from their owners (streams/remote_facts.py); set by
+    # the app
+    remote_facts: RemoteFacts | None = None
 
     def __init__(self, settings: Settings, index: GlobalIndex, models: Models, degree_of: DegreeOf,
                  profile_of: ProfileOf, activity_of: ActivityOf, most_active_of: MostActiveOf,
@@ -227,6 +235,8 @@ class Refresher:
         self._embedders: dict[int, tuple[str, Embedder]] = {}  # partition → (model version, embedder)
         # one LRU of profile encodings for all of them (the profiles are the worker's, whatever the partition)
         self._node_feature_cache: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        # new users whose embedding read a remote user not held yet: their lists wait with it (_embed)
+        self._waiting_for_facts: set[int] = set()
 
     def embedder(self, state: PartitionState) -> Embedder:
         """One embedder per partition (its graph view), kept for its feature cache; new when the model changes."""
@@ -401,10 +411,27 @@ class Refresher:
         previous = state.embeddings.get(user)
         return max(previous.version if previous is not None else 0, self.index.versions.get(user, 0)) + 1
 
+    def _facts_misses(self) -> int:
+        """Reads of remote users not held yet (reachable globals): one that grows across a list or an embedding
+        means it read an unknown in place of a fact, and it is not published."""
+        return self.remote_facts.misses if self.remote_facts is not None else 0
+
+    async def fetch_facts(self) -> None:
+        """Reachable globals: ask the owners for the users the last lists and embeddings missed (module doc of
+        streams/remote_facts.py); awaited without the state's lock."""
+        if self.remote_facts is not None and self.remote_facts.globals.wanted:
+            await self.remote_facts.fetch()
+
     def _embed(self, state: PartitionState, users: list[int], now_ms: int, salt: int) -> list[EmbeddingRecord]:
         # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
         # gives the same vector, also when a crash makes the worker redo this flush
+        misses = self._facts_misses()
         vectors = self.embedder(state).embed(users, salt)
+        if self._facts_misses() != misses:  # a sampled node's facts were not here: due still, after the fetch
+            self.stats.embeddings_waiting_for_facts += len(users)
+            self._waiting_for_facts.update(users)
+            return []
+        self._waiting_for_facts.difference_update(users)
         records = []
         for user, vector in zip(users, vectors, strict=True):
             records.append(EmbeddingRecord(user, self._next_version(state, user), now_ms,
@@ -458,7 +485,11 @@ class Refresher:
         assert self.shards is not None
         started = time.perf_counter()
         try:
-            return await self.shards.gather(wanted, self.candidates.ann_k + ANN_SPARES)
+            gathered = await self.shards.gather(wanted, self.candidates.ann_k + ANN_SPARES)
+            if self.remote_facts is not None:  # the hits' facts, asked now rather than missed by their lists
+                self.remote_facts.want(user for held in gathered.values() for user, _ in held.hits)
+                await self.remote_facts.fetch()
+            return gathered
         finally:
             if locked:
                 self.stats.ann_gather_seconds_locked += time.perf_counter() - started
@@ -502,9 +533,12 @@ class Refresher:
                 user, state, first = int(user_at[position]), states[state_index_at[position]], int(first_at[position])
                 if sharded and user not in self.shards.ready:  # type: ignore[union-attr]
                     continue  # its ANN answer was not gathered: the next slice's prefetch asks for it
+                if user in self._waiting_for_facts:
+                    continue  # a new user's embedding waits for facts (_embed): so does the list that reads it
                 done[position] = True
+                misses = self._facts_misses()
                 try:
-                    out.append(self.rank(state, user, now_ms))
+                    ranked = self.rank(state, user, now_ms)
                 except SourceNotReady:  # its ANN answer no longer fits its vector or exclusions: the next slice
                     done[position] = False
                     self.stats.not_ready += 1
@@ -516,6 +550,13 @@ class Refresher:
                     self.on_user_error("ranking", exc, state, user)
                     state.work.refreshed(user)
                     continue
+                if self._facts_misses() != misses:  # read a remote user not held yet: after the next fetch
+                    done[position] = False
+                    self.stats.lists_waiting_for_facts += 1
+                    if self.lists is not None:  # its kept rows hold the unknowns: a full Stage 1 next time
+                        self.lists.invalidate((user,), "facts")
+                    continue
+                out.append(ranked)
                 state.work.refreshed(user)
                 state.published.put(out[-1][0])
                 self.stats.last_delays_ms.append(now_ms - first)

@@ -383,6 +383,7 @@ class WorkerState:
         whose user's vector or exclusions moved meanwhile waits for the next slice (streams/ann_shards.py)."""
         if self.refresher is None or self.topics is None:
             return 0
+        await self.refresher.fetch_facts()  # reachable globals: what the last slice missed, without the lock
         async with self.lock:
             started, now_ms = time.perf_counter(), int(time.time() * 1000)
             states = [state for p, state in self.owned.items() if p not in self.closing]
@@ -531,11 +532,13 @@ class WorkerState:
     async def _gather_for_flush(self) -> Gathered | None:
         """Sharded ANN: the answers the flush's lists will rank from, gathered with the lock released (the owed
         users and their exclusions read under it); None when the flush ranks no list or nothing is to be gathered
-        (then :meth:`_refresh_outputs` asks under the lock, which finds nothing in one index on this worker)."""
+        (then :meth:`_refresh_outputs` asks under the lock, which finds nothing in one index on this worker).
+        Reachable globals: first, the facts the last lists and embeddings missed, also without the lock."""
         if self.refresher is None or self.topics is None:
             return None
         if not self._flush_ranks(self._input_backlog()):
             return None  # the slices between flushes rank: this flush ranks nothing
+        await self.refresher.fetch_facts()  # reachable globals: what the last lists missed, without the lock
         async with self.lock:
             now_ms = int(time.time() * 1000)
             states = list(self.owned.values())

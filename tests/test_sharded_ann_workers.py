@@ -4,12 +4,18 @@ the lists one replicated worker publishes on the same events, and answer ``/neig
 Each sharded worker's HNSW graph holds its own partitions' users (about a third); Stage 1 gathers every shard's
 top k over HTTP and merges them. On this small network a shard's search with ef_search ≥ its size returns its
 exact top k, so the merge is the exact global top k, which is also what the single worker's one index returns:
-the lists must be equal, item for item."""
+the lists must be equal, item for item.
+
+Run twice: with every worker holding every user's ``user-globals`` records, and with each holding only the remote
+users its lists and embeddings read, fetched from their owners (PYMK_GLOBALS_MODE=reachable,
+streams/remote_facts.py): the same lists either way, GraphSAGE vectors included."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from conftest import free_port
 from pymk.settings import Settings
@@ -21,8 +27,9 @@ from workers import http_get, running_worker, workers_beside_a_reference
 PARTITIONS = 12
 
 
-def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_settings: Settings,
-                                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize("globals_mode", ["replicated", "reachable"])
+def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_settings: Settings, tmp_path: Path,
+                                                                         globals_mode: str) -> None:
     events = small_network(150, seed=13)
     users = users_of(events)
     base = replace(kafka_settings, partitions=PARTITIONS, reembed_min_interval_ms=1000)
@@ -30,8 +37,9 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
     reference = replace(base, topic_prefix=tag, app_id=tag + "-worker", home=tmp_path / "one", web_port=free_port())
     # a peer's answer is waited for longer than the default: on a loaded CI machine a peer busy with a flush may
     # take seconds, and a list built without its shard (the designed answer to a dead peer) is not the same list
-    workers = [replace(base, ann_mode="sharded", ann_shard_timeout_ms=15_000, home=tmp_path / f"worker{i}",
-                       web_port=free_port()) for i in range(3)]
+    workers = [replace(base, ann_mode="sharded", ann_shard_timeout_ms=15_000, globals_mode=globals_mode,
+                       globals_fetch_timeout_ms=15_000, home=tmp_path / f"worker{i}", web_port=free_port())
+               for i in range(3)]
 
     asked = sorted(users)[:40]  # /neighbours of these, from each deployment
 
@@ -74,6 +82,17 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
         # a user whose vector or exclusions moved while its answer was gathered (the lock is released for the
         # gather between flushes) was not ranked from it: its list waited for the next slice's gather
         assert shards["prefetch_misses"] == worker_stats["refresh"]["not_ready"], (shards, worker_stats["refresh"])
+        held = worker_stats["globals"]
+        assert held["mode"] == globals_mode
+        if globals_mode == "reachable":
+            # the remote users' facts came from their owners, every request answered; the topic's other records
+            # were dropped as read
+            refresh = worker_stats["refresh"]
+            waited = refresh["lists_waiting_for_facts"] + refresh["embeddings_waiting_for_facts"]
+            assert held["misses"] > 0 and waited > 0, (held, refresh)  # and what waited is what one worker made
+            assert held["answered_users"] > 0 and held["peer_failures"] == 0 and held["records_dropped"] > 0, held
+        else:
+            assert held["misses"] == 0 and held["records_dropped"] == 0
     assert got.keys() == expected.keys() and len(got) > len(users) // 2
     different = sorted(user for user in got if got[user] != expected[user])
     owners = {p: i for i, worker_stats in enumerate(stats) for p in worker_stats["state"]["partitions"]}
