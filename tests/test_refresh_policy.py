@@ -146,6 +146,7 @@ class CountingRefresher(Refresher):
         self.facts = None
         self._partitions = {}
         self._embed_spent_s = 0.0
+        self._waiting_for_facts: set[int] = set()
         self.list_budget = ListBudget(settings_)
         self.cost_s = cost_s
         self.ranked: list[int] = []
@@ -322,6 +323,9 @@ class SliceRefresher:
 
     async def prefetch_ann(self, states: Any, now_ms: int) -> None:
         pass
+
+    async def fetch_facts(self) -> None:
+        pass  # every user-globals record held: nothing to fetch
 
     def ann_wanted(self, states: Any, now_ms: int) -> list[tuple[int, frozenset[int]]]:
         return []  # one index on the worker: nothing to gather
