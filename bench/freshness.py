@@ -140,6 +140,23 @@ def _ann_gathers(shards: dict[str, Any] | None, refresh: dict[str, Any]) -> dict
                             "peer_failures": shards.get("peer_failures")}}
 
 
+def _held_globals(held: dict[str, Any] | None, refresh: dict[str, Any]) -> dict[str, Any]:
+    """Reachable globals (``PYMK_GLOBALS_MODE=reachable``): the remote users held against the records read, the
+    fetches from their owners (rounds, seconds, bytes), and the lists and embeddings that waited for them; {} when
+    every record is kept."""
+    if not held or held.get("mode") != "reachable":
+        return {}
+    answered = held.get("users_answered") or 0
+    return {"held_globals": {
+        "held_users": held.get("held_users"), "records_kept": held.get("records_kept"),
+        "records_dropped": held.get("records_dropped"), "popular_order_users": held.get("popular_order_users"),
+        "evicted_users": held.get("evicted_users"), "fetches": held.get("fetches"), "users_answered": answered,
+        "fetch_seconds": round(float(held.get("seconds") or 0.0), 2), "bytes_received": held.get("bytes_received"),
+        "bytes_per_user_answered": round(held["bytes_received"] / answered, 1) if answered else None,
+        "peer_failures": held.get("peer_failures"), "lists_waited": refresh.get("lists_waiting_for_facts"),
+        "embeddings_waited": refresh.get("embeddings_waiting_for_facts")}}
+
+
 def _lists_per_core_second(refresh_stats: list[tuple[dict[str, Any], dict[str, Any], Any]],
                            clock: str = "refresh_seconds") -> float | None:
     """Lists per second of the refresher's time: wall (``refresh_seconds``, which also counts the waits for a core
@@ -315,7 +332,8 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         "window_grace_s": window_grace_s,
         **in_window,
         "per_worker_at_window_end": [{**_list_costs(refresh, flush), "gc_pauses": gc,
-                                      **_ann_gathers(page.get("ann_shards"), refresh)}
+                                      **_ann_gathers(page.get("ann_shards"), refresh),
+                                      **_held_globals(page.get("globals"), refresh)}
                                      for (refresh, flush, gc), page in zip(refresh_stats, stats, strict=True)],
         # lists ranked per second of ranking time, summed over the workers (warm-up included): ranking runs on the
         # event loop's one thread, so this is lists per core-second as the worker serves them

@@ -97,6 +97,7 @@ class FetchStats:
     records_merged: int = 0
     peer_requests: int = 0
     peer_failures: int = 0  # requests that failed or timed out (their users are asked again)
+    bytes_received: int = 0  # the peers' answers
     seconds: float = 0.0  # summed wall time of the rounds
     last_round_ms: float = 0.0
 
@@ -126,7 +127,9 @@ class RemoteFacts:
     async def _ask(self, url: str, body: bytes) -> tuple[list[int], list[bytes]]:
         self.stats.peer_requests += 1
         try:
-            return decode_answer(await self.post(url + FACTS_PATH, body, self.timeout_s))
+            answer = await self.post(url + FACTS_PATH, body, self.timeout_s)
+            self.stats.bytes_received += len(answer)
+            return decode_answer(answer)
         except Exception as exc:  # noqa: BLE001 - a dead or slow peer: its users stay asked
             log.warning("facts of %s did not answer: %s", url, exc)
             self.stats.peer_failures += 1
