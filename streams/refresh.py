@@ -425,6 +425,12 @@ class Refresher:
     def _embed(self, state: PartitionState, users: list[int], now_ms: int, salt: int) -> list[EmbeddingRecord]:
         # one salt per model version: sampling is a function of (salt, user, neighbours), so the same state
         # gives the same vector, also when a crash makes the worker redo this flush
+        waiting = [user for user in users if user in self._waiting_for_facts]
+        if waiting and len(waiting) < len(users):
+            # the users that waited first, alone: their nodes were asked for, so a newcomer's miss cannot hold
+            # them back again (a batch that always holds a newcomer would never be published)
+            others = [user for user in users if user not in self._waiting_for_facts]
+            return self._embed(state, waiting, now_ms, salt) + self._embed(state, others, now_ms, salt)
         misses = self._facts_misses()
         vectors = self.embedder(state).embed(users, salt)
         if self._facts_misses() != misses:  # a sampled node's facts were not here: due still, after the fetch

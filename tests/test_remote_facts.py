@@ -155,3 +155,44 @@ def test_a_worker_holding_reachable_globals_publishes_the_lists_of_one_holding_a
         assert held.activity(user) == world.globals.activity(user)
         assert held.profile(user) == world.globals.profile(user)
     assert described["records_kept"] <= 2 * described["answered_users"]  # a degree and a profile record each
+
+
+def test_an_embedding_that_read_a_user_not_held_waits_and_then_equals_the_replicated_one(tmp_path: Path) -> None:
+    """GraphSAGE reads the degree and profile of the nodes it samples around a user: remote ones too. A batch that
+    read one not held publishes nothing (its users stay due); retried, the users that waited go first and alone,
+    so a newcomer in the batch cannot hold them back again; their vectors are a replicated worker's."""
+    import numpy as np
+
+    from pymk.index.embedder import salt_for_version
+
+    world = build_world(tmp_path / "world", 400, partitions=2, seed=3)
+    now = world.event_time_ms
+    local = sorted(world.owned.graph.local_users())
+    first, newcomers = local[:6], local[6:9]
+    replicated = world.refresher()
+    salt = salt_for_version(replicated.models.embedding_model)
+    expected = {r.user: r.vector for r in replicated._embed(world.owned, first + newcomers, now, salt)}
+
+    settings = replace(world.settings, globals_mode="reachable")
+    held = UserGlobals(settings)
+    reachable_world = replace(world, settings=settings, globals=held)
+    refresher = reachable_world.refresher()
+
+    def owner(user: int):  # noqa: ANN202 - the peer's state_for
+        return world.states[1] if world.partition_of(user) == 1 else None
+
+    async def post(url: str, body: bytes, timeout_s: float) -> bytes:
+        return encode_answer(*facts_answer(decode_request(body), owner))
+
+    refresher.remote_facts = RemoteFacts(held, reachable_world.state_of, lambda: ["http://peer"], post, 1.0)
+    assert refresher._embed(world.owned, first, now, salt) == []
+    assert refresher.stats.embeddings_waiting_for_facts == len(first) and held.wanted
+    asyncio.run(refresher.fetch_facts())
+    records = refresher._embed(world.owned, first + newcomers, now, salt)  # the newcomers' nodes: not all held
+    done = {r.user for r in records}
+    assert set(first) <= done
+    asyncio.run(refresher.fetch_facts())
+    records += refresher._embed(world.owned, [u for u in first + newcomers if u not in done], now, salt)
+    assert {r.user: r.vector for r in records}.keys() == expected.keys()
+    for record in records:
+        assert np.array_equal(record.vector, expected[record.user])
