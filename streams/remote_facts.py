@@ -76,8 +76,8 @@ def facts_answer(users: Sequence[int], state_for: StateFor) -> tuple[list[int], 
         if state is None:
             continue
         answered.append(user)
-        row = state.graph.adjacency_row(user)
-        if row.versions:
+        if state.graph.has_user(user):  # (read without caching first: asked of a user no event named, none kept)
+            row = state.graph.adjacency_row(user)
             _, last_ts = state.graph.degree_with_ts(user)
             records.append(degree_record(PartitionGraph.degree_update(user, row, last_ts or 0))[1])
         profile = state.profiles.profile(user)
