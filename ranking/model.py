@@ -221,7 +221,7 @@ class Ranker:
 
     @property
     def evaluator_kernel(self) -> str | None:
-        """Which C kernel scores ("avx512" or "portable"); None on XGBoost."""
+        """Which C kernel scores ("avx512", "avx2" or "portable"); None on XGBoost."""
         self.evaluator  # noqa: B018 - prepares when not yet done
         return self._compiled.kernel if self._compiled is not None else None
 

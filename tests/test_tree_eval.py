@@ -110,6 +110,28 @@ def test_a_500_tree_depth_6_model_scores_as_xgboost() -> None:
     _assert_equal_to_xgboost(booster, _rows(2000, seed=5))
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(line.startswith("flags") and flag in line.split() for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has("avx2"), reason="the CPU has no AVX2: the kernel cannot run here")
+@pytest.mark.parametrize(("trees", "depth", "rows"), [(60, 6, 1003), (50, 4, 37), (30, 1, 130)])
+def test_the_avx2_kernel_scores_as_xgboost(tmp_path: Path, trees: int, depth: int, rows: int) -> None:
+    """Built for AVX2 without AVX-512 (the machines without AVX-512, and these with it, check the same kernel): a
+    level's nodes looked up by register permutes; full and short blocks, missing values, values on the
+    thresholds."""
+    options = EvaluatorOptions(flags=("-O3", "-mavx2"), cache_dir=tmp_path)
+    booster = _train(trees, depth)
+    evaluator, _ = build_evaluator(booster, options)
+    assert evaluator is not None and evaluator.kernel == "avx2"
+    x = np.concatenate([_rows(rows, seed=9, missing=0.4), self_check_rows(convert_booster(booster), 300, seed=4),
+                        np.full((3, N_FEATURES), np.nan)])
+    _assert_equal_to_xgboost(booster, x, options)
+
+
 def test_the_portable_kernel_scores_as_xgboost(tmp_path: Path) -> None:
     """Built without -march=native (no AVX-512): the plain C loop that other machines run."""
     options = EvaluatorOptions(flags=("-O3",), cache_dir=tmp_path)
@@ -123,7 +145,7 @@ def test_the_portable_kernel_scores_as_xgboost(tmp_path: Path) -> None:
 def test_ranker_routes_predict_margin_and_explain_through_the_evaluator() -> None:
     ranker = Ranker(_train(80, 6), {"version": "test", "feature_names": list(FEATURE_NAMES)})
     x = _rows(500, seed=6)
-    assert ranker.evaluator == COMPILED_C and ranker.evaluator_kernel in ("avx512", "portable")
+    assert ranker.evaluator == COMPILED_C and ranker.evaluator_kernel in ("avx512", "avx2", "portable")
     np.testing.assert_allclose(ranker.margin(x), ranker.booster.inplace_predict(x, predict_type="margin"),
                                rtol=0, atol=MARGIN_ATOL)
     np.testing.assert_allclose(ranker.predict(x), ranker.booster.inplace_predict(x), rtol=0, atol=PROBABILITY_ATOL)
