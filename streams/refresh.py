@@ -290,6 +290,7 @@ class Refresher:
                 self.facts.clear()  # a user now local was read from user-globals, or the other way round
             if self.lists is not None:
                 self.lists.clear()  # a partition that comes back was changed elsewhere meanwhile
+            self._waiting_for_facts.clear()  # a waiting user's partition may have gone: due again where it is
         self._partitions = partitions
 
     # ---- 2. embeddings ---------------------------------------------------------------------------------------------
@@ -333,6 +334,7 @@ class Refresher:
             # and under which stale vector, would depend on whether a flush happened to embed it in between.
             for u in sorted(set(due) - set(users)):
                 state.work.embedded(u)
+                self._waiting_for_facts.discard(u)  # nothing to embed from any more: its list need not wait
                 previous = state.embeddings.get(u)
                 if (previous is not None and previous.vector.size) or (previous is None and u in self.index):
                     deletion = EmbeddingRecord(u, self._next_version(state, u), now_ms, self.models.embedding_model,
@@ -539,7 +541,7 @@ class Refresher:
                 user, state, first = int(user_at[position]), states[state_index_at[position]], int(first_at[position])
                 if sharded and user not in self.shards.ready:  # type: ignore[union-attr]
                     continue  # its ANN answer was not gathered: the next slice's prefetch asks for it
-                if user in self._waiting_for_facts:
+                if user in self._waiting_for_facts and state.embeddings.get(user) is None:
                     continue  # a new user's embedding waits for facts (_embed): so does the list that reads it
                 done[position] = True
                 misses = self._facts_misses()
