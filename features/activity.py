@@ -10,6 +10,7 @@ independent of the order of the edges), so every holder of the same edges comput
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Sequence
 
@@ -146,3 +147,67 @@ class ActivityLeaderboard:
         threshold = float(np.partition(keys, at)[at])
         self._threshold = threshold
         self._leaders = set(chosen[keys >= threshold].tolist())
+
+    def top_entries(self, k: int) -> list[PopularEntry]:
+        """:meth:`top` with each user's order key and degree (a partition's list, :class:`MergedTops`)."""
+        slot = self._slot
+        return [(user, float(self._keys[slot[user]]), int(self._degrees[slot[user]])) for user in self.top(k)]
+
+
+PopularEntry = tuple[int, float, int]  # (user, weekly-activity order key, degree): ActivityLeaderboard's order
+
+
+def _order(entry: PopularEntry) -> tuple[float, int, int]:
+    return -entry[1], -entry[2], entry[0]
+
+
+class MergedTops:
+    """The most active users of the whole graph from each partition's top users, as their owners publish them
+    (``PYMK_GLOBALS_MODE=reachable``: a worker then need not keep every user's activity): the k-way merge of the
+    partitions' lists, each already in :class:`ActivityLeaderboard`'s order.
+
+    Exact as far as it answers: a partition's list is either all its users with activity (``complete``) or its
+    best ones, and then every user it left out comes after its last entry. So the merge is the global order up to
+    the first entry that comes after some cut list's last one (the *limit*); a query for more than that gets the
+    exact prefix only, and is counted (``answers_cut``). A user's global rank r is in its partition's list once
+    that list holds more than the partition's share of the top r: lists of a few dozen cover the popular walk."""
+
+    def __init__(self) -> None:
+        self._tops: dict[int, tuple[int, list[PopularEntry], bool]] = {}  # partition → (version, entries, complete)
+        self._limit: tuple[float, int, int] | None = None  # the order key past which the merge is not exact
+        self._changed = True
+        self._cached: tuple[int, list[int]] | None = None  # (k, answer) since the last change
+        self.answers_cut = 0
+
+    def put(self, partition: int, version: int, entries: Sequence[PopularEntry], complete: bool) -> bool:
+        """A partition's list; an older version than the one held is ignored. Whether it changed anything."""
+        held = self._tops.get(partition)
+        if held is not None and held[0] >= version:
+            return False
+        self._tops[partition] = (version, sorted(entries, key=_order), complete)
+        self._changed = True
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(entries) for _, entries, _ in self._tops.values())
+
+    def top(self, k: int) -> list[int]:
+        if self._changed:
+            cuts = [_order(entries[-1]) for _, entries, complete in self._tops.values() if not complete and entries]
+            self._limit = min(cuts) if cuts else None
+            self._cached = None
+            self._changed = False
+        if self._cached is not None and self._cached[0] >= k:
+            return self._cached[1][:k]
+        out: list[int] = []
+        if k > 0:
+            for entry in heapq.merge(*(entries for _, entries, _ in self._tops.values()), key=_order):
+                if self._limit is not None and _order(entry) > self._limit:
+                    break
+                out.append(entry[0])
+                if len(out) == k:
+                    break
+            if len(out) < k and self._limit is not None:  # users left out of a cut list may come next
+                self.answers_cut += 1
+        self._cached = (k, out)
+        return out

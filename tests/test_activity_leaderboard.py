@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymk.features.activity import DAY_MS, ActivityLeaderboard, activity_rank_key
+from pymk.features.activity import DAY_MS, ActivityLeaderboard, MergedTops, activity_rank_key
 
 
 def brute_force_top(held: dict[int, tuple[float, int]], k: int) -> list[int]:
@@ -89,3 +89,35 @@ def test_an_older_record_does_not_move_a_user() -> None:
     assert board.top(2) == [2, 1]
     board.update(1, (1.0, 9.0, 1.0), DAY_MS, 3, version=11)
     assert board.top(2) == [1, 2]
+
+
+@given(st.lists(_update, min_size=1, max_size=80), st.integers(1, 5), st.integers(1, 6), st.integers(1, 40))
+@settings(max_examples=300, deadline=None)
+def test_merged_partition_tops_are_the_global_order_as_far_as_they_answer(
+        updates: list[tuple[int, float, int, int]], partitions: int, per_partition: int, k: int) -> None:
+    """Each partition's board publishes its best ``per_partition`` users; the merge answers with the global
+    order's first k, or with a shorter exact prefix (counted) when a cut list may hide a user before the k-th."""
+    everyone = ActivityLeaderboard()
+    boards = [ActivityLeaderboard() for _ in range(partitions)]
+    for user, weekly, anchor_days, degree in updates:
+        values = (weekly, weekly, weekly)
+        everyone.update(user, values, anchor_days * DAY_MS, degree)
+        boards[user % partitions].update(user, values, anchor_days * DAY_MS, degree)
+    merged = MergedTops()
+    for partition, board in enumerate(boards):
+        entries = board.top_entries(per_partition + 1)
+        merged.put(partition, 1, entries[:per_partition], complete=len(entries) <= per_partition)
+    expected = everyone.top(k)
+    got = merged.top(k)
+    assert got == expected[: len(got)]
+    assert len(got) == len(expected) or merged.answers_cut == 1
+    if all(len(board.top(per_partition + 1)) <= per_partition for board in boards):  # nothing cut: all of it
+        assert got == expected
+
+
+def test_a_partitions_older_list_is_ignored() -> None:
+    merged = MergedTops()
+    assert merged.put(0, 5, [(1, 2.0, 3)], complete=True)
+    assert not merged.put(0, 4, [(2, 9.0, 3)], complete=True)
+    assert merged.top(5) == [1]
+    assert merged.put(0, 6, [(2, 9.0, 3), (1, 2.0, 3)], complete=True) and merged.top(5) == [2, 1]
