@@ -139,6 +139,9 @@ class Settings:
     # reachable: at most this many remote users held (the ones answered longest ago are dropped, and fetched again
     # when read); 0: no bound. Keep it well above one slice's candidates (thousands), or lists wait on each other.
     globals_held_max_users: int = 0
+    # reachable: the popular order comes from each partition's this many most active users, published by its owner
+    # (features/activity.py, MergedTops), instead of every user's degree record
+    globals_popular_per_partition: int = 64
     ann_m: int = 32
     ann_ef_construction: int = 200
     ann_ef_search: int = 128

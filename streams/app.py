@@ -148,7 +148,9 @@ class PymkApp:
                                  backlog_of=lambda: self.progress.backlog(),
                                  between_flushes_max_backlog=(settings.refresh_keeping_up_backlog if between_flushes
                                                               else None),
-                                 error_listener=self.metrics.internal_error)
+                                 error_listener=self.metrics.internal_error,
+                                 partition_tops=(settings.globals_popular_per_partition
+                                                 if settings.globals_mode == "reachable" else 0))
         # how far the state is behind its input (reads faust's consumer internals: the one module that does)
         self.progress = InputProgress(self.app, self.state,
                                       [topic.get_topic_name() for topic in (*self.input_topics.values(),

@@ -87,6 +87,15 @@ def degree_record(update: DegreeUpdate) -> tuple[bytes, bytes]:
     return f"d:{update.user}".encode(), json.dumps(value, separators=(",", ":")).encode()
 
 
+def popular_record(partition: int, version: int, entries: list[tuple[int, float, int]],
+                   complete: bool) -> tuple[bytes, bytes]:
+    """(key, value) of a partition's most active users in the user-globals topic (``PYMK_GLOBALS_MODE=reachable``):
+    (user, weekly-activity order key, degree) best first, and whether they are all of its users with activity."""
+    value = {"kind": "popular", "partition": partition, "version": version, "complete": complete,
+             "users": [list(entry) for entry in entries]}
+    return f"t:{partition}".encode(), json.dumps(value, separators=(",", ":")).encode()
+
+
 def profile_record(user: int, profile: dict[str, Any], field_ts: dict[str, int]) -> tuple[bytes, bytes]:
     """(key, value) of a user's whole current profile, with the ts of each field, in the user-globals topic.
     Its version, Σ (field ts + 1), grows with every field change (per-field ts only ever grow)."""

@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pymk.events import Profile
-from pymk.features.activity import ActivityLeaderboard
+from pymk.features.activity import ActivityLeaderboard, MergedTops
 from pymk.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class UserGlobals:
         self._activity: dict[int, tuple[tuple[float, ...], int]] = {}
         self._profiles: dict[int, tuple[Profile, dict[str, int], int]] = {}  # user → (profile, field ts, version)
         self.leaderboard = ActivityLeaderboard()  # the most active users (Stage 1's "popular" source)
+        # reachable: the same order from each partition's most active users, as their owners publish them
+        self.tops = MergedTops()
         self.offsets: dict[int, int] = {}  # partition → next offset to read (shown by /stats: how far it has read)
         self.listeners: list[Callable[[int], None]] = []  # called with the user of every record that changed
         # PYMK_GLOBALS_MODE=reachable (streams/remote_facts.py): the records kept are those of the held users, the
@@ -65,16 +67,17 @@ class UserGlobals:
         self.evicted = 0
         self.wanted: set[int] = set()  # read, not answered yet: the next fetch asks for them
         self.misses = 0  # reads of a user not answered yet
-        self.records_dropped = 0  # records of users not held, dropped as read (the popular order took them)
+        self.records_dropped = 0  # records of users not held, dropped as read
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def merge_record(self, raw: bytes) -> bool:
         data = json.loads(raw)
+        if data["kind"] == "popular":  # a partition's most active users (reachable: the popular order)
+            return self.tops.put(int(data["partition"]), int(data["version"]),
+                                 [(int(u), float(key), int(degree)) for u, key, degree in data["users"]],
+                                 bool(data["complete"]))
         user, version = int(data["user"]), int(data["version"])
         if self.reachable_only and user not in self._held:
-            if data["kind"] == "degree" and "last_ts" in data:  # every user's, for the popular order
-                self.leaderboard.update(user, tuple(float(x) for x in data["activity"]), int(data["last_ts"]),
-                                        int(data["degree"]), version)
             self.records_dropped += 1
             return False
         if data["kind"] == "degree":
@@ -152,7 +155,9 @@ class UserGlobals:
         return {"mode": "reachable" if self.reachable_only else "replicated", "held_users": len(self._held),
                 "answered_users": len(self._answered), "wanted_users": len(self.wanted), "misses": self.misses,
                 "records_dropped": self.records_dropped, "evicted_users": self.evicted,
-                "records_kept": len(self._degrees) + len(self._profiles), "popular_order_users": len(self.leaderboard)}
+                "records_kept": len(self._degrees) + len(self._profiles),
+                "popular_order_users": len(self.tops) if self.reachable_only else len(self.leaderboard),
+                "popular_answers_cut": self.tops.answers_cut}
 
     # ---- reads ------------------------------------------------------------------------------------------------
     def degree(self, user: int) -> tuple[int, int | None]:
@@ -169,8 +174,9 @@ class UserGlobals:
         return self._activity.get(user)
 
     def most_active(self, k: int) -> list[int]:
-        """The k users with the highest weekly connection activity, best first (ActivityLeaderboard order)."""
-        return self.leaderboard.top(k)
+        """The k users with the highest weekly connection activity, best first (ActivityLeaderboard order);
+        reachable: from the partitions' lists, which may answer fewer (MergedTops)."""
+        return self.tops.top(k) if self.reachable_only else self.leaderboard.top(k)
 
     def profile(self, user: int) -> tuple[Profile | None, dict[str, int]]:
         if self._missing(user):

@@ -3,8 +3,10 @@
 Replicated (the default), every worker keeps every user's ``user-globals`` records: ~600 bytes a user on each
 worker, 600 GB at 10⁹ users (docs/capacity.md). Reachable, a worker keeps only the remote users its lists and
 embeddings have read — the candidates of its users (2-hop, ANN, popular) and the nodes GraphSAGE samples around
-them — and the topic, still read in full, keeps those current; every other record is dropped as it is read
-(the popular order still takes every degree record, features/activity.py). ``PYMK_GLOBALS_HELD_MAX_USERS``
+them — and the topic, still read in full, keeps those current; every other record is dropped as it is read. The
+popular order comes from each partition's most active users, which its owner publishes to the same topic when
+they change (streams/state.py ``popular_record_of``; merged by features/activity.py ``MergedTops``), instead of
+every user's degree record. ``PYMK_GLOBALS_HELD_MAX_USERS``
 bounds them: past it the users answered longest ago are dropped, and fetched again when read.
 
 A read of a remote user not held yet answers "unknown" and counts a miss (:class:`~pymk.streams.globals.UserGlobals`);

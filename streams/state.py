@@ -43,18 +43,19 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pymk.events import DeadLetter, Impression, Recommendations, unshown_sample_to_json
+from pymk.features.activity import ActivityLeaderboard, PopularEntry
 from pymk.features.behaviour import PartitionBehaviour
-from pymk.features.graph import EdgeHalf, MirrorUpdate, PartitionGraph, version_ts
+from pymk.features.graph import DegreeUpdate, EdgeHalf, MirrorUpdate, PartitionGraph, version_ts
 from pymk.features.keyspace import EVENT_TIME, OFFSETS  # the rows: features/keyspace.py
 from pymk.features.profile import ProfileStore
 from pymk.features.storage import CacheBudget, CachedRowHolder, RocksMemory, RocksRowStore, RowHolder
-from pymk.streams.codec import Message, degree_record, encode_partition_batches, profile_record
+from pymk.streams.codec import Message, degree_record, encode_partition_batches, popular_record, profile_record
 from pymk.streams.errors import InternalErrors
 from pymk.streams.work import EmbeddingStore, PendingWork, PublishedLists
 
@@ -96,6 +97,10 @@ class PartitionState:
     forced_refresh: set[int] = field(default_factory=set)  # `pymk refresh` commands since the last flush
     forced_reembed: set[int] = field(default_factory=set)
     cache_budget: CacheBudget = field(default_factory=lambda: CacheBudget(max_bytes=1 << 62))
+    # reachable globals: the partition's users by weekly activity, and the list last published (popular_record_of)
+    popular: ActivityLeaderboard | None = None
+    popular_published: tuple[list[PopularEntry], bool] | None = None
+    popular_version: int = 0
 
     @classmethod
     def open(cls, partition: int, partitions: int, path: Path, partition_of: Callable[[int], int],
@@ -206,6 +211,30 @@ class FlushStats:
     messages_between_flushes: int = 0  # outbox messages sent between flushes (WorkerState.refresh_now)
 
 
+def popular_record_of(state: PartitionState, degree_updates: Sequence[DegreeUpdate], per_partition: int,
+                      now_ms: int) -> tuple[bytes, bytes] | None:
+    """The partition's most active users as a user-globals record (codec.popular_record), when they differ from
+    the last published: its board, built from the partition's users at the first call (a partition just opened
+    publishes once), follows the degree updates this flush sends. Versioned by the wall clock (at least one more
+    than the last), so a partition's new owner after a rebalance supersedes the old one's list."""
+    board = state.popular
+    if board is None:
+        board = state.popular = ActivityLeaderboard()
+        for user in state.graph.local_users():
+            held = state.graph.connection_activity(user)
+            if held is not None:
+                board.update(user, held[0], held[1], state.graph.degree(user))
+    for update in degree_updates:
+        board.update(update.user, update.activity, update.last_ts, update.degree, update.version)
+    entries = board.top_entries(per_partition + 1)
+    top = (entries[:per_partition], len(entries) <= per_partition)
+    if top == state.popular_published:
+        return None
+    state.popular_published = top
+    state.popular_version = max(now_ms, state.popular_version + 1)
+    return popular_record(state.partition, state.popular_version, *top)
+
+
 class WorkerState:
     """The partitions a worker owns, the events applied since the last flush, and the flush itself."""
 
@@ -216,8 +245,10 @@ class WorkerState:
                  materialise_common: bool = True, hub_degree: int = 0,
                  topics: OutputTopics | None = None, backlog_of: Callable[[], int] | None = None,
                  between_flushes_max_backlog: int | None = None,
-                 error_listener: Callable[[str], None] | None = None) -> None:
+                 error_listener: Callable[[str], None] | None = None, partition_tops: int = 0) -> None:
         self.state_dir = state_dir
+        # reachable globals: each partition's this many most active users go to user-globals (popular_record_of)
+        self.partition_tops = partition_tops
         self.partitions = partitions
         self.partition_of = partition_of
         self.messages_topic = messages_topic
@@ -512,6 +543,10 @@ class WorkerState:
                 outgoing.extend((self.messages_topic, str(target).encode(), raw, target)
                                 for raw in encode_partition_batches(state.partition, messages))
             outgoing.extend((self.globals_topic, *degree_record(update), None) for update in degree_updates)
+            if self.partition_tops:
+                record = popular_record_of(state, degree_updates, self.partition_tops, int(time.time() * 1000))
+                if record is not None:
+                    outgoing.append((self.globals_topic, *record, None))
             for user in state.changed_profiles:
                 profile = state.profiles.profile(user)
                 if profile is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from pymk.bench.worker_list import build_world
 from pymk.features.graph import DegreeUpdate
 from pymk.settings import Settings
-from pymk.streams.codec import degree_record, profile_record
+from pymk.streams.codec import degree_record, popular_record, profile_record
 from pymk.streams.globals import UserGlobals
 from pymk.streams.remote_facts import (
     RemoteFacts,
@@ -25,6 +25,7 @@ from pymk.streams.remote_facts import (
     encode_request,
     facts_answer,
 )
+from pymk.streams.state import popular_record_of
 
 
 def degree_raw(user: int, degree: int, version: int) -> bytes:
@@ -38,7 +39,10 @@ def test_records_of_users_not_held_are_dropped_and_a_read_asks_for_the_user(tmp_
     held.merge_record(degree_raw(7, 3, 10))
     held.merge_record(profile_record(7, {"company": "Acme"}, {"company": 5})[1])
     assert held.records_dropped == 2 and held.describe_held()["records_kept"] == 0
-    assert held.most_active(5) == [7]  # the popular order takes every degree record
+    # the popular order comes from the partitions' lists their owners publish, not from the records dropped
+    assert held.most_active(5) == []
+    held.merge_record(popular_record(0, 1, [(7, 1.5, 3)], complete=True)[1])
+    assert held.most_active(5) == [7] and held.describe_held()["records_kept"] == 0
     # a read of a user not answered: unknown, a miss, and the user is asked for
     assert held.degree(7) == (0, None) and held.profile(7) == (None, {}) and held.activity(7) is None
     assert held.misses == 3 and held.wanted == {7}
@@ -123,6 +127,12 @@ def test_a_worker_holding_reachable_globals_publishes_the_lists_of_one_holding_a
     for raw in topic:  # the topic read in full: nobody's record kept
         held.merge_record(raw)
     assert held.describe_held()["records_kept"] == 0
+    # the popular order: each partition's owner publishes its most active users
+    for state in world.states.values():
+        record = popular_record_of(state, [], settings.globals_popular_per_partition, now)
+        assert record is not None
+        held.merge_record(record[1])
+    assert held.most_active(50) == world.globals.most_active(50)
     reachable_world = replace(world, settings=settings, globals=held)
     refresher = reachable_world.refresher()
     asked: list[list[int]] = []
@@ -196,3 +206,22 @@ def test_an_embedding_that_read_a_user_not_held_waits_and_then_equals_the_replic
     assert {r.user: r.vector for r in records}.keys() == expected.keys()
     for record in records:
         assert np.array_equal(record.vector, expected[record.user])
+
+
+def test_a_partition_publishes_its_most_active_users_when_they_change(tmp_path: Path) -> None:
+    world = build_world(tmp_path / "world", 300, partitions=2, seed=3)
+    state = world.states[0]
+    first = popular_record_of(state, [], 5, 1_000)
+    assert first is not None and first[0] == b"t:0"
+    body = json.loads(first[1])
+    assert body["kind"] == "popular" and body["version"] == 1_000 and not body["complete"] and len(body["users"]) == 5
+    assert [u for u, _, _ in body["users"]] == [
+        u for u in world.globals.leaderboard.top(300) if world.partition_of(u) == 0][:5]
+    assert popular_record_of(state, [], 5, 2_000) is None  # nothing moved: nothing sent
+    outsider = next(u for u in sorted(state.graph.local_users()) if u not in {u for u, _, _ in body["users"]})
+    later = world.event_time_ms + 86_400_000  # a burst of connections a day after the network's last event
+    busy = DegreeUpdate(outsider, 50, 10**12, later, later, (90.0, 90.0, 90.0))
+    second = popular_record_of(state, [busy], 5, 500)  # a wall clock behind the last version: one more than it
+    assert second is not None
+    body = json.loads(second[1])
+    assert body["users"][0][0] == outsider and body["version"] == 1_001
