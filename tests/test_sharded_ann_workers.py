@@ -91,6 +91,8 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
             waited = refresh["lists_waiting_for_facts"] + refresh["embeddings_waiting_for_facts"]
             assert held["misses"] > 0 and waited > 0, (held, refresh)  # and what waited is what one worker made
             assert held["answered_users"] > 0 and held["peer_failures"] == 0 and held["records_dropped"] > 0, held
+            # the popular order from the partitions' lists (each partition's users all listed here: none cut)
+            assert held["popular_order_users"] > 0 and held["popular_answers_cut"] == 0, held
         else:
             assert held["misses"] == 0 and held["records_dropped"] == 0
     assert got.keys() == expected.keys() and len(got) > len(users) // 2
