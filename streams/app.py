@@ -123,8 +123,7 @@ class PymkApp:
         # reachable globals: remote users' facts asked of their owners (streams/remote_facts.py)
         self.remote_facts: RemoteFacts | None = None
         if settings.globals_mode == "reachable":
-            self.remote_facts = RemoteFacts(self.globals, lambda user: self.state.state_for(self.partition_of(user)),
-                                            self._shard_peers, self._post_bytes,
+            self.remote_facts = RemoteFacts(self.globals, self.state_of_user, self._shard_peers, self._post_bytes,
                                             settings.globals_fetch_timeout_ms / 1000.0)
             if self.refresher is not None:
                 self.refresher.remote_facts = self.remote_facts
@@ -361,6 +360,10 @@ class PymkApp:
 
 
     # ---- reads for ranking (any user: the local partition's state, else user-globals) -----------------------------
+    def state_of_user(self, user: int) -> PartitionState | None:
+        """The state of the user's partition when this worker owns it (else None: read from user-globals)."""
+        return self.state.state_for(self.partition_of(user))
+
     def degree_value(self, user: int) -> int:
         """Any user's degree, the cheap way (ranking reads it for thousands of candidates per list)."""
         state = self.state.state_for(self.partition_of(user))

@@ -54,6 +54,7 @@ class DebugViews:
         self.index = worker.index
         self.shards = worker.debug_shards  # sharded ANN: /neighbours gathers every shard's answer
         self.remote_facts = worker.remote_facts  # reachable globals: the pages fetch what they miss
+        self.state_of_user = worker.state_of_user
         self.globals = worker.globals
         self.models = worker.models
         self.refresher = worker.refresher
@@ -240,7 +241,7 @@ class DebugViews:
         ``user-globals`` records as of now (what a worker in ``PYMK_GLOBALS_MODE=reachable`` asks its peers)."""
         from faust.web import View
 
-        state_for = self.state_for_user
+        state_for = self.state_of_user
 
         class Facts(View):
             async def post(self, request: Any) -> Any:
@@ -248,9 +249,6 @@ class DebugViews:
                 return self.bytes(encode_facts_answer(answered, records), content_type="application/json")
 
         self.app.page(FACTS_PATH)(Facts)
-
-    def state_for_user(self, user: int) -> Any:
-        return self.state.state_for(self.partition_of(user))
 
     def register(self) -> None:
         """Add the pages to the faust app's web server."""

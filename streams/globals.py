@@ -88,7 +88,8 @@ class UserGlobals:
             if "last_ts" in data:
                 values, anchor = tuple(float(x) for x in data["activity"]), int(data["last_ts"])
                 self._activity[user] = (values, anchor)
-                self.leaderboard.update(user, values, anchor, int(data["degree"]), version)
+                if not self.reachable_only:  # reachable: the popular order is the partitions' lists (self.tops)
+                    self.leaderboard.update(user, values, anchor, int(data["degree"]), version)
         else:
             current_profile = self._profiles.get(user)
             if current_profile is not None and current_profile[2] >= version:
@@ -118,9 +119,13 @@ class UserGlobals:
         lists that read them are ranked)."""
         if self.reachable_only:
             for user in users:
-                if user not in self._held:
-                    self._held.add(user)
-                    self.wanted.add(user)
+                self._ask(user)
+
+    def _ask(self, user: int) -> None:
+        """Keep the user's records from now on, and ask for it at the next fetch, unless already held."""
+        if user not in self._held:
+            self._held.add(user)
+            self.wanted.add(user)
 
     def _evict(self, count: int, keep: set[int]) -> None:
         """Drop the ``count`` users answered longest ago (never those of the answer just merged: the lists about to
@@ -146,9 +151,7 @@ class UserGlobals:
         if not self.reachable_only or user in self._answered:
             return False
         self.misses += 1
-        if user not in self._held:
-            self._held.add(user)
-            self.wanted.add(user)
+        self._ask(user)
         return True
 
     def describe_held(self) -> dict[str, Any]:
