@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,8 @@ class MemorySource:
         self.max_item_fanout = max_item_fanout
         self.dim = dim
         self.adjacency: dict[int, set[int]] = {}
-        self.profiles: dict[int, Profile] = {}
+        # Every write (set_profile, or a test's direct edit) also sets the user's profile identity column
+        self.profiles: dict[int, Profile] = _ProfileMap(self._profile_written)
         self.views_out: dict[int, dict[int, set[int]]] = {}  # viewer → viewed → {ts}
         self.views_in: dict[int, dict[int, set[int]]] = {}  # viewed → viewer → {ts}
         # user → other → (views out, views in, latest either way): profile_views' answer, kept up to date by
@@ -105,6 +107,7 @@ class MemorySource:
         self._rows = IdIndex()
         self._degree_col = np.zeros(1024, np.int64)
         self._activity_slot_col = np.zeros(1024, np.int64)
+        self._profile_identity_col = np.full(1024, id(None), np.uint64)  # ProfileIdentitySource
         self._embedding_col: np.ndarray | None = None  # row → row of _embedding_matrix, -1 without one
         # ChangeStampSource: a counter bumped by every change, and per user (row) the counter at its latest change of
         # degree, activity, embedding or profile; per user and per item the latest change of views and engagements.
@@ -128,6 +131,8 @@ class MemorySource:
                 self._degree_col = np.concatenate([self._degree_col, np.zeros_like(self._degree_col)])
                 self._activity_slot_col = np.concatenate([self._activity_slot_col,
                                                           np.zeros_like(self._activity_slot_col)])
+                self._profile_identity_col = np.concatenate([self._profile_identity_col,
+                                                             np.full_like(self._profile_identity_col, id(None))])
                 self._stamp_cols = {part: np.concatenate([column, np.zeros_like(column)])
                                     for part, column in self._stamp_cols.items()}
             self._stamp += 1
@@ -140,6 +145,10 @@ class MemorySource:
         row = self._row(user)  # first: it may grow the columns
         self._stamp += 1
         self._stamp_cols[part][row] = self._part_latest[part] = self._stamp
+
+    def _profile_written(self, user: int, profile: Profile | None) -> None:
+        row = self._row(user)  # first: it may grow the columns
+        self._profile_identity_col[row] = id(profile)
 
     def _set_degree(self, user: int) -> None:
         row = self._row(user)  # first: it may grow the columns
@@ -447,6 +456,10 @@ class MemorySource:
     def profiles_of(self, ids: np.ndarray) -> list[Profile | None]:
         return self.many_profiles(ids.tolist())
 
+    # ---- ProfileIdentitySource -----------------------------------------------------------------------------------
+    def profile_identities_of(self, ids: np.ndarray) -> np.ndarray:
+        return self._profile_identity_col[self._rows.rows(ids)]
+
     def activity_table_of(self, ids: np.ndarray) -> ActivityTable:
         slots = self._activity_slot_col[self._rows.rows(ids)]
         return ActivityTable(self._activity_values[slots], self._activity_anchors[slots], slots > 0)
@@ -542,3 +555,45 @@ class MemorySource:
             index = index[np.argpartition(-scores[index], k - 1)[:k]]
         index = index[np.lexsort((ids[index], -scores[index]))]
         return [(int(ids[i]), float(scores[i])) for i in index]
+
+
+class _ProfileMap(dict[int, Profile]):
+    """MemorySource's profiles by user: a dict (reads at C speed) that reports every write and removal, so the
+    source's profile identity column (:class:`~pymk.ranking.source.ProfileIdentitySource`) never goes stale."""
+
+    def __init__(self, written: Callable[[int, Profile | None], None]) -> None:
+        super().__init__()
+        self._written = written
+
+    def __setitem__(self, user: int, profile: Profile) -> None:
+        super().__setitem__(user, profile)
+        self._written(user, profile)
+
+    def __delitem__(self, user: int) -> None:
+        super().__delitem__(user)
+        self._written(user, None)
+
+    def pop(self, user: int, *default: Any) -> Any:
+        present = user in self
+        value = super().pop(user, *default)
+        if present:
+            self._written(user, None)
+        return value
+
+    def setdefault(self, user: int, profile: Profile) -> Profile:  # type: ignore[override]
+        if user not in self:
+            self[user] = profile
+        return self[user]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for user, profile in dict(*args, **kwargs).items():
+            self[user] = profile
+
+    def popitem(self) -> tuple[int, Profile]:
+        user, profile = super().popitem()
+        self._written(user, None)
+        return user, profile
+
+    def clear(self) -> None:
+        for user in list(self):
+            del self[user]

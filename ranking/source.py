@@ -160,6 +160,22 @@ class IdArraySource(Protocol):
 
 
 @runtime_checkable
+class ProfileIdentitySource(Protocol):
+    """Optional, with :class:`IdArraySource`: which profile object each user holds now, as its ``id()`` (``id(None)``
+    without one), in one gather. The feature matrix's profile cache parsed most candidates' profiles before; it
+    compares these identities with the objects it parsed and fetches only the users whose differ, instead of
+    2,000 profile objects a list. The source keeps each current profile object alive, so an equal id is the same
+    object."""
+
+    def profile_identities_of(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids),) uint64."""
+        ...
+
+    def profiles_of(self, ids: np.ndarray) -> list[Profile | None]:
+        ...
+
+
+@runtime_checkable
 class TwoHopArraySource(Protocol):
     """Optional: :meth:`RankingSource.two_hop` and :meth:`ResourceAllocationSource.two_hop_resource_allocation` as
     arrays ordered by id, the same values (Stage 1 works on arrays; building the maps cost a Python step per

@@ -343,6 +343,27 @@ void kept_rows_as_of(int64_t m, const double *values, const int64_t *anchors, co
                   block + 5 * i, until == NULL ? NULL : until + i);
 }
 
+/* The candidate activity columns of a full list (ranking/features.py candidate_activity_columns) written into its
+ * feature matrix x (row-major, `stride` doubles a row) from column `col`: the three counts decayed to as_of and the
+ * days since the latest change (NaN when unknown). libm's exp, so the bits of math.exp that the Python path uses;
+ * the division of the exact doubles -age and tau rounds as Python's int true division does. */
+void activity_columns(int64_t m, const double *values, const int64_t *anchors, const uint8_t *known, int64_t as_of,
+                      const int64_t *taus, double *x, int64_t stride, int64_t col) {
+    for (int64_t i = 0; i < m; i++) {
+        double *row = x + i * stride + col;
+        if (!known[i]) {
+            row[0] = row[1] = row[2] = 0.0;
+            row[3] = NAN;
+            continue;
+        }
+        int64_t age = as_of - anchors[i];
+        if (age < 0) age = 0;
+        for (int j = 0; j < 3; j++) row[j] = values[3 * i + j] * exp((double)(-age) / (double)taus[j]);
+        double since = (double)as_of - (double)anchors[i];
+        row[3] = (since < 0.0 ? 0.0 : since) / 86400000.0;
+    }
+}
+
 /* kept_rows_as_of for the rows `rows` of a kept list's whole arrays (values: n x 3, the others n), written straight
  * into its feature matrix x (row-major, `stride` doubles a row): the three counts and days since at columns
  * col_activity.., the recency at col_recency. Saves the caller a gather of five arrays and two scatters. */

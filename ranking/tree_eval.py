@@ -271,6 +271,10 @@ def load_library(path: Path) -> ctypes.CDLL:
             library.kept_rows_as_of_at.argtypes = [ctypes.c_int64, *[pointer] * 6, ctypes.c_int64, *[pointer] * 4,
                                                    *[ctypes.c_int64] * 3, pointer]
             library.kept_rows_as_of_at.restype = None
+            # m, values, anchors, known, as_of, taus, x, stride, col
+            library.activity_columns.argtypes = [ctypes.c_int64, *[pointer] * 3, ctypes.c_int64, pointer, pointer,
+                                                 ctypes.c_int64, ctypes.c_int64]
+            library.activity_columns.restype = None
             # n, ids, m, middles, sizes, others, band_upper, n_upper, out, stride
             library.structure_columns.argtypes = [ctypes.c_int64, pointer, ctypes.c_int64, *[pointer] * 4,
                                                   ctypes.c_int32, pointer, ctypes.c_int64]

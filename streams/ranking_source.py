@@ -186,6 +186,12 @@ class WorkerRankingSource:
             return self.facts.profiles_of(ids)
         return self.many_profiles(ids.tolist())
 
+    def profile_identities_of(self, ids: np.ndarray) -> np.ndarray:  # ProfileIdentitySource
+        if self.facts is not None:
+            return self.facts.profile_identities_of(ids)
+        profiles = self.profiles_of(ids)
+        return np.fromiter(map(id, profiles), np.uint64, len(profiles))
+
     def activity_table_of(self, ids: np.ndarray) -> ActivityTable:
         if self.facts is not None:
             return self.facts.activity_of(ids)

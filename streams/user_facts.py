@@ -62,6 +62,7 @@ class UserFacts:
         self._anchor = np.zeros(capacity, np.int64)
         self._known = np.zeros(capacity, bool)
         self._profile: list[Profile | None] = [None]  # slot 0: no user
+        self._profile_identity = np.full(capacity, id(None), np.uint64)  # id() of _profile[slot]
         self._user = np.zeros(capacity, np.int64)  # slot → user
         # change stamps (module doc): by part, the stamp of the slot's latest change; the stamp of its latest
         # invalidation (what a re-read that finds other facts stamps them with); the latest stamp of each part
@@ -100,7 +101,8 @@ class UserFacts:
             new[: len(old)] = old
             return new
 
-        for name in ("_valid", "_degree", "_values", "_anchor", "_known", "_user", "_invalidated"):
+        for name in ("_valid", "_degree", "_values", "_anchor", "_known", "_user", "_invalidated",
+                     "_profile_identity"):
             setattr(self, name, grown(getattr(self, name)))
         self._stamp = {part: grown(column) for part, column in self._stamp.items()}
 
@@ -137,6 +139,7 @@ class UserFacts:
                     self._part_latest["profile"] = stamp
         self._degree[slot] = degree
         self._profile[slot] = profile
+        self._profile_identity[slot] = id(profile)
         self._known[slot], self._values[slot], self._anchor[slot] = known, values, anchor
         self._valid[slot] = True
         return slot
@@ -178,6 +181,10 @@ class UserFacts:
 
     def profiles_of(self, ids: np.ndarray) -> list[Profile | None]:
         return list(map(self._profile.__getitem__, self.slots_of(ids).tolist()))
+
+    def profile_identities_of(self, ids: np.ndarray) -> np.ndarray:
+        """The ``id()`` of each user's held profile object (uint64; ``id(None)`` without one): one gather."""
+        return self._profile_identity[self.slots_of(ids)]
 
     def activity_of(self, ids: np.ndarray) -> ActivityTable:
         slots = self.slots_of(ids)

@@ -418,6 +418,7 @@ def test_profile_cache_reparses_changed_profiles_and_handles_long_lists() -> Non
     source.profiles[1] = Profile(**source.profiles[1].to_dict() | {"skills": many_skills[::2]})  # an equal copy
     check()
     assert cache.parses == parses + 1  # equal, not identical: compared, not parsed
+    assert cache.profile(1) is source.profiles[1]  # and held from now on: the next list compares identities only
     del source.profiles[1]  # no profile any more
     check()
     assert builder.matrix(0, candidates, source, NOW)[0, FEATURE_INDEX["same_company_current"]] == 0

@@ -35,6 +35,9 @@ def check(facts: UserFacts, world: World, users: list[int], held: World | None =
     table = facts.activity(users)
     assert np.array_equal(table.values, values) and np.array_equal(table.anchors, anchors)
     assert table.known.tolist() == [(held or world).activity.get(u) is not None for u in users]
+    ids = np.array(users, np.int64)
+    # the profile cache's identity test (ProfileIdentitySource): each id() is that of the held profile object
+    assert facts.profile_identities_of(ids).tolist() == [id(p) for p in facts.profiles_of(ids)]
 
 
 def test_values_are_read_once_until_invalidated() -> None:
