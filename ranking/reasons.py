@@ -20,14 +20,15 @@ evidence in that order too: the part whose features separate the item most comes
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pymk.ranking.candidates import ANN, POPULAR
-from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, ProfileCache
-from pymk.ranking.source import RankingSource
+from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES, ProfileCache, implements
+from pymk.ranking.source import BatchReadSource, RankingSource
 
 MAX_EXAMPLES = 3
 TOP_FEATURES = 3
@@ -36,26 +37,44 @@ _SHARED_FIELDS = (("company", "same_company_current"), ("school", "same_school")
 
 class MutualDegrees:
     """Degrees of the query user's neighbours, looked up once per ranked list (every item's mutual friends
-    are among them)."""
+    are among them); :meth:`prefetch` reads a whole list's in one batch call."""
 
     def __init__(self, source: RankingSource) -> None:
         self.source = source
-        self._degrees: dict[int, int] = {}
+        self._negative: dict[int, int] = {}  # user → −degree: a sort key at C speed (no lambda per element)
 
     def __call__(self, user: int) -> int:
-        degree = self._degrees.get(user)
-        if degree is None:
-            degree = self._degrees[user] = self.source.degree(user)
-        return degree
+        return -self.negative(user)
+
+    def negative(self, user: int) -> int:
+        value = self._negative.get(user)
+        if value is None:
+            value = self._negative[user] = -self.source.degree(user)
+        return value
+
+    def prefetch(self, users: Iterable[int]) -> bool:
+        """Reads the degrees of ``users`` not held yet in one call; False when the source has no batch read (each is
+        then read when first asked)."""
+        if not implements(self.source, BatchReadSource):
+            return False
+        missing = [z for z in dict.fromkeys(users) if z not in self._negative]
+        if missing:
+            self._negative.update(zip(missing, (-self.source.many_degrees(missing)).tolist(), strict=True))
+        return True
+
+    def examples(self, common: Iterable[int], limit: int = MAX_EXAMPLES) -> list[int]:
+        """Up to ``limit`` of ``common``, highest degree first, ties by lower id."""
+        common = sorted(common)
+        key = self._negative.__getitem__ if self.prefetch(common) else self.negative
+        # stable: equal degrees keep the ascending id order of the first sort
+        return [int(z) for z in sorted(common, key=key)[:limit]]
 
 
 def mutual_examples(user: int, candidate: int, source: RankingSource, degree_of: MutualDegrees | None = None,
                     limit: int = MAX_EXAMPLES) -> list[int]:
     """Up to ``limit`` common neighbours, highest degree first, ties by lower id."""
     degree_of = degree_of or MutualDegrees(source)
-    common = source.common_neighbors(user, candidate)
-    # sorted()[:limit] is what heapq.nsmallest is documented to equal; on a few dozen items it is the faster
-    return [int(z) for z in sorted(common, key=lambda z: (-degree_of(z), z))[:limit]]
+    return degree_of.examples(source.common_neighbors(user, candidate), limit)
 
 
 # Features of the query user alone: the same value on every candidate of a list, whatever the list
@@ -123,19 +142,29 @@ class ListEvidence:
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         return self.relative[i], self.top[i], {kind: float(values[i]) for kind, values in self.strength.items()}
 
+    def rows(self) -> list[tuple[list[float], list[int], dict[str, float]]]:
+        """:meth:`row` of every row as plain lists (the same floats), for a list's items at once."""
+        strengths = [dict(zip(self.strength, values, strict=True))
+                     for values in zip(*(v.tolist() for v in self.strength.values()), strict=True)]
+        return list(zip(self.relative.tolist(), self.top.tolist(), strengths, strict=True))
+
 
 def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score: float | None,
                   features: np.ndarray, contributions: np.ndarray, source: RankingSource,
                   profiles: ProfileCache, degree_of: MutualDegrees | None = None,
-                  top_indices: np.ndarray | None = None, strength: dict[str, float] | None = None) -> dict[str, Any]:
+                  top_indices: np.ndarray | Sequence[int] | None = None, strength: dict[str, float] | None = None,
+                  examples: list[int] | None = None) -> dict[str, Any]:
     """The reasons of one shown item from its feature row and its list-relative contributions (both (F,); see
     :func:`list_relative_contributions`: NaN or -inf marks a feature that is never a reason). ``top_indices`` and
-    ``strength``: the same row's :class:`ListEvidence`, computed for the list at once (else here)."""
+    ``strength``: the same row's :class:`ListEvidence`, computed for the list at once (else here); the row and
+    the contributions may then be plain lists (``tolist()`` once per list: a numpy scalar read costs more than a
+    list's). ``examples``: the mutual examples, when already found (:func:`mutual_examples`)."""
     mutual = int(features[FEATURE_INDEX["common_neighbor_count"]])
-    reasons: dict[str, Any] = {
-        "mutual_connections": mutual,
-        "mutual_examples": mutual_examples(user, candidate, source, degree_of) if mutual else [],
-    }
+    if not mutual:
+        examples = []
+    elif examples is None:
+        examples = mutual_examples(user, candidate, source, degree_of)
+    reasons: dict[str, Any] = {"mutual_connections": mutual, "mutual_examples": examples}
     shared = [name for name, feature in _SHARED_FIELDS if features[FEATURE_INDEX[feature]] >= 1]
     reasons["shared"] = shared
     query_profile = profiles.profile(user)
@@ -150,11 +179,13 @@ def build_reasons(user: int, candidate: int, sources: tuple[str, ...], ann_score
         if ann_score is not None and math.isfinite(ann_score):
             reasons["cosine"] = round(float(ann_score), 4)
 
-    relative = np.where(np.isnan(contributions), -np.inf, contributions)
     if top_indices is None:
+        relative = np.where(np.isnan(contributions), -np.inf, contributions)
         top_indices = np.argsort(-relative, kind="stable")[:TOP_FEATURES]
+    else:
+        relative = contributions  # ListEvidence's: -inf already where a feature is never a reason
     top: list[dict[str, Any]] = []
-    for index in top_indices.tolist():
+    for index in (top_indices.tolist() if isinstance(top_indices, np.ndarray) else top_indices):
         contribution = round(float(relative[index]), 4)
         if not contribution > 0:  # only evidence for the candidate (and visible at 4 decimals)
             break

@@ -151,14 +151,23 @@ def rank_scored(user: int, scored: ScoredCandidates, source: RankingSource, scor
     rows = scored.features[top]
     contributions = scorer.explain(rows) if len(top) else np.empty((0, rows.shape[1]))
     evidence = ListEvidence.of(rows, contributions)  # what sets each item apart in its list
+    shown = scored.candidates.subset(top)
+    ids, counts = shown.ids.tolist(), shown.common_neighbor_count.tolist()
+    row_values = rows.tolist()  # the same floats; a list's item reads are cheaper than numpy scalars
+    # the mutual examples of the whole list: the common neighbours' degrees in one batch read
     degree_of = MutualDegrees(source)
+    mutual_column = FEATURE_INDEX["common_neighbor_count"]
+    commons = {i: source.common_neighbors(user, ids[i]) for i, row in enumerate(row_values) if int(row[mutual_column])}
+    degree_of.prefetch(z for common in commons.values() for z in common)
     items: list[RankedItem] = []
-    for rank, (index, row) in enumerate(zip(top.tolist(), rows, strict=True), start=1):
-        candidate = scored.candidates.candidate(index)
-        relative, strongest, strength = evidence.row(rank - 1)
-        reasons = build_reasons(user, candidate.user, candidate.sources, candidate.ann_score, row, relative,
-                                source, builder.profiles, degree_of, strongest, strength)
-        items.append(RankedItem(candidate, float(scored.scores[index]), rank, candidate.sources, reasons))
+    for i, (candidate_id, sources, aa, ann, score, row, (relative, strongest, strength)) in enumerate(zip(
+            ids, shown.sources_of(np.arange(len(ids))), shown.adamic_adar_score.tolist(), shown.ann_score.tolist(),
+            scored.scores[top].tolist(), row_values, evidence.rows(), strict=True)):
+        candidate = Candidate(candidate_id, sources, counts[i], aa, None if ann != ann else ann)  # NaN: not ANN's
+        examples = degree_of.examples(commons[i]) if i in commons else []
+        reasons = build_reasons(user, candidate_id, sources, candidate.ann_score, row, relative, source,
+                                builder.profiles, degree_of, strongest, strength, examples)
+        items.append(RankedItem(candidate, score, i + 1, sources, reasons))
     timings = dict(scored.timings)
     timings["reasons"] = (time.perf_counter() - started) * 1e3
     timings["total"] = sum(timings.values())
