@@ -554,7 +554,7 @@ class MemorySource:
         if len(index) > k:
             index = index[np.argpartition(-scores[index], k - 1)[:k]]
         index = index[np.lexsort((ids[index], -scores[index]))]
-        return [(int(ids[i]), float(scores[i])) for i in index]
+        return list(zip(ids[index].tolist(), scores[index].astype(np.float64).tolist(), strict=True))
 
 
 class _ProfileMap(dict[int, Profile]):
