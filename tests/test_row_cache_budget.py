@@ -5,6 +5,7 @@ take, and measuring is throttled."""
 from __future__ import annotations
 
 import random
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -141,3 +142,20 @@ def test_every_holder_of_a_partition_keeps_the_row_holder_protocol(tmp_path: Pat
         assert not isinstance(state.work, CachedRowHolder)  # the pending work is the backlog: never evicted
     finally:
         state.store.close()
+
+
+def test_a_cache_far_under_its_budget_is_measured_less_often() -> None:
+    """Under a quarter of the budget the next measurement waits FAR_UNDER_WAIT_FACTOR times longer (the row-count
+    estimate still runs at every check); near the budget the interval is the plain one."""
+    for max_bytes, measured_again in ((100_000, False), (2_000, True)):
+        budget = CacheBudget(max_bytes=max_bytes, min_interval_s=0.05, keep=0.7)
+        calls: list[int] = []
+
+        def measure(calls: list[int] = calls) -> int:
+            calls.append(1)
+            return 1_000
+
+        budget.check(measure, lambda fraction: None, lambda: 10)
+        time.sleep(0.1)  # past the plain interval, well within ten of them
+        budget.check(measure, lambda fraction: None, lambda: 10)
+        assert len(calls) == (2 if measured_again else 1), max_bytes
