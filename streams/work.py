@@ -69,7 +69,13 @@ class PendingWork:
         return np.fromiter(rows.keys(), np.int64, len(rows)), table
 
     def embeddings_due(self, now_ms: int) -> list[int]:
-        return sorted(u for u, (due, _, _, _) in self.rows.items() if due != NO_EMBEDDING_DUE and due <= now_ms)
+        """The users whose embedding is due by ``now_ms``, ascending (the rows' table filtered in numpy: a
+        generator step per owed user was ~1 % of a busy worker)."""
+        if not self.rows:
+            return []
+        users, table = self._table()
+        due = table[:, 0]
+        return np.sort(users[(due != NO_EMBEDDING_DUE) & (due <= now_ms)]).tolist()
 
     def has_embeddings_due(self, now_ms: int) -> bool:
         return any(due != NO_EMBEDDING_DUE and due <= now_ms for due, _, _, _ in self.rows.values())
