@@ -597,3 +597,7 @@ class _ProfileMap(dict[int, Profile]):
     def clear(self) -> None:
         for user in list(self):
             del self[user]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # the identity column holds this process's id()s: a copy in another process would compare stale numbers
+        raise TypeError("a MemorySource's profiles cannot be pickled (their identity column is per process)")
