@@ -248,7 +248,7 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
     from kafka import KafkaProducer
 
     from pymk.kafka_broker import LocalBroker
-    from pymk.streams.lag import consumer_lag, wait_idle
+    from pymk.streams.lag import STARTUP_GRACE_S, consumer_lag, wait_idle
     from pymk.streams.producer import event_messages, send_messages, synthetic_events
     from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
 
@@ -270,7 +270,7 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
     watcher = ListWatcher(settings)
     try:
         warm_started = time.monotonic()
-        if not wait_idle(settings, timeout_s=timeout_s, worker_urls=urls):
+        if not wait_idle(settings, timeout_s=timeout_s, worker_urls=urls, startup_grace_s=STARTUP_GRACE_S):
             raise TimeoutError(f"the warm-up did not finish in {timeout_s} s")
         warm_seconds = time.monotonic() - warm_started
         watcher.start()

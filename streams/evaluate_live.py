@@ -71,7 +71,7 @@ def replay_past(settings: Settings, split: EvaluationSplit, models: ProductModel
     each list's top 50; without it the worker serves none, whatever the environment says."""
     from pymk.kafka_broker import LocalBroker
     from pymk.streams.consumer import latest_per_user, read_recommendations
-    from pymk.streams.lag import wait_idle
+    from pymk.streams.lag import STARTUP_GRACE_S, wait_idle
     from pymk.streams.producer import event_messages, send_commands, send_messages
     from pymk.streams.topics import delete_topics_with_prefix, ensure_topics
 
@@ -93,7 +93,7 @@ def replay_past(settings: Settings, split: EvaluationSplit, models: ProductModel
     log = (log_dir or home) / f"{tag}-worker.log"
     worker = start_worker_process(live, log)
     try:
-        if not wait_idle(live, timeout_s=timeout_s, worker_urls=[url]):
+        if not wait_idle(live, timeout_s=timeout_s, worker_urls=[url], startup_grace_s=STARTUP_GRACE_S):
             raise TimeoutError(f"the worker did not finish the replay in {timeout_s} s (log {log})")
         replayed = time.perf_counter()
         # every user embedded from the final past state, then every list ranked with all the final vectors

@@ -31,6 +31,10 @@ def consumer_lag(settings: Settings, topics: list[str] | None = None) -> dict[st
         consumer.close(autocommit=False)
 
 
+# How long a worker just started may take to answer its first /health (callers that start workers pass it)
+STARTUP_GRACE_S = 120.0
+
+
 class WorkerUnreachable(RuntimeError):
     """A worker whose debug address does not answer (dead, or not started): nothing it owes can be known."""
 
@@ -57,23 +61,31 @@ def pending_work(worker_urls: list[str]) -> int:
 
 
 def wait_idle(settings: Settings, timeout_s: float, settle_s: float = 1.0, topics: list[str] | None = None,
-              worker_urls: list[str] | None = None, unreachable_grace_s: float = 10.0) -> bool:
+              worker_urls: list[str] | None = None, unreachable_grace_s: float = 10.0,
+              startup_grace_s: float | None = None) -> bool:
     """Block until every input and every message between partitions is processed (lag 0, stable for
     ``settle_s``) and the given workers owe no embedding or list; False on timeout. A worker that does not answer
     is never idle: :class:`WorkerUnreachable` once it has not answered for ``unreachable_grace_s`` (a worker
-    restarting answers again within it)."""
+    restarting answers again within it). ``startup_grace_s``: the longer grace until every worker has answered
+    once, for a caller that has just started them (a worker imports torch, compiles or loads the tree evaluator
+    and opens its state before it listens: over 10 s on a loaded 2-core machine, where a bench's warm-up stopped
+    with this error)."""
     deadline = time.monotonic() + timeout_s
     idle_since: float | None = None
     unreachable_since: float | None = None
+    answered = False
     while time.monotonic() < deadline:
         total = sum(consumer_lag(settings, topics).values())
         if worker_urls:
             try:
                 total += pending_work(worker_urls)
                 unreachable_since = None
+                answered = True
             except WorkerUnreachable:
                 unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since >= unreachable_grace_s:
+                grace = (unreachable_grace_s if answered or startup_grace_s is None
+                         else max(unreachable_grace_s, startup_grace_s))
+                if time.monotonic() - unreachable_since >= grace:
                     raise
                 total += 1
         now = time.monotonic()
