@@ -43,9 +43,6 @@ class MutualDegrees:
         self.source = source
         self._negative: dict[int, int] = {}  # user → −degree: a sort key at C speed (no lambda per element)
 
-    def __call__(self, user: int) -> int:
-        return -self.negative(user)
-
     def negative(self, user: int) -> int:
         value = self._negative.get(user)
         if value is None:
@@ -139,11 +136,8 @@ class ListEvidence:
                     for kind, columns in _TEXT_EVIDENCE_INDEX.items()}
         return cls(relative, top, strength)
 
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        return self.relative[i], self.top[i], {kind: float(values[i]) for kind, values in self.strength.items()}
-
     def rows(self) -> list[tuple[list[float], list[int], dict[str, float]]]:
-        """:meth:`row` of every row as plain lists (the same floats), for a list's items at once."""
+        """Every row's relative contributions, strongest features and strengths, as plain lists (the same floats)."""
         strengths = [dict(zip(self.strength, values, strict=True))
                      for values in zip(*(v.tolist() for v in self.strength.values()), strict=True)]
         return list(zip(self.relative.tolist(), self.top.tolist(), strengths, strict=True))

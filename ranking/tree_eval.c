@@ -294,22 +294,28 @@ static int64_t until_growing(const double *t, int64_t n, double x, double base, 
     return until;
 }
 
+/* A candidate's activity columns as of as_of into b[0..3]: the three counts decayed (libm's exp, the bits of the
+ * math.exp of the Python path; the division of the exact doubles -age and tau rounds as Python's int true
+ * division does) and the days since the latest change; 0, 0, 0 and NaN for a user never connected. */
+static inline void activity_row(const double *held, int64_t anchor_ms, uint8_t is_known, int64_t as_of,
+                                const int64_t *taus, double *b) {
+    if (!is_known) {
+        b[0] = b[1] = b[2] = 0.0;
+        b[3] = NAN;
+        return;
+    }
+    int64_t age = as_of - anchor_ms;
+    if (age < 0) age = 0;
+    for (int j = 0; j < 3; j++) b[j] = held[j] * exp((double)(-age) / (double)taus[j]);
+    double since = (double)as_of - (double)anchor_ms;
+    b[3] = (since < 0.0 ? 0.0 : since) / 86400000.0;
+}
+
 /* One row of kept_rows_as_of: its five columns into b, and its bound into *until (until != NULL). */
 static inline void as_of_row(const double *held, int64_t anchor_ms, uint8_t is_known, int64_t latest,
                              uint8_t viewed, int64_t as_of, const int64_t *taus, const double *thresholds,
                              const int64_t *offsets, double *b, int64_t *until) {
-    int64_t age = as_of - anchor_ms;
-    if (age < 0) age = 0;
-    for (int j = 0; j < 3; j++) {
-        double factor = exp((double)(-age) / (double)taus[j]);
-        b[j] = is_known ? held[j] * factor : 0.0;
-    }
-    if (is_known) {
-        double since = (double)as_of - (double)anchor_ms;
-        b[3] = (since < 0.0 ? 0.0 : since) / 86400000.0;
-    } else {
-        b[3] = NAN;
-    }
+    activity_row(held, anchor_ms, is_known, as_of, taus, b);
     int64_t lag = as_of - latest;
     if (lag < 0) lag = 0;
     b[4] = viewed ? (double)lag / 86400000.0 : NAN;
@@ -343,25 +349,12 @@ void kept_rows_as_of(int64_t m, const double *values, const int64_t *anchors, co
                   block + 5 * i, until == NULL ? NULL : until + i);
 }
 
-/* The candidate activity columns of a full list (ranking/features.py candidate_activity_columns) written into its
- * feature matrix x (row-major, `stride` doubles a row) from column `col`: the three counts decayed to as_of and the
- * days since the latest change (NaN when unknown). libm's exp, so the bits of math.exp that the Python path uses;
- * the division of the exact doubles -age and tau rounds as Python's int true division does. */
+/* The candidate activity columns of a full list (ranking/features.py candidate_activity_columns, activity_row)
+ * written into its feature matrix x (row-major, `stride` doubles a row) from column `col`. */
 void activity_columns(int64_t m, const double *values, const int64_t *anchors, const uint8_t *known, int64_t as_of,
                       const int64_t *taus, double *x, int64_t stride, int64_t col) {
-    for (int64_t i = 0; i < m; i++) {
-        double *row = x + i * stride + col;
-        if (!known[i]) {
-            row[0] = row[1] = row[2] = 0.0;
-            row[3] = NAN;
-            continue;
-        }
-        int64_t age = as_of - anchors[i];
-        if (age < 0) age = 0;
-        for (int j = 0; j < 3; j++) row[j] = values[3 * i + j] * exp((double)(-age) / (double)taus[j]);
-        double since = (double)as_of - (double)anchors[i];
-        row[3] = (since < 0.0 ? 0.0 : since) / 86400000.0;
-    }
+    for (int64_t i = 0; i < m; i++)
+        activity_row(values + 3 * i, anchors[i], known[i], as_of, taus, x + i * stride + col);
 }
 
 /* kept_rows_as_of for the rows `rows` of a kept list's whole arrays (values: n x 3, the others n), written straight
