@@ -124,7 +124,11 @@ class PymkApp:
         self.remote_facts: RemoteFacts | None = None
         if settings.globals_mode == "reachable":
             self.remote_facts = RemoteFacts(self.globals, self.state_of_user, self._shard_peers, self._post_bytes,
-                                            settings.globals_fetch_timeout_ms / 1000.0)
+                                            settings.globals_fetch_timeout_ms / 1000.0, self.index)
+            if self.index.reachable:  # sharded too: the vectors of the users the globals hold, no others
+                self.index.holds = self.globals.holds
+                self.index.on_miss = self.globals.missing
+                self.globals.evict_listeners.append(self.index.forget)
             if self.refresher is not None:
                 self.refresher.remote_facts = self.remote_facts
         if self.refresher is not None:

@@ -157,6 +157,11 @@ class DebugViews:
             found = self.index.neighbours(user, k)
         else:
             vector = self.index.vector(user)  # the vector store holds every user's, whichever shard indexes it
+            if vector is None and self.index.reachable and self.remote_facts is not None:
+                # only the users this worker reaches: a remote user's vector asked of its owner first
+                self.remote_facts.want([user])
+                await self.remote_facts.fetch()
+                vector = self.index.vector(user)
             found, missing = [], set()
             if vector is not None:
                 answers, missing = await self.shards.search(np.asarray(vector, np.float32)[None, :], k, [{user}])
@@ -241,12 +246,12 @@ class DebugViews:
         ``user-globals`` records as of now (what a worker in ``PYMK_GLOBALS_MODE=reachable`` asks its peers)."""
         from faust.web import View
 
-        state_for = self.state_of_user
+        state_for, index = self.state_of_user, self.index
 
         class Facts(View):
             async def post(self, request: Any) -> Any:
-                answered, records = facts_answer(decode_facts_request(await request.read()), state_for)
-                return self.bytes(encode_facts_answer(answered, records), content_type="application/json")
+                answer = facts_answer(decode_facts_request(await request.read()), state_for, index)
+                return self.bytes(encode_facts_answer(answer), content_type="application/json")
 
         self.app.page(FACTS_PATH)(Facts)
 
@@ -356,7 +361,12 @@ class DebugViews:
                                                             if self.index.shard_partitions is not None else None),
                                        "graph_partitions": sorted(self.index.graph_partitions),
                                        "vector_store_users": (len(self.index.store)
-                                                              if self.index.store is not None else None)},
+                                                              if self.index.store is not None else None),
+                                       # sharded with reachable globals: only the shard's and the held users'
+                                       # vectors; records of others dropped as read; partitions read again
+                                       "vectors": "reachable" if self.index.reachable else "all",
+                                       "vector_records_dropped": self.index.records_dropped,
+                                       "vector_rewinds": self.index.rewinds},
                              # sharded: the scatter-gathers, their peers' failures and partial answers
                              "ann_shards": (self.refresher.shards.describe() if self.refresher is not None
                                             and self.refresher.shards is not None else None),

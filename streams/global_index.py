@@ -27,6 +27,17 @@ large partition take minutes), and the partitions a shard search answers for (``
 ones whose users are all in. The snapshot holds the graph and the store (its ``arrays``) with the offsets of
 every partition, so a start resumes the topic where the snapshot was taken in either mode. Stage 1 then searches
 every worker's shard (streams/ann_shards.py).
+
+Sharded with reachable globals (``PYMK_GLOBALS_MODE=reachable``, streams/remote_facts.py), the vectors are not
+replicated either: the store keeps the vectors of this worker's partitions' users and of the remote users its
+``user-globals`` hold (the users its lists and embeddings read), and drops every other record as it is read, so a
+worker's vectors grow with its share of the network and its users' reach, not with the network. A remote user's
+vector comes with its facts from its owner (the ``/facts`` answer carries the owner's embedding record), then
+from the topic; a read of a remote user not held counts a miss on ``user-globals`` (the list waits and the user
+is asked, as for its degree). What a rebalance brings in is read again: a newly assigned partition whose records
+were dropped here (``complete``: the partitions every record of which was kept) is read from the topic's start
+(``rewinds``), and joins ``graph_partitions`` once read up to the end it had when asked; until then its owner
+here answers neither its shard searches nor its users' vectors to peers.
 """
 
 from __future__ import annotations
@@ -68,7 +79,23 @@ class GlobalIndex:
         # ones once a rebalance's fill is done
         self.graph_partitions: set[int] = set()
         self._filling: asyncio.Task[None] | None = None
+        # sharded with reachable globals: only the shard's users' and the held remote users' vectors are kept
+        self.reachable = self.sharded and settings.globals_mode == "reachable"
+        # set by the worker (reachable): whether user-globals hold a remote user (its records are kept), and the
+        # miss of a read of a remote user's vector that is not here (user-globals count it and ask for the user)
+        self.holds: Callable[[int], bool] = lambda user: False
+        self.on_miss: Callable[[int], object] = lambda user: None
+        # reachable: the partitions every record of which was kept (all of them until the first assignment: a
+        # worker keeps everything it reads until it knows its partitions); a newly assigned partition not in it is
+        # read again from the topic's start (``_rewind``, then ``_rewinding``: partition → the end offset to reach)
+        self.complete: set[int] = set(range(settings.partitions))
+        self._rewind: set[int] = set()
+        self._rewinding: dict[int, int] = {}
+        self.rewinds = 0
+        self.records_dropped = 0  # reachable: records of users not kept, dropped as read
         self._load_store(arrays)
+        if self.reachable and "complete" in watermark:
+            self.complete = {int(p) for p in watermark["complete"]}
         # rebuilds run on a thread (maybe_rebuild): on the event loop one stopped the worker for 0.3 s at 2,500
         # users, and would for minutes at millions
         self.index.rebuild_in_background = True
@@ -107,6 +134,14 @@ class GlobalIndex:
     def partition_of(self, user: int) -> int:
         return partition_for_user(user, self.settings.partitions)
 
+    def _keeps(self, user: int, partition: int | None) -> bool:
+        """Whether the user's vector is kept here: always, but with reachable vectors after the first assignment
+        only the shard's users' and the users ``user-globals`` hold."""
+        if not self.reachable or self.shard_partitions is None:
+            return True
+        return (self.partition_of(user) if partition is None else partition) in self.shard_partitions or \
+            self.holds(user)
+
     def _in_shard(self, user: int, partition: int | None) -> bool:
         """Whether the user's vector belongs in this worker's graph."""
         if not self.sharded:
@@ -121,6 +156,9 @@ class GlobalIndex:
         ``partition``: the user's (the record's topic partition), computed when not given."""
         current = self.versions.get(record.user)
         if current is not None and record.version < current:
+            return False
+        if not self._keeps(record.user, partition):
+            self.records_dropped += 1
             return False
         in_shard = self._in_shard(record.user, partition)
         if record.vector.size == 0:
@@ -149,7 +187,8 @@ class GlobalIndex:
 
     def apply_many(self, records: list[EmbeddingRecord]) -> None:
         """The owner's batch of new embeddings, upserted in one call (faster than one by one)."""
-        fresh = [r for r in records if r.vector.size and r.version >= self.versions.get(r.user, -1)]
+        fresh = [r for r in records if r.vector.size and r.version >= self.versions.get(r.user, -1)
+                 and self._keeps(r.user, None)]
         if fresh:
             latest = {r.user: r for r in fresh}  # one per user: the last
             if self.store is not None:
@@ -180,6 +219,8 @@ class GlobalIndex:
             self._filling.cancel()
             self._filling = None
         self.shard_partitions = partitions
+        if self.reachable:
+            self._reassign_store(partitions)
         held = self.index.users()
         held_partitions = self.store.partitions_of(held.tolist())
         gone = held[~np.isin(held_partitions, np.fromiter(partitions, np.int64, len(partitions)))]
@@ -195,9 +236,39 @@ class GlobalIndex:
             loop = None
         if loop is None or len(new) <= ASSIGN_CHUNK:
             self._add_to_shard(new)
-            self.graph_partitions = set(partitions)
+            self.graph_partitions = partitions & self.complete
         else:
             self._filling = loop.create_task(self._fill(new, partitions))
+
+    def _reassign_store(self, partitions: set[int]) -> None:
+        """Reachable vectors, at an assignment: the users of partitions no longer this worker's leave the store
+        unless user-globals hold them; an assigned partition whose records were dropped here is read again."""
+        assert self.store is not None
+        users = self.store.users()
+        gone = [u for u, p in zip(users.tolist(), self.store.partitions_of(users.tolist()).tolist(), strict=True)
+                if p not in partitions and not self.holds(u)]
+        self.forget(gone)
+        self.complete &= partitions  # records of the others are dropped from now on
+        self._rewind |= partitions - self.complete - set(self._rewinding)
+        log.info("index store: %d users dropped, partitions %s to read again", len(gone), sorted(self._rewind))
+
+    def forget(self, users: Sequence[int]) -> None:
+        """Reachable vectors: drop these users' vectors unless their partition is this worker's (user-globals no
+        longer hold them: their next read is a miss, and a fetch)."""
+        if not self.reachable or self.store is None:
+            return
+        dropped = []
+        for user in users:
+            if self.shard_partitions is not None and self.partition_of(user) in self.shard_partitions:
+                continue
+            if self.store.delete(user):
+                dropped.append(user)
+            self.versions.pop(user, None)
+            self.times.pop(user, None)
+            self.model_versions.pop(user, None)
+        if dropped:
+            for listener in self.listeners:
+                listener(dropped, True)
 
     def _add_to_shard(self, users: np.ndarray) -> None:
         """Add these users' current vectors (from the store) when their partition is still assigned and the graph
@@ -216,7 +287,7 @@ class GlobalIndex:
         for start in range(0, len(users), ASSIGN_CHUNK):
             self._add_to_shard(users[start:start + ASSIGN_CHUNK])
             await asyncio.sleep(0)
-        self.graph_partitions = set(partitions)
+        self.graph_partitions = partitions & self.complete
         self._filling = None
         log.info("index shard: %d users added in %.2f s", len(users), time.perf_counter() - started)
 
@@ -253,11 +324,44 @@ class GlobalIndex:
         return [user for user in self.versions if user in self]
 
     def vector(self, user: int) -> np.ndarray | None:
-        return self.index.get(user) if self.store is None else self.store.get(user)
+        if self.store is None:
+            return self.index.get(user)
+        vector = self.store.get(user)
+        if vector is None and self.reachable:
+            self._note_missing([user])
+        return vector
 
     def vectors(self, users: Sequence[int]) -> np.ndarray:
-        """(len(users), dim); a row of NaN for a user without an embedding."""
-        return self.index.get_many(users) if self.store is None else self.store.get_many(users)
+        """(len(users), dim); a row of NaN for a user without an embedding (reachable: or not held here, which
+        counts a miss)."""
+        if self.store is None:
+            return self.index.get_many(users)
+        out = self.store.get_many(users)
+        if self.reachable and len(out):
+            absent = np.flatnonzero(np.isnan(out[:, 0]))
+            if len(absent):
+                self._note_missing([users[i] for i in absent.tolist()])
+        return out
+
+    def _note_missing(self, users: Sequence[int]) -> None:
+        """Reachable vectors: a remote user without a vector here may have one at its owner: a miss (a user of a
+        partition this worker holds whole has none)."""
+        whole = set() if self.shard_partitions is None else self.shard_partitions & self.complete
+        for user in users:
+            if self.partition_of(user) not in whole:
+                self.on_miss(user)
+
+    def answerable(self, user: int) -> bool:
+        """Whether this worker can tell a peer the user's vector (reachable: its partition is held whole)."""
+        return not self.reachable or self.partition_of(user) in self.complete
+
+    def record(self, user: int) -> EmbeddingRecord | None:
+        """The user's current embedding record as held (None: no vector)."""
+        vector = self.vector(user) if self.store is None else self.store.get(user)
+        version = self.versions.get(user)
+        if vector is None or version is None:
+            return None
+        return EmbeddingRecord(user, version, self.times.get(user, 0), self.model_versions.get(user, ""), vector)
 
     def describe(self, user: int) -> dict[str, Any] | None:
         version = self.versions.get(user)
@@ -280,6 +384,7 @@ class GlobalIndex:
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "versions": {str(u): v for u, v in self.versions.items()},
             "times": {str(u): t for u, t in self.times.items()},
+            **({"complete": sorted(self.complete)} if self.reachable else {}),
         }, arrays=self.store.arrays() if self.store is not None else None)
         self.last_snapshot = time.monotonic()
         log.info("index snapshot: %d users in %.2f s", len(self.index), time.perf_counter() - started)
@@ -295,12 +400,16 @@ class GlobalIndex:
                     await consumer.seek_to_beginning(tp)
             ends = await consumer.end_offsets(tps)
             while True:
+                if self._rewind:
+                    await self._start_rewind(consumer, [tp for tp in tps if tp.partition in self._rewind])
                 batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
                 for tp, records in batches.items():
                     for record in records:
                         if record.value is not None:
                             self.apply(EmbeddingRecord.decode(record.value), tp.partition)
                         self.offsets[tp.partition] = record.offset + 1
+                if self._rewinding:
+                    await self._end_rewinds(consumer, tps)
                 if not self.caught_up.is_set() and all(self.offsets.get(tp.partition, 0) >= end
                                                        for tp, end in ends.items()):
                     self.caught_up.set()
@@ -309,3 +418,27 @@ class GlobalIndex:
                     self.snapshot()  # on the loop: the flush upserts into the same index
         finally:
             await consumer.stop()
+
+    async def _start_rewind(self, consumer: Any, tps: list[Any]) -> None:
+        """Read these partitions again from their start (reachable vectors: a newly assigned partition)."""
+        self._rewind -= {tp.partition for tp in tps}
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        for tp in tps:
+            self._rewinding[tp.partition] = ends[tp]
+            self.rewinds += 1
+        log.info("index store: reading partitions %s again up to %s", sorted(tp.partition for tp in tps),
+                 {tp.partition: ends[tp] for tp in tps})
+
+    async def _end_rewinds(self, consumer: Any, tps: list[Any]) -> None:
+        """A partition read again up to its end (the consumer's position: past any control record) is whole."""
+        for tp in tps:
+            end = self._rewinding.get(tp.partition)
+            if end is None or await consumer.position(tp) < end:
+                continue
+            del self._rewinding[tp.partition]
+            if self.shard_partitions is not None and tp.partition in self.shard_partitions:
+                self.complete.add(tp.partition)
+                if self._filling is None:
+                    self.graph_partitions.add(tp.partition)
+            log.info("index store: partition %d read again", tp.partition)

@@ -57,6 +57,8 @@ class UserGlobals:
         self.tops = MergedTops()
         self.offsets: dict[int, int] = {}  # partition → next offset to read (shown by /stats: how far it has read)
         self.listeners: list[Callable[[int], None]] = []  # called with the user of every record that changed
+        # reachable: called with the users dropped past the bound (the index drops their vectors too)
+        self.evict_listeners: list[Callable[[list[int]], None]] = []
         # PYMK_GLOBALS_MODE=reachable (streams/remote_facts.py): the records kept are those of the held users, the
         # remote users read since the start, each fetched once from its owner; a read of any other is a miss
         self.reachable_only = settings.globals_mode == "reachable"
@@ -145,6 +147,16 @@ class UserGlobals:
             for listener in self.listeners:  # what was read of them is not kept current any more
                 listener(user)
         self.evicted += len(gone)
+        for evict_listener in self.evict_listeners:
+            evict_listener(gone)
+
+    def holds(self, user: int) -> bool:
+        """Reachable: whether the user's records are kept here (asked or answered)."""
+        return user in self._held
+
+    def missing(self, user: int) -> bool:
+        """A read of the user by another store (the index's vectors): :meth:`_missing`."""
+        return self._missing(user)
 
     def _missing(self, user: int) -> bool:
         """Reachable: whether the user's facts are not here yet; if so it is asked for (and its records kept)."""

@@ -21,21 +21,29 @@ moving) leaves its users asked: the lists that read them wait, and the next slic
 An answer dates a degree by the user's latest register (as the owner's own pages do), a topic record by the event
 that changed it; ranking reads neither date.
 
-Wire format: JSON (``{"users": [...]}`` → ``{"answered": [...], "records": [record, ...]}``), the records the
-``user-globals`` topic's own (streams/codec.py).
+With the ANN index sharded too (``PYMK_ANN_MODE=sharded``), the vectors are kept the same way
+(streams/global_index.py): an answer also carries each answered user's embedding record as its owner holds it,
+and an owner answers only for the users of partitions whose vectors it holds whole (one it is reading again after
+a rebalance leaves its users asked).
+
+Wire format: JSON (``{"users": [...]}`` → ``{"answered": [...], "records": [record, ...], "embeddings": [...]}``),
+the records the ``user-globals`` topic's own (streams/codec.py), the embedding records the ``embeddings`` topic's
+bytes in base64 (index/records.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pymk.features.graph import PartitionGraph
+from pymk.index.records import EmbeddingRecord
 from pymk.streams.codec import degree_record, profile_record
 from pymk.streams.globals import UserGlobals
 from pymk.streams.state import PartitionState
@@ -47,6 +55,27 @@ PostBytes = Callable[[str, bytes, float], Awaitable[bytes]]
 StateFor = Callable[[int], PartitionState | None]  # user → its partition's state when this worker owns it
 
 
+class HeldVectors(Protocol):
+    """What an answer reads of the owner's vectors (:class:`~pymk.streams.global_index.GlobalIndex`)."""
+
+    reachable: bool  # whether peers keep only the vectors they reach (then answers carry them)
+
+    def answerable(self, user: int) -> bool: ...
+
+    def record(self, user: int) -> EmbeddingRecord | None: ...
+
+    def apply(self, record: EmbeddingRecord, partition: int | None = None) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An owner's answer: the users it answered for, their ``user-globals`` records and embedding records."""
+
+    answered: list[int]
+    records: list[bytes]
+    embeddings: list[EmbeddingRecord]
+
+
 # ---- wire ---------------------------------------------------------------------------------------------------------
 def encode_request(users: Sequence[int]) -> bytes:
     return json.dumps({"users": list(users)}, separators=(",", ":")).encode()
@@ -56,27 +85,40 @@ def decode_request(body: bytes) -> list[int]:
     return [int(user) for user in json.loads(body)["users"]]
 
 
-def encode_answer(answered: Sequence[int], records: Sequence[bytes]) -> bytes:
-    return json.dumps({"answered": list(answered), "records": [json.loads(r) for r in records]},
+def encode_answer(answer: Answer) -> bytes:
+    return json.dumps({"answered": answer.answered, "records": [json.loads(r) for r in answer.records],
+                       "embeddings": [base64.b64encode(e.encode()).decode() for e in answer.embeddings]},
                       separators=(",", ":")).encode()
 
 
-def decode_answer(body: bytes) -> tuple[list[int], list[bytes]]:
+def decode_answer(body: bytes) -> Answer:
     held = json.loads(body)
-    return [int(u) for u in held["answered"]], [json.dumps(r).encode() for r in held["records"]]
+    return Answer([int(u) for u in held["answered"]], [json.dumps(r).encode() for r in held["records"]],
+                  [EmbeddingRecord.decode(base64.b64decode(e)) for e in held.get("embeddings", [])])
 
 
 # ---- the owner's side -------------------------------------------------------------------------------------------
-def facts_answer(users: Sequence[int], state_for: StateFor) -> tuple[list[int], list[bytes]]:
+def facts_answer(users: Sequence[int], state_for: StateFor, vectors: HeldVectors | None = None) -> Answer:
     """The users of this worker's partitions among ``users``, and their ``user-globals`` records as the owner would
     publish them now: a degree record for a user with any connection register, a profile record for one with a
-    profile. A user answered without records has neither (as nobody would have read one from the topic)."""
+    profile. A user answered without records has neither (as nobody would have read one from the topic). With
+    ``vectors`` keeping only what peers reach: each answered user's embedding record too (none: it has no vector),
+    and the users of a partition whose vectors are not all here yet are not answered."""
     answered: list[int] = []
     records: list[bytes] = []
+    embeddings: list[EmbeddingRecord] = []
+    with_vectors = vectors is not None and vectors.reachable
     for user in users:
         state = state_for(user)
         if state is None:
             continue
+        if with_vectors:
+            assert vectors is not None
+            if not vectors.answerable(user):
+                continue
+            embedding = vectors.record(user)
+            if embedding is not None:
+                embeddings.append(embedding)
         answered.append(user)
         if state.graph.has_user(user):  # (read without caching first: asked of a user no event named, none kept)
             row = state.graph.adjacency_row(user)
@@ -85,7 +127,7 @@ def facts_answer(users: Sequence[int], state_for: StateFor) -> tuple[list[int], 
         profile = state.profiles.profile(user)
         if profile is not None:
             records.append(profile_record(user, profile.to_dict(), state.profiles.field_timestamps(user))[1])
-    return answered, records
+    return Answer(answered, records, embeddings)
 
 
 # ---- the asking side ----------------------------------------------------------------------------------------------
@@ -97,6 +139,7 @@ class FetchStats:
     users_asked: int = 0
     users_answered: int = 0
     records_merged: int = 0
+    embeddings_merged: int = 0  # embedding records of an answer that changed a held vector
     peer_requests: int = 0
     peer_failures: int = 0  # requests that failed or timed out (their users are asked again)
     bytes_received: int = 0  # the peers' answers
@@ -106,11 +149,13 @@ class FetchStats:
 
 class RemoteFacts:
     """Asks the owners for the users :class:`UserGlobals` wants (``peers()``: the other workers' URLs; ``state_for``:
-    this worker's own partitions, answered without a request)."""
+    this worker's own partitions, answered without a request; ``vectors``: the index, which keeps the answered
+    users' vectors when it keeps only what it reaches)."""
 
     def __init__(self, user_globals: UserGlobals, state_for: StateFor, peers: Callable[[], Sequence[str]],
-                 post: PostBytes, timeout_s: float) -> None:
+                 post: PostBytes, timeout_s: float, vectors: HeldVectors | None = None) -> None:
         self.globals = user_globals
+        self.vectors = vectors
         self.state_for = state_for
         self.peers = peers
         self.post = post
@@ -126,7 +171,7 @@ class RemoteFacts:
         """Ask for these users at the next fetch: the remote ones not held (a local user is read from its state)."""
         self.globals.want(user for user in users if self.state_for(user) is None)
 
-    async def _ask(self, url: str, body: bytes) -> tuple[list[int], list[bytes]]:
+    async def _ask(self, url: str, body: bytes) -> Answer:
         self.stats.peer_requests += 1
         try:
             answer = await self.post(url + FACTS_PATH, body, self.timeout_s)
@@ -135,7 +180,7 @@ class RemoteFacts:
         except Exception as exc:  # noqa: BLE001 - a dead or slow peer: its users stay asked
             log.warning("facts of %s did not answer: %s", url, exc)
             self.stats.peer_failures += 1
-            return [], []
+            return Answer([], [], [])
 
     async def fetch(self) -> int:
         """Ask every owner for the wanted users at once and merge the answers; how many users were answered."""
@@ -144,12 +189,17 @@ class RemoteFacts:
             return 0
         started = time.perf_counter()
         body = encode_request(wanted)
-        answers = [facts_answer(wanted, self.state_for)]  # a user of a partition this worker has since taken
+        # a user of a partition this worker has since taken
+        answers = [facts_answer(wanted, self.state_for, self.vectors)]
         answers.extend(await asyncio.gather(*(self._ask(url, body) for url in self.peers())))
         answered = 0
-        for users, records in answers:
-            self.stats.records_merged += self.globals.merge_answer(users, records)
-            answered += len(users)
+        for answer in answers:
+            # the users held first: the index keeps the vectors of held users only
+            self.stats.records_merged += self.globals.merge_answer(answer.answered, answer.records)
+            if self.vectors is not None:
+                for embedding in answer.embeddings:
+                    self.stats.embeddings_merged += self.vectors.apply(embedding)
+            answered += len(answer.answered)
         seconds = time.perf_counter() - started
         self.stats.fetches += 1
         self.stats.users_asked += len(wanted)

@@ -18,6 +18,7 @@ from pymk.settings import Settings
 from pymk.streams.codec import degree_record, popular_record, profile_record
 from pymk.streams.globals import UserGlobals
 from pymk.streams.remote_facts import (
+    Answer,
     RemoteFacts,
     decode_answer,
     decode_request,
@@ -99,8 +100,9 @@ def test_the_replicated_mode_holds_everyone_and_never_misses(tmp_path: Path) -> 
 def test_the_wire_round_trips() -> None:
     assert decode_request(encode_request([3, 1, 2])) == [3, 1, 2]
     records = [degree_raw(7, 3, 10), profile_record(7, {"company": "Acme"}, {"company": 5})[1]]
-    users, back = decode_answer(encode_answer([7, 8], records))
-    assert users == [7, 8] and list(map(json.loads, back)) == list(map(json.loads, records))
+    answer = decode_answer(encode_answer(Answer([7, 8], records, [])))
+    assert answer.answered == [7, 8] and list(map(json.loads, answer.records)) == list(map(json.loads, records))
+    assert answer.embeddings == []
 
 
 def test_a_worker_holding_reachable_globals_publishes_the_lists_of_one_holding_all(tmp_path: Path) -> None:
@@ -120,8 +122,8 @@ def test_a_worker_holding_reachable_globals_publishes_the_lists_of_one_holding_a
 
     remote_users = sorted(set(remote.graph.local_users()))
     # the topic: every partition's records (the popular order reads them all)
-    _, topic = facts_answer(sorted({u for s in world.states.values() for u in s.graph.local_users()}),
-                            lambda user: world.states[world.partition_of(user)])
+    topic = facts_answer(sorted({u for s in world.states.values() for u in s.graph.local_users()}),
+                            lambda user: world.states[world.partition_of(user)]).records
     settings = replace(world.settings, globals_mode="reachable")
     held = UserGlobals(settings)
     for raw in topic:  # the topic read in full: nobody's record kept
@@ -139,7 +141,7 @@ def test_a_worker_holding_reachable_globals_publishes_the_lists_of_one_holding_a
 
     async def post(url: str, body: bytes, timeout_s: float) -> bytes:
         asked.append(decode_request(body))
-        return encode_answer(*facts_answer(decode_request(body), owner))
+        return encode_answer(facts_answer(decode_request(body), owner))
 
     refresher.remote_facts = RemoteFacts(held, reachable_world.state_of, lambda: ["http://peer"], post, 1.0)
     for user in users:
@@ -192,7 +194,7 @@ def test_an_embedding_that_read_a_user_not_held_waits_and_then_equals_the_replic
         return world.states[1] if world.partition_of(user) == 1 else None
 
     async def post(url: str, body: bytes, timeout_s: float) -> bytes:
-        return encode_answer(*facts_answer(decode_request(body), owner))
+        return encode_answer(facts_answer(decode_request(body), owner))
 
     refresher.remote_facts = RemoteFacts(held, reachable_world.state_of, lambda: ["http://peer"], post, 1.0)
     assert refresher._embed(world.owned, first, now, salt) == []

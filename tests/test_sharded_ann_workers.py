@@ -93,8 +93,15 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
             assert held["answered_users"] > 0 and held["peer_failures"] == 0 and held["records_dropped"] > 0, held
             # the popular order from the partitions' lists (each partition's users all listed here: none cut)
             assert held["popular_order_users"] > 0 and held["popular_answers_cut"] == 0, held
+            # the vectors too: the worker's partitions' users and the remote users it reads, no others
+            index = worker_stats["index"]
+            assert index["vectors"] == "reachable" and index["vector_records_dropped"] > 0, index
+            # (on this small network every list reads nearly every user: ANN k is past its size)
+            assert index["vector_store_users"] <= index["users"] + held["held_users"], (index, held)
+            assert held["embeddings_merged"] > 0, held
         else:
             assert held["misses"] == 0 and held["records_dropped"] == 0
+            assert worker_stats["index"]["vectors"] == "all"
     assert got.keys() == expected.keys() and len(got) > len(users) // 2
     different = sorted(user for user in got if got[user] != expected[user])
     owners = {p: i for i, worker_stats in enumerate(stats) for p in worker_stats["state"]["partitions"]}
