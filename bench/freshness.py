@@ -157,6 +157,17 @@ def _held_globals(held: dict[str, Any] | None, refresh: dict[str, Any]) -> dict[
         "embeddings_waited": refresh.get("embeddings_waiting_for_facts")}}
 
 
+def _held_vectors(index: dict[str, Any] | None, held: dict[str, Any] | None) -> dict[str, Any]:
+    """Sharded ANN with reachable globals: the vectors this worker keeps (its shard's users and the held remote
+    users) against the records it dropped; {} when it keeps every user's."""
+    if not index or index.get("vectors") != "reachable":
+        return {}
+    return {"held_vectors": {"vector_store_users": index.get("vector_store_users"), "shard_users": index.get("users"),
+                             "records_dropped": index.get("vector_records_dropped"),
+                             "rewinds": index.get("vector_rewinds"),
+                             "embeddings_merged": (held or {}).get("embeddings_merged")}}
+
+
 def _lists_per_core_second(refresh_stats: list[tuple[dict[str, Any], dict[str, Any], Any]],
                            clock: str = "refresh_seconds") -> float | None:
     """Lists per second of the refresher's time: wall (``refresh_seconds``, which also counts the waits for a core
@@ -333,7 +344,8 @@ def bench_freshness(base: Settings, rate: float = 1000.0, seconds: float = 30.0,
         **in_window,
         "per_worker_at_window_end": [{**_list_costs(refresh, flush), "gc_pauses": gc,
                                       **_ann_gathers(page.get("ann_shards"), refresh),
-                                      **_held_globals(page.get("globals"), refresh)}
+                                      **_held_globals(page.get("globals"), refresh),
+                                      **_held_vectors(page.get("index"), page.get("globals"))}
                                      for (refresh, flush, gc), page in zip(refresh_stats, stats, strict=True)],
         # lists ranked per second of ranking time, summed over the workers (warm-up included): ranking runs on the
         # event loop's one thread, so this is lists per core-second as the worker serves them

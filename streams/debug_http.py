@@ -251,7 +251,7 @@ class DebugViews:
         class Facts(View):
             async def post(self, request: Any) -> Any:
                 answer = facts_answer(decode_facts_request(await request.read()), state_for, index)
-                return self.bytes(encode_facts_answer(answer), content_type="application/json")
+                return self.bytes(encode_facts_answer(answer), content_type="application/octet-stream")
 
         self.app.page(FACTS_PATH)(Facts)
 

@@ -37,7 +37,8 @@ from the topic; a read of a remote user not held counts a miss on ``user-globals
 is asked, as for its degree). What a rebalance brings in is read again: a newly assigned partition whose records
 were dropped here (``complete``: the partitions every record of which was kept) is read from the topic's start
 (``rewinds``), and joins ``graph_partitions`` once read up to the end it had when asked; until then its owner
-here answers neither its shard searches nor its users' vectors to peers.
+here answers neither its shard searches nor its users' vectors to peers. (Not with ``PYMK_ANN_SPACE=two-tower``,
+whose own index of every user is derived from the store: the store then keeps every vector.)
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class GlobalIndex:
         self.graph_partitions: set[int] = set()
         self._filling: asyncio.Task[None] | None = None
         # sharded with reachable globals: only the shard's users' and the held remote users' vectors are kept
-        self.reachable = self.sharded and settings.globals_mode == "reachable"
+        # (not with the two-tower ANN space: its own index of every user is derived from this store's vectors)
+        self.reachable = self.sharded and settings.globals_mode == "reachable" and settings.ann_space == "sage"
         # set by the worker (reachable): whether user-globals hold a remote user (its records are kept), and the
         # miss of a read of a remote user's vector that is not here (user-globals count it and ask for the user)
         self.holds: Callable[[int], bool] = lambda user: False

@@ -26,17 +26,18 @@ With the ANN index sharded too (``PYMK_ANN_MODE=sharded``), the vectors are kept
 and an owner answers only for the users of partitions whose vectors it holds whole (one it is reading again after
 a rebalance leaves its users asked).
 
-Wire format: JSON (``{"users": [...]}`` → ``{"answered": [...], "records": [record, ...], "embeddings": [...]}``),
-the records the ``user-globals`` topic's own (streams/codec.py), the embedding records the ``embeddings`` topic's
-bytes in base64 (index/records.py).
+Wire format: the request JSON (``{"users": [...]}``); the answer a 4-byte little-endian length, that many bytes of
+JSON (``{"answered": [...], "records": [record, ...]}``: the records the ``user-globals`` topic's own,
+streams/codec.py), then the embedding records, each a 4-byte length and the ``embeddings`` topic's bytes
+(index/records.py): a vector crosses as its 512 bytes, not as text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -85,16 +86,31 @@ def decode_request(body: bytes) -> list[int]:
     return [int(user) for user in json.loads(body)["users"]]
 
 
+_LENGTH = struct.Struct("<I")
+
+
 def encode_answer(answer: Answer) -> bytes:
-    return json.dumps({"answered": answer.answered, "records": [json.loads(r) for r in answer.records],
-                       "embeddings": [base64.b64encode(e.encode()).decode() for e in answer.embeddings]},
+    head = json.dumps({"answered": answer.answered, "records": [json.loads(r) for r in answer.records]},
                       separators=(",", ":")).encode()
+    parts = [_LENGTH.pack(len(head)), head]
+    for embedding in answer.embeddings:
+        raw = embedding.encode()
+        parts += [_LENGTH.pack(len(raw)), raw]
+    return b"".join(parts)
 
 
 def decode_answer(body: bytes) -> Answer:
-    held = json.loads(body)
+    (length,) = _LENGTH.unpack_from(body)
+    at = _LENGTH.size + length
+    held = json.loads(body[_LENGTH.size : at])
+    embeddings = []
+    while at < len(body):
+        (length,) = _LENGTH.unpack_from(body, at)
+        at += _LENGTH.size
+        embeddings.append(EmbeddingRecord.decode(body[at : at + length]))
+        at += length
     return Answer([int(u) for u in held["answered"]], [json.dumps(r).encode() for r in held["records"]],
-                  [EmbeddingRecord.decode(base64.b64decode(e)) for e in held.get("embeddings", [])])
+                  embeddings)
 
 
 # ---- the owner's side -------------------------------------------------------------------------------------------
