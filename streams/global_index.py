@@ -106,6 +106,11 @@ class GlobalIndex:
         self.model_versions: dict[int, str] = {}
         self.times: dict[int, int] = {int(u): int(t) for u, t in watermark.get("times", {}).items()}
         self.offsets: dict[int, int] = {int(p): int(o) for p, o in watermark.get("offsets", {}).items()}
+        if not self.reachable and "complete" in watermark:
+            # a snapshot of a worker that kept only what it reached, opened by one that keeps every vector: the
+            # partitions it did not keep whole are read from the start
+            for partition in set(range(settings.partitions)) - {int(p) for p in watermark["complete"]}:
+                self.offsets.pop(partition, None)
         self.records_applied = 0
         # called with (users, deleted) after their vectors changed: derived indexes (the two-tower space) follow
         self.listeners: list[Callable[[list[int], bool], None]] = []

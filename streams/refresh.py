@@ -124,6 +124,9 @@ def candidate_config(settings: Settings) -> CandidateConfig:
 
 MAX_EMBED_CREDIT_S = 0.05  # the most re-embedding time the lists' share can save up (embed_alongside_lists)
 EMBED_CHUNK = 16  # re-embeddings per embedder call between two looks at the clock (and at least per flush)
+# users per embedder call when the held remote users are bounded: their sampled nodes (~110 each at 10 per hop)
+# must fit the bound together (Refresher._embed)
+BOUNDED_EMBED_BATCH = 4
 _MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: a tie order that changes from flush to flush
 
 
@@ -418,6 +421,10 @@ class Refresher:
         means it read an unknown in place of a fact, and it is not published."""
         return self.remote_facts.misses if self.remote_facts is not None else 0
 
+    def _facts_bounded(self) -> bool:
+        """Reachable globals with a bound on the held users (PYMK_GLOBALS_HELD_MAX_USERS)."""
+        return self.remote_facts is not None and self.remote_facts.globals.held_max_users > 0
+
     async def fetch_facts(self) -> None:
         """Reachable globals: ask the owners for the users the last lists and embeddings missed (module doc of
         streams/remote_facts.py); awaited without the state's lock."""
@@ -433,6 +440,16 @@ class Refresher:
             # them back again (a batch that always holds a newcomer would never be published)
             others = [user for user in users if user not in self._waiting_for_facts]
             return self._embed(state, waiting, now_ms, salt) + self._embed(state, others, now_ms, salt)
+        if len(users) > BOUNDED_EMBED_BATCH and self._facts_bounded():
+            # under a bound on the held users (refresh_due's comment) a batch whose sampled nodes outnumber it would
+            # wait for ever: small batches, and the first that waits stops the pass (the rest stay due)
+            out: list[EmbeddingRecord] = []
+            for start in range(0, len(users), BOUNDED_EMBED_BATCH):
+                misses = self._facts_misses()
+                out += self._embed(state, users[start:start + BOUNDED_EMBED_BATCH], now_ms, salt)
+                if self._facts_misses() != misses:
+                    break
+            return out
         misses = self._facts_misses()
         vectors = self.embedder(state).embed(users, salt)
         if self._facts_misses() != misses:  # a sampled node's facts were not here: due still, after the fetch
@@ -531,9 +548,19 @@ class Refresher:
         out: list[tuple[Recommendations, list[Impression]]] = []
         done = np.zeros(len(user_at), bool)  # by position
         sharded = self.shards is not None and self.tower_index is None
+        # reachable globals under a bound: the slice stops at the first list that waits for facts. Its users are
+        # asked and held at the next fetch; lists ranked after it would ask more, and an answer past the bound
+        # evicts the users answered longest ago, which the first list may need again: a slice whose lists read
+        # more users than the bound would then wait for ever (measured: 3 workers, a bound of 1,500 users, 4–34
+        # lists in 5 minutes). One list at least is ranked per fetch while one list's users fit the bound.
+        bounded = self._facts_bounded()
+        stopped = False
 
         def serve(positions: np.ndarray, until_s: float) -> None:
+            nonlocal stopped
             for position in positions.tolist():
+                if stopped:
+                    return
                 if done[position]:
                     continue
                 if out and time.perf_counter() - started > until_s:  # at least one list per flush
@@ -563,6 +590,7 @@ class Refresher:
                     self.stats.lists_waiting_for_facts += 1
                     if self.lists is not None:  # its kept rows hold the unknowns: a full Stage 1 next time
                         self.lists.invalidate((user,), "facts")
+                    stopped = bounded
                     continue
                 out.append(ranked)
                 state.work.refreshed(user)

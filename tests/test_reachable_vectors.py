@@ -99,6 +99,9 @@ def test_a_rebalance_drops_the_revoked_users_and_reads_a_new_partition_again(tmp
     index.snapshot()
     again, _ = reachable(tmp_path)
     assert again.complete == {1} and set(again.store.users().tolist()) == set(index.store.users().tolist())
+    # opened by a worker that keeps every vector: the partitions not kept whole are read from the start
+    everything = GlobalIndex(Settings(home=tmp_path, partitions=PARTITIONS, ann_mode="sharded"), tmp_path / "index")
+    assert everything.offsets == {1: 1} and not everything.reachable
 
 
 def test_the_owner_answers_vectors_with_facts_and_the_asker_keeps_them(tmp_path: Path) -> None:

@@ -169,6 +169,57 @@ def test_a_worker_holding_reachable_globals_publishes_the_lists_of_one_holding_a
     assert described["records_kept"] <= 2 * described["answered_users"]  # a degree and a profile record each
 
 
+def test_a_held_set_bounded_below_what_a_slice_reads_still_publishes_every_list(tmp_path: Path) -> None:
+    """PYMK_GLOBALS_HELD_MAX_USERS below the remote users the owed lists read together (but above one list's), a
+    stream going on: the slice stops at the first list that waits, so each fetch lets a list through; without that
+    each answer past the bound evicted what the waiting lists needed (4 of these 8 lists in 60 rounds)."""
+    world = build_world(tmp_path / "world", 3000, partitions=2, seed=5)
+    now = world.event_time_ms
+    users = sorted(world.owned.graph.local_users())[:8]
+    expected = {user: world.refresher().rank(world.owned, user, now)[0].to_dict() for user in users}
+    remote = world.states[1]
+    # each list's remote users (what one ranking asks for, alone) and theirs together: the bound between the two
+    probe_settings = replace(world.settings, globals_mode="reachable")
+    needs = []
+    for user in users:
+        probe = UserGlobals(probe_settings)
+        replace(world, settings=probe_settings, globals=probe).refresher().rank(world.owned, user, now)
+        needs.append(set(probe.wanted))
+    bound = max(map(len, needs)) + 20
+    assert len(set().union(*needs)) > bound + 100  # the slice's lists together read more than it holds
+    settings = replace(world.settings, globals_mode="reachable", globals_held_max_users=bound)
+    held = UserGlobals(settings)
+    for state in world.states.values():
+        record = popular_record_of(state, [], settings.globals_popular_per_partition, now)
+        assert record is not None
+        held.merge_record(record[1])
+    refresher = replace(world, settings=settings, globals=held).refresher()
+
+    async def post(url: str, body: bytes, timeout_s: float) -> bytes:
+        return encode_answer(facts_answer(decode_request(body),
+                                          lambda user: remote if world.partition_of(user) == 1 else None))
+
+    refresher.remote_facts = RemoteFacts(held, lambda user: world.owned if world.partition_of(user) == 0 else None,
+                                         lambda: ["http://peer"], post, 1.0)
+    published: dict[int, dict] = {}
+    rounds = 0
+    # a user touched every round (the stream goes on), a list or so ranked per slice (a short budget: at least one
+    # list per slice), a fetch before each slice
+    while len(published) < len(users) and rounds < 200:
+        if rounds < len(users):
+            world.owned.work.touch(users[rounds], now, None, True)
+        rounds += 1
+        asyncio.run(refresher.fetch_facts())
+        for recommendations, _ in refresher.refresh_due([world.owned], now, budget_s=0.0):
+            published[recommendations.user] = recommendations.to_dict()
+    described = refresher.remote_facts.describe()
+    assert described["evicted_users"] > 0, described  # the bound bit: the slice's lists read more than it holds
+    assert len(published) == len(users), (rounds, described)
+    for body in (*published.values(), *expected.values()):
+        del body["generated_at"]
+    assert published == expected
+
+
 def test_an_embedding_that_read_a_user_not_held_waits_and_then_equals_the_replicated_one(tmp_path: Path) -> None:
     """GraphSAGE reads the degree and profile of the nodes it samples around a user: remote ones too. A batch that
     read one not held publishes nothing (its users stay due); retried, the users that waited go first and alone,
