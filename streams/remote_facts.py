@@ -208,14 +208,16 @@ class RemoteFacts:
         # a user of a partition this worker has since taken
         answers = [facts_answer(wanted, self.state_for, self.vectors)]
         answers.extend(await asyncio.gather(*(self._ask(url, body) for url in self.peers())))
-        answered = 0
-        for answer in answers:
-            # the users held first: the index keeps the vectors of held users only
-            self.stats.records_merged += self.globals.merge_answer(answer.answered, answer.records)
-            if self.vectors is not None:
+        # the owners' answers merged as one: under a bound each merge evicts the users answered longest ago but
+        # never those it brings, and one merge per owner evicted what the other owners had just answered; the
+        # users held first, then their vectors (the index keeps the vectors of held users only)
+        users = [user for answer in answers for user in answer.answered]
+        self.stats.records_merged += self.globals.merge_answer(users, [r for a in answers for r in a.records])
+        if self.vectors is not None:
+            for answer in answers:
                 for embedding in answer.embeddings:
                     self.stats.embeddings_merged += self.vectors.apply(embedding)
-            answered += len(answer.answered)
+        answered = len(users)
         seconds = time.perf_counter() - started
         self.stats.fetches += 1
         self.stats.users_asked += len(wanted)
