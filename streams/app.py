@@ -129,6 +129,13 @@ class PymkApp:
                 self.index.holds = self.globals.holds
                 self.index.on_miss = self.globals.missing
                 self.globals.evict_listeners.append(self.index.forget)
+            working_set = 2 * settings.ann_shard_batch * settings.candidates_max
+            if 0 < settings.globals_held_max_users < working_set:
+                # what a slice reads at once (its gathered users' candidates, twice for the embeddings and the next
+                # slice) must fit, or each answer evicts what the waiting lists need (docs/capacity.md)
+                log.warning("PYMK_GLOBALS_HELD_MAX_USERS=%d is below a slice's working set (~%d users): lists and "
+                            "embeddings may wait for facts for a long time", settings.globals_held_max_users,
+                            working_set)
             if self.refresher is not None:
                 self.refresher.remote_facts = self.remote_facts
         if self.refresher is not None:

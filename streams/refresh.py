@@ -552,7 +552,8 @@ class Refresher:
         # asked and held at the next fetch; lists ranked after it would ask more, and an answer past the bound
         # evicts the users answered longest ago, which the first list may need again: a slice whose lists read
         # more users than the bound would then wait for ever (measured: 3 workers, a bound of 1,500 users, 4–34
-        # lists in 5 minutes). One list at least is ranked per fetch while one list's users fit the bound.
+        # lists in 5 minutes). So one list's users are asked at a time; while they fit the bound it comes out
+        # within a few fetches (an answer may still evict some of its older ones: the bound's order is by answer).
         bounded = self._facts_bounded()
         stopped = False
 
