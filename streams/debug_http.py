@@ -404,6 +404,10 @@ class DebugViews:
                                       # summed over the databases; memtables are inside rocksdb_memory_bytes too
                                       "rocksdb_properties_bytes": rocksdb_properties,
                                       "ann_index_bytes": self.index.index.memory_bytes(),
+                                      # sharded: the vectors the cosine columns read (arrays; every user's, or the
+                                      # own and held users' with reachable globals)
+                                      "vector_store_bytes": (self.index.store.nbytes()
+                                                             if self.index.store is not None else None),
                                       # the kept lists (ranking/incremental.py), bounded by PYMK_LIST_CACHE_BYTES
                                       "list_cache": list_cache,
                                       "malloc_bytes": malloc_bytes(),

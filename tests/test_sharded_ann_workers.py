@@ -59,6 +59,7 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
         send(base, events)
         final_refresh(base, workers)
         stats = [http_get(w, "/stats") for w in workers]
+        memory = [http_get(w, "/memory") for w in workers]
         # any worker answers for any user: every shard's hits, merged (a shard alone holds about a third)
         sharded_neighbours = [neighbours_of(w) for w in workers]
         sample = http_get(workers[0], f"/neighbours/{asked[0]}?k=10")
@@ -69,8 +70,10 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
         assert answers == expected_neighbours
     assert sample["ann_mode"] == "sharded" and sample["missing_partitions"] == []
 
-    for worker_stats in stats:
+    for worker_stats, worker_memory in zip(stats, memory, strict=True):
         shards = worker_stats["ann_shards"]
+        # the store's arrays: 512 bytes of vector a user at least (plus its id and partition, and growth room)
+        assert worker_memory["vector_store_bytes"] >= 512 * worker_stats["index"]["vector_store_users"] > 0
         assert worker_stats["index"]["ann_mode"] == "sharded"
         # the graph holds the worker's own partitions only; the vector store every user with a vector
         assert (worker_stats["index"]["shard_partitions"] == worker_stats["index"]["graph_partitions"]
