@@ -75,7 +75,7 @@ def test_three_sharded_workers_publish_the_lists_of_one_replicated_worker(kafka_
         # the store's arrays: 512 bytes of vector a user at least (plus its id and partition, and growth room)
         assert worker_memory["vector_store_bytes"] >= 512 * worker_stats["index"]["vector_store_users"] > 0
         assert worker_stats["index"]["ann_mode"] == "sharded"
-        # the graph holds the worker's own partitions only; the vector store every user with a vector
+        # the graph holds the worker's own partitions only; the vector store more (every user's, or the held ones)
         assert (worker_stats["index"]["shard_partitions"] == worker_stats["index"]["graph_partitions"]
                 == worker_stats["state"]["partitions"])
         assert worker_stats["index"]["users"] < worker_stats["index"]["vector_store_users"]
