@@ -188,6 +188,28 @@ const char *tree_eval_kernel(int32_t depth) {
     return "portable";
 }
 
+/* acc[r] += the trees' leaves of the block's rows (xb transposed, m of BLOCK rows in use), by the kernel of this
+ * build. */
+static void margin_block(const float *xb, int64_t m, const int32_t *key, const float *threshold, const float *leaf,
+                         int32_t n_trees, int32_t depth, float *acc) {
+#if defined(__AVX512F__)
+    if (depth <= 6) {
+        if (m == BLOCK)
+            block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, BLOCK / 16);
+        else
+            block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 15) / 16));
+        return;
+    }
+#elif defined(__AVX2__)
+    if (depth <= 6) {
+        block_margin_avx2(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 7) / 8));
+        return;
+    }
+#endif
+    (void)m;
+    block_margin(xb, key, threshold, leaf, n_trees, depth, acc);
+}
+
 /* out[i] = margin of row i (x: n rows of n_features float32, row-major). */
 void tree_eval_margin(const float *x, int64_t n, int32_t n_features, const int32_t *key, const float *threshold,
                       const float *leaf, int32_t n_trees, int32_t depth, float base, float *out) {
@@ -199,21 +221,7 @@ void tree_eval_margin(const float *x, int64_t n, int32_t n_features, const int32
             acc[r] = base;
             for (int32_t f = 0; f < n_features; f++) xb[f * BLOCK + r] = r < m ? x[(start + r) * n_features + f] : 0.0f;
         }
-#if defined(__AVX512F__)
-        if (depth <= 6)
-        {
-            if (m == BLOCK)
-                block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, BLOCK / 16);
-            else
-                block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 15) / 16));
-        }
-        else
-#elif defined(__AVX2__)
-        if (depth <= 6)
-            block_margin_avx2(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 7) / 8));
-        else
-#endif
-            block_margin(xb, key, threshold, leaf, n_trees, depth, acc);
+        margin_block(xb, m, key, threshold, leaf, n_trees, depth, acc);
         memcpy(out + start, acc, (size_t)m * sizeof(float));
     }
 }
@@ -376,6 +384,117 @@ void kept_rows_as_of_at(int64_t m, const int64_t *rows, const double *values, co
         row[col_activity + 3] = b[3];
         row[col_recency] = b[4];
     }
+}
+
+/* ---- a kept list's update, its numeric tail in one call (ranking/incremental.py, _FusedUpdate) -----------------
+ * Once an incremental update has written its changed columns: the rows whose held activity or view moved
+ * (moved[r]) or whose validity ran out (valid_until[r] <= as_of), new rows apart (fresh[r]: as of now already),
+ * get their as-of columns at as_of and a new validity (kept_rows_as_of_at's arithmetic) and become dirty; the dirty
+ * rows are scored (each float64 value cast to float32 as the Python path's astype does, the margin summed as
+ * tree_eval_margin does, XGBoost's float32 sigmoid when logistic, stored as double); the top k rows by (score desc,
+ * degree desc, id asc) go to top (ranking_order's order; NaN last, as numpy sorts it) and get their as-of columns
+ * at as_of (what the reasons read). Returns how many rows were scored.
+ * model (int64): taus, thresholds, offsets, key, threshold, leaf (addresses), n_trees, depth, the base margin's
+ * float32 bits, logistic, stride (== the trees' n_features), col_activity, col_recency, col_degree.
+ * list (int64 addresses of the entry's arrays): values (n x 3), anchors, known, latest, has_view, x (n x stride),
+ * valid_until, scores, ids. */
+static inline int ranks_before(double sa, double da, int64_t ia, double sb, double db, int64_t ib) {
+    int na = sa != sa, nb = sb != sb;
+    if (na != nb) return nb;
+    if (!na && sa != sb) return sa > sb;
+    na = da != da, nb = db != db;
+    if (na != nb) return nb;
+    if (!na && da != db) return da > db;
+    return ia < ib;
+}
+
+int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, uint8_t *dirty,
+                         const uint8_t *moved, const uint8_t *fresh, int64_t as_of, int64_t k, int64_t *top) {
+    const int64_t *taus = (const int64_t *)model[0];
+    const double *thresholds = (const double *)model[1];
+    const int64_t *offsets = (const int64_t *)model[2];
+    const int32_t *key = (const int32_t *)model[3];
+    const float *threshold = (const float *)model[4];
+    const float *leaf = (const float *)model[5];
+    const int32_t n_trees = (int32_t)model[6], depth = (int32_t)model[7];
+    float base;
+    int32_t base_bits = (int32_t)model[8];
+    memcpy(&base, &base_bits, sizeof base);
+    const int logistic = (int)model[9];
+    const int64_t stride = model[10], col_activity = model[11], col_recency = model[12], col_degree = model[13];
+    const double *values = (const double *)list[0];
+    const int64_t *anchors = (const int64_t *)list[1];
+    const uint8_t *known = (const uint8_t *)list[2];
+    const int64_t *latest = (const int64_t *)list[3];
+    const uint8_t *has_view = (const uint8_t *)list[4];
+    double *x = (double *)list[5];
+    int64_t *valid_until = (int64_t *)list[6];
+    double *scores = (double *)list[7];
+    const int64_t *ids = (const int64_t *)list[8];
+    double b[5];
+    /* the as-of columns of the rows that moved or ran out, and their validity */
+    for (int64_t r = 0; r < n; r++) {
+        if (fresh[r] || !(moved[r] || valid_until[r] <= as_of)) continue;
+        as_of_row(values + 3 * r, anchors[r], known[r], latest[r], has_view[r], as_of, taus, thresholds, offsets, b,
+                  valid_until + r);
+        double *row = x + r * stride;
+        row[col_activity] = b[0];
+        row[col_activity + 1] = b[1];
+        row[col_activity + 2] = b[2];
+        row[col_activity + 3] = b[3];
+        row[col_recency] = b[4];
+        dirty[r] = 1;
+    }
+    /* the dirty rows scored, BLOCK at a time */
+    float acc[BLOCK];
+    float xb[stride * BLOCK];
+    int64_t rows[BLOCK];
+    int64_t scored = 0, m = 0;
+    for (int64_t r = 0; r <= n; r++) {
+        if (r < n && dirty[r]) rows[m++] = r;
+        if (m == BLOCK || (r == n && m > 0)) {
+            for (int64_t i = 0; i < BLOCK; i++) {
+                acc[i] = base;
+                const double *row = x + (i < m ? rows[i] : 0) * stride;
+                for (int64_t f = 0; f < stride; f++) xb[f * BLOCK + i] = i < m ? (float)row[f] : 0.0f;
+            }
+            margin_block(xb, m, key, threshold, leaf, n_trees, depth, acc);
+            for (int64_t i = 0; i < m; i++)
+                scores[rows[i]] = logistic ? (double)(1.0f / (1.0f + expf(-acc[i]))) : (double)acc[i];
+            scored += m;
+            m = 0;
+        }
+    }
+    /* the top k, kept sorted by insertion (k is small against n) */
+    int64_t count = 0;
+    for (int64_t r = 0; r < n && k > 0; r++) {
+        double s = scores[r], d = x[r * stride + col_degree];
+        if (count == k) {
+            int64_t last = top[k - 1];
+            if (!ranks_before(s, d, ids[r], scores[last], x[last * stride + col_degree], ids[last])) continue;
+        }
+        int64_t at = count < k ? count++ : k - 1;
+        while (at > 0) {
+            int64_t above = top[at - 1];
+            if (!ranks_before(s, d, ids[r], scores[above], x[above * stride + col_degree], ids[above])) break;
+            top[at] = above;
+            at--;
+        }
+        top[at] = r;
+    }
+    /* the shown rows' as-of columns at as_of (a row scored above is recomputed to the same bits) */
+    for (int64_t i = 0; i < count; i++) {
+        int64_t r = top[i];
+        as_of_row(values + 3 * r, anchors[r], known[r], latest[r], has_view[r], as_of, taus, thresholds, offsets, b,
+                  NULL);
+        double *row = x + r * stride;
+        row[col_activity] = b[0];
+        row[col_activity + 1] = b[1];
+        row[col_activity + 2] = b[2];
+        row[col_activity + 3] = b[3];
+        row[col_recency] = b[4];
+    }
+    return scored;
 }
 
 /* The common neighbours' structure columns of one list (ranking/features.py structure_columns, whose docstring

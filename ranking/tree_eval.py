@@ -271,6 +271,10 @@ def load_library(path: Path) -> ctypes.CDLL:
             library.kept_rows_as_of_at.argtypes = [ctypes.c_int64, *[pointer] * 6, ctypes.c_int64, *[pointer] * 4,
                                                    *[ctypes.c_int64] * 3, pointer]
             library.kept_rows_as_of_at.restype = None
+            # model, list, n, dirty, moved, fresh, as_of, k, top
+            library.kept_rows_update.argtypes = [pointer, pointer, ctypes.c_int64, *[pointer] * 3, ctypes.c_int64,
+                                                 ctypes.c_int64, pointer]
+            library.kept_rows_update.restype = ctypes.c_int64
             # m, values, anchors, known, as_of, taus, x, stride, col
             library.activity_columns.argtypes = [ctypes.c_int64, *[pointer] * 3, ctypes.c_int64, pointer, pointer,
                                                  ctypes.c_int64, ctypes.c_int64]
@@ -332,6 +336,14 @@ class CompiledEvaluator:
     def library(self) -> ctypes.CDLL:
         """The loaded C library (its other entry points: ``kept_rows_as_of``, for ranking/incremental.py)."""
         return self._library
+
+    def tree_context(self) -> tuple[int, ...]:
+        """The trees for another entry point of the library (``kept_rows_update``): the key, threshold and leaf
+        arrays' addresses (alive as long as this evaluator), trees, depth, the base margin's float32 bits, and
+        whether the prediction is the logistic of the margin."""
+        a = self.arrays
+        base_bits = int(np.asarray(a.base_margin, np.float32).view(np.int32))
+        return (*self._trees, self._leaf, a.trees, a.depth, base_bits, int(a.transform == "logistic"))
 
     def _rows(self, features: np.ndarray) -> np.ndarray:
         # XGBoost casts every value to float32 before comparing it: the same cast here.

@@ -446,6 +446,64 @@ def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> 
         assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
 
 
+def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> None:
+    """kept_rows_update (tree_eval.c: the expired or moved rows' as-of columns and validity, the dirty rows scored,
+    the top k ordered and brought to the as-of time, in one call) gives what the update's Python steps give
+    (``_rescore_and_order``): the same matrix and validity, scores and top k, bit for bit, with ties on the score
+    (duplicated rows: the degree, then the id decide) and new rows that are not recomputed."""
+    from types import SimpleNamespace
+
+    from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
+    from pymk.ranking.incremental import _as_of_kernel, split_points
+    from pymk.ranking.source import ActivityTable
+
+    points = split_points(ranker, len(FEATURE_NAMES))
+    kernel = _as_of_kernel(ranker, points)
+    assert kernel is not None and kernel.update_function is not None
+    builder = FeatureBuilder()
+    rows = np.concatenate([score_candidates(user, source, ranker, CONFIG, START, 20, builder=builder).features
+                           for source in (small_source(seed) for seed in range(4)) for user in range(USERS)])
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rows, rows[rng.integers(len(rows), size=len(rows) // 3)]])  # duplicates: tied scores
+    degree = FEATURE_INDEX["candidate_degree_log"]
+    X[rng.random(len(X)) < 0.1, degree] = 0.0  # ties on the degree too, the id then decides
+    m = len(X)
+    known = rng.random(m) < 0.8
+    anchors = np.where(known, START - rng.integers(-DAY, 60 * DAY, m), 0).astype(np.int64)
+    values = np.where(known[:, None], rng.exponential(3.0, (m, 3)) * (rng.random((m, 3)) < 0.9), 0.0)
+    has_view = rng.random(m) < 0.5
+    latest = np.where(has_view, START - rng.integers(-DAY, 30 * DAY, m), 0).astype(np.int64)
+    ids = rng.permutation(10 * m)[:m].astype(np.int64)
+    as_of = START + 3 * DAY
+    for k in (20, m + 5):  # a short list: every row shown
+        for trial in range(4):
+            flags = np.random.default_rng(trial)
+            dirty, moved, fresh = (flags.random(m) < share for share in (0.05, 0.1, 0.02))
+            valid_until = np.where(flags.random(m) < 0.3, as_of - 1, as_of + DAY).astype(np.int64)
+
+            def entry(valid_until: np.ndarray = valid_until) -> ListEntry:
+                e = ListEntry.__new__(ListEntry)
+                e.features, e.scores = X.copy(), np.asarray(ranker.predict(X), np.float64)
+                e.activity = ActivityTable(values.copy(), anchors.copy(), known.copy())
+                e.view_latest, e.has_view, e.valid_until = latest.copy(), has_view.copy(), valid_until.copy()
+                e.candidates = SimpleNamespace(ids=ids)  # type: ignore[assignment]
+                e.points, e.kernel, e.pre, e.full = points, kernel, None, None
+                e.fused_arrays, e.fused_table = (), None
+                return e
+
+            stepwise, fused = entry(), entry()
+            top_steps, scored_steps = IncrementalLists()._rescore_and_order(  # noqa: SLF001
+                stepwise, ranker, dirty.copy(), moved, fresh, as_of, k)
+            answer = kernel.update(fused, dirty.copy(), moved, fresh, as_of, k)
+            assert answer is not None
+            top_fused, scored_fused = answer
+            assert top_fused.tolist() == top_steps.tolist() and scored_fused == scored_steps
+            assert np.array_equal(fused.scores.view(np.int64), stepwise.scores.view(np.int64))
+            assert np.array_equal(fused.features.view(np.int64), stepwise.features.view(np.int64))
+            assert np.array_equal(fused.valid_until, stepwise.valid_until)
+            assert scored_steps > int(dirty.sum())  # expired and moved rows were scored too
+
+
 def test_a_packed_matrix_unpacks_bit_for_bit_in_fewer_bytes() -> None:
     """Constant columns once, float32-exact columns as float32, the rest float64: the same bits back (NaN, -0.0,
     values one float32 step off included), and no more bytes than the matrix."""
