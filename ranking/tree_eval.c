@@ -38,7 +38,7 @@ static inline int32_t step(const float *row, const int32_t *key, const float *th
 
 /* xb: the block's rows transposed (feature f of row r at f * BLOCK + r), so a level's loads are near each other. */
 static void block_margin(const float *xb, const int32_t *key, const float *threshold, const float *leaf,
-                         int32_t n_trees, int32_t depth, float *acc) {
+                         int32_t n_trees, int32_t depth, float *acc, int32_t *leaves) {
     const int32_t n_internal = (1 << depth) - 1;
     const int32_t n_leaves = 1 << depth;
     int32_t node[BLOCK];
@@ -57,6 +57,8 @@ static void block_margin(const float *xb, const int32_t *key, const float *thres
             }
         }
         for (int32_t r = 0; r < BLOCK; r++) acc[r] += tl[node[r] - n_internal];
+        if (leaves != NULL)
+            for (int32_t r = 0; r < BLOCK; r++) leaves[(int64_t)t * BLOCK + r] = node[r] - n_internal;
     }
 }
 
@@ -69,7 +71,7 @@ static void block_margin(const float *xb, const int32_t *key, const float *thres
 static inline __attribute__((always_inline)) void block_margin_avx512(const float *xb, const int32_t *key,
                                                                       const float *threshold, const float *leaf,
                                                                       int32_t n_trees, int32_t depth, float *acc,
-                                                                      int groups) {
+                                                                      int groups, int32_t *leaves) {
     const int32_t n_internal = (1 << depth) - 1;
     const int32_t n_leaves = 1 << depth;
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -109,6 +111,7 @@ static inline __attribute__((always_inline)) void block_margin_avx512(const floa
         }
         for (int g = 0; g < groups; g++) {
             __m512i k = _mm512_sub_epi32(node[g], first_leaf);
+            if (leaves != NULL) _mm512_storeu_si512(leaves + (int64_t)t * BLOCK + 16 * g, k);
             __mmask16 high = _mm512_cmpge_epi32_mask(k, thirty_two);
             sums[g] = _mm512_add_ps(sums[g], _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(l0, k, l1),
                                                                   _mm512_permutex2var_ps(l2, k, l3)));
@@ -138,7 +141,7 @@ static inline __attribute__((always_inline)) __m256 lookup8(const float *table, 
  * of at most 32 nodes: four registers), so the row's value is the only gather of a step (the portable loop
  * gathers the key and the threshold too); a leaf is one gather. 8 rows a group, the block's 8 groups in turn. */
 static void block_margin_avx2(const float *xb, const int32_t *key, const float *threshold, const float *leaf,
-                              int32_t n_trees, int32_t depth, float *acc, int groups) {
+                              int32_t n_trees, int32_t depth, float *acc, int groups, int32_t *leaves) {
     const int32_t n_internal = (1 << depth) - 1;
     const int32_t n_leaves = 1 << depth;
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -172,6 +175,8 @@ static void block_margin_avx2(const float *xb, const int32_t *key, const float *
         }
         for (int g = 0; g < groups; g++)
             sums[g] = _mm256_add_ps(sums[g], _mm256_i32gather_ps(tl, node[g], 4));
+        if (leaves != NULL)
+            for (int g = 0; g < groups; g++) _mm256_storeu_si256((__m256i *)(leaves + (int64_t)t * BLOCK + 8 * g), node[g]);
     }
     for (int g = 0; g < groups; g++) _mm256_storeu_ps(acc + 8 * g, sums[g]);
 }
@@ -189,25 +194,25 @@ const char *tree_eval_kernel(int32_t depth) {
 }
 
 /* acc[r] += the trees' leaves of the block's rows (xb transposed, m of BLOCK rows in use), by the kernel of this
- * build. */
+ * build; with leaves != NULL also each row's leaf index in each tree (leaves[t * BLOCK + r], 0 .. 2^D - 1). */
 static void margin_block(const float *xb, int64_t m, const int32_t *key, const float *threshold, const float *leaf,
-                         int32_t n_trees, int32_t depth, float *acc) {
+                         int32_t n_trees, int32_t depth, float *acc, int32_t *leaves) {
 #if defined(__AVX512F__)
     if (depth <= 6) {
         if (m == BLOCK)
-            block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, BLOCK / 16);
+            block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, BLOCK / 16, leaves);
         else
-            block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 15) / 16));
+            block_margin_avx512(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 15) / 16), leaves);
         return;
     }
 #elif defined(__AVX2__)
     if (depth <= 6) {
-        block_margin_avx2(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 7) / 8));
+        block_margin_avx2(xb, key, threshold, leaf, n_trees, depth, acc, (int)((m + 7) / 8), leaves);
         return;
     }
 #endif
     (void)m;
-    block_margin(xb, key, threshold, leaf, n_trees, depth, acc);
+    block_margin(xb, key, threshold, leaf, n_trees, depth, acc, leaves);
 }
 
 /* out[i] = margin of row i (x: n rows of n_features float32, row-major). */
@@ -221,7 +226,7 @@ void tree_eval_margin(const float *x, int64_t n, int32_t n_features, const int32
             acc[r] = base;
             for (int32_t f = 0; f < n_features; f++) xb[f * BLOCK + r] = r < m ? x[(start + r) * n_features + f] : 0.0f;
         }
-        margin_block(xb, m, key, threshold, leaf, n_trees, depth, acc);
+        margin_block(xb, m, key, threshold, leaf, n_trees, depth, acc, NULL);
         memcpy(out + start, acc, (size_t)m * sizeof(float));
     }
 }
@@ -386,16 +391,18 @@ void kept_rows_as_of_at(int64_t m, const int64_t *rows, const double *values, co
     }
 }
 
-/* ---- a kept list's update, its numeric tail in one call (ranking/incremental.py, _FusedUpdate) -----------------
+/* ---- a kept list's update, its numeric tail in one call (ranking/incremental.py, _AsOfKernel.update) ----------
  * Once an incremental update has written its changed columns: the rows whose held activity or view moved
  * (moved[r]) or whose validity ran out (valid_until[r] <= as_of), new rows apart (fresh[r]: as of now already),
- * get their as-of columns at as_of and a new validity (kept_rows_as_of_at's arithmetic) and become dirty; the dirty
- * rows are scored (each float64 value cast to float32 as the Python path's astype does, the margin summed as
- * tree_eval_margin does, XGBoost's float32 sigmoid when logistic, stored as double); the top k rows by (score desc,
- * degree desc, id asc) go to top (ranking_order's order; NaN last, as numpy sorts it) and get their as-of columns
- * at as_of (what the reasons read). Returns how many rows were scored.
+ * become dirty; the dirty rows get their as-of columns at as_of (kept_rows_as_of_at's arithmetic), are scored
+ * (each float64 value cast to float32 as the Python path's astype does, the margin summed as tree_eval_margin
+ * does, XGBoost's float32 sigmoid when logistic, stored as double) and get a new validity from their own paths
+ * (path_validity); the top k rows by (score desc, degree desc, id asc) go to top (ranking_order's order; NaN last,
+ * as numpy sorts it) and get their as-of columns at as_of (what the reasons read). Returns how many rows were
+ * scored.
  * model (int64): taus, thresholds, offsets, key, threshold, leaf (addresses), n_trees, depth, the base margin's
- * float32 bits, logistic, stride (== the trees' n_features), col_activity, col_recency, col_degree.
+ * float32 bits, logistic, stride (== the trees' n_features), col_activity, col_recency, col_degree, bounds (the
+ * address of path_validity's per-leaf table).
  * list (int64 addresses of the entry's arrays): values (n x 3), anchors, known, latest, has_view, x (n x stride),
  * valid_until, scores, ids. */
 static inline int ranks_before(double sa, double da, int64_t ia, double sb, double db, int64_t ib) {
@@ -406,6 +413,50 @@ static inline int ranks_before(double sa, double da, int64_t ia, double sb, doub
     if (na != nb) return nb;
     if (!na && da != db) return da > db;
     return ia < ib;
+}
+
+/* A scored row's validity from the leaves it reached: a tree's leaf stands while every comparison on the path to
+ * it keeps its outcome, so only the thresholds of the row's own paths matter (the bound over every threshold of a
+ * column, as_of_row's, is tighter: a threshold off the path moves nothing). bounds[(t << D) + leaf] holds 5 float32
+ * per leaf of tree t: for the three decaying counts the largest threshold the path went right of (x >= t: the
+ * count falls below it at anchor + tau ln(held / t); -inf: none), for the days since and the recency the smallest
+ * threshold the path went left of (reached at base + t' DAY, t' the float32 just below t; +inf: none). The
+ * arithmetic and margins are as_of_row's; a column that is NaN (never connected, no view) stays so until the row
+ * moves. */
+static int64_t path_validity(const int32_t *leaves, int64_t i, int32_t n_trees, int32_t depth, const float *bounds,
+                             const double *held, int64_t anchor_ms, uint8_t is_known, int64_t latest,
+                             uint8_t viewed, const int64_t *taus) {
+    float lo0 = -INFINITY, lo1 = -INFINITY, lo2 = -INFINITY, hi3 = INFINITY, hi4 = INFINITY;
+    for (int32_t t = 0; t < n_trees; t++) {
+        const float *b = bounds + (((int64_t)t << depth) + leaves[(int64_t)t * BLOCK + i]) * 5;
+        lo0 = b[0] > lo0 ? b[0] : lo0;
+        lo1 = b[1] > lo1 ? b[1] : lo1;
+        lo2 = b[2] > lo2 ? b[2] : lo2;
+        hi3 = b[3] < hi3 ? b[3] : hi3;
+        hi4 = b[4] < hi4 ? b[4] : hi4;
+    }
+    int64_t u = INT64_MAX;
+    const float lo[3] = {lo0, lo1, lo2};
+    double anchor = (double)anchor_ms;
+    /* never connected: counts 0 and days since NaN, which stay so until the row's activity moves */
+    for (int j = 0; j < 3 && is_known; j++) {
+        if (lo[j] > 0 && held[j] > 0) {
+            double span = (double)taus[j] * log(held[j] / (double)lo[j]);
+            int64_t at = (int64_t)floor(anchor + span - 1.0 - 1e-9 * fabs(span));
+            if (at < u) u = at;
+        }
+    }
+    if (is_known && hi3 < INFINITY) {
+        double span = (double)nextafterf(hi3, -INFINITY) * 86400000.0;
+        int64_t at = (int64_t)floor(anchor + span - 1.0 - 1e-9 * span);
+        if (at < u) u = at;
+    }
+    if (viewed && hi4 < INFINITY) {
+        double span = (double)nextafterf(hi4, -INFINITY) * 86400000.0;
+        int64_t at = (int64_t)floor((double)latest + span - 1.0 - 1e-9 * span);
+        if (at < u) u = at;
+    }
+    return u;
 }
 
 int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, uint8_t *dirty,
@@ -422,6 +473,7 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
     memcpy(&base, &base_bits, sizeof base);
     const int logistic = (int)model[9];
     const int64_t stride = model[10], col_activity = model[11], col_recency = model[12], col_degree = model[13];
+    const float *bounds = (const float *)model[14];
     const double *values = (const double *)list[0];
     const int64_t *anchors = (const int64_t *)list[1];
     const uint8_t *known = (const uint8_t *)list[2];
@@ -432,11 +484,11 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
     double *scores = (double *)list[7];
     const int64_t *ids = (const int64_t *)list[8];
     double b[5];
-    /* the as-of columns of the rows that moved or ran out, and their validity */
+    /* the as-of columns of the rows that moved, ran out or are dirty (scored below: at as_of, as the steps do) */
     for (int64_t r = 0; r < n; r++) {
-        if (fresh[r] || !(moved[r] || valid_until[r] <= as_of)) continue;
+        if (fresh[r] || !(moved[r] || dirty[r] || valid_until[r] <= as_of)) continue;
         as_of_row(values + 3 * r, anchors[r], known[r], latest[r], has_view[r], as_of, taus, thresholds, offsets, b,
-                  valid_until + r);
+                  NULL);  /* its validity: its paths', once scored */
         double *row = x + r * stride;
         row[col_activity] = b[0];
         row[col_activity + 1] = b[1];
@@ -445,10 +497,12 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
         row[col_recency] = b[4];
         dirty[r] = 1;
     }
-    /* the dirty rows scored, BLOCK at a time */
+    /* the dirty rows scored, BLOCK at a time, with their paths' validity */
     float acc[BLOCK];
     float xb[stride * BLOCK];
     int64_t rows[BLOCK];
+    int32_t *leaves = malloc(sizeof(int32_t) * BLOCK * (size_t)(n_trees > 0 ? n_trees : 1));
+    if (leaves == NULL) return -1;
     int64_t scored = 0, m = 0;
     for (int64_t r = 0; r <= n; r++) {
         if (r < n && dirty[r]) rows[m++] = r;
@@ -458,13 +512,18 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
                 const double *row = x + (i < m ? rows[i] : 0) * stride;
                 for (int64_t f = 0; f < stride; f++) xb[f * BLOCK + i] = i < m ? (float)row[f] : 0.0f;
             }
-            margin_block(xb, m, key, threshold, leaf, n_trees, depth, acc);
-            for (int64_t i = 0; i < m; i++)
-                scores[rows[i]] = logistic ? (double)(1.0f / (1.0f + expf(-acc[i]))) : (double)acc[i];
+            margin_block(xb, m, key, threshold, leaf, n_trees, depth, acc, leaves);
+            for (int64_t i = 0; i < m; i++) {
+                int64_t s = rows[i];
+                scores[s] = logistic ? (double)(1.0f / (1.0f + expf(-acc[i]))) : (double)acc[i];
+                valid_until[s] = path_validity(leaves, i, n_trees, depth, bounds, values + 3 * s, anchors[s], known[s],
+                                               latest[s], has_view[s], taus);
+            }
             scored += m;
             m = 0;
         }
     }
+    free(leaves);
     /* the top k, kept sorted by insertion (k is small against n) */
     int64_t count = 0;
     for (int64_t r = 0; r < n && k > 0; r++) {

@@ -119,6 +119,8 @@ EVENT = st.tuples(st.sampled_from(["add", "remove", "view", "engage", "dismiss",
 # and a decayed activity value within half a float32 step under a threshold of the pre-ranker (the falling bound
 # searched with the float64 value and waited for the threshold below)
 @example(seed=0, events=[("add", 0, 2, 1_000)], stamped=True, tight=False, cascade=True)
+# and a row never connected but viewed, whose validity from its paths (kept_rows_update) had left out the recency
+@example(seed=49, events=[("add", 0, 21, DAY), ("embed", 0, 0, DAY)], stamped=True, tight=False, cascade=False)
 def test_incremental_lists_equal_the_full_path(ranker: Ranker, cascade_ranker: Ranker, seed: int,
                                                events: list,  # type: ignore[type-arg]
                                                stamped: bool, tight: bool, cascade: bool) -> None:
@@ -447,10 +449,12 @@ def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> 
 
 
 def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> None:
-    """kept_rows_update (tree_eval.c: the expired or moved rows' as-of columns and validity, the dirty rows scored,
-    the top k ordered and brought to the as-of time, in one call) gives what the update's Python steps give
-    (``_rescore_and_order``): the same matrix and validity, scores and top k, bit for bit, with ties on the score
-    (duplicated rows: the degree, then the id decide) and new rows that are not recomputed."""
+    """kept_rows_update (tree_eval.c: the expired or moved rows' as-of columns, the dirty rows scored with their
+    paths' validity, the top k ordered and brought to the as-of time, in one call) gives what the update's Python
+    steps give (``_rescore_and_order``): the same matrix, scores and top k, bit for bit, with ties on the score
+    (duplicated rows: the degree, then the id decide) and new rows that are not recomputed. A scored row's validity
+    comes from its own paths: never before the bound over every threshold (the steps'), usually well after it, and
+    never late: at the bound minus 1 ms the row's as-of columns give the same score, bit for bit."""
     from types import SimpleNamespace
 
     from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
@@ -480,10 +484,16 @@ def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> N
             flags = np.random.default_rng(trial)
             dirty, moved, fresh = (flags.random(m) < share for share in (0.05, 0.1, 0.02))
             valid_until = np.where(flags.random(m) < 0.3, as_of - 1, as_of + DAY).astype(np.int64)
+            # a new row is as of now, with the validity _add_rows gives it (over every threshold)
+            held = ListEntry.__new__(ListEntry)
+            held.features, held.activity = X.copy(), ActivityTable(values, anchors, known)
+            held.view_latest, held.has_view = latest, has_view
+            valid_until[fresh] = kernel.run(held, np.flatnonzero(fresh), as_of, points)
+            start = held.features
 
-            def entry(valid_until: np.ndarray = valid_until) -> ListEntry:
+            def entry(valid_until: np.ndarray = valid_until, start: np.ndarray = start) -> ListEntry:
                 e = ListEntry.__new__(ListEntry)
-                e.features, e.scores = X.copy(), np.asarray(ranker.predict(X), np.float64)
+                e.features, e.scores = start.copy(), np.asarray(ranker.predict(start), np.float64)
                 e.activity = ActivityTable(values.copy(), anchors.copy(), known.copy())
                 e.view_latest, e.has_view, e.valid_until = latest.copy(), has_view.copy(), valid_until.copy()
                 e.candidates = SimpleNamespace(ids=ids)  # type: ignore[assignment]
@@ -500,8 +510,30 @@ def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> N
             assert top_fused.tolist() == top_steps.tolist() and scored_fused == scored_steps
             assert np.array_equal(fused.scores.view(np.int64), stepwise.scores.view(np.int64))
             assert np.array_equal(fused.features.view(np.int64), stepwise.features.view(np.int64))
-            assert np.array_equal(fused.valid_until, stepwise.valid_until)
             assert scored_steps > int(dirty.sum())  # expired and moved rows were scored too
+            assert np.all(fused.valid_until >= stepwise.valid_until)
+            scored_rows = np.flatnonzero(dirty | ((moved | (valid_until <= as_of)) & ~fresh))
+            assert np.all(fused.valid_until[scored_rows] > as_of)
+            unscored = np.setdiff1d(np.arange(m), scored_rows)
+            assert np.array_equal(fused.valid_until[unscored], stepwise.valid_until[unscored])
+            until = fused.valid_until[scored_rows]
+            assert (until > stepwise.valid_until[scored_rows]).mean() > 0.3  # the paths' bound is looser
+            # never late: just before its bound each scored row scores the same (its leaves stand)
+            ahead = scored_rows[(until > as_of + 1) & (until < np.iinfo(np.int64).max)]
+            assert len(ahead) > len(scored_rows) // 4
+            later = fused.features.copy()
+            for row in ahead.tolist():
+                probe = entry()
+                probe.features = later
+                IncrementalLists._as_of_columns(probe, np.array([row]), int(fused.valid_until[row]) - 1)  # noqa: SLF001
+            assert np.array_equal(np.asarray(ranker.predict(later[ahead]), np.float64), fused.scores[ahead])
+            # and a row whose paths hold no moving threshold scores the same a year on
+            forever = scored_rows[until == np.iinfo(np.int64).max]
+            assert len(forever)
+            probe = entry()
+            probe.features = later
+            IncrementalLists._as_of_columns(probe, forever, as_of + 365 * DAY)  # noqa: SLF001
+            assert np.array_equal(np.asarray(ranker.predict(later[forever]), np.float64), fused.scores[forever])
 
 
 def test_a_packed_matrix_unpacks_bit_for_bit_in_fewer_bytes() -> None:
