@@ -20,26 +20,28 @@ row (dismissed, now a connection) is removed. Rows stay in Stage 1's rough-score
 path's, row for row (the unshown-impressions sample follows).
 
 **What is re-scored**: the rows where some feature crossed one of the model's split thresholds. A tree ensemble
-reads a feature only through ``x < threshold`` (in float32; NaN its own side): while every such comparison keeps
-its outcome the row's leaves, hence its score, are bit for bit the same, so a changed value re-scores its row only
-when its float32 left its bin (:func:`_bins_moved`; without split points, e.g. a ranker serving a heuristic
-floor, any change re-scores). For the as-of columns (view recency, the activity columns) the time of the next
-crossing is closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly), so each row carries the
-as-of time before which its score stands (:func:`_until_falling`, :func:`_until_growing`, with a margin that only
-makes it re-score earlier); the rows past it get their as-of columns anew (in one C pass of the evaluator's
-library, ``kept_rows_as_of``: libm's exp, the bits of ``math.exp``; numpy where the library is not loaded) and are
-re-scored. The query-level as-of columns are compared by their bins: a move re-scores every row (an own connection
-moves the user's activity, so a connection re-scores all rows). A row that is not re-scored keeps its old as-of
-column values in the matrix (within the same bins): :meth:`IncrementalLists.score` brings the top k rows to the
-as-of time (reasons read them), ``exact_features=True`` all rows, and :meth:`IncrementalLists.exact_features` the
-rows a caller logs (the worker's sample of unshown candidates). With the compiled evaluator and a plain ranker (no
-floor, no cascade) that tail (the as-of columns of the moved, expired or dirty rows, the dirty rows scored, the top
-k ordered and brought to the as-of time) is one C call, ``kept_rows_update``, with the same bits as the steps
+reads a feature only through ``x < threshold`` (in float32; NaN its own side): while every such comparison keeps its
+outcome the row's leaves, hence its score, are bit for bit the same, so a changed value re-scores its row only when
+its float32 left its bin (:func:`_bins_moved`; without split points, e.g. a ranker serving a heuristic floor, any
+change re-scores). For the as-of columns (view recency, the activity columns) the time of the next crossing is
+closed-form (a decay ``V·exp(−age/τ)`` falls, a "days since" grows linearly), so each row carries the as-of time
+before which its score stands (:func:`_until_falling`, :func:`_until_growing`, with a margin that only makes it
+re-score earlier); the rows past it get their as-of columns anew (in one C pass of the evaluator's library,
+``kept_rows_as_of``: libm's exp, the bits of ``math.exp``; numpy where the library is not loaded) and are re-scored.
+The query-level as-of columns are in every row's bound too (``_query_until``, from the query's held activity); the
+query's activity itself moving (an own connection) re-scores every row. A row that is not re-scored keeps its old
+as-of column values in the matrix (within the same bins): :meth:`IncrementalLists.score` brings the top k rows to
+the as-of time (reasons read them), ``exact_features=True`` all rows, and :meth:`IncrementalLists.exact_features`
+the rows a caller logs (the worker's sample of unshown candidates). With the compiled evaluator and a plain ranker
+(no floor, no cascade) that tail (the as-of columns of the moved, expired or dirty rows, the dirty rows scored, the
+top k ordered and brought to the as-of time) is one C call, ``kept_rows_update``, with the same bits as the steps
 (:meth:`_AsOfKernel.update`), and a scored row's validity there comes from **its own paths**: a leaf stands while
 the comparisons on the path to it keep their outcomes, so only the thresholds the row's paths pass matter (per leaf,
-:func:`_leaf_bounds`: the largest threshold a decaying count went right of, the smallest a growing column went
-left of), not every threshold of the column; with the shipped ranker a view's update re-scores ~34 rows at the
-median instead of ~180 (the query-level columns still re-score every row when they change bins).
+:func:`_leaf_bounds`: the largest threshold a decaying count went right of, the smallest a growing column went left
+of), not every threshold of the column; with the shipped ranker a view's update re-scores ~34 rows at the median
+instead of ~180, and the query's two as-of columns count only with the thresholds on the row's paths, so time moving
+them re-scores the rows whose paths cross, not every row (1 update in 6 re-scored all ~1,000 rows). Without split
+points any move of the query's columns re-scores every row.
 
 **A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
 model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
@@ -287,6 +289,7 @@ def _bins_moved(points: SplitPoints | None, columns: Sequence[int], old: np.ndar
     return moved
 
 
+QueryActivity = tuple[float, int, int]  # the query's held 7-day count, its anchor (ms), 1 when known (_query_activity)
 _FEW_COLUMNS = 4  # up to this many columns (the behaviour block), every differing column is looked at
 _SMALL_BLOCK = 16  # up to this many values (a view's row or two), :func:`_bins_moved` value by value
 
@@ -340,13 +343,13 @@ class _AsOfKernel:
         self.n_features = evaluator.arrays.n_features if evaluator is not None else 0
         trees = evaluator.tree_context() if evaluator is not None else ()
         self.bounds = (_leaf_bounds(evaluator.arrays.feature, evaluator.arrays.threshold, evaluator.arrays.depth)
-                       if evaluator is not None else np.empty((0, 0, 5), np.float32))
+                       if evaluator is not None else np.empty((0, 0, 7), np.float32))
         self.model_table = np.asarray([*self._constants, *trees, self.n_features, _ACTIVITY, _RECENCY, _DEGREE,
                                        self.bounds.ctypes.data], np.int64)
         self._model_address = self.model_table.ctypes.data
 
     def update(self, e: ListEntry, dirty: np.ndarray, moved: np.ndarray, fresh: np.ndarray, as_of: int,
-               k: int) -> tuple[np.ndarray, int] | None:
+               k: int, query: QueryActivity) -> tuple[np.ndarray, int] | None:
         """:meth:`IncrementalLists._rescore_and_order` in one call of ``kept_rows_update`` (the same as-of
         arithmetic, the same float32 casts and tree sums, ranking_order's order): (top, rows scored); None when the
         kernel has no trees or the entry's arrays are not laid out for it (the caller then runs the steps)."""
@@ -371,7 +374,7 @@ class _AsOfKernel:
         flags = (np.ascontiguousarray(dirty, bool), np.ascontiguousarray(moved, bool),
                  np.ascontiguousarray(fresh, bool))
         scored = self.update_function(self._model_address, e.fused_table.ctypes.data, n,
-                                      *(flag.ctypes.data for flag in flags), as_of, k, top.ctypes.data)
+                                      *(flag.ctypes.data for flag in flags), as_of, k, top.ctypes.data, *query)
         if scored < 0:
             raise MemoryError("kept_rows_update: no scratch memory for the leaves")
         return top, int(scored)
@@ -411,22 +414,24 @@ _HELD_DTYPES = (np.dtype(np.float64), np.dtype(np.int64), np.dtype(bool), np.dty
 
 def _leaf_bounds(feature: np.ndarray, threshold: np.ndarray, depth: int) -> np.ndarray:
     """Per tree and leaf (complete trees in heap order, tree_eval.TreeArrays), what the path to the leaf asks of
-    the five per-row as-of columns: (trees, 2^depth, 5) float32, for the three decaying counts the largest threshold
-    the path goes right of (x >= t; -inf: none), for the days since and the recency the smallest it goes left of
-    (+inf: none). A row stays in a leaf while its counts stay at or above the first and its growing columns below
-    the second (tree_eval.c path_validity). Padding nodes split on column 0, never an as-of column."""
-    falling, growing = (_ACTIVITY, _ACTIVITY + 1, _ACTIVITY + 2), (_DAYS_SINCE, _RECENCY)
+    the seven as-of columns: (trees, 2^depth, 7) float32, for the four decaying counts (the row's three, the
+    query's 7-day) the largest threshold the path goes right of (x >= t; -inf: none), for the three growing ones
+    (the row's days since and recency, the query's days since) the smallest it goes left of (+inf: none). A row
+    stays in a leaf while its counts stay at or above the first and its growing columns below the second
+    (tree_eval.c path_validity). Padding nodes split on column 0, never an as-of column."""
+    falling = (_ACTIVITY, _ACTIVITY + 1, _ACTIVITY + 2, _QUERY_ACTIVITY)
+    growing = (_DAYS_SINCE, _RECENCY, _QUERY_DAYS)
     assert 0 not in (*falling, *growing)
     n_trees, n_leaves = len(feature), 1 << depth
-    out = np.empty((n_trees, n_leaves, 5), np.float32)
-    out[:, :, :3], out[:, :, 3:] = -np.inf, np.inf
+    out = np.empty((n_trees, n_leaves, 7), np.float32)
+    out[:, :, :4], out[:, :, 4:] = -np.inf, np.inf
     leaves = np.arange(n_leaves)
     node = np.zeros(n_leaves, np.int64)
     for level in range(depth):
         right = ((leaves >> (depth - 1 - level)) & 1).astype(bool)
         on_feature, at = feature[:, node], threshold[:, node]  # (trees, leaves): the node each leaf's path is at
         for j, column in enumerate((*falling, *growing)):
-            if j < 3:
+            if j < len(falling):
                 hit = (on_feature == column) & right
                 out[:, :, j] = np.where(hit, np.maximum(out[:, :, j], at), out[:, :, j])
             else:
@@ -565,6 +570,10 @@ class ListEntry:
     # computed (NaN: not passed since its features last moved); ``scores`` is then their composition
     pre: np.ndarray | None = None
     full: np.ndarray | None = None
+    # the query's held activity the rows' validity counts on (_query_activity; another one re-scores every row),
+    # and the as-of time before which its two columns keep their side of every threshold (_query_until)
+    query_activity: QueryActivity | None = None
+    query_until: int = _NEVER
     # the arrays _AsOfKernel.update reads and their addresses (int64), kept while they are the same objects
     fused_arrays: tuple[np.ndarray, ...] = ()
     fused_table: np.ndarray | None = None
@@ -869,6 +878,7 @@ class IncrementalLists:
         entry.points = points
         entry.validity_due = True  # valid_until at as_of_ms, computed by the first update (_update)
         entry.query_bins = _query_bins(entry.features, points)
+        entry.query_activity = _query_activity(user, source)
         entry.query_degree = source.degree(user)
         if c.graph_ties is not None and len(c.graph_ties):
             entry.graph_tie_ids = c.graph_ties
@@ -899,10 +909,16 @@ class IncrementalLists:
         moved_parts = _moved_parts(e, source)  # kept for the reads below while the source's stamp holds
         if self.config.max_changed_share < 1.0 and _changed_share(moved_parts) > self.config.max_changed_share:
             return "changed_rows"
+        query = _query_activity(user, source)
         if e.validity_due:  # as the build would have: every row, at the entry's as-of time (nothing moved it yet)
-            assert e.features is not None
+            assert e.features is not None and e.query_activity is not None
+            e.query_until = _query_until(e.query_activity, e.points, e.as_of)
             e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), e.points, e.as_of)
             e.validity_due = False
+        # the query's own activity moved (an own connection): every row re-scores below; else the rows' validity
+        # covers its two columns (they move with time alone)
+        query_moved_activity = query != e.query_activity
+        e.query_activity, e.query_until = query, _query_until(query, e.points, as_of)
         popular = _popular(user, source, config, as_of, excluded)
         vector = source.embedding(user)
         vector = None if vector is None else np.asarray(vector, np.float32)
@@ -1053,10 +1069,13 @@ class IncrementalLists:
         query_activity, query_days = _query_columns(user, source, as_of)
         X[:, _QUERY_ACTIVITY] = query_activity
         X[:, _QUERY_DAYS] = query_days
-        bins = _query_bins(X, points)
-        if not _same_bins(bins, e.query_bins):
+        if points is None:  # no validity: a move re-scores every row
+            bins = _query_bins(X, points)
+            if not _same_bins(bins, e.query_bins):
+                dirty[:] = True
+            e.query_bins = bins
+        elif query_moved_activity:
             dirty[:] = True
-        e.query_bins = bins
 
         def refresh(groups: list[str], rows: np.ndarray) -> None:
             """Recompute ``groups`` for ``rows`` into X; a row whose new values left a bin of the model is dirty."""
@@ -1175,7 +1194,7 @@ class IncrementalLists:
         if stamped:
             e.stamp = stamp_now
 
-        fused = e.kernel.update(e, dirty, moved, fresh, as_of, k) if e.kernel is not None else None
+        fused = e.kernel.update(e, dirty, moved, fresh, as_of, k, query) if e.kernel is not None else None
         # the numeric tail in one C call where the kernel has the trees (the same bits), else step by step
         top, scored_rows = fused if fused is not None else self._rescore_and_order(e, scorer, dirty, moved, fresh,
                                                                                    as_of, k)
@@ -1318,11 +1337,12 @@ class IncrementalLists:
     # ---- as-of columns ----------------------------------------------------------------------------------------------
     @classmethod
     def _fresh_validity(cls, e: ListEntry, rows: np.ndarray, points: SplitPoints | None, as_of: int) -> np.ndarray:
-        """The as-of columns of ``rows`` brought to ``as_of`` (in the matrix), and their :meth:`_validity`."""
+        """The as-of columns of ``rows`` brought to ``as_of`` (in the matrix), and their :meth:`_validity`, no later
+        than the query's columns' (``e.query_until``: they are the same in every row)."""
         if e.kernel is not None:
-            return e.kernel.run(e, rows, as_of, points)
+            return np.minimum(e.kernel.run(e, rows, as_of, points), e.query_until)
         block = cls._as_of_columns(e, rows, as_of)
-        return cls._validity(e, rows, points, as_of, block)
+        return np.minimum(cls._validity(e, rows, points, as_of, block), e.query_until)
 
     @staticmethod
     def _as_of_columns(e: ListEntry, rows: np.ndarray, as_of: int) -> np.ndarray:
@@ -1565,6 +1585,27 @@ def _query_columns(user: int, source: RankingSource, as_of: int) -> tuple[float,
     activity = source.connection_activity(user, as_of)[1]
     last = source.last_connection_ts(user)
     return activity, (math.nan if last is None else max(0, as_of - last) / DAY_MS)
+
+
+def _query_activity(user: int, source: RankingSource) -> QueryActivity:
+    """The query user's held activity behind its two as-of columns: (7-day count at the anchor, anchor, known)."""
+    table = activity_table_for(source, np.asarray([user], np.int64), [user])
+    return (float(table.values[0, 1]), int(table.anchors[0]), int(bool(table.known[0])))
+
+
+def _query_until(query: QueryActivity, points: SplitPoints | None, as_of: int) -> int:
+    """The as-of time before which the query's 7-day count and days since (from ``query``) keep their side of every
+    threshold of the model (what a row's validity over every threshold also counts on); a row's paths' validity
+    (kept_rows_update) has the query's thresholds on its paths instead."""
+    held, anchor, known = query
+    if points is None or not known:  # never connected: 0 and NaN, until the activity moves
+        return _NEVER
+    elapsed = max(0, as_of - anchor)
+    value = held * math.exp(-elapsed / ACTIVITY_TIME_CONSTANTS_MS[1])  # activity_at's arithmetic
+    falling = _until_falling(np.asarray([value]), np.asarray([held]), np.asarray([anchor]),
+                             float(ACTIVITY_TIME_CONSTANTS_MS[1]), points.exact[_QUERY_ACTIVITY])
+    growing = _until_growing(np.asarray([elapsed / DAY_MS]), np.asarray([float(anchor)]), points.below[_QUERY_DAYS])
+    return int(min(falling[0], growing[0]))
 
 
 def _query_bins(X: np.ndarray, points: SplitPoints | None) -> tuple[float, float]:

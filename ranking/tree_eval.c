@@ -402,7 +402,7 @@ void kept_rows_as_of_at(int64_t m, const int64_t *rows, const double *values, co
  * scored.
  * model (int64): taus, thresholds, offsets, key, threshold, leaf (addresses), n_trees, depth, the base margin's
  * float32 bits, logistic, stride (== the trees' n_features), col_activity, col_recency, col_degree, bounds (the
- * address of path_validity's per-leaf table).
+ * address of path_validity's per-leaf table). query_*: the query's held 7-day count, anchor and whether known.
  * list (int64 addresses of the entry's arrays): values (n x 3), anchors, known, latest, has_view, x (n x stride),
  * valid_until, scores, ids. */
 static inline int ranks_before(double sa, double da, int64_t ia, double sb, double db, int64_t ib) {
@@ -417,50 +417,58 @@ static inline int ranks_before(double sa, double da, int64_t ia, double sb, doub
 
 /* A scored row's validity from the leaves it reached: a tree's leaf stands while every comparison on the path to
  * it keeps its outcome, so only the thresholds of the row's own paths matter (the bound over every threshold of a
- * column, as_of_row's, is tighter: a threshold off the path moves nothing). bounds[(t << D) + leaf] holds 5 float32
- * per leaf of tree t: for the three decaying counts the largest threshold the path went right of (x >= t: the
- * count falls below it at anchor + tau ln(held / t); -inf: none), for the days since and the recency the smallest
- * threshold the path went left of (reached at base + t' DAY, t' the float32 just below t; +inf: none). The
- * arithmetic and margins are as_of_row's; a column that is NaN (never connected, no view) stays so until the row
- * moves. */
-static int64_t path_validity(const int32_t *leaves, int64_t i, int32_t n_trees, int32_t depth, const float *bounds,
-                             const double *held, int64_t anchor_ms, uint8_t is_known, int64_t latest,
-                             uint8_t viewed, const int64_t *taus) {
-    float lo0 = -INFINITY, lo1 = -INFINITY, lo2 = -INFINITY, hi3 = INFINITY, hi4 = INFINITY;
-    for (int32_t t = 0; t < n_trees; t++) {
-        const float *b = bounds + (((int64_t)t << depth) + leaves[(int64_t)t * BLOCK + i]) * 5;
-        lo0 = b[0] > lo0 ? b[0] : lo0;
-        lo1 = b[1] > lo1 ? b[1] : lo1;
-        lo2 = b[2] > lo2 ? b[2] : lo2;
-        hi3 = b[3] < hi3 ? b[3] : hi3;
-        hi4 = b[4] < hi4 ? b[4] : hi4;
-    }
-    int64_t u = INT64_MAX;
-    const float lo[3] = {lo0, lo1, lo2};
-    double anchor = (double)anchor_ms;
-    /* never connected: counts 0 and days since NaN, which stay so until the row's activity moves */
-    for (int j = 0; j < 3 && is_known; j++) {
-        if (lo[j] > 0 && held[j] > 0) {
-            double span = (double)taus[j] * log(held[j] / (double)lo[j]);
-            int64_t at = (int64_t)floor(anchor + span - 1.0 - 1e-9 * fabs(span));
-            if (at < u) u = at;
-        }
-    }
-    if (is_known && hi3 < INFINITY) {
-        double span = (double)nextafterf(hi3, -INFINITY) * 86400000.0;
-        int64_t at = (int64_t)floor(anchor + span - 1.0 - 1e-9 * span);
-        if (at < u) u = at;
-    }
-    if (viewed && hi4 < INFINITY) {
-        double span = (double)nextafterf(hi4, -INFINITY) * 86400000.0;
-        int64_t at = (int64_t)floor((double)latest + span - 1.0 - 1e-9 * span);
+ * column, as_of_row's, is tighter: a threshold off the path moves nothing). bounds[(t << D) + leaf] holds 7 float32
+ * per leaf of tree t: for the three decaying counts and the query's 7-day count the largest threshold the path went
+ * right of (x >= t: the count falls below it at anchor + tau ln(held / t); -inf: none), for the days since, the
+ * recency and the query's days since the smallest threshold the path went left of (reached at base + t' DAY, t' the
+ * float32 just below t; +inf: none). The arithmetic and margins are as_of_row's; a column that is NaN (never
+ * connected, no view) stays so until the row moves. query: the query's held 7-day count, its anchor, whether
+ * known (its activity moving re-scores every row: the caller's). */
+static inline int64_t falling_until(double held, double anchor, int64_t tau, float t, int64_t u) {
+    if (t > 0 && held > 0) {
+        double span = (double)tau * log(held / (double)t);
+        int64_t at = (int64_t)floor(anchor + span - 1.0 - 1e-9 * fabs(span));
         if (at < u) u = at;
     }
     return u;
 }
 
+static inline int64_t growing_until(double base, float t, int64_t u) {
+    if (t < INFINITY) {
+        double span = (double)nextafterf(t, -INFINITY) * 86400000.0;
+        int64_t at = (int64_t)floor(base + span - 1.0 - 1e-9 * span);
+        if (at < u) u = at;
+    }
+    return u;
+}
+
+static int64_t path_validity(const int32_t *leaves, int64_t i, int32_t n_trees, int32_t depth, const float *bounds,
+                             const double *held, int64_t anchor_ms, uint8_t is_known, int64_t latest,
+                             uint8_t viewed, const int64_t *taus, double query_held, int64_t query_anchor,
+                             int query_known) {
+    float lo[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, hi[3] = {INFINITY, INFINITY, INFINITY};
+    for (int32_t t = 0; t < n_trees; t++) {
+        const float *b = bounds + (((int64_t)t << depth) + leaves[(int64_t)t * BLOCK + i]) * 7;
+        for (int j = 0; j < 4; j++) lo[j] = b[j] > lo[j] ? b[j] : lo[j];
+        for (int j = 0; j < 3; j++) hi[j] = b[4 + j] < hi[j] ? b[4 + j] : hi[j];
+    }
+    int64_t u = INT64_MAX;
+    double anchor = (double)anchor_ms;
+    if (is_known) {  /* never connected: counts 0 and days since NaN, which stay so until the row's activity moves */
+        for (int j = 0; j < 3; j++) u = falling_until(held[j], anchor, taus[j], lo[j], u);
+        u = growing_until(anchor, hi[0], u);
+    }
+    if (viewed) u = growing_until((double)latest, hi[1], u);
+    if (query_known) {
+        u = falling_until(query_held, (double)query_anchor, taus[1], lo[3], u);
+        u = growing_until((double)query_anchor, hi[2], u);
+    }
+    return u;
+}
+
 int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, uint8_t *dirty,
-                         const uint8_t *moved, const uint8_t *fresh, int64_t as_of, int64_t k, int64_t *top) {
+                         const uint8_t *moved, const uint8_t *fresh, int64_t as_of, int64_t k, int64_t *top,
+                         double query_held, int64_t query_anchor, int32_t query_known) {
     const int64_t *taus = (const int64_t *)model[0];
     const double *thresholds = (const double *)model[1];
     const int64_t *offsets = (const int64_t *)model[2];
@@ -517,7 +525,7 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
                 int64_t s = rows[i];
                 scores[s] = logistic ? (double)(1.0f / (1.0f + expf(-acc[i]))) : (double)acc[i];
                 valid_until[s] = path_validity(leaves, i, n_trees, depth, bounds, values + 3 * s, anchors[s], known[s],
-                                               latest[s], has_view[s], taus);
+                                               latest[s], has_view[s], taus, query_held, query_anchor, query_known);
             }
             scored += m;
             m = 0;

@@ -271,9 +271,10 @@ def load_library(path: Path) -> ctypes.CDLL:
             library.kept_rows_as_of_at.argtypes = [ctypes.c_int64, *[pointer] * 6, ctypes.c_int64, *[pointer] * 4,
                                                    *[ctypes.c_int64] * 3, pointer]
             library.kept_rows_as_of_at.restype = None
-            # model, list, n, dirty, moved, fresh, as_of, k, top
+            # model, list, n, dirty, moved, fresh, as_of, k, top, query_held, query_anchor, query_known
             library.kept_rows_update.argtypes = [pointer, pointer, ctypes.c_int64, *[pointer] * 3, ctypes.c_int64,
-                                                 ctypes.c_int64, pointer]
+                                                 ctypes.c_int64, pointer, ctypes.c_double, ctypes.c_int64,
+                                                 ctypes.c_int32]
             library.kept_rows_update.restype = ctypes.c_int64
             # m, values, anchors, known, as_of, taus, x, stride, col
             library.activity_columns.argtypes = [ctypes.c_int64, *[pointer] * 3, ctypes.c_int64, pointer, pointer,

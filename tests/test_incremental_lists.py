@@ -3,6 +3,7 @@ by their byte budget, and checked by the shadow."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -457,9 +458,9 @@ def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> N
     never late: at the bound minus 1 ms the row's as-of columns give the same score, bit for bit."""
     from types import SimpleNamespace
 
-    from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
-    from pymk.ranking.incremental import _as_of_kernel, split_points
-    from pymk.ranking.source import ActivityTable
+    from pymk.ranking.features import DAY_MS, FEATURE_INDEX, FEATURE_NAMES
+    from pymk.ranking.incremental import _as_of_kernel, _query_until, split_points
+    from pymk.ranking.source import ACTIVITY_TIME_CONSTANTS_MS, ActivityTable
 
     points = split_points(ranker, len(FEATURE_NAMES))
     kernel = _as_of_kernel(ranker, points)
@@ -479,8 +480,19 @@ def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> N
     latest = np.where(has_view, START - rng.integers(-DAY, 30 * DAY, m), 0).astype(np.int64)
     ids = rng.permutation(10 * m)[:m].astype(np.int64)
     as_of = START + 3 * DAY
+    query_columns = [FEATURE_INDEX["query_activity_7d"], FEATURE_INDEX["query_days_since_last_connection"]]
+
+    def query_at(query: tuple[float, int, int], at: int) -> list[float]:  # the matrix's two query columns
+        held, anchor, known = query
+        elapsed = max(0, at - anchor)
+        return ([held * math.exp(-elapsed / ACTIVITY_TIME_CONSTANTS_MS[1]), elapsed / DAY_MS] if known
+                else [0.0, math.nan])
+
     for k in (20, m + 5):  # a short list: every row shown
         for trial in range(4):
+            # the query never connected, then connected 5 days ago (its columns move with time: the paths' bound)
+            query = (0.0, 0, 0) if trial < 2 else (2.5, START - 2 * DAY, 1)
+            X[:, query_columns] = query_at(query, as_of)
             flags = np.random.default_rng(trial)
             dirty, moved, fresh = (flags.random(m) < share for share in (0.05, 0.1, 0.02))
             valid_until = np.where(flags.random(m) < 0.3, as_of - 1, as_of + DAY).astype(np.int64)
@@ -488,10 +500,12 @@ def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> N
             held = ListEntry.__new__(ListEntry)
             held.features, held.activity = X.copy(), ActivityTable(values, anchors, known)
             held.view_latest, held.has_view = latest, has_view
-            valid_until[fresh] = kernel.run(held, np.flatnonzero(fresh), as_of, points)
+            valid_until[fresh] = np.minimum(kernel.run(held, np.flatnonzero(fresh), as_of, points),
+                                            _query_until(query, points, as_of))
             start = held.features
 
-            def entry(valid_until: np.ndarray = valid_until, start: np.ndarray = start) -> ListEntry:
+            def entry(valid_until: np.ndarray = valid_until, start: np.ndarray = start,
+                      query: tuple[float, int, int] = query) -> ListEntry:
                 e = ListEntry.__new__(ListEntry)
                 e.features, e.scores = start.copy(), np.asarray(ranker.predict(start), np.float64)
                 e.activity = ActivityTable(values.copy(), anchors.copy(), known.copy())
@@ -499,12 +513,13 @@ def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> N
                 e.candidates = SimpleNamespace(ids=ids)  # type: ignore[assignment]
                 e.points, e.kernel, e.pre, e.full = points, kernel, None, None
                 e.fused_arrays, e.fused_table = (), None
+                e.query_until = _query_until(query, points, as_of)  # as the update sets it
                 return e
 
             stepwise, fused = entry(), entry()
             top_steps, scored_steps = IncrementalLists()._rescore_and_order(  # noqa: SLF001
                 stepwise, ranker, dirty.copy(), moved, fresh, as_of, k)
-            answer = kernel.update(fused, dirty.copy(), moved, fresh, as_of, k)
+            answer = kernel.update(fused, dirty.copy(), moved, fresh, as_of, k, query)
             assert answer is not None
             top_fused, scored_fused = answer
             assert top_fused.tolist() == top_steps.tolist() and scored_fused == scored_steps
@@ -526,13 +541,15 @@ def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> N
                 probe = entry()
                 probe.features = later
                 IncrementalLists._as_of_columns(probe, np.array([row]), int(fused.valid_until[row]) - 1)  # noqa: SLF001
+                later[row, query_columns] = query_at(query, int(fused.valid_until[row]) - 1)
             assert np.array_equal(np.asarray(ranker.predict(later[ahead]), np.float64), fused.scores[ahead])
             # and a row whose paths hold no moving threshold scores the same a year on
             forever = scored_rows[until == np.iinfo(np.int64).max]
-            assert len(forever)
+            assert len(forever) or query[2]
             probe = entry()
             probe.features = later
             IncrementalLists._as_of_columns(probe, forever, as_of + 365 * DAY)  # noqa: SLF001
+            later[np.ix_(forever, query_columns)] = query_at(query, as_of + 365 * DAY)
             assert np.array_equal(np.asarray(ranker.predict(later[forever]), np.float64), fused.scores[forever])
 
 
