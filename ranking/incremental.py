@@ -172,13 +172,14 @@ class SplitPoints:
     exact: tuple[np.ndarray, ...]
     below: tuple[np.ndarray, ...]
     exact_lists: tuple[list[float], ...]  # ``exact`` as lists, for one value's bin (bisect: no numpy call)
+    below_lists: tuple[list[float], ...]  # ``below`` as lists (the query's bound: bisect)
 
     @classmethod
     def of(cls, per_feature: list[np.ndarray]) -> SplitPoints:
         exact = tuple(np.unique(np.asarray(t, np.float32)).astype(np.float64) for t in per_feature)
         below = tuple(np.unique(np.nextafter(t.astype(np.float32), np.float32(-np.inf))).astype(np.float64)
                       for t in exact)
-        return cls(exact, below, tuple(t.tolist() for t in exact))
+        return cls(exact, below, tuple(t.tolist() for t in exact), tuple(t.tolist() for t in below))
 
     def bin(self, column: int, value: float) -> float:
         """Which side of every threshold of ``column`` the float32 of ``value`` is on (NaN: its own bin): the
@@ -1588,9 +1589,13 @@ def _query_columns(user: int, source: RankingSource, as_of: int) -> tuple[float,
 
 
 def _query_activity(user: int, source: RankingSource) -> QueryActivity:
-    """The query user's held activity behind its two as-of columns: (7-day count at the anchor, anchor, known)."""
-    table = activity_table_for(source, np.asarray([user], np.int64), [user])
-    return (float(table.values[0, 1]), int(table.anchors[0]), int(bool(table.known[0])))
+    """The query user's held activity behind its two as-of columns: (7-day count at the anchor, anchor, known); the
+    count read at the anchor itself is the held one (a decay over 0 ms multiplies by exp(-0.0) = 1)."""
+    assert implements(source, ActivitySource)
+    anchor = source.last_connection_ts(user)
+    if anchor is None:
+        return (0.0, 0, 0)
+    return (float(source.connection_activity(user, anchor)[1]), int(anchor), 1)
 
 
 def _query_until(query: QueryActivity, points: SplitPoints | None, as_of: int) -> int:
@@ -1600,12 +1605,22 @@ def _query_until(query: QueryActivity, points: SplitPoints | None, as_of: int) -
     held, anchor, known = query
     if points is None or not known:  # never connected: 0 and NaN, until the activity moves
         return _NEVER
+    # _until_falling and _until_growing for one value each, in scalars (bisect on the thresholds' lists)
+    until = _NEVER
+    tau = ACTIVITY_TIME_CONSTANTS_MS[1]
     elapsed = max(0, as_of - anchor)
-    value = held * math.exp(-elapsed / ACTIVITY_TIME_CONSTANTS_MS[1])  # activity_at's arithmetic
-    falling = _until_falling(np.asarray([value]), np.asarray([held]), np.asarray([anchor]),
-                             float(ACTIVITY_TIME_CONSTANTS_MS[1]), points.exact[_QUERY_ACTIVITY])
-    growing = _until_growing(np.asarray([elapsed / DAY_MS]), np.asarray([float(anchor)]), points.below[_QUERY_DAYS])
-    return int(min(falling[0], growing[0]))
+    value = held * math.exp(-elapsed / tau)  # activity_at's arithmetic
+    exact = points.exact_lists[_QUERY_ACTIVITY]
+    index = bisect.bisect_right(exact, float(np.float32(value))) - 1
+    if index >= 0 and exact[index] > 0 and held > 0:
+        span = tau * math.log(held / exact[index])
+        until = math.floor(anchor + span - 1.0 - 1e-9 * abs(span))
+    below = points.below_lists[_QUERY_DAYS]
+    index = bisect.bisect_left(below, float(np.float32(elapsed / DAY_MS)))
+    if index < len(below):
+        span = below[index] * DAY_MS
+        until = min(until, math.floor(anchor + span - 1.0 - 1e-9 * span))
+    return int(until)
 
 
 def _query_bins(X: np.ndarray, points: SplitPoints | None) -> tuple[float, float]:

@@ -241,6 +241,29 @@ def test_the_split_point_bounds_never_run_late() -> None:
     assert np.float32((until + 10 - base[0]) / DAY) >= np.float32(0.1)
 
 
+def test_the_query_bound_is_the_row_bounds_of_one_value(ranker: Ranker) -> None:
+    """_query_until (scalars, bisect: it runs at every update) is _until_falling of the query's 7-day count and
+    _until_growing of its days since, to the millisecond; a query never connected has none."""
+    from pymk.ranking.features import FEATURE_INDEX, FEATURE_NAMES
+    from pymk.ranking.incremental import _query_until, split_points
+    from pymk.ranking.source import ACTIVITY_TIME_CONSTANTS_MS
+
+    points = split_points(ranker, len(FEATURE_NAMES))
+    assert points is not None
+    activity, days = FEATURE_INDEX["query_activity_7d"], FEATURE_INDEX["query_days_since_last_connection"]
+    tau = ACTIVITY_TIME_CONSTANTS_MS[1]
+    rng = np.random.default_rng(5)
+    for _ in range(2_000):
+        held, anchor = float(rng.exponential(3.0)), START - int(rng.integers(0, 90 * DAY))
+        elapsed = START - anchor
+        value = held * math.exp(-elapsed / tau)
+        falling = _until_falling(np.array([value]), np.array([held]), np.array([anchor]), float(tau),
+                                 points.exact[activity])[0]
+        growing = _until_growing(np.array([elapsed / DAY]), np.array([float(anchor)]), points.below[days])[0]
+        assert abs(_query_until((held, anchor, 1), points, START) - min(falling, growing)) <= 1
+    assert _query_until((0.0, 0, 0), points, START) == np.iinfo(np.int64).max
+
+
 def test_the_cache_stays_within_its_bytes_and_evicts_the_least_recent(ranker: Ranker) -> None:
     source = small_source(2)
     builder = FeatureBuilder()
