@@ -1026,7 +1026,7 @@ class IncrementalLists:
                 self._keep_rows(e, np.flatnonzero(keep))
         rows_before_added = len(e.candidates.ids)
         cosine = ann_new or {}
-        in_popular = set(popular)
+        in_popular = set(popular) if extras or graph_changed else frozenset()
         if extras and not graph_changed:
             m = len(extras)
             self._add_rows(e, CandidateSet(user, np.asarray(extras, np.int64), np.zeros(m, np.int64), np.zeros(m),
@@ -1142,8 +1142,11 @@ class IncrementalLists:
             if views_due and stamped and held_before is not None:
                 # a user's view map is small and a view moves one entry of it: only the rows of the users whose
                 # entries moved (a new row's columns are already those of the map now)
-                rows = _rows_of_ids(ids, e.id_order, _changed_keys(held_before[2], views))
-                if len(rows):
+                keys = _changed_keys(held_before[2], views)
+                rows = _rows_of_ids(ids, e.id_order, keys) if len(keys) > _FEW_KEYS else None
+                if rows is None:  # a view's one or two users: their rows value by value (no numpy call per step)
+                    _view_rows_of_few(e, ids, keys.tolist(), views, dirty, view_moved, points)
+                elif len(rows):
                     columns = list(_BEHAVIOUR[:2])
                     moved_ids = ids[rows]
                     values, latest, has_view = view_columns_of_maps(moved_ids, np.argsort(moved_ids), views, None)
@@ -1497,6 +1500,39 @@ def _changed_keys(before: Mapping[int, Any], now: Mapping[int, Any]) -> np.ndarr
 
 
 _FEW_KEYS = 4
+
+
+def _view_rows_of_few(e: ListEntry, ids: np.ndarray, keys: list[int], views: Mapping[int, Any], dirty: np.ndarray,
+                      view_moved: np.ndarray, points: SplitPoints | None) -> None:
+    """The view columns of the rows of a few moved ``keys`` from ``views``, as view_columns_of_maps writes them
+    (viewed, mutual = min of both ways; the latest view and whether any), in scalars: a row whose held view moved is
+    marked in ``view_moved`` (its recency is an as-of column), one whose value left a bin of the model dirty."""
+    X = e.features
+    assert X is not None
+    columns = _BEHAVIOUR[:2]
+    all_dirty = bool(dirty.all())
+    for key in keys:
+        for row in np.flatnonzero(ids == key).tolist():
+            held = views.get(key)
+            values = (0.0, 0.0) if held is None else (float(held[0]), float(min(held[0], held[1])))
+            latest, has_view = (0, False) if held is None else (int(held[2]), True)
+            if has_view != bool(e.has_view[row]) or latest != int(e.view_latest[row]):
+                view_moved[row] = True
+            e.view_latest[row], e.has_view[row] = latest, has_view
+            for column, value in zip(columns, values, strict=True):
+                old = float(X[row, column])
+                if not all_dirty and _value_moved(points, column, old, value):
+                    dirty[row] = True
+                X[row, column] = value
+
+
+def _value_moved(points: SplitPoints | None, column: int, old: float, new: float) -> bool:
+    """:func:`_bins_moved_small` of one value: whether ``old`` → ``new`` can change a comparison of the model."""
+    if old == new or (math.isnan(old) and math.isnan(new)):
+        return False
+    if points is None:
+        return True
+    return bool(points.exact_lists[column]) and points.bin(column, old) != points.bin(column, new)
 
 
 def _co_engaged_column(ids: np.ndarray, order: np.ndarray, engaged: Mapping[int, int]) -> np.ndarray:
