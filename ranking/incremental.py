@@ -344,7 +344,7 @@ class _AsOfKernel:
         self.n_features = evaluator.arrays.n_features if evaluator is not None else 0
         trees = evaluator.tree_context() if evaluator is not None else ()
         self.bounds = (_leaf_bounds(evaluator.arrays.feature, evaluator.arrays.threshold, evaluator.arrays.depth)
-                       if evaluator is not None else np.empty((0, 0, 7), np.float32))
+                       if evaluator is not None else np.empty((0, 0, 8), np.float32))
         self.model_table = np.asarray([*self._constants, *trees, self.n_features, _ACTIVITY, _RECENCY, _DEGREE,
                                        self.bounds.ctypes.data], np.int64)
         self._model_address = self.model_table.ctypes.data
@@ -415,16 +415,17 @@ _HELD_DTYPES = (np.dtype(np.float64), np.dtype(np.int64), np.dtype(bool), np.dty
 
 def _leaf_bounds(feature: np.ndarray, threshold: np.ndarray, depth: int) -> np.ndarray:
     """Per tree and leaf (complete trees in heap order, tree_eval.TreeArrays), what the path to the leaf asks of
-    the seven as-of columns: (trees, 2^depth, 7) float32, for the four decaying counts (the row's three, the
+    the seven as-of columns: (trees, 2^depth, 8) float32, for the four decaying counts (the row's three, the
     query's 7-day) the largest threshold the path goes right of (x >= t; -inf: none), for the three growing ones
-    (the row's days since and recency, the query's days since) the smallest it goes left of (+inf: none). A row
-    stays in a leaf while its counts stay at or above the first and its growing columns below the second
-    (tree_eval.c path_validity). Padding nodes split on column 0, never an as-of column."""
+    (the row's days since and recency, the query's days since) the smallest it goes left of, negated (-inf: none),
+    then a -inf pad: every lane a maximum, 32 bytes a leaf (tree_eval.c path_validity). A row stays in a leaf while
+    its counts stay at or above the first and its growing columns below the second. Padding nodes split on column
+    0, never an as-of column."""
     falling = (_ACTIVITY, _ACTIVITY + 1, _ACTIVITY + 2, _QUERY_ACTIVITY)
     growing = (_DAYS_SINCE, _RECENCY, _QUERY_DAYS)
     assert 0 not in (*falling, *growing)
     n_trees, n_leaves = len(feature), 1 << depth
-    out = np.empty((n_trees, n_leaves, 7), np.float32)
+    out = np.empty((n_trees, n_leaves, 8), np.float32)
     out[:, :, :4], out[:, :, 4:] = -np.inf, np.inf
     leaves = np.arange(n_leaves)
     node = np.zeros(n_leaves, np.int64)
@@ -439,6 +440,8 @@ def _leaf_bounds(feature: np.ndarray, threshold: np.ndarray, depth: int) -> np.n
                 hit = (on_feature == column) & ~right
                 out[:, :, j] = np.where(hit, np.minimum(out[:, :, j], at), out[:, :, j])
         node = 2 * node + 1 + right
+    out[:, :, 4:7] = -out[:, :, 4:7]
+    out[:, :, 7] = -np.inf
     return np.ascontiguousarray(out)
 
 
@@ -911,10 +914,16 @@ class IncrementalLists:
         if self.config.max_changed_share < 1.0 and _changed_share(moved_parts) > self.config.max_changed_share:
             return "changed_rows"
         query = _query_activity(user, source)
-        if e.validity_due:  # as the build would have: every row, at the entry's as-of time (nothing moved it yet)
+        # the first update: with kept_rows_update every row is re-scored, for its paths' validity (the bound over
+        # every threshold, the query's included, would re-score most rows within the next few updates, some twice);
+        # else every row's bound at the entry's as-of time, as the build would have (nothing moved it yet)
+        rescore_every_row = False
+        if e.validity_due:
             assert e.features is not None and e.query_activity is not None
-            e.query_until = _query_until(e.query_activity, e.points, e.as_of)
-            e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), e.points, e.as_of)
+            rescore_every_row = e.kernel is not None and e.kernel.update_function is not None
+            if not rescore_every_row:
+                e.query_until = _query_until(e.query_activity, e.points, e.as_of)
+                e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), e.points, e.as_of)
             e.validity_due = False
         # the query's own activity moved (an own connection): every row re-scores below; else the rows' validity
         # covers its two columns (they move with time alone)
@@ -1075,7 +1084,7 @@ class IncrementalLists:
             if not _same_bins(bins, e.query_bins):
                 dirty[:] = True
             e.query_bins = bins
-        elif query_moved_activity:
+        elif query_moved_activity or rescore_every_row:
             dirty[:] = True
 
         def refresh(groups: list[str], rows: np.ndarray) -> None:

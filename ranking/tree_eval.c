@@ -23,6 +23,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define BLOCK 64
 #define BLOCK_SHIFT 6 /* log2(BLOCK) */
@@ -417,11 +420,12 @@ static inline int ranks_before(double sa, double da, int64_t ia, double sb, doub
 
 /* A scored row's validity from the leaves it reached: a tree's leaf stands while every comparison on the path to
  * it keeps its outcome, so only the thresholds of the row's own paths matter (the bound over every threshold of a
- * column, as_of_row's, is tighter: a threshold off the path moves nothing). bounds[(t << D) + leaf] holds 7 float32
+ * column, as_of_row's, is tighter: a threshold off the path moves nothing). bounds[(t << D) + leaf] holds 8 float32
  * per leaf of tree t: for the three decaying counts and the query's 7-day count the largest threshold the path went
  * right of (x >= t: the count falls below it at anchor + tau ln(held / t); -inf: none), for the days since, the
- * recency and the query's days since the smallest threshold the path went left of (reached at base + t' DAY, t' the
- * float32 just below t; +inf: none). The arithmetic and margins are as_of_row's; a column that is NaN (never
+ * recency and the query's days since the smallest threshold the path went left of, negated (so that every lane is a
+ * maximum: one vector max a tree; reached at base + t' DAY, t' the float32 just below t; -inf: none), and a -inf
+ * pad. The arithmetic and margins are as_of_row's; a column that is NaN (never
  * connected, no view) stays so until the row moves. query: the query's held 7-day count, its anchor, whether
  * known (its activity moving re-scores every row: the caller's). */
 static inline int64_t falling_until(double held, double anchor, int64_t tau, float t, int64_t u) {
@@ -446,12 +450,20 @@ static int64_t path_validity(const int32_t *leaves, int64_t i, int32_t n_trees, 
                              const double *held, int64_t anchor_ms, uint8_t is_known, int64_t latest,
                              uint8_t viewed, const int64_t *taus, double query_held, int64_t query_anchor,
                              int query_known) {
-    float lo[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, hi[3] = {INFINITY, INFINITY, INFINITY};
+    float most[8];
+#if defined(__AVX__)
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int32_t t = 0; t < n_trees; t++)
+        m = _mm256_max_ps(m, _mm256_loadu_ps(bounds + (((int64_t)t << depth) + leaves[(int64_t)t * BLOCK + i]) * 8));
+    _mm256_storeu_ps(most, m);
+#else
+    for (int j = 0; j < 8; j++) most[j] = -INFINITY;
     for (int32_t t = 0; t < n_trees; t++) {
-        const float *b = bounds + (((int64_t)t << depth) + leaves[(int64_t)t * BLOCK + i]) * 7;
-        for (int j = 0; j < 4; j++) lo[j] = b[j] > lo[j] ? b[j] : lo[j];
-        for (int j = 0; j < 3; j++) hi[j] = b[4 + j] < hi[j] ? b[4 + j] : hi[j];
+        const float *b = bounds + (((int64_t)t << depth) + leaves[(int64_t)t * BLOCK + i]) * 8;
+        for (int j = 0; j < 8; j++) most[j] = b[j] > most[j] ? b[j] : most[j];
     }
+#endif
+    const float *lo = most, hi[3] = {-most[4], -most[5], -most[6]};
     int64_t u = INT64_MAX;
     double anchor = (double)anchor_ms;
     if (is_known) {  /* never connected: counts 0 and days since NaN, which stay so until the row's activity moves */
@@ -535,7 +547,9 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
     /* the top k, kept sorted by insertion (k is small against n) */
     int64_t count = 0;
     for (int64_t r = 0; r < n && k > 0; r++) {
-        double s = scores[r], d = x[r * stride + col_degree];
+        double s = scores[r];
+        if (count == k && s < scores[top[k - 1]]) continue;  /* most rows: no read of their degree */
+        double d = x[r * stride + col_degree];
         if (count == k) {
             int64_t last = top[k - 1];
             if (!ranks_before(s, d, ids[r], scores[last], x[last * stride + col_degree], ids[last])) continue;
