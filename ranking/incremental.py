@@ -914,17 +914,15 @@ class IncrementalLists:
         if self.config.max_changed_share < 1.0 and _changed_share(moved_parts) > self.config.max_changed_share:
             return "changed_rows"
         query = _query_activity(user, source)
-        # the first update: with kept_rows_update every row is re-scored, for its paths' validity (the bound over
-        # every threshold, the query's included, would re-score most rows within the next few updates, some twice);
-        # else every row's bound at the entry's as-of time, as the build would have (nothing moved it yet)
-        rescore_every_row = False
-        if e.validity_due:
+        if e.validity_due:  # as the build would have: every row, at the entry's as-of time (nothing moved it yet)
             assert e.features is not None and e.query_activity is not None
-            rescore_every_row = e.kernel is not None and e.kernel.update_function is not None
-            if not rescore_every_row:
-                e.query_until = _query_until(e.query_activity, e.points, e.as_of)
-                e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), e.points, e.as_of)
+            e.query_until = _query_until(e.query_activity, e.points, e.as_of)
+            e.valid_until = self._fresh_validity(e, np.arange(len(e.scores)), e.points, e.as_of)
             e.validity_due = False
+        # a list's second update: with kept_rows_update every row is re-scored, for its paths' validity (the bound
+        # over every threshold, the query's included, would re-score most rows over the next updates, some twice);
+        # not at the first: most kept lists of a busy stream are built anew before a second update
+        rescore_every_row = e.updates == 1 and e.kernel is not None and e.kernel.update_function is not None
         # the query's own activity moved (an own connection): every row re-scores below; else the rows' validity
         # covers its two columns (they move with time alone)
         query_moved_activity = query != e.query_activity

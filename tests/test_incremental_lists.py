@@ -302,10 +302,11 @@ def test_the_shadow_counts_agreement_and_serves_the_full_list_when_it_differs(ra
                                                              builder=builder).candidates) >= 3]
     for user in users:
         lists.score(user, source, ranker, CONFIG, START, 20, builder)
-    for user in users:
-        lists.score(user, source, ranker, CONFIG, START + 1_000, 20, builder)
+    for step in (1_000, 1_500):  # the second update re-scores every row (its paths' validity): then one that need not
+        for user in users:
+            lists.score(user, source, ranker, CONFIG, START + step, 20, builder)
     shadow = lists.describe_shadow()
-    assert shadow["checked"] == len(users) == lists.stats.hits
+    assert shadow["checked"] == 2 * len(users) == lists.stats.hits
     assert shadow["equal"] == shadow["checked"] and shadow["equal_share"] == 1.0
     # a kept list gone wrong (here: its best row's score lowered) is caught, and the full list is served
     user = users[0]
@@ -317,8 +318,8 @@ def test_the_shadow_counts_agreement_and_serves_the_full_list_when_it_differs(ra
     entry.valid_until[best] = np.iinfo(np.int64).max  # nothing makes the update re-score it
     served = lists.score(user, source, ranker, CONFIG, START + 2_000, 20, builder)
     full = score_candidates(user, source, ranker, CONFIG, START + 2_000, 20, builder=builder)
-    assert lists.describe_shadow()["checked"] == len(users) + 1
-    assert lists.describe_shadow()["equal"] == len(users)
+    assert lists.describe_shadow()["checked"] == 2 * len(users) + 1
+    assert lists.describe_shadow()["equal"] == 2 * len(users)
     assert served.candidates.ids[served.top].tolist() == full.candidates.ids[full.top].tolist()
     assert lists.entries[user].scores[best] != -1.0  # the kept entry is the full one now
 
