@@ -40,8 +40,11 @@ the comparisons on the path to it keep their outcomes, so only the thresholds th
 :func:`_leaf_bounds`: the largest threshold a decaying count went right of, the smallest a growing column went left
 of), not every threshold of the column; with the shipped ranker a view's update re-scores ~34 rows at the median
 instead of ~180, and the query's two as-of columns count only with the thresholds on the row's paths, so time moving
-them re-scores the rows whose paths cross, not every row (1 update in 6 re-scored all ~1,000 rows). Without split
-points any move of the query's columns re-scores every row.
+them re-scores the rows whose paths cross, not every row (1 update in 6 re-scored all ~1,000 rows). A kept list's
+second update re-scores every row once, so that every row holds its paths' bound (until then most rows hold the
+bound over every threshold, which would re-score them over the next updates, some twice); not the first, as most
+kept lists of a busy stream are built anew before a second update. Without split points any move of the query's
+columns re-scores every row.
 
 **A full Stage 1 instead** (``reason`` counted in :attr:`ListCacheStats.full_builds`): no entry (``miss``); the
 model, the candidate config or k changed (``model``); the entry is older than ``max_age_ms`` (wall clock, or the
