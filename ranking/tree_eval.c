@@ -373,6 +373,22 @@ void activity_columns(int64_t m, const double *values, const int64_t *anchors, c
         activity_row(values + 3 * i, anchors[i], known[i], as_of, taus, x + i * stride + col);
 }
 
+/* Row r's as-of columns (as_of_row) written into its row of the matrix x (`stride` doubles a row): the three counts
+ * and days since from column col_activity, the recency at col_recency; its bound into *until (until != NULL). */
+static inline void as_of_into(int64_t r, const double *values, const int64_t *anchors, const uint8_t *known,
+                              const int64_t *latest, const uint8_t *has_view, int64_t as_of, const int64_t *taus,
+                              const double *thresholds, const int64_t *offsets, double *x, int64_t stride,
+                              int64_t col_activity, int64_t col_recency, int64_t *until) {
+    double b[5];
+    as_of_row(values + 3 * r, anchors[r], known[r], latest[r], has_view[r], as_of, taus, thresholds, offsets, b, until);
+    double *row = x + r * stride;
+    row[col_activity] = b[0];
+    row[col_activity + 1] = b[1];
+    row[col_activity + 2] = b[2];
+    row[col_activity + 3] = b[3];
+    row[col_recency] = b[4];
+}
+
 /* kept_rows_as_of for the rows `rows` of a kept list's whole arrays (values: n x 3, the others n), written straight
  * into its feature matrix x (row-major, `stride` doubles a row): the three counts and days since at columns
  * col_activity.., the recency at col_recency. Saves the caller a gather of five arrays and two scatters. */
@@ -380,18 +396,9 @@ void kept_rows_as_of_at(int64_t m, const int64_t *rows, const double *values, co
                         const uint8_t *known, const int64_t *latest, const uint8_t *has_view, int64_t as_of,
                         const int64_t *taus, const double *thresholds, const int64_t *offsets, double *x,
                         int64_t stride, int64_t col_activity, int64_t col_recency, int64_t *until) {
-    double b[5];
-    for (int64_t i = 0; i < m; i++) {
-        int64_t r = rows[i];
-        as_of_row(values + 3 * r, anchors[r], known[r], latest[r], has_view[r], as_of, taus, thresholds, offsets, b,
-                  until == NULL ? NULL : until + i);
-        double *row = x + r * stride;
-        row[col_activity] = b[0];
-        row[col_activity + 1] = b[1];
-        row[col_activity + 2] = b[2];
-        row[col_activity + 3] = b[3];
-        row[col_recency] = b[4];
-    }
+    for (int64_t i = 0; i < m; i++)
+        as_of_into(rows[i], values, anchors, known, latest, has_view, as_of, taus, thresholds, offsets, x, stride,
+                   col_activity, col_recency, until == NULL ? NULL : until + i);
 }
 
 /* ---- a kept list's update, its numeric tail in one call (ranking/incremental.py, _AsOfKernel.update) ----------
@@ -503,18 +510,12 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
     int64_t *valid_until = (int64_t *)list[6];
     double *scores = (double *)list[7];
     const int64_t *ids = (const int64_t *)list[8];
-    double b[5];
-    /* the as-of columns of the rows that moved, ran out or are dirty (scored below: at as_of, as the steps do) */
+    /* the as-of columns of the rows that moved, ran out or are dirty (scored below: at as_of, as the steps do; their
+     * validity is their paths', once scored) */
     for (int64_t r = 0; r < n; r++) {
         if (fresh[r] || !(moved[r] || dirty[r] || valid_until[r] <= as_of)) continue;
-        as_of_row(values + 3 * r, anchors[r], known[r], latest[r], has_view[r], as_of, taus, thresholds, offsets, b,
-                  NULL);  /* its validity: its paths', once scored */
-        double *row = x + r * stride;
-        row[col_activity] = b[0];
-        row[col_activity + 1] = b[1];
-        row[col_activity + 2] = b[2];
-        row[col_activity + 3] = b[3];
-        row[col_recency] = b[4];
+        as_of_into(r, values, anchors, known, latest, has_view, as_of, taus, thresholds, offsets, x, stride,
+                   col_activity, col_recency, NULL);
         dirty[r] = 1;
     }
     /* the dirty rows scored, BLOCK at a time, with their paths' validity */
@@ -564,17 +565,9 @@ int64_t kept_rows_update(const int64_t *model, const int64_t *list, int64_t n, u
         top[at] = r;
     }
     /* the shown rows' as-of columns at as_of (a row scored above is recomputed to the same bits) */
-    for (int64_t i = 0; i < count; i++) {
-        int64_t r = top[i];
-        as_of_row(values + 3 * r, anchors[r], known[r], latest[r], has_view[r], as_of, taus, thresholds, offsets, b,
-                  NULL);
-        double *row = x + r * stride;
-        row[col_activity] = b[0];
-        row[col_activity + 1] = b[1];
-        row[col_activity + 2] = b[2];
-        row[col_activity + 3] = b[3];
-        row[col_recency] = b[4];
-    }
+    for (int64_t i = 0; i < count; i++)
+        as_of_into(top[i], values, anchors, known, latest, has_view, as_of, taus, thresholds, offsets, x, stride,
+                   col_activity, col_recency, NULL);
     return scored;
 }
 
