@@ -300,19 +300,12 @@ _SMALL_BLOCK = 16  # up to this many values (a view's row or two), :func:`_bins_
 
 def _bins_moved_small(points: SplitPoints | None, columns: Sequence[int], old: np.ndarray,
                       new: np.ndarray) -> np.ndarray:
-    """:func:`_bins_moved` of a small block, value by value (:meth:`SplitPoints.bin`: bisect on the thresholds'
-    list): a dozen numpy calls cost more than the few values."""
+    """:func:`_bins_moved` of a small block, value by value (:func:`_value_moved`): a dozen numpy calls cost more
+    than the few values."""
     moved = np.zeros(len(old), bool)
     for i, (row_old, row_new) in enumerate(zip(old.tolist(), new.tolist(), strict=True)):
-        for column, a, b in zip(columns, row_old, row_new, strict=True):
-            if a == b or (math.isnan(a) and math.isnan(b)):
-                continue
-            if points is None:
-                moved[i] = True
-                break
-            if points.exact_lists[column] and points.bin(column, a) != points.bin(column, b):
-                moved[i] = True
-                break
+        moved[i] = any(_value_moved(points, column, a, b) for column, a, b in zip(columns, row_old, row_new,
+                                                                                  strict=True))
     return moved
 
 
@@ -590,6 +583,8 @@ class ListEntry:
         if self.features is not None:
             self.packed = PackedMatrix.of(self.features)
             self.features = None
+            # the C call's table holds the matrix too: let it go (the next update takes the addresses anew)
+            self.fused_arrays, self.fused_table = (), None
 
     def unpack(self) -> np.ndarray:
         """The full matrix, to work on (the entry holds it until :meth:`pack`)."""
@@ -1537,7 +1532,8 @@ def _view_rows_of_few(e: ListEntry, ids: np.ndarray, keys: list[int], views: Map
 
 
 def _value_moved(points: SplitPoints | None, column: int, old: float, new: float) -> bool:
-    """:func:`_bins_moved_small` of one value: whether ``old`` → ``new`` can change a comparison of the model."""
+    """Whether ``old`` → ``new`` in ``column`` can change a comparison of the model: the float32 left its bin
+    (:meth:`SplitPoints.bin`: bisect on the thresholds' list; NaN its own bin); without split points, any change."""
     if old == new or (math.isnan(old) and math.isnan(new)):
         return False
     if points is None:

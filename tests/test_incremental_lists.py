@@ -285,6 +285,10 @@ def test_the_cache_stays_within_its_bytes_and_evicts_the_least_recent(ranker: Ra
     described = lists.describe()
     assert described["bytes"] == lists.bytes and described["entries"] == len(lists.entries)
     assert described["evictions"] == lists.stats.evictions and described["misses"] == 12
+    # once packed, an updated entry holds its matrix only packed (the C call's table of addresses lets it go)
+    assert lists.entries[oldest].fused_arrays
+    lists.entries[oldest].pack()
+    assert not lists.entries[oldest].fused_arrays and lists.entries[oldest].fused_table is None
 
 
 def test_shadow_sampling_is_deterministic_and_near_its_fraction() -> None:
