@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -477,21 +478,32 @@ def test_the_compiled_as_of_columns_equal_numpys_bit_for_bit(ranker: Ranker) -> 
         assert (until_compiled < np.iinfo(np.int64).max).sum() > m // 4  # the bounds do work
 
 
-def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker) -> None:
+@pytest.mark.parametrize("kernel_flags", [None, ("-O3",)], ids=["native", "portable"])
+def test_the_fused_update_tail_equals_the_steps_bit_for_bit(ranker: Ranker, kernel_flags: tuple[str, ...] | None,
+                                                            tmp_path: Path) -> None:
     """kept_rows_update (tree_eval.c: the expired or moved rows' as-of columns, the dirty rows scored with their
     paths' validity, the top k ordered and brought to the as-of time, in one call) gives what the update's Python
     steps give (``_rescore_and_order``): the same matrix, scores and top k, bit for bit, with ties on the score
     (duplicated rows: the degree, then the id decide) and new rows that are not recomputed. A scored row's validity
     comes from its own paths: never before the bound over every threshold (the steps'), usually well after it, and
-    never late: at the bound minus 1 ms the row's as-of columns give the same score, bit for bit."""
+    never late: at the bound minus 1 ms the row's as-of columns give the same score, bit for bit. On this machine's
+    kernel and on the portable C loop (another machine's), whose leaf indices the paths' bound reads."""
     from types import SimpleNamespace
 
     from pymk.ranking.features import DAY_MS, FEATURE_INDEX, FEATURE_NAMES
-    from pymk.ranking.incremental import _as_of_kernel, _query_until, split_points
+    from pymk.ranking.incremental import _as_of_kernel, _AsOfKernel, _query_until, split_points
     from pymk.ranking.source import ACTIVITY_TIME_CONSTANTS_MS, ActivityTable
+    from pymk.ranking.tree_eval import EvaluatorOptions
 
     points = split_points(ranker, len(FEATURE_NAMES))
     kernel = _as_of_kernel(ranker, points)
+    if kernel_flags is not None:  # the same model through a library built with other flags
+        ranker = Ranker.load(SHIPPED_RANKER, EvaluatorOptions(flags=kernel_flags, cache_dir=tmp_path))
+        compiled = ranker._evaluator_or_none()  # noqa: SLF001
+        assert compiled is not None and compiled.kernel == "portable"
+        library = compiled.library
+        kernel = _AsOfKernel(library.kept_rows_as_of, points, library.kept_rows_as_of_at, library.kept_rows_update,
+                             compiled)
     assert kernel is not None and kernel.update_function is not None
     builder = FeatureBuilder()
     rows = np.concatenate([score_candidates(user, source, ranker, CONFIG, START, 20, builder=builder).features
