@@ -1072,7 +1072,7 @@ class IncrementalLists:
 
         # the query-level as-of columns: the same for every row; a bin change re-scores every row (then the other
         # columns' bins need no comparing)
-        query_activity, query_days = _query_columns(user, source, as_of)
+        query_activity, query_days = _query_columns(query, as_of)
         X[:, _QUERY_ACTIVITY] = query_activity
         X[:, _QUERY_DAYS] = query_days
         if points is None:  # no validity: a move re-scores every row
@@ -1622,12 +1622,14 @@ def _popular(user: int, source: RankingSource, config: CandidateConfig, as_of: i
     return tuple(islice(filterfalse(excluded.__contains__, map(int, asked)), config.popular_k))
 
 
-def _query_columns(user: int, source: RankingSource, as_of: int) -> tuple[float, float]:
-    """The query user's 7-day activity and days since its latest change, as the matrix computes them."""
-    assert implements(source, ActivitySource)
-    activity = source.connection_activity(user, as_of)[1]
-    last = source.last_connection_ts(user)
-    return activity, (math.nan if last is None else max(0, as_of - last) / DAY_MS)
+def _query_columns(query: QueryActivity, as_of: int) -> tuple[float, float]:
+    """The query user's 7-day activity and days since its latest change at ``as_of``, from its held activity
+    (:func:`_query_activity`) with the arithmetic of activity_at and the matrix (the same bits)."""
+    held, anchor, known = query
+    if not known:
+        return 0.0, math.nan
+    elapsed = max(0, as_of - anchor)
+    return held * math.exp(-elapsed / ACTIVITY_TIME_CONSTANTS_MS[1]), elapsed / DAY_MS
 
 
 def _query_activity(user: int, source: RankingSource) -> QueryActivity:
@@ -1650,15 +1652,14 @@ def _query_until(query: QueryActivity, points: SplitPoints | None, as_of: int) -
     # _until_falling and _until_growing for one value each, in scalars (bisect on the thresholds' lists)
     until = _NEVER
     tau = ACTIVITY_TIME_CONSTANTS_MS[1]
-    elapsed = max(0, as_of - anchor)
-    value = held * math.exp(-elapsed / tau)  # activity_at's arithmetic
+    value, days = _query_columns(query, as_of)
     exact = points.exact_lists[_QUERY_ACTIVITY]
     index = bisect.bisect_right(exact, float(np.float32(value))) - 1
     if index >= 0 and exact[index] > 0 and held > 0:
         span = tau * math.log(held / exact[index])
         until = math.floor(anchor + span - 1.0 - 1e-9 * abs(span))
     below = points.below_lists[_QUERY_DAYS]
-    index = bisect.bisect_left(below, float(np.float32(elapsed / DAY_MS)))
+    index = bisect.bisect_left(below, float(np.float32(days)))
     if index < len(below):
         span = below[index] * DAY_MS
         until = min(until, math.floor(anchor + span - 1.0 - 1e-9 * span))
