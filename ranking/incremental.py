@@ -1283,8 +1283,9 @@ class IncrementalLists:
         if _BEHAVIOUR_GROUP_KNOWN:  # the matrix's code for every other group; the behaviour from the held maps
             features = np.zeros((m, e.features.shape[1]))
             # not the activity group: its as-of columns are _fresh_validity's below, the query's the update's
+            # not 2-hop users unless the 2-hop set is read again (graph_later): then their CN is that read's
             builder.columns(user, new, source, as_of, _GROUPS_ADDED_BUT_GRAPH if graph_later else _GROUPS_ADDED,
-                            features)
+                            features, no_common_neighbours=not graph_later and not new.common_neighbor_count.any())
             features[:, _BEHAVIOUR] = behaviour
             features[:, _RECENCY] = view_recency_days(latest, has_view, as_of)
         else:

@@ -242,6 +242,36 @@ def test_the_split_point_bounds_never_run_late() -> None:
     assert np.float32((until + 10 - base[0]) / DAY) >= np.float32(0.1)
 
 
+@pytest.mark.parametrize("structure", [True, False])
+def test_the_columns_of_rows_without_a_common_neighbour_need_no_2_hop_read(structure: bool) -> None:
+    """A kept list's new ANN or popular rows are no 2-hop users: their resource-allocation group written from
+    that alone equals the matrix's (every user of a small graph that is neither the query, its neighbour, nor 2 hops
+    away, with and without the structure columns)."""
+    from pymk.ranking.candidates import CandidateSet
+    from pymk.ranking.features import COLUMN_GROUPS
+
+    source = small_source(3)
+    builder = FeatureBuilder()
+    builder.structure = structure
+    checked = 0
+    for user in range(USERS):
+        counts, _ = source.two_hop(user)
+        if not counts:
+            continue
+        far = np.array([u for u in range(USERS) if u != user and u not in counts
+                        and u not in source.neighbours(user)], np.int64)
+        m = len(far)
+        candidates = CandidateSet(user, far, np.zeros(m, np.int64), np.zeros(m), np.full(m, np.nan),
+                                  np.zeros(m, bool), np.ones(m, bool))
+        matrix = builder.matrix(user, candidates, source, START)
+        written = np.full_like(matrix, 7.0)
+        builder.columns(user, candidates, source, START, ["resource_allocation"], written, no_common_neighbours=True)
+        group = list(COLUMN_GROUPS["resource_allocation"])
+        np.testing.assert_array_equal(written[:, group], matrix[:, group])
+        checked += m
+    assert checked > 100
+
+
 def test_the_query_bound_is_the_row_bounds_of_one_value(ranker: Ranker) -> None:
     """_query_until (scalars, bisect: it runs at every update) is _until_falling of the query's 7-day count and
     _until_growing of its days since, to the millisecond; a query never connected has none."""
