@@ -927,7 +927,9 @@ class IncrementalLists:
         # the query's own activity moved (an own connection): every row re-scores below; else the rows' validity
         # covers its two columns (they move with time alone)
         query_moved_activity = query != e.query_activity
-        e.query_activity, e.query_until = query, _query_until(query, e.points, as_of)
+        # the same held activity before its bound keeps the bins it had at the entry's as-of time: the same bound
+        if query_moved_activity or not e.as_of <= as_of < e.query_until:
+            e.query_activity, e.query_until = query, _query_until(query, e.points, as_of)
         popular = _popular(user, source, config, as_of, excluded)
         vector = source.embedding(user)
         vector = None if vector is None else np.asarray(vector, np.float32)
