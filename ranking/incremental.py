@@ -724,7 +724,8 @@ class IncrementalLists:
               now_ms: int | None = None) -> ScoredCandidates:
         """``user``'s scored candidates at ``as_of_ms``: equal to :func:`score_candidates` (same rows in the same
         order, same scores bit for bit, same top k) in every case the update handles, the full path otherwise.
-        The top k rows' features are exact; the other rows' as-of columns only with ``exact_features``.
+        The top k rows' features are exact; the other rows' as-of columns only with ``exact_features``. After an
+        update the features are the kept matrix, read-only and valid until the user's next list (copy to keep them).
         ``now_ms``: the wall clock, for the age bound (what reaches a kept list late does so in wall time; a
         replay's event time may run hours a second); the as-of time when not given."""
         started = time.perf_counter()
