@@ -42,7 +42,7 @@ its value (``max(A[k-1], B[k-1])`` of the sorted sets, k the minimum); for co-en
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 
@@ -554,6 +554,14 @@ class PartitionBehaviour:
         engagers (a mirror included), or of its own items; the opening's when none since."""
         stamp_of = self._item_stamp.get
         return max(max(map(stamp_of, self._engaged_row(user), repeat(0)), default=0), self._opened_stamp)
+
+    def item_engagers(self, item: int) -> Collection[int]:
+        """The engagers of ``item`` that :meth:`co_engaged_counts` counts (none for a hub)."""
+        return self.item_row(item).engagers.keys()
+
+    def item_stamp(self, item: int) -> int:
+        """The stamp of the latest change of the item's engagers; the opening's when none since."""
+        return max(self._item_stamp.get(item, 0), self._opened_stamp)
 
     def co_engaged_counts(self, user: int) -> dict[int, int]:
         """Every other user sharing an item with ``user`` → the number of shared (non-hub) items."""

@@ -504,6 +504,18 @@ class MemorySource:
     def profile_views(self, user: int) -> Mapping[int, tuple[int, int, int]]:
         return MappingProxyType(self._view_summary.get(user, {}))  # read-only: the held summary itself
 
+    # ItemEngagementSource
+    def engaged_items(self, user: int) -> Collection[int]:
+        return self.engaged.get(user, {}).keys()
+
+    def item_engagers(self, item: int) -> Collection[int]:
+        engagers = self.engagers.get(item, _NO_NEIGHBOURS)
+        fanout = self.max_item_fanout
+        return engagers if fanout is None or len(engagers) <= fanout else _NO_NEIGHBOURS
+
+    def item_stamp(self, item: int) -> int:
+        return self._item_stamp.get(item, 0)
+
     def co_engaged_counts(self, user: int) -> dict[int, int]:
         fanout = self.max_item_fanout
         # a hub item says little about two people (the worker's rule); Counter counts in C, keys in first-seen order

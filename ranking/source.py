@@ -219,6 +219,28 @@ class ChangeStampSource(Protocol):
 
 
 @runtime_checkable
+class ItemEngagementSource(Protocol):
+    """Optional, with :class:`ChangeStampSource`: the items behind :meth:`RankingSource.co_engaged_counts`, so a kept
+    list whose co-engagement stamp moved recounts only the users of the items that moved (an engagement moves one
+    item's engagers) instead of the whole map. ``co_engaged_counts(u)[v]`` must equal the number of
+    ``engaged_items(u)`` whose ``item_engagers`` hold ``v`` (``v`` ≠ ``u``), and every change of an item's engagers
+    must move its ``item_stamp`` past the co-engagement stamp of each user engaged with it."""
+
+    def engaged_items(self, user: int) -> Collection[int]:
+        """The items the user engaged with."""
+        ...
+
+    def item_engagers(self, item: int) -> Collection[int]:
+        """The users counted as the item's engagers (none for an item the co-engagement counts leave out: a hub)."""
+        ...
+
+    def item_stamp(self, item: int) -> int:
+        """The stamp of the latest change of the item's engagers (0 when none); at most the co-engagement stamp of
+        a user engaged with it."""
+        ...
+
+
+@runtime_checkable
 class AnnStampSource(Protocol):
     """Optional, with :class:`ChangeStampSource`: whether an ANN answer may have moved. Any user's embedding moving
     (inserted, moved, deleted) may change anyone's :meth:`RankingSource.ann_neighbours`; a kept list asks again

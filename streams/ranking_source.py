@@ -283,6 +283,16 @@ class WorkerRankingSource:
     def co_engagement_stamp(self, user: int) -> int:
         return self.behaviour.co_engagement_stamp(user)
 
+    # ItemEngagementSource
+    def engaged_items(self, user: int) -> Collection[int]:
+        return self.behaviour.engaged_items(user)
+
+    def item_engagers(self, item: int) -> Collection[int]:
+        return self.behaviour.item_engagers(item)
+
+    def item_stamp(self, item: int) -> int:
+        return self.behaviour.item_stamp(item)
+
     def describe(self) -> dict[str, Any]:
         return {"partition": self.state.partition}
 

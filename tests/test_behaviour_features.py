@@ -4,6 +4,7 @@ compared with a plain-Python oracle computed from the set of distinct events."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,10 @@ def assert_exact(cluster: BehaviourCluster, oracle: Oracle, dismissal_since: int
         assert node.dismissed_candidates(u, since_ms=dismissal_since) == \
             {v for v in USERS if oracle.dismissed(u, v, dismissal_since)[0]}
         assert node.engaged_items(u) == {i: ts for (user, i), ts in oracle.first.items() if user == u}
+        # ItemEngagementSource: the counts are those of the items' engagers, and each item's stamp is in the user's
+        recounted = Counter(v for item in node.engaged_items(u) for v in node.item_engagers(item) if v != u)
+        assert recounted == co_counts
+        assert all(node.item_stamp(item) <= node.co_engagement_stamp(u) for item in node.engaged_items(u))
     for item in ITEMS:  # the owner's set, and every mirror of it, converged
         hub = item in oracle.hubs
         assert cluster.at(item).is_hub_item(item) == hub
@@ -202,6 +207,7 @@ def test_hub_items_stop_counting_and_make_co_engagement_a_lower_bound() -> None:
     assert bounded.at(0).co_engaged_with_content(0, 1) == (1, 21)
     assert bounded.at(0).co_engaged_counts(0) == {1: 1}
     assert bounded.at(100).is_hub_item(100)
+    assert not bounded.at(0).item_engagers(100) and set(bounded.at(0).item_engagers(200)) == {0, 1}
     assert bounded.at(2).engaged_items(2) == {100: 12}  # the user's own items are kept
     for u in range(3):
         for v, count in bounded.at(u).co_engaged_counts(u).items():

@@ -242,6 +242,33 @@ def test_the_split_point_bounds_never_run_late() -> None:
     assert np.float32((until + 10 - base[0]) / DAY) >= np.float32(0.1)
 
 
+def test_co_engagements_recounted_from_the_items_that_moved_equal_the_full_path(ranker: Ranker) -> None:
+    """An engagement moves one item's engagers: the kept lists recount only the users of the items whose stamp
+    moved (_engaged_delta), through items turning into hubs (max_item_fanout: their engagers no longer count) and
+    users' new items; every user's list after every engagement equals the full path's, and the recount is used."""
+    rng = np.random.default_rng(11)
+    source = small_source(4)
+    source.max_item_fanout = 5
+    builder = FeatureBuilder()
+    lists = IncrementalLists(ListCacheConfig(max_age_ms=30 * DAY, max_updates=1000, shadow_fraction=0.0))
+    as_of = START
+    for user in range(USERS):
+        lists.score(user, source, ranker, CONFIG, as_of, 20, builder)
+    recounted = 0
+    for _ in range(40):
+        as_of += int(rng.integers(1, DAY // 8))
+        source.add_engagement(int(rng.integers(USERS)), int(rng.integers(12)), as_of)
+        for user in range(USERS):
+            entry = lists.entries.get(user)
+            recounted += entry is not None and entry.item_engagers is not None and entry.maps is not None
+            incremental = lists.score(user, source, ranker, CONFIG, as_of, 20, builder, exact_features=True)
+            assert_same(incremental, score_candidates(user, source, ranker, CONFIG, as_of, 20, builder=builder))
+            assert lists.entries[user].maps is None or dict(lists.entries[user].maps[3]) == dict(
+                source.co_engaged_counts(user))
+    assert recounted > USERS * 20
+    assert lists.stats.hits > USERS * 30
+
+
 @pytest.mark.parametrize("structure", [True, False])
 def test_the_columns_of_rows_without_a_common_neighbour_need_no_2_hop_read(structure: bool) -> None:
     """A kept list's new ANN or popular rows are no 2-hop users: their resource-allocation group written from
