@@ -103,6 +103,8 @@ class WorkerRankingSource:
         self._two_hop: tuple[int, TwoHopArrays] | None = None
         self._allocation: tuple[int, dict[int, float]] | None = None
         self._neighbour_rows: tuple[int, list[tuple[int, Registers]]] | None = None  # for the shown items' reasons
+        # the structure columns of the logged rows read it twice a list (the shown 20, then the unshown sample)
+        self._ego: tuple[int, EgoAdjacency] | None = None
 
     def neighbours(self, user: int) -> Collection[int]:
         return self.graph.neighbours(user).keys()
@@ -141,12 +143,17 @@ class WorkerRankingSource:
 
     # EgoAdjacencySource: the neighbours' mirrored rows, as the 2-hop traversal reads them
     def ego_adjacency(self, user: int) -> EgoAdjacency:
+        if self._ego is not None and self._ego[0] == user:
+            return self._ego[1]
         rows = self.graph.neighbour_rows(user)
         if not rows:
-            return EgoAdjacency.empty()
-        neighbours = [row.alive_ids() for _, row in rows]
-        return EgoAdjacency(np.fromiter((z for z, _ in rows), np.int64, len(rows)),
-                            np.fromiter(map(len, neighbours), np.int64, len(rows)), np.concatenate(neighbours))
+            ego = EgoAdjacency.empty()
+        else:
+            neighbours = [row.alive_ids() for _, row in rows]
+            ego = EgoAdjacency(np.fromiter((z for z, _ in rows), np.int64, len(rows)),
+                               np.fromiter(map(len, neighbours), np.int64, len(rows)), np.concatenate(neighbours))
+        self._ego = (user, ego)
+        return ego
 
     # PopularSource: from user-globals, every user's activity (the order does not depend on as_of)
     def most_active(self, k: int, as_of_ms: int) -> Sequence[int]:

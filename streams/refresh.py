@@ -639,7 +639,10 @@ class Refresher:
                                       exact_features=reranker is not None, now_ms=now_ms)
         else:
             scored = score_candidates(user, source, scorer, self.candidates, as_of, k=k, builder=self.features)
+        unstructured = scored.features
         scored = self._with_structure(user, scored, scored.top, source)
+        # the copy the shown rows' structure columns went into, which the unshown sample's may share
+        own_features = scored.features if scored.features is not unstructured else None
         if self.settings.ranker_kind != "xgboost" and len(scored.candidates):
             scored = self._two_tower_scores(user, scored, source, k)
         rerank_scores: dict[int, float] = {}
@@ -657,7 +660,8 @@ class Refresher:
             ranked = replace(ranked, model_version=self.models.ranker_version)
         logged = time.perf_counter()
         impressions = shown_impressions(ranked, now_ms, as_of)
-        impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms, source))
+        impressions.extend(self._unshown_sample(user, scored, ranked.model_version, as_of, now_ms, source,
+                                                own_features=own_features))
         by_step = self.stats.rank_seconds_by_step
         for step, ms in ranked.timings.items():
             if step != "total":
@@ -693,20 +697,21 @@ class Refresher:
         return replace(scored, scores=np.asarray(scores, dtype=np.float64), top=top)
 
     def _with_structure(self, user: int, scored: ScoredCandidates, rows: np.ndarray,
-                        source: WorkerRankingSource) -> ScoredCandidates:
+                        source: WorkerRankingSource, copy: bool = True) -> ScoredCandidates:
         """``scored`` with the structure columns of ``rows`` computed, when the matrix went without them (a copy:
-        a kept list's matrix is not written)."""
+        a kept list's matrix is not written; ``copy=False``: ``scored``'s matrix is this list's own copy already)."""
         if self.features.structure or not len(rows):
             return scored
         index = np.asarray(rows, np.int64)
-        features = scored.features.copy()
+        features = scored.features.copy() if copy else scored.features
         part = features[index]
         self.features.fill_structure(user, scored.candidates.ids[index], source, part)
         features[index] = part
         return replace(scored, features=features)
 
     def _unshown_sample(self, user: int, scored: ScoredCandidates, model_version: str, as_of: int,
-                        now_ms: int, source: WorkerRankingSource) -> list[Impression]:
+                        now_ms: int, source: WorkerRankingSource,
+                        own_features: np.ndarray | None = None) -> list[Impression]:
         """A sample of the candidates the model scored but did not show (``rank`` 0, weighted by how many they
         stand for; :func:`sample_unshown`), logged like the shown ones: a model retrained only on what its
         predecessor showed learns to re-order that top 20 and nothing about the other candidates it will have
@@ -715,6 +720,11 @@ class Refresher:
         sample = sample_unshown(scored.top, scored.scores, self.settings.impressions_unshown_sample,
                                 self.settings.impressions_unshown_near_ranks, rng)
         if self.lists is not None and sample:  # a kept list's rows beyond the top k: as of now where logged
-            scored = self.lists.exact_features(user, scored, as_of, [index for index, _ in sample])
-        scored = self._with_structure(user, scored, np.array([index for index, _ in sample], np.int64), source)
+            exact = self.lists.exact_features(user, scored, as_of, [index for index, _ in sample])
+            if exact.features is not scored.features:  # brought to now in a copy of its own
+                own_features = exact.features
+            scored = exact
+        # into the list's own copy when it has one (the shown rows' structure went there): one copy a list, not two
+        scored = self._with_structure(user, scored, np.array([index for index, _ in sample], np.int64), source,
+                                      copy=scored.features is not own_features)
         return unshown_impressions(user, scored, sample, model_version, now_ms, as_of)
