@@ -8,7 +8,9 @@ dismissals with their expiry, blocks), the popular list, the user's own degree, 
 From a source with change stamps (:class:`~pymk.ranking.source.ChangeStampSource`) only what moved since the
 entry's last read: the rows whose degree or activity changed (→ jaccard, degree columns, the tie key, the held
 activity), whose embedding changed (→ cosine) or whose profile changed (→ the profile columns), and the user's
-views and co-engagements when their stamps moved (the maps are kept on the entry while they stand). From a source
+views and co-engagements when their stamps moved (the maps are kept on the entry while they stand; with an
+:class:`~pymk.ranking.source.ItemEngagementSource` the co-engagements of only the users of the items whose stamp
+moved are recounted, :func:`_engaged_delta`, an engagement moving one item's engagers). From a source
 without stamps: every candidate's degree, held activity and embedding, the co-engagements (another user's
 engagement moves them without touching this user), and the views when the user viewed or was viewed
 (:meth:`IncrementalLists.mark_views_changed`); the candidates' profiles are not re-read. The user's own degree or
