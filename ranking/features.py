@@ -513,23 +513,17 @@ class FeatureBuilder:
         (NaN); all NaN where the structure is not computed."""
         column = FEATURE_INDEX["resource_allocation_score"]
         out[:, column] = 0.0 if implements(source, ResourceAllocationSource) else np.nan
-        first = FEATURE_INDEX[STRUCTURE_FEATURES[0]]
-        width = len(STRUCTURE_FEATURES) - 2
-        if not self.structure or not implements(source, EgoAdjacencySource):
-            out[:, first : first + width] = np.nan
-            return
-        bands = len(CN_DEGREE_BANDS) + 1
-        out[:, first : first + width] = 0.0
-        out[:, first + bands : first + bands + 2] = np.nan
+        # the structure of a circle none of the rows reaches: the values structure_columns gives such a row
+        self._structure(-1, np.zeros(len(out), np.int64), [], source, out, ego=EgoAdjacency.empty())
 
     def _structure(self, user: int, ids: np.ndarray, id_list: list[int], source: RankingSource,
-                   out: np.ndarray, computed: bool | None = None) -> None:
+                   out: np.ndarray, computed: bool | None = None, ego: EgoAdjacency | None = None) -> None:
         first = FEATURE_INDEX[STRUCTURE_FEATURES[0]]
         width = len(STRUCTURE_FEATURES) - 2  # the CN shares are the graph group's (see COLUMN_GROUPS)
         if not (self.structure if computed is None else computed) or not implements(source, EgoAdjacencySource):
             out[:, first : first + width] = np.nan
             return
-        out[:, first : first + width] = structure_columns(source.ego_adjacency(user), ids)
+        out[:, first : first + width] = structure_columns(source.ego_adjacency(user) if ego is None else ego, ids)
 
     def fill_structure(self, user: int, ids: np.ndarray, source: RankingSource, out: np.ndarray) -> None:
         """The structure columns of the rows ``out`` (one per id), computed whatever :attr:`structure` says: for

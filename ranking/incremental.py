@@ -97,10 +97,10 @@ import logging
 import math
 import operator
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import filterfalse, islice, repeat
+from itertools import chain, filterfalse, islice, repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -1517,10 +1517,13 @@ def _held_maps(e: ListEntry, user: int, source: RankingSource) -> tuple[Mapping[
         views = held[2] if held is not None and held[0] == views_stamp else dict(source.profile_views(user))
         if held is not None and held[1] == engagement_stamp:
             engaged = held[3]
+        elif implements(source, ItemEngagementSource):  # counted from the items' engagers, kept for _engaged_delta
+            e.item_engagers = {item: frozenset(source.item_engagers(item)) for item in source.engaged_items(user)}
+            engaged = dict(Counter(chain.from_iterable(e.item_engagers.values())))
+            engaged.pop(user, None)
         else:
             engaged = dict(source.co_engaged_counts(user))
-            e.item_engagers = ({item: frozenset(source.item_engagers(item)) for item in source.engaged_items(user)}
-                               if implements(source, ItemEngagementSource) else None)
+            e.item_engagers = None
         held = e.maps = (views_stamp, engagement_stamp, views, engaged)
     return held[2], held[3]
 
