@@ -33,9 +33,11 @@ demo: install
 
 # The test session starts the broker itself when none is running, and stops what it started.
 # --durations: the slowest tests in every run's output, to keep the whole run well under 20 minutes.
+# -n 2: two pytest processes (pytest-xdist), whole files each; every broker test has its own topics, group and
+# port, so the two share the one broker. Most broker tests wait on workers and the broker as much as they compute.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra --durations=25
+	$(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadfile
 
 # The tiers without the broker (pure functions, faust test_context): a few minutes, nothing started.
 test-fast: install
