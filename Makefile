@@ -42,7 +42,7 @@ test: install
 # The tiers without the broker (pure functions, faust test_context): a few minutes, nothing started.
 test-fast: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra -m "not broker"
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "not broker"
 
 lint: install
 	$(BIN)/ruff check .
