@@ -427,10 +427,10 @@ class PartitionGraph:
             # owner's own 2-paths through `other` (none through a hub)
             other_row = self.mirror_row(other)
             if not self._is_hub(other_row):
-                for w, v in other_row.versions.items():
-                    if v % 2 == 0 and w != owner:
-                        # a 2-path is completed by the later of its two edges, whichever arrived last
-                        self._add_common(owner, w, sign, ts if sign < 0 else max(ts, version_ts(v)))
+                # a 2-path is completed by the later of its two edges, whichever arrived last
+                self._add_commons_of(owner, [(w, ts if sign < 0 else max(ts, version_ts(v)))
+                                             for w, v in other_row.versions.items() if v % 2 == 0 and w != owner],
+                                     sign)
             reverse = self.reverse_row(other)
             (reverse.add if now_alive else reverse.discard)(owner)
             self._dirty.add((REVERSE, other))
@@ -473,24 +473,44 @@ class PartitionGraph:
                 self._mirror_changed(node, neighbour, sign, ts)
 
     def _mirror_changed(self, node: int, neighbour: int, sign: int, ts: int) -> None:
-        for user in self.reverse_row(node):
-            if user != neighbour:
-                if sign > 0 and self.materialise_common:  # dated by the later edge of the 2-path (as above)
-                    when = max(ts, version_ts(self.adjacency_row(user).versions[node]))
-                else:
-                    when = ts
-                self._add_common(user, neighbour, sign, when)
+        """``node``'s edge to ``neighbour`` came or went: every local user adjacent to ``node`` (but ``neighbour``)
+        sees ``neighbour`` at distance 2 once more or once less. The pair loop of a connection's replay (~100 pairs
+        an edge on ego-Facebook): rows come from the caches directly, once loaded (and checked local) by
+        :meth:`common_row` / :meth:`adjacency_row`, which a user of :meth:`reverse_row` always is."""
+        users = [user for user in self.reverse_row(node) if user != neighbour]
+        if not self.materialise_common:
+            self._changed_two_hop.update(users)
+            self.stats.two_hop_marks += len(users)
+            return
+        common, adjacency, dirty = self._common, self._adjacency, self._dirty
+        for user in users:
+            if sign > 0:  # dated by the later edge of the 2-path (as above)
+                registers = adjacency.get(user) or self.adjacency_row(user)
+                when = max(ts, version_ts(registers.versions[node]))
+            else:
+                when = ts
+            row = common.get(user) or self.common_row(user)
+            if row.add(neighbour, sign, when) < 0:
+                raise AssertionError(f"common-neighbour count of ({user}, {neighbour}) went negative")
+            dirty.add((COMMON, user))
+        self._changed_two_hop.update(users)
+        self.stats.pair_updates += len(users)
 
-    def _add_common(self, user: int, candidate: int, sign: int, ts: int) -> None:
+    def _add_commons_of(self, user: int, candidates: list[tuple[int, int]], sign: int) -> None:
+        """``user``'s count of each candidate moved by ``sign``, dated by its ts ((candidate, ts) pairs)."""
+        if not candidates:
+            return
         if not self.materialise_common:
             self._changed_two_hop.add(user)
-            self.stats.two_hop_marks += 1
+            self.stats.two_hop_marks += len(candidates)
             return
-        if self.common_row(user).add(candidate, sign, ts) < 0:
-            raise AssertionError(f"common-neighbour count of ({user}, {candidate}) went negative")
+        row = self.common_row(user)
+        for candidate, ts in candidates:
+            if row.add(candidate, sign, ts) < 0:
+                raise AssertionError(f"common-neighbour count of ({user}, {candidate}) went negative")
         self._dirty.add((COMMON, user))
         self._changed_two_hop.add(user)
-        self.stats.pair_updates += 1
+        self.stats.pair_updates += len(candidates)
 
     def _neighbour_partitions(self, row: Registers) -> set[int]:
         partition_of = self.partition_of
