@@ -474,7 +474,7 @@ class PartitionGraph:
 
     def _mirror_changed(self, node: int, neighbour: int, sign: int, ts: int) -> None:
         """``node``'s edge to ``neighbour`` came or went: every local user adjacent to ``node`` (but ``neighbour``)
-        sees ``neighbour`` at distance 2 once more or once less. The pair loop of a connection's replay (~100 pairs
+        sees ``neighbour`` at distance 2 once more or once less. The pair loop of a connection's replay (~210 pairs
         an edge on ego-Facebook): rows come from the caches directly, once loaded (and checked local) by
         :meth:`common_row` / :meth:`adjacency_row`, which a user of :meth:`reverse_row` always is."""
         users = [user for user in self.reverse_row(node) if user != neighbour]
